@@ -1,0 +1,112 @@
+//! Device selection: the CPU always works; CUDA is used when asked for, or under `auto` when a
+//! GPU answers. When `auto` falls back to the CPU it says why in one line.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cudarc::driver::DeviceRepr;
+
+use crate::buffer::Buffer;
+use crate::cuda::CudaRuntime;
+use crate::error::{CudaContextExt, Error, Result};
+
+#[derive(Clone)]
+pub enum Device {
+    /// The f32 reference: every op on the host, threaded with rayon.
+    Cpu,
+    Cuda(Arc<CudaRuntime>),
+}
+
+/// What the user asked for (`--device auto|cpu|cuda`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DevicePreference {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl FromStr for DevicePreference {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DevicePreference::Auto),
+            "cpu" => Ok(DevicePreference::Cpu),
+            "cuda" | "gpu" => Ok(DevicePreference::Cuda),
+            _ => Err(format!("unknown device '{s}': expected auto, cpu or cuda")),
+        }
+    }
+}
+
+/// The device chosen, and when it is the CPU, why.
+pub struct DeviceSelection {
+    pub device: Device,
+    pub cpu_reason: Option<String>,
+}
+
+impl fmt::Display for DeviceSelection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.device)?;
+        match &self.cpu_reason {
+            Some(reason) => write!(f, " ({reason})"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Device {
+    /// Picks the device for `preference`. `Cuda` fails with the reason when no GPU can be used;
+    /// `Auto` then falls back to the CPU and keeps the reason.
+    pub fn select(preference: DevicePreference) -> Result<DeviceSelection> {
+        match preference {
+            DevicePreference::Cpu => {
+                Ok(DeviceSelection { device: Device::Cpu, cpu_reason: Some("--device cpu was asked for".into()) })
+            }
+            DevicePreference::Cuda => Ok(DeviceSelection { device: Device::Cuda(CudaRuntime::new(0)?), cpu_reason: None }),
+            DevicePreference::Auto => Ok(match CudaRuntime::new(0) {
+                Ok(rt) => DeviceSelection { device: Device::Cuda(rt), cpu_reason: None },
+                Err(e) => DeviceSelection { device: Device::Cpu, cpu_reason: Some(reason(&e)) },
+            }),
+        }
+    }
+
+    /// Copies host data onto this device.
+    pub fn upload<T: DeviceRepr + Clone>(&self, data: &[T]) -> Result<Buffer<T>> {
+        match self {
+            Device::Cpu => Ok(Buffer::Cpu(data.to_vec())),
+            Device::Cuda(rt) => Ok(Buffer::Cuda(rt.stream.clone_htod(data).during("copying a buffer to the GPU")?)),
+        }
+    }
+
+    /// Waits until all queued work is done (nothing to wait for on the CPU).
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(rt) => rt.stream.synchronize().during("waiting for the GPU"),
+        }
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+}
+
+fn reason(e: &Error) -> String {
+    match e {
+        Error::CudaUnavailable(m) => format!("no usable GPU: {m}"),
+        other => format!("no usable GPU: {other}"),
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu, {} threads", rayon::current_num_threads()),
+            Device::Cuda(rt) => {
+                let (major, minor) = rt.compute_capability;
+                write!(f, "cuda:{} {} (sm_{major}{minor})", rt.context.ordinal(), rt.name)
+            }
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! The one error type of the runtime. Every message names what is wrong.
+
+use std::fmt;
+
+#[derive(Debug)]
+pub enum Error {
+    /// An argument has the wrong size, shape or value.
+    InvalidArgument(String),
+    /// The CUDA device was asked for and cannot be used; the text says why.
+    CudaUnavailable(String),
+    /// A CUDA driver call failed.
+    Cuda { during: String, error: cudarc::driver::DriverError },
+    /// An op got buffers that live on another device than the one it runs on.
+    WrongDevice(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidArgument(m) => write!(f, "invalid argument: {m}"),
+            Error::CudaUnavailable(m) => write!(f, "CUDA is not available: {m}"),
+            Error::Cuda { during, error } => write!(f, "CUDA error while {during}: {error}"),
+            Error::WrongDevice(m) => write!(f, "wrong device: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Adds what was being done to a driver error.
+pub(crate) trait CudaContextExt<T> {
+    fn during(self, what: impl Into<String>) -> Result<T>;
+}
+
+impl<T> CudaContextExt<T> for Result<T, cudarc::driver::DriverError> {
+    fn during(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(|error| Error::Cuda { during: what.into(), error })
+    }
+}

@@ -1,0 +1,156 @@
+//! PGS edge map, mode `paper` (pgs-spec.md step 1): one fused kernel from normalized images to E.
+//!
+//! Input [N, 3, H, W] (f32 or bf16, CLIP-normalized), output E [N, L] f32, L = (H/p)·(W/p).
+//! One block per image, walking the image one band of p pixel rows (one patch row) at a time:
+//!   1. luminance of the band's rows plus one halo row above and below (replicate border) into
+//!      shared memory, reading the three channel planes coalesced along W;
+//!   2. one thread per (patch column, pixel row): the p Sobel magnitudes of that row segment,
+//!      summed left to right with a sliding 3×3 window;
+//!   3. one thread per patch column: the p row sums, top to bottom, divided by p²;
+//! then the block's min and max over the L patch means and E = (e − min)/(max − min + 1e-6).
+//! Summation orders are those of the CPU reference, so both agree bit for bit.
+//!
+//! Memory traffic per image: 3·H·W elements read once from DRAM (the 2 halo rows per band are
+//! re-read, mostly from L2: (p+2)/p of the image), 4·L bytes written. Memory bound: for
+//! 224×224 f32 that is 602 KB in, 784 B out.
+//! Shared memory: 4·((p+2)·(W+1) + (W/p)·p + L) bytes; the row stride W+1 is odd so that step 2,
+//! with the pixel row fastest across threads, is free of bank conflicts.
+
+/// Threads per block of the edge-map kernels (a multiple of 32, as the block reductions need).
+pub const THREADS: u32 = 256;
+
+/// Dynamic shared memory, in bytes, for images `width` pixels wide cut into `patch`-sized
+/// patches, `patches` of them.
+pub const fn shared_bytes(width: usize, patch: usize, patches: usize) -> usize {
+    4 * ((patch + 2) * (width + 1) + (width / patch) * patch + patches)
+}
+
+#[cfg(target_arch = "nvptx64")]
+mod kernel {
+    use crate::element::{Bf16, Element};
+    use crate::reduce::{block_max, block_min};
+    use crate::shared::dynamic_shared;
+    use crate::sobel::{luminance, min_max_normalize, patch_mean, replicate, sobel_magnitude};
+    use crate::thread::{block_dim_x, block_x, sync_threads, thread_x};
+
+    /// (a / b, a % b) in 32 bits: the launcher keeps sizes below 2³², and 64-bit division is slow.
+    #[inline(always)]
+    fn div_rem(a: usize, b: usize) -> (usize, usize) {
+        let (a, b) = (a as u32, b as u32);
+        ((a / b) as usize, (a % b) as usize)
+    }
+
+    /// # Safety
+    /// `images` holds gridDim.x images of 3·h·w elements, `edges` gridDim.x·L floats; h and w are
+    /// multiples of `p`; the launch has `shared_bytes(w, p, L)` bytes of dynamic shared memory.
+    #[inline(always)]
+    unsafe fn edge_map<T: Element>(images: *const T, edges: *mut f32, h: usize, w: usize, p: usize) {
+        let (gh, gw) = (h / p, w / p);
+        let patches = gh * gw;
+        let stride = w + 1;
+        let band: *mut f32 = dynamic_shared();
+        // SAFETY (all pointer arithmetic below): indices stay inside the regions the caller
+        // guarantees: the image of this block, its L outputs, and the shared layout above.
+        unsafe {
+            let row_sums = band.add((p + 2) * stride);
+            let means = row_sums.add(gw * p);
+            let image = images.add(block_x() * 3 * h * w);
+            let plane = h * w;
+            let (tid, threads) = (thread_x(), block_dim_x());
+
+            for pr in 0..gh {
+                let y0 = pr * p;
+                // 1. Luminance of pixel rows y0-1 ..= y0+p.
+                let mut i = tid;
+                while i < (p + 2) * w {
+                    let (r, x) = div_rem(i, w);
+                    let px = replicate(y0, r as isize - 1, h) * w + x;
+                    let rgb = [
+                        (*image.add(px)).to_f32(),
+                        (*image.add(plane + px)).to_f32(),
+                        (*image.add(2 * plane + px)).to_f32(),
+                    ];
+                    *band.add(r * stride + x) = luminance(rgb);
+                    i += threads;
+                }
+                sync_threads();
+
+                // 2. Row segment sums of the magnitude, pixel row fastest across threads.
+                let mut j = tid;
+                while j < gw * p {
+                    let (pc, r) = div_rem(j, p);
+                    let x0 = pc * p;
+                    let rows = [band.add(r * stride), band.add((r + 1) * stride), band.add((r + 2) * stride)];
+                    let column = |x: usize| [*rows[0].add(x), *rows[1].add(x), *rows[2].add(x)];
+                    let mut left = column(replicate(x0, -1, w));
+                    let mut centre = column(x0);
+                    let mut sum = 0.0f32;
+                    for c in 0..p {
+                        let right = column(replicate(x0 + c, 1, w));
+                        sum += sobel_magnitude([
+                            [left[0], centre[0], right[0]],
+                            [left[1], centre[1], right[1]],
+                            [left[2], centre[2], right[2]],
+                        ]);
+                        left = centre;
+                        centre = right;
+                    }
+                    *row_sums.add(j) = sum;
+                    j += threads;
+                }
+                sync_threads();
+
+                // 3. Patch means; the next band's step 1 does not touch row_sums.
+                let mut pc = tid;
+                while pc < gw {
+                    let mut sum = 0.0f32;
+                    for r in 0..p {
+                        sum += *row_sums.add(pc * p + r);
+                    }
+                    *means.add(pr * gw + pc) = patch_mean(sum, p);
+                    pc += threads;
+                }
+            }
+            sync_threads();
+
+            let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+            let mut i = tid;
+            while i < patches {
+                lo = lo.min(*means.add(i));
+                hi = hi.max(*means.add(i));
+                i += threads;
+            }
+            let (lo, hi) = (block_min(lo), block_max(hi));
+            let out = edges.add(block_x() * patches);
+            let mut i = tid;
+            while i < patches {
+                *out.add(i) = min_max_normalize(*means.add(i), lo, hi);
+                i += threads;
+            }
+        }
+    }
+
+    /// E of f32 images. Grid: one block per image, `THREADS` threads.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "ptx-kernel" fn pgs_edge_map_f32(
+        images: *const f32,
+        edges: *mut f32,
+        height: u32,
+        width: u32,
+        patch: u32,
+    ) {
+        unsafe { edge_map(images, edges, height as usize, width as usize, patch as usize) }
+    }
+
+    /// E of bf16 images. Grid: one block per image, `THREADS` threads.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "ptx-kernel" fn pgs_edge_map_bf16(
+        images: *const Bf16,
+        edges: *mut f32,
+        height: u32,
+        width: u32,
+        patch: u32,
+    ) {
+        unsafe { edge_map(images, edges, height as usize, width as usize, patch as usize) }
+    }
+}

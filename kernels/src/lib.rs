@@ -1,0 +1,41 @@
+//! GPU kernels of clip-pgs, written in Rust.
+//!
+//! The crate builds twice:
+//! - for `nvptx64-nvidia-cuda` (by `cargo run -p ptx-build`), where the `extern "ptx-kernel"`
+//!   entry points become `kernels/ptx/clip_pgs_kernels.ptx`;
+//! - for the host, where the pure math (Philox RNG, Sobel stencil, element conversions) is shared
+//!   with the CPU reference in `clip-pgs-host`, so both devices compute the same numbers.
+//!
+//! Modules marked "device only" exist only in the nvptx build.
+#![no_std]
+#![cfg_attr(
+    target_arch = "nvptx64",
+    feature(abi_ptx, stdarch_nvptx, asm_experimental_arch, core_intrinsics)
+)]
+#![cfg_attr(target_arch = "nvptx64", allow(internal_features))]
+
+#[cfg(not(target_arch = "nvptx64"))]
+extern crate std;
+
+pub mod edge_map;
+pub mod element;
+pub mod math;
+pub mod normalize;
+pub mod philox;
+pub mod sobel;
+
+#[cfg(target_arch = "nvptx64")]
+pub mod reduce;
+#[cfg(target_arch = "nvptx64")]
+pub mod shared;
+#[cfg(target_arch = "nvptx64")]
+pub mod thread;
+
+
+/// Kernels are built with `panic = immediate-abort`; this handler only satisfies the compiler.
+#[cfg(target_arch = "nvptx64")]
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    // SAFETY: aborts the kernel; nothing runs after it.
+    unsafe { core::arch::nvptx::trap() }
+}
