@@ -1,1 +1,42 @@
-fn main() {}
+//! `clip-pgs`: CLIP training with PGS patch masking. So far: `edges` (the PGS edge map of an
+//! image, on the CPU or a GPU) and `devices` (which device runs, and why).
+
+mod edges;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use clip_pgs_host::{Device, DevicePreference};
+
+#[derive(Parser)]
+#[command(name = "clip-pgs", version, about = "CLIP training with PGS patch masking (Patch Generation-to-Selection)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compute the PGS edge map (pgs-spec.md step 1) of an image, print it and draw it.
+    Edges(edges::EdgesArgs),
+    /// Say which device clip-pgs runs on, and why.
+    Devices {
+        /// auto, cpu or cuda
+        #[arg(long, default_value = "auto")]
+        device: DevicePreference,
+    },
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Edges(args) => edges::run(&args),
+        Command::Devices { device } => Device::select(device).map(|s| println!("device: {s}")).map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -63,7 +63,9 @@ impl Device {
             DevicePreference::Cpu => {
                 Ok(DeviceSelection { device: Device::Cpu, cpu_reason: Some("--device cpu was asked for".into()) })
             }
-            DevicePreference::Cuda => Ok(DeviceSelection { device: Device::Cuda(CudaRuntime::new(0)?), cpu_reason: None }),
+            DevicePreference::Cuda => {
+                Ok(DeviceSelection { device: Device::Cuda(CudaRuntime::new(0)?), cpu_reason: None })
+            }
             DevicePreference::Auto => Ok(match CudaRuntime::new(0) {
                 Ok(rt) => DeviceSelection { device: Device::Cuda(rt), cpu_reason: None },
                 Err(e) => DeviceSelection { device: Device::Cpu, cpu_reason: Some(reason(&e)) },

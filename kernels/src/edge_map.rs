@@ -6,8 +6,9 @@
 //!      shared memory, reading the three channel planes coalesced along W;
 //!   2. one thread per (patch column, pixel row): the p Sobel magnitudes of that row segment,
 //!      summed left to right with a sliding 3×3 window;
-//!   3. one thread per patch column: the p row sums, top to bottom, divided by p²;
-//! then the block's min and max over the L patch means and E = (e − min)/(max − min + 1e-6).
+//!   3. one thread per patch column: the p row sums, top to bottom, divided by p².
+//!
+//! Then the block's min and max over the L patch means and E = (e − min)/(max − min + 1e-6).
 //! Summation orders are those of the CPU reference, so both agree bit for bit.
 //!
 //! Memory traffic per image: 3·H·W elements read once from DRAM (the 2 halo rows per band are

@@ -8,10 +8,7 @@
 //!
 //! Modules marked "device only" exist only in the nvptx build.
 #![no_std]
-#![cfg_attr(
-    target_arch = "nvptx64",
-    feature(abi_ptx, stdarch_nvptx, asm_experimental_arch, core_intrinsics)
-)]
+#![cfg_attr(target_arch = "nvptx64", feature(abi_ptx, stdarch_nvptx, asm_experimental_arch, core_intrinsics))]
 #![cfg_attr(target_arch = "nvptx64", allow(internal_features))]
 
 #[cfg(not(target_arch = "nvptx64"))]
@@ -30,7 +27,6 @@ pub mod reduce;
 pub mod shared;
 #[cfg(target_arch = "nvptx64")]
 pub mod thread;
-
 
 /// Kernels are built with `panic = immediate-abort`; this handler only satisfies the compiler.
 #[cfg(target_arch = "nvptx64")]

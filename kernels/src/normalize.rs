@@ -2,7 +2,10 @@
 //! The host's preprocessing normalizes with it and the edge map de-normalizes with it, so both
 //! use the very same f32 constants.
 
+// open_clip's digits, kept as written there (f32 rounds them).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// An 8-bit channel value of channel `c`, normalized: (v/255 − mean) / std.

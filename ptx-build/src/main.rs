@@ -157,7 +157,10 @@ fn assemble_all(ptxas: &Path, ptx: &Path) -> Result<(), String> {
         }
         reports.extend(parse_ptxas_log(&log, arch));
     }
-    println!("{:<28} {:<6} {:>5} {:>11} {:>11} {:>11}", "kernel", "arch", "regs", "smem bytes", "stack bytes", "spill bytes");
+    println!(
+        "{:<28} {:<6} {:>5} {:>11} {:>11} {:>11}",
+        "kernel", "arch", "regs", "smem bytes", "stack bytes", "spill bytes"
+    );
     for r in &reports {
         println!(
             "{:<28} {:<6} {:>5} {:>11} {:>11} {:>11}",

@@ -53,7 +53,7 @@ impl PatchGrid {
         if patch == 0 {
             return Err(Error::InvalidArgument("patch size is 0".into()));
         }
-        if height % patch != 0 || width % patch != 0 {
+        if !height.is_multiple_of(patch) || !width.is_multiple_of(patch) {
             return Err(Error::InvalidArgument(format!(
                 "patch size {patch} does not divide the image size {height}×{width}"
             )));
@@ -119,6 +119,9 @@ pub fn edge_map<T: ImageElement>(
 
 fn check_args(len: usize, shape: ImageBatchShape, patch: usize) -> Result<PatchGrid> {
     let grid = PatchGrid::new(shape.height, shape.width, patch)?;
+    if shape.n == 0 {
+        return Err(Error::InvalidArgument("the batch is empty (n = 0)".into()));
+    }
     if len != shape.len() {
         return Err(Error::InvalidArgument(format!(
             "images buffer has {len} elements, shape [{}, 3, {}, {}] needs {}",
@@ -188,10 +191,8 @@ fn edge_map_cuda<T: ImageElement>(
         )));
     }
     let mut edges = rt.stream.alloc_zeros::<f32>(shape.n * grid.len()).during("allocating the edge map")?;
-    if shape.n == 0 {
-        return Ok(edges);
-    }
-    let cfg = LaunchConfig { grid_dim: (shape.n as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+    let cfg =
+        LaunchConfig { grid_dim: (shape.n as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     let (h, w, p) = (shape.height as u32, shape.width as u32, grid.patch as u32);
     let mut launch = rt.stream.launch_builder(T::edge_map_kernel(&rt.kernels));
     launch.arg(images).arg(&mut edges).arg(&h).arg(&w).arg(&p);
@@ -275,7 +276,8 @@ mod tests {
         let shape = ImageBatchShape { n: 1, height: 64, width: 64 };
         let mut images = vec![0.0f32; shape.len()];
         for c in 0..3 {
-            let (black, white) = (clip_pgs_kernels::normalize::normalize_u8(0, c), clip_pgs_kernels::normalize::normalize_u8(255, c));
+            let (black, white) =
+                (clip_pgs_kernels::normalize::normalize_u8(0, c), clip_pgs_kernels::normalize::normalize_u8(255, c));
             for y in 0..64 {
                 for x in 0..64 {
                     let inside = (16..40).contains(&y) && (16..40).contains(&x);
@@ -309,6 +311,8 @@ mod tests {
         assert!(message(edge_map(&Device::Cpu, &images, shape, 0)).contains("patch size is 0"));
         let empty = ImageBatchShape { n: 1, height: 0, width: 32 };
         assert!(message(edge_map(&Device::Cpu, &Buffer::Cpu(Vec::<f32>::new()), empty, 2)).contains("empty"));
+        let none = ImageBatchShape { n: 0, ..shape };
+        assert!(message(edge_map(&Device::Cpu, &Buffer::Cpu(Vec::<f32>::new()), none, 2)).contains("n = 0"));
         let short = Buffer::Cpu(vec![0.0f32; shape.len() - 1]);
         assert!(message(edge_map(&Device::Cpu, &short, shape, 2)).contains("needs 2880"));
     }

@@ -1,0 +1,42 @@
+//! Helpers shared by the integration tests: the committed photos and golden files.
+#![allow(dead_code)] // each test binary uses a part
+
+use std::path::PathBuf;
+
+use clip_pgs_host::ops::edge_map::ImageBatchShape;
+use clip_pgs_kernels::philox::Philox;
+
+pub const PHOTOS: [&str; 3] = ["astronaut", "coffee", "chelsea"];
+pub const SIZES: [usize; 2] = [224, 64];
+
+/// A path in the repository: under the current directory when it is a checkout (test binaries
+/// copied to a GPU machine run from its copy of the tree), else where the tests were built.
+pub fn repo_path(relative: &str) -> PathBuf {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let root = if cwd.join("tests/data").is_dir() { cwd } else { PathBuf::from(env!("CARGO_MANIFEST_DIR")) };
+    root.join(relative)
+}
+
+/// The CLIP-normalized tensor [3, size, size] of `tests/data/<name>_<size>.png`.
+pub fn photo(name: &str, size: usize) -> Vec<f32> {
+    let path = repo_path(&format!("tests/data/{name}_{size}.png"));
+    clip_pgs_model::preprocess::load_image(&path, size as u32).expect("committed test photo").normalized
+}
+
+/// All photos of one size as a batch [3 photos, 3, size, size].
+pub fn photo_batch(size: usize) -> (Vec<f32>, ImageBatchShape) {
+    let images = PHOTOS.iter().flat_map(|name| photo(name, size)).collect();
+    (images, ImageBatchShape { n: PHOTOS.len(), height: size, width: size })
+}
+
+/// Uniform noise in [-2, 2) (the range of CLIP-normalized pixels), from Philox.
+pub fn noise_batch(shape: ImageBatchShape, seed: u64) -> Vec<f32> {
+    let rng = Philox::new(seed, 1, 0);
+    (0..shape.len() as u32).map(|i| rng.uniform(i) * 4.0 - 2.0).collect()
+}
+
+/// Largest |a − b|.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
