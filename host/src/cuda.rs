@@ -16,11 +16,12 @@ pub const KERNELS_PTX: &str = include_str!("../../kernels/ptx/clip_pgs_kernels.p
 pub struct Kernels {
     pub edge_map_f32: CudaFunction,
     pub edge_map_bf16: CudaFunction,
+    pub philox_uniform: CudaFunction,
 }
 
 impl Kernels {
-    fn all(&self) -> [&CudaFunction; 2] {
-        [&self.edge_map_f32, &self.edge_map_bf16]
+    fn all(&self) -> [&CudaFunction; 3] {
+        [&self.edge_map_f32, &self.edge_map_bf16, &self.philox_uniform]
     }
 }
 
@@ -68,7 +69,11 @@ impl CudaRuntime {
             .during("reading the shared-memory limit")? as usize;
         let module = context.load_module(Ptx::from_src(KERNELS_PTX)).during("loading the kernels' PTX module")?;
         let load = |name: &str| module.load_function(name).during(format!("finding kernel {name} in the PTX module"));
-        let kernels = Kernels { edge_map_f32: load("pgs_edge_map_f32")?, edge_map_bf16: load("pgs_edge_map_bf16")? };
+        let kernels = Kernels {
+            edge_map_f32: load("pgs_edge_map_f32")?,
+            edge_map_bf16: load("pgs_edge_map_bf16")?,
+            philox_uniform: load("philox_uniform")?,
+        };
         for f in kernels.all() {
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

@@ -19,6 +19,7 @@ pub mod element;
 pub mod math;
 pub mod normalize;
 pub mod philox;
+pub mod random;
 pub mod sobel;
 
 #[cfg(target_arch = "nvptx64")]

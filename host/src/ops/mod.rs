@@ -2,3 +2,4 @@
 //! runs whichever device the buffers live on.
 
 pub mod edge_map;
+pub mod random;
