@@ -18,8 +18,11 @@ pub mod edge_map;
 pub mod element;
 pub mod math;
 pub mod normalize;
+pub mod patch_stats;
 pub mod philox;
 pub mod random;
+pub mod select;
+pub mod sinkhorn;
 pub mod sobel;
 
 #[cfg(target_arch = "nvptx64")]
