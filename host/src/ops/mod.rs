@@ -2,4 +2,5 @@
 //! runs whichever device the buffers live on.
 
 pub mod edge_map;
+pub mod pgs;
 pub mod random;
