@@ -67,7 +67,7 @@ mod tests {
         (0..6).for_each(|j| s[j] = 0.9);
         let dynamic = MaskRatio::Dynamic { min: 0.3, max: 0.5 };
         assert_eq!(paper_mask_count(dynamic, &s, 2, 10), 5);
-        assert_eq!(paper_mask_count(dynamic, &vec![0.0; 20], 2, 10), 3);
+        assert_eq!(paper_mask_count(dynamic, &[0.0; 20], 2, 10), 3);
         assert_eq!(paper_mask_count(MaskRatio::Fixed(0.5), &s, 2, 10), 5);
         assert_eq!(paper_mask_count(MaskRatio::Fixed(0.05), &s, 2, 10), 2, "candidates are always masked");
     }
