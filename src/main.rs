@@ -1,7 +1,9 @@
 //! `clip-pgs`: CLIP training with PGS patch masking. So far: `edges` (the PGS edge map of an
-//! image, on the CPU or a GPU) and `devices` (which device runs, and why).
+//! image, on the CPU or a GPU), `mask` (PGS masks drawn on an image) and `devices` (which device
+//! runs, and why).
 
 mod edges;
+mod mask;
 
 use std::process::ExitCode;
 
@@ -19,6 +21,8 @@ struct Cli {
 enum Command {
     /// Compute the PGS edge map (pgs-spec.md step 1) of an image, print it and draw it.
     Edges(edges::EdgesArgs),
+    /// Draw the patches a masking method drops (PGS paper/reference, FLIP, none) on an image.
+    Mask(mask::MaskArgs),
     /// Say which device clip-pgs runs on, and why.
     Devices {
         /// auto, cpu or cuda
@@ -30,6 +34,7 @@ enum Command {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Edges(args) => edges::run(&args),
+        Command::Mask(args) => mask::run(&args),
         Command::Devices { device } => Device::select(device).map(|s| println!("device: {s}")).map_err(Into::into),
     };
     match result {

@@ -1,0 +1,133 @@
+//! `clip-pgs mask`: draw which patches a masking method drops on a real image (masked patches
+//! dimmed, PGS candidates outlined), or, with `--grid`, none / flip / pgs-paper / pgs-reference
+//! side by side. Pixel similarity only (epoch 0: α = 0), as at the start of training.
+
+use std::error::Error;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use clip_pgs_host::ops::edge_map::ImageBatchShape;
+use clip_pgs_host::ops::pgs::{ImageMask, MaskRatio, MaskStep, Masking, PgsConfig, PgsMode, mask_cpu};
+use clip_pgs_model::preprocess::load_image;
+use image::{Rgb, RgbImage};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Method {
+    None,
+    Flip,
+    Paper,
+    Reference,
+}
+
+#[derive(Args)]
+pub struct MaskArgs {
+    /// PNG or JPEG image.
+    #[arg(long)]
+    image: PathBuf,
+    /// Masking: none, flip, paper (PGS as the paper describes) or reference (PGS as the public code runs).
+    #[arg(long, value_enum, default_value_t = Method::Paper)]
+    mode: Method,
+    /// Fraction of patches to mask (PGS-0.5, FLIP 0.5). Ignored with --dynamic.
+    #[arg(long, default_value_t = 0.5)]
+    mask_ratio: f32,
+    /// PGS-0.3: mask the patches similar to a candidate, between 30% and 50%.
+    #[arg(long)]
+    dynamic: bool,
+    /// PGS without the edge map (ablation).
+    #[arg(long)]
+    no_ed: bool,
+    /// PGS without optimal-transport normalization (ablation).
+    #[arg(long)]
+    no_otn: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 224)]
+    size: u32,
+    #[arg(long, default_value_t = 16)]
+    patch: usize,
+    /// Put none, flip, pgs-paper and pgs-reference side by side (left to right).
+    #[arg(long)]
+    grid: bool,
+    /// The PNG to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(args: &MaskArgs) -> Result<(), Box<dyn Error>> {
+    let picture = load_image(&args.image, args.size)?;
+    let size = args.size as usize;
+    let shape = ImageBatchShape { n: 1, height: size, width: size };
+    let step = MaskStep { seed: args.seed, step: 0, epoch: 0, epochs: 1 };
+    let methods =
+        if args.grid { vec![Method::None, Method::Flip, Method::Paper, Method::Reference] } else { vec![args.mode] };
+    let mut panels = Vec::new();
+    for method in methods {
+        let masking = masking(method, args);
+        let masks = mask_cpu(&picture.normalized, shape, args.patch, None, &masking, &step)?;
+        let mask = &masks.images[0];
+        println!(
+            "{:<10} masks {:>3} of {} patches ({:.1}%){}",
+            name(method),
+            masks.patches - mask.kept.len(),
+            masks.patches,
+            100.0 * masks.masked_fraction(),
+            if mask.candidates.is_empty() { String::new() } else { format!(", candidates {:?}", mask.candidates) }
+        );
+        panels.push(draw(&picture.rgb, mask, args.patch));
+    }
+    side_by_side(&panels).save(&args.out)?;
+    println!("wrote {} (masked patches dimmed, candidates outlined in red)", args.out.display());
+    Ok(())
+}
+
+fn masking(method: Method, args: &MaskArgs) -> Masking {
+    let ratio =
+        if args.dynamic { MaskRatio::Dynamic { min: 0.3, max: 0.5 } } else { MaskRatio::Fixed(args.mask_ratio) };
+    let pgs = |mode| Masking::Pgs(PgsConfig { mode, ratio, use_ed: !args.no_ed, use_otn: !args.no_otn });
+    match method {
+        Method::None => Masking::None,
+        Method::Flip => Masking::Flip { ratio: args.mask_ratio },
+        Method::Paper => pgs(PgsMode::Paper),
+        Method::Reference => pgs(PgsMode::Reference),
+    }
+}
+
+fn name(method: Method) -> &'static str {
+    match method {
+        Method::None => "none",
+        Method::Flip => "flip",
+        Method::Paper => "pgs-paper",
+        Method::Reference => "pgs-ref",
+    }
+}
+
+/// The image with masked patches dimmed to a quarter and candidates outlined.
+fn draw(rgb: &RgbImage, mask: &ImageMask, patch: usize) -> RgbImage {
+    let cols = rgb.width() as usize / patch;
+    let mut kept = vec![false; cols * (rgb.height() as usize / patch)];
+    mask.kept.iter().for_each(|&j| kept[j as usize] = true);
+    let mut out = rgb.clone();
+    for (x, y, pixel) in out.enumerate_pixels_mut() {
+        let (px, py) = (x as usize / patch, y as usize / patch);
+        let j = py * cols + px;
+        if !kept[j] {
+            pixel.0 = pixel.0.map(|v| v / 4);
+        }
+        let on_border = [x as usize % patch, y as usize % patch].iter().any(|&o| o == 0 || o == patch - 1);
+        if on_border && mask.candidates.contains(&(j as u32)) {
+            *pixel = Rgb([255, 32, 32]);
+        }
+    }
+    out
+}
+
+/// Panels left to right with a 4-pixel white gap.
+fn side_by_side(panels: &[RgbImage]) -> RgbImage {
+    let (w, h) = panels[0].dimensions();
+    let gap = 4;
+    let mut out = RgbImage::from_pixel(panels.len() as u32 * (w + gap) - gap, h, Rgb([255; 3]));
+    for (i, panel) in panels.iter().enumerate() {
+        image::imageops::replace(&mut out, panel, (i as u32 * (w + gap)) as i64, 0);
+    }
+    out
+}
