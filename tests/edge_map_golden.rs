@@ -4,24 +4,14 @@
 mod common;
 
 use clip_pgs_host::ops::edge_map::{ImageBatchShape, PatchGrid, edge_map_cpu, sobel_magnitude_map};
-use common::{PHOTOS, SIZES, max_abs_diff, photo, repo_path};
+use common::{PHOTOS, SIZES, max_abs_diff, photo, tensor_f32 as golden_tensor};
 use safetensors::SafeTensors;
 
 const TOLERANCE: f32 = 1e-5;
 
-fn golden_tensor(golden: &SafeTensors, name: &str) -> Vec<f32> {
-    let view = golden.tensor(name).unwrap_or_else(|e| panic!("golden tensor {name}: {e}"));
-    assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-    f32_from_le_bytes(view.data())
-}
-
-fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-}
-
 #[test]
 fn cpu_edge_map_matches_opencv_on_real_photos() {
-    let bytes = std::fs::read(repo_path("tests/goldens/edge_map_opencv.safetensors")).unwrap();
+    let bytes = common::golden("edge_map_opencv.safetensors");
     let golden = SafeTensors::deserialize(&bytes).unwrap();
     for name in PHOTOS {
         for size in SIZES {

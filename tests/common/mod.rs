@@ -35,6 +35,32 @@ pub fn noise_batch(shape: ImageBatchShape, seed: u64) -> Vec<f32> {
     (0..shape.len() as u32).map(|i| rng.uniform(i) * 4.0 - 2.0).collect()
 }
 
+/// A golden safetensors file of tests/goldens.
+pub fn golden(name: &str) -> Vec<u8> {
+    std::fs::read(repo_path(&format!("tests/goldens/{name}"))).unwrap_or_else(|e| panic!("golden {name}: {e}"))
+}
+
+/// A tensor of a golden file as f32 (stored as f32 or f64), i64 or u8 widened to f64.
+pub fn tensor_f64(file: &safetensors::SafeTensors, name: &str) -> Vec<f64> {
+    let view = file.tensor(name).unwrap_or_else(|e| panic!("golden tensor {name}: {e}"));
+    let bytes = view.data();
+    match view.dtype() {
+        safetensors::Dtype::F32 => {
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect()
+        }
+        safetensors::Dtype::F64 => bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
+        safetensors::Dtype::I64 => {
+            bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect()
+        }
+        safetensors::Dtype::U8 => bytes.iter().map(|&b| b as f64).collect(),
+        other => panic!("golden tensor {name}: unexpected dtype {other:?}"),
+    }
+}
+
+pub fn tensor_f32(file: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
+    tensor_f64(file, name).into_iter().map(|v| v as f32).collect()
+}
+
 /// Largest |a − b|.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
