@@ -7,39 +7,26 @@ use clip_pgs_kernels::sobel::{min_max_normalize, sobel_magnitude};
 
 use super::super::edge_map::PatchGrid;
 
-/// One image's pixels [3, H, W] seen as L standardized patches of 3p² values.
-pub struct StandardizedPatches<'a> {
-    image: &'a [f32],
-    height: usize,
-    width: usize,
+/// One image's pixels [3, H, W] as L standardized patches P̂ [L, 3p²].
+pub struct StandardizedPatches {
     grid: PatchGrid,
-    mean: Vec<f32>,
-    std: Vec<f32>,
+    /// P̂_i[k] = (P_i[k] − mean P_i) / (std P_i + 1e-6), flattened (row, col, channel).
+    values: Vec<f32>,
     /// ‖P̂_i‖.
     norm: Vec<f32>,
 }
 
-impl<'a> StandardizedPatches<'a> {
-    pub fn new(image: &'a [f32], height: usize, width: usize, grid: PatchGrid) -> Self {
-        let len = grid.len();
-        let mut patches = StandardizedPatches {
-            image,
-            height,
-            width,
-            grid,
-            mean: vec![0.0; len],
-            std: vec![0.0; len],
-            norm: vec![0.0; len],
-        };
-        for i in 0..len {
-            let (mean, std) = mean_std(patches.values(), |k| patches.raw(i, k));
-            patches.mean[i] = mean;
-            patches.std[i] = std;
+impl StandardizedPatches {
+    pub fn new(image: &[f32], height: usize, width: usize, grid: PatchGrid) -> Self {
+        let n = 3 * grid.patch * grid.patch;
+        let mut values = Vec::with_capacity(grid.len() * n);
+        for i in 0..grid.len() {
+            let raw = |k: usize| image[patch_pixel_index(k, i, grid.cols, grid.patch, height, width)];
+            let (mean, std) = mean_std(n, raw);
+            values.extend((0..n).map(|k| standardize(raw(k), mean, std)));
         }
-        for i in 0..len {
-            patches.norm[i] = norm(patches.values(), |k| patches.value(i, k));
-        }
-        patches
+        let norm = values.chunks(n).map(|p| norm(n, |k| p[k])).collect();
+        StandardizedPatches { grid, values, norm }
     }
 
     /// 3p², the length of a patch vector.
@@ -47,18 +34,16 @@ impl<'a> StandardizedPatches<'a> {
         3 * self.grid.patch * self.grid.patch
     }
 
-    fn raw(&self, i: usize, k: usize) -> f32 {
-        self.image[patch_pixel_index(k, i, self.grid.cols, self.grid.patch, self.height, self.width)]
-    }
-
-    /// P̂_i[k] = (P_i[k] − mean P_i) / (std P_i + 1e-6).
+    /// P̂_i[k].
     pub fn value(&self, i: usize, k: usize) -> f32 {
-        standardize(self.raw(i, k), self.mean[i], self.std[i])
+        self.values[i * self.values() + k]
     }
 
     /// cos(P̂_i, P̂_j).
     pub fn cosine(&self, i: usize, j: usize) -> f32 {
-        cosine(self.values(), |k| self.value(i, k), |k| self.value(j, k), self.norm[i], self.norm[j])
+        let n = self.values();
+        let (a, b) = (&self.values[i * n..(i + 1) * n], &self.values[j * n..(j + 1) * n]);
+        cosine(n, |k| a[k], |k| b[k], self.norm[i], self.norm[j])
     }
 
     /// The `reference` mode's edge map: Sobel with zero padding over the grid of per-patch means
