@@ -27,10 +27,12 @@ impl Bf16 {
 
 /// A value a kernel loads and computes with in f32.
 pub trait Element: Copy {
+    const ZERO: Self;
     fn to_f32(self) -> f32;
 }
 
 impl Element for f32 {
+    const ZERO: Self = 0.0;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -38,6 +40,7 @@ impl Element for f32 {
 }
 
 impl Element for Bf16 {
+    const ZERO: Self = Bf16(0);
     #[inline(always)]
     fn to_f32(self) -> f32 {
         Bf16::to_f32(self)

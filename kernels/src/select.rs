@@ -48,6 +48,54 @@ pub fn ranks_before(ka: f32, tka: u32, ia: usize, kb: f32, tkb: u32, ib: usize) 
     ia < ib
 }
 
+/// Rank of `i` among `n` entries under [`ranks_before`]: how many entries come before it. The
+/// entries of rank < k are the top k; computing every rank in parallel is a block-wide select.
+#[inline(always)]
+pub fn rank(i: usize, n: usize, key: impl Fn(usize) -> f32, tie: impl Fn(usize) -> u32) -> usize {
+    let (ki, ti) = (key(i), tie(i));
+    let mut r = 0;
+    for j in 0..n {
+        r += ranks_before(key(j), tie(j), j, ki, ti, i) as usize;
+    }
+    r
+}
+
+/// Rank of `i` in the `reference` candidate order: larger score first, ties to the higher index.
+#[inline(always)]
+pub fn rank_ties_to_higher_index(i: usize, n: usize, score: impl Fn(usize) -> f32) -> usize {
+    let si = score(i);
+    let mut r = 0;
+    for j in 0..n {
+        let sj = score(j);
+        r += (sj > si || (sj == si && j > i)) as usize;
+    }
+    r
+}
+
+/// Rank of `i` in the `reference` keep order: ascending (flagged, priority), ties to the lower
+/// index (a stable sort of the public code's priority m·exp(u)).
+#[inline(always)]
+pub fn rank_reference_keep(
+    i: usize,
+    n: usize,
+    flagged: impl Fn(usize) -> bool,
+    priority: impl Fn(usize) -> f32,
+) -> usize {
+    let (fi, pi) = (flagged(i), priority(i));
+    let mut r = 0;
+    for j in 0..n {
+        let (fj, pj) = (flagged(j), priority(j));
+        r += ((fj < fi) || (fj == fi && (pj < pi || (pj == pi && j < i)))) as usize;
+    }
+    r
+}
+
+/// floor(x) for x ≥ 0 as an integer (truncation; both devices).
+#[inline(always)]
+pub fn floor_nonnegative(x: f32) -> usize {
+    x as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,6 +112,19 @@ mod tests {
     fn gumbel_key_prefers_low_edge_patches() {
         assert!(gumbel_key(0.0, 0.5) > gumbel_key(1.0, 0.5));
         assert!(gumbel_key(0.5, 0.9) > gumbel_key(0.5, 0.1));
+    }
+
+    #[test]
+    fn ranks_agree_with_the_orders() {
+        let keys = [1.0f32, 3.0, 3.0, 2.0, 3.0];
+        let ranks: [usize; 5] = core::array::from_fn(|i| rank(i, 5, |j| keys[j], |_| 0));
+        assert_eq!(ranks, [4, 0, 1, 3, 2]);
+        let ranks: [usize; 5] = core::array::from_fn(|i| rank_ties_to_higher_index(i, 5, |j| keys[j]));
+        assert_eq!(ranks, [4, 2, 1, 3, 0]);
+        let flagged = [true, false, true, false, true];
+        let priority = [0.5f32, 0.9, 0.1, 0.2, 0.5];
+        let ranks: [usize; 5] = core::array::from_fn(|i| rank_reference_keep(i, 5, |j| flagged[j], |j| priority[j]));
+        assert_eq!(ranks, [3, 1, 2, 0, 4]);
     }
 
     #[test]

@@ -38,3 +38,25 @@ pub fn lane() -> usize {
 pub fn warp() -> usize {
     thread_x() / 32
 }
+
+/// Calls `f(i)` for i = thread, thread + blockDim, … < n: the block's threads share 0..n.
+#[inline(always)]
+pub fn block_stride(n: usize, mut f: impl FnMut(usize)) {
+    let mut i = thread_x();
+    while i < n {
+        f(i);
+        i += block_dim_x();
+    }
+}
+
+/// Calls `f(i)` for every i < n, spread over all threads of the grid (1-D).
+#[inline(always)]
+pub fn grid_stride(n: usize, mut f: impl FnMut(usize)) {
+    // SAFETY: reading a special register.
+    let grid = unsafe { core::arch::nvptx::_grid_dim_x() } as usize;
+    let mut i = block_x() * block_dim_x() + thread_x();
+    while i < n {
+        f(i);
+        i += grid * block_dim_x();
+    }
+}

@@ -17,7 +17,8 @@ use rayon::prelude::*;
 
 use clip_pgs_kernels::philox::Philox;
 use clip_pgs_kernels::select::{
-    REFERENCE_EDGE_WEIGHT, SIMILARITY_THRESHOLD, gumbel_key, paper_candidate_count, reference_candidate_count,
+    REFERENCE_EDGE_WEIGHT, SIMILARITY_THRESHOLD, floor_nonnegative, gumbel_key, paper_candidate_count,
+    rank_reference_keep, reference_candidate_count,
 };
 use clip_pgs_kernels::sinkhorn::{EPSILON, MAX_ITERATIONS, TOLERANCE};
 
@@ -296,7 +297,7 @@ pub fn reference_batch(
         .collect();
     let fewest_masked = flagged.iter().map(|f| f.masked.iter().filter(|&&m| m).count()).min().unwrap_or(0);
     let least_edge = flagged.iter().map(|f| f.edge_sum).fold(f32::INFINITY, f32::min);
-    let edge_bonus = if cfg.use_ed { least_edge.floor() as usize } else { 0 };
+    let edge_bonus = if cfg.use_ed { floor_nonnegative(least_edge) } else { 0 };
     let cap = ((l as f64) * (1.0 - cfg.ratio.min() as f64)).floor() as usize;
     let keep = cap.min(l - fewest_masked + edge_bonus);
     flagged
@@ -305,12 +306,9 @@ pub fn reference_batch(
         .map(|(n, f)| {
             let priority = &draws[n * 2 * l + l..(n + 1) * 2 * l];
             // Ascending (m_j, u_j), stable: unflagged patches first in raster order.
-            let mut order: Vec<usize> = (0..l).collect();
-            order.sort_by(|&a, &b| {
-                (f.masked[a], priority[a]).partial_cmp(&(f.masked[b], priority[b])).unwrap().then(a.cmp(&b))
-            });
-            let mut kept: Vec<u32> = order[..keep].iter().map(|&j| j as u32).collect();
-            kept.sort_unstable();
+            let kept = (0..l as u32)
+                .filter(|&j| rank_reference_keep(j as usize, l, |i| f.masked[i], |i| priority[i]) < keep)
+                .collect();
             ImageMask { kept, candidates: f.candidates.iter().map(|&c| c as u32).collect() }
         })
         .collect()
