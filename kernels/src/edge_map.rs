@@ -26,6 +26,11 @@ pub const fn shared_bytes(width: usize, patch: usize, patches: usize) -> usize {
     4 * ((patch + 2) * (width + 1) + (width / patch) * patch + patches)
 }
 
+/// Dynamic shared memory of `pgs_reference_edge_grid` for L patches.
+pub const fn reference_grid_shared_bytes(patches: usize) -> usize {
+    4 * 2 * patches
+}
+
 #[cfg(target_arch = "nvptx64")]
 mod kernel {
     use crate::element::{Bf16, Element};
@@ -128,6 +133,54 @@ mod kernel {
                 *out.add(i) = min_max_normalize(*means.add(i), lo, hi);
                 i += threads;
             }
+        }
+    }
+
+    /// The `reference` mode's edge map (pgs-spec.md): Sobel with zero padding over the grid of
+    /// per-patch means of the standardized patches P̂, magnitude, min–max. One block per image;
+    /// reads P̂ once (4·L·3p² bytes), writes 4·L.
+    ///
+    /// # Safety
+    /// `hat` [N, L, n] (n = 3p²); `edges` [N, L]; `reference_grid_shared_bytes(L)` of shared memory.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "ptx-kernel" fn pgs_reference_edge_grid(
+        hat: *const f32,
+        edges: *mut f32,
+        rows: u32,
+        cols: u32,
+        n: u32,
+    ) {
+        use crate::patch_stats::sum;
+        use crate::thread::block_stride;
+        let (rows, cols, n) = (rows as usize, cols as usize, n as usize);
+        let patches = rows * cols;
+        unsafe {
+            let means: *mut f32 = dynamic_shared();
+            let magnitude = means.add(patches);
+            let hat = hat.add(block_x() * patches * n);
+            block_stride(patches, |i| *means.add(i) = sum(n, |k| *hat.add(i * n + k)) / n as f32);
+            sync_threads();
+            block_stride(patches, |i| {
+                let (r, c) = ((i / cols) as isize, (i % cols) as isize);
+                let at = |dr: isize, dc: isize| {
+                    let (y, x) = (r + dr, c + dc);
+                    if y < 0 || x < 0 || y >= rows as isize || x >= cols as isize {
+                        0.0
+                    } else {
+                        *means.add(y as usize * cols + x as usize)
+                    }
+                };
+                *magnitude.add(i) = sobel_magnitude([-1, 0, 1].map(|dr| [-1, 0, 1].map(|dc| at(dr, dc))));
+            });
+            sync_threads();
+            let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+            block_stride(patches, |i| {
+                lo = lo.min(*magnitude.add(i));
+                hi = hi.max(*magnitude.add(i));
+            });
+            let (lo, hi) = (block_min(lo), block_max(hi));
+            let out = edges.add(block_x() * patches);
+            block_stride(patches, |i| *out.add(i) = min_max_normalize(*magnitude.add(i), lo, hi));
         }
     }
 

@@ -16,6 +16,7 @@ extern crate std;
 
 pub mod edge_map;
 pub mod element;
+pub mod gather;
 pub mod math;
 pub mod normalize;
 pub mod patch_stats;

@@ -68,7 +68,14 @@ impl Philox {
     /// Draw `i` as raw bits.
     #[inline(always)]
     pub fn bits(&self, i: u32) -> u32 {
-        self.block(i / 4)[(i % 4) as usize]
+        // A match, not b[i % 4]: dynamic indexing would put the block in GPU local memory.
+        let b = self.block(i / 4);
+        match i % 4 {
+            0 => b[0],
+            1 => b[1],
+            2 => b[2],
+            _ => b[3],
+        }
     }
 
     /// Draw `i` as a uniform in (0, 1).

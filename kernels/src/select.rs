@@ -8,8 +8,8 @@
 
 use crate::math::ln;
 
-/// Candidate fraction ρ.
-pub const CANDIDATE_FRACTION: f32 = 0.05;
+/// Candidate fraction ρ (f64, as the public code's Python float).
+pub const CANDIDATE_FRACTION: f64 = 0.05;
 /// Added to the sampling weight 1 − E (spec: (1 − E) + 1e-3).
 pub const WEIGHT_EPS: f32 = 1e-3;
 /// Similarity threshold τ (dynamic ratio in `paper`, the masked set in `reference`).
@@ -19,13 +19,14 @@ pub const REFERENCE_EDGE_WEIGHT: f32 = 1e6;
 
 /// `paper`: n_c = max(1, round(ρ·L)).
 pub fn paper_candidate_count(patches: usize) -> usize {
-    let n = (CANDIDATE_FRACTION as f64 * patches as f64).round() as usize;
+    // round half away from zero; `as usize` truncates (no f64::round in core).
+    let n = (CANDIDATE_FRACTION * patches as f64 + 0.5) as usize;
     n.max(1)
 }
 
 /// `reference`: n_c = L − floor(L·(1 − ρ)), as the public code.
 pub fn reference_candidate_count(patches: usize) -> usize {
-    patches - (patches as f64 * (1.0 - CANDIDATE_FRACTION as f64)).floor() as usize
+    patches - (patches as f64 * (1.0 - CANDIDATE_FRACTION)) as usize
 }
 
 /// Gumbel-top-k key of a patch: ln((1 − E) + 1e-3) + Gumbel(u) with Gumbel(u) = −ln(−ln u).
@@ -133,5 +134,291 @@ mod tests {
         assert!(ranks_before(1.0, 9, 5, 1.0, 3, 0));
         assert!(ranks_before(1.0, 3, 0, 1.0, 3, 5));
         assert!(!ranks_before(1.0, 3, 5, 1.0, 3, 0));
+    }
+}
+
+/// Threads per block of the selection kernels (one block per image).
+pub const THREADS: u32 = 256;
+
+/// Dynamic shared memory of the selection kernels for L patches: keys, ties and flags.
+pub const fn shared_bytes(patches: usize) -> usize {
+    4 * (3 * patches + 1)
+}
+
+/// Kernels, one block per image, every rank computed by its own thread over all L entries in
+/// shared memory (L² comparisons, a block-wide select); kept patches are compacted in raster order
+/// (each kept patch's slot is the number of kept patches before it). Memory traffic is tiny: L
+/// scores in, ≤ L indices out, plus the n_c × L similarity rows for `pgs_select_paper`.
+#[cfg(target_arch = "nvptx64")]
+mod kernel {
+    use super::*;
+    use crate::philox::Philox;
+    use crate::shared::dynamic_shared;
+    use crate::thread::{block_stride, block_x, sync_threads, thread_x};
+
+    /// Writes the patches not flagged in `masked` (shared, 0/1) to kept[image·L ..] in raster
+    /// order and their count to kept_len[image].
+    #[inline(always)]
+    unsafe fn compact_kept(masked: *const u32, patches: usize, kept: *mut u32, kept_len: *mut u32) {
+        unsafe {
+            let out = kept.add(block_x() * patches);
+            block_stride(patches, |j| {
+                if *masked.add(j) == 0 {
+                    let mut slot = 0;
+                    for i in 0..j {
+                        slot += (*masked.add(i) == 0) as usize;
+                    }
+                    *out.add(slot) = j as u32;
+                }
+            });
+            if thread_x() == 0 {
+                let mut count = 0;
+                for j in 0..patches {
+                    count += (*masked.add(j) == 0) as u32;
+                }
+                *kept_len.add(block_x()) = count;
+            }
+        }
+    }
+
+    /// `paper` candidates: Gumbel-top-k of ln((1 − E) + 1e-3), written in rank order.
+    ///
+    /// # Safety
+    /// `edges` [N, L]; `candidates` [N, n_c]; `shared_bytes(L)` bytes of dynamic shared memory.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "ptx-kernel" fn pgs_candidates_paper(
+        edges: *const f32,
+        candidates: *mut u32,
+        seed: u64,
+        step: u32,
+        patches: u32,
+        n_c: u32,
+    ) {
+        let (l, n_c) = (patches as usize, n_c as usize);
+        let rng = Philox::new(seed, step, block_x() as u32);
+        unsafe {
+            let key: *mut f32 = dynamic_shared();
+            let e = edges.add(block_x() * l);
+            block_stride(l, |i| *key.add(i) = gumbel_key(*e.add(i), rng.uniform(i as u32)));
+            sync_threads();
+            block_stride(l, |i| {
+                let r = rank(i, l, |j| *key.add(j), |_| 0);
+                if r < n_c {
+                    *candidates.add(block_x() * n_c + r) = i as u32;
+                }
+            });
+        }
+    }
+
+    /// `reference` candidates: the n_c largest u + 1e6·E (ties to the higher index), rank order.
+    ///
+    /// # Safety
+    /// As `pgs_candidates_paper`.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "ptx-kernel" fn pgs_candidates_reference(
+        edges: *const f32,
+        candidates: *mut u32,
+        seed: u64,
+        step: u32,
+        patches: u32,
+        n_c: u32,
+    ) {
+        let (l, n_c) = (patches as usize, n_c as usize);
+        let rng = Philox::new(seed, step, block_x() as u32);
+        unsafe {
+            let score: *mut f32 = dynamic_shared();
+            let e = edges.add(block_x() * l);
+            block_stride(l, |i| *score.add(i) = rng.uniform(i as u32) + REFERENCE_EDGE_WEIGHT * *e.add(i));
+            sync_threads();
+            block_stride(l, |i| {
+                let r = rank_ties_to_higher_index(i, l, |j| *score.add(j));
+                if r < n_c {
+                    *candidates.add(block_x() * n_c + r) = i as u32;
+                }
+            });
+        }
+    }
+
+    /// `paper` selection: μ_j = max_c Ŝ[c,j]·(1 − E_j), candidates forced in, the top K_mask
+    /// by (μ, Philox jitter, index) masked; K_mask = k_fixed, or with `dynamic` the number of
+    /// patches whose raw S exceeds τ for some candidate clamped to [k_min, k_max]; never below n_c.
+    ///
+    /// # Safety
+    /// `s_raw`, `s_balanced` [N, n_c, L] (the same buffer without OTN); `edges` [N, L];
+    /// `candidates` [N, n_c]; `kept` [N, L]; `kept_len` [N]; `shared_bytes(L)` of shared memory.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "ptx-kernel" fn pgs_select_paper(
+        s_raw: *const f32,
+        s_balanced: *const f32,
+        edges: *const f32,
+        candidates: *const u32,
+        kept: *mut u32,
+        kept_len: *mut u32,
+        seed: u64,
+        step: u32,
+        patches: u32,
+        n_c: u32,
+        dynamic: u32,
+        k_fixed: u32,
+        k_min: u32,
+        k_max: u32,
+    ) {
+        let (l, n_c) = (patches as usize, n_c as usize);
+        let rng = Philox::new(seed, step, block_x() as u32);
+        unsafe {
+            let score: *mut f32 = dynamic_shared();
+            let jitter = score.add(l) as *mut u32;
+            let masked = jitter.add(l);
+            let similar = masked.add(l);
+            let (raw, bal) = (s_raw.add(block_x() * n_c * l), s_balanced.add(block_x() * n_c * l));
+            let e = edges.add(block_x() * l);
+            let cand = candidates.add(block_x() * n_c);
+            if thread_x() == 0 {
+                *similar = 0;
+            }
+            block_stride(l, |j| {
+                let mut best = f32::NEG_INFINITY;
+                for c in 0..n_c {
+                    best = best.max(*bal.add(c * l + j));
+                }
+                *score.add(j) = best * (1.0 - *e.add(j));
+                *jitter.add(j) = rng.bits((l + j) as u32);
+            });
+            sync_threads();
+            block_stride(n_c, |c| *score.add(*cand.add(c) as usize) = f32::INFINITY);
+            if dynamic != 0 && thread_x() == 0 {
+                let mut count = 0;
+                for j in 0..l {
+                    let mut any = false;
+                    for c in 0..n_c {
+                        any |= *raw.add(c * l + j) > SIMILARITY_THRESHOLD;
+                    }
+                    count += any as u32;
+                }
+                *similar = count;
+            }
+            sync_threads();
+            let k_mask = if dynamic != 0 { (*similar).clamp(k_min, k_max) } else { k_fixed }.max(n_c as u32) as usize;
+            block_stride(l, |j| *masked.add(j) = (rank(j, l, |i| *score.add(i), |i| *jitter.add(i)) < k_mask) as u32);
+            sync_threads();
+            compact_kept(masked, l, kept, kept_len);
+        }
+    }
+
+    /// FLIP: the k_mask patches with the largest Philox uniforms (ties to the lower index) masked.
+    ///
+    /// # Safety
+    /// `kept` [N, L]; `kept_len` [N]; `shared_bytes(L)` bytes of dynamic shared memory.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "ptx-kernel" fn pgs_select_flip(
+        kept: *mut u32,
+        kept_len: *mut u32,
+        seed: u64,
+        step: u32,
+        patches: u32,
+        k_mask: u32,
+    ) {
+        let l = patches as usize;
+        let rng = Philox::new(seed, step, block_x() as u32);
+        unsafe {
+            let draw: *mut f32 = dynamic_shared();
+            let masked = draw.add(l) as *mut u32;
+            block_stride(l, |j| *draw.add(j) = rng.uniform(j as u32));
+            sync_threads();
+            block_stride(l, |j| *masked.add(j) = (rank(j, l, |i| *draw.add(i), |_| 0) < k_mask as usize) as u32);
+            sync_threads();
+            compact_kept(masked, l, kept, kept_len);
+        }
+    }
+
+    /// `reference`, per image: flags m_j (S[a,j] > τ for some candidate a), their count, and the
+    /// sequential sum of E.
+    ///
+    /// # Safety
+    /// `s` [N, L, L]; `candidates` [N, n_c]; `edges` [N, L]; `flags` [N, L]; `counts`,
+    /// `edge_sums` [N].
+    #[unsafe(no_mangle)]
+    pub unsafe extern "ptx-kernel" fn pgs_reference_flags(
+        s: *const f32,
+        candidates: *const u32,
+        edges: *const f32,
+        flags: *mut u32,
+        counts: *mut u32,
+        edge_sums: *mut f32,
+        patches: u32,
+        n_c: u32,
+    ) {
+        let (l, n_c) = (patches as usize, n_c as usize);
+        unsafe {
+            let s = s.add(block_x() * l * l);
+            let cand = candidates.add(block_x() * n_c);
+            let flag = flags.add(block_x() * l);
+            block_stride(l, |j| {
+                let mut any = false;
+                for a in 0..n_c {
+                    any |= *s.add(*cand.add(a) as usize * l + j) > SIMILARITY_THRESHOLD;
+                }
+                *flag.add(j) = any as u32;
+            });
+            sync_threads();
+            if thread_x() == 0 {
+                let (mut count, mut sum) = (0u32, 0.0f32);
+                let e = edges.add(block_x() * l);
+                for j in 0..l {
+                    count += *flag.add(j);
+                    sum += *e.add(j);
+                }
+                *counts.add(block_x()) = count;
+                *edge_sums.add(block_x()) = sum;
+            }
+        }
+    }
+
+    /// `reference`, per image: K = min(cap, L − min_n count_n + floor(min_n ΣE_n)) (the E term
+    /// with `use_ed`), then the first K patches in ascending (m_j, u_j) order kept.
+    ///
+    /// # Safety
+    /// `flags` [N, L]; `counts`, `edge_sums` [N] for all `n_images`; `kept` [N, L]; `kept_len`
+    /// [N]; `shared_bytes(L)` bytes of dynamic shared memory.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "ptx-kernel" fn pgs_reference_keep(
+        flags: *const u32,
+        counts: *const u32,
+        edge_sums: *const f32,
+        kept: *mut u32,
+        kept_len: *mut u32,
+        seed: u64,
+        step: u32,
+        n_images: u32,
+        patches: u32,
+        cap: u32,
+        use_ed: u32,
+    ) {
+        let l = patches as usize;
+        let rng = Philox::new(seed, step, block_x() as u32);
+        unsafe {
+            let priority: *mut f32 = dynamic_shared();
+            let masked = priority.add(l) as *mut u32;
+            let keep_count = masked.add(l);
+            let flag = flags.add(block_x() * l);
+            if thread_x() == 0 {
+                let (mut fewest, mut least_edge) = (u32::MAX, f32::INFINITY);
+                for n in 0..n_images as usize {
+                    fewest = fewest.min(*counts.add(n));
+                    least_edge = least_edge.min(*edge_sums.add(n));
+                }
+                let bonus = if use_ed != 0 { floor_nonnegative(least_edge) } else { 0 };
+                *keep_count = (cap as usize).min(l - fewest as usize + bonus) as u32;
+            }
+            block_stride(l, |j| *priority.add(j) = rng.uniform((l + j) as u32));
+            sync_threads();
+            let keep = *keep_count as usize;
+            block_stride(l, |j| {
+                let r = rank_reference_keep(j, l, |i| *flag.add(i) != 0, |i| *priority.add(i));
+                *masked.add(j) = (r >= keep) as u32;
+            });
+            sync_threads();
+            compact_kept(masked, l, kept, kept_len);
+        }
     }
 }

@@ -75,3 +75,143 @@ mod tests {
         assert_eq!(log_sum_exp(3, |_| f32::NEG_INFINITY), f32::NEG_INFINITY);
     }
 }
+
+/// Threads per block of the Sinkhorn kernels (one block per image).
+pub const THREADS: u32 = 256;
+
+/// Dynamic shared memory of `pgs_sinkhorn_log` for an R × C problem: S/ε, f, g, the per-column
+/// errors and the stop flag.
+pub const fn log_shared_bytes(rows: usize, cols: usize) -> usize {
+    4 * (rows * cols + rows + 2 * cols + 1)
+}
+
+/// Kernels, one block per image, every iteration on chip (no host round trip):
+/// - `pgs_sinkhorn_log`: S/ε [R, C] in shared memory; per iteration one thread per column (g),
+///   one per row (f), one per column (its marginal error), then thread 0 sums the errors in
+///   order and decides. Reads 4·R·C bytes, writes the balanced Ŝ = R·C·Π (4·R·C bytes).
+/// - `pgs_sinkhorn_knopp_signed`: the `reference` scaling of an L×L matrix in a global scratch
+///   buffer (L² floats do not fit in shared memory for every L); per round one thread per column
+///   and per row sums, thread 0 checks, every thread scales. About 3·50·4·L² bytes of L2 traffic.
+#[cfg(target_arch = "nvptx64")]
+mod kernel {
+    use super::*;
+    use crate::shared::dynamic_shared;
+    use crate::thread::{block_stride, block_x, sync_threads, thread_x};
+
+    /// # Safety
+    /// `s`, `balanced` [N, rows, cols]; `iterations` [N]; launch with one block per image and
+    /// `log_shared_bytes(rows, cols)` bytes of dynamic shared memory.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "ptx-kernel" fn pgs_sinkhorn_log(
+        s: *const f32,
+        balanced: *mut f32,
+        iterations: *mut u32,
+        rows: u32,
+        cols: u32,
+        epsilon: f32,
+        max_iterations: u32,
+        tolerance: f32,
+    ) {
+        let (rows, cols) = (rows as usize, cols as usize);
+        let size = rows * cols;
+        unsafe {
+            let m: *mut f32 = dynamic_shared();
+            let f = m.add(size);
+            let g = f.add(rows);
+            let column_error = g.add(cols);
+            let stop = column_error.add(cols) as *mut u32;
+            let s = s.add(block_x() * size);
+            block_stride(size, |i| *m.add(i) = *s.add(i) / epsilon);
+            block_stride(rows, |c| *f.add(c) = 0.0);
+            if thread_x() == 0 {
+                *stop = 0;
+            }
+            sync_threads();
+            let (log_a, log_b) = (-ln(rows as f32), -ln(cols as f32));
+            let b = 1.0 / cols as f32;
+            let mut done = 0u32;
+            while done < max_iterations {
+                block_stride(cols, |j| *g.add(j) = log_b - log_sum_exp(rows, |c| *m.add(c * cols + j) + *f.add(c)));
+                sync_threads();
+                block_stride(rows, |c| *f.add(c) = log_a - log_sum_exp(cols, |j| *m.add(c * cols + j) + *g.add(j)));
+                sync_threads();
+                done += 1;
+                block_stride(cols, |j| {
+                    let mut mass = 0.0f32;
+                    for c in 0..rows {
+                        mass += plan(*m.add(c * cols + j), *f.add(c), *g.add(j));
+                    }
+                    *column_error.add(j) = (mass - b).abs();
+                });
+                sync_threads();
+                if thread_x() == 0 {
+                    let mut error = 0.0f32;
+                    for j in 0..cols {
+                        error += *column_error.add(j);
+                    }
+                    *stop = (error < tolerance) as u32;
+                }
+                sync_threads();
+                if *stop != 0 {
+                    break;
+                }
+            }
+            let scale = size as f32;
+            let out = balanced.add(block_x() * size);
+            block_stride(size, |i| *out.add(i) = scale * plan(*m.add(i), *f.add(i / cols), *g.add(i % cols)));
+            if thread_x() == 0 {
+                *iterations.add(block_x()) = done;
+            }
+        }
+    }
+
+    /// S ← S + SK(S) for each image's n×n matrix.
+    ///
+    /// # Safety
+    /// `s`, `scratch` [N, n, n]; `sums` [N, 2n + 1]; one block per image.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "ptx-kernel" fn pgs_sinkhorn_knopp_signed(
+        s: *mut f32,
+        scratch: *mut f32,
+        sums: *mut f32,
+        n: u32,
+    ) {
+        let n = n as usize;
+        unsafe {
+            let s = s.add(block_x() * n * n);
+            let x = scratch.add(block_x() * n * n);
+            let col = sums.add(block_x() * (2 * n + 1));
+            let row = col.add(n);
+            let converged = row.add(n) as *mut u32;
+            block_stride(n * n, |i| *x.add(i) = *s.add(i));
+            sync_threads();
+            for _ in 0..SK_MAX_ITERATIONS {
+                block_stride(n, |j| {
+                    let mut acc = 0.0f32;
+                    for i in 0..n {
+                        acc += *x.add(i * n + j);
+                    }
+                    *col.add(j) = acc;
+                });
+                block_stride(n, |i| {
+                    let mut acc = 0.0f32;
+                    for j in 0..n {
+                        acc += *x.add(i * n + j);
+                    }
+                    *row.add(i) = acc;
+                });
+                sync_threads();
+                if thread_x() == 0 {
+                    *converged = sk_converged(n, |k| *col.add(k), |k| *row.add(k)) as u32;
+                }
+                sync_threads();
+                if *converged != 0 {
+                    break;
+                }
+                block_stride(n * n, |i| *x.add(i) = sk_scale(*x.add(i), *col.add(i % n), *row.add(i / n)));
+                sync_threads();
+            }
+            block_stride(n * n, |i| *s.add(i) += *x.add(i));
+        }
+    }
+}
