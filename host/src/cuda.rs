@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{CudaContextExt, Error, Result};
@@ -12,17 +12,50 @@ use crate::error::{CudaContextExt, Error, Result};
 /// needs only stable Rust).
 pub const KERNELS_PTX: &str = include_str!("../../kernels/ptx/clip_pgs_kernels.ptx");
 
-/// Every kernel of the module, loaded once.
-pub struct Kernels {
-    pub edge_map_f32: CudaFunction,
-    pub edge_map_bf16: CudaFunction,
-    pub philox_uniform: CudaFunction,
+/// Declares `Kernels`, one field per kernel of the PTX module, and its loader.
+macro_rules! kernels {
+    ($($field:ident = $name:literal),* $(,)?) => {
+        /// Every kernel of the module, loaded once.
+        pub struct Kernels {
+            $(pub $field: CudaFunction,)*
+        }
+
+        impl Kernels {
+            fn load(module: &Arc<CudaModule>) -> Result<Self> {
+                let load = |name: &str| {
+                    module.load_function(name).during(format!("finding kernel {name} in the PTX module"))
+                };
+                Ok(Kernels { $($field: load($name)?,)* })
+            }
+
+            fn all(&self) -> Vec<&CudaFunction> {
+                vec![$(&self.$field),*]
+            }
+        }
+    };
 }
 
-impl Kernels {
-    fn all(&self) -> [&CudaFunction; 3] {
-        [&self.edge_map_f32, &self.edge_map_bf16, &self.philox_uniform]
-    }
+kernels! {
+    edge_map_f32 = "pgs_edge_map_f32",
+    edge_map_bf16 = "pgs_edge_map_bf16",
+    reference_edge_grid = "pgs_reference_edge_grid",
+    philox_uniform = "philox_uniform",
+    standardize_patches_f32 = "pgs_standardize_patches_f32",
+    standardize_patches_bf16 = "pgs_standardize_patches_bf16",
+    token_norms_f32 = "pgs_token_norms_f32",
+    token_norms_bf16 = "pgs_token_norms_bf16",
+    similarity_f32 = "pgs_similarity_f32",
+    similarity_bf16 = "pgs_similarity_bf16",
+    sinkhorn_log = "pgs_sinkhorn_log",
+    sinkhorn_knopp_signed = "pgs_sinkhorn_knopp_signed",
+    candidates_paper = "pgs_candidates_paper",
+    candidates_reference = "pgs_candidates_reference",
+    select_paper = "pgs_select_paper",
+    select_flip = "pgs_select_flip",
+    reference_flags = "pgs_reference_flags",
+    reference_keep = "pgs_reference_keep",
+    gather_f32 = "pgs_gather_f32",
+    gather_bf16 = "pgs_gather_bf16",
 }
 
 /// A GPU ready to run the project's kernels.
@@ -68,12 +101,7 @@ impl CudaRuntime {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .during("reading the shared-memory limit")? as usize;
         let module = context.load_module(Ptx::from_src(KERNELS_PTX)).during("loading the kernels' PTX module")?;
-        let load = |name: &str| module.load_function(name).during(format!("finding kernel {name} in the PTX module"));
-        let kernels = Kernels {
-            edge_map_f32: load("pgs_edge_map_f32")?,
-            edge_map_bf16: load("pgs_edge_map_bf16")?,
-            philox_uniform: load("philox_uniform")?,
-        };
+        let kernels = Kernels::load(&module)?;
         for f in kernels.all() {
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

@@ -67,33 +67,6 @@ pub fn fuse(alpha: f32, s_tok: f32, s_pix: f32) -> f32 {
     alpha * s_tok + (1.0 - alpha) * s_pix
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn patch_layout_is_row_col_channel() {
-        // 4×4 image, patch 2, grid 2×2: patch 3 is the bottom-right one.
-        let (h, w, p, cols) = (4, 4, 2, 2);
-        assert_eq!(patch_pixel_index(0, 3, cols, p, h, w), 2 * 4 + 2); // (y 2, x 2, red)
-        assert_eq!(patch_pixel_index(1, 3, cols, p, h, w), 16 + 2 * 4 + 2); // green
-        assert_eq!(patch_pixel_index(3, 3, cols, p, h, w), 2 * 4 + 3); // (y 2, x 3, red)
-        assert_eq!(patch_pixel_index(6, 3, cols, p, h, w), 3 * 4 + 2); // (y 3, x 2, red)
-    }
-
-    #[test]
-    fn moments_and_cosine() {
-        let v = [1.0f32, 2.0, 3.0, 4.0];
-        let (mean, std) = mean_std(4, |k| v[k]);
-        assert_eq!(mean, 2.5);
-        assert!((std - (5.0f32 / 3.0).sqrt()).abs() < 1e-7);
-        let c = cosine(4, |k| v[k], |k| 2.0 * v[k], norm(4, |k| v[k]), norm(4, |k| 2.0 * v[k]));
-        assert!((c - 1.0).abs() < 1e-6);
-        let c = cosine(2, |k| [1.0, 0.0][k], |k| [0.0, 1.0][k], 1.0, 1.0);
-        assert_eq!(c, 0.0);
-    }
-}
-
 /// Threads per block of the patch-statistics kernels.
 pub const THREADS: u32 = 256;
 
@@ -275,4 +248,31 @@ mod kernel {
     }
     similarity_entry!(pgs_similarity_f32, f32);
     similarity_entry!(pgs_similarity_bf16, Bf16);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patch_layout_is_row_col_channel() {
+        // 4×4 image, patch 2, grid 2×2: patch 3 is the bottom-right one.
+        let (h, w, p, cols) = (4, 4, 2, 2);
+        assert_eq!(patch_pixel_index(0, 3, cols, p, h, w), 2 * 4 + 2); // (y 2, x 2, red)
+        assert_eq!(patch_pixel_index(1, 3, cols, p, h, w), 16 + 2 * 4 + 2); // green
+        assert_eq!(patch_pixel_index(3, 3, cols, p, h, w), 2 * 4 + 3); // (y 2, x 3, red)
+        assert_eq!(patch_pixel_index(6, 3, cols, p, h, w), 3 * 4 + 2); // (y 3, x 2, red)
+    }
+
+    #[test]
+    fn moments_and_cosine() {
+        let v = [1.0f32, 2.0, 3.0, 4.0];
+        let (mean, std) = mean_std(4, |k| v[k]);
+        assert_eq!(mean, 2.5);
+        assert!((std - (5.0f32 / 3.0).sqrt()).abs() < 1e-7);
+        let c = cosine(4, |k| v[k], |k| 2.0 * v[k], norm(4, |k| v[k]), norm(4, |k| 2.0 * v[k]));
+        assert!((c - 1.0).abs() < 1e-6);
+        let c = cosine(2, |k| [1.0, 0.0][k], |k| [0.0, 1.0][k], 1.0, 1.0);
+        assert_eq!(c, 0.0);
+    }
 }

@@ -86,7 +86,7 @@ pub fn rank_reference_keep(
     let mut r = 0;
     for j in 0..n {
         let (fj, pj) = (flagged(j), priority(j));
-        r += ((fj < fi) || (fj == fi && (pj < pi || (pj == pi && j < i)))) as usize;
+        r += ((!fj & fi) || (fj == fi && (pj < pi || (pj == pi && j < i)))) as usize;
     }
     r
 }
@@ -95,46 +95,6 @@ pub fn rank_reference_keep(
 #[inline(always)]
 pub fn floor_nonnegative(x: f32) -> usize {
     x as usize
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn candidate_counts_for_vit_b16() {
-        assert_eq!(paper_candidate_count(196), 10);
-        assert_eq!(reference_candidate_count(196), 10);
-        assert_eq!(paper_candidate_count(4), 1);
-        assert_eq!(paper_candidate_count(49), 2);
-    }
-
-    #[test]
-    fn gumbel_key_prefers_low_edge_patches() {
-        assert!(gumbel_key(0.0, 0.5) > gumbel_key(1.0, 0.5));
-        assert!(gumbel_key(0.5, 0.9) > gumbel_key(0.5, 0.1));
-    }
-
-    #[test]
-    fn ranks_agree_with_the_orders() {
-        let keys = [1.0f32, 3.0, 3.0, 2.0, 3.0];
-        let ranks: [usize; 5] = core::array::from_fn(|i| rank(i, 5, |j| keys[j], |_| 0));
-        assert_eq!(ranks, [4, 0, 1, 3, 2]);
-        let ranks: [usize; 5] = core::array::from_fn(|i| rank_ties_to_higher_index(i, 5, |j| keys[j]));
-        assert_eq!(ranks, [4, 2, 1, 3, 0]);
-        let flagged = [true, false, true, false, true];
-        let priority = [0.5f32, 0.9, 0.1, 0.2, 0.5];
-        let ranks: [usize; 5] = core::array::from_fn(|i| rank_reference_keep(i, 5, |j| flagged[j], |j| priority[j]));
-        assert_eq!(ranks, [3, 1, 2, 0, 4]);
-    }
-
-    #[test]
-    fn ranking_is_total() {
-        assert!(ranks_before(2.0, 0, 5, 1.0, 9, 0));
-        assert!(ranks_before(1.0, 9, 5, 1.0, 3, 0));
-        assert!(ranks_before(1.0, 3, 0, 1.0, 3, 5));
-        assert!(!ranks_before(1.0, 3, 5, 1.0, 3, 0));
-    }
 }
 
 /// Threads per block of the selection kernels (one block per image).
@@ -420,5 +380,45 @@ mod kernel {
             sync_threads();
             compact_kept(masked, l, kept, kept_len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidate_counts_for_vit_b16() {
+        assert_eq!(paper_candidate_count(196), 10);
+        assert_eq!(reference_candidate_count(196), 10);
+        assert_eq!(paper_candidate_count(4), 1);
+        assert_eq!(paper_candidate_count(49), 2);
+    }
+
+    #[test]
+    fn gumbel_key_prefers_low_edge_patches() {
+        assert!(gumbel_key(0.0, 0.5) > gumbel_key(1.0, 0.5));
+        assert!(gumbel_key(0.5, 0.9) > gumbel_key(0.5, 0.1));
+    }
+
+    #[test]
+    fn ranks_agree_with_the_orders() {
+        let keys = [1.0f32, 3.0, 3.0, 2.0, 3.0];
+        let ranks: [usize; 5] = core::array::from_fn(|i| rank(i, 5, |j| keys[j], |_| 0));
+        assert_eq!(ranks, [4, 0, 1, 3, 2]);
+        let ranks: [usize; 5] = core::array::from_fn(|i| rank_ties_to_higher_index(i, 5, |j| keys[j]));
+        assert_eq!(ranks, [4, 2, 1, 3, 0]);
+        let flagged = [true, false, true, false, true];
+        let priority = [0.5f32, 0.9, 0.1, 0.2, 0.5];
+        let ranks: [usize; 5] = core::array::from_fn(|i| rank_reference_keep(i, 5, |j| flagged[j], |j| priority[j]));
+        assert_eq!(ranks, [3, 1, 2, 0, 4]);
+    }
+
+    #[test]
+    fn ranking_is_total() {
+        assert!(ranks_before(2.0, 0, 5, 1.0, 9, 0));
+        assert!(ranks_before(1.0, 9, 5, 1.0, 3, 0));
+        assert!(ranks_before(1.0, 3, 0, 1.0, 3, 5));
+        assert!(!ranks_before(1.0, 3, 5, 1.0, 3, 0));
     }
 }

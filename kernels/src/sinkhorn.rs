@@ -63,19 +63,6 @@ pub fn sk_scale(x: f32, col_sum: f32, row_sum: f32) -> f32 {
     (x / (col_sum + SK_EPS)) / (row_sum + SK_EPS)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn log_sum_exp_is_stable_and_exact_on_simple_cases() {
-        assert_eq!(log_sum_exp(1, |_| 3.0), 3.0);
-        let two = log_sum_exp(2, |_| 1000.0);
-        assert!((two - (1000.0 + core::f32::consts::LN_2)).abs() < 1e-4, "{two}");
-        assert_eq!(log_sum_exp(3, |_| f32::NEG_INFINITY), f32::NEG_INFINITY);
-    }
-}
-
 /// Threads per block of the Sinkhorn kernels (one block per image).
 pub const THREADS: u32 = 256;
 
@@ -213,5 +200,18 @@ mod kernel {
             }
             block_stride(n * n, |i| *s.add(i) += *x.add(i));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_sum_exp_is_stable_and_exact_on_simple_cases() {
+        assert_eq!(log_sum_exp(1, |_| 3.0), 3.0);
+        let two = log_sum_exp(2, |_| 1000.0);
+        assert!((two - (1000.0 + core::f32::consts::LN_2)).abs() < 1e-4, "{two}");
+        assert_eq!(log_sum_exp(3, |_| f32::NEG_INFINITY), f32::NEG_INFINITY);
     }
 }

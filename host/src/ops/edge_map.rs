@@ -3,7 +3,7 @@
 //! min–max normalization. GPU kernel: `kernels/src/edge_map.rs`; both devices share the math of
 //! `clip_pgs_kernels::sobel` and its summation order, so they agree bit for bit.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 use rayon::prelude::*;
 
 use clip_pgs_kernels::edge_map::{THREADS, shared_bytes};
@@ -72,18 +72,37 @@ impl PatchGrid {
 }
 
 /// Pixel types the edge map reads: f32, and bf16 (widened exactly to f32).
-pub trait ImageElement: DeviceRepr + Copy + Default + Send + Sync {
+/// Element types the kernels read (f32, and bf16 widened exactly to f32), with the entry point of
+/// each kernel that comes in both.
+pub trait ImageElement: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync {
     fn to_f32(self) -> f32;
     #[doc(hidden)]
-    fn edge_map_kernel(kernels: &Kernels) -> &cudarc::driver::CudaFunction;
+    fn kernel(kernels: &Kernels, op: TypedKernel) -> &CudaFunction;
+}
+
+/// The kernels with an f32 and a bf16 entry point.
+#[doc(hidden)]
+#[derive(Clone, Copy)]
+pub enum TypedKernel {
+    EdgeMap,
+    StandardizePatches,
+    TokenNorms,
+    Similarity,
+    Gather,
 }
 
 impl ImageElement for f32 {
     fn to_f32(self) -> f32 {
         self
     }
-    fn edge_map_kernel(kernels: &Kernels) -> &cudarc::driver::CudaFunction {
-        &kernels.edge_map_f32
+    fn kernel(k: &Kernels, op: TypedKernel) -> &CudaFunction {
+        match op {
+            TypedKernel::EdgeMap => &k.edge_map_f32,
+            TypedKernel::StandardizePatches => &k.standardize_patches_f32,
+            TypedKernel::TokenNorms => &k.token_norms_f32,
+            TypedKernel::Similarity => &k.similarity_f32,
+            TypedKernel::Gather => &k.gather_f32,
+        }
     }
 }
 
@@ -91,8 +110,14 @@ impl ImageElement for half::bf16 {
     fn to_f32(self) -> f32 {
         half::bf16::to_f32(self)
     }
-    fn edge_map_kernel(kernels: &Kernels) -> &cudarc::driver::CudaFunction {
-        &kernels.edge_map_bf16
+    fn kernel(k: &Kernels, op: TypedKernel) -> &CudaFunction {
+        match op {
+            TypedKernel::EdgeMap => &k.edge_map_bf16,
+            TypedKernel::StandardizePatches => &k.standardize_patches_bf16,
+            TypedKernel::TokenNorms => &k.token_norms_bf16,
+            TypedKernel::Similarity => &k.similarity_bf16,
+            TypedKernel::Gather => &k.gather_bf16,
+        }
     }
 }
 
@@ -177,7 +202,7 @@ pub fn sobel_magnitude_map(image: &[f32], h: usize, w: usize) -> Vec<f32> {
 }
 
 /// Launches `pgs_edge_map_{f32,bf16}`: one block of `THREADS` per image.
-fn edge_map_cuda<T: ImageElement>(
+pub(crate) fn edge_map_cuda<T: ImageElement>(
     rt: &CudaRuntime,
     images: &CudaSlice<T>,
     shape: ImageBatchShape,
@@ -194,7 +219,7 @@ fn edge_map_cuda<T: ImageElement>(
     let cfg =
         LaunchConfig { grid_dim: (shape.n as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     let (h, w, p) = (shape.height as u32, shape.width as u32, grid.patch as u32);
-    let mut launch = rt.stream.launch_builder(T::edge_map_kernel(&rt.kernels));
+    let mut launch = rt.stream.launch_builder(T::kernel(&rt.kernels, TypedKernel::EdgeMap));
     launch.arg(images).arg(&mut edges).arg(&h).arg(&w).arg(&p);
     // SAFETY: argument types and order match the kernel's signature; check_args verified the
     // image buffer holds n·3·h·w elements, `edges` holds n·L, and smem is what the kernel's

@@ -5,6 +5,7 @@
 //! Files: `patches` (standardized patches, similarity, the reference edge grid), `sinkhorn`,
 //! `select` (top-k and mask counts), `gather` (packing kept tokens).
 
+pub mod cuda;
 pub mod gather;
 pub mod patches;
 pub mod select;
@@ -22,7 +23,9 @@ use clip_pgs_kernels::select::{
 };
 use clip_pgs_kernels::sinkhorn::{EPSILON, MAX_ITERATIONS, TOLERANCE};
 
-use super::edge_map::{ImageBatchShape, PatchGrid, edge_map_cpu};
+use super::edge_map::{ImageBatchShape, ImageElement, PatchGrid, edge_map_cpu};
+use crate::buffer::Buffer;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use patches::{StandardizedPatches, Tokens, similarity};
 use select::{paper_mask_count, top_k, top_k_ties_to_higher_index};
@@ -171,6 +174,62 @@ impl Masks {
 pub struct PatchTokens<'a> {
     pub tokens: &'a [f32],
     pub dim: usize,
+}
+
+/// Masks on the device that computed them.
+pub enum MaskBuffers {
+    Cpu(Masks),
+    Cuda(cuda::DeviceMasks),
+}
+
+impl MaskBuffers {
+    /// The masks on the host (waits for the GPU).
+    pub fn to_masks(&self) -> Result<Masks> {
+        match self {
+            MaskBuffers::Cpu(m) => Ok(m.clone()),
+            MaskBuffers::Cuda(m) => m.to_masks(),
+        }
+    }
+}
+
+/// The whole PGS (or FLIP, or none) pipeline on the device that holds `images` [N, 3, H, W]
+/// (and `tokens` [N, L, D], same element type), one call; on CUDA every step is queued on the
+/// runtime's stream with no host synchronisation until `to_masks`.
+pub fn pgs_mask<T: ImageElement>(
+    device: &Device,
+    images: &Buffer<T>,
+    shape: ImageBatchShape,
+    patch: usize,
+    tokens: Option<(&Buffer<T>, usize)>,
+    masking: &Masking,
+    at: &MaskStep,
+) -> Result<MaskBuffers> {
+    match (device, images) {
+        (Device::Cpu, Buffer::Cpu(pixels)) => {
+            let widen = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+            let pixels = widen(pixels);
+            let tokens = match tokens {
+                Some((Buffer::Cpu(t), dim)) => Some((widen(t), dim)),
+                Some((Buffer::Cuda(_), _)) => return Err(wrong_device(device, "patch tokens", "cuda")),
+                None => None,
+            };
+            let tokens = tokens.as_ref().map(|(t, dim)| PatchTokens { tokens: t, dim: *dim });
+            Ok(MaskBuffers::Cpu(mask_cpu(&pixels, shape, patch, tokens, masking, at)?))
+        }
+        (Device::Cuda(rt), Buffer::Cuda(pixels)) => {
+            let tokens = match tokens {
+                Some((Buffer::Cuda(t), dim)) => Some((t, dim)),
+                Some((Buffer::Cpu(_), _)) => return Err(wrong_device(device, "patch tokens", "cpu")),
+                None => None,
+            };
+            Ok(MaskBuffers::Cuda(cuda::mask_cuda(rt, pixels, shape, patch, tokens, masking, at)?))
+        }
+        (_, buffer) => Err(wrong_device(device, "images", buffer.device_name())),
+    }
+}
+
+fn wrong_device(device: &Device, what: &str, memory: &str) -> Error {
+    Error::WrongDevice(format!("pgs_mask runs on {device} but the {what} are in {memory} memory"))
 }
 
 /// The masks of a batch of CLIP-normalized images [N, 3, H, W] cut into `patch`-sized patches.
@@ -333,40 +392,64 @@ fn check_inputs(
     masking: &Masking,
     at: &MaskStep,
 ) -> Result<PatchGrid> {
+    let grid = check_arguments(images.len(), shape, patch, tokens.map(|t| (t.tokens.len(), t.dim)), masking, at)?;
+    if let Some(i) = images.iter().position(|v| !v.is_finite()) {
+        let (n, rest) = (i / shape.image_len(), i % shape.image_len());
+        let (c, y, x) = (rest / (shape.height * shape.width), rest / shape.width % shape.height, rest % shape.width);
+        return Err(Error::InvalidArgument(format!(
+            "image {n} has a non-finite pixel ({}) at channel {c}, y {y}, x {x}",
+            images[i]
+        )));
+    }
+    if let Some(t) = tokens
+        && let Some(i) = t.tokens.iter().position(|v| !v.is_finite())
+    {
+        let l = grid.len();
+        return Err(Error::InvalidArgument(format!(
+            "patch token {} of image {} is not finite",
+            i / t.dim % l,
+            i / (l * t.dim)
+        )));
+    }
+    Ok(grid)
+}
+
+/// The checks both devices make before any work: sizes, ratios, epochs. `tokens` is (elements,
+/// dim). Non-finite values are checked by each device (the GPU flags them on the way).
+pub(crate) fn check_arguments(
+    images_len: usize,
+    shape: ImageBatchShape,
+    patch: usize,
+    tokens: Option<(usize, usize)>,
+    masking: &Masking,
+    at: &MaskStep,
+) -> Result<PatchGrid> {
     let invalid = |m: String| Err(Error::InvalidArgument(m));
     let grid = PatchGrid::new(shape.height, shape.width, patch)?;
     let l = grid.len();
     if shape.n == 0 {
         return invalid("the batch is empty (n = 0)".into());
     }
-    if images.len() != shape.len() {
+    if images_len != shape.len() {
         return invalid(format!(
-            "images buffer has {} elements, shape [{}, 3, {}, {}] needs {}",
-            images.len(),
+            "images buffer has {images_len} elements, shape [{}, 3, {}, {}] needs {}",
             shape.n,
             shape.height,
             shape.width,
             shape.len()
         ));
     }
-    if let Some(i) = images.iter().position(|v| !v.is_finite()) {
-        let (n, rest) = (i / shape.image_len(), i % shape.image_len());
-        let (c, y, x) = (rest / (shape.height * shape.width), rest / shape.width % shape.height, rest % shape.width);
-        return invalid(format!("image {n} has a non-finite pixel ({}) at channel {c}, y {y}, x {x}", images[i]));
+    if shape.n * l * (3 * patch * patch).max(l) >= u32::MAX as usize {
+        return invalid(format!("a batch of {} images with {l} patches is too large for one call", shape.n));
     }
-    if let Some(t) = tokens {
-        if t.dim == 0 || t.tokens.len() != shape.n * l * t.dim {
-            return invalid(format!(
-                "patch tokens have {} elements, [N = {}, L = {l}, D = {}] needs {}",
-                t.tokens.len(),
-                shape.n,
-                t.dim,
-                shape.n * l * t.dim
-            ));
-        }
-        if let Some(i) = t.tokens.iter().position(|v| !v.is_finite()) {
-            return invalid(format!("patch token {} of image {} is not finite", i / t.dim % l, i / (l * t.dim)));
-        }
+    if let Some((len, dim)) = tokens
+        && (dim == 0 || len != shape.n * l * dim)
+    {
+        return invalid(format!(
+            "patch tokens have {len} elements, [N = {}, L = {l}, D = {dim}] needs {}",
+            shape.n,
+            shape.n * l * dim
+        ));
     }
     let check_ratio = |name: &str, r: f32| {
         if (0.0..=1.0).contains(&r) {

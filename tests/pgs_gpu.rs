@@ -1,0 +1,125 @@
+//! The PGS pipeline on a GPU against the CPU reference: identical masks, bit for bit, for every
+//! mode, ablation and baseline, f32 and bf16. Run on a machine with a CUDA GPU:
+//!   cargo test --release --test pgs_gpu -- --include-ignored
+
+mod common;
+
+use clip_pgs_host::ops::edge_map::ImageBatchShape;
+use clip_pgs_host::ops::pgs::cuda::gather_cuda;
+use clip_pgs_host::ops::pgs::gather::gather_kept;
+use clip_pgs_host::ops::pgs::{MaskBuffers, MaskRatio, MaskStep, Masking, PgsConfig, PgsMode, pgs_mask};
+use clip_pgs_host::{Buffer, Device, DevicePreference, bf16};
+use clip_pgs_kernels::philox::Philox;
+use common::{noise_batch, photo_batch};
+
+fn cuda() -> Device {
+    Device::select(DevicePreference::Cuda).unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}")).device
+}
+
+fn maskings() -> Vec<Masking> {
+    let mut all = vec![Masking::None, Masking::Flip { ratio: 0.5 }];
+    for mode in [PgsMode::Paper, PgsMode::Reference] {
+        for ratio in [MaskRatio::Fixed(0.5), MaskRatio::Dynamic { min: 0.3, max: 0.5 }] {
+            for (use_ed, use_otn) in [(true, true), (false, true), (true, false), (false, false)] {
+                all.push(Masking::Pgs(PgsConfig { mode, ratio, use_ed, use_otn }));
+            }
+        }
+    }
+    all
+}
+
+fn tokens_for(shape: ImageBatchShape, patches: usize, dim: usize) -> Vec<f32> {
+    let rng = Philox::new(99, 0, 0);
+    (0..(shape.n * patches * dim) as u32).map(|i| rng.uniform(i) - 0.5).collect()
+}
+
+fn compare<T: clip_pgs_host::ops::edge_map::ImageElement>(
+    gpu: &Device,
+    images: &[T],
+    shape: ImageBatchShape,
+    patch: usize,
+    tokens: Option<&[T]>,
+    dim: usize,
+    what: &str,
+) {
+    let at = MaskStep { seed: 42, step: 7, epoch: if tokens.is_some() { 5 } else { 0 }, epochs: 32 };
+    let gpu_images = gpu.upload(images).unwrap();
+    let gpu_tokens = tokens.map(|t| gpu.upload(t).unwrap());
+    let cpu_images = Buffer::Cpu(images.to_vec());
+    let cpu_tokens = tokens.map(|t| Buffer::Cpu(t.to_vec()));
+    for masking in maskings() {
+        let got = pgs_mask(gpu, &gpu_images, shape, patch, gpu_tokens.as_ref().map(|t| (t, dim)), &masking, &at)
+            .and_then(|m| m.to_masks())
+            .unwrap_or_else(|e| panic!("{what} {masking:?}: {e}"));
+        let want =
+            pgs_mask(&Device::Cpu, &cpu_images, shape, patch, cpu_tokens.as_ref().map(|t| (t, dim)), &masking, &at)
+                .unwrap()
+                .to_masks()
+                .unwrap();
+        assert_eq!(got, want, "{what} {masking:?}: GPU masks differ from the CPU reference");
+    }
+    println!("{what}: {} maskings identical on GPU and CPU", maskings().len());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_masks_equal_cpu_masks_on_real_photos() {
+    let gpu = cuda();
+    let (images, shape) = photo_batch(224);
+    compare(&gpu, &images, shape, 16, None, 0, "photos f32");
+    let bf: Vec<bf16> = images.iter().map(|&v| bf16::from_f32(v)).collect();
+    compare(&gpu, &bf, shape, 16, None, 0, "photos bf16");
+    let tokens = tokens_for(shape, 196, 32);
+    compare(&gpu, &images, shape, 16, Some(&tokens), 32, "photos f32 + tokens (epoch 5)");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_masks_equal_cpu_masks_on_other_shapes() {
+    let gpu = cuda();
+    for (n, h, w, p) in [(9, 64, 48, 8), (4, 28, 28, 2), (2, 32, 32, 4)] {
+        let shape = ImageBatchShape { n, height: h, width: w };
+        let images = noise_batch(shape, n as u64);
+        compare(&gpu, &images, shape, p, None, 0, &format!("noise {n}×{h}×{w}/{p}"));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_gather_equals_cpu_gather() {
+    let gpu = cuda();
+    let (images, shape) = photo_batch(224);
+    let masking = Masking::Pgs(PgsConfig {
+        mode: PgsMode::Paper,
+        ratio: MaskRatio::Dynamic { min: 0.3, max: 0.5 },
+        use_ed: true,
+        use_otn: true,
+    });
+    let at = MaskStep { seed: 1, step: 0, epoch: 0, epochs: 1 };
+    let dim = 24;
+    let x = tokens_for(shape, 197, dim);
+    let MaskBuffers::Cuda(device_masks) =
+        pgs_mask(&gpu, &gpu.upload(&images).unwrap(), shape, 16, None, &masking, &at).unwrap()
+    else {
+        panic!("masks should be on the GPU")
+    };
+    let masks = device_masks.to_masks().unwrap();
+    let want = gather_kept(&x, dim, &masks);
+    let Device::Cuda(rt) = &gpu else { unreachable!() };
+    let Buffer::Cuda(x_gpu) = gpu.upload(&x).unwrap() else { unreachable!() };
+    let got = gather_cuda(rt, &x_gpu, dim, &device_masks, want.rows).unwrap();
+    assert_eq!(rt.stream.clone_dtoh(&got).unwrap(), want.tokens);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_reports_non_finite_pixels_as_an_error() {
+    let gpu = cuda();
+    let (mut images, shape) = photo_batch(64);
+    images[shape.image_len() + 100] = f32::NAN;
+    let masking = Masking::Pgs(PgsConfig::default());
+    let at = MaskStep { seed: 0, step: 0, epoch: 0, epochs: 1 };
+    let masks = pgs_mask(&gpu, &gpu.upload(&images).unwrap(), shape, 16, None, &masking, &at).unwrap();
+    let error = masks.to_masks().expect_err("NaN pixels must be an error").to_string();
+    assert!(error.contains("image 1 has non-finite pixels"), "{error}");
+}
