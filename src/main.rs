@@ -2,6 +2,7 @@
 //! image, on the CPU or a GPU), `mask` (PGS masks drawn on an image) and `devices` (which device
 //! runs, and why).
 
+mod bench;
 mod edges;
 mod mask;
 
@@ -23,6 +24,8 @@ enum Command {
     Edges(edges::EdgesArgs),
     /// Draw the patches a masking method drops (PGS paper/reference, FLIP, none) on an image.
     Mask(mask::MaskArgs),
+    /// Benchmarks on a GPU (CUDA events): `bench pgs`.
+    Bench(bench::BenchArgs),
     /// Say which device clip-pgs runs on, and why.
     Devices {
         /// auto, cpu or cuda
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Edges(args) => edges::run(&args),
         Command::Mask(args) => mask::run(&args),
+        Command::Bench(args) => bench::run(&args),
         Command::Devices { device } => Device::select(device).map(|s| println!("device: {s}")).map_err(Into::into),
     };
     match result {

@@ -8,7 +8,8 @@
 //!            flags → batch K and keep order
 //! flip:      selection of Philox uniforms
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use clip_pgs_kernels::select::{paper_candidate_count, reference_candidate_count};
 use clip_pgs_kernels::sinkhorn::{EPSILON, MAX_ITERATIONS, TOLERANCE, log_shared_bytes};
@@ -69,12 +70,26 @@ fn grid_stride(total: usize, threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// Launches `f` with the arguments pushed by `push`.
+/// CUDA events recorded after each kernel of the pipeline (for `clip-pgs bench`), by kernel name.
+pub type Timeline = Vec<(&'static str, CudaEvent)>;
+
+/// Records an event named `what` on the stream when a timeline is being kept.
+fn mark(rt: &CudaRuntime, timeline: &mut Option<Timeline>, what: &'static str) -> Result<()> {
+    if let Some(t) = timeline {
+        let event = rt.context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).during("creating an event")?;
+        event.record(&rt.stream).during("recording an event")?;
+        t.push((what, event));
+    }
+    Ok(())
+}
+
+/// Launches `f` with the arguments pushed by `push`, then marks the timeline.
 fn launch<'a>(
     rt: &'a CudaRuntime,
+    timeline: &mut Option<Timeline>,
     f: &'a CudaFunction,
     cfg: LaunchConfig,
-    what: &str,
+    what: &'static str,
     push: impl FnOnce(&mut cudarc::driver::LaunchArgs<'a>),
 ) -> Result<()> {
     if cfg.shared_mem_bytes as usize > rt.max_shared_bytes_per_block {
@@ -88,7 +103,7 @@ fn launch<'a>(
     // SAFETY: each caller pushes the arguments of the kernel's signature (documented in
     // clip-pgs-kernels) with buffers sized as the kernel's safety section requires.
     unsafe { args.launch(cfg) }.during(format!("launching {what}"))?;
-    Ok(())
+    mark(rt, timeline, what)
 }
 
 /// The masks of a batch on the GPU. Arguments as `mask_cpu`; `tokens` [N, L, D] on the GPU.
@@ -100,6 +115,21 @@ pub fn mask_cuda<T: ImageElement>(
     tokens: Option<(&CudaSlice<T>, usize)>,
     masking: &Masking,
     at: &MaskStep,
+) -> Result<DeviceMasks> {
+    mask_cuda_timed(rt, images, shape, patch, tokens, masking, at, &mut None)
+}
+
+/// `mask_cuda`, recording an event after every kernel into `timeline` when it is `Some`.
+#[allow(clippy::too_many_arguments)]
+pub fn mask_cuda_timed<T: ImageElement>(
+    rt: &CudaRuntime,
+    images: &CudaSlice<T>,
+    shape: ImageBatchShape,
+    patch: usize,
+    tokens: Option<(&CudaSlice<T>, usize)>,
+    masking: &Masking,
+    at: &MaskStep,
+    timeline: &mut Option<Timeline>,
 ) -> Result<DeviceMasks> {
     let grid = super::check_arguments(images.len(), shape, patch, tokens.map(|(t, d)| (t.len(), d)), masking, at)?;
     let (n, l) = (shape.n, grid.len());
@@ -120,6 +150,7 @@ pub fn mask_cuda<T: ImageElement>(
             let k_mask = (*ratio as f64 * l as f64).floor() as u32;
             launch(
                 rt,
+                timeline,
                 &rt.kernels.select_flip,
                 per_image(n, select::THREADS, select::shared_bytes(l)),
                 "pgs_select_flip",
@@ -141,6 +172,7 @@ pub fn mask_cuda<T: ImageElement>(
     let (h32, w32, p32) = (shape.height as u32, shape.width as u32, patch as u32);
     launch(
         rt,
+        timeline,
         T::kernel(&rt.kernels, TypedKernel::StandardizePatches),
         grid_stride(n * l, patch_stats::THREADS),
         "pgs_standardize_patches",
@@ -163,6 +195,7 @@ pub fn mask_cuda<T: ImageElement>(
             let (rows, dim32) = ((n * l) as u32, dim as u32);
             launch(
                 rt,
+                timeline,
                 T::kernel(&rt.kernels, TypedKernel::TokenNorms),
                 grid_stride(n * l, patch_stats::THREADS),
                 "pgs_token_norms",
@@ -185,12 +218,17 @@ pub fn mask_cuda<T: ImageElement>(
     let mut edges = f32s(n * l, "edge map")?;
     if cfg.use_ed {
         edges = match cfg.mode {
-            PgsMode::Paper => edge_map_cuda(rt, images, shape, grid)?,
+            PgsMode::Paper => {
+                let edges = edge_map_cuda(rt, images, shape, grid)?;
+                mark(rt, timeline, "pgs_edge_map")?;
+                edges
+            }
             PgsMode::Reference => {
                 let (rows, cols, v32) = (grid.rows as u32, grid.cols as u32, values as u32);
                 let smem = edge_kernels::reference_grid_shared_bytes(l);
                 launch(
                     rt,
+                    timeline,
                     &rt.kernels.reference_edge_grid,
                     per_image(n, edge_kernels::THREADS, smem),
                     "pgs_reference_edge_grid",
@@ -206,15 +244,23 @@ pub fn mask_cuda<T: ImageElement>(
         PgsMode::Paper => (&rt.kernels.candidates_paper, "pgs_candidates_paper"),
         PgsMode::Reference => (&rt.kernels.candidates_reference, "pgs_candidates_reference"),
     };
-    launch(rt, candidate_kernel.0, per_image(n, select::THREADS, select::shared_bytes(l)), candidate_kernel.1, |a| {
-        a.arg(&edges).arg(&mut candidates).arg(&seed).arg(&step).arg(&l32).arg(&n_c32);
-    })?;
+    launch(
+        rt,
+        timeline,
+        candidate_kernel.0,
+        per_image(n, select::THREADS, select::shared_bytes(l)),
+        candidate_kernel.1,
+        |a| {
+            a.arg(&edges).arg(&mut candidates).arg(&seed).arg(&step).arg(&l32).arg(&n_c32);
+        },
+    )?;
 
     // Similarity: candidate rows (paper) or all rows (reference).
     let rows = if cfg.mode == PgsMode::Paper { n_c } else { l };
     let mut s = f32s(n * rows * l, "similarity")?;
     similarity::<T>(
         rt,
+        timeline,
         &hat,
         &hat_norms,
         tokens.map(|(t, d)| (t, token_norms.as_ref().unwrap(), d)),
@@ -234,16 +280,23 @@ pub fn mask_cuda<T: ImageElement>(
                 let mut iterations = alloc(n, "Sinkhorn iterations")?;
                 let (eps, max_it, tol) = (EPSILON, MAX_ITERATIONS as u32, TOLERANCE);
                 let smem = log_shared_bytes(n_c, l);
-                launch(rt, &rt.kernels.sinkhorn_log, per_image(n, sinkhorn::THREADS, smem), "pgs_sinkhorn_log", |a| {
-                    a.arg(&s)
-                        .arg(&mut balanced)
-                        .arg(&mut iterations)
-                        .arg(&n_c32)
-                        .arg(&l32)
-                        .arg(&eps)
-                        .arg(&max_it)
-                        .arg(&tol);
-                })?;
+                launch(
+                    rt,
+                    timeline,
+                    &rt.kernels.sinkhorn_log,
+                    per_image(n, sinkhorn::THREADS, smem),
+                    "pgs_sinkhorn_log",
+                    |a| {
+                        a.arg(&s)
+                            .arg(&mut balanced)
+                            .arg(&mut iterations)
+                            .arg(&n_c32)
+                            .arg(&l32)
+                            .arg(&eps)
+                            .arg(&max_it)
+                            .arg(&tol);
+                    },
+                )?;
                 Some(balanced)
             } else {
                 None
@@ -255,6 +308,7 @@ pub fn mask_cuda<T: ImageElement>(
             };
             launch(
                 rt,
+                timeline,
                 &rt.kernels.select_paper,
                 per_image(n, select::THREADS, select::shared_bytes(l)),
                 "pgs_select_paper",
@@ -275,6 +329,7 @@ pub fn mask_cuda<T: ImageElement>(
                 let mut sums = f32s(n * (2 * l + 1), "Sinkhorn sums")?;
                 launch(
                     rt,
+                    timeline,
                     &rt.kernels.sinkhorn_knopp_signed,
                     per_image(n, sinkhorn::THREADS, 0),
                     "pgs_sinkhorn_knopp_signed",
@@ -286,20 +341,28 @@ pub fn mask_cuda<T: ImageElement>(
             let mut flags = alloc(n * l, "reference flags")?;
             let mut counts = alloc(n, "reference counts")?;
             let mut edge_sums = f32s(n, "edge sums")?;
-            launch(rt, &rt.kernels.reference_flags, per_image(n, select::THREADS, 0), "pgs_reference_flags", |a| {
-                a.arg(&s)
-                    .arg(&candidates)
-                    .arg(&edges)
-                    .arg(&mut flags)
-                    .arg(&mut counts)
-                    .arg(&mut edge_sums)
-                    .arg(&l32)
-                    .arg(&n_c32);
-            })?;
+            launch(
+                rt,
+                timeline,
+                &rt.kernels.reference_flags,
+                per_image(n, select::THREADS, 0),
+                "pgs_reference_flags",
+                |a| {
+                    a.arg(&s)
+                        .arg(&candidates)
+                        .arg(&edges)
+                        .arg(&mut flags)
+                        .arg(&mut counts)
+                        .arg(&mut edge_sums)
+                        .arg(&l32)
+                        .arg(&n_c32);
+                },
+            )?;
             let cap = (l as f64 * (1.0 - cfg.ratio.min() as f64)).floor() as u32;
             let use_ed = cfg.use_ed as u32;
             launch(
                 rt,
+                timeline,
                 &rt.kernels.reference_keep,
                 per_image(n, select::THREADS, select::shared_bytes(l)),
                 "pgs_reference_keep",
@@ -317,6 +380,7 @@ pub fn mask_cuda<T: ImageElement>(
 #[allow(clippy::too_many_arguments)]
 fn similarity<T: ImageElement>(
     rt: &CudaRuntime,
+    timeline: &mut Option<Timeline>,
     hat: &CudaSlice<f32>,
     hat_norms: &CudaSlice<f32>,
     tokens: Option<(&CudaSlice<T>, &CudaSlice<f32>, usize)>,
@@ -332,7 +396,7 @@ fn similarity<T: ImageElement>(
     let (n32, r32, l32, v32) = (n as u32, r_count as u32, l as u32, values as u32);
     let dim32 = tokens.map_or(0, |(_, _, d)| d as u32);
     let f = T::kernel(&rt.kernels, TypedKernel::Similarity);
-    launch(rt, f, grid_stride(n * r_count * l, patch_stats::THREADS), "pgs_similarity", |a| {
+    launch(rt, timeline, f, grid_stride(n * r_count * l, patch_stats::THREADS), "pgs_similarity", |a| {
         a.arg(hat).arg(hat_norms);
         match tokens {
             Some((t, norms, _)) => a.arg(t).arg(norms),
@@ -367,7 +431,7 @@ pub fn gather_cuda<T: ImageElement>(
     let mut out = rt.stream.alloc_zeros::<T>(n * rows * dim).during("allocating packed tokens")?;
     let (n32, l32, d32, r32) = (n as u32, l as u32, dim as u32, rows as u32);
     let f = T::kernel(&rt.kernels, TypedKernel::Gather);
-    launch(rt, f, grid_stride(n * rows * dim, gather_kernels::THREADS), "pgs_gather", |a| {
+    launch(rt, &mut None, f, grid_stride(n * rows * dim, gather_kernels::THREADS), "pgs_gather", |a| {
         a.arg(x).arg(&masks.kept).arg(&masks.kept_len).arg(&mut out).arg(&n32).arg(&l32).arg(&d32).arg(&r32);
     })?;
     Ok(out)

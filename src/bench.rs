@@ -1,0 +1,192 @@
+//! `clip-pgs bench pgs`: the PGS pipeline on a GPU, timed with CUDA events, L2 flushed between
+//! repeats, medians reported per kernel and for the whole pipeline, beside the device's measured
+//! copy bandwidth and the ViT-B/16 training-step floor at the same batch. Writes JSON under
+//! benches/results/.
+
+use std::error::Error;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+use clip_pgs_host::cuda::CudaRuntime;
+use clip_pgs_host::ops::edge_map::{ImageBatchShape, ImageElement};
+use clip_pgs_host::ops::pgs::cuda::{Timeline, mask_cuda_timed};
+use clip_pgs_host::ops::pgs::{MaskRatio, MaskStep, Masking, PgsConfig, PgsMode};
+use clip_pgs_host::{Buffer, Device, DevicePreference, bf16};
+use clip_pgs_kernels::philox::Philox;
+use cudarc::driver::sys::CUevent_flags;
+
+/// ViT-B/16 CLIP (open_clip): image tower parameters and tokens, text tower parameters and tokens.
+const VIT_B16_IMAGE: (f64, f64) = (86.2e6, 197.0);
+const VIT_B16_TEXT: (f64, f64) = (63.4e6, 77.0);
+/// The measured bf16 GEMM rate of an H100 (architecture.md), the step floor's yardstick.
+const GEMM_FLOPS: f64 = 790e12;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchWhat,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Every PGS kernel and the whole pipeline (paper, dynamic, reference) and FLIP.
+    Pgs(PgsBench),
+}
+
+#[derive(Args)]
+struct PgsBench {
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    #[arg(long, default_value_t = 224)]
+    size: usize,
+    #[arg(long, default_value_t = 16)]
+    patch: usize,
+    #[arg(long, default_value_t = 20)]
+    repeats: usize,
+    /// Element type of the images and tokens.
+    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
+    dtype: Dtype,
+    /// Token width for the runs with token similarity (α > 0).
+    #[arg(long, default_value_t = 768)]
+    dim: usize,
+    /// JSON output; default benches/results/pgs-<gpu>-<commit>.json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dtype {
+    F32,
+    Bf16,
+}
+
+pub fn run(args: &BenchArgs) -> Result<(), Box<dyn Error>> {
+    let BenchWhat::Pgs(args) = &args.what;
+    let selection =
+        Device::select(DevicePreference::Cuda).map_err(|e| format!("clip-pgs bench needs a CUDA GPU: {e}"))?;
+    let Device::Cuda(rt) = &selection.device else { unreachable!("Cuda was asked for") };
+    println!("device: {selection}");
+    match args.dtype {
+        Dtype::F32 => bench::<f32>(rt, &selection.device, args, |v| v),
+        Dtype::Bf16 => bench::<bf16>(rt, &selection.device, args, bf16::from_f32),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn bench<T: ImageElement>(
+    rt: &CudaRuntime,
+    device: &Device,
+    args: &PgsBench,
+    convert: impl Fn(f32) -> T,
+) -> Result<(), Box<dyn Error>> {
+    let shape = ImageBatchShape { n: args.batch, height: args.size, width: args.size };
+    let l = (args.size / args.patch).pow(2);
+    let rng = Philox::new(1, 2, 3);
+    let images: Vec<T> = (0..shape.len() as u32).map(|i| convert(rng.uniform(i) * 4.0 - 2.0)).collect();
+    let tokens: Vec<T> = (0..(shape.n * l * args.dim) as u32).map(|i| convert(rng.uniform(i) - 0.5)).collect();
+    let (Buffer::Cuda(images), Buffer::Cuda(tokens)) = (device.upload(&images)?, device.upload(&tokens)?) else {
+        unreachable!("uploaded to the GPU")
+    };
+    let event = || rt.context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+
+    // The device's copy bandwidth: a 1 GiB device-to-device copy (read + write).
+    let bytes = 1usize << 30;
+    let src = rt.stream.alloc_zeros::<u8>(bytes)?;
+    let mut dst = rt.stream.alloc_zeros::<u8>(bytes)?;
+    let mut copies = Vec::new();
+    for _ in 0..10 {
+        let (start, end) = (event()?, event()?);
+        start.record(&rt.stream)?;
+        rt.stream.memcpy_dtod(&src, &mut dst)?;
+        end.record(&rt.stream)?;
+        copies.push(start.elapsed_ms(&end)? as f64);
+    }
+    let copy_gbs = 2.0 * bytes as f64 / (median(copies) * 1e-3) / 1e9;
+    drop((src, dst));
+    let mut flush = rt.stream.alloc_zeros::<u8>(256 << 20)?;
+
+    let floor_ms =
+        6.0 * (VIT_B16_IMAGE.0 * VIT_B16_IMAGE.1 + VIT_B16_TEXT.0 * VIT_B16_TEXT.1) * shape.n as f64 / GEMM_FLOPS * 1e3;
+    println!("copy bandwidth {copy_gbs:.0} GB/s; ViT-B/16 step floor at batch {}: {floor_ms:.2} ms", shape.n);
+    let pgs = |mode, ratio| Masking::Pgs(PgsConfig { mode, ratio, use_ed: true, use_otn: true });
+    let runs = [
+        ("flip_0.5", Masking::Flip { ratio: 0.5 }, 0),
+        ("paper_0.5_epoch0", pgs(PgsMode::Paper, MaskRatio::Fixed(0.5)), 0),
+        ("paper_0.5_epoch16_tokens", pgs(PgsMode::Paper, MaskRatio::Fixed(0.5)), 16),
+        ("paper_dynamic_epoch0", pgs(PgsMode::Paper, MaskRatio::Dynamic { min: 0.3, max: 0.5 }), 0),
+        ("reference_0.5_epoch0", pgs(PgsMode::Reference, MaskRatio::Fixed(0.5)), 0),
+    ];
+    let elem = std::mem::size_of::<T>();
+    let mut json_runs = Vec::new();
+    for (name, masking, epoch) in runs {
+        let at = MaskStep { seed: 0, step: 0, epoch, epochs: 32 };
+        let tokens = (epoch > 0).then_some((&tokens, args.dim));
+        let mut totals = Vec::new();
+        let mut stages: Vec<(&'static str, Vec<f64>)> = Vec::new();
+        for _ in 0..args.repeats {
+            rt.stream.memset_zeros(&mut flush)?;
+            let start = event()?;
+            start.record(&rt.stream)?;
+            let mut timeline: Option<Timeline> = Some(Vec::new());
+            mask_cuda_timed(rt, &images, shape, args.patch, tokens, &masking, &at, &mut timeline)?;
+            let timeline = timeline.unwrap_or_default();
+            let mut previous = &start;
+            for (i, (stage, end)) in timeline.iter().enumerate() {
+                if stages.len() <= i {
+                    stages.push((stage, Vec::new()));
+                }
+                stages[i].1.push(previous.elapsed_ms(end)? as f64);
+                previous = end;
+            }
+            totals.push(start.elapsed_ms(previous)? as f64);
+        }
+        let total = median(totals);
+        println!("{name}: {total:.3} ms ({:.2}% of the step floor)", 100.0 * total / floor_ms);
+        let mut json_stages = Vec::new();
+        for (stage, times) in stages {
+            let ms = median(times);
+            // The memory-bound edge map reads the images once and writes E.
+            let gbs =
+                (stage == "pgs_edge_map").then(|| (shape.len() * elem + shape.n * l * 4) as f64 / (ms * 1e-3) / 1e9);
+            match gbs {
+                Some(g) => println!("  {stage:<28} {ms:>8.3} ms  {g:>6.0} GB/s ({:.0}% of copy)", 100.0 * g / copy_gbs),
+                None => println!("  {stage:<28} {ms:>8.3} ms"),
+            }
+            json_stages.push(format!(
+                "{{\"kernel\": \"{stage}\", \"median_ms\": {ms:.5}{}}}",
+                gbs.map_or(String::new(), |g| format!(", \"gb_per_s\": {g:.1}"))
+            ));
+        }
+        json_runs.push(format!(
+            "{{\"run\": \"{name}\", \"median_ms\": {total:.5}, \"fraction_of_step_floor\": {:.5}, \"stages\": [{}]}}",
+            total / floor_ms,
+            json_stages.join(", ")
+        ));
+    }
+    let commit = env!("CLIP_PGS_COMMIT");
+    let device_name: String =
+        rt.name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    let out =
+        args.out.clone().unwrap_or_else(|| PathBuf::from(format!("benches/results/pgs-{device_name}-{commit}.json")));
+    let json = format!(
+        "{{\n  \"device\": \"{}\",\n  \"commit\": \"{commit}\",\n  \"command\": \"{}\",\n  \"batch\": {}, \"size\": {}, \"patch\": {}, \"dtype\": \"{}\", \"repeats\": {},\n  \"copy_gb_per_s\": {copy_gbs:.1},\n  \"vit_b16_step_floor_ms\": {floor_ms:.4},\n  \"runs\": [\n    {}\n  ]\n}}\n",
+        rt.name,
+        std::env::args().collect::<Vec<_>>().join(" "),
+        shape.n,
+        args.size,
+        args.patch,
+        if elem == 2 { "bf16" } else { "f32" },
+        args.repeats,
+        json_runs.join(",\n    ")
+    );
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, json)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
