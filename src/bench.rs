@@ -6,7 +6,9 @@
 use std::error::Error;
 use std::path::PathBuf;
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
+
+use crate::Dtype;
 use clip_pgs_host::cuda::CudaRuntime;
 use clip_pgs_host::ops::edge_map::{ImageBatchShape, ImageElement};
 use clip_pgs_host::ops::pgs::cuda::{Timeline, mask_cuda_timed};
@@ -52,12 +54,6 @@ struct PgsBench {
     /// JSON output; default benches/results/pgs-<gpu>-<commit>.json.
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Dtype {
-    F32,
-    Bf16,
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), Box<dyn Error>> {

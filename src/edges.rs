@@ -5,7 +5,9 @@ use std::error::Error;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
+
+use crate::Dtype;
 use clip_pgs_host::ops::edge_map::{ImageBatchShape, edge_map};
 use clip_pgs_host::{Device, DevicePreference, bf16};
 use clip_pgs_model::preprocess::load_image;
@@ -31,12 +33,6 @@ pub struct EdgesArgs {
     /// Write the image and its edge map side by side to this PNG.
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Dtype {
-    F32,
-    Bf16,
 }
 
 pub fn run(args: &EdgesArgs) -> Result<(), Box<dyn Error>> {

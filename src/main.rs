@@ -8,7 +8,7 @@ mod mask;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use clip_pgs_host::{Device, DevicePreference};
 
 #[derive(Parser)]
@@ -32,6 +32,13 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: DevicePreference,
     },
+}
+
+/// Element type of the tensors a GPU command reads (`--dtype`).
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Dtype {
+    F32,
+    Bf16,
 }
 
 fn main() -> ExitCode {

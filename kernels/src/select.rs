@@ -141,57 +141,37 @@ mod kernel {
         }
     }
 
-    /// `paper` candidates: Gumbel-top-k of ln((1 − E) + 1e-3), written in rank order.
+    /// Candidates in rank order. `paper` (reference = 0): Gumbel-top-k of ln((1 − E) + 1e-3).
+    /// `reference` (reference = 1): the n_c largest u + 1e6·E, ties to the higher index.
     ///
     /// # Safety
     /// `edges` [N, L]; `candidates` [N, n_c]; `shared_bytes(L)` bytes of dynamic shared memory.
     #[unsafe(no_mangle)]
-    pub unsafe extern "ptx-kernel" fn pgs_candidates_paper(
+    pub unsafe extern "ptx-kernel" fn pgs_candidates(
         edges: *const f32,
         candidates: *mut u32,
         seed: u64,
         step: u32,
         patches: u32,
         n_c: u32,
+        reference: u32,
     ) {
         let (l, n_c) = (patches as usize, n_c as usize);
         let rng = Philox::new(seed, step, block_x() as u32);
         unsafe {
             let key: *mut f32 = dynamic_shared();
             let e = edges.add(block_x() * l);
-            block_stride(l, |i| *key.add(i) = gumbel_key(*e.add(i), rng.uniform(i as u32)));
-            sync_threads();
             block_stride(l, |i| {
-                let r = rank(i, l, |j| *key.add(j), |_| 0);
-                if r < n_c {
-                    *candidates.add(block_x() * n_c + r) = i as u32;
-                }
+                let (edge, u) = (*e.add(i), rng.uniform(i as u32));
+                *key.add(i) = if reference != 0 { u + REFERENCE_EDGE_WEIGHT * edge } else { gumbel_key(edge, u) };
             });
-        }
-    }
-
-    /// `reference` candidates: the n_c largest u + 1e6·E (ties to the higher index), rank order.
-    ///
-    /// # Safety
-    /// As `pgs_candidates_paper`.
-    #[unsafe(no_mangle)]
-    pub unsafe extern "ptx-kernel" fn pgs_candidates_reference(
-        edges: *const f32,
-        candidates: *mut u32,
-        seed: u64,
-        step: u32,
-        patches: u32,
-        n_c: u32,
-    ) {
-        let (l, n_c) = (patches as usize, n_c as usize);
-        let rng = Philox::new(seed, step, block_x() as u32);
-        unsafe {
-            let score: *mut f32 = dynamic_shared();
-            let e = edges.add(block_x() * l);
-            block_stride(l, |i| *score.add(i) = rng.uniform(i as u32) + REFERENCE_EDGE_WEIGHT * *e.add(i));
             sync_threads();
             block_stride(l, |i| {
-                let r = rank_ties_to_higher_index(i, l, |j| *score.add(j));
+                let r = if reference != 0 {
+                    rank_ties_to_higher_index(i, l, |j| *key.add(j))
+                } else {
+                    rank(i, l, |j| *key.add(j), |_| 0)
+                };
                 if r < n_c {
                     *candidates.add(block_x() * n_c + r) = i as u32;
                 }

@@ -240,18 +240,15 @@ pub fn mask_cuda_timed<T: ImageElement>(
             }
         };
     }
-    let candidate_kernel = match cfg.mode {
-        PgsMode::Paper => (&rt.kernels.candidates_paper, "pgs_candidates_paper"),
-        PgsMode::Reference => (&rt.kernels.candidates_reference, "pgs_candidates_reference"),
-    };
+    let reference = (cfg.mode == PgsMode::Reference) as u32;
     launch(
         rt,
         timeline,
-        candidate_kernel.0,
+        &rt.kernels.candidates,
         per_image(n, select::THREADS, select::shared_bytes(l)),
-        candidate_kernel.1,
+        "pgs_candidates",
         |a| {
-            a.arg(&edges).arg(&mut candidates).arg(&seed).arg(&step).arg(&l32).arg(&n_c32);
+            a.arg(&edges).arg(&mut candidates).arg(&seed).arg(&step).arg(&l32).arg(&n_c32).arg(&reference);
         },
     )?;
 
