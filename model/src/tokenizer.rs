@@ -95,17 +95,21 @@ impl ClipTokenizer {
             .build()
             .map_err(error)?;
         let mut tokenizer = Tokenizer::new(bpe);
-        tokenizer.with_normalizer(Some(Normalizers::new(vec![
-            NFC.into(),
-            Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(error)?.into(),
-            Lowercase.into(),
-        ])));
-        tokenizer.with_pre_tokenizer(Some(PreTokenizers::new(vec![
-            Split::new(SplitPattern::Regex(PATTERN.into()), SplitDelimiterBehavior::Removed, true)
-                .map_err(error)?
-                .into(),
-            ByteLevel::new(false, false, false).into(),
-        ])));
+        tokenizer
+            .with_normalizer(Some(Normalizers::new(vec![
+                NFC.into(),
+                Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(error)?.into(),
+                Lowercase.into(),
+            ])))
+            .map_err(error)?;
+        tokenizer
+            .with_pre_tokenizer(Some(PreTokenizers::new(vec![
+                Split::new(SplitPattern::Regex(PATTERN.into()), SplitDelimiterBehavior::Removed, true)
+                    .map_err(error)?
+                    .into(),
+                ByteLevel::new(false, false, false).into(),
+            ])))
+            .map_err(error)?;
         Ok(ClipTokenizer { bpe: tokenizer })
     }
 
