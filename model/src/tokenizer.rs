@@ -102,14 +102,12 @@ impl ClipTokenizer {
                 Lowercase.into(),
             ])))
             .map_err(error)?;
-        tokenizer
-            .with_pre_tokenizer(Some(PreTokenizers::new(vec![
-                Split::new(SplitPattern::Regex(PATTERN.into()), SplitDelimiterBehavior::Removed, true)
-                    .map_err(error)?
-                    .into(),
-                ByteLevel::new(false, false, false).into(),
-            ])))
-            .map_err(error)?;
+        tokenizer.with_pre_tokenizer(Some(PreTokenizers::new(vec![
+            Split::new(SplitPattern::Regex(PATTERN.into()), SplitDelimiterBehavior::Removed, true)
+                .map_err(error)?
+                .into(),
+            ByteLevel::new(false, false, false).into(),
+        ])));
         Ok(ClipTokenizer { bpe: tokenizer })
     }
 
