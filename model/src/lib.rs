@@ -2,5 +2,6 @@
 //! and the tokenizer, as open_clip does them. The model, tokenizer, data sources and trainer come next
 //! (see ../shared/docs/architecture.md).
 
+pub mod config;
 pub mod preprocess;
 pub mod tokenizer;
