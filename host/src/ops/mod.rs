@@ -2,5 +2,11 @@
 //! runs whichever device the buffers live on.
 
 pub mod edge_map;
+pub mod gelu;
+pub mod layernorm;
+pub mod linear;
+pub mod matmul;
 pub mod pgs;
 pub mod random;
+#[cfg(test)]
+mod testing;
