@@ -1,6 +1,8 @@
 //! Ops, one file each: arguments checked, CPU reference, CUDA launcher, and the dispatch that
 //! runs whichever device the buffers live on.
 
+pub mod attention;
+pub mod clip_loss;
 pub mod edge_map;
 pub mod gelu;
 pub mod layernorm;
