@@ -24,6 +24,12 @@ enum Command {
     Edges(edges::EdgesArgs),
     /// Draw the patches a masking method drops (PGS paper/reference, FLIP, none) on an image.
     Mask(mask::MaskArgs),
+    /// Check the CPU CLIP against an open_clip golden file (clip-golden-v1): forward, backward, AdamW.
+    Parity {
+        /// A golden file made by tools/golden_open_clip.py.
+        #[arg(long)]
+        golden: std::path::PathBuf,
+    },
     /// Benchmarks on a GPU (CUDA events): `bench pgs`.
     Bench(bench::BenchArgs),
     /// Say which device clip-pgs runs on, and why.
@@ -41,11 +47,21 @@ pub enum Dtype {
     Bf16,
 }
 
+/// `clip-pgs parity`: prints max abs/rel error per group, fails above tolerance.
+fn parity(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let golden = clip_pgs_model::golden::Golden::load(path)?;
+    println!("device: cpu; golden {}", path.display());
+    let (report, ok) = golden.check();
+    print!("{report}");
+    if ok { Ok(()) } else { Err("parity with open_clip failed (tolerance: relative 1e-4, gradients 1e-3)".into()) }
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Edges(args) => edges::run(&args),
         Command::Mask(args) => mask::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Parity { golden } => parity(&golden),
         Command::Devices { device } => Device::select(device).map(|s| println!("device: {s}")).map_err(Into::into),
     };
     match result {

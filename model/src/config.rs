@@ -134,12 +134,6 @@ impl ClipConfig {
                 return Err(ConfigError(format!("{field} {ratio} is not a positive number")));
             }
         }
-        if t.vocab_size < 49408 {
-            return Err(ConfigError(format!(
-                "text_cfg.vocab_size {} is smaller than the CLIP tokenizer's 49408 ids",
-                t.vocab_size
-            )));
-        }
         Ok(())
     }
 

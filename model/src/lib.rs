@@ -2,6 +2,10 @@
 //! and the tokenizer, as open_clip does them. The model, tokenizer, data sources and trainer come next
 //! (see ../shared/docs/architecture.md).
 
+pub mod clip;
 pub mod config;
+pub mod golden;
+pub mod optimizer;
+pub mod params;
 pub mod preprocess;
 pub mod tokenizer;

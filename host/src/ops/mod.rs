@@ -1,6 +1,7 @@
 //! Ops, one file each: arguments checked, CPU reference, CUDA launcher, and the dispatch that
 //! runs whichever device the buffers live on.
 
+pub mod adamw;
 pub mod attention;
 pub mod clip_loss;
 pub mod edge_map;

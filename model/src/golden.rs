@@ -1,0 +1,137 @@
+//! `clip-golden-v1` files (tools/golden_open_clip.py) and the parity check against them:
+//! forward, backward and AdamW steps on the CPU, compared group by group with open_clip.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use clip_pgs_host::ops::adamw::AdamW;
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+
+use crate::clip::{Batch, Clip};
+use crate::config::ClipConfig;
+use crate::optimizer::Optimizer;
+use crate::params::{Params, Tensor};
+
+#[derive(Deserialize)]
+struct Optim {
+    lr: f32,
+    betas: [f32; 2],
+    eps: f32,
+    weight_decay: f32,
+    steps: usize,
+}
+
+pub struct Golden {
+    pub config: ClipConfig,
+    optim: Optim,
+    pub params: Params,
+    pub image: Vec<f32>,
+    pub text: Vec<u32>,
+    pub keep: Option<Vec<Vec<usize>>>,
+    expected: BTreeMap<String, Vec<f32>>,
+}
+
+fn values(file: &SafeTensors, name: &str) -> Result<(Vec<usize>, Vec<f64>), String> {
+    let t = file.tensor(name).map_err(|e| format!("tensor {name}: {e}"))?;
+    let d = t.data();
+    let v: Vec<f64> = match t.dtype() {
+        Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+        Dtype::I64 => d.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+        other => return Err(format!("tensor {name} has dtype {other:?}; f32 or i64 expected")),
+    };
+    Ok((t.shape().to_vec(), v))
+}
+
+impl Golden {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| e.to_string())?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        if meta.get("format").map(String::as_str) != Some("clip-golden-v1") {
+            return Err(format!("{}: not a clip-golden-v1 file", path.display()));
+        }
+        let field = |k: &str| meta.get(k).ok_or_else(|| format!("{}: metadata {k} missing", path.display()));
+        let config = ClipConfig::from_json(field("config")?).map_err(|e| e.to_string())?;
+        let optim: Optim = serde_json::from_str(field("optim")?).map_err(|e| format!("metadata optim: {e}"))?;
+        let mut params = BTreeMap::new();
+        let mut expected = BTreeMap::new();
+        for name in file.names() {
+            let (shape, v) = values(&file, name)?;
+            if let Some(e) = name.strip_prefix("expected.") {
+                expected.insert(e.to_string(), v.into_iter().map(|x| x as f32).collect());
+            } else if !name.starts_with("input.") {
+                params.insert(name.to_string(), Tensor { shape, data: v.into_iter().map(|x| x as f32).collect() });
+            }
+        }
+        let params = Params(params);
+        params.check(&config)?;
+        let image: Vec<f32> = values(&file, "input.image")?.1.into_iter().map(|x| x as f32).collect();
+        let text: Vec<u32> = values(&file, "input.text")?.1.into_iter().map(|x| x as u32).collect();
+        let keep: Option<Vec<Vec<usize>>> = match file.tensor("input.keep") {
+            Ok(_) => {
+                let (shape, v) = values(&file, "input.keep")?;
+                Some(v.chunks(shape[1]).map(|r| r.iter().map(|&x| x as usize).collect()).collect())
+            }
+            Err(_) => None,
+        };
+        let golden = Golden { config, optim, params, image, text, keep, expected };
+        let batch = Batch { images: &golden.image, text: &golden.text, keep: golden.keep.as_deref() };
+        Clip { cfg: &golden.config }.check_batch(&batch).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(golden)
+    }
+
+    fn expected(&self, name: &str) -> &[f32] {
+        self.expected.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// Runs forward, backward and the AdamW steps; returns the report and whether every group is
+    /// within tolerance (relative 1e-4 on features, logits, loss and losses; 1e-3 on gradients).
+    pub fn check(&self) -> (String, bool) {
+        let clip = Clip { cfg: &self.config };
+        let batch = Batch { images: &self.image, text: &self.text, keep: self.keep.as_deref() };
+        let (out, cache) = clip.forward(&self.params, &batch);
+        let grads = clip.backward(&self.params, &batch, &cache);
+        let mut rows: Vec<(String, f32, f32, f32)> = vec![
+            group("image_features", &out.image_features, self.expected("image_features"), 1e-4),
+            group("text_features", &out.text_features, self.expected("text_features"), 1e-4),
+            group("logits_per_image", &out.logits_per_image, self.expected("logits_per_image"), 1e-4),
+            group("loss", &[out.loss], self.expected("loss"), 1e-4),
+        ];
+        for (name, g) in &grads.0 {
+            rows.push(group(&format!("grad.{name}"), &g.data, self.expected(&format!("grad.{name}")), 1e-3));
+        }
+        let mut params = self.params.clone();
+        let adamw =
+            AdamW { lr: self.optim.lr, beta1: self.optim.betas[0], beta2: self.optim.betas[1], eps: self.optim.eps };
+        let mut opt = Optimizer::new(&self.config, adamw, self.optim.weight_decay);
+        let mut losses = Vec::new();
+        for _ in 0..self.optim.steps {
+            let (out, cache) = clip.forward(&params, &batch);
+            losses.push(out.loss);
+            let g = clip.backward(&params, &batch, &cache);
+            opt.step(&mut params, &g);
+        }
+        rows.push(group("losses", &losses, self.expected("losses"), 1e-4));
+        let mut report = format!("{:<60} {:>10} {:>10}  {}\n", "group", "max abs", "max rel", "");
+        let mut ok = true;
+        for (name, abs, rel, tol) in rows {
+            let pass = rel <= tol;
+            ok &= pass;
+            let _ = writeln!(report, "{name:<60} {abs:>10.2e} {rel:>10.2e}  {}", if pass { "ok" } else { "FAIL" });
+        }
+        (report, ok)
+    }
+}
+
+/// (name, max |a − b|, max |a − b| / max |b|, tolerance); a length mismatch is infinitely wrong.
+fn group(name: &str, ours: &[f32], theirs: &[f32], tolerance: f32) -> (String, f32, f32, f32) {
+    if ours.len() != theirs.len() {
+        return (format!("{name} (sizes {} vs {})", ours.len(), theirs.len()), f32::INFINITY, f32::INFINITY, tolerance);
+    }
+    let abs = ours.iter().zip(theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let scale = theirs.iter().fold(0.0f32, |m, b| m.max(b.abs()));
+    (name.to_string(), abs, if scale > 0.0 { abs / scale } else { abs }, tolerance)
+}

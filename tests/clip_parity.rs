@@ -1,0 +1,59 @@
+//! The CPU CLIP against open_clip (tools/golden_open_clip.py): features, logits, loss, every
+//! gradient and the loss over AdamW steps, for two small configs, unmasked and with a keep-gather.
+
+mod common;
+
+use clip_pgs_model::golden::Golden;
+
+#[test]
+fn cpu_clip_matches_open_clip_goldens() {
+    for name in ["tiny-a_unmasked", "tiny-a_masked", "tiny-b_unmasked", "tiny-b_masked"] {
+        let golden = Golden::load(&common::repo_path(&format!("tests/goldens/clip_{name}.safetensors"))).unwrap();
+        let (report, ok) = golden.check();
+        println!("{name}\n{report}");
+        assert!(ok, "{name}: parity with open_clip failed\n{report}");
+    }
+}
+
+#[test]
+fn bad_batches_and_checkpoints_are_errors_naming_the_problem() {
+    use clip_pgs_model::clip::{Batch, Clip};
+    let golden = Golden::load(&common::repo_path("tests/goldens/clip_tiny-a_masked.safetensors")).unwrap();
+    let clip = Clip { cfg: &golden.config };
+    let mut text = golden.text.clone();
+    text[17] = 600;
+    let error = |b: Batch| clip.check_batch(&b).unwrap_err();
+    assert!(
+        error(Batch { images: &golden.image, text: &text, keep: None })
+            .contains("token id 600 of caption 1 is out of range")
+    );
+    let unsorted = vec![vec![3, 1]; 4];
+    assert!(
+        error(Batch { images: &golden.image, text: &golden.text, keep: Some(&unsorted) })
+            .contains("not strictly ascending")
+    );
+    let outside = vec![vec![1, 16]; 4];
+    assert!(
+        error(Batch { images: &golden.image, text: &golden.text, keep: Some(&outside) })
+            .contains("keep index 16 of image 0")
+    );
+    assert!(
+        error(Batch { images: &golden.image[1..], text: &golden.text, keep: None }).contains("not a positive multiple")
+    );
+
+    let mut params = golden.params.clone();
+    params.0.remove("visual.proj");
+    assert!(params.check(&golden.config).unwrap_err().contains("tensor visual.proj is missing"));
+    let mut params = golden.params.clone();
+    params.0.get_mut("ln_final.weight").unwrap().shape = vec![31];
+    assert!(params.check(&golden.config).unwrap_err().contains("tensor ln_final.weight has shape [31]"));
+    let mut params = golden.params.clone();
+    params.0.insert("extra.weight".into(), clip_pgs_model::params::Tensor::zeros(&[2]));
+    assert!(params.check(&golden.config).unwrap_err().contains("tensor extra.weight is not a parameter"));
+    assert!(
+        Golden::load(&common::repo_path("tests/goldens/sinkhorn_pot.safetensors"))
+            .err()
+            .unwrap()
+            .contains("not a clip-golden-v1 file")
+    );
+}
