@@ -29,6 +29,9 @@ enum Command {
         /// A golden file made by tools/golden_open_clip.py.
         #[arg(long)]
         golden: std::path::PathBuf,
+        /// Also write the golden's parameters as a clip-pgs checkpoint (for tools/checkpoint_open_clip.py).
+        #[arg(long)]
+        save_checkpoint: Option<std::path::PathBuf>,
     },
     /// Benchmarks on a GPU (CUDA events): `bench pgs`.
     Bench(bench::BenchArgs),
@@ -48,8 +51,12 @@ pub enum Dtype {
 }
 
 /// `clip-pgs parity`: prints max abs/rel error per group, fails above tolerance.
-fn parity(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+fn parity(path: &std::path::Path, checkpoint: Option<&std::path::Path>) -> Result<(), Box<dyn std::error::Error>> {
     let golden = clip_pgs_model::golden::Golden::load(path)?;
+    if let Some(out) = checkpoint {
+        clip_pgs_model::checkpoint::save(out, &golden.config_json, &golden.params)?;
+        println!("wrote checkpoint {}", out.display());
+    }
     println!("device: cpu; golden {}", path.display());
     let (report, ok) = golden.check();
     print!("{report}");
@@ -61,7 +68,7 @@ fn main() -> ExitCode {
         Command::Edges(args) => edges::run(&args),
         Command::Mask(args) => mask::run(&args),
         Command::Bench(args) => bench::run(&args),
-        Command::Parity { golden } => parity(&golden),
+        Command::Parity { golden, save_checkpoint } => parity(&golden, save_checkpoint.as_deref()),
         Command::Devices { device } => Device::select(device).map(|s| println!("device: {s}")).map_err(Into::into),
     };
     match result {

@@ -57,3 +57,23 @@ fn bad_batches_and_checkpoints_are_errors_naming_the_problem() {
             .contains("not a clip-golden-v1 file")
     );
 }
+
+#[test]
+fn checkpoints_round_trip_and_read_open_clip_state_dicts() {
+    use clip_pgs_model::checkpoint::{load, save};
+    // The golden files are open_clip state dicts (safetensors.torch.save_file): load one.
+    let path = common::repo_path("tests/goldens/clip_tiny-b_unmasked.safetensors");
+    let golden = Golden::load(&path).unwrap();
+    let (_, params) = load(&path, Some(&golden.config)).unwrap();
+    assert_eq!(params, golden.params);
+    // Write it, read it back with the config from the metadata: identical.
+    let out = std::env::temp_dir().join(format!("clip-pgs-checkpoint-{}.safetensors", std::process::id()));
+    let config_json = r#"{"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 24, "patch_size": 4, "head_width": 8, "mlp_ratio": 2.0}, "text_cfg": {"context_length": 8, "vocab_size": 300, "width": 16, "heads": 4, "layers": 2}}"#;
+    save(&out, config_json, &params).unwrap();
+    let (config, back) = load(&out, None).unwrap();
+    assert_eq!((config, back), (golden.config.clone(), params));
+    std::fs::remove_file(&out).unwrap();
+    // Another config's checkpoint is refused with the tensor named.
+    let other = clip_pgs_model::config::ClipConfig::load("test-tiny").unwrap();
+    assert!(load(&path, Some(&other)).unwrap_err().contains("tensor"));
+}

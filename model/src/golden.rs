@@ -25,6 +25,8 @@ struct Optim {
 
 pub struct Golden {
     pub config: ClipConfig,
+    /// The config as the file gives it (open_clip's JSON).
+    pub config_json: String,
     optim: Optim,
     pub params: Params,
     pub image: Vec<f32>,
@@ -77,7 +79,8 @@ impl Golden {
             }
             Err(_) => None,
         };
-        let golden = Golden { config, optim, params, image, text, keep, expected };
+        let config_json = field("config")?.clone();
+        let golden = Golden { config, config_json, optim, params, image, text, keep, expected };
         let batch = Batch { images: &golden.image, text: &golden.text, keep: golden.keep.as_deref() };
         Clip { cfg: &golden.config }.check_batch(&batch).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(golden)
