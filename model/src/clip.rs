@@ -56,16 +56,9 @@ fn norm(p: &Params, prefix: &str, x: &[f32], width: usize) -> Norm {
 fn norm_backward(p: &Params, g: &mut Params, prefix: &str, dy: &[f32], x: &[f32], n: &Norm, width: usize) -> Vec<f32> {
     let mut dx = vec![0.0; x.len()];
     let (w, b) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
-    let mut dw = std::mem::take(g.get_mut_tensor(&w));
-    layernorm_backward(&mut dx, &mut dw, g.get_mut(&b), dy, x, &n.mean, &n.rstd, p.get(&w), width);
-    *g.get_mut_tensor(&w) = dw;
+    let (dw, db) = g.pair_mut(&w, &b);
+    layernorm_backward(&mut dx, dw, db, dy, x, &n.mean, &n.rstd, p.get(&w), width);
     dx
-}
-
-impl Params {
-    fn get_mut_tensor(&mut self, name: &str) -> &mut Vec<f32> {
-        &mut self.0.get_mut(name).unwrap_or_else(|| panic!("parameter {name} missing")).data
-    }
 }
 
 /// The saved activations of one residual block.
@@ -154,32 +147,29 @@ impl Tower {
     fn block_backward(&self, p: &Params, g: &mut Params, i: usize, dx: &mut [f32], c: &BlockCache) {
         let (w, m, rows) = (self.width, self.mlp, self.rows());
         let name = |n: &str| format!("{}.resblocks.{i}.{n}", self.prefix);
+        // `weight`, `bias`: the parameter names within the block.
         let linear =
-            |g: &mut Params, dinput: Option<&mut [f32]>, dy: &[f32], x: &[f32], layer: &str, inp: usize, out: usize| {
-                let (wn, bn) = (name(&format!("{layer}.weight")), name(&format!("{layer}.bias")));
-                let mut dw = std::mem::take(g.get_mut_tensor(&wn));
-                linear_backward(dinput, &mut dw, Some(g.get_mut(&bn)), dy, x, p.get(&wn), rows, inp, out);
-                *g.get_mut_tensor(&wn) = dw;
+            |g: &mut Params, dinput: &mut [f32], dy: &[f32], x: &[f32], weights: [&str; 2], dims: (usize, usize)| {
+                let (wn, bn) = (name(weights[0]), name(weights[1]));
+                let (dw, db) = g.pair_mut(&wn, &bn);
+                linear_backward(Some(dinput), dw, Some(db), dy, x, p.get(&wn), rows, dims.0, dims.1);
             };
         // MLP branch.
         let mut dact = vec![0.0; rows * m];
-        linear(g, Some(&mut dact), dx, &c.act, "mlp.c_proj", m, w);
+        linear(g, &mut dact, dx, &c.act, ["mlp.c_proj.weight", "mlp.c_proj.bias"], (m, w));
         let mut dfc = vec![0.0; rows * m];
         gelu_backward(&mut dfc, &dact, &c.fc);
         let mut dln2 = vec![0.0; rows * w];
-        linear(g, Some(&mut dln2), &dfc, &c.ln2.y, "mlp.c_fc", w, m);
+        linear(g, &mut dln2, &dfc, &c.ln2.y, ["mlp.c_fc.weight", "mlp.c_fc.bias"], (w, m));
         let d = norm_backward(p, g, &name("ln_2"), &dln2, &c.mid, &c.ln2, w);
         dx.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
         // Attention branch.
         let mut dattn = vec![0.0; rows * w];
-        linear(g, Some(&mut dattn), dx, &c.attn, "attn.out_proj", w, w);
+        linear(g, &mut dattn, dx, &c.attn, ["attn.out_proj.weight", "attn.out_proj.bias"], (w, w));
         let mut dqkv = vec![0.0; rows * 3 * w];
         attention_backward(&mut dqkv, &dattn, &c.qkv, &c.probs, self.shape);
         let mut dln1 = vec![0.0; rows * w];
-        let (wn, bn) = (name("attn.in_proj_weight"), name("attn.in_proj_bias"));
-        let mut dw = std::mem::take(g.get_mut_tensor(&wn));
-        linear_backward(Some(&mut dln1), &mut dw, Some(g.get_mut(&bn)), &dqkv, &c.ln1.y, p.get(&wn), rows, w, 3 * w);
-        *g.get_mut_tensor(&wn) = dw;
+        linear(g, &mut dln1, &dqkv, &c.ln1.y, ["attn.in_proj_weight", "attn.in_proj_bias"], (w, 3 * w));
         let d = norm_backward(p, g, &name("ln_1"), &dln1, &c.x, &c.ln1, w);
         dx.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
     }
@@ -424,9 +414,8 @@ impl Clip<'_> {
                 d_emb[(b * l + s - 1) * w..(b * l + s) * w].copy_from_slice(d);
             }
         }
-        let mut dw = std::mem::take(g.get_mut_tensor("visual.conv1.weight"));
-        linear_backward(None, &mut dw, None, &d_emb, &c.patches, p.get("visual.conv1.weight"), n * l, pv, w);
-        *g.get_mut_tensor("visual.conv1.weight") = dw;
+        let dw = g.get_mut("visual.conv1.weight");
+        linear_backward(None, dw, None, &d_emb, &c.patches, p.get("visual.conv1.weight"), n * l, pv, w);
     }
 
     fn text_backward(&self, p: &Params, g: &mut Params, batch: &Batch, d_features: &[f32], c: &TextCache) {

@@ -82,6 +82,21 @@ impl Params {
         &mut self.0.get_mut(name).unwrap_or_else(|| panic!("parameter {name} missing")).data
     }
 
+    /// Two different parameters, both mutable (a layer's weight and bias gradients).
+    pub fn pair_mut(&mut self, a: &str, b: &str) -> (&mut [f32], &mut [f32]) {
+        assert_ne!(a, b, "pair_mut needs two different parameters");
+        let (mut first, mut second) = (None, None);
+        for (name, t) in self.0.iter_mut() {
+            if name == a {
+                first = Some(&mut t.data[..]);
+            } else if name == b {
+                second = Some(&mut t.data[..]);
+            }
+        }
+        let missing = |n: &str| panic!("parameter {n} missing");
+        (first.unwrap_or_else(|| missing(a)), second.unwrap_or_else(|| missing(b)))
+    }
+
     /// Checks that `self` has exactly the parameters of `cfg`, shaped as open_clip shapes them.
     pub fn check(&self, cfg: &ClipConfig) -> Result<(), String> {
         let want = Self::shapes(cfg);
