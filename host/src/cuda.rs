@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchArgs, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{CudaContextExt, Error, Result};
@@ -110,5 +110,33 @@ impl CudaRuntime {
         }
         let stream = context.default_stream();
         Ok(Arc::new(CudaRuntime { context, stream, kernels, name, compute_capability, max_shared_bytes_per_block }))
+    }
+}
+
+impl CudaRuntime {
+    /// Launches `f` on the stream with the arguments `push` adds, after checking that the block's
+    /// dynamic shared memory fits this GPU (an error naming the kernel, not a launch failure).
+    ///
+    /// # Safety
+    /// `push` must add the kernel's arguments in its signature's order and types, with buffers as
+    /// large as the kernel's safety section requires.
+    pub unsafe fn launch<'a>(
+        &'a self,
+        f: &'a CudaFunction,
+        cfg: LaunchConfig,
+        what: &str,
+        push: impl FnOnce(&mut LaunchArgs<'a>),
+    ) -> Result<()> {
+        if cfg.shared_mem_bytes as usize > self.max_shared_bytes_per_block {
+            return Err(Error::InvalidArgument(format!(
+                "{what} needs {} bytes of shared memory per block; {} has {}",
+                cfg.shared_mem_bytes, self.name, self.max_shared_bytes_per_block
+            )));
+        }
+        let mut args = self.stream.launch_builder(f);
+        push(&mut args);
+        // SAFETY: the caller's contract.
+        unsafe { args.launch(cfg) }.during(format!("launching {what}"))?;
+        Ok(())
     }
 }

@@ -209,22 +209,18 @@ pub(crate) fn edge_map_cuda<T: ImageElement>(
     grid: PatchGrid,
 ) -> Result<CudaSlice<f32>> {
     let smem = shared_bytes(shape.width, grid.patch, grid.len());
-    if smem > rt.max_shared_bytes_per_block {
-        return Err(Error::InvalidArgument(format!(
-            "edge map of {}×{} images with patch {} needs {smem} bytes of shared memory per block; {} has {}",
-            shape.height, shape.width, grid.patch, rt.name, rt.max_shared_bytes_per_block
-        )));
-    }
     let mut edges = rt.stream.alloc_zeros::<f32>(shape.n * grid.len()).during("allocating the edge map")?;
     let cfg =
         LaunchConfig { grid_dim: (shape.n as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     let (h, w, p) = (shape.height as u32, shape.width as u32, grid.patch as u32);
-    let mut launch = rt.stream.launch_builder(T::kernel(&rt.kernels, TypedKernel::EdgeMap));
-    launch.arg(images).arg(&mut edges).arg(&h).arg(&w).arg(&p);
     // SAFETY: argument types and order match the kernel's signature; check_args verified the
     // image buffer holds n·3·h·w elements, `edges` holds n·L, and smem is what the kernel's
     // layout needs (shared_bytes).
-    unsafe { launch.launch(cfg) }.during("launching pgs_edge_map")?;
+    unsafe {
+        rt.launch(T::kernel(&rt.kernels, TypedKernel::EdgeMap), cfg, "pgs_edge_map", |a| {
+            a.arg(images).arg(&mut edges).arg(&h).arg(&w).arg(&p);
+        })
+    }?;
     Ok(edges)
 }
 

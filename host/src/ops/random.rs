@@ -27,11 +27,13 @@ pub fn uniform(device: &Device, n: usize, seed: u64, a: u32, b: u32) -> Result<B
                 shared_mem_bytes: 0,
             };
             let n32 = n as u32;
-            let mut launch = rt.stream.launch_builder(&rt.kernels.philox_uniform);
-            launch.arg(&mut out).arg(&n32).arg(&seed).arg(&a).arg(&b);
             // SAFETY: matches `philox_uniform(out: *mut f32, n: u32, seed: u64, a: u32, b: u32)`;
             // `out` holds n floats.
-            unsafe { launch.launch(cfg) }.during("launching philox_uniform")?;
+            unsafe {
+                rt.launch(&rt.kernels.philox_uniform, cfg, "philox_uniform", |l| {
+                    l.arg(&mut out).arg(&n32).arg(&seed).arg(&a).arg(&b);
+                })
+            }?;
             Ok(Buffer::Cuda(out))
         }
     }

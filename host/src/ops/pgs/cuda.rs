@@ -92,17 +92,9 @@ fn launch<'a>(
     what: &'static str,
     push: impl FnOnce(&mut cudarc::driver::LaunchArgs<'a>),
 ) -> Result<()> {
-    if cfg.shared_mem_bytes as usize > rt.max_shared_bytes_per_block {
-        return Err(Error::InvalidArgument(format!(
-            "{what} needs {} bytes of shared memory per block; {} has {}",
-            cfg.shared_mem_bytes, rt.name, rt.max_shared_bytes_per_block
-        )));
-    }
-    let mut args = rt.stream.launch_builder(f);
-    push(&mut args);
     // SAFETY: each caller pushes the arguments of the kernel's signature (documented in
     // clip-pgs-kernels) with buffers sized as the kernel's safety section requires.
-    unsafe { args.launch(cfg) }.during(format!("launching {what}"))?;
+    unsafe { rt.launch(f, cfg, what, push) }?;
     mark(rt, timeline, what)
 }
 
