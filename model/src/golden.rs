@@ -96,7 +96,8 @@ impl Golden {
         let clip = Clip { cfg: &self.config };
         let batch = Batch { images: &self.image, text: &self.text, keep: self.keep.as_deref() };
         let (out, cache) = clip.forward(&self.params, &batch);
-        let grads = clip.backward(&self.params, &batch, &cache);
+        let mut grads = Params::zeros(&self.config);
+        clip.backward(&self.params, &batch, &cache, &mut grads);
         let mut rows: Vec<(String, f32, f32, f32)> = vec![
             group("image_features", &out.image_features, self.expected("image_features"), 1e-4),
             group("text_features", &out.text_features, self.expected("text_features"), 1e-4),
@@ -114,8 +115,8 @@ impl Golden {
         for _ in 0..self.optim.steps {
             let (out, cache) = clip.forward(&params, &batch);
             losses.push(out.loss);
-            let g = clip.backward(&params, &batch, &cache);
-            opt.step(&mut params, &g);
+            clip.backward(&params, &batch, &cache, &mut grads);
+            opt.step(&mut params, &grads);
         }
         rows.push(group("losses", &losses, self.expected("losses"), 1e-4));
         let mut report = format!("{:<60} {:>10} {:>10}  {}\n", "group", "max abs", "max rel", "");

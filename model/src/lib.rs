@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod golden;
+pub mod init;
 pub mod optimizer;
 pub mod params;
 pub mod preprocess;

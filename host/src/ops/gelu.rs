@@ -1,43 +1,25 @@
 //! Exact (erf) GELU on the CPU, as open_clip's `nn.GELU()`: gelu(x) = x·Φ(x),
-//! Φ(x) = (1 + erf(x/√2))/2; gelu'(x) = Φ(x) + x·φ(x).
+//! Φ(x) = (1 + erf(x/√2))/2; gelu'(x) = Φ(x) + x·φ(x). erf is the kernels' shared f32 one
+//! (|error| ≤ 1.5e-7): the f64 series it replaced cost a fifth of a ViT-B/16 training step.
 
+use std::f32::consts::FRAC_1_SQRT_2;
+
+use clip_pgs_kernels::math::{erf, fast_exp};
 use rayon::prelude::*;
 
-/// erf in f64: its Maclaurin series below 3 (|error| < 1e-13), the continued fraction of erfc above.
-pub fn erf(x: f64) -> f64 {
-    let a = x.abs();
-    let value = if a < 3.0 {
-        let (mut term, mut sum, mut n) = (a, a, 0.0);
-        while term.abs() > 1e-17 * sum.abs() {
-            n += 1.0;
-            term *= -a * a / n;
-            sum += term / (2.0 * n + 1.0);
-        }
-        sum * 2.0 / std::f64::consts::PI.sqrt()
-    } else {
-        let mut k = a;
-        for n in (1..=60).rev() {
-            k = a + (n as f64 / 2.0) / k;
-        }
-        1.0 - (-a * a).exp() / (std::f64::consts::PI.sqrt() * k)
-    };
-    value.copysign(x)
-}
-
-fn cdf(x: f32) -> f64 {
-    0.5 * (1.0 + erf(x as f64 / std::f64::consts::SQRT_2))
+fn cdf(x: f32) -> f32 {
+    0.5 * (1.0 + erf(x * FRAC_1_SQRT_2))
 }
 
 pub fn gelu_forward(y: &mut [f32], x: &[f32]) {
-    y.par_iter_mut().zip(x.par_iter()).for_each(|(y, &x)| *y = (x as f64 * cdf(x)) as f32);
+    y.par_iter_mut().with_min_len(1 << 12).zip(x.par_iter()).for_each(|(y, &x)| *y = x * cdf(x));
 }
 
 /// dx = dy·gelu'(x) (overwritten).
 pub fn gelu_backward(dx: &mut [f32], dy: &[f32], x: &[f32]) {
-    let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
-    dx.par_iter_mut().zip(dy.par_iter().zip(x.par_iter())).for_each(|(dx, (&dy, &x))| {
-        let xf = x as f64;
-        *dx = (dy as f64 * (cdf(x) + xf * (-0.5 * xf * xf).exp() * inv_sqrt_2pi)) as f32;
+    let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
+    dx.par_iter_mut().with_min_len(1 << 12).zip(dy.par_iter().zip(x.par_iter())).for_each(|(dx, (&dy, &x))| {
+        *dx = dy * (cdf(x) + x * fast_exp(-0.5 * x * x) * inv_sqrt_2pi);
     });
 }
 
@@ -45,17 +27,6 @@ pub fn gelu_backward(dx: &mut [f32], dy: &[f32], x: &[f32]) {
 mod tests {
     use super::super::testing::{assert_gradient, values};
     use super::*;
-
-    #[test]
-    fn erf_matches_reference_values() {
-        // erf(0.5), erf(1), erf(2), erf(3.5) to 15 digits (Abramowitz & Stegun table 7.1).
-        for (x, want) in
-            [(0.5, 0.520499877813047), (1.0, 0.842700792949715), (2.0, 0.995322265018953), (3.5, 0.999999256901628)]
-        {
-            assert!((erf(x) - want).abs() < 1e-13, "erf({x}) = {}", erf(x));
-            assert!((erf(-x) + want).abs() < 1e-13);
-        }
-    }
 
     #[test]
     fn backward_matches_finite_differences() {

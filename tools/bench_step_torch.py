@@ -1,0 +1,64 @@
+"""The CPU training step of benches/train_step.rs, in PyTorch + open_clip: forward, ClipLoss,
+backward, AdamW (open_clip's decay groups), same configs, batch sizes and thread count.
+Prints one JSON line per config: {"name", "threads", "median_s", "samples_per_s", "peer"}.
+
+Usage: python tools/bench_step_torch.py --threads 2   (tools/bench_train_step.sh runs it)
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import open_clip
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTIONS = ["a photo of a cat", "a red circle left of a blue square", "an astronaut on the moon", "a cup of coffee"]
+
+
+def bench(config, batch, samples):
+    path = os.path.join(ROOT, "model", "configs", f"{config}.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    open_clip.factory._MODEL_CONFIGS[config] = cfg
+    torch.manual_seed(0)
+    model = open_clip.create_model(config, pretrained=None).float().train()
+    size = cfg["vision_cfg"]["image_size"]
+    images = torch.randn(batch, 3, size, size)
+    text = open_clip.get_tokenizer("ViT-B-16")([CAPTIONS[i % 4] for i in range(batch)],
+                                               context_length=cfg["text_cfg"].get("context_length", 77))
+    loss_fn = open_clip.ClipLoss()
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+    params = list(model.named_parameters())
+    opt = torch.optim.AdamW(
+        [{"params": [p for n, p in params if exclude(n, p)], "weight_decay": 0.0},
+         {"params": [p for n, p in params if not exclude(n, p)], "weight_decay": 0.2}],
+        lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(*model(images, text))
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):  # warm-up, as criterion does
+        step()
+    times = []
+    for _ in range(samples):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    return {"name": f"{config}_batch{batch}", "threads": torch.get_num_threads(), "median_s": median,
+            "samples_per_s": batch / median, "peer": f"torch {torch.__version__}, open_clip {open_clip.__version__}"}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--samples", type=int, default=10)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    for config, batch in [("test-tiny", 32), ("ViT-B-16", 2)]:
+        print(json.dumps(bench(config, batch, args.samples)), flush=True)
