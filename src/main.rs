@@ -1,10 +1,11 @@
-//! `clip-pgs`: CLIP training with PGS patch masking. So far: `edges` (the PGS edge map of an
-//! image, on the CPU or a GPU), `mask` (PGS masks drawn on an image) and `devices` (which device
-//! runs, and why).
+//! `clip-pgs`: CLIP training with PGS patch masking: `train` and `eval` (the trainer), `edges`
+//! (the PGS edge map of an image, on the CPU or a GPU), `mask` (PGS masks drawn on an image),
+//! `parity` (the CPU CLIP against open_clip), `bench` (GPU timings) and `devices`.
 
 mod bench;
 mod edges;
 mod mask;
+mod train;
 
 use std::process::ExitCode;
 
@@ -33,6 +34,10 @@ enum Command {
         #[arg(long)]
         save_checkpoint: Option<std::path::PathBuf>,
     },
+    /// Train CLIP (with none / FLIP / PGS masking); writes checkpoints, metrics.jsonl and plots.
+    Train(Box<train::TrainArgs>),
+    /// Evaluate a checkpoint: zero-shot, retrieval, compositionality, robustness.
+    Eval(train::EvalArgs),
     /// Benchmarks on a GPU (CUDA events): `bench pgs`.
     Bench(bench::BenchArgs),
     /// Say which device clip-pgs runs on, and why.
@@ -68,6 +73,8 @@ fn main() -> ExitCode {
         Command::Edges(args) => edges::run(&args),
         Command::Mask(args) => mask::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Train(args) => train::run(&args),
+        Command::Eval(args) => train::eval(&args),
         Command::Parity { golden, save_checkpoint } => parity(&golden, save_checkpoint.as_deref()),
         Command::Devices { device } => Device::select(device).map(|s| println!("device: {s}")).map_err(Into::into),
     };

@@ -102,7 +102,7 @@ fn name(method: Method) -> &'static str {
 }
 
 /// The image with masked patches dimmed to a quarter and candidates outlined.
-fn draw(rgb: &RgbImage, mask: &ImageMask, patch: usize) -> RgbImage {
+pub fn draw(rgb: &RgbImage, mask: &ImageMask, patch: usize) -> RgbImage {
     let cols = rgb.width() as usize / patch;
     let mut kept = vec![false; cols * (rgb.height() as usize / patch)];
     mask.kept.iter().for_each(|&j| kept[j as usize] = true);
@@ -122,7 +122,7 @@ fn draw(rgb: &RgbImage, mask: &ImageMask, patch: usize) -> RgbImage {
 }
 
 /// Panels left to right with a 4-pixel white gap.
-fn side_by_side(panels: &[RgbImage]) -> RgbImage {
+pub fn side_by_side(panels: &[RgbImage]) -> RgbImage {
     let (w, h) = panels[0].dimensions();
     let gap = 4;
     let mut out = RgbImage::from_pixel(panels.len() as u32 * (w + gap) - gap, h, Rgb([255; 3]));

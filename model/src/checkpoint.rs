@@ -11,21 +11,26 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::config::ClipConfig;
+use crate::optimizer::Optimizer;
 use crate::params::{Params, Tensor};
 
 /// Writes `params` of `config` to `path` atomically.
 pub fn save(path: &Path, config_json: &str, params: &Params) -> Result<(), String> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = params
-        .0
-        .iter()
-        .map(|(n, t)| (n.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
+    let tensors: Vec<(String, &Tensor)> = params.0.iter().map(|(n, t)| (n.clone(), t)).collect();
+    write_atomic(path, tensors, [("config".to_string(), config_json.to_string())].into())
+}
+
+/// Tensors and metadata to `path`: temporary file, fsync, rename (a crash leaves the old file).
+fn write_atomic(path: &Path, tensors: Vec<(String, &Tensor)>, mut metadata: HashMap<String, String>) -> Result<(), String> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .into_iter()
+        .map(|(n, t)| (n, t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
         .collect();
     let views: Vec<(String, TensorView)> = bytes
         .iter()
         .map(|(n, b, s)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| format!("{n}: {e}"))?)))
         .collect::<Result<_, String>>()?;
-    let metadata =
-        HashMap::from([("format".to_string(), "pt".to_string()), ("config".to_string(), config_json.to_string())]);
+    metadata.insert("format".to_string(), "pt".to_string());
     let data = safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())?;
     let tmp = path.with_extension("safetensors.tmp");
     let write = || -> std::io::Result<()> {
@@ -37,30 +42,97 @@ pub fn save(path: &Path, config_json: &str, params: &Params) -> Result<(), Strin
     write().map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
+/// A training checkpoint: the model (open_clip names), AdamW's moments as
+/// `optimizer.exp_avg.<name>` / `optimizer.exp_avg_sq.<name>`, and `train_state` (JSON the
+/// trainer defines: step, data position, ...) in the metadata. `load` reads its model part.
+pub fn save_training(
+    path: &Path,
+    config_json: &str,
+    params: &Params,
+    optimizer: &Optimizer,
+    train_state: &str,
+) -> Result<(), String> {
+    let (m, v, step) = optimizer.state();
+    let mut tensors: Vec<(String, &Tensor)> = params.0.iter().map(|(n, t)| (n.clone(), t)).collect();
+    tensors.extend(m.0.iter().map(|(n, t)| (format!("optimizer.exp_avg.{n}"), t)));
+    tensors.extend(v.0.iter().map(|(n, t)| (format!("optimizer.exp_avg_sq.{n}"), t)));
+    let metadata = HashMap::from([
+        ("config".to_string(), config_json.to_string()),
+        ("train_state".to_string(), train_state.to_string()),
+        ("optimizer_step".to_string(), step.to_string()),
+    ]);
+    write_atomic(path, tensors, metadata)
+}
+
+/// What `save_training` wrote: config, model, the optimizer's (m, v, step) and the train state.
+pub struct TrainingCheckpoint {
+    pub config: ClipConfig,
+    pub params: Params,
+    pub moments: (Params, Params, u32),
+    pub train_state: String,
+}
+
+pub fn load_training(path: &Path) -> Result<TrainingCheckpoint, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (config, params) = parse(path, &bytes, None)?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = metadata(&bytes);
+    let field = |k: &str| {
+        meta.get(k).cloned().ok_or_else(|| format!("{}: not a training checkpoint (no {k} in the metadata)", path.display()))
+    };
+    let train_state = field("train_state")?;
+    let step: u32 = field("optimizer_step")?.parse().map_err(|e| format!("{}: optimizer_step: {e}", path.display()))?;
+    let moment = |prefix: &str| -> Result<Params, String> {
+        let mut out = Params::zeros(&config);
+        for (name, t) in out.0.iter_mut() {
+            let key = format!("optimizer.{prefix}.{name}");
+            let view = file.tensor(&key).map_err(|_| format!("{}: tensor {key} is missing", path.display()))?;
+            if view.shape() != t.shape.as_slice() || view.dtype() != Dtype::F32 {
+                return Err(format!("{}: tensor {key} has shape {:?}, {:?} expected", path.display(), view.shape(), t.shape));
+            }
+            t.data = f32s(view.data());
+        }
+        Ok(out)
+    };
+    let moments = (moment("exp_avg")?, moment("exp_avg_sq")?, step);
+    Ok(TrainingCheckpoint { config, params, moments, train_state })
+}
+
+fn metadata(bytes: &[u8]) -> HashMap<String, String> {
+    SafeTensors::read_metadata(bytes).ok().and_then(|(_, m)| m.metadata().clone()).unwrap_or_default()
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
 /// Reads a checkpoint and checks it against `config` (the file's own `config` metadata when
 /// `config` is None): every tensor present, none extra, every shape right.
 pub fn load(path: &Path, config: Option<&ClipConfig>) -> Result<(ClipConfig, Params), String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse(path, &bytes, config)
+}
+
+fn parse(path: &Path, bytes: &[u8], config: Option<&ClipConfig>) -> Result<(ClipConfig, Params), String> {
+    let file = SafeTensors::deserialize(bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let config = match config {
         Some(c) => c.clone(),
         None => {
-            let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| e.to_string())?;
-            let json = meta.metadata().as_ref().and_then(|m| m.get("config").cloned());
+            let json = metadata(bytes).get("config").cloned();
             let json = json.ok_or_else(|| format!("{}: no config in the metadata; pass --model", path.display()))?;
             ClipConfig::from_json(&json).map_err(|e| e.to_string())?
         }
     };
     let mut params = Params(Default::default());
     for (name, view) in file.tensors() {
-        if name == "attn_mask" || name.starts_with("input.") || name.starts_with("expected.") {
+        let skipped = ["input.", "expected.", "optimizer."];
+        if name == "attn_mask" || skipped.iter().any(|p| name.starts_with(p)) {
             continue;
         }
         if view.dtype() != Dtype::F32 {
             return Err(format!("{}: tensor {name} is {:?}, f32 expected", path.display(), view.dtype()));
         }
-        let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-        params.0.insert(name, Tensor { shape: view.shape().to_vec(), data });
+        params.0.insert(name, Tensor { shape: view.shape().to_vec(), data: f32s(view.data()) });
     }
     params.check(&config).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((config, params))

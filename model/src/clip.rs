@@ -177,10 +177,15 @@ impl Tower {
     }
 }
 
-/// Everything the backward pass needs.
-pub struct Cache {
+/// What the two towers' backward needs.
+pub struct TowerCaches {
     image: ImageCache,
     text: TextCache,
+}
+
+/// Everything the backward pass needs.
+pub struct Cache {
+    towers: TowerCaches,
     loss_grads: (Vec<f32>, Vec<f32>, f32),
 }
 
@@ -258,36 +263,73 @@ impl Clip<'_> {
 
     /// Forward pass and loss; the cache feeds `backward`.
     pub fn forward(&self, p: &Params, batch: &Batch) -> (Output, Cache) {
+        let (image_features, text_features, towers) = self.encode(p, batch);
+        let b = towers.text.tower.shape.batch;
+        let loss = clip_loss(&image_features, &text_features, p.get("logit_scale")[0], b, self.cfg.embed_dim);
+        let out = Output { image_features, text_features, logits_per_image: loss.logits.clone(), loss: loss.loss };
+        (out, Cache { towers, loss_grads: (loss.d_image, loss.d_text, loss.d_logit_scale) })
+    }
+
+    /// Image and text features (projected, not normalized) and what their backward needs; the
+    /// loss is left to the caller (gradient accumulation computes it over several of these).
+    pub fn encode(&self, p: &Params, batch: &Batch) -> (Vec<f32>, Vec<f32>, TowerCaches) {
         let (image_features, image) = self.image_forward(p, batch);
         let (text_features, text) = self.text_forward(p, batch);
-        let e = self.cfg.embed_dim;
-        let b = text.tower.shape.batch;
-        let loss = clip_loss(&image_features, &text_features, p.get("logit_scale")[0], b, e);
-        let out = Output { image_features, text_features, logits_per_image: loss.logits.clone(), loss: loss.loss };
-        (out, Cache { image, text, loss_grads: (loss.d_image, loss.d_text, loss.d_logit_scale) })
+        (image_features, text_features, TowerCaches { image, text })
+    }
+
+    /// Image features only (evaluation).
+    pub fn encode_image(&self, p: &Params, images: &[f32]) -> Vec<f32> {
+        self.image_forward(p, &Batch { images, text: &[], keep: None }).0
+    }
+
+    /// Text features only (evaluation).
+    pub fn encode_text(&self, p: &Params, text: &[u32]) -> Vec<f32> {
+        self.text_forward(p, &Batch { images: &[], text, keep: None }).0
+    }
+
+    /// Patch tokens [N, L, W] after the positional embedding (CLS excluded): PGS's token similarity.
+    pub fn patch_tokens(&self, p: &Params, images: &[f32]) -> Vec<f32> {
+        let (w, l) = (self.cfg.vision_cfg.width, self.cfg.patches());
+        let patches = self.patchify(images);
+        let pv = 3 * self.cfg.vision_cfg.patch_size.pow(2);
+        let n = patches.len() / (l * pv);
+        let mut tokens = vec![0.0; n * l * w];
+        linear_forward(&mut tokens, &patches, p.get("visual.conv1.weight"), None, n * l, pv, w);
+        let pos = &p.get("visual.positional_embedding")[w..];
+        tokens.chunks_mut(l * w).for_each(|t| t.iter_mut().zip(pos).for_each(|(x, q)| *x += q));
+        tokens
+    }
+
+    /// Patches [N·L, 3p²] flattened (channel, row, col) as conv1's weight [W, 3, p, p].
+    fn patchify(&self, images: &[f32]) -> Vec<f32> {
+        let v = &self.cfg.vision_cfg;
+        let (ps, size, l) = (v.patch_size, v.image_size, self.cfg.patches());
+        let n = images.len() / (3 * size * size);
+        let cols = size / ps;
+        let pv = 3 * ps * ps;
+        let mut patches = vec![0.0; n * l * pv];
+        for (b, img) in images.chunks(3 * size * size).enumerate() {
+            for j in 0..l {
+                let (y0, x0) = ((j / cols) * ps, (j % cols) * ps);
+                for c in 0..3 {
+                    for r in 0..ps {
+                        let src = c * size * size + (y0 + r) * size + x0;
+                        let dst = (b * l + j) * pv + (c * ps + r) * ps;
+                        patches[dst..dst + ps].copy_from_slice(&img[src..src + ps]);
+                    }
+                }
+            }
+        }
+        patches
     }
 
     fn image_forward(&self, p: &Params, batch: &Batch) -> (Vec<f32>, ImageCache) {
         let v = &self.cfg.vision_cfg;
         let (w, ps, size, l) = (v.width, v.patch_size, v.image_size, self.cfg.patches());
         let n = batch.images.len() / (3 * size * size);
-        let cols = size / ps;
         let pv = 3 * ps * ps;
-        // Patches flattened (channel, row, col) as conv1's weight [W, 3, p, p].
-        let mut patches = vec![0.0; n * l * pv];
-        for (b, img) in batch.images.chunks(3 * size * size).enumerate() {
-            for j in 0..l {
-                let (y0, x0) = ((j / cols) * ps, (j % cols) * ps);
-                for c in 0..3 {
-                    for r in 0..ps {
-                        for q in 0..ps {
-                            patches[(b * l + j) * pv + (c * ps + r) * ps + q] =
-                                img[c * size * size + (y0 + r) * size + x0 + q];
-                        }
-                    }
-                }
-            }
-        }
+        let patches = self.patchify(batch.images);
         let mut emb = vec![0.0; n * l * w];
         linear_forward(&mut emb, &patches, p.get("visual.conv1.weight"), None, n * l, pv, w);
         let keep: Vec<Vec<usize>> = match batch.keep {
@@ -385,8 +427,22 @@ impl Clip<'_> {
         g.0.values_mut().for_each(|t| t.data.par_iter_mut().for_each(|x| *x = 0.0));
         let (d_img, d_txt, d_scale) = &cache.loss_grads;
         g.get_mut("logit_scale")[0] = *d_scale;
-        self.image_backward(p, g, d_img, &cache.image);
-        self.text_backward(p, g, batch, d_txt, &cache.text);
+        self.backward_towers(p, batch, &cache.towers, d_img, d_txt, g);
+    }
+
+    /// Adds to `g` the gradients that the feature gradients `d_image`, `d_text` [B, E] send
+    /// through both towers (the logit scale's gradient is the caller's).
+    pub fn backward_towers(
+        &self,
+        p: &Params,
+        batch: &Batch,
+        towers: &TowerCaches,
+        d_image: &[f32],
+        d_text: &[f32],
+        g: &mut Params,
+    ) {
+        self.image_backward(p, g, d_image, &towers.image);
+        self.text_backward(p, g, batch, d_text, &towers.text);
     }
 
     fn image_backward(&self, p: &Params, g: &mut Params, d_features: &[f32], c: &ImageCache) {

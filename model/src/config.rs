@@ -64,11 +64,14 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-const BUILT_IN: [(&str, &str); 4] = [
+const BUILT_IN: [(&str, &str); 6] = [
     ("ViT-B-16", include_str!("../configs/ViT-B-16.json")),
     ("ViT-B-32", include_str!("../configs/ViT-B-32.json")),
     ("ViT-S-16", include_str!("../configs/ViT-S-16.json")),
     ("test-tiny", include_str!("../configs/test-tiny.json")),
+    // The trainer's small models: `shapes` at 64×64 (L = 64) and Fashion-MNIST at 28×28 (L = 49).
+    ("shapes-tiny", include_str!("../configs/shapes-tiny.json")),
+    ("fmnist-tiny", include_str!("../configs/fmnist-tiny.json")),
 ];
 
 impl ClipConfig {

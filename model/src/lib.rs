@@ -5,9 +5,11 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod data;
 pub mod golden;
 pub mod init;
 pub mod optimizer;
 pub mod params;
 pub mod preprocess;
 pub mod tokenizer;
+pub mod train;

@@ -24,6 +24,16 @@ impl Optimizer {
         Optimizer { adamw, weight_decay, m: Params::zeros(cfg), v: Params::zeros(cfg), step: 0 }
     }
 
+    /// The first and second moments and the number of steps taken (for checkpoints).
+    pub fn state(&self) -> (&Params, &Params, u32) {
+        (&self.m, &self.v, self.step)
+    }
+
+    /// Continues from a checkpoint's moments and step count.
+    pub fn restore(&mut self, m: Params, v: Params, step: u32) {
+        (self.m, self.v, self.step) = (m, v, step);
+    }
+
     pub fn step(&mut self, params: &mut Params, grads: &Params) {
         self.step += 1;
         // The three maps have the same keys, so they iterate in the same order.

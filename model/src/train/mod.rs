@@ -1,0 +1,489 @@
+//! The trainer: `clip-pgs train`. Data (`crate::data`), masking (none / FLIP / PGS from
+//! `clip_pgs_host::ops::pgs`), the CLIP forward/backward with gradient accumulation, AdamW with
+//! open_clip's cosine schedule and gradient clipping, evaluation (`eval.rs`), atomic checkpoints
+//! with optimizer state and data position (resume reproduces the uninterrupted run exactly),
+//! metrics as JSONL and plots at the end (`plot.rs`).
+//!
+//! Randomness is counter-based (Philox keyed by seed and step), so the RNG state a checkpoint needs
+//! is the step and the data position.
+
+pub mod eval;
+pub mod plot;
+pub mod schedule;
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use clip_pgs_host::ops::adamw::AdamW;
+use clip_pgs_host::ops::clip_loss::clip_loss;
+use clip_pgs_host::ops::edge_map::ImageBatchShape;
+use clip_pgs_host::ops::pgs::{MaskStep, Masking, PatchTokens, PgsMode, REFERENCE_EPOCHS, mask_cpu};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint;
+use crate::clip::{Batch, Clip, TowerCaches};
+use crate::config::ClipConfig;
+use crate::data::loader::{LoadedBatch, LoaderConfig, Position, Prefetcher};
+use crate::data::{Sample, Source, SourceOptions, Split};
+use crate::optimizer::Optimizer;
+use crate::params::Params;
+use crate::tokenizer::ClipTokenizer;
+use eval::{Encoder, EvalSet};
+
+/// Everything a run is defined by (the CLI's flags, open_clip's names).
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub data: String,
+    /// Evaluation data; default: the held-out split of `data` where it has one.
+    pub val_data: Option<String>,
+    pub source_options: SourceOptions,
+    pub model: String,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Samples per epoch, if fewer than the source holds.
+    pub train_num_samples: Option<usize>,
+    pub lr: f32,
+    pub wd: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub warmup: usize,
+    pub grad_clip_norm: Option<f32>,
+    pub accum_freq: usize,
+    pub masking: Masking,
+    pub seed: u64,
+    pub workers: usize,
+    pub zeroshot_frequency: usize,
+    pub save_frequency: usize,
+    pub eval_samples: usize,
+    pub log_every_n_steps: usize,
+    /// `latest` or a checkpoint path.
+    pub resume: Option<String>,
+    pub logs: PathBuf,
+    pub name: String,
+    pub progress: bool,
+    /// Consecutive non-finite losses that stop the run.
+    pub max_bad_steps: usize,
+}
+
+/// What a checkpoint records besides the tensors.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    pub step: usize,
+    pub epoch: usize,
+    pub cursor: usize,
+    pub seed: u64,
+    pub samples_skipped: usize,
+    pub bad_steps: usize,
+    pub elapsed_s: f64,
+}
+
+/// The result of a run.
+#[derive(Debug)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub final_loss: f32,
+    pub losses: Vec<f32>,
+    pub eval: BTreeMap<String, f64>,
+    pub wall_s: f64,
+    pub samples_skipped: usize,
+    pub interrupted: bool,
+    pub out_dir: PathBuf,
+}
+
+/// `limit` samples of another source: `--train-num-samples`.
+struct Limited(Box<dyn Source>, usize);
+
+impl Source for Limited {
+    fn describe(&self) -> String {
+        format!("{}, first {} used per epoch", self.0.describe(), self.1)
+    }
+    fn len(&self) -> usize {
+        self.1.min(self.0.len())
+    }
+    fn get(&self, i: usize) -> Result<Sample, String> {
+        self.0.get(i)
+    }
+    fn classes(&self) -> Option<&crate::data::Classes> {
+        self.0.classes()
+    }
+}
+
+impl TrainConfig {
+    /// Checks the flags before anything is loaded.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("--epochs", self.epochs),
+            ("--batch-size", self.batch_size),
+            ("--accum-freq", self.accum_freq),
+            ("--workers", self.workers),
+        ];
+        if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{flag} must be at least 1"));
+        }
+        if self.batch_size < 2 {
+            return Err("--batch-size must be at least 2: the contrastive loss needs negatives".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(format!("--lr {} is not a positive number", self.lr));
+        }
+        if !(self.wd.is_finite() && self.wd >= 0.0) {
+            return Err(format!("--wd {} is not a non-negative number", self.wd));
+        }
+        if let Some(c) = self.grad_clip_norm.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            return Err(format!("--grad-clip-norm {c} is not a positive number"));
+        }
+        Ok(())
+    }
+
+    fn out_dir(&self) -> PathBuf {
+        self.logs.join(&self.name)
+    }
+}
+
+/// The run's output folder: checkpoints, metrics.jsonl, plots.
+fn checkpoint_path(dir: &Path, epoch: usize) -> PathBuf {
+    dir.join("checkpoints").join(format!("epoch_{epoch}.safetensors"))
+}
+
+/// The newest `epoch_N.safetensors` in the run's checkpoint folder.
+pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(dir.join("checkpoints")).ok()?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let n: usize = name.strip_prefix("epoch_")?.strip_suffix(".safetensors")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, p)| p)
+}
+
+/// Appends JSON lines to metrics.jsonl.
+struct Metrics(std::fs::File);
+
+impl Metrics {
+    fn write(&mut self, record: serde_json::Value) -> Result<(), String> {
+        writeln!(self.0, "{record}").map_err(|e| format!("writing metrics.jsonl: {e}"))
+    }
+}
+
+/// Global L2 norm of the gradients.
+fn grad_norm(g: &Params) -> f32 {
+    g.0.values().map(|t| t.data.iter().map(|v| (*v as f64).powi(2)).sum::<f64>()).sum::<f64>().sqrt() as f32
+}
+
+/// The masks for one batch: keep lists (None: every patch), and the masked fraction.
+fn masks(
+    cfg: &ClipConfig,
+    clip: &Clip,
+    params: &Params,
+    images: &[f32],
+    masking: &Masking,
+    at: MaskStep,
+) -> Result<(Option<Vec<Vec<usize>>>, f64), String> {
+    if *masking == Masking::None {
+        return Ok((None, 0.0));
+    }
+    let size = cfg.vision_cfg.image_size;
+    let n = images.len() / (3 * size * size);
+    let shape = ImageBatchShape { n, height: size, width: size };
+    // Token similarity weighs α = epoch / epochs (paper) or epoch / 32 (reference): at α = 0 the
+    // tokens are not needed.
+    let alpha_epochs = match masking {
+        Masking::Pgs(p) if p.mode == PgsMode::Reference => REFERENCE_EPOCHS,
+        _ => at.epochs,
+    };
+    let tokens = (matches!(masking, Masking::Pgs(_)) && at.epoch > 0 && alpha_epochs > 0)
+        .then(|| clip.patch_tokens(params, images));
+    let tokens = tokens.as_ref().map(|t| PatchTokens { tokens: t, dim: cfg.vision_cfg.width });
+    let m = mask_cpu(images, shape, cfg.vision_cfg.patch_size, tokens, masking, &at).map_err(|e| e.to_string())?;
+    let keep = m.images.iter().map(|i| i.kept.iter().map(|&j| j as usize).collect()).collect();
+    Ok((Some(keep), m.masked_fraction()))
+}
+
+/// One optimizer step's loss and gradients (written into `g`) over `accum` micro-batches: the
+/// contrastive loss is over the whole batch (open_clip's `--accum-freq` semantics: every
+/// micro-batch's features see the whole batch's negatives).
+fn loss_and_grads(
+    clip: &Clip,
+    params: &Params,
+    images: &[f32],
+    text: &[u32],
+    keep: Option<&[Vec<usize>]>,
+    accum: usize,
+    g: &mut Params,
+) -> f32 {
+    let cfg = clip.cfg;
+    let n = text.len() / cfg.text_cfg.context_length;
+    let (img_len, ctx, e) = (3 * cfg.vision_cfg.image_size.pow(2), cfg.text_cfg.context_length, cfg.embed_dim);
+    let micro = n.div_ceil(accum);
+    let ranges: Vec<(usize, usize)> = (0..n).step_by(micro).map(|s| (s, (s + micro).min(n))).collect();
+    let batch = |(s, t): (usize, usize)| Batch {
+        images: &images[s * img_len..t * img_len],
+        text: &text[s * ctx..t * ctx],
+        keep: keep.map(|k| &k[s..t]),
+    };
+    let mut caches: Vec<TowerCaches> = Vec::new();
+    let (mut img_f, mut txt_f) = (Vec::with_capacity(n * e), Vec::with_capacity(n * e));
+    for &r in &ranges {
+        let (i, t, c) = clip.encode(params, &batch(r));
+        img_f.extend(i);
+        txt_f.extend(t);
+        caches.push(c);
+    }
+    let loss = clip_loss(&img_f, &txt_f, params.get("logit_scale")[0], n, e);
+    g.0.values_mut().for_each(|t| t.data.fill(0.0));
+    if !loss.loss.is_finite() {
+        return loss.loss;
+    }
+    g.get_mut("logit_scale")[0] = loss.d_logit_scale;
+    for (&(s, t), c) in ranges.iter().zip(&caches) {
+        clip.backward_towers(params, &batch((s, t)), c, &loss.d_image[s * e..t * e], &loss.d_text[s * e..t * e], g);
+    }
+    loss.loss
+}
+
+/// Runs training to the end (or until `interrupt` is set: then a checkpoint is written).
+pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSummary, String> {
+    cfg.validate()?;
+    let model_cfg = ClipConfig::load(&cfg.model).map_err(|e| e.to_string())?;
+    let config_json = model_json(&cfg.model)?;
+    let image_size = model_cfg.vision_cfg.image_size as u32;
+    let mut train_source = crate::data::open(&cfg.data, Split::Train, &cfg.source_options)?;
+    if let Some(n) = cfg.train_num_samples {
+        train_source = Box::new(Limited(train_source, n));
+    }
+    let eval_source = match &cfg.val_data {
+        Some(spec) => Some(crate::data::open(spec, Split::Eval, &cfg.source_options)?),
+        // Sources with a held-out split evaluate on it; a csv or wds source needs --val-data.
+        None if cfg.data == "shapes" || cfg.data.starts_with("fashion-mnist") => {
+            Some(crate::data::open(&cfg.data, Split::Eval, &cfg.source_options)?)
+        }
+        None => None,
+    };
+    let steps_per_epoch = train_source.len() / cfg.batch_size;
+    if steps_per_epoch == 0 {
+        return Err(format!("{} holds fewer samples than one batch of {}", train_source.describe(), cfg.batch_size));
+    }
+    let total_steps = steps_per_epoch * cfg.epochs;
+    let out_dir = cfg.out_dir();
+    std::fs::create_dir_all(out_dir.join("checkpoints")).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    let tokenizer = ClipTokenizer::new().map_err(|e| e.to_string())?;
+    let clip = Clip { cfg: &model_cfg };
+    let adamw = AdamW { lr: cfg.lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps };
+    let mut optimizer = Optimizer::new(&model_cfg, adamw, cfg.wd);
+    let mut params = Params::init(&model_cfg, cfg.seed);
+    let mut state = TrainState {
+        step: 0,
+        epoch: 0,
+        cursor: 0,
+        seed: cfg.seed,
+        samples_skipped: 0,
+        bad_steps: 0,
+        elapsed_s: 0.0,
+    };
+    if let Some(resume) = &cfg.resume {
+        let path = match resume.as_str() {
+            "latest" => latest_checkpoint(&out_dir)
+                .ok_or_else(|| format!("--resume latest: no checkpoint in {}", out_dir.join("checkpoints").display()))?,
+            p => PathBuf::from(p),
+        };
+        let ckpt = checkpoint::load_training(&path)?;
+        if ckpt.config != model_cfg {
+            return Err(format!("{}: the checkpoint's model config differs from --model {}", path.display(), cfg.model));
+        }
+        state = serde_json::from_str(&ckpt.train_state).map_err(|e| format!("{}: train_state: {e}", path.display()))?;
+        if state.seed != cfg.seed {
+            return Err(format!("{}: written with --seed {}, this run has --seed {}", path.display(), state.seed, cfg.seed));
+        }
+        params = ckpt.params;
+        let (m, v, step) = ckpt.moments;
+        optimizer.restore(m, v, step);
+        println!("resuming from {} at step {}, epoch {}", path.display(), state.step, state.epoch);
+    }
+    let eval_set = eval_source.as_ref().map(|s| EvalSet::load(s.as_ref(), cfg.eval_samples, image_size));
+    let mut metrics = Metrics(
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out_dir.join("metrics.jsonl"))
+            .map_err(|e| format!("{}: {e}", out_dir.join("metrics.jsonl").display()))?,
+    );
+    println!("data: {}", train_source.describe());
+    if let (Some(s), Some(set)) = (&eval_source, &eval_set) {
+        println!("eval: {} ({} used, {} skipped)", s.describe(), set.len(), set.skipped);
+    }
+    println!(
+        "model: {} ({} parameters), masking: {}, {} epochs × {} steps of {}",
+        cfg.model,
+        params.0.values().map(|t| t.data.len()).sum::<usize>(),
+        describe_masking(&cfg.masking),
+        cfg.epochs,
+        steps_per_epoch,
+        cfg.batch_size
+    );
+    let loader_cfg = LoaderConfig { batch_size: cfg.batch_size, image_size, seed: cfg.seed, workers: cfg.workers };
+    let source: Arc<dyn Source> = Arc::from(train_source);
+    let prefetcher =
+        Prefetcher::start(source, loader_cfg, Position { epoch: state.epoch, cursor: state.cursor }, cfg.epochs);
+    let bar = if cfg.progress { ProgressBar::new(total_steps as u64) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
+            .map_err(|e| e.to_string())?,
+    );
+    bar.set_position(state.step as u64);
+    let ctx = model_cfg.text_cfg.context_length;
+    let mut grads = Params::zeros(&model_cfg);
+    let (start, elapsed_before) = (Instant::now(), state.elapsed_s);
+    let mut losses = Vec::new();
+    let mut last_eval = BTreeMap::new();
+    let mut consecutive_bad = 0;
+    let mut window = (Instant::now(), 0usize);
+    let mut interrupted = false;
+    let save = |params: &Params, optimizer: &Optimizer, state: &TrainState, epoch_tag: usize| -> Result<(), String> {
+        let json = serde_json::to_string(state).map_err(|e| e.to_string())?;
+        checkpoint::save_training(&checkpoint_path(&out_dir, epoch_tag), &config_json, params, optimizer, &json)
+    };
+    while let Some(batch) = prefetcher.next_batch() {
+        let batch: LoadedBatch = batch?;
+        if !batch.skipped.is_empty() {
+            state.samples_skipped += batch.skipped.len();
+            bar.println(format!("skipped {} corrupt samples: {}", batch.skipped.len(), batch.skipped[0]));
+            metrics.write(serde_json::json!({"step": state.step, "skipped": batch.skipped}))?;
+        }
+        let mut text = Vec::with_capacity(cfg.batch_size * ctx);
+        for caption in &batch.captions {
+            text.extend(tokenizer.tokenize(caption, ctx).map_err(|e| e.to_string())?);
+        }
+        let at = MaskStep { seed: cfg.seed, step: state.step as u32, epoch: batch.epoch, epochs: cfg.epochs };
+        let (keep, masked) = masks(&model_cfg, &clip, &params, &batch.images, &cfg.masking, at)?;
+        let lr = schedule::cosine_lr(cfg.lr, cfg.warmup, total_steps, state.step);
+        optimizer.adamw.lr = lr;
+        let loss = loss_and_grads(&clip, &params, &batch.images, &text, keep.as_deref(), cfg.accum_freq, &mut grads);
+        let norm = grad_norm(&grads);
+        if !loss.is_finite() || !norm.is_finite() {
+            state.bad_steps += 1;
+            consecutive_bad += 1;
+            bar.println(format!("step {}: loss {loss}, gradient norm {norm}: step skipped, no update", state.step));
+            metrics.write(serde_json::json!({"step": state.step, "bad_step": true, "loss": loss.to_string()}))?;
+            if consecutive_bad >= cfg.max_bad_steps {
+                return Err(format!(
+                    "{consecutive_bad} consecutive steps had a non-finite loss or gradient: stopping; the last good \
+                     checkpoint in {} is intact",
+                    out_dir.join("checkpoints").display()
+                ));
+            }
+        } else {
+            consecutive_bad = 0;
+            if let Some(max) = cfg.grad_clip_norm.filter(|&m| norm > m) {
+                let scale = max / norm;
+                grads.0.values_mut().for_each(|t| t.data.iter_mut().for_each(|v| *v *= scale));
+            }
+            optimizer.step(&mut params, &grads);
+            losses.push(loss);
+        }
+        state.step += 1;
+        window.1 += cfg.batch_size;
+        (state.epoch, state.cursor) = (batch.after.epoch, batch.after.cursor);
+        let samples_per_s = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!("epoch {} loss {loss:.4} {samples_per_s:.0} samples/s", batch.epoch));
+        bar.inc(1);
+        if state.step % cfg.log_every_n_steps.max(1) == 0 {
+            metrics.write(serde_json::json!({
+                "step": state.step, "epoch": batch.epoch, "loss": loss, "lr": lr, "grad_norm": norm,
+                "logit_scale": params.get("logit_scale")[0].exp(), "masked_fraction": masked,
+                "samples_per_s": samples_per_s, "time_s": elapsed_before + start.elapsed().as_secs_f64(),
+            }))?;
+            window = (Instant::now(), 0);
+        }
+        let epoch_done = batch.after.epoch > batch.epoch;
+        let last = epoch_done && batch.after.epoch == cfg.epochs;
+        if epoch_done {
+            let finished = batch.epoch + 1;
+            if let Some(set) = &eval_set
+                && (last || (cfg.zeroshot_frequency > 0 && finished % cfg.zeroshot_frequency == 0))
+            {
+                let enc = Encoder { clip: Clip { cfg: &model_cfg }, params: &params, tokenizer: &tokenizer };
+                last_eval = eval::evaluate(&enc, set)?;
+                let mut record = serde_json::json!({"step": state.step, "epoch": finished, "eval": &last_eval});
+                record["time_s"] = (elapsed_before + start.elapsed().as_secs_f64()).into();
+                metrics.write(record)?;
+                bar.println(format!("epoch {finished}: {}", headline(&last_eval)));
+            }
+            state.elapsed_s = elapsed_before + start.elapsed().as_secs_f64();
+            if last || (cfg.save_frequency > 0 && finished % cfg.save_frequency == 0) {
+                save(&params, &optimizer, &state, finished)?;
+            }
+        }
+        if interrupt.load(Ordering::SeqCst) {
+            state.elapsed_s = elapsed_before + start.elapsed().as_secs_f64();
+            // Named after the epoch in progress; resuming continues from its data position.
+            save(&params, &optimizer, &state, state.epoch + usize::from(!epoch_done))?;
+            bar.println(format!("interrupted at step {}: checkpoint written", state.step));
+            interrupted = true;
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let wall_s = elapsed_before + start.elapsed().as_secs_f64();
+    if !interrupted {
+        checkpoint::save(&out_dir.join("model.safetensors"), &config_json, &params)?;
+    }
+    Ok(TrainSummary {
+        steps: state.step,
+        final_loss: losses.last().copied().unwrap_or(f32::NAN),
+        losses,
+        eval: last_eval,
+        wall_s,
+        samples_skipped: state.samples_skipped,
+        interrupted,
+        out_dir,
+    })
+}
+
+/// The config JSON to store in checkpoints (the built-in's file or the user's).
+fn model_json(model: &str) -> Result<String, String> {
+    let cfg = ClipConfig::load(model).map_err(|e| e.to_string())?;
+    Ok(serde_json::json!({
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": {"image_size": cfg.vision_cfg.image_size, "patch_size": cfg.vision_cfg.patch_size,
+            "width": cfg.vision_cfg.width, "layers": cfg.vision_cfg.layers, "head_width": cfg.vision_cfg.head_width,
+            "mlp_ratio": cfg.vision_cfg.mlp_ratio},
+        "text_cfg": {"context_length": cfg.text_cfg.context_length, "vocab_size": cfg.text_cfg.vocab_size,
+            "width": cfg.text_cfg.width, "heads": cfg.text_cfg.heads, "layers": cfg.text_cfg.layers,
+            "mlp_ratio": cfg.text_cfg.mlp_ratio},
+    })
+    .to_string())
+}
+
+pub fn describe_masking(m: &Masking) -> String {
+    match m {
+        Masking::None => "none".into(),
+        Masking::Flip { ratio } => format!("flip {ratio}"),
+        Masking::Pgs(p) => {
+            let ratio = match p.ratio {
+                clip_pgs_host::ops::pgs::MaskRatio::Fixed(r) => format!("{r}"),
+                clip_pgs_host::ops::pgs::MaskRatio::Dynamic { min, max } => format!("dynamic {min}-{max}"),
+            };
+            let ablations = format!("{}{}", if p.use_ed { "" } else { " no-ed" }, if p.use_otn { "" } else { " no-otn" });
+            format!("pgs {} {ratio}{ablations}", p.mode)
+        }
+    }
+}
+
+/// The metrics a progress line shows.
+pub fn headline(m: &BTreeMap<String, f64>) -> String {
+    ["zeroshot_top1", "zeroshot_top5", "image_to_text_R@1", "text_to_image_R@1", "compositionality"]
+        .iter()
+        .filter_map(|k| m.get(*k).map(|v| format!("{k} {:.1}%", 100.0 * v)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,344 @@
+//! `clip-pgs train` and `clip-pgs eval`: the flags (open_clip's names where open_clip has the
+//! flag), Ctrl-C, the summary table and the plots. The training itself is
+//! `clip_pgs_model::train`.
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Args, ValueEnum};
+use clip_pgs_host::ops::edge_map::ImageBatchShape;
+use clip_pgs_host::ops::pgs::{MaskRatio, MaskStep, Masking, PgsConfig, PgsMode, mask_cpu};
+use clip_pgs_host::{Device, DevicePreference};
+use clip_pgs_model::clip::Clip;
+use clip_pgs_model::config::ClipConfig;
+use clip_pgs_model::data::{self, SourceOptions, Split};
+use clip_pgs_model::tokenizer::ClipTokenizer;
+use clip_pgs_model::train::eval::{Encoder, EvalSet, evaluate};
+use clip_pgs_model::train::plot::{Series, line_chart};
+use clip_pgs_model::train::{TrainConfig, TrainSummary, describe_masking, headline, train};
+use image::RgbImage;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MaskMethod {
+    None,
+    Flip,
+    Pgs,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Training data: shapes (embedded), fashion-mnist[:DIR], csv:FILE or wds:SHARDS ("a/{000..009}.tar").
+    #[arg(long, alias = "train-data", default_value = "shapes")]
+    data: String,
+    /// Evaluation data (default: the held-out split of --data for shapes and fashion-mnist).
+    #[arg(long)]
+    val_data: Option<String>,
+    /// A built-in config (shapes-tiny, fmnist-tiny, test-tiny, ViT-S-16, ViT-B-16, ViT-B-32) or an
+    /// open_clip model-config JSON file. Default: shapes-tiny, or fmnist-tiny for fashion-mnist.
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, default_value_t = 5)]
+    epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Samples per epoch (default: all the source holds).
+    #[arg(long)]
+    train_num_samples: Option<usize>,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    #[arg(long, default_value_t = 0.1)]
+    wd: f32,
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f32,
+    #[arg(long, default_value_t = 0.98)]
+    beta2: f32,
+    #[arg(long, default_value_t = 1e-6)]
+    eps: f32,
+    /// Warm-up steps of the cosine schedule.
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    /// Clip the global gradient norm to this.
+    #[arg(long)]
+    grad_clip_norm: Option<f32>,
+    /// Split each batch into this many micro-batches (the loss still sees the whole batch).
+    #[arg(long, default_value_t = 1)]
+    accum_freq: usize,
+    /// Patch masking before the image tower: none (CLIP), flip (random), pgs (the default).
+    #[arg(long, value_enum, default_value_t = MaskMethod::Pgs)]
+    mask: MaskMethod,
+    /// Fraction of patches masked (flip, pgs), or "dynamic" (PGS-0.3: 30–50% by similarity).
+    #[arg(long, default_value = "0.5")]
+    mask_ratio: String,
+    /// paper (what the paper describes) or reference (what the public code runs).
+    #[arg(long, default_value = "paper")]
+    pgs_mode: PgsMode,
+    /// PGS without the edge map (ablation).
+    #[arg(long)]
+    no_ed: bool,
+    /// PGS without optimal-transport normalization (ablation).
+    #[arg(long)]
+    no_otn: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Data decoding workers.
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(2, |n| n.get()))]
+    workers: usize,
+    /// Evaluate every this many epochs (and always after the last); 0: only at the end.
+    #[arg(long, default_value_t = 1)]
+    zeroshot_frequency: usize,
+    /// Write a checkpoint every this many epochs (and always after the last).
+    #[arg(long, default_value_t = 1)]
+    save_frequency: usize,
+    /// Held-out samples evaluated.
+    #[arg(long, default_value_t = 1000)]
+    eval_samples: usize,
+    #[arg(long, default_value_t = 20)]
+    log_every_n_steps: usize,
+    /// Continue from a checkpoint: a path, or "latest" (the newest in this run's folder).
+    #[arg(long)]
+    resume: Option<String>,
+    /// Output root; the run writes to LOGS/NAME.
+    #[arg(long, default_value = "logs")]
+    logs: PathBuf,
+    /// Run name (default: data-mask-seed).
+    #[arg(long)]
+    name: Option<String>,
+    /// auto, cpu or cuda. Training runs on the CPU device for now (the CUDA model is not built yet).
+    #[arg(long, default_value = "auto")]
+    device: DevicePreference,
+    /// No progress bar (logs and CI).
+    #[arg(long)]
+    no_progress: bool,
+    /// Consecutive non-finite losses that stop the run.
+    #[arg(long, default_value_t = 5)]
+    max_bad_steps: usize,
+    #[arg(long, default_value = "filepath")]
+    csv_img_key: String,
+    #[arg(long, default_value = "title")]
+    csv_caption_key: String,
+    /// CSV separator (one character; default tab, as open_clip).
+    #[arg(long, default_value = "\t")]
+    csv_separator: String,
+}
+
+fn masking(args: &TrainArgs) -> Result<Masking, String> {
+    let ratio = match args.mask_ratio.as_str() {
+        "dynamic" => MaskRatio::Dynamic { min: 0.3, max: 0.5 },
+        r => match r.parse::<f32>() {
+            Ok(r) if (0.0..1.0).contains(&r) => MaskRatio::Fixed(r),
+            _ => return Err(format!("--mask-ratio {r:?}: expected a number in [0, 1) or \"dynamic\"")),
+        },
+    };
+    Ok(match args.mask {
+        MaskMethod::None => Masking::None,
+        MaskMethod::Flip => match ratio {
+            MaskRatio::Fixed(ratio) => Masking::Flip { ratio },
+            MaskRatio::Dynamic { .. } => return Err("--mask-ratio dynamic is PGS's; FLIP needs a number".into()),
+        },
+        MaskMethod::Pgs => {
+            Masking::Pgs(PgsConfig { mode: args.pgs_mode, ratio, use_ed: !args.no_ed, use_otn: !args.no_otn })
+        }
+    })
+}
+
+fn source_options(args: &TrainArgs) -> Result<SourceOptions, String> {
+    let sep = args.csv_separator.as_bytes();
+    if sep.len() != 1 {
+        return Err(format!("--csv-separator {:?}: one single-byte character expected", args.csv_separator));
+    }
+    Ok(SourceOptions {
+        csv_img_key: args.csv_img_key.clone(),
+        csv_caption_key: args.csv_caption_key.clone(),
+        csv_separator: sep[0],
+        seed: args.seed,
+    })
+}
+
+fn default_model(data: &str) -> &'static str {
+    if data.starts_with("fashion-mnist") { "fmnist-tiny" } else { "shapes-tiny" }
+}
+
+pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
+    let device = Device::select(args.device)?;
+    if matches!(device.device, Device::Cuda(_)) {
+        return Err("training on CUDA is not built yet (the GPU kernels cover PGS masking so far); use --device cpu".into());
+    }
+    println!("device: {device}");
+    let masking = masking(args)?;
+    let model = args.model.clone().unwrap_or_else(|| default_model(&args.data).to_string());
+    let name = args.name.clone().unwrap_or_else(|| {
+        let data = args.data.split([':', '/']).next().unwrap_or("data");
+        format!("{data}-{}-seed{}", describe_masking(&masking).replace(' ', "-"), args.seed)
+    });
+    let cfg = TrainConfig {
+        data: args.data.clone(),
+        val_data: args.val_data.clone(),
+        source_options: source_options(args)?,
+        model,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        train_num_samples: args.train_num_samples,
+        lr: args.lr,
+        wd: args.wd,
+        beta1: args.beta1,
+        beta2: args.beta2,
+        eps: args.eps,
+        warmup: args.warmup,
+        grad_clip_norm: args.grad_clip_norm,
+        accum_freq: args.accum_freq,
+        masking,
+        seed: args.seed,
+        workers: args.workers,
+        zeroshot_frequency: args.zeroshot_frequency,
+        save_frequency: args.save_frequency,
+        eval_samples: args.eval_samples,
+        log_every_n_steps: args.log_every_n_steps,
+        resume: args.resume.clone(),
+        logs: args.logs.clone(),
+        name,
+        progress: !args.no_progress,
+        max_bad_steps: args.max_bad_steps,
+    };
+    cfg.validate()?;
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    // A second Ctrl-C while the checkpoint is written kills the process as usual.
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)");
+    })?;
+    let summary = train(&cfg, interrupt)?;
+    report(&cfg, &summary)?;
+    Ok(())
+}
+
+/// The summary table, the plots and the mask grid.
+fn report(cfg: &TrainConfig, s: &TrainSummary) -> Result<(), Box<dyn Error>> {
+    println!(
+        "\n{} {} steps in {:.1} s ({:.0} samples/s), final loss {:.4}, {} corrupt samples skipped",
+        if s.interrupted { "interrupted after" } else { "trained" },
+        s.steps,
+        s.wall_s,
+        (s.steps * cfg.batch_size) as f64 / s.wall_s.max(1e-9),
+        s.final_loss,
+        s.samples_skipped
+    );
+    if !s.eval.is_empty() {
+        println!("{:<34} {:>8}", "held-out metric", "value");
+        for (k, v) in &s.eval {
+            println!("{k:<34} {:>7.1}%", 100.0 * v);
+        }
+        if let (Some(top1), Some(chance)) = (s.eval.get("zeroshot_top1"), s.eval.get("zeroshot_chance")) {
+            println!("zero-shot top-1 is {:.1}× chance", top1 / chance);
+        }
+    }
+    let dir = &s.out_dir;
+    let (losses, _) = read_metrics(&dir.join("metrics.jsonl"));
+    if !losses.is_empty() {
+        let series = [Series { name: cfg.name.clone(), points: losses }];
+        line_chart(&dir.join("loss.png"), "training loss", "step", "loss", &series, 900, 500)?;
+    }
+    // Zero-shot accuracy over training for every run beside this one.
+    let mut runs = Vec::new();
+    for entry in std::fs::read_dir(&cfg.logs)?.flatten() {
+        let (_, e) = read_metrics(&entry.path().join("metrics.jsonl"));
+        if !e.is_empty() {
+            runs.push(Series { name: entry.file_name().to_string_lossy().into_owned(), points: e });
+        }
+    }
+    runs.sort_by(|a, b| a.name.cmp(&b.name));
+    if !runs.is_empty() {
+        let path = cfg.logs.join("zeroshot.png");
+        line_chart(&path, "held-out zero-shot top-1", "epoch", "top-1 (%)", &runs, 900, 500)?;
+    }
+    mask_grid(cfg, &dir.join("masks.png"))?;
+    println!(
+        "wrote {} (metrics.jsonl, loss.png, masks.png, checkpoints/, model.safetensors) and {}",
+        dir.display(),
+        cfg.logs.join("zeroshot.png").display()
+    );
+    Ok(())
+}
+
+/// (step, loss) of the training records and (epoch, zero-shot top-1 %) of the evaluations; for a
+/// resumed run, a later record of the same step replaces the earlier one.
+fn read_metrics(path: &Path) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+    let Ok(text) = std::fs::read_to_string(path) else { return (Vec::new(), Vec::new()) };
+    let (mut losses, mut evals) = (BTreeMap::new(), BTreeMap::new());
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let step = v["step"].as_u64().unwrap_or(0);
+        if let Some(loss) = v["loss"].as_f64() {
+            losses.insert(step, loss);
+        }
+        if let (Some(epoch), Some(top1)) = (v["epoch"].as_u64(), v["eval"]["zeroshot_top1"].as_f64())
+            && v.get("eval").is_some()
+        {
+            evals.insert(epoch, 100.0 * top1);
+        }
+    }
+    let points = |m: BTreeMap<u64, f64>| m.into_iter().map(|(k, v)| (k as f64, v)).collect();
+    (points(losses), points(evals))
+}
+
+/// Eight held-out (or training) images with the run's masks at step 0: masked patches dimmed,
+/// PGS candidates outlined.
+fn mask_grid(cfg: &TrainConfig, path: &Path) -> Result<(), Box<dyn Error>> {
+    let model = ClipConfig::load(&cfg.model)?;
+    let size = model.vision_cfg.image_size;
+    let spec = cfg.val_data.as_deref().unwrap_or(&cfg.data);
+    let source = data::open(spec, Split::Eval, &cfg.source_options)?;
+    let set = EvalSet::load(source.as_ref(), 8, size as u32);
+    if set.is_empty() {
+        return Ok(());
+    }
+    let shape = ImageBatchShape { n: set.len(), height: size, width: size };
+    let at = MaskStep { seed: cfg.seed, step: 0, epoch: 0, epochs: cfg.epochs };
+    let masks = mask_cpu(&set.images, shape, model.vision_cfg.patch_size, None, &cfg.masking, &at)?;
+    let panels: Vec<RgbImage> = set
+        .rgb
+        .iter()
+        .zip(&masks.images)
+        .map(|(rgb, m)| {
+            let big = image::imageops::resize(rgb, 3 * size as u32, 3 * size as u32, image::imageops::Nearest);
+            crate::mask::draw(&big, m, 3 * model.vision_cfg.patch_size)
+        })
+        .collect();
+    crate::mask::side_by_side(&panels).save(path)?;
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A checkpoint (model.safetensors or checkpoints/epoch_N.safetensors of a run).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Evaluation data: shapes, fashion-mnist[:DIR] (held-out splits), csv:FILE or wds:SHARDS.
+    #[arg(long, default_value = "shapes")]
+    data: String,
+    #[arg(long, default_value_t = 1000)]
+    eval_samples: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn eval(args: &EvalArgs) -> Result<(), Box<dyn Error>> {
+    let (cfg, params) = clip_pgs_model::checkpoint::load(&args.checkpoint, None)?;
+    let options = SourceOptions { seed: args.seed, ..SourceOptions::default() };
+    let source = data::open(&args.data, Split::Eval, &options)?;
+    let set = EvalSet::load(source.as_ref(), args.eval_samples, cfg.vision_cfg.image_size as u32);
+    println!("device: cpu; {} ({} samples used, {} skipped)", source.describe(), set.len(), set.skipped);
+    let tokenizer = ClipTokenizer::new()?;
+    let enc = Encoder { clip: Clip { cfg: &cfg }, params: &params, tokenizer: &tokenizer };
+    let metrics = evaluate(&enc, &set)?;
+    println!("{}", headline(&metrics));
+    for (k, v) in &metrics {
+        println!("{k:<34} {:>7.1}%", 100.0 * v);
+    }
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! The trainer end to end on the CPU: it learns (an accuracy floor on held-out shapes), resuming
+//! reproduces the uninterrupted run exactly, and bad data is skipped and counted or refused with
+//! a clear error before training starts.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use clip_pgs_host::ops::pgs::{MaskRatio, Masking, PgsConfig, PgsMode};
+use clip_pgs_model::data::SourceOptions;
+use clip_pgs_model::train::{TrainConfig, TrainSummary, train};
+use image::{Rgb, RgbImage};
+
+fn config(logs: &Path, name: &str) -> TrainConfig {
+    TrainConfig {
+        data: "shapes".into(),
+        val_data: None,
+        source_options: SourceOptions::default(),
+        model: "test-tiny".into(),
+        epochs: 2,
+        batch_size: 32,
+        train_num_samples: Some(320),
+        lr: 2e-3,
+        wd: 0.1,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-6,
+        warmup: 10,
+        grad_clip_norm: Some(5.0),
+        accum_freq: 1,
+        masking: Masking::Pgs(PgsConfig {
+            mode: PgsMode::Paper,
+            ratio: MaskRatio::Fixed(0.5),
+            use_ed: true,
+            use_otn: true,
+        }),
+        seed: 1,
+        workers: 2,
+        zeroshot_frequency: 1,
+        save_frequency: 1,
+        eval_samples: 200,
+        log_every_n_steps: 1,
+        resume: None,
+        logs: logs.to_path_buf(),
+        name: name.into(),
+        progress: false,
+        max_bad_steps: 3,
+    }
+}
+
+fn run(cfg: &TrainConfig) -> TrainSummary {
+    train(cfg, Arc::new(AtomicBool::new(false))).unwrap_or_else(|e| panic!("{}: {e}", cfg.name))
+}
+
+#[test]
+fn learns_shapes_beyond_chance() {
+    let logs = tempfile::tempdir().unwrap();
+    let mut cfg = config(logs.path(), "learn");
+    (cfg.epochs, cfg.train_num_samples, cfg.eval_samples) = (3, Some(1600), 400);
+    cfg.masking = Masking::None;
+    let s = run(&cfg);
+    assert_eq!(s.steps, 3 * 50);
+    let (top1, chance) = (s.eval["zeroshot_top1"], s.eval["zeroshot_chance"]);
+    // Measured at this commit: about 4× chance after 150 steps; the floor leaves room for noise.
+    assert!(top1 >= 2.0 * chance, "zero-shot top-1 {top1} is not 2× chance {chance}");
+    assert!(s.losses[s.losses.len() - 10..].iter().sum::<f32>() < s.losses[..10].iter().sum::<f32>());
+    for k in ["image_to_text_R@1", "text_to_image_R@10", "compositionality", "robust_blur_top1"] {
+        assert!(s.eval.contains_key(k), "{k} missing from {:?}", s.eval);
+    }
+    let dir = logs.path().join("learn");
+    for f in ["metrics.jsonl", "model.safetensors", "checkpoints/epoch_1.safetensors", "checkpoints/epoch_3.safetensors"] {
+        assert!(dir.join(f).exists(), "{f} not written");
+    }
+    // The final model loads as a plain (open_clip-named) checkpoint.
+    clip_pgs_model::checkpoint::load(&dir.join("model.safetensors"), None).unwrap();
+}
+
+#[test]
+fn resuming_reproduces_the_uninterrupted_run() {
+    let logs = tempfile::tempdir().unwrap();
+    let whole = run(&config(logs.path(), "whole"));
+    assert_eq!(whole.losses.len(), 20);
+    let mut resumed = config(logs.path(), "resumed");
+    let checkpoint = logs.path().join("whole/checkpoints/epoch_1.safetensors");
+    resumed.resume = Some(checkpoint.to_str().unwrap().into());
+    let second_half = run(&resumed);
+    // Bit for bit: same data order, masks (PGS with token similarity in epoch 1), moments, schedule.
+    assert_eq!(second_half.losses, whole.losses[10..]);
+    assert_eq!(second_half.eval, whole.eval);
+    // `--resume latest` finds the newest checkpoint of the run's own folder.
+    let mut latest = config(logs.path(), "whole");
+    latest.resume = Some("latest".into());
+    let after_end = run(&latest);
+    assert!(after_end.losses.is_empty(), "the run had finished: nothing left to train");
+}
+
+fn png(path: &Path, colour: [u8; 3]) {
+    RgbImage::from_fn(40, 40, |x, _| if x < 20 { Rgb(colour) } else { Rgb([200, 200, 200]) }).save(path).unwrap();
+}
+
+/// A CSV dataset of 40 rows: rows 3, 11, 19, 27 corrupt PNGs, rows 5, 15, 25, 35 missing files.
+fn csv_dataset(dir: &Path) -> String {
+    let mut rows = String::from("filepath\ttitle\n");
+    for i in 0..40 {
+        let file = dir.join(format!("{i}.png"));
+        match i {
+            _ if i % 10 == 5 => {} // listed, never written
+            _ if i % 8 == 3 => std::fs::write(&file, b"\x89PNG\r\n\x1a\nbroken").unwrap(),
+            _ => png(&file, if i % 2 == 0 { [220, 30, 30] } else { [30, 60, 220] }),
+        }
+        rows += &format!("{i}.png\ta {} square\n", if i % 2 == 0 { "red" } else { "blue" });
+    }
+    let csv = dir.join("data.tsv");
+    std::fs::write(&csv, rows).unwrap();
+    format!("csv:{}", csv.display())
+}
+
+#[test]
+fn corrupt_and_missing_images_are_skipped_and_counted() {
+    let logs = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(logs.path(), "csv");
+    cfg.data = csv_dataset(data.path());
+    (cfg.batch_size, cfg.train_num_samples, cfg.epochs) = (8, None, 1);
+    let s = run(&cfg);
+    // 40 rows, 4 missing (5, 15, 25, 35) + 4 corrupt (3, 11, 19, 27): 32 usable, 4 full batches
+    // of 8 that consume the whole epoch, so every bad row is met once.
+    assert_eq!(s.steps, 4);
+    assert_eq!(s.samples_skipped, 8, "corrupt and missing samples are counted");
+    let metrics = std::fs::read_to_string(logs.path().join("csv/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("skipped") && metrics.contains(".png"), "{metrics}");
+    // No held-out split for csv without --val-data: no evaluation, still a model.
+    assert!(s.eval.is_empty());
+}
+
+#[test]
+fn a_truncated_tar_shard_keeps_its_complete_samples() {
+    let logs = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let shard = data.path().join("shard-000.tar");
+    let mut builder = tar::Builder::new(std::fs::File::create(&shard).unwrap());
+    for i in 0..24 {
+        let mut bytes = Vec::new();
+        let image = RgbImage::from_fn(32, 32, |x, y| Rgb([(x * 8) as u8, (y * 8) as u8, (i * 10) as u8]));
+        image.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+        for (name, data) in [(format!("{i:06}.png"), bytes), (format!("{i:06}.txt"), format!("picture {i}").into_bytes())] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append_data(&mut header, name, &data[..]).unwrap();
+        }
+    }
+    builder.finish().unwrap();
+    drop(builder);
+    // Cut the shard in the middle of its last members.
+    let len = std::fs::metadata(&shard).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&shard).unwrap();
+    file.set_len(len - 3000).unwrap();
+    let mut cfg = config(logs.path(), "wds");
+    cfg.data = format!("wds:{}/shard-{{000..000}}.tar", data.path().display());
+    (cfg.batch_size, cfg.train_num_samples, cfg.epochs) = (8, None, 1);
+    let s = run(&cfg);
+    assert_eq!(s.steps, 2, "the complete samples (at least 16) make two batches");
+}
+
+#[test]
+fn unusable_sources_and_flags_are_errors_before_training() {
+    let logs = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("no_columns.tsv"), "path\tcaption\nx.png\ta thing\n").unwrap();
+    let no_columns = format!("csv:{}", data.path().join("no_columns.tsv").display());
+    let cases: [(&str, Box<dyn Fn(&mut TrainConfig)>); 6] = [
+        ("/no/such/file.tsv", Box::new(|c| c.data = "csv:/no/such/file.tsv".into())),
+        ("filepath", Box::new(move |c| c.data = no_columns.clone())),
+        ("/no/such/shard.tar", Box::new(|c| c.data = "wds:/no/such/shard.tar".into())),
+        ("unknown data source", Box::new(|c| c.data = "imagenet".into())),
+        ("--batch-size", Box::new(|c| c.batch_size = 1)),
+        ("unknown model", Box::new(|c| c.model = "ViT-Z-99".into())),
+    ];
+    for (expected, change) in cases {
+        let mut cfg = config(logs.path(), "bad");
+        change(&mut cfg);
+        let e = train(&cfg, Arc::new(AtomicBool::new(false))).err().unwrap_or_else(|| panic!("{expected}: trained"));
+        assert!(e.contains(expected), "error {e:?} does not name {expected:?}");
+    }
+    assert!(!logs.path().join("bad/checkpoints").exists(), "no run folder for a refused run");
+}
