@@ -164,7 +164,9 @@ fn default_model(data: &str) -> &'static str {
 pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
     let device = Device::select(args.device)?;
     if matches!(device.device, Device::Cuda(_)) {
-        return Err("training on CUDA is not built yet (the GPU kernels cover PGS masking so far); use --device cpu".into());
+        return Err(
+            "training on CUDA is not built yet (the GPU kernels cover PGS masking so far); use --device cpu".into()
+        );
     }
     println!("device: {device}");
     let masking = masking(args)?;

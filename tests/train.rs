@@ -68,7 +68,9 @@ fn learns_shapes_beyond_chance() {
         assert!(s.eval.contains_key(k), "{k} missing from {:?}", s.eval);
     }
     let dir = logs.path().join("learn");
-    for f in ["metrics.jsonl", "model.safetensors", "checkpoints/epoch_1.safetensors", "checkpoints/epoch_3.safetensors"] {
+    for f in
+        ["metrics.jsonl", "model.safetensors", "checkpoints/epoch_1.safetensors", "checkpoints/epoch_3.safetensors"]
+    {
         assert!(dir.join(f).exists(), "{f} not written");
     }
     // The final model loads as a plain (open_clip-named) checkpoint.
@@ -143,7 +145,9 @@ fn a_truncated_tar_shard_keeps_its_complete_samples() {
         let mut bytes = Vec::new();
         let image = RgbImage::from_fn(32, 32, |x, y| Rgb([(x * 8) as u8, (y * 8) as u8, (i * 10) as u8]));
         image.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
-        for (name, data) in [(format!("{i:06}.png"), bytes), (format!("{i:06}.txt"), format!("picture {i}").into_bytes())] {
+        for (name, data) in
+            [(format!("{i:06}.png"), bytes), (format!("{i:06}.txt"), format!("picture {i}").into_bytes())]
+        {
             let mut header = tar::Header::new_gnu();
             header.set_size(data.len() as u64);
             header.set_mode(0o644);

@@ -21,7 +21,11 @@ pub fn save(path: &Path, config_json: &str, params: &Params) -> Result<(), Strin
 }
 
 /// Tensors and metadata to `path`: temporary file, fsync, rename (a crash leaves the old file).
-fn write_atomic(path: &Path, tensors: Vec<(String, &Tensor)>, mut metadata: HashMap<String, String>) -> Result<(), String> {
+fn write_atomic(
+    path: &Path,
+    tensors: Vec<(String, &Tensor)>,
+    mut metadata: HashMap<String, String>,
+) -> Result<(), String> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .into_iter()
         .map(|(n, t)| (n, t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
@@ -78,7 +82,9 @@ pub fn load_training(path: &Path) -> Result<TrainingCheckpoint, String> {
     let file = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let meta = metadata(&bytes);
     let field = |k: &str| {
-        meta.get(k).cloned().ok_or_else(|| format!("{}: not a training checkpoint (no {k} in the metadata)", path.display()))
+        meta.get(k)
+            .cloned()
+            .ok_or_else(|| format!("{}: not a training checkpoint (no {k} in the metadata)", path.display()))
     };
     let train_state = field("train_state")?;
     let step: u32 = field("optimizer_step")?.parse().map_err(|e| format!("{}: optimizer_step: {e}", path.display()))?;
@@ -88,7 +94,12 @@ pub fn load_training(path: &Path) -> Result<TrainingCheckpoint, String> {
             let key = format!("optimizer.{prefix}.{name}");
             let view = file.tensor(&key).map_err(|_| format!("{}: tensor {key} is missing", path.display()))?;
             if view.shape() != t.shape.as_slice() || view.dtype() != Dtype::F32 {
-                return Err(format!("{}: tensor {key} has shape {:?}, {:?} expected", path.display(), view.shape(), t.shape));
+                return Err(format!(
+                    "{}: tensor {key} has shape {:?}, {:?} expected",
+                    path.display(),
+                    view.shape(),
+                    t.shape
+                ));
             }
             t.data = f32s(view.data());
         }

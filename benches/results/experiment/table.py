@@ -39,7 +39,7 @@ def main(logs):
     print("# PGS at small scale: none vs FLIP vs PGS, same budget\n")
     print(f"- device: {cpu}, {os.cpu_count()} logical CPUs (CPU device, f32)")
     print(f"- commit: {commit}")
-    print("- command: `bash benches/results/experiment/run.sh` (budget per run: 2 epochs × 6000 samples, batch 64;"
+    print("- command: `bash benches/results/experiment/run.sh` (budget per run: 3 epochs × 4000 samples, batch 64 (186 steps);"
           " evaluation on 1000 held-out samples)")
     print("- values: mean ± standard deviation over seeds (n per row in the last column); chance: shapes 2.5%"
           " (40 colour-shape classes), Fashion-MNIST 10%\n")

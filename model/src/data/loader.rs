@@ -130,7 +130,13 @@ impl Prefetcher {
     }
 }
 
-fn produce(source: &dyn Source, cfg: LoaderConfig, start: Position, epochs: usize, tx: SyncSender<Result<LoadedBatch, String>>) {
+fn produce(
+    source: &dyn Source,
+    cfg: LoaderConfig,
+    start: Position,
+    epochs: usize,
+    tx: SyncSender<Result<LoadedBatch, String>>,
+) {
     let pool = match rayon::ThreadPoolBuilder::new().num_threads(cfg.workers.max(1)).build() {
         Ok(pool) => pool,
         Err(e) => {

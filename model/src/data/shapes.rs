@@ -27,7 +27,8 @@ pub const SHAPES: [&str; 5] = ["circle", "square", "triangle", "cross", "diamond
 /// (caption word, second object offset (dx, dy) in units of the spacing): "A left of B" puts B right.
 pub const RELATIONS: [(&str, (i32, i32)); 4] =
     [("left of", (1, 0)), ("right of", (-1, 0)), ("above", (0, 1)), ("below", (0, -1))];
-const SINGLE_TEMPLATES: [&str; 4] = ["a {}.", "a photo of a {}.", "a {} on a textured background.", "a picture of a {}."];
+const SINGLE_TEMPLATES: [&str; 4] =
+    ["a {}.", "a photo of a {}.", "a {} on a textured background.", "a picture of a {}."];
 /// Samples per training epoch; the generator could give any number, this fixes what "an epoch" is.
 pub const TRAIN_LEN: usize = 12_000;
 pub const EVAL_LEN: usize = 2_000;
@@ -50,7 +51,11 @@ impl Object {
 pub enum Scene {
     One(Object),
     /// `first` relation `second`, e.g. red circle left of blue square.
-    Two { first: Object, relation: usize, second: Object },
+    Two {
+        first: Object,
+        relation: usize,
+        second: Object,
+    },
 }
 
 impl Scene {
@@ -231,7 +236,11 @@ fn background(d: &mut Draws, size: u32) -> RgbImage {
             0 => noise.uniform(y * size + x) - 0.5,
             1 => ((x as f32 + y as f32) / period).sin() * 0.5,
             _ => {
-                if ((x as f32 / period) as u32 + (y as f32 / period) as u32) % 2 == 0 { 0.5 } else { -0.5 }
+                if ((x as f32 / period) as u32 + (y as f32 / period) as u32) % 2 == 0 {
+                    0.5
+                } else {
+                    -0.5
+                }
             }
         };
         Rgb(std::array::from_fn(|c| (base[c] + amplitude * t).clamp(0.0, 255.0) as u8))

@@ -39,7 +39,8 @@ pub struct EvalSet {
 impl EvalSet {
     /// The first `n` usable samples of `source`.
     pub fn load(source: &dyn Source, n: usize, size: u32) -> EvalSet {
-        let prepared: Vec<_> = (0..n.min(source.len())).into_par_iter().map(|i| (i, prepare(source, i, size))).collect();
+        let prepared: Vec<_> =
+            (0..n.min(source.len())).into_par_iter().map(|i| (i, prepare(source, i, size))).collect();
         let mut set = EvalSet {
             rgb: Vec::new(),
             images: Vec::new(),
@@ -150,8 +151,10 @@ fn retrieval(images: &[f32], texts: &[f32], e: usize, out: &mut BTreeMap<String,
     let n = images.len() / e;
     let score = |i: usize, t: usize| dot(&images[i * e..(i + 1) * e], &texts[t * e..(t + 1) * e]);
     // Rank of the right answer: how many others score strictly higher.
-    let image_ranks: Vec<usize> = (0..n).into_par_iter().map(|i| (0..n).filter(|&t| score(i, t) > score(i, i)).count()).collect();
-    let text_ranks: Vec<usize> = (0..n).into_par_iter().map(|t| (0..n).filter(|&i| score(i, t) > score(t, t)).count()).collect();
+    let image_ranks: Vec<usize> =
+        (0..n).into_par_iter().map(|i| (0..n).filter(|&t| score(i, t) > score(i, i)).count()).collect();
+    let text_ranks: Vec<usize> =
+        (0..n).into_par_iter().map(|t| (0..n).filter(|&i| score(i, t) > score(t, t)).count()).collect();
     for k in [1, 5, 10] {
         let recall = |ranks: &[usize]| ranks.iter().filter(|&&r| r < k).count() as f64 / n.max(1) as f64;
         out.insert(format!("image_to_text_R@{k}"), recall(&image_ranks));

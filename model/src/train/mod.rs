@@ -281,28 +281,31 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
     let adamw = AdamW { lr: cfg.lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps };
     let mut optimizer = Optimizer::new(&model_cfg, adamw, cfg.wd);
     let mut params = Params::init(&model_cfg, cfg.seed);
-    let mut state = TrainState {
-        step: 0,
-        epoch: 0,
-        cursor: 0,
-        seed: cfg.seed,
-        samples_skipped: 0,
-        bad_steps: 0,
-        elapsed_s: 0.0,
-    };
+    let mut state =
+        TrainState { step: 0, epoch: 0, cursor: 0, seed: cfg.seed, samples_skipped: 0, bad_steps: 0, elapsed_s: 0.0 };
     if let Some(resume) = &cfg.resume {
         let path = match resume.as_str() {
-            "latest" => latest_checkpoint(&out_dir)
-                .ok_or_else(|| format!("--resume latest: no checkpoint in {}", out_dir.join("checkpoints").display()))?,
+            "latest" => latest_checkpoint(&out_dir).ok_or_else(|| {
+                format!("--resume latest: no checkpoint in {}", out_dir.join("checkpoints").display())
+            })?,
             p => PathBuf::from(p),
         };
         let ckpt = checkpoint::load_training(&path)?;
         if ckpt.config != model_cfg {
-            return Err(format!("{}: the checkpoint's model config differs from --model {}", path.display(), cfg.model));
+            return Err(format!(
+                "{}: the checkpoint's model config differs from --model {}",
+                path.display(),
+                cfg.model
+            ));
         }
         state = serde_json::from_str(&ckpt.train_state).map_err(|e| format!("{}: train_state: {e}", path.display()))?;
         if state.seed != cfg.seed {
-            return Err(format!("{}: written with --seed {}, this run has --seed {}", path.display(), state.seed, cfg.seed));
+            return Err(format!(
+                "{}: written with --seed {}, this run has --seed {}",
+                path.display(),
+                state.seed,
+                cfg.seed
+            ));
         }
         params = ckpt.params;
         let (m, v, step) = ckpt.moments;
@@ -340,6 +343,8 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
             .map_err(|e| e.to_string())?,
     );
     bar.set_position(state.step as u64);
+    // A hidden bar swallows println: without a progress bar, messages go to stdout directly.
+    let say = |msg: String| if cfg.progress { bar.println(msg) } else { println!("{msg}") };
     let ctx = model_cfg.text_cfg.context_length;
     let mut grads = Params::zeros(&model_cfg);
     let (start, elapsed_before) = (Instant::now(), state.elapsed_s);
@@ -356,7 +361,7 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
         let batch: LoadedBatch = batch?;
         if !batch.skipped.is_empty() {
             state.samples_skipped += batch.skipped.len();
-            bar.println(format!("skipped {} corrupt samples: {}", batch.skipped.len(), batch.skipped[0]));
+            say(format!("skipped {} corrupt samples: {}", batch.skipped.len(), batch.skipped[0]));
             metrics.write(serde_json::json!({"step": state.step, "skipped": batch.skipped}))?;
         }
         let mut text = Vec::with_capacity(cfg.batch_size * ctx);
@@ -372,7 +377,7 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
         if !loss.is_finite() || !norm.is_finite() {
             state.bad_steps += 1;
             consecutive_bad += 1;
-            bar.println(format!("step {}: loss {loss}, gradient norm {norm}: step skipped, no update", state.step));
+            say(format!("step {}: loss {loss}, gradient norm {norm}: step skipped, no update", state.step));
             metrics.write(serde_json::json!({"step": state.step, "bad_step": true, "loss": loss.to_string()}))?;
             if consecutive_bad >= cfg.max_bad_steps {
                 return Err(format!(
@@ -416,7 +421,7 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
                 let mut record = serde_json::json!({"step": state.step, "epoch": finished, "eval": &last_eval});
                 record["time_s"] = (elapsed_before + start.elapsed().as_secs_f64()).into();
                 metrics.write(record)?;
-                bar.println(format!("epoch {finished}: {}", headline(&last_eval)));
+                say(format!("epoch {finished}: {}", headline(&last_eval)));
             }
             state.elapsed_s = elapsed_before + start.elapsed().as_secs_f64();
             if last || (cfg.save_frequency > 0 && finished % cfg.save_frequency == 0) {
@@ -427,7 +432,7 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
             state.elapsed_s = elapsed_before + start.elapsed().as_secs_f64();
             // Named after the epoch in progress; resuming continues from its data position.
             save(&params, &optimizer, &state, state.epoch + usize::from(!epoch_done))?;
-            bar.println(format!("interrupted at step {}: checkpoint written", state.step));
+            say(format!("interrupted at step {}: checkpoint written", state.step));
             interrupted = true;
             break;
         }
@@ -473,7 +478,8 @@ pub fn describe_masking(m: &Masking) -> String {
                 clip_pgs_host::ops::pgs::MaskRatio::Fixed(r) => format!("{r}"),
                 clip_pgs_host::ops::pgs::MaskRatio::Dynamic { min, max } => format!("dynamic {min}-{max}"),
             };
-            let ablations = format!("{}{}", if p.use_ed { "" } else { " no-ed" }, if p.use_otn { "" } else { " no-otn" });
+            let ablations =
+                format!("{}{}", if p.use_ed { "" } else { " no-ed" }, if p.use_otn { "" } else { " no-otn" });
             format!("pgs {} {ratio}{ablations}", p.mode)
         }
     }
