@@ -267,9 +267,11 @@ fn report(cfg: &TrainConfig, s: &TrainSummary) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
+type Points = Vec<(f64, f64)>;
+
 /// (step, loss) of the training records and (epoch, zero-shot top-1 %) of the evaluations; for a
 /// resumed run, a later record of the same step replaces the earlier one.
-fn read_metrics(path: &Path) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+fn read_metrics(path: &Path) -> (Points, Points) {
     let Ok(text) = std::fs::read_to_string(path) else { return (Vec::new(), Vec::new()) };
     let (mut losses, mut evals) = (BTreeMap::new(), BTreeMap::new());
     for line in text.lines() {

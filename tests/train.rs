@@ -174,7 +174,8 @@ fn unusable_sources_and_flags_are_errors_before_training() {
     let data = tempfile::tempdir().unwrap();
     std::fs::write(data.path().join("no_columns.tsv"), "path\tcaption\nx.png\ta thing\n").unwrap();
     let no_columns = format!("csv:{}", data.path().join("no_columns.tsv").display());
-    let cases: [(&str, Box<dyn Fn(&mut TrainConfig)>); 6] = [
+    type Change = Box<dyn Fn(&mut TrainConfig)>;
+    let cases: [(&str, Change); 6] = [
         ("/no/such/file.tsv", Box::new(|c| c.data = "csv:/no/such/file.tsv".into())),
         ("filepath", Box::new(move |c| c.data = no_columns.clone())),
         ("/no/such/shard.tar", Box::new(|c| c.data = "wds:/no/such/shard.tar".into())),

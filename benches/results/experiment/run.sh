@@ -3,14 +3,14 @@
 # budget? Two datasets (shapes: L = 64 patches; Fashion-MNIST at 28×28, patch 4: L = 49), five
 # maskings, three seeds, the same samples and steps for every run. Writes the runs under $LOGS and
 # the table to benches/results/experiment/table.md.
-#   bash benches/results/experiment/run.sh            (about 30 minutes on 2 CPU cores)
+#   bash benches/results/experiment/run.sh            (about 20 minutes on 2 CPU cores)
 # Fashion-MNIST needs the Debian package dataset-fashion-mnist (or DATA_FMNIST=fashion-mnist:DIR).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 LOGS=${LOGS:-target/experiment}
 SEEDS=${SEEDS:-"0 1 2"}
 DATA_FMNIST=${DATA_FMNIST:-fashion-mnist}
-BUDGET=${BUDGET:-"--epochs 3 --train-num-samples 4000 --batch-size 64 --eval-samples 1000"}
+BUDGET=${BUDGET:-"--epochs 2 --train-num-samples 3200 --batch-size 64 --eval-samples 500"}
 cargo build --release
 for data in shapes "$DATA_FMNIST"; do
     tag=${data%%:*}

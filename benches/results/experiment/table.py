@@ -34,13 +34,14 @@ def main(logs):
                 continue
             masking = run.rsplit("-seed", 1)[0].split("-", 1)[1]
             rows.setdefault((dataset, masking), []).append(r)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("EXPERIMENT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     print("# PGS at small scale: none vs FLIP vs PGS, same budget\n")
     print(f"- device: {cpu}, {os.cpu_count()} logical CPUs (CPU device, f32)")
     print(f"- commit: {commit}")
-    print("- command: `bash benches/results/experiment/run.sh` (budget per run: 3 epochs × 4000 samples, batch 64 (186 steps);"
-          " evaluation on 1000 held-out samples)")
+    print("- command: `bash benches/results/experiment/run.sh` (budget per run: 2 epochs × 3200 samples, batch 64 (100 steps);"
+          " evaluation on 500 held-out samples)")
     print("- values: mean ± standard deviation over seeds (n per row in the last column); chance: shapes 2.5%"
           " (40 colour-shape classes), Fashion-MNIST 10%\n")
     header = "| dataset | masking | " + " | ".join(n for _, n in METRICS) + " | wall time (s) | seeds |"

@@ -197,7 +197,7 @@ mod tests {
             60
         }
         fn get(&self, i: usize) -> Result<Sample, String> {
-            if i % 3 == 0 { Err("corrupt".into()) } else { self.0.get(i) }
+            if i.is_multiple_of(3) { Err("corrupt".into()) } else { self.0.get(i) }
         }
     }
 

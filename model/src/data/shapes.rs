@@ -236,7 +236,7 @@ fn background(d: &mut Draws, size: u32) -> RgbImage {
             0 => noise.uniform(y * size + x) - 0.5,
             1 => ((x as f32 + y as f32) / period).sin() * 0.5,
             _ => {
-                if ((x as f32 / period) as u32 + (y as f32 / period) as u32) % 2 == 0 {
+                if ((x as f32 / period) as u32 + (y as f32 / period) as u32).is_multiple_of(2) {
                     0.5
                 } else {
                     -0.5

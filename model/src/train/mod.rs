@@ -180,6 +180,9 @@ fn grad_norm(g: &Params) -> f32 {
     g.0.values().map(|t| t.data.iter().map(|v| (*v as f64).powi(2)).sum::<f64>()).sum::<f64>().sqrt() as f32
 }
 
+/// Per image, the kept patch indices (ascending).
+type KeepLists = Vec<Vec<usize>>;
+
 /// The masks for one batch: keep lists (None: every patch), and the masked fraction.
 fn masks(
     cfg: &ClipConfig,
@@ -188,7 +191,7 @@ fn masks(
     images: &[f32],
     masking: &Masking,
     at: MaskStep,
-) -> Result<(Option<Vec<Vec<usize>>>, f64), String> {
+) -> Result<(Option<KeepLists>, f64), String> {
     if *masking == Masking::None {
         return Ok((None, 0.0));
     }
@@ -401,7 +404,7 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
         let samples_per_s = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!("epoch {} loss {loss:.4} {samples_per_s:.0} samples/s", batch.epoch));
         bar.inc(1);
-        if state.step % cfg.log_every_n_steps.max(1) == 0 {
+        if state.step.is_multiple_of(cfg.log_every_n_steps.max(1)) {
             metrics.write(serde_json::json!({
                 "step": state.step, "epoch": batch.epoch, "loss": loss, "lr": lr, "grad_norm": norm,
                 "logit_scale": params.get("logit_scale")[0].exp(), "masked_fraction": masked,
@@ -414,7 +417,7 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
         if epoch_done {
             let finished = batch.epoch + 1;
             if let Some(set) = &eval_set
-                && (last || (cfg.zeroshot_frequency > 0 && finished % cfg.zeroshot_frequency == 0))
+                && (last || (cfg.zeroshot_frequency > 0 && finished.is_multiple_of(cfg.zeroshot_frequency)))
             {
                 let enc = Encoder { clip: Clip { cfg: &model_cfg }, params: &params, tokenizer: &tokenizer };
                 last_eval = eval::evaluate(&enc, set)?;
@@ -424,7 +427,7 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
                 say(format!("epoch {finished}: {}", headline(&last_eval)));
             }
             state.elapsed_s = elapsed_before + start.elapsed().as_secs_f64();
-            if last || (cfg.save_frequency > 0 && finished % cfg.save_frequency == 0) {
+            if last || (cfg.save_frequency > 0 && finished.is_multiple_of(cfg.save_frequency)) {
                 save(&params, &optimizer, &state, finished)?;
             }
         }
