@@ -32,7 +32,7 @@ def main(logs):
             r = final_record(path)
             if r is None:
                 continue
-            masking = run.rsplit("-seed", 1)[0].split("-", 1)[1]
+            masking = run.rsplit("-seed", 1)[0][len(dataset) + 1:]
             rows.setdefault((dataset, masking), []).append(r)
     commit = os.environ.get("EXPERIMENT_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
