@@ -162,13 +162,19 @@ fn default_model(data: &str) -> &'static str {
 }
 
 pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
-    let device = Device::select(args.device)?;
-    if matches!(device.device, Device::Cuda(_)) {
-        return Err(
-            "training on CUDA is not built yet (the GPU kernels cover PGS masking so far); use --device cpu".into()
-        );
+    // The model's CUDA path is not built yet: `auto` trains on the CPU (and will pick the GPU once
+    // it exists, with no flag to change); an explicit `cuda` is refused rather than ignored.
+    match (args.device, Device::select(args.device)?) {
+        (DevicePreference::Cuda, _) => {
+            return Err("training on CUDA is not built yet (the GPU kernels cover PGS masking so far); \
+                        use --device cpu or auto"
+                .into());
+        }
+        (_, selection) if matches!(selection.device, Device::Cuda(_)) => {
+            println!("device: cpu (a GPU answered, {selection}, but the CUDA training path is not built yet)");
+        }
+        (_, selection) => println!("device: {selection}"),
     }
-    println!("device: {device}");
     let masking = masking(args)?;
     let model = args.model.clone().unwrap_or_else(|| default_model(&args.data).to_string());
     let name = args.name.clone().unwrap_or_else(|| {

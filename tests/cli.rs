@@ -55,6 +55,10 @@ fn bad_input_is_a_one_line_error_not_a_panic() {
         ),
         (vec!["edges", "--image", image, "--patch", "0", "--device", "cpu"], "patch size is 0"),
         (vec!["edges", "--image", image, "--device", "tpu"], "unknown device 'tpu'"),
+        (vec!["train", "--data", "csv:/no/such/file.tsv", "--device", "cpu"], "/no/such/file.tsv"),
+        (vec!["train", "--mask-ratio", "2", "--device", "cpu"], "--mask-ratio \"2\""),
+        (vec!["train", "--mask", "flip", "--mask-ratio", "dynamic", "--device", "cpu"], "FLIP needs a number"),
+        (vec!["eval", "--checkpoint", "/no/such.safetensors"], "/no/such.safetensors"),
     ] {
         let out = clip_pgs(&args);
         let stderr = text(&out.stderr);
