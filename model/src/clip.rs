@@ -11,8 +11,6 @@ use clip_pgs_host::ops::layernorm::{layernorm_backward, layernorm_forward};
 use clip_pgs_host::ops::linear::{linear_backward, linear_forward};
 use clip_pgs_host::ops::matmul::{MatRef, matmul};
 
-use rayon::prelude::*;
-
 use crate::config::ClipConfig;
 use crate::params::Params;
 
@@ -424,7 +422,7 @@ impl Clip<'_> {
     /// Reusing `g` across steps matters: a fresh 600 MB gradient set per ViT-B/16 step costs more
     /// in page faults than the backward GEMMs.
     pub fn backward(&self, p: &Params, batch: &Batch, cache: &Cache, g: &mut Params) {
-        g.0.values_mut().for_each(|t| t.data.par_iter_mut().for_each(|x| *x = 0.0));
+        g.set_zero();
         let (d_img, d_txt, d_scale) = &cache.loss_grads;
         g.get_mut("logit_scale")[0] = *d_scale;
         self.backward_towers(p, batch, &cache.towers, d_img, d_txt, g);

@@ -5,9 +5,9 @@
 use std::fmt;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 pub struct VisionConfig {
     pub image_size: usize,
     pub patch_size: usize,
@@ -19,7 +19,7 @@ pub struct VisionConfig {
     pub mlp_ratio: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 pub struct TextConfig {
     #[serde(default = "default_context_length")]
     pub context_length: usize,
@@ -32,7 +32,7 @@ pub struct TextConfig {
     pub mlp_ratio: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 pub struct ClipConfig {
     pub embed_dim: usize,
     pub vision_cfg: VisionConfig,

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use rayon::prelude::*;
+
 use crate::config::ClipConfig;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -71,6 +73,11 @@ impl Params {
     /// All parameters zero (the layout for gradients).
     pub fn zeros(cfg: &ClipConfig) -> Self {
         Params(Self::shapes(cfg).into_iter().map(|(n, s)| (n, Tensor::zeros(&s))).collect())
+    }
+
+    /// Every value 0, in place (gradients reused across steps).
+    pub fn set_zero(&mut self) {
+        self.0.values_mut().for_each(|t| t.data.par_iter_mut().for_each(|x| *x = 0.0));
     }
 
     /// Parameter `name`; the model asks only for names `shapes` lists.

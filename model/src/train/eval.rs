@@ -150,11 +150,12 @@ fn zero_shot(features: &[f32], labels: &[Option<usize>], classifier: &[f32], e: 
 fn retrieval(images: &[f32], texts: &[f32], e: usize, out: &mut BTreeMap<String, f64>) {
     let n = images.len() / e;
     let score = |i: usize, t: usize| dot(&images[i * e..(i + 1) * e], &texts[t * e..(t + 1) * e]);
-    // Rank of the right answer: how many others score strictly higher.
+    // Rank of the right answer: how many others score strictly higher than the pair.
+    let paired: Vec<f32> = (0..n).map(|i| score(i, i)).collect();
     let image_ranks: Vec<usize> =
-        (0..n).into_par_iter().map(|i| (0..n).filter(|&t| score(i, t) > score(i, i)).count()).collect();
+        (0..n).into_par_iter().map(|i| (0..n).filter(|&t| score(i, t) > paired[i]).count()).collect();
     let text_ranks: Vec<usize> =
-        (0..n).into_par_iter().map(|t| (0..n).filter(|&i| score(i, t) > score(t, t)).count()).collect();
+        (0..n).into_par_iter().map(|t| (0..n).filter(|&i| score(i, t) > paired[t]).count()).collect();
     for k in [1, 5, 10] {
         let recall = |ranks: &[usize]| ranks.iter().filter(|&&r| r < k).count() as f64 / n.max(1) as f64;
         out.insert(format!("image_to_text_R@{k}"), recall(&image_ranks));

@@ -243,7 +243,7 @@ fn loss_and_grads(
         caches.push(c);
     }
     let loss = clip_loss(&img_f, &txt_f, params.get("logit_scale")[0], n, e);
-    g.0.values_mut().for_each(|t| t.data.fill(0.0));
+    g.set_zero();
     if !loss.loss.is_finite() {
         return loss.loss;
     }
@@ -258,7 +258,8 @@ fn loss_and_grads(
 pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSummary, String> {
     cfg.validate()?;
     let model_cfg = ClipConfig::load(&cfg.model).map_err(|e| e.to_string())?;
-    let config_json = model_json(&cfg.model)?;
+    // Every field, defaults filled in: the checkpoint's config reads back equal to this one.
+    let config_json = serde_json::to_string(&model_cfg).map_err(|e| e.to_string())?;
     let image_size = model_cfg.vision_cfg.image_size as u32;
     let mut train_source = crate::data::open(&cfg.data, Split::Train, &cfg.source_options)?;
     if let Some(n) = cfg.train_num_samples {
@@ -455,21 +456,6 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
         interrupted,
         out_dir,
     })
-}
-
-/// The config JSON to store in checkpoints (the built-in's file or the user's).
-fn model_json(model: &str) -> Result<String, String> {
-    let cfg = ClipConfig::load(model).map_err(|e| e.to_string())?;
-    Ok(serde_json::json!({
-        "embed_dim": cfg.embed_dim,
-        "vision_cfg": {"image_size": cfg.vision_cfg.image_size, "patch_size": cfg.vision_cfg.patch_size,
-            "width": cfg.vision_cfg.width, "layers": cfg.vision_cfg.layers, "head_width": cfg.vision_cfg.head_width,
-            "mlp_ratio": cfg.vision_cfg.mlp_ratio},
-        "text_cfg": {"context_length": cfg.text_cfg.context_length, "vocab_size": cfg.text_cfg.vocab_size,
-            "width": cfg.text_cfg.width, "heads": cfg.text_cfg.heads, "layers": cfg.text_cfg.layers,
-            "mlp_ratio": cfg.text_cfg.mlp_ratio},
-    })
-    .to_string())
 }
 
 pub fn describe_masking(m: &Masking) -> String {
