@@ -11,9 +11,9 @@ use clap::{Args, Subcommand};
 use crate::Dtype;
 use clip_pgs_host::cuda::CudaRuntime;
 use clip_pgs_host::ops::edge_map::{ImageBatchShape, ImageElement};
-use clip_pgs_host::ops::pgs::cuda::{Timeline, mask_cuda_timed};
+use clip_pgs_host::ops::pgs::gpu::{Timeline, mask_gpu_timed};
 use clip_pgs_host::ops::pgs::{MaskRatio, MaskStep, Masking, PgsConfig, PgsMode};
-use clip_pgs_host::{Buffer, Device, DevicePreference, bf16};
+use clip_pgs_host::{Device, DevicePreference, bf16};
 use clip_pgs_kernels::philox::Philox;
 use cudarc::driver::sys::CUevent_flags;
 
@@ -84,9 +84,7 @@ fn bench<T: ImageElement>(
     let rng = Philox::new(1, 2, 3);
     let images: Vec<T> = (0..shape.len() as u32).map(|i| convert(rng.uniform(i) * 4.0 - 2.0)).collect();
     let tokens: Vec<T> = (0..(shape.n * l * args.dim) as u32).map(|i| convert(rng.uniform(i) - 0.5)).collect();
-    let (Buffer::Cuda(images), Buffer::Cuda(tokens)) = (device.upload(&images)?, device.upload(&tokens)?) else {
-        unreachable!("uploaded to the GPU")
-    };
+    let (images, tokens) = (device.upload(&images)?, device.upload(&tokens)?);
     let event = || rt.context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
 
     // The device's copy bandwidth: a 1 GiB device-to-device copy (read + write).
@@ -128,7 +126,7 @@ fn bench<T: ImageElement>(
             let start = event()?;
             start.record(&rt.stream)?;
             let mut timeline: Option<Timeline> = Some(Vec::new());
-            mask_cuda_timed(rt, &images, shape, args.patch, tokens, &masking, &at, &mut timeline)?;
+            mask_gpu_timed(device, &images, shape, args.patch, tokens, &masking, &at, &mut timeline)?;
             let timeline = timeline.unwrap_or_default();
             let mut previous = &start;
             for (i, (stage, end)) in timeline.iter().enumerate() {

@@ -165,9 +165,9 @@ pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
     // The model's CUDA path is not built yet: `auto` trains on the CPU (and will pick the GPU once
     // it exists, with no flag to change); an explicit `cuda` is refused rather than ignored.
     match (args.device, Device::select(args.device)?) {
-        (DevicePreference::Cuda, _) => {
-            return Err("training on CUDA is not built yet (the GPU kernels cover PGS masking so far); \
-                        use --device cpu or auto"
+        (DevicePreference::Cuda | DevicePreference::Emu, _) => {
+            return Err("training on the GPU path (cuda, or emu to check it) is not built yet (the GPU kernels \
+                        cover PGS masking so far); use --device cpu or auto"
                 .into());
         }
         (_, selection) if matches!(selection.device, Device::Cuda(_)) => {

@@ -1,22 +1,14 @@
-//! The edge-map kernels on a GPU against the CPU reference. Run on a machine with a CUDA GPU:
-//!   cargo test --release --test edge_map_gpu -- --include-ignored
-//! Without one these tests fail (they do not pass silently): CUDA is required, not optional.
+//! The edge-map kernels on a GPU device against the CPU reference: on the emulator in
+//! `cargo test`, on a CUDA GPU with `CLIP_PGS_TEST_DEVICE=cuda` (see README).
 
 mod common;
 
 use clip_pgs_host::ops::edge_map::{ImageBatchShape, edge_map};
-use clip_pgs_host::{Buffer, Device, DevicePreference, bf16};
+use clip_pgs_host::{Buffer, Device, bf16};
 use common::{noise_batch, photo_batch};
 
 /// The bound: 1e-5 relative (E ∈ [0, 1], so relative to max(1, |E|)).
 const TOLERANCE: f32 = 1e-5;
-
-fn cuda() -> Device {
-    match Device::select(DevicePreference::Cuda) {
-        Ok(selection) => selection.device,
-        Err(e) => panic!("this test needs a CUDA GPU: {e}"),
-    }
-}
 
 /// Runs the edge map on the GPU and on the CPU for the same pixels (f32, then bf16) and compares.
 fn compare(gpu: &Device, images: &[f32], shape: ImageBatchShape, patch: usize, what: &str) {
@@ -37,9 +29,8 @@ fn compare(gpu: &Device, images: &[f32], shape: ImageBatchShape, patch: usize, w
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn gpu_edge_map_matches_cpu_on_real_photos() {
-    let gpu = cuda();
+    let gpu = common::gpu();
     println!("device: {gpu}");
     for size in common::SIZES {
         let (images, shape) = photo_batch(size);
@@ -48,9 +39,8 @@ fn gpu_edge_map_matches_cpu_on_real_photos() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn gpu_edge_map_matches_cpu_on_many_shapes() {
-    let gpu = cuda();
+    let gpu = common::gpu();
     for (n, height, width, patch) in
         [(64, 224, 224, 16), (3, 48, 80, 8), (2, 36, 36, 4), (5, 20, 30, 1), (1, 224, 224, 14)]
     {
@@ -61,9 +51,8 @@ fn gpu_edge_map_matches_cpu_on_many_shapes() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn gpu_rejects_bad_arguments_with_clear_errors() {
-    let gpu = cuda();
+    let gpu = common::gpu();
     let shape = ImageBatchShape { n: 1, height: 30, width: 32 };
     let images = gpu.upload(&vec![0.0f32; shape.len()]).unwrap();
     let error = |r: clip_pgs_host::Result<Buffer<f32>>| r.err().expect("should fail").to_string();

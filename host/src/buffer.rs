@@ -1,4 +1,4 @@
-//! A flat buffer that either device provides.
+//! A flat buffer that any device provides.
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
@@ -7,12 +7,14 @@ use crate::error::{CudaContextExt, Result};
 pub enum Buffer<T> {
     Cpu(Vec<T>),
     Cuda(CudaSlice<T>),
+    /// Host memory that emulated kernels read and write (the `emu` device).
+    Emu(Vec<T>),
 }
 
 impl<T: DeviceRepr + Clone + Default> Buffer<T> {
     pub fn len(&self) -> usize {
         match self {
-            Buffer::Cpu(v) => v.len(),
+            Buffer::Cpu(v) | Buffer::Emu(v) => v.len(),
             Buffer::Cuda(s) => s.len(),
         }
     }
@@ -24,16 +26,19 @@ impl<T: DeviceRepr + Clone + Default> Buffer<T> {
     /// The contents, copied to the host (waits for the GPU's queued work on it).
     pub fn to_vec(&self) -> Result<Vec<T>> {
         match self {
-            Buffer::Cpu(v) => Ok(v.clone()),
+            Buffer::Cpu(v) | Buffer::Emu(v) => Ok(v.clone()),
             Buffer::Cuda(s) => s.stream().clone_dtoh(s).during("copying a buffer to the host"),
         }
     }
+}
 
-    /// "cpu" or "cuda", for messages.
+impl<T> Buffer<T> {
+    /// "cpu", "cuda" or "emu", for messages.
     pub fn device_name(&self) -> &'static str {
         match self {
             Buffer::Cpu(_) => "cpu",
             Buffer::Cuda(_) => "cuda",
+            Buffer::Emu(_) => "emu",
         }
     }
 }

@@ -1,72 +1,33 @@
 //! The CUDA device: one context, one stream, and the kernels of the embedded PTX module.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchArgs, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
+use clip_pgs_kernels::hw::emu::{Limits, SM90};
+
 use crate::error::{CudaContextExt, Error, Result};
+use crate::launch::{KernelArgs, check_limits};
 
 /// The PTX that `cargo run -p ptx-build` made from `kernels/` (committed, so building the host
 /// needs only stable Rust).
 pub const KERNELS_PTX: &str = include_str!("../../kernels/ptx/clip_pgs_kernels.ptx");
 
-/// Declares `Kernels`, one field per kernel of the PTX module, and its loader.
-macro_rules! kernels {
-    ($($field:ident = $name:literal),* $(,)?) => {
-        /// Every kernel of the module, loaded once.
-        pub struct Kernels {
-            $(pub $field: CudaFunction,)*
-        }
-
-        impl Kernels {
-            fn load(module: &Arc<CudaModule>) -> Result<Self> {
-                let load = |name: &str| {
-                    module.load_function(name).during(format!("finding kernel {name} in the PTX module"))
-                };
-                Ok(Kernels { $($field: load($name)?,)* })
-            }
-
-            fn all(&self) -> Vec<&CudaFunction> {
-                vec![$(&self.$field),*]
-            }
-        }
-    };
-}
-
-kernels! {
-    edge_map_f32 = "pgs_edge_map_f32",
-    edge_map_bf16 = "pgs_edge_map_bf16",
-    reference_edge_grid = "pgs_reference_edge_grid",
-    philox_uniform = "philox_uniform",
-    standardize_patches_f32 = "pgs_standardize_patches_f32",
-    standardize_patches_bf16 = "pgs_standardize_patches_bf16",
-    token_norms_f32 = "pgs_token_norms_f32",
-    token_norms_bf16 = "pgs_token_norms_bf16",
-    similarity_f32 = "pgs_similarity_f32",
-    similarity_bf16 = "pgs_similarity_bf16",
-    sinkhorn_log = "pgs_sinkhorn_log",
-    sinkhorn_knopp_signed = "pgs_sinkhorn_knopp_signed",
-    candidates = "pgs_candidates",
-    select_paper = "pgs_select_paper",
-    select_flip = "pgs_select_flip",
-    reference_flags = "pgs_reference_flags",
-    reference_keep = "pgs_reference_keep",
-    gather_f32 = "pgs_gather_f32",
-    gather_bf16 = "pgs_gather_bf16",
-}
-
 /// A GPU ready to run the project's kernels.
 pub struct CudaRuntime {
     pub context: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
-    pub kernels: Kernels,
+    module: Arc<CudaModule>,
+    /// Kernels loaded so far, by name (looked up in the module on first launch).
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
     /// e.g. "NVIDIA H100 80GB HBM3".
     pub name: String,
     pub compute_capability: (i32, i32),
-    /// The most dynamic shared memory one block may use (the opt-in limit).
-    pub max_shared_bytes_per_block: usize,
+    /// Threads, block and grid sizes and the most shared memory one block may use (opt-in).
+    pub limits: Limits,
 }
 
 impl CudaRuntime {
@@ -100,43 +61,47 @@ impl CudaRuntime {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .during("reading the shared-memory limit")? as usize;
         let module = context.load_module(Ptx::from_src(KERNELS_PTX)).during("loading the kernels' PTX module")?;
-        let kernels = Kernels::load(&module)?;
-        for f in kernels.all() {
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                max_shared_bytes_per_block as i32,
-            )
-            .during("raising a kernel's shared-memory limit")?;
-        }
         let stream = context.default_stream();
-        Ok(Arc::new(CudaRuntime { context, stream, kernels, name, compute_capability, max_shared_bytes_per_block }))
+        let limits = Limits { max_shared_bytes: max_shared_bytes_per_block, ..SM90 };
+        let functions = Mutex::new(HashMap::new());
+        Ok(Arc::new(CudaRuntime { context, stream, module, functions, name, compute_capability, limits }))
+    }
+
+    /// The kernel `name` of the module, its shared-memory limit raised to the device's.
+    fn function(&self, name: &'static str) -> Result<CudaFunction> {
+        let mut functions = self.functions.lock().expect("kernel cache lock");
+        if let Some(f) = functions.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self.module.load_function(name).during(format!("finding kernel {name} in the PTX module"))?;
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            self.limits.max_shared_bytes as i32,
+        )
+        .during("raising a kernel's shared-memory limit")?;
+        functions.insert(name, f.clone());
+        Ok(f)
     }
 }
 
 impl CudaRuntime {
-    /// Launches `f` on the stream with the arguments `push` adds, after checking that the block's
-    /// dynamic shared memory fits this GPU (an error naming the kernel, not a launch failure).
+    /// Launches kernel `name` on the stream with `args`, after checking the launch against the
+    /// device's limits (an error naming the kernel, not a launch failure).
     ///
     /// # Safety
-    /// `push` must add the kernel's arguments in its signature's order and types, with buffers as
-    /// large as the kernel's safety section requires.
-    pub unsafe fn launch<'a>(
-        &'a self,
-        f: &'a CudaFunction,
+    /// As [`crate::Device::launch`].
+    pub(crate) unsafe fn launch<P>(
+        &self,
+        name: &'static str,
         cfg: LaunchConfig,
-        what: &str,
-        push: impl FnOnce(&mut LaunchArgs<'a>),
+        mut args: impl KernelArgs<P>,
     ) -> Result<()> {
-        if cfg.shared_mem_bytes as usize > self.max_shared_bytes_per_block {
-            return Err(Error::InvalidArgument(format!(
-                "{what} needs {} bytes of shared memory per block; {} has {}",
-                cfg.shared_mem_bytes, self.name, self.max_shared_bytes_per_block
-            )));
-        }
-        let mut args = self.stream.launch_builder(f);
-        push(&mut args);
-        // SAFETY: the caller's contract.
-        unsafe { args.launch(cfg) }.during(format!("launching {what}"))?;
+        check_limits(name, &cfg, &self.limits, &self.name)?;
+        let f = self.function(name)?;
+        let mut builder = self.stream.launch_builder(&f);
+        args.push_cuda(&mut builder)?;
+        // SAFETY: the caller's contract; the argument order and types are the kernel's own.
+        unsafe { builder.launch(cfg) }.during(format!("launching {name}"))?;
         Ok(())
     }
 }

@@ -1,14 +1,18 @@
 //! Device selection: the CPU always works; CUDA is used when asked for, or under `auto` when a
-//! GPU answers. When `auto` falls back to the CPU it says why in one line.
+//! GPU answers. When `auto` falls back to the CPU it says why in one line. `emu` runs the GPU
+//! kernels on the SIMT emulator, to check them without a GPU (never chosen by `auto`).
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use cudarc::driver::DeviceRepr;
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+
+use clip_pgs_kernels::hw::emu::Options;
 
 use crate::buffer::Buffer;
 use crate::cuda::CudaRuntime;
+use crate::emu::EmuRuntime;
 use crate::error::{CudaContextExt, Error, Result};
 
 #[derive(Clone)]
@@ -16,6 +20,8 @@ pub enum Device {
     /// The f32 reference: every op on the host, threaded with rayon.
     Cpu,
     Cuda(Arc<CudaRuntime>),
+    /// The GPU kernels on the SIMT emulator: for checking kernels, not for speed.
+    Emu(Arc<EmuRuntime>),
 }
 
 /// What the user asked for (`--device auto|cpu|cuda`).
@@ -25,6 +31,7 @@ pub enum DevicePreference {
     Auto,
     Cpu,
     Cuda,
+    Emu,
 }
 
 impl FromStr for DevicePreference {
@@ -34,7 +41,8 @@ impl FromStr for DevicePreference {
             "auto" => Ok(DevicePreference::Auto),
             "cpu" => Ok(DevicePreference::Cpu),
             "cuda" | "gpu" => Ok(DevicePreference::Cuda),
-            _ => Err(format!("unknown device '{s}': expected auto, cpu or cuda")),
+            "emu" => Ok(DevicePreference::Emu),
+            _ => Err(format!("unknown device '{s}': expected auto, cpu, cuda or emu")),
         }
     }
 }
@@ -66,6 +74,9 @@ impl Device {
             DevicePreference::Cuda => {
                 Ok(DeviceSelection { device: Device::Cuda(CudaRuntime::new(0)?), cpu_reason: None })
             }
+            DevicePreference::Emu => {
+                Ok(DeviceSelection { device: Device::Emu(EmuRuntime::new(Options::default())), cpu_reason: None })
+            }
             DevicePreference::Auto => Ok(match CudaRuntime::new(0) {
                 Ok(rt) => DeviceSelection { device: Device::Cuda(rt), cpu_reason: None },
                 Err(e) => DeviceSelection { device: Device::Cpu, cpu_reason: Some(reason(&e)) },
@@ -78,19 +89,40 @@ impl Device {
         match self {
             Device::Cpu => Ok(Buffer::Cpu(data.to_vec())),
             Device::Cuda(rt) => Ok(Buffer::Cuda(rt.stream.clone_htod(data).during("copying a buffer to the GPU")?)),
+            Device::Emu(_) => Ok(Buffer::Emu(data.to_vec())),
         }
     }
 
-    /// Waits until all queued work is done (nothing to wait for on the CPU).
+    /// `len` zeros (at least one element: a GPU allocation is never empty); `what` names the
+    /// buffer in errors.
+    pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits + Clone + Default>(
+        &self,
+        len: usize,
+        what: &str,
+    ) -> Result<Buffer<T>> {
+        let len = len.max(1);
+        match self {
+            Device::Cpu => Ok(Buffer::Cpu(vec![T::default(); len])),
+            Device::Cuda(rt) => Ok(Buffer::Cuda(rt.stream.alloc_zeros(len).during(format!("allocating {what}"))?)),
+            Device::Emu(_) => Ok(Buffer::Emu(vec![T::default(); len])),
+        }
+    }
+
+    /// Waits until all queued work is done (nothing to wait for on the CPU and the emulator).
     pub fn synchronize(&self) -> Result<()> {
         match self {
-            Device::Cpu => Ok(()),
+            Device::Cpu | Device::Emu(_) => Ok(()),
             Device::Cuda(rt) => rt.stream.synchronize().during("waiting for the GPU"),
         }
     }
 
     pub fn is_cuda(&self) -> bool {
         matches!(self, Device::Cuda(_))
+    }
+
+    /// CUDA or the emulator: the devices that run the GPU kernels.
+    pub fn runs_kernels(&self) -> bool {
+        matches!(self, Device::Cuda(_) | Device::Emu(_))
     }
 }
 
@@ -109,6 +141,10 @@ impl fmt::Display for Device {
                 let (major, minor) = rt.compute_capability;
                 write!(f, "cuda:{} {} (sm_{major}{minor})", rt.context.ordinal(), rt.name)
             }
+            Device::Emu(_) => write!(
+                f,
+                "emu (the GPU kernels on the SIMT emulator with sanitizer checks, sm_90 limits; for checking kernels, not for speed)"
+            ),
         }
     }
 }

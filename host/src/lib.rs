@@ -1,6 +1,7 @@
-//! The clip-pgs runtime: device selection (CPU always, CUDA when a GPU answers), buffers that
-//! both devices provide, the PTX module of `clip-pgs-kernels` with one typed launcher per kernel,
-//! and the CPU reference of every op.
+//! The clip-pgs runtime: device selection (CPU always, CUDA when a GPU answers, the SIMT
+//! emulator on request), buffers that every device provides, one typed launch for every kernel of
+//! `clip-pgs-kernels` on CUDA and on the emulator (`launch.rs`), and the CPU reference of every
+//! op.
 //!
 //! Each op lives in one file under `ops/`: its checked arguments, its CPU reference and its CUDA
 //! launcher, so a reader sees the two devices' versions side by side.
@@ -8,7 +9,9 @@
 pub mod buffer;
 pub mod cuda;
 pub mod device;
+pub mod emu;
 pub mod error;
+pub mod launch;
 pub mod ops;
 
 pub use buffer::Buffer;

@@ -15,7 +15,8 @@
 //! re-read, mostly from L2: (p+2)/p of the image), 4·L bytes written. Memory bound: for
 //! 224×224 f32 that is 602 KB in, 784 B out.
 //! Shared memory: 4·((p+2)·(W+1) + (W/p)·p + L) bytes; the row stride W+1 is odd so that step 2,
-//! with the pixel row fastest across threads, is free of bank conflicts.
+//! with the pixel row fastest across threads, is free of bank conflicts, and the row sums are
+//! stored pixel row major so that step 2's writes and step 3's reads are too.
 
 /// Threads per block of the edge-map kernels (a multiple of 32, as the block reductions need).
 pub const THREADS: u32 = 256;
@@ -31,134 +32,115 @@ pub const fn reference_grid_shared_bytes(patches: usize) -> usize {
     4 * 2 * patches
 }
 
-#[cfg(target_arch = "nvptx64")]
-mod kernel {
-    use crate::element::{Bf16, Element};
-    use crate::reduce::{block_max, block_min};
-    use crate::shared::dynamic_shared;
-    use crate::sobel::{luminance, min_max_normalize, patch_mean, replicate, sobel_magnitude};
-    use crate::thread::{block_dim_x, block_x, sync_threads, thread_x};
+/// The analytic minimum of global traffic for N images: every pixel read once, E written once.
+pub const fn min_bytes(n: usize, height: usize, width: usize, patch: usize, element_bytes: usize) -> usize {
+    n * (3 * height * width * element_bytes + 4 * (height / patch) * (width / patch))
+}
 
-    /// (a / b, a % b) in 32 bits: the launcher keeps sizes below 2³², and 64-bit division is slow.
-    #[inline(always)]
-    fn div_rem(a: usize, b: usize) -> (usize, usize) {
-        let (a, b) = (a as u32, b as u32);
-        ((a / b) as usize, (a % b) as usize)
-    }
+use crate::element::{Bf16, Element};
+use crate::hw::{Global, GlobalMut, block_stride, block_x, dynamic_shared, sync_threads};
+use crate::kernel;
+use crate::reduce::{block_max, block_min};
+use crate::sobel::{luminance, min_max_normalize, patch_mean, replicate, sobel_magnitude};
 
-    /// # Safety
-    /// `images` holds gridDim.x images of 3·h·w elements, `edges` gridDim.x·L floats; h and w are
-    /// multiples of `p`; the launch has `shared_bytes(w, p, L)` bytes of dynamic shared memory.
-    #[inline(always)]
-    unsafe fn edge_map<T: Element>(images: *const T, edges: *mut f32, h: usize, w: usize, p: usize) {
-        let (gh, gw) = (h / p, w / p);
-        let patches = gh * gw;
-        let stride = w + 1;
-        let band: *mut f32 = dynamic_shared();
-        // SAFETY (all pointer arithmetic below): indices stay inside the regions the caller
-        // guarantees: the image of this block, its L outputs, and the shared layout above.
-        unsafe {
-            let row_sums = band.add((p + 2) * stride);
-            let means = row_sums.add(gw * p);
-            let image = images.add(block_x() * 3 * h * w);
-            let plane = h * w;
-            let (tid, threads) = (thread_x(), block_dim_x());
+/// (a / b, a % b) in 32 bits: the launcher keeps sizes below 2³², and 64-bit division is slow.
+#[inline(always)]
+fn div_rem(a: usize, b: usize) -> (usize, usize) {
+    let (a, b) = (a as u32, b as u32);
+    ((a / b) as usize, (a % b) as usize)
+}
 
-            for pr in 0..gh {
-                let y0 = pr * p;
-                // 1. Luminance of pixel rows y0-1 ..= y0+p.
-                let mut i = tid;
-                while i < (p + 2) * w {
-                    let (r, x) = div_rem(i, w);
-                    let px = replicate(y0, r as isize - 1, h) * w + x;
-                    let rgb = [
-                        (*image.add(px)).to_f32(),
-                        (*image.add(plane + px)).to_f32(),
-                        (*image.add(2 * plane + px)).to_f32(),
-                    ];
-                    *band.add(r * stride + x) = luminance(rgb);
-                    i += threads;
-                }
-                sync_threads();
-
-                // 2. Row segment sums of the magnitude, pixel row fastest across threads.
-                let mut j = tid;
-                while j < gw * p {
-                    let (pc, r) = div_rem(j, p);
-                    let x0 = pc * p;
-                    let rows = [band.add(r * stride), band.add((r + 1) * stride), band.add((r + 2) * stride)];
-                    let column = |x: usize| [*rows[0].add(x), *rows[1].add(x), *rows[2].add(x)];
-                    let mut left = column(replicate(x0, -1, w));
-                    let mut centre = column(x0);
-                    let mut sum = 0.0f32;
-                    for c in 0..p {
-                        let right = column(replicate(x0 + c, 1, w));
-                        sum += sobel_magnitude([
-                            [left[0], centre[0], right[0]],
-                            [left[1], centre[1], right[1]],
-                            [left[2], centre[2], right[2]],
-                        ]);
-                        left = centre;
-                        centre = right;
-                    }
-                    *row_sums.add(j) = sum;
-                    j += threads;
-                }
-                sync_threads();
-
-                // 3. Patch means; the next band's step 1 does not touch row_sums.
-                let mut pc = tid;
-                while pc < gw {
-                    let mut sum = 0.0f32;
-                    for r in 0..p {
-                        sum += *row_sums.add(pc * p + r);
-                    }
-                    *means.add(pr * gw + pc) = patch_mean(sum, p);
-                    pc += threads;
-                }
-            }
+/// # Safety
+/// `images` holds gridDim.x images of 3·h·w elements, `edges` gridDim.x·L floats; h and w are
+/// multiples of `p`; the launch has `shared_bytes(w, p, L)` bytes of dynamic shared memory.
+#[inline(always)]
+unsafe fn edge_map<T: Element>(images: Global<T>, edges: GlobalMut<f32>, h: usize, w: usize, p: usize) {
+    let (gh, gw) = (h / p, w / p);
+    let patches = gh * gw;
+    let stride = w + 1;
+    // SAFETY (all view offsets and indices below): inside the regions the caller guarantees: the
+    // image of this block, its L outputs, and the shared layout of `shared_bytes`.
+    unsafe {
+        let band = dynamic_shared::<f32>();
+        // [r][pc]: step 2 writes and step 3 reads it without bank conflicts.
+        let row_sums = band.offset((p + 2) * stride);
+        let means = row_sums.offset(gw * p);
+        let image = images.offset(block_x() * 3 * h * w);
+        let plane = h * w;
+        for pr in 0..gh {
+            let y0 = pr * p;
+            // 1. Luminance of pixel rows y0-1 ..= y0+p, coalesced along W.
+            block_stride((p + 2) * w, |i| {
+                let (r, x) = div_rem(i, w);
+                let px = replicate(y0, r as isize - 1, h) * w + x;
+                let rgb =
+                    [image.load(px).to_f32(), image.load(plane + px).to_f32(), image.load(2 * plane + px).to_f32()];
+                band.store(r * stride + x, luminance(rgb));
+            });
             sync_threads();
 
-            let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-            let mut i = tid;
-            while i < patches {
-                lo = lo.min(*means.add(i));
-                hi = hi.max(*means.add(i));
-                i += threads;
-            }
-            let (lo, hi) = (block_min(lo), block_max(hi));
-            let out = edges.add(block_x() * patches);
-            let mut i = tid;
-            while i < patches {
-                *out.add(i) = min_max_normalize(*means.add(i), lo, hi);
-                i += threads;
-            }
-        }
-    }
+            // 2. Row segment sums of the magnitude, pixel row fastest across threads.
+            block_stride(gw * p, |j| {
+                let (pc, r) = div_rem(j, p);
+                let x0 = pc * p;
+                let column = |x: usize| {
+                    [band.load(r * stride + x), band.load((r + 1) * stride + x), band.load((r + 2) * stride + x)]
+                };
+                let mut left = column(replicate(x0, -1, w));
+                let mut centre = column(x0);
+                let mut sum = 0.0f32;
+                for c in 0..p {
+                    let right = column(replicate(x0 + c, 1, w));
+                    sum += sobel_magnitude([
+                        [left[0], centre[0], right[0]],
+                        [left[1], centre[1], right[1]],
+                        [left[2], centre[2], right[2]],
+                    ]);
+                    left = centre;
+                    centre = right;
+                }
+                row_sums.store(r * gw + pc, sum);
+            });
+            sync_threads();
 
+            // 3. Patch means; the next band's step 1 does not touch row_sums.
+            block_stride(gw, |pc| {
+                let mut sum = 0.0f32;
+                for r in 0..p {
+                    sum += row_sums.load(r * gw + pc);
+                }
+                means.store(pr * gw + pc, patch_mean(sum, p));
+            });
+        }
+        sync_threads();
+
+        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        block_stride(patches, |i| {
+            lo = lo.min(means.load(i));
+            hi = hi.max(means.load(i));
+        });
+        let (lo, hi) = (block_min(lo), block_max(hi));
+        let out = edges.offset(block_x() * patches);
+        block_stride(patches, |i| out.store(i, min_max_normalize(means.load(i), lo, hi)));
+    }
+}
+
+kernel! {
     /// The `reference` mode's edge map (pgs-spec.md): Sobel with zero padding over the grid of
     /// per-patch means of the standardized patches P̂, magnitude, min–max. One block per image;
     /// reads P̂ once (4·L·3p² bytes), writes 4·L.
     ///
     /// # Safety
     /// `hat` [N, L, n] (n = 3p²); `edges` [N, L]; `reference_grid_shared_bytes(L)` of shared memory.
-    #[unsafe(no_mangle)]
-    pub unsafe extern "ptx-kernel" fn pgs_reference_edge_grid(
-        hat: *const f32,
-        edges: *mut f32,
-        rows: u32,
-        cols: u32,
-        n: u32,
-    ) {
+    pub fn pgs_reference_edge_grid(hat: Global<f32>, edges: GlobalMut<f32>, rows: u32, cols: u32, n: u32) {
         use crate::patch_stats::sum;
-        use crate::thread::block_stride;
         let (rows, cols, n) = (rows as usize, cols as usize, n as usize);
         let patches = rows * cols;
         unsafe {
-            let means: *mut f32 = dynamic_shared();
-            let magnitude = means.add(patches);
-            let hat = hat.add(block_x() * patches * n);
-            block_stride(patches, |i| *means.add(i) = sum(n, |k| *hat.add(i * n + k)) / n as f32);
+            let means = dynamic_shared::<f32>();
+            let magnitude = means.offset(patches);
+            let hat = hat.offset(block_x() * patches * n);
+            block_stride(patches, |i| means.store(i, sum(n, |k| hat.load(i * n + k)) / n as f32));
             sync_threads();
             block_stride(patches, |i| {
                 let (r, c) = ((i / cols) as isize, (i % cols) as isize);
@@ -167,44 +149,34 @@ mod kernel {
                     if y < 0 || x < 0 || y >= rows as isize || x >= cols as isize {
                         0.0
                     } else {
-                        *means.add(y as usize * cols + x as usize)
+                        means.load(y as usize * cols + x as usize)
                     }
                 };
-                *magnitude.add(i) = sobel_magnitude([-1, 0, 1].map(|dr| [-1, 0, 1].map(|dc| at(dr, dc))));
+                magnitude.store(i, sobel_magnitude([-1, 0, 1].map(|dr| [-1, 0, 1].map(|dc| at(dr, dc)))));
             });
             sync_threads();
             let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
             block_stride(patches, |i| {
-                lo = lo.min(*magnitude.add(i));
-                hi = hi.max(*magnitude.add(i));
+                lo = lo.min(magnitude.load(i));
+                hi = hi.max(magnitude.load(i));
             });
             let (lo, hi) = (block_min(lo), block_max(hi));
-            let out = edges.add(block_x() * patches);
-            block_stride(patches, |i| *out.add(i) = min_max_normalize(*magnitude.add(i), lo, hi));
+            let out = edges.offset(block_x() * patches);
+            block_stride(patches, |i| out.store(i, min_max_normalize(magnitude.load(i), lo, hi)));
         }
     }
+}
 
+kernel! {
     /// E of f32 images. Grid: one block per image, `THREADS` threads.
-    #[unsafe(no_mangle)]
-    pub unsafe extern "ptx-kernel" fn pgs_edge_map_f32(
-        images: *const f32,
-        edges: *mut f32,
-        height: u32,
-        width: u32,
-        patch: u32,
-    ) {
+    pub fn pgs_edge_map_f32(images: Global<f32>, edges: GlobalMut<f32>, height: u32, width: u32, patch: u32) {
         unsafe { edge_map(images, edges, height as usize, width as usize, patch as usize) }
     }
+}
 
+kernel! {
     /// E of bf16 images. Grid: one block per image, `THREADS` threads.
-    #[unsafe(no_mangle)]
-    pub unsafe extern "ptx-kernel" fn pgs_edge_map_bf16(
-        images: *const Bf16,
-        edges: *mut f32,
-        height: u32,
-        width: u32,
-        patch: u32,
-    ) {
+    pub fn pgs_edge_map_bf16(images: Global<Bf16>, edges: GlobalMut<f32>, height: u32, width: u32, patch: u32) {
         unsafe { edge_map(images, edges, height as usize, width as usize, patch as usize) }
     }
 }

@@ -1,62 +1,90 @@
 //! Gather (pgs-spec.md step 6): CLS and the kept patch tokens packed into [N, rows, D], rows =
-//! K_max + 1, zero padding. One thread per output element (grid-stride): reads and writes
-//! N·rows·D elements once, coalesced along D.
+//! K_max + 1, zero padding.
+//!
+//! Grid (⌈rows / ROWS⌉, N): a block packs ROWS output rows of one image. Its first ROWS threads
+//! read the block's source row numbers into shared memory (one coalesced read of the kept
+//! indices), then the block copies the rows, coalesced along D.
+//! Memory traffic: the kept rows and CLS read once (Σ (K_n + 1)·D elements), the kept indices
+//! once, every output element written once: the analytic minimum.
+
+use crate::element::{Bf16, Element};
+use crate::hw::{Global, GlobalMut, block_stride, block_x, block_y, sync_threads, thread_x};
+use crate::kernel;
 
 /// Threads per block of `pgs_gather`.
 pub const THREADS: u32 = 256;
+/// Output rows per block.
+pub const ROWS: usize = 32;
 
-#[cfg(target_arch = "nvptx64")]
-mod kernel {
-    use crate::element::{Bf16, Element};
-    use crate::thread::grid_stride;
+/// The analytic minimum of global traffic: `kept` kept rows over all images plus N CLS rows read,
+/// their indices and N counts read, N·rows·D elements written.
+pub const fn min_bytes(kept: usize, n: usize, rows: usize, dim: usize, element_bytes: usize) -> usize {
+    (kept + n) * dim * element_bytes + 4 * (kept + n) + n * rows * dim * element_bytes
+}
 
-    /// # Safety
-    /// `x` [N, L + 1, D] (CLS at row 0); `kept` [N, L] (the first kept_len[n] valid);
-    /// `out` [N, rows, D] with rows ≥ max kept_len + 1.
-    #[inline(always)]
-    unsafe fn gather<T: Element>(
-        x: *const T,
-        kept: *const u32,
-        kept_len: *const u32,
-        out: *mut T,
-        n_images: usize,
-        patches: usize,
-        dim: usize,
-        rows: usize,
-    ) {
-        grid_stride(n_images * rows * dim, |t| unsafe {
-            let (image, r, d) = (t / (rows * dim), t / dim % rows, t % dim);
-            let src = x.add(image * (patches + 1) * dim);
-            *out.add(t) = if r == 0 {
-                *src.add(d)
-            } else if r - 1 < *kept_len.add(image) as usize {
-                *src.add((1 + *kept.add(image * patches + r - 1) as usize) * dim + d)
+crate::shared_array!(fn source_rows() -> [u32; ROWS]);
+
+/// The source row of an output row past the image's kept patches (written as zeros).
+const PADDING: u32 = u32::MAX;
+
+/// # Safety
+/// `x` [N, L + 1, D] (CLS at row 0); `kept` [N, L] (the first kept_len[n] valid);
+/// `out` [N, rows, D] with rows ≥ max kept_len + 1; grid (⌈rows / ROWS⌉, N), ≥ ROWS threads.
+#[inline(always)]
+unsafe fn gather<T: Element>(
+    x: Global<T>,
+    kept: Global<u32>,
+    kept_len: Global<u32>,
+    out: GlobalMut<T>,
+    patches: usize,
+    dim: usize,
+    rows: usize,
+) {
+    let (image, first) = (block_y(), block_x() * ROWS);
+    let block_rows = ROWS.min(rows - first);
+    let source = source_rows();
+    // SAFETY: indices inside the buffers the caller describes.
+    unsafe {
+        if thread_x() < block_rows {
+            let r = first + thread_x();
+            let len = kept_len.load(image) as usize;
+            let row = if r == 0 {
+                0
+            } else if r - 1 < len {
+                1 + kept.load(image * patches + r - 1)
             } else {
-                T::ZERO
+                PADDING
             };
+            source.store(thread_x(), row);
+        }
+        sync_threads();
+        let src = x.offset(image * (patches + 1) * dim);
+        let dst = out.offset((image * rows + first) * dim);
+        block_stride(block_rows * dim, |t| {
+            let (r, d) = (t / dim, t % dim);
+            let row = source.load(r);
+            dst.store(t, if row == PADDING { T::ZERO } else { src.load(row as usize * dim + d) });
         });
     }
+}
 
-    macro_rules! gather_entry {
-        ($name:ident, $t:ty) => {
+macro_rules! gather_entry {
+    ($name:ident, $t:ty) => {
+        kernel! {
             /// Packs CLS and the kept tokens of each image.
-            #[unsafe(no_mangle)]
-            pub unsafe extern "ptx-kernel" fn $name(
-                x: *const $t,
-                kept: *const u32,
-                kept_len: *const u32,
-                out: *mut $t,
-                n_images: u32,
+            pub fn $name(
+                x: Global<$t>,
+                kept: Global<u32>,
+                kept_len: Global<u32>,
+                out: GlobalMut<$t>,
                 patches: u32,
                 dim: u32,
                 rows: u32,
             ) {
-                unsafe {
-                    gather(x, kept, kept_len, out, n_images as usize, patches as usize, dim as usize, rows as usize)
-                }
+                unsafe { gather(x, kept, kept_len, out, patches as usize, dim as usize, rows as usize) }
             }
-        };
-    }
-    gather_entry!(pgs_gather_f32, f32);
-    gather_entry!(pgs_gather_bf16, Bf16);
+        }
+    };
 }
+gather_entry!(pgs_gather_f32, f32);
+gather_entry!(pgs_gather_bf16, Bf16);

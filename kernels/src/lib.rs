@@ -4,9 +4,10 @@
 //! - for `nvptx64-nvidia-cuda` (by `cargo run -p ptx-build`), where the `extern "ptx-kernel"`
 //!   entry points become `kernels/ptx/clip_pgs_kernels.ptx`;
 //! - for the host, where the pure math (Philox RNG, Sobel stencil, element conversions) is shared
-//!   with the CPU reference in `clip-pgs-host`, so both devices compute the same numbers.
+//!   with the CPU reference in `clip-pgs-host`, so both devices compute the same numbers, and
+//!   where the kernels themselves run on the SIMT emulator (`hw::emu`).
 //!
-//! Modules marked "device only" exist only in the nvptx build.
+//! Kernels touch the hardware only through [`hw`], and are declared with [`kernel!`].
 #![no_std]
 #![cfg_attr(target_arch = "nvptx64", feature(abi_ptx, stdarch_nvptx, asm_experimental_arch, core_intrinsics))]
 #![cfg_attr(target_arch = "nvptx64", allow(internal_features))]
@@ -17,21 +18,16 @@ extern crate std;
 pub mod edge_map;
 pub mod element;
 pub mod gather;
+pub mod hw;
 pub mod math;
 pub mod normalize;
 pub mod patch_stats;
 pub mod philox;
 pub mod random;
+pub mod reduce;
 pub mod select;
 pub mod sinkhorn;
 pub mod sobel;
-
-#[cfg(target_arch = "nvptx64")]
-pub mod reduce;
-#[cfg(target_arch = "nvptx64")]
-pub mod shared;
-#[cfg(target_arch = "nvptx64")]
-pub mod thread;
 
 /// Kernels are built with `panic = immediate-abort`; this handler only satisfies the compiler.
 #[cfg(target_arch = "nvptx64")]

@@ -30,33 +30,16 @@ pub fn sqrt(x: f32) -> f32 {
     }
 }
 
-/// One PTX f32 instruction `INSTR y, x;` on registers.
-#[cfg(target_arch = "nvptx64")]
-macro_rules! ptx_unary {
-    ($instr:literal, $x:expr) => {{
-        let y: f32;
-        // SAFETY: a pure arithmetic instruction on registers.
-        unsafe { core::arch::asm!(concat!($instr, " {y}, {x};"), y = out(reg32) y, x = in(reg32) $x) };
-        y
-    }};
-}
-
 /// 2^x, fast (`ex2.approx`, subnormal results flushed to zero) on the GPU.
 #[inline(always)]
 pub fn fast_exp2(x: f32) -> f32 {
-    #[cfg(target_arch = "nvptx64")]
-    return ptx_unary!("ex2.approx.ftz.f32", x);
-    #[cfg(not(target_arch = "nvptx64"))]
-    return std::primitive::f32::exp2(x);
+    crate::hw::ex2_approx(x)
 }
 
 /// log2(x), fast (`lg2.approx`) on the GPU.
 #[inline(always)]
 pub fn fast_log2(x: f32) -> f32 {
-    #[cfg(target_arch = "nvptx64")]
-    return ptx_unary!("lg2.approx.ftz.f32", x);
-    #[cfg(not(target_arch = "nvptx64"))]
-    return std::primitive::f32::log2(x);
+    crate::hw::lg2_approx(x)
 }
 
 /// e^x through 2^(x·log2 e), fast.

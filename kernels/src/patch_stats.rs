@@ -70,156 +70,144 @@ pub fn fuse(alpha: f32, s_tok: f32, s_pix: f32) -> f32 {
 /// Threads per block of the patch-statistics kernels.
 pub const THREADS: u32 = 256;
 
-/// Kernels: one thread per output, the reductions of the functions above. Memory traffic
-/// (per image, L patches of n = 3p² values, D-dim tokens):
-/// - `pgs_standardize_patches`: reads the image 3 times (mean, variance, write pass; the patch's
-///   pixels stay in L1/L2), writes P̂ (4·L·n bytes) and ‖P̂‖, reads P̂ once more for the norm;
-/// - `pgs_token_norms`: reads the tokens once;
-/// - `pgs_similarity`: R rows × L columns, each a dot of n pixels and D token values read from
-///   L2 (P̂ and the tokens of one image fit there); writes 4·R·L bytes.
-///
-/// Version 1: sequential per thread (same bits as the CPU); a faster order would change both.
-#[cfg(target_arch = "nvptx64")]
-mod kernel {
-    use super::*;
-    use crate::element::{Bf16, Element};
-    use crate::thread::grid_stride;
+// Kernels: one thread per output, the reductions of the functions above. Memory traffic
+// (per image, L patches of n = 3p² values, D-dim tokens):
+// - `pgs_standardize_patches`: reads the image 3 times (mean, variance, write pass; the patch's
+//   pixels stay in L1/L2), writes P̂ (4·L·n bytes) and ‖P̂‖, reads P̂ once more for the norm;
+// - `pgs_token_norms`: reads the tokens once;
+// - `pgs_similarity`: R rows × L columns, each a dot of n pixels and D token values read from
+//   L2 (P̂ and the tokens of one image fit there); writes 4·R·L bytes.
+//
+// Version 1: sequential per thread (same bits as the CPU); a faster order would change both.
 
-    /// # Safety
-    /// `images` [N, 3, h, w]; `hat` [N, L, 3p²]; `norms`, `nonfinite` [N, L] (nonfinite set to 1
-    /// where a patch has a NaN or ±∞ pixel); h, w multiples of p.
-    #[inline(always)]
-    unsafe fn standardize_patches<T: Element>(
-        images: *const T,
-        hat: *mut f32,
-        norms: *mut f32,
-        nonfinite: *mut u32,
-        n_images: usize,
-        h: usize,
-        w: usize,
-        p: usize,
-    ) {
-        let (cols, patches, n) = (w / p, (h / p) * (w / p), 3 * p * p);
-        grid_stride(n_images * patches, |t| {
-            let (image, i) = (t / patches, t % patches);
-            // SAFETY: indices within the buffers the caller describes.
-            unsafe {
-                let base = images.add(image * 3 * h * w);
-                let raw = |k: usize| (*base.add(patch_pixel_index(k, i, cols, p, h, w))).to_f32();
-                let (mean, std) = mean_std(n, raw);
-                let out = hat.add(t * n);
-                for k in 0..n {
-                    *out.add(k) = standardize(raw(k), mean, std);
-                }
-                let nrm = norm(n, |k| *out.add(k));
-                *norms.add(t) = nrm;
-                *nonfinite.add(t) = (!(mean.is_finite() && std.is_finite())) as u32;
+use crate::element::{Bf16, Element};
+use crate::hw::{Global, GlobalMut, grid_stride};
+use crate::kernel;
+
+/// # Safety
+/// `images` [N, 3, h, w]; `hat` [N, L, 3p²]; `norms`, `nonfinite` [N, L] (nonfinite set to 1
+/// where a patch has a NaN or ±∞ pixel); h, w multiples of p.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn standardize_patches<T: Element>(
+    images: Global<T>,
+    hat: GlobalMut<f32>,
+    norms: GlobalMut<f32>,
+    nonfinite: GlobalMut<u32>,
+    n_images: usize,
+    h: usize,
+    w: usize,
+    p: usize,
+) {
+    let (cols, patches, n) = (w / p, (h / p) * (w / p), 3 * p * p);
+    grid_stride(n_images * patches, |t| {
+        let (image, i) = (t / patches, t % patches);
+        // SAFETY: indices within the buffers the caller describes.
+        unsafe {
+            let base = images.offset(image * 3 * h * w);
+            let raw = |k: usize| base.load(patch_pixel_index(k, i, cols, p, h, w)).to_f32();
+            let (mean, std) = mean_std(n, raw);
+            let out = hat.offset(t * n);
+            for k in 0..n {
+                out.store(k, standardize(raw(k), mean, std));
             }
-        });
-    }
+            let nrm = norm(n, |k| out.load(k));
+            norms.store(t, nrm);
+            nonfinite.store(t, (!(mean.is_finite() && std.is_finite())) as u32);
+        }
+    });
+}
 
-    macro_rules! standardize_entry {
-        ($name:ident, $t:ty) => {
+macro_rules! standardize_entry {
+    ($name:ident, $t:ty) => {
+        kernel! {
             /// P̂, ‖P̂‖ and a non-finite flag per patch. Grid-stride over N·L threads.
-            #[unsafe(no_mangle)]
-            pub unsafe extern "ptx-kernel" fn $name(
-                images: *const $t,
-                hat: *mut f32,
-                norms: *mut f32,
-                nonfinite: *mut u32,
+            pub fn $name(
+                images: Global<$t>,
+                hat: GlobalMut<f32>,
+                norms: GlobalMut<f32>,
+                nonfinite: GlobalMut<u32>,
                 n_images: u32,
                 h: u32,
                 w: u32,
                 p: u32,
             ) {
                 unsafe {
-                    standardize_patches(
-                        images,
-                        hat,
-                        norms,
-                        nonfinite,
-                        n_images as usize,
-                        h as usize,
-                        w as usize,
-                        p as usize,
-                    )
+                    standardize_patches(images, hat, norms, nonfinite, n_images as usize, h as usize, w as usize, p as usize)
                 }
             }
-        };
-    }
-    standardize_entry!(pgs_standardize_patches_f32, f32);
-    standardize_entry!(pgs_standardize_patches_bf16, Bf16);
+        }
+    };
+}
+standardize_entry!(pgs_standardize_patches_f32, f32);
+standardize_entry!(pgs_standardize_patches_bf16, Bf16);
 
-    macro_rules! token_norms_entry {
-        ($name:ident, $t:ty) => {
+macro_rules! token_norms_entry {
+    ($name:ident, $t:ty) => {
+        kernel! {
             /// ‖T_r‖ for `rows` tokens of `dim` values, and a non-finite flag per row.
-            #[unsafe(no_mangle)]
-            pub unsafe extern "ptx-kernel" fn $name(
-                tokens: *const $t,
-                norms: *mut f32,
-                nonfinite: *mut u32,
-                rows: u32,
-                dim: u32,
-            ) {
+            pub fn $name(tokens: Global<$t>, norms: GlobalMut<f32>, nonfinite: GlobalMut<u32>, rows: u32, dim: u32) {
                 let dim = dim as usize;
                 grid_stride(rows as usize, |r| unsafe {
-                    let t = tokens.add(r * dim);
-                    let nrm = norm(dim, |k| (*t.add(k)).to_f32());
-                    *norms.add(r) = nrm;
-                    *nonfinite.add(r) = (!nrm.is_finite()) as u32;
+                    let t = tokens.offset(r * dim);
+                    let nrm = norm(dim, |k| t.load(k).to_f32());
+                    norms.store(r, nrm);
+                    nonfinite.store(r, (!nrm.is_finite()) as u32);
                 });
             }
+        }
+    };
+}
+token_norms_entry!(pgs_token_norms_f32, f32);
+token_norms_entry!(pgs_token_norms_bf16, Bf16);
+
+/// # Safety
+/// `hat` [N, L, n], `hat_norms` [N, L]; `tokens` [N, L, dim] and `token_norms` [N, L], or both
+/// null (S_tok = 0); `rows` [N, R] patch indices, or null for R = L rows 0..L; `out` [N, R, L].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn similarity<T: Element>(
+    hat: Global<f32>,
+    hat_norms: Global<f32>,
+    tokens: Global<T>,
+    token_norms: Global<f32>,
+    rows: Global<u32>,
+    out: GlobalMut<f32>,
+    n_images: usize,
+    r_count: usize,
+    patches: usize,
+    n: usize,
+    dim: usize,
+    alpha: f32,
+) {
+    grid_stride(n_images * r_count * patches, |t| unsafe {
+        let (image, r, j) = (t / (r_count * patches), t / patches % r_count, t % patches);
+        let i = if rows.is_null() { r } else { rows.load(image * r_count + r) as usize };
+        let (a, b) = (hat.offset((image * patches + i) * n), hat.offset((image * patches + j) * n));
+        let norms = hat_norms.offset(image * patches);
+        let s_pix = cosine(n, |k| a.load(k), |k| b.load(k), norms.load(i), norms.load(j));
+        let s_tok = if tokens.is_null() {
+            0.0
+        } else {
+            let (a, b) = (tokens.offset((image * patches + i) * dim), tokens.offset((image * patches + j) * dim));
+            let norms = token_norms.offset(image * patches);
+            cosine(dim, |k| a.load(k).to_f32(), |k| b.load(k).to_f32(), norms.load(i), norms.load(j))
         };
-    }
-    token_norms_entry!(pgs_token_norms_f32, f32);
-    token_norms_entry!(pgs_token_norms_bf16, Bf16);
+        out.store(t, fuse(alpha, s_tok, s_pix));
+    });
+}
 
-    /// # Safety
-    /// `hat` [N, L, n], `hat_norms` [N, L]; `tokens` [N, L, dim] and `token_norms` [N, L], or both
-    /// null (S_tok = 0); `rows` [N, R] patch indices, or null for R = L rows 0..L; `out` [N, R, L].
-    #[inline(always)]
-    unsafe fn similarity<T: Element>(
-        hat: *const f32,
-        hat_norms: *const f32,
-        tokens: *const T,
-        token_norms: *const f32,
-        rows: *const u32,
-        out: *mut f32,
-        n_images: usize,
-        r_count: usize,
-        patches: usize,
-        n: usize,
-        dim: usize,
-        alpha: f32,
-    ) {
-        grid_stride(n_images * r_count * patches, |t| unsafe {
-            let (image, r, j) = (t / (r_count * patches), t / patches % r_count, t % patches);
-            let i = if rows.is_null() { r } else { *rows.add(image * r_count + r) as usize };
-            let (a, b) = (hat.add((image * patches + i) * n), hat.add((image * patches + j) * n));
-            let norms = hat_norms.add(image * patches);
-            let s_pix = cosine(n, |k| *a.add(k), |k| *b.add(k), *norms.add(i), *norms.add(j));
-            let s_tok = if tokens.is_null() {
-                0.0
-            } else {
-                let (a, b) = (tokens.add((image * patches + i) * dim), tokens.add((image * patches + j) * dim));
-                let norms = token_norms.add(image * patches);
-                cosine(dim, |k| (*a.add(k)).to_f32(), |k| (*b.add(k)).to_f32(), *norms.add(i), *norms.add(j))
-            };
-            *out.add(t) = fuse(alpha, s_tok, s_pix);
-        });
-    }
-
-    macro_rules! similarity_entry {
-        ($name:ident, $t:ty) => {
+macro_rules! similarity_entry {
+    ($name:ident, $t:ty) => {
+        kernel! {
             /// S [N, R, L] = α·cos(T) + (1 − α)·cos(P̂) of the given rows against every patch.
-            #[unsafe(no_mangle)]
-            pub unsafe extern "ptx-kernel" fn $name(
-                hat: *const f32,
-                hat_norms: *const f32,
-                tokens: *const $t,
-                token_norms: *const f32,
-                rows: *const u32,
-                out: *mut f32,
+            pub fn $name(
+                hat: Global<f32>,
+                hat_norms: Global<f32>,
+                tokens: Global<$t>,
+                token_norms: Global<f32>,
+                rows: Global<u32>,
+                out: GlobalMut<f32>,
                 n_images: u32,
                 r_count: u32,
                 patches: u32,
@@ -244,11 +232,11 @@ mod kernel {
                     )
                 }
             }
-        };
-    }
-    similarity_entry!(pgs_similarity_f32, f32);
-    similarity_entry!(pgs_similarity_bf16, Bf16);
+        }
+    };
 }
+similarity_entry!(pgs_similarity_f32, f32);
+similarity_entry!(pgs_similarity_bf16, Bf16);
 
 #[cfg(test)]
 mod tests {

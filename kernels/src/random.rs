@@ -3,24 +3,23 @@
 //!
 //! Memory traffic: 4 bytes written per draw, nothing read.
 
+use crate::hw::{GlobalMut, block_dim_x, block_x, thread_x};
+use crate::kernel;
+use crate::philox::Philox;
+
 /// Threads per block of `philox_uniform`.
 pub const THREADS: u32 = 256;
 
-#[cfg(target_arch = "nvptx64")]
-mod kernel {
-    use crate::philox::Philox;
-    use crate::thread::{block_dim_x, block_x, thread_x};
-
+kernel! {
     /// out[i] = Philox::new(seed, a, b).uniform(i) for i < n. Grid: ⌈n / THREADS⌉ blocks.
     ///
     /// # Safety
     /// `out` holds `n` floats.
-    #[unsafe(no_mangle)]
-    pub unsafe extern "ptx-kernel" fn philox_uniform(out: *mut f32, n: u32, seed: u64, a: u32, b: u32) {
+    pub fn philox_uniform(out: GlobalMut<f32>, n: u32, seed: u64, a: u32, b: u32) {
         let i = block_x() * block_dim_x() + thread_x();
         if i < n as usize {
             // SAFETY: i < n, the length of `out`.
-            unsafe { *out.add(i) = Philox::new(seed, a, b).uniform(i as u32) };
+            unsafe { out.store(i, Philox::new(seed, a, b).uniform(i as u32)) };
         }
     }
 }

@@ -105,51 +105,49 @@ pub const fn shared_bytes(patches: usize) -> usize {
     4 * (3 * patches + 1)
 }
 
-/// Kernels, one block per image, every rank computed by its own thread over all L entries in
-/// shared memory (L² comparisons, a block-wide select); kept patches are compacted in raster order
-/// (each kept patch's slot is the number of kept patches before it). Memory traffic is tiny: L
-/// scores in, ≤ L indices out, plus the n_c × L similarity rows for `pgs_select_paper`.
-#[cfg(target_arch = "nvptx64")]
-mod kernel {
-    use super::*;
-    use crate::philox::Philox;
-    use crate::shared::dynamic_shared;
-    use crate::thread::{block_stride, block_x, sync_threads, thread_x};
+// Kernels, one block per image, every rank computed by its own thread over all L entries in
+// shared memory (L² comparisons, a block-wide select); kept patches are compacted in raster order
+// (each kept patch's slot is the number of kept patches before it). Memory traffic is tiny: L
+// scores in, ≤ L indices out, plus the n_c × L similarity rows for `pgs_select_paper`.
 
-    /// Writes the patches not flagged in `masked` (shared, 0/1) to kept[image·L ..] in raster
-    /// order and their count to kept_len[image].
-    #[inline(always)]
-    unsafe fn compact_kept(masked: *const u32, patches: usize, kept: *mut u32, kept_len: *mut u32) {
-        unsafe {
-            let out = kept.add(block_x() * patches);
-            block_stride(patches, |j| {
-                if *masked.add(j) == 0 {
-                    let mut slot = 0;
-                    for i in 0..j {
-                        slot += (*masked.add(i) == 0) as usize;
-                    }
-                    *out.add(slot) = j as u32;
+use crate::hw::{Global, GlobalMut, Shared, block_stride, block_x, dynamic_shared, sync_threads, thread_x};
+use crate::kernel;
+use crate::philox::Philox;
+
+/// Writes the patches not flagged in `masked` (shared, 0/1) to kept[image·L ..] in raster
+/// order and their count to kept_len[image].
+#[inline(always)]
+unsafe fn compact_kept(masked: Shared<u32>, patches: usize, kept: GlobalMut<u32>, kept_len: GlobalMut<u32>) {
+    unsafe {
+        let out = kept.offset(block_x() * patches);
+        block_stride(patches, |j| {
+            if masked.load(j) == 0 {
+                let mut slot = 0;
+                for i in 0..j {
+                    slot += (masked.load(i) == 0) as usize;
                 }
-            });
-            if thread_x() == 0 {
-                let mut count = 0;
-                for j in 0..patches {
-                    count += (*masked.add(j) == 0) as u32;
-                }
-                *kept_len.add(block_x()) = count;
+                out.store(slot, j as u32);
             }
+        });
+        if thread_x() == 0 {
+            let mut count = 0;
+            for j in 0..patches {
+                count += (masked.load(j) == 0) as u32;
+            }
+            kept_len.store(block_x(), count);
         }
     }
+}
 
+kernel! {
     /// Candidates in rank order. `paper` (reference = 0): Gumbel-top-k of ln((1 − E) + 1e-3).
     /// `reference` (reference = 1): the n_c largest u + 1e6·E, ties to the higher index.
     ///
     /// # Safety
     /// `edges` [N, L]; `candidates` [N, n_c]; `shared_bytes(L)` bytes of dynamic shared memory.
-    #[unsafe(no_mangle)]
-    pub unsafe extern "ptx-kernel" fn pgs_candidates(
-        edges: *const f32,
-        candidates: *mut u32,
+    pub fn pgs_candidates(
+        edges: Global<f32>,
+        candidates: GlobalMut<u32>,
         seed: u64,
         step: u32,
         patches: u32,
@@ -159,26 +157,28 @@ mod kernel {
         let (l, n_c) = (patches as usize, n_c as usize);
         let rng = Philox::new(seed, step, block_x() as u32);
         unsafe {
-            let key: *mut f32 = dynamic_shared();
-            let e = edges.add(block_x() * l);
+            let key = dynamic_shared::<f32>();
+            let e = edges.offset(block_x() * l);
             block_stride(l, |i| {
-                let (edge, u) = (*e.add(i), rng.uniform(i as u32));
-                *key.add(i) = if reference != 0 { u + REFERENCE_EDGE_WEIGHT * edge } else { gumbel_key(edge, u) };
+                let (edge, u) = (e.load(i), rng.uniform(i as u32));
+                key.store(i, if reference != 0 { u + REFERENCE_EDGE_WEIGHT * edge } else { gumbel_key(edge, u) });
             });
             sync_threads();
             block_stride(l, |i| {
                 let r = if reference != 0 {
-                    rank_ties_to_higher_index(i, l, |j| *key.add(j))
+                    rank_ties_to_higher_index(i, l, |j| key.load(j))
                 } else {
-                    rank(i, l, |j| *key.add(j), |_| 0)
+                    rank(i, l, |j| key.load(j), |_| 0)
                 };
                 if r < n_c {
-                    *candidates.add(block_x() * n_c + r) = i as u32;
+                    candidates.store(block_x() * n_c + r, i as u32);
                 }
             });
         }
     }
+}
 
+kernel! {
     /// `paper` selection: μ_j = max_c Ŝ[c,j]·(1 − E_j), candidates forced in, the top K_mask
     /// by (μ, Philox jitter, index) masked; K_mask = k_fixed, or with `dynamic` the number of
     /// patches whose raw S exceeds τ for some candidate clamped to [k_min, k_max]; never below n_c.
@@ -186,14 +186,13 @@ mod kernel {
     /// # Safety
     /// `s_raw`, `s_balanced` [N, n_c, L] (the same buffer without OTN); `edges` [N, L];
     /// `candidates` [N, n_c]; `kept` [N, L]; `kept_len` [N]; `shared_bytes(L)` of shared memory.
-    #[unsafe(no_mangle)]
-    pub unsafe extern "ptx-kernel" fn pgs_select_paper(
-        s_raw: *const f32,
-        s_balanced: *const f32,
-        edges: *const f32,
-        candidates: *const u32,
-        kept: *mut u32,
-        kept_len: *mut u32,
+    pub fn pgs_select_paper(
+        s_raw: Global<f32>,
+        s_balanced: Global<f32>,
+        edges: Global<f32>,
+        candidates: Global<u32>,
+        kept: GlobalMut<u32>,
+        kept_len: GlobalMut<u32>,
         seed: u64,
         step: u32,
         patches: u32,
@@ -206,127 +205,122 @@ mod kernel {
         let (l, n_c) = (patches as usize, n_c as usize);
         let rng = Philox::new(seed, step, block_x() as u32);
         unsafe {
-            let score: *mut f32 = dynamic_shared();
-            let jitter = score.add(l) as *mut u32;
-            let masked = jitter.add(l);
-            let similar = masked.add(l);
-            let (raw, bal) = (s_raw.add(block_x() * n_c * l), s_balanced.add(block_x() * n_c * l));
-            let e = edges.add(block_x() * l);
-            let cand = candidates.add(block_x() * n_c);
-            if thread_x() == 0 {
-                *similar = 0;
-            }
+            let score = dynamic_shared::<f32>();
+            let jitter = score.offset(l).cast::<u32>();
+            let masked = jitter.offset(l);
+            let similar = masked.offset(l);
+            let (raw, bal) = (s_raw.offset(block_x() * n_c * l), s_balanced.offset(block_x() * n_c * l));
+            let e = edges.offset(block_x() * l);
+            let cand = candidates.offset(block_x() * n_c);
             block_stride(l, |j| {
                 let mut best = f32::NEG_INFINITY;
                 for c in 0..n_c {
-                    best = best.max(*bal.add(c * l + j));
+                    best = best.max(bal.load(c * l + j));
                 }
-                *score.add(j) = best * (1.0 - *e.add(j));
-                *jitter.add(j) = rng.bits((l + j) as u32);
+                score.store(j, best * (1.0 - e.load(j)));
+                jitter.store(j, rng.bits((l + j) as u32));
             });
-            sync_threads();
-            block_stride(n_c, |c| *score.add(*cand.add(c) as usize) = f32::INFINITY);
-            if dynamic != 0 && thread_x() == 0 {
+            if thread_x() == 0 {
                 let mut count = 0;
-                for j in 0..l {
-                    let mut any = false;
-                    for c in 0..n_c {
-                        any |= *raw.add(c * l + j) > SIMILARITY_THRESHOLD;
+                if dynamic != 0 {
+                    for j in 0..l {
+                        let mut any = false;
+                        for c in 0..n_c {
+                            any |= raw.load(c * l + j) > SIMILARITY_THRESHOLD;
+                        }
+                        count += any as u32;
                     }
-                    count += any as u32;
                 }
-                *similar = count;
+                similar.store(0, count);
             }
             sync_threads();
-            let k_mask = if dynamic != 0 { (*similar).clamp(k_min, k_max) } else { k_fixed }.max(n_c as u32) as usize;
-            block_stride(l, |j| *masked.add(j) = (rank(j, l, |i| *score.add(i), |i| *jitter.add(i)) < k_mask) as u32);
+            block_stride(n_c, |c| score.store(cand.load(c) as usize, f32::INFINITY));
+            sync_threads();
+            let k_mask = if dynamic != 0 { similar.load(0).clamp(k_min, k_max) } else { k_fixed }.max(n_c as u32) as usize;
+            block_stride(l, |j| masked.store(j, (rank(j, l, |i| score.load(i), |i| jitter.load(i)) < k_mask) as u32));
             sync_threads();
             compact_kept(masked, l, kept, kept_len);
         }
     }
+}
 
+kernel! {
     /// FLIP: the k_mask patches with the largest Philox uniforms (ties to the lower index) masked.
     ///
     /// # Safety
     /// `kept` [N, L]; `kept_len` [N]; `shared_bytes(L)` bytes of dynamic shared memory.
-    #[unsafe(no_mangle)]
-    pub unsafe extern "ptx-kernel" fn pgs_select_flip(
-        kept: *mut u32,
-        kept_len: *mut u32,
-        seed: u64,
-        step: u32,
-        patches: u32,
-        k_mask: u32,
-    ) {
+    pub fn pgs_select_flip(kept: GlobalMut<u32>, kept_len: GlobalMut<u32>, seed: u64, step: u32, patches: u32, k_mask: u32) {
         let l = patches as usize;
         let rng = Philox::new(seed, step, block_x() as u32);
         unsafe {
-            let draw: *mut f32 = dynamic_shared();
-            let masked = draw.add(l) as *mut u32;
-            block_stride(l, |j| *draw.add(j) = rng.uniform(j as u32));
+            let draw = dynamic_shared::<f32>();
+            let masked = draw.offset(l).cast::<u32>();
+            block_stride(l, |j| draw.store(j, rng.uniform(j as u32)));
             sync_threads();
-            block_stride(l, |j| *masked.add(j) = (rank(j, l, |i| *draw.add(i), |_| 0) < k_mask as usize) as u32);
+            block_stride(l, |j| masked.store(j, (rank(j, l, |i| draw.load(i), |_| 0) < k_mask as usize) as u32));
             sync_threads();
             compact_kept(masked, l, kept, kept_len);
         }
     }
+}
 
+kernel! {
     /// `reference`, per image: flags m_j (S[a,j] > τ for some candidate a), their count, and the
     /// sequential sum of E.
     ///
     /// # Safety
     /// `s` [N, L, L]; `candidates` [N, n_c]; `edges` [N, L]; `flags` [N, L]; `counts`,
     /// `edge_sums` [N].
-    #[unsafe(no_mangle)]
-    pub unsafe extern "ptx-kernel" fn pgs_reference_flags(
-        s: *const f32,
-        candidates: *const u32,
-        edges: *const f32,
-        flags: *mut u32,
-        counts: *mut u32,
-        edge_sums: *mut f32,
+    pub fn pgs_reference_flags(
+        s: Global<f32>,
+        candidates: Global<u32>,
+        edges: Global<f32>,
+        flags: GlobalMut<u32>,
+        counts: GlobalMut<u32>,
+        edge_sums: GlobalMut<f32>,
         patches: u32,
         n_c: u32,
     ) {
         let (l, n_c) = (patches as usize, n_c as usize);
         unsafe {
-            let s = s.add(block_x() * l * l);
-            let cand = candidates.add(block_x() * n_c);
-            let flag = flags.add(block_x() * l);
+            let s = s.offset(block_x() * l * l);
+            let cand = candidates.offset(block_x() * n_c);
+            let flag = flags.offset(block_x() * l);
             block_stride(l, |j| {
                 let mut any = false;
                 for a in 0..n_c {
-                    any |= *s.add(*cand.add(a) as usize * l + j) > SIMILARITY_THRESHOLD;
+                    any |= s.load(cand.load(a) as usize * l + j) > SIMILARITY_THRESHOLD;
                 }
-                *flag.add(j) = any as u32;
+                flag.store(j, any as u32);
             });
             sync_threads();
             if thread_x() == 0 {
                 let (mut count, mut sum) = (0u32, 0.0f32);
-                let e = edges.add(block_x() * l);
+                let e = edges.offset(block_x() * l);
                 for j in 0..l {
-                    count += *flag.add(j);
-                    sum += *e.add(j);
+                    count += flag.load(j);
+                    sum += e.load(j);
                 }
-                *counts.add(block_x()) = count;
-                *edge_sums.add(block_x()) = sum;
+                counts.store(block_x(), count);
+                edge_sums.store(block_x(), sum);
             }
         }
     }
+}
 
+kernel! {
     /// `reference`, per image: K = min(cap, L − min_n count_n + floor(min_n ΣE_n)) (the E term
     /// with `use_ed`), then the first K patches in ascending (m_j, u_j) order kept.
     ///
     /// # Safety
     /// `flags` [N, L]; `counts`, `edge_sums` [N] for all `n_images`; `kept` [N, L]; `kept_len`
     /// [N]; `shared_bytes(L)` bytes of dynamic shared memory.
-    #[unsafe(no_mangle)]
-    pub unsafe extern "ptx-kernel" fn pgs_reference_keep(
-        flags: *const u32,
-        counts: *const u32,
-        edge_sums: *const f32,
-        kept: *mut u32,
-        kept_len: *mut u32,
+    pub fn pgs_reference_keep(
+        flags: Global<u32>,
+        counts: Global<u32>,
+        edge_sums: Global<f32>,
+        kept: GlobalMut<u32>,
+        kept_len: GlobalMut<u32>,
         seed: u64,
         step: u32,
         n_images: u32,
@@ -337,25 +331,25 @@ mod kernel {
         let l = patches as usize;
         let rng = Philox::new(seed, step, block_x() as u32);
         unsafe {
-            let priority: *mut f32 = dynamic_shared();
-            let masked = priority.add(l) as *mut u32;
-            let keep_count = masked.add(l);
-            let flag = flags.add(block_x() * l);
+            let priority = dynamic_shared::<f32>();
+            let masked = priority.offset(l).cast::<u32>();
+            let keep_count = masked.offset(l);
+            let flag = flags.offset(block_x() * l);
             if thread_x() == 0 {
                 let (mut fewest, mut least_edge) = (u32::MAX, f32::INFINITY);
                 for n in 0..n_images as usize {
-                    fewest = fewest.min(*counts.add(n));
-                    least_edge = least_edge.min(*edge_sums.add(n));
+                    fewest = fewest.min(counts.load(n));
+                    least_edge = least_edge.min(edge_sums.load(n));
                 }
                 let bonus = if use_ed != 0 { floor_nonnegative(least_edge) } else { 0 };
-                *keep_count = (cap as usize).min(l - fewest as usize + bonus) as u32;
+                keep_count.store(0, (cap as usize).min(l - fewest as usize + bonus) as u32);
             }
-            block_stride(l, |j| *priority.add(j) = rng.uniform((l + j) as u32));
+            block_stride(l, |j| priority.store(j, rng.uniform((l + j) as u32)));
             sync_threads();
-            let keep = *keep_count as usize;
+            let keep = keep_count.load(0) as usize;
             block_stride(l, |j| {
-                let r = rank_reference_keep(j, l, |i| *flag.add(i) != 0, |i| *priority.add(i));
-                *masked.add(j) = (r >= keep) as u32;
+                let r = rank_reference_keep(j, l, |i| flag.load(i) != 0, |i| priority.load(i));
+                masked.store(j, (r >= keep) as u32);
             });
             sync_threads();
             compact_kept(masked, l, kept, kept_len);

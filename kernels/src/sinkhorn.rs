@@ -72,27 +72,25 @@ pub const fn log_shared_bytes(rows: usize, cols: usize) -> usize {
     4 * (rows * cols + rows + 2 * cols + 1)
 }
 
-/// Kernels, one block per image, every iteration on chip (no host round trip):
-/// - `pgs_sinkhorn_log`: S/ε [R, C] in shared memory; per iteration one thread per column (g),
-///   one per row (f), one per column (its marginal error), then thread 0 sums the errors in
-///   order and decides. Reads 4·R·C bytes, writes the balanced Ŝ = R·C·Π (4·R·C bytes).
-/// - `pgs_sinkhorn_knopp_signed`: the `reference` scaling of an L×L matrix in a global scratch
-///   buffer (L² floats do not fit in shared memory for every L); per round one thread per column
-///   and per row sums, thread 0 checks, every thread scales. About 3·50·4·L² bytes of L2 traffic.
-#[cfg(target_arch = "nvptx64")]
-mod kernel {
-    use super::*;
-    use crate::shared::dynamic_shared;
-    use crate::thread::{block_stride, block_x, sync_threads, thread_x};
+// Kernels, one block per image, every iteration on chip (no host round trip):
+// - `pgs_sinkhorn_log`: S/ε [R, C] in shared memory; per iteration one thread per column (g),
+//   one per row (f), one per column (its marginal error), then thread 0 sums the errors in
+//   order and decides. Reads 4·R·C bytes, writes the balanced Ŝ = R·C·Π (4·R·C bytes).
+// - `pgs_sinkhorn_knopp_signed`: the `reference` scaling of an L×L matrix in a global scratch
+//   buffer (L² floats do not fit in shared memory for every L); per round one thread per column
+//   and per row sums, thread 0 checks, every thread scales. About 3·50·4·L² bytes of L2 traffic.
 
+use crate::hw::{Global, GlobalMut, block_stride, block_x, dynamic_shared, sync_threads, thread_x};
+use crate::kernel;
+
+kernel! {
     /// # Safety
     /// `s`, `balanced` [N, rows, cols]; `iterations` [N]; launch with one block per image and
     /// `log_shared_bytes(rows, cols)` bytes of dynamic shared memory.
-    #[unsafe(no_mangle)]
-    pub unsafe extern "ptx-kernel" fn pgs_sinkhorn_log(
-        s: *const f32,
-        balanced: *mut f32,
-        iterations: *mut u32,
+    pub fn pgs_sinkhorn_log(
+        s: Global<f32>,
+        balanced: GlobalMut<f32>,
+        iterations: GlobalMut<u32>,
         rows: u32,
         cols: u32,
         epsilon: f32,
@@ -102,103 +100,96 @@ mod kernel {
         let (rows, cols) = (rows as usize, cols as usize);
         let size = rows * cols;
         unsafe {
-            let m: *mut f32 = dynamic_shared();
-            let f = m.add(size);
-            let g = f.add(rows);
-            let column_error = g.add(cols);
-            let stop = column_error.add(cols) as *mut u32;
-            let s = s.add(block_x() * size);
-            block_stride(size, |i| *m.add(i) = *s.add(i) / epsilon);
-            block_stride(rows, |c| *f.add(c) = 0.0);
-            if thread_x() == 0 {
-                *stop = 0;
-            }
+            let m = dynamic_shared::<f32>();
+            let f = m.offset(size);
+            let g = f.offset(rows);
+            let column_error = g.offset(cols);
+            let stop = column_error.offset(cols).cast::<u32>();
+            let s = s.offset(block_x() * size);
+            block_stride(size, |i| m.store(i, s.load(i) / epsilon));
+            block_stride(rows, |c| f.store(c, 0.0));
             sync_threads();
             let (log_a, log_b) = (-ln(rows as f32), -ln(cols as f32));
             let b = 1.0 / cols as f32;
             let mut done = 0u32;
             while done < max_iterations {
-                block_stride(cols, |j| *g.add(j) = log_b - log_sum_exp(rows, |c| *m.add(c * cols + j) + *f.add(c)));
+                block_stride(cols, |j| g.store(j, log_b - log_sum_exp(rows, |c| m.load(c * cols + j) + f.load(c))));
                 sync_threads();
-                block_stride(rows, |c| *f.add(c) = log_a - log_sum_exp(cols, |j| *m.add(c * cols + j) + *g.add(j)));
+                block_stride(rows, |c| f.store(c, log_a - log_sum_exp(cols, |j| m.load(c * cols + j) + g.load(j))));
                 sync_threads();
                 done += 1;
                 block_stride(cols, |j| {
                     let mut mass = 0.0f32;
                     for c in 0..rows {
-                        mass += plan(*m.add(c * cols + j), *f.add(c), *g.add(j));
+                        mass += plan(m.load(c * cols + j), f.load(c), g.load(j));
                     }
-                    *column_error.add(j) = (mass - b).abs();
+                    column_error.store(j, (mass - b).abs());
                 });
                 sync_threads();
                 if thread_x() == 0 {
                     let mut error = 0.0f32;
                     for j in 0..cols {
-                        error += *column_error.add(j);
+                        error += column_error.load(j);
                     }
-                    *stop = (error < tolerance) as u32;
+                    stop.store(0, (error < tolerance) as u32);
                 }
                 sync_threads();
-                if *stop != 0 {
+                if stop.load(0) != 0 {
                     break;
                 }
             }
             let scale = size as f32;
-            let out = balanced.add(block_x() * size);
-            block_stride(size, |i| *out.add(i) = scale * plan(*m.add(i), *f.add(i / cols), *g.add(i % cols)));
+            let out = balanced.offset(block_x() * size);
+            block_stride(size, |i| out.store(i, scale * plan(m.load(i), f.load(i / cols), g.load(i % cols))));
             if thread_x() == 0 {
-                *iterations.add(block_x()) = done;
+                iterations.store(block_x(), done);
             }
         }
     }
+}
 
+kernel! {
     /// S ← S + SK(S) for each image's n×n matrix.
     ///
     /// # Safety
     /// `s`, `scratch` [N, n, n]; `sums` [N, 2n + 1]; one block per image.
-    #[unsafe(no_mangle)]
-    pub unsafe extern "ptx-kernel" fn pgs_sinkhorn_knopp_signed(
-        s: *mut f32,
-        scratch: *mut f32,
-        sums: *mut f32,
-        n: u32,
-    ) {
+    pub fn pgs_sinkhorn_knopp_signed(s: GlobalMut<f32>, scratch: GlobalMut<f32>, sums: GlobalMut<f32>, n: u32) {
         let n = n as usize;
         unsafe {
-            let s = s.add(block_x() * n * n);
-            let x = scratch.add(block_x() * n * n);
-            let col = sums.add(block_x() * (2 * n + 1));
-            let row = col.add(n);
-            let converged = row.add(n) as *mut u32;
-            block_stride(n * n, |i| *x.add(i) = *s.add(i));
+            let s = s.offset(block_x() * n * n);
+            let x = scratch.offset(block_x() * n * n);
+            let col = sums.offset(block_x() * (2 * n + 1));
+            let row = col.offset(n);
+            let converged = row.offset(n).cast::<u32>();
+            block_stride(n * n, |i| x.store(i, s.load(i)));
             sync_threads();
             for _ in 0..SK_MAX_ITERATIONS {
                 block_stride(n, |j| {
                     let mut acc = 0.0f32;
                     for i in 0..n {
-                        acc += *x.add(i * n + j);
+                        acc += x.load(i * n + j);
                     }
-                    *col.add(j) = acc;
+                    col.store(j, acc);
                 });
                 block_stride(n, |i| {
                     let mut acc = 0.0f32;
                     for j in 0..n {
-                        acc += *x.add(i * n + j);
+                        acc += x.load(i * n + j);
                     }
-                    *row.add(i) = acc;
+                    row.store(i, acc);
                 });
                 sync_threads();
                 if thread_x() == 0 {
-                    *converged = sk_converged(n, |k| *col.add(k), |k| *row.add(k)) as u32;
+                    converged.store(0, sk_converged(n, |k| col.load(k), |k| row.load(k)) as u32);
                 }
                 sync_threads();
-                if *converged != 0 {
+                if converged.load(0) != 0 {
                     break;
                 }
-                block_stride(n * n, |i| *x.add(i) = sk_scale(*x.add(i), *col.add(i % n), *row.add(i / n)));
+                block_stride(n * n, |i| x.store(i, sk_scale(x.load(i), col.load(i % n), row.load(i / n))));
                 sync_threads();
             }
-            block_stride(n * n, |i| *s.add(i) += *x.add(i));
+            block_stride(n * n, |i| s.store(i, s.load(i) + x.load(i)));
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clip_pgs_host::ops::edge_map::ImageBatchShape;
+use clip_pgs_host::{Device, DevicePreference};
 use clip_pgs_kernels::philox::Philox;
 
 pub const PHOTOS: [&str; 3] = ["astronaut", "coffee", "chelsea"];
@@ -65,4 +66,17 @@ pub fn tensor_f32(file: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// The GPU device the kernel tests run on: the emulator (`emu`) unless `CLIP_PGS_TEST_DEVICE=cuda`,
+/// which requires a CUDA GPU (the test fails without one; it never passes silently).
+pub fn gpu() -> Device {
+    let preference = match std::env::var("CLIP_PGS_TEST_DEVICE").as_deref() {
+        Ok("cuda") => DevicePreference::Cuda,
+        Ok("emu") | Err(_) => DevicePreference::Emu,
+        Ok(other) => panic!("CLIP_PGS_TEST_DEVICE={other}: expected emu or cuda"),
+    };
+    Device::select(preference)
+        .unwrap_or_else(|e| panic!("the GPU tests were asked to run on {preference:?}: {e}"))
+        .device
 }

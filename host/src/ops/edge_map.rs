@@ -3,16 +3,18 @@
 //! min–max normalization. GPU kernel: `kernels/src/edge_map.rs`; both devices share the math of
 //! `clip_pgs_kernels::sobel` and its summation order, so they agree bit for bit.
 
-use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{DeviceRepr, LaunchConfig, ValidAsZeroBits};
 use rayon::prelude::*;
 
+use clip_pgs_kernels as kernels;
 use clip_pgs_kernels::edge_map::{THREADS, shared_bytes};
+use clip_pgs_kernels::hw::{Global, GlobalMut, Kernel};
 use clip_pgs_kernels::sobel::{luminance, min_max_normalize, patch_mean, replicate, sobel_magnitude};
 
 use crate::buffer::Buffer;
-use crate::cuda::{CudaRuntime, Kernels};
 use crate::device::Device;
-use crate::error::{CudaContextExt, Error, Result};
+use crate::error::{Error, Result};
+use crate::launch::KernelElement;
 
 /// A batch of RGB images in [N, 3, H, W] layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,55 +73,104 @@ impl PatchGrid {
     }
 }
 
-/// Pixel types the edge map reads: f32, and bf16 (widened exactly to f32).
 /// Element types the kernels read (f32, and bf16 widened exactly to f32), with the entry point of
 /// each kernel that comes in both.
-pub trait ImageElement: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync {
+pub trait ImageElement: KernelElement + DeviceRepr + ValidAsZeroBits + Default {
     fn to_f32(self) -> f32;
-    #[doc(hidden)]
-    fn kernel(kernels: &Kernels, op: TypedKernel) -> &CudaFunction;
+    const EDGE_MAP: Kernel<(Global<Self::Kernel>, GlobalMut<f32>, u32, u32, u32)>;
+    #[allow(clippy::type_complexity)]
+    const STANDARDIZE_PATCHES: Kernel<(
+        Global<Self::Kernel>,
+        GlobalMut<f32>,
+        GlobalMut<f32>,
+        GlobalMut<u32>,
+        u32,
+        u32,
+        u32,
+        u32,
+    )>;
+    const TOKEN_NORMS: Kernel<(Global<Self::Kernel>, GlobalMut<f32>, GlobalMut<u32>, u32, u32)>;
+    #[allow(clippy::type_complexity)]
+    const SIMILARITY: Kernel<(
+        Global<f32>,
+        Global<f32>,
+        Global<Self::Kernel>,
+        Global<f32>,
+        Global<u32>,
+        GlobalMut<f32>,
+        u32,
+        u32,
+        u32,
+        u32,
+        u32,
+        f32,
+    )>;
+    const GATHER: Kernel<(Global<Self::Kernel>, Global<u32>, Global<u32>, GlobalMut<Self::Kernel>, u32, u32, u32)>;
 }
 
-/// The kernels with an f32 and a bf16 entry point.
-#[doc(hidden)]
-#[derive(Clone, Copy)]
-pub enum TypedKernel {
-    EdgeMap,
-    StandardizePatches,
-    TokenNorms,
-    Similarity,
-    Gather,
-}
-
-impl ImageElement for f32 {
-    fn to_f32(self) -> f32 {
-        self
-    }
-    fn kernel(k: &Kernels, op: TypedKernel) -> &CudaFunction {
-        match op {
-            TypedKernel::EdgeMap => &k.edge_map_f32,
-            TypedKernel::StandardizePatches => &k.standardize_patches_f32,
-            TypedKernel::TokenNorms => &k.token_norms_f32,
-            TypedKernel::Similarity => &k.similarity_f32,
-            TypedKernel::Gather => &k.gather_f32,
+macro_rules! image_element {
+    ($t:ty, $widen:expr, $edge:ident, $standardize:ident, $norms:ident, $similarity:ident, $gather:ident) => {
+        impl ImageElement for $t {
+            fn to_f32(self) -> f32 {
+                $widen(self)
+            }
+            const EDGE_MAP: Kernel<(Global<Self::Kernel>, GlobalMut<f32>, u32, u32, u32)> = kernels::edge_map::$edge;
+            const STANDARDIZE_PATCHES: Kernel<(
+                Global<Self::Kernel>,
+                GlobalMut<f32>,
+                GlobalMut<f32>,
+                GlobalMut<u32>,
+                u32,
+                u32,
+                u32,
+                u32,
+            )> = kernels::patch_stats::$standardize;
+            const TOKEN_NORMS: Kernel<(Global<Self::Kernel>, GlobalMut<f32>, GlobalMut<u32>, u32, u32)> =
+                kernels::patch_stats::$norms;
+            const SIMILARITY: Kernel<(
+                Global<f32>,
+                Global<f32>,
+                Global<Self::Kernel>,
+                Global<f32>,
+                Global<u32>,
+                GlobalMut<f32>,
+                u32,
+                u32,
+                u32,
+                u32,
+                u32,
+                f32,
+            )> = kernels::patch_stats::$similarity;
+            const GATHER: Kernel<(
+                Global<Self::Kernel>,
+                Global<u32>,
+                Global<u32>,
+                GlobalMut<Self::Kernel>,
+                u32,
+                u32,
+                u32,
+            )> = kernels::gather::$gather;
         }
-    }
+    };
 }
-
-impl ImageElement for half::bf16 {
-    fn to_f32(self) -> f32 {
-        half::bf16::to_f32(self)
-    }
-    fn kernel(k: &Kernels, op: TypedKernel) -> &CudaFunction {
-        match op {
-            TypedKernel::EdgeMap => &k.edge_map_bf16,
-            TypedKernel::StandardizePatches => &k.standardize_patches_bf16,
-            TypedKernel::TokenNorms => &k.token_norms_bf16,
-            TypedKernel::Similarity => &k.similarity_bf16,
-            TypedKernel::Gather => &k.gather_bf16,
-        }
-    }
-}
+image_element!(
+    f32,
+    |v: f32| v,
+    pgs_edge_map_f32,
+    pgs_standardize_patches_f32,
+    pgs_token_norms_f32,
+    pgs_similarity_f32,
+    pgs_gather_f32
+);
+image_element!(
+    half::bf16,
+    half::bf16::to_f32,
+    pgs_edge_map_bf16,
+    pgs_standardize_patches_bf16,
+    pgs_token_norms_bf16,
+    pgs_similarity_bf16,
+    pgs_gather_bf16
+);
 
 /// E [N, L] of `images` [N, 3, H, W], on the device that holds `images`.
 pub fn edge_map<T: ImageElement>(
@@ -134,7 +185,9 @@ pub fn edge_map<T: ImageElement>(
             let widened: Vec<f32> = pixels.par_iter().map(|&v| v.to_f32()).collect();
             Ok(Buffer::Cpu(edge_map_cpu(&widened, shape, grid)))
         }
-        (Device::Cuda(rt), Buffer::Cuda(pixels)) => Ok(Buffer::Cuda(edge_map_cuda(rt, pixels, shape, grid)?)),
+        (Device::Cuda(_), Buffer::Cuda(_)) | (Device::Emu(_), Buffer::Emu(_)) => {
+            edge_map_gpu(device, images, shape, grid)
+        }
         (_, buffer) => Err(Error::WrongDevice(format!(
             "edge_map runs on {device} but the images are in {} memory",
             buffer.device_name()
@@ -201,26 +254,21 @@ pub fn sobel_magnitude_map(image: &[f32], h: usize, w: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Launches `pgs_edge_map_{f32,bf16}`: one block of `THREADS` per image.
-pub(crate) fn edge_map_cuda<T: ImageElement>(
-    rt: &CudaRuntime,
-    images: &CudaSlice<T>,
+/// Launches `pgs_edge_map_{f32,bf16}` on CUDA or the emulator: one block of `THREADS` per image.
+pub(crate) fn edge_map_gpu<T: ImageElement>(
+    device: &Device,
+    images: &Buffer<T>,
     shape: ImageBatchShape,
     grid: PatchGrid,
-) -> Result<CudaSlice<f32>> {
+) -> Result<Buffer<f32>> {
     let smem = shared_bytes(shape.width, grid.patch, grid.len());
-    let mut edges = rt.stream.alloc_zeros::<f32>(shape.n * grid.len()).during("allocating the edge map")?;
+    let mut edges = device.alloc_zeros::<f32>(shape.n * grid.len(), "the edge map")?;
     let cfg =
         LaunchConfig { grid_dim: (shape.n as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     let (h, w, p) = (shape.height as u32, shape.width as u32, grid.patch as u32);
-    // SAFETY: argument types and order match the kernel's signature; check_args verified the
-    // image buffer holds n·3·h·w elements, `edges` holds n·L, and smem is what the kernel's
-    // layout needs (shared_bytes).
-    unsafe {
-        rt.launch(T::kernel(&rt.kernels, TypedKernel::EdgeMap), cfg, "pgs_edge_map", |a| {
-            a.arg(images).arg(&mut edges).arg(&h).arg(&w).arg(&p);
-        })
-    }?;
+    // SAFETY: check_args verified the image buffer holds n·3·h·w elements; `edges` holds n·L,
+    // and smem is what the kernel's layout needs (shared_bytes).
+    unsafe { device.launch(&T::EDGE_MAP, cfg, (images, &mut edges, h, w, p)) }?;
     Ok(edges)
 }
 

@@ -1,15 +1,15 @@
 //! Uniform draws in (0, 1) from the Philox stream (seed, a, b): draw i is
 //! `Philox::new(seed, a, b).uniform(i)` on both devices, bit for bit.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use clip_pgs_kernels::philox::Philox;
-use clip_pgs_kernels::random::THREADS;
+use clip_pgs_kernels::random::{THREADS, philox_uniform};
 
 use crate::buffer::Buffer;
 use crate::device::Device;
-use crate::error::{CudaContextExt, Error, Result};
+use crate::error::{Error, Result};
 
 /// `n` uniforms of the stream (seed, a, b), on `device`.
 pub fn uniform(device: &Device, n: usize, seed: u64, a: u32, b: u32) -> Result<Buffer<f32>> {
@@ -19,22 +19,16 @@ pub fn uniform(device: &Device, n: usize, seed: u64, a: u32, b: u32) -> Result<B
     let rng = Philox::new(seed, a, b);
     match device {
         Device::Cpu => Ok(Buffer::Cpu((0..n as u32).into_par_iter().map(|i| rng.uniform(i)).collect())),
-        Device::Cuda(rt) => {
-            let mut out = rt.stream.alloc_zeros::<f32>(n).during("allocating random draws")?;
+        Device::Cuda(_) | Device::Emu(_) => {
+            let mut out = device.alloc_zeros::<f32>(n, "random draws")?;
             let cfg = LaunchConfig {
                 grid_dim: ((n as u32).div_ceil(THREADS), 1, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let n32 = n as u32;
-            // SAFETY: matches `philox_uniform(out: *mut f32, n: u32, seed: u64, a: u32, b: u32)`;
-            // `out` holds n floats.
-            unsafe {
-                rt.launch(&rt.kernels.philox_uniform, cfg, "philox_uniform", |l| {
-                    l.arg(&mut out).arg(&n32).arg(&seed).arg(&a).arg(&b);
-                })
-            }?;
-            Ok(Buffer::Cuda(out))
+            // SAFETY: `out` holds n floats.
+            unsafe { device.launch(&philox_uniform, cfg, (&mut out, n as u32, seed, a, b)) }?;
+            Ok(out)
         }
     }
 }

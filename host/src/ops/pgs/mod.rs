@@ -5,8 +5,8 @@
 //! Files: `patches` (standardized patches, similarity, the reference edge grid), `sinkhorn`,
 //! `select` (top-k and mask counts), `gather` (packing kept tokens).
 
-pub mod cuda;
 pub mod gather;
+pub mod gpu;
 pub mod patches;
 pub mod select;
 pub mod sinkhorn;
@@ -179,7 +179,8 @@ pub struct PatchTokens<'a> {
 /// Masks on the device that computed them.
 pub enum MaskBuffers {
     Cpu(Masks),
-    Cuda(cuda::DeviceMasks),
+    /// On CUDA or the emulator.
+    Gpu(gpu::DeviceMasks),
 }
 
 impl MaskBuffers {
@@ -187,7 +188,7 @@ impl MaskBuffers {
     pub fn to_masks(&self) -> Result<Masks> {
         match self {
             MaskBuffers::Cpu(m) => Ok(m.clone()),
-            MaskBuffers::Cuda(m) => m.to_masks(),
+            MaskBuffers::Gpu(m) => m.to_masks(),
         }
     }
 }
@@ -210,19 +211,19 @@ pub fn pgs_mask<T: ImageElement>(
             let pixels = widen(pixels);
             let tokens = match tokens {
                 Some((Buffer::Cpu(t), dim)) => Some((widen(t), dim)),
-                Some((Buffer::Cuda(_), _)) => return Err(wrong_device(device, "patch tokens", "cuda")),
+                Some((other, _)) => return Err(wrong_device(device, "patch tokens", other.device_name())),
                 None => None,
             };
             let tokens = tokens.as_ref().map(|(t, dim)| PatchTokens { tokens: t, dim: *dim });
             Ok(MaskBuffers::Cpu(mask_cpu(&pixels, shape, patch, tokens, masking, at)?))
         }
-        (Device::Cuda(rt), Buffer::Cuda(pixels)) => {
-            let tokens = match tokens {
-                Some((Buffer::Cuda(t), dim)) => Some((t, dim)),
-                Some((Buffer::Cpu(_), _)) => return Err(wrong_device(device, "patch tokens", "cpu")),
-                None => None,
-            };
-            Ok(MaskBuffers::Cuda(cuda::mask_cuda(rt, pixels, shape, patch, tokens, masking, at)?))
+        (Device::Cuda(_), Buffer::Cuda(_)) | (Device::Emu(_), Buffer::Emu(_)) => {
+            if let Some((t, _)) = tokens
+                && t.device_name() != images.device_name()
+            {
+                return Err(wrong_device(device, "patch tokens", t.device_name()));
+            }
+            Ok(MaskBuffers::Gpu(gpu::mask_gpu(device, images, shape, patch, tokens, masking, at)?))
         }
         (_, buffer) => Err(wrong_device(device, "images", buffer.device_name())),
     }

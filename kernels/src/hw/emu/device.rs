@@ -1,0 +1,344 @@
+//! The hardware layer on the host: the same functions and views as `nvptx.rs`, served by the
+//! emulator. Views carry their length and buffer; every access is checked and counted, and
+//! `#[track_caller]` gives each report the kernel's source line.
+
+use core::marker::PhantomData;
+use core::mem::{align_of, size_of};
+use core::panic::Location;
+
+use super::block::{WarpOp, current};
+use crate::hw::Word;
+
+pub use super::Kernel;
+
+pub fn thread_x() -> usize {
+    current().thread_index()[0] as usize
+}
+
+pub fn block_x() -> usize {
+    current().block().index[0] as usize
+}
+
+pub fn block_y() -> usize {
+    current().block().index[1] as usize
+}
+
+pub fn block_dim_x() -> usize {
+    current().block().launch.config.block[0] as usize
+}
+
+pub fn grid_dim_x() -> usize {
+    current().block().launch.config.grid[0] as usize
+}
+
+/// `__syncthreads()`: every live thread of the block must reach it, at the same source line.
+#[track_caller]
+pub fn sync_threads() {
+    current().barrier(Location::caller());
+}
+
+/// `__syncwarp(mask)`: orders shared-memory accesses among the lanes of `mask`.
+#[track_caller]
+pub fn sync_warp(mask: u32) {
+    current().warp_op(WarpOp::Sync, mask, 0, Location::caller());
+}
+
+/// The value of lane `lane ^ b` (butterfly).
+#[track_caller]
+pub fn shfl_xor<T: Word>(mask: u32, v: T, b: u32) -> T {
+    T::from_word(current().warp_op(WarpOp::ShflXor(b), mask, v.to_word(), Location::caller()))
+}
+
+/// The value of lane `b`.
+#[track_caller]
+pub fn shfl_idx<T: Word>(mask: u32, v: T, b: u32) -> T {
+    T::from_word(current().warp_op(WarpOp::ShflIdx(b), mask, v.to_word(), Location::caller()))
+}
+
+/// The value of lane `lane + b` (own value past lane 31).
+#[track_caller]
+pub fn shfl_down<T: Word>(mask: u32, v: T, b: u32) -> T {
+    T::from_word(current().warp_op(WarpOp::ShflDown(b), mask, v.to_word(), Location::caller()))
+}
+
+/// The value of lane `lane − b` (own value below lane 0).
+#[track_caller]
+pub fn shfl_up<T: Word>(mask: u32, v: T, b: u32) -> T {
+    T::from_word(current().warp_op(WarpOp::ShflUp(b), mask, v.to_word(), Location::caller()))
+}
+
+/// Bit i set when lane i of `mask` has `predicate` true.
+#[track_caller]
+pub fn ballot(mask: u32, predicate: bool) -> u32 {
+    current().warp_op(WarpOp::Ballot, mask, predicate as u32, Location::caller())
+}
+
+/// 2^x; on the GPU `ex2.approx` (within 2 ulp of this).
+pub fn ex2_approx(x: f32) -> f32 {
+    x.exp2()
+}
+
+/// log2 x; on the GPU `lg2.approx`.
+pub fn lg2_approx(x: f32) -> f32 {
+    x.log2()
+}
+
+/// Read-only global memory: `len` elements from `ptr`, which lies `start` bytes into buffer
+/// number `buffer` of the launch.
+pub struct Global<T> {
+    ptr: *const T,
+    len: usize,
+    start: usize,
+    buffer: u32,
+}
+
+/// Writable global memory.
+pub struct GlobalMut<T> {
+    ptr: *mut T,
+    len: usize,
+    start: usize,
+    buffer: u32,
+}
+
+/// A view of the block's shared memory: `len` elements from byte `offset`.
+pub struct Shared<T> {
+    offset: usize,
+    len: usize,
+    _t: PhantomData<T>,
+}
+
+macro_rules! copy_send_sync {
+    ($($view:ident),*) => {$(
+        impl<T> Clone for $view<T> {
+            fn clone(&self) -> Self {
+                *self
+            }
+        }
+        impl<T> Copy for $view<T> {}
+        // SAFETY: a view is an address and a length; the emulator hands the same views to all
+        // blocks as the GPU hands them the same pointers. Accesses are the kernel's contract.
+        unsafe impl<T> Send for $view<T> {}
+        // SAFETY: as above.
+        unsafe impl<T> Sync for $view<T> {}
+    )*};
+}
+copy_send_sync!(Global, GlobalMut, Shared);
+
+impl<T: Copy> Global<T> {
+    /// A view of `len` elements at `ptr`, buffer number `buffer` of the launch.
+    /// # Safety
+    /// `ptr` is valid for reads of `len` elements for the whole launch.
+    pub unsafe fn new(ptr: *const T, len: usize, buffer: u32) -> Self {
+        Global { ptr, len, start: 0, buffer }
+    }
+
+    /// An absent optional input.
+    pub fn null() -> Self {
+        Global { ptr: core::ptr::null(), len: 0, start: 0, buffer: 0 }
+    }
+
+    pub fn is_null(self) -> bool {
+        self.ptr.is_null()
+    }
+
+    pub fn len(self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len == 0
+    }
+
+    /// Element `i`.
+    /// # Safety
+    /// As on the GPU; here an index past the end is reported, not performed.
+    #[track_caller]
+    pub unsafe fn load(self, i: usize) -> T {
+        let size = size_of::<T>();
+        current().global(
+            Location::caller(),
+            false,
+            self.buffer,
+            self.start + i * size,
+            size,
+            align_of::<T>(),
+            i,
+            self.len,
+        );
+        // SAFETY: i < len, checked above.
+        unsafe { self.ptr.add(i).read() }
+    }
+
+    /// The view from element `n` on (empty when `n` is past the end).
+    /// # Safety
+    /// As on the GPU.
+    pub unsafe fn offset(self, n: usize) -> Self {
+        let n = n.min(self.len);
+        Global {
+            ptr: self.ptr.wrapping_add(n),
+            len: self.len - n,
+            start: self.start + n * size_of::<T>(),
+            buffer: self.buffer,
+        }
+    }
+
+    /// The same bytes as elements of another type.
+    pub fn cast<U: Copy>(self) -> Global<U> {
+        Global {
+            ptr: self.ptr.cast(),
+            len: self.len * size_of::<T>() / size_of::<U>(),
+            start: self.start,
+            buffer: self.buffer,
+        }
+    }
+}
+
+impl<T: Copy> GlobalMut<T> {
+    /// # Safety
+    /// `ptr` is valid for reads and writes of `len` elements for the whole launch.
+    pub unsafe fn new(ptr: *mut T, len: usize, buffer: u32) -> Self {
+        GlobalMut { ptr, len, start: 0, buffer }
+    }
+
+    pub fn len(self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len == 0
+    }
+
+    /// # Safety
+    /// As on the GPU; here an index past the end is reported, not performed.
+    #[track_caller]
+    pub unsafe fn load(self, i: usize) -> T {
+        let size = size_of::<T>();
+        current().global(
+            Location::caller(),
+            false,
+            self.buffer,
+            self.start + i * size,
+            size,
+            align_of::<T>(),
+            i,
+            self.len,
+        );
+        // SAFETY: i < len, checked above.
+        unsafe { self.ptr.add(i).read() }
+    }
+
+    /// # Safety
+    /// As on the GPU; here an index past the end is reported, not performed.
+    #[track_caller]
+    pub unsafe fn store(self, i: usize, v: T) {
+        let size = size_of::<T>();
+        current().global(
+            Location::caller(),
+            true,
+            self.buffer,
+            self.start + i * size,
+            size,
+            align_of::<T>(),
+            i,
+            self.len,
+        );
+        // SAFETY: i < len, checked above.
+        unsafe { self.ptr.add(i).write(v) }
+    }
+
+    /// # Safety
+    /// As on the GPU.
+    pub unsafe fn offset(self, n: usize) -> Self {
+        let n = n.min(self.len);
+        GlobalMut {
+            ptr: self.ptr.wrapping_add(n),
+            len: self.len - n,
+            start: self.start + n * size_of::<T>(),
+            buffer: self.buffer,
+        }
+    }
+
+    /// The same bytes as elements of another type.
+    pub fn cast<U: Copy>(self) -> GlobalMut<U> {
+        GlobalMut {
+            ptr: self.ptr.cast(),
+            len: self.len * size_of::<T>() / size_of::<U>(),
+            start: self.start,
+            buffer: self.buffer,
+        }
+    }
+}
+
+macro_rules! atomic_add {
+    ($t:ty, $atomic:ty, $add:expr) => {
+        impl GlobalMut<$t> {
+            /// `atomicAdd`: adds `v` to element `i` and returns the old value.
+            /// # Safety
+            /// As on the GPU; here an index past the end is reported, not performed.
+            #[track_caller]
+            pub unsafe fn atomic_add(self, i: usize, v: $t) -> $t {
+                current().global(Location::caller(), true, self.buffer, self.start + i * 4, 4, 4, i, self.len);
+                // SAFETY: in bounds and aligned (checked); blocks on other host threads use
+                // atomics on the same words.
+                let cell = unsafe { &*(self.ptr.add(i) as *const $atomic) };
+                let old = cell.fetch_update(
+                    core::sync::atomic::Ordering::Relaxed,
+                    core::sync::atomic::Ordering::Relaxed,
+                    |w| Some($add(w, v)),
+                );
+                <$t>::from_word(old.expect("the update always succeeds"))
+            }
+        }
+    };
+}
+atomic_add!(f32, core::sync::atomic::AtomicU32, |w: u32, v: f32| (f32::from_bits(w) + v).to_bits());
+atomic_add!(u32, core::sync::atomic::AtomicU32, |w: u32, v: u32| w.wrapping_add(v));
+
+impl<T: Copy> Shared<T> {
+    fn at(offset: usize, len: usize) -> Self {
+        Shared { offset, len, _t: PhantomData }
+    }
+
+    /// # Safety
+    /// As on the GPU; here an index past the end is reported, not performed.
+    #[track_caller]
+    pub unsafe fn load(self, i: usize) -> T {
+        let size = size_of::<T>();
+        let p = current().shared(Location::caller(), false, self.offset + i * size, size, align_of::<T>(), i, self.len);
+        // SAFETY: checked in bounds of the block's shared memory.
+        unsafe { (p as *const T).read_unaligned() }
+    }
+
+    /// # Safety
+    /// As on the GPU; here an index past the end is reported, not performed.
+    #[track_caller]
+    pub unsafe fn store(self, i: usize, v: T) {
+        let size = size_of::<T>();
+        let p = current().shared(Location::caller(), true, self.offset + i * size, size, align_of::<T>(), i, self.len);
+        // SAFETY: checked in bounds of the block's shared memory.
+        unsafe { (p as *mut T).write_unaligned(v) }
+    }
+
+    /// The view from element `n` on.
+    /// # Safety
+    /// As on the GPU.
+    pub unsafe fn offset(self, n: usize) -> Self {
+        Shared::at(self.offset + n * size_of::<T>(), self.len.saturating_sub(n))
+    }
+
+    /// The same bytes as elements of another type.
+    pub fn cast<U: Copy>(self) -> Shared<U> {
+        Shared::at(self.offset, self.len * size_of::<T>() / size_of::<U>())
+    }
+}
+
+/// The block's dynamic shared memory (`shared_bytes` of the launch).
+pub fn dynamic_shared<T: Copy>() -> Shared<T> {
+    Shared::at(0, current().dynamic_shared_bytes() / size_of::<T>())
+}
+
+/// A static shared array (see [`crate::shared_array!`]), allocated in the block on first use.
+#[track_caller]
+pub fn static_shared<T: Copy>(name: &'static str, len: usize) -> Shared<T> {
+    Shared::at(current().static_shared(Location::caller(), name, len * size_of::<T>()), len)
+}

@@ -1,0 +1,280 @@
+//! The hardware layer on the GPU: special registers, `bar.sync`, `shfl.sync`, `vote.sync`,
+//! atomics and `ex2`/`lg2` as inline PTX; views as bare pointers (plain `ld`/`st`).
+
+use core::arch::nvptx;
+
+use super::Word;
+
+#[inline(always)]
+pub fn thread_x() -> usize {
+    // SAFETY: reading a special register.
+    unsafe { nvptx::_thread_idx_x() as usize }
+}
+
+#[inline(always)]
+pub fn block_x() -> usize {
+    // SAFETY: reading a special register.
+    unsafe { nvptx::_block_idx_x() as usize }
+}
+
+#[inline(always)]
+pub fn block_y() -> usize {
+    // SAFETY: reading a special register.
+    unsafe { nvptx::_block_idx_y() as usize }
+}
+
+#[inline(always)]
+pub fn block_dim_x() -> usize {
+    // SAFETY: reading a special register.
+    unsafe { nvptx::_block_dim_x() as usize }
+}
+
+#[inline(always)]
+pub fn grid_dim_x() -> usize {
+    // SAFETY: reading a special register.
+    unsafe { nvptx::_grid_dim_x() as usize }
+}
+
+/// `__syncthreads()`. Every thread of the block must reach it, at the same call site.
+#[inline(always)]
+pub fn sync_threads() {
+    // SAFETY: a barrier; callers keep it in uniform control flow.
+    unsafe { nvptx::_syncthreads() }
+}
+
+/// `__syncwarp(mask)`: orders shared-memory accesses among the lanes of `mask`.
+#[inline(always)]
+pub fn sync_warp(mask: u32) {
+    // SAFETY: a warp barrier over the lanes of `mask`, which must all execute it.
+    unsafe { core::arch::asm!("bar.warp.sync {m};", m = in(reg32) mask) }
+}
+
+macro_rules! shfl {
+    ($(#[$doc:meta])* $name:ident, $mode:literal, $clamp:literal) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub fn $name<T: Word>(mask: u32, v: T, b: u32) -> T {
+            let out: u32;
+            // SAFETY: every lane of `mask` executes this shuffle (the caller's contract).
+            unsafe {
+                core::arch::asm!(
+                    concat!("shfl.sync.", $mode, ".b32 {o}, {v}, {b}, ", $clamp, ", {m};"),
+                    o = out(reg32) out, v = in(reg32) v.to_word(), b = in(reg32) b, m = in(reg32) mask
+                )
+            };
+            T::from_word(out)
+        }
+    };
+}
+shfl!(
+    /// The value of lane `lane ^ b` (butterfly).
+    shfl_xor, "bfly", "0x1f"
+);
+shfl!(
+    /// The value of lane `b`.
+    shfl_idx, "idx", "0x1f"
+);
+shfl!(
+    /// The value of lane `lane + b` (own value past lane 31).
+    shfl_down, "down", "0x1f"
+);
+shfl!(
+    /// The value of lane `lane − b` (own value below lane 0).
+    shfl_up, "up", "0"
+);
+
+/// Bit i set when lane i of `mask` has `predicate` true.
+#[inline(always)]
+pub fn ballot(mask: u32, predicate: bool) -> u32 {
+    let out: u32;
+    // SAFETY: every lane of `mask` executes this vote (the caller's contract).
+    unsafe {
+        core::arch::asm!(
+            "{{ .reg .pred p; setp.ne.u32 p, {v}, 0; vote.sync.ballot.b32 {o}, p, {m}; }}",
+            o = out(reg32) out, v = in(reg32) predicate as u32, m = in(reg32) mask
+        )
+    };
+    out
+}
+
+/// 2^x by `ex2.approx.ftz.f32` (about 2 ulp, subnormal results flushed to zero).
+#[inline(always)]
+pub fn ex2_approx(x: f32) -> f32 {
+    let y: f32;
+    // SAFETY: a pure arithmetic instruction on registers.
+    unsafe { core::arch::asm!("ex2.approx.ftz.f32 {y}, {x};", y = out(reg32) y, x = in(reg32) x) };
+    y
+}
+
+/// log2 x by `lg2.approx.ftz.f32`.
+#[inline(always)]
+pub fn lg2_approx(x: f32) -> f32 {
+    let y: f32;
+    // SAFETY: a pure arithmetic instruction on registers.
+    unsafe { core::arch::asm!("lg2.approx.ftz.f32 {y}, {x};", y = out(reg32) y, x = in(reg32) x) };
+    y
+}
+
+/// Read-only global memory: a pointer (the kernel parameter is a `.u64`).
+#[repr(transparent)]
+pub struct Global<T> {
+    ptr: *const T,
+}
+
+/// Writable global memory.
+#[repr(transparent)]
+pub struct GlobalMut<T> {
+    ptr: *mut T,
+}
+
+/// Shared memory of the block, as a generic address.
+#[repr(transparent)]
+pub struct Shared<T> {
+    ptr: *mut T,
+}
+
+macro_rules! copy {
+    ($($view:ident),*) => {$(
+        impl<T> Clone for $view<T> {
+            #[inline(always)]
+            fn clone(&self) -> Self {
+                *self
+            }
+        }
+        impl<T> Copy for $view<T> {}
+    )*};
+}
+copy!(Global, GlobalMut, Shared);
+
+impl<T: Copy> Global<T> {
+    /// Element `i`.
+    /// # Safety
+    /// `i` is inside the buffer.
+    #[inline(always)]
+    pub unsafe fn load(self, i: usize) -> T {
+        unsafe { *self.ptr.add(i) }
+    }
+
+    /// The view from element `n` on.
+    /// # Safety
+    /// `n` is at most the view's length.
+    #[inline(always)]
+    pub unsafe fn offset(self, n: usize) -> Self {
+        Global { ptr: unsafe { self.ptr.add(n) } }
+    }
+
+    /// The same bytes as elements of another type of the same alignment or less.
+    #[inline(always)]
+    pub fn cast<U: Copy>(self) -> Global<U> {
+        Global { ptr: self.ptr as *const U }
+    }
+
+    /// Whether no buffer was passed (an optional input).
+    #[inline(always)]
+    pub fn is_null(self) -> bool {
+        self.ptr.is_null()
+    }
+}
+
+impl<T: Copy> GlobalMut<T> {
+    /// # Safety
+    /// `i` is inside the buffer.
+    #[inline(always)]
+    pub unsafe fn load(self, i: usize) -> T {
+        unsafe { *self.ptr.add(i) }
+    }
+
+    /// # Safety
+    /// `i` is inside the buffer.
+    #[inline(always)]
+    pub unsafe fn store(self, i: usize, v: T) {
+        unsafe { *self.ptr.add(i) = v }
+    }
+
+    /// # Safety
+    /// `n` is at most the view's length.
+    #[inline(always)]
+    pub unsafe fn offset(self, n: usize) -> Self {
+        GlobalMut { ptr: unsafe { self.ptr.add(n) } }
+    }
+
+    /// The same bytes as elements of another type of the same alignment or less.
+    #[inline(always)]
+    pub fn cast<U: Copy>(self) -> GlobalMut<U> {
+        GlobalMut { ptr: self.ptr as *mut U }
+    }
+}
+
+impl GlobalMut<f32> {
+    /// `atomicAdd`: adds `v` to element `i` and returns the old value.
+    /// # Safety
+    /// `i` is inside the buffer.
+    #[inline(always)]
+    pub unsafe fn atomic_add(self, i: usize, v: f32) -> f32 {
+        let old: f32;
+        unsafe {
+            core::arch::asm!("atom.add.f32 {o}, [{a}], {v};", o = out(reg32) old, a = in(reg64) self.ptr.add(i), v = in(reg32) v)
+        };
+        old
+    }
+}
+
+impl GlobalMut<u32> {
+    /// `atomicAdd`: adds `v` to element `i` and returns the old value.
+    /// # Safety
+    /// `i` is inside the buffer.
+    #[inline(always)]
+    pub unsafe fn atomic_add(self, i: usize, v: u32) -> u32 {
+        let old: u32;
+        unsafe {
+            core::arch::asm!("atom.add.u32 {o}, [{a}], {v};", o = out(reg32) old, a = in(reg64) self.ptr.add(i), v = in(reg32) v)
+        };
+        old
+    }
+}
+
+impl<T: Copy> Shared<T> {
+    #[inline(always)]
+    pub(crate) fn from_ptr(ptr: *mut T) -> Self {
+        Shared { ptr }
+    }
+
+    /// # Safety
+    /// `i` is inside the view.
+    #[inline(always)]
+    pub unsafe fn load(self, i: usize) -> T {
+        unsafe { *self.ptr.add(i) }
+    }
+
+    /// # Safety
+    /// `i` is inside the view.
+    #[inline(always)]
+    pub unsafe fn store(self, i: usize, v: T) {
+        unsafe { *self.ptr.add(i) = v }
+    }
+
+    /// The view from element `n` on.
+    /// # Safety
+    /// `n` is at most the view's length.
+    #[inline(always)]
+    pub unsafe fn offset(self, n: usize) -> Self {
+        Shared::from_ptr(unsafe { self.ptr.add(n) })
+    }
+
+    /// The same bytes as elements of another type of the same alignment or less.
+    #[inline(always)]
+    pub fn cast<U: Copy>(self) -> Shared<U> {
+        Shared::from_ptr(self.ptr as *mut U)
+    }
+}
+
+core::arch::global_asm!(".extern .shared .align 16 .b8 dynamic_shared_memory[];");
+
+/// The block's dynamic shared memory (`shared_mem_bytes` of the launch).
+#[inline(always)]
+pub fn dynamic_shared<T: Copy>() -> Shared<T> {
+    let p: u64;
+    // SAFETY: takes the address of a shared-memory symbol; no memory is touched.
+    unsafe { core::arch::asm!("cvta.shared.u64 {p}, dynamic_shared_memory;", p = out(reg64) p) };
+    Shared::from_ptr(p as *mut T)
+}
