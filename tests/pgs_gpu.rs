@@ -113,3 +113,17 @@ fn gpu_reports_non_finite_pixels_as_an_error() {
     let error = masks.to_masks().expect_err("NaN pixels must be an error").to_string();
     assert!(error.contains("image 1 has non-finite pixels"), "{error}");
 }
+
+/// On the emulator, the threads of each block run in the opposite order: the masks (and the
+/// absence of race reports) must not depend on scheduling.
+#[test]
+fn emulated_masks_do_not_depend_on_the_thread_order() {
+    use clip_pgs_host::emu::EmuRuntime;
+    use clip_pgs_kernels::hw::emu::{Options, Order};
+    if !matches!(common::gpu(), Device::Emu(_)) {
+        return; // a real GPU has its own order; the other tests cover it
+    }
+    let reversed = Device::Emu(EmuRuntime::new(Options { order: Order::Reverse, ..Options::default() }));
+    let (images, shape) = photo_batch(64);
+    compare(&reversed, &images, shape, 16, None, 0, "photos 64 f32, threads in reverse order");
+}

@@ -332,16 +332,14 @@ impl Scheduler<'_, '_> {
     fn run(&mut self, order: Order) -> Result<(), Raised> {
         let n = self.threads.len();
         let warps = n.div_ceil(32);
-        let warp_order: Vec<usize> = match order {
-            Order::Forward => (0..warps).collect(),
-            Order::Reverse => (0..warps).rev().collect(),
+        let threads: Vec<usize> = match order {
+            Order::Forward => (0..n).collect(),
+            Order::Reverse => (0..n).rev().collect(),
         };
         loop {
-            for &w in &warp_order {
-                for t in 32 * w..n.min(32 * w + 32) {
-                    if self.states[t] == State::Ready {
-                        self.resume(t)?;
-                    }
+            for &t in &threads {
+                if self.states[t] == State::Ready {
+                    self.resume(t)?;
                 }
             }
             let mut released = false;

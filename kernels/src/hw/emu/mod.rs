@@ -75,8 +75,9 @@ pub const SM90: Limits = Limits {
     max_shared_bytes: 227 * 1024,
 };
 
-/// The order in which a block's warps run between synchronisation points. Results must not
-/// depend on it; running racy code both ways shows the race as RAW one way and WAR the other.
+/// The order in which a block's threads run between synchronisation points (warp by warp, lane
+/// by lane, or all reversed). Results must not depend on it; racy code shows its race as a
+/// write after read one way and a read after write the other.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Order {
     #[default]
@@ -213,3 +214,6 @@ pub unsafe fn launch<P: Copy + Send + Sync + 'static>(
     }
     Ok(LaunchReport { kernel: kernel.name, config: Some(config), traffic })
 }
+
+#[cfg(test)]
+mod tests;
