@@ -2,6 +2,10 @@
 //! repeats, medians reported per kernel and for the whole pipeline, beside the device's measured
 //! copy bandwidth and the ViT-B/16 training-step floor at the same batch. Writes JSON under
 //! benches/results/.
+//!
+//! `--device emu`: no timings (the emulator is not a GPU) but the traffic counters of every
+//! kernel launch — warp requests, 32-byte sectors, sector efficiency, distinct bytes, bank
+//! conflicts, barriers — beside each kernel's analytic minimum; writes a Markdown table.
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -51,13 +55,27 @@ struct PgsBench {
     /// Token width for the runs with token similarity (α > 0).
     #[arg(long, default_value_t = 768)]
     dim: usize,
-    /// JSON output; default benches/results/pgs-<gpu>-<commit>.json.
+    /// JSON output (Markdown with `--device emu`); default benches/results/pgs-<gpu>-<commit>.json,
+    /// or benches/results/pgs-traffic-emu.md.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// cuda (timings) or emu (traffic counters from the emulator, no timings).
+    #[arg(long, default_value = "cuda")]
+    device: DevicePreference,
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), Box<dyn Error>> {
     let BenchWhat::Pgs(args) = &args.what;
+    match args.device {
+        DevicePreference::Cuda => {}
+        DevicePreference::Emu => {
+            return match args.dtype {
+                Dtype::F32 => traffic::<f32>(args, |v| v),
+                Dtype::Bf16 => traffic::<bf16>(args, bf16::from_f32),
+            };
+        }
+        other => return Err(format!("clip-pgs bench runs on cuda or emu, not {other:?}").into()),
+    }
     let selection =
         Device::select(DevicePreference::Cuda).map_err(|e| format!("clip-pgs bench needs a CUDA GPU: {e}"))?;
     let Device::Cuda(rt) = &selection.device else { unreachable!("Cuda was asked for") };
@@ -106,14 +124,7 @@ fn bench<T: ImageElement>(
     let floor_ms =
         6.0 * (VIT_B16_IMAGE.0 * VIT_B16_IMAGE.1 + VIT_B16_TEXT.0 * VIT_B16_TEXT.1) * shape.n as f64 / GEMM_FLOPS * 1e3;
     println!("copy bandwidth {copy_gbs:.0} GB/s; ViT-B/16 step floor at batch {}: {floor_ms:.2} ms", shape.n);
-    let pgs = |mode, ratio| Masking::Pgs(PgsConfig { mode, ratio, use_ed: true, use_otn: true });
-    let runs = [
-        ("flip_0.5", Masking::Flip { ratio: 0.5 }, 0),
-        ("paper_0.5_epoch0", pgs(PgsMode::Paper, MaskRatio::Fixed(0.5)), 0),
-        ("paper_0.5_epoch16_tokens", pgs(PgsMode::Paper, MaskRatio::Fixed(0.5)), 16),
-        ("paper_dynamic_epoch0", pgs(PgsMode::Paper, MaskRatio::Dynamic { min: 0.3, max: 0.5 }), 0),
-        ("reference_0.5_epoch0", pgs(PgsMode::Reference, MaskRatio::Fixed(0.5)), 0),
-    ];
+    let runs = pgs_runs();
     let elem = std::mem::size_of::<T>();
     let mut json_runs = Vec::new();
     for (name, masking, epoch) in runs {
@@ -181,6 +192,137 @@ fn bench<T: ImageElement>(
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&out, json)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// The runs of the pipeline a benchmark measures: (name, masking, epoch; epoch > 0 uses tokens).
+fn pgs_runs() -> [(&'static str, Masking, usize); 5] {
+    let pgs = |mode, ratio| Masking::Pgs(PgsConfig { mode, ratio, use_ed: true, use_otn: true });
+    [
+        ("flip_0.5", Masking::Flip { ratio: 0.5 }, 0),
+        ("paper_0.5_epoch0", pgs(PgsMode::Paper, MaskRatio::Fixed(0.5)), 0),
+        ("paper_0.5_epoch16_tokens", pgs(PgsMode::Paper, MaskRatio::Fixed(0.5)), 16),
+        ("paper_dynamic_epoch0", pgs(PgsMode::Paper, MaskRatio::Dynamic { min: 0.3, max: 0.5 }), 0),
+        ("reference_0.5_epoch0", pgs(PgsMode::Reference, MaskRatio::Fixed(0.5)), 0),
+    ]
+}
+
+/// `bench pgs --device emu`: every launch of every run on the emulator with its traffic
+/// counters, beside the kernel's analytic minimum (the `*min_bytes` functions of its file).
+fn traffic<T: ImageElement>(args: &PgsBench, convert: impl Fn(f32) -> T) -> Result<(), Box<dyn Error>> {
+    use clip_pgs_host::emu::EmuRuntime;
+    use clip_pgs_host::ops::pgs::gpu::{gather_gpu, mask_gpu};
+    use clip_pgs_kernels::hw::emu::{Options, Space};
+    use clip_pgs_kernels::{edge_map, gather, patch_stats, select, sinkhorn};
+
+    let emu = EmuRuntime::new(Options { counters: true, ..Options::default() });
+    let device = Device::Emu(emu.clone());
+    println!("device: {device}");
+    let shape = ImageBatchShape { n: args.batch, height: args.size, width: args.size };
+    let (n, l, p, dim) = (shape.n, (args.size / args.patch).pow(2), args.patch, args.dim);
+    let elem = std::mem::size_of::<T>();
+    let rng = Philox::new(1, 2, 3);
+    let images: Vec<T> = (0..shape.len() as u32).map(|i| convert(rng.uniform(i) * 4.0 - 2.0)).collect();
+    let tokens: Vec<T> = (0..(n * (l + 1) * dim) as u32).map(|i| convert(rng.uniform(i) - 0.5)).collect();
+    let (images, with_cls) = (device.upload(&images)?, device.upload(&tokens)?);
+    let patch_tokens = device.upload(&tokens[..n * l * dim])?;
+    emu.keep_reports();
+    let (mut rows, mut conflicts) = (Vec::new(), Vec::new());
+    for (run, masking, epoch) in pgs_runs() {
+        let at = MaskStep { seed: 0, step: 0, epoch, epochs: 32 };
+        let masks = mask_gpu(&device, &images, shape, p, (epoch > 0).then_some((&patch_tokens, dim)), &masking, &at)?;
+        let kept: Vec<usize> = masks.to_masks()?.images.iter().map(|m| m.kept.len()).collect();
+        let packed_rows = kept.iter().max().copied().unwrap_or(0) + 1;
+        gather_gpu(&device, &with_cls, dim, &masks, packed_rows)?;
+        let n_c = select::paper_candidate_count(l);
+        let dynamic = matches!(masking, Masking::Pgs(PgsConfig { ratio: MaskRatio::Dynamic { .. }, .. }));
+        let reference = matches!(masking, Masking::Pgs(PgsConfig { mode: PgsMode::Reference, .. }));
+        let token_bytes = if epoch > 0 { dim * elem } else { 0 };
+        for report in emu.take_reports() {
+            let min = match report.kernel {
+                k if k.starts_with("pgs_edge_map") => Some(edge_map::min_bytes(n, args.size, args.size, p, elem)),
+                k if k.starts_with("pgs_standardize_patches") => {
+                    Some(patch_stats::standardize_min_bytes(n, args.size, args.size, p, elem))
+                }
+                k if k.starts_with("pgs_token_norms") => Some(patch_stats::token_norms_min_bytes(n * l, dim, elem)),
+                k if k.starts_with("pgs_similarity") && !reference => {
+                    Some(patch_stats::similarity_min_bytes(n, n_c, l, 3 * p * p, token_bytes))
+                }
+                "pgs_sinkhorn_log" => Some(sinkhorn::log_min_bytes(n, n_c, l)),
+                "pgs_candidates" if !reference => Some(select::candidates_min_bytes(n, l, n_c)),
+                "pgs_select_paper" => Some(select::select_paper_min_bytes(n, l, n_c, dynamic)),
+                k if k.starts_with("pgs_gather") => {
+                    Some(gather::min_bytes(kept.iter().sum(), n, packed_rows, dim, elem))
+                }
+                _ => None,
+            };
+            let t = &report.traffic;
+            // Hot global sites: at least 5% of the kernel's global requests.
+            let hot = t
+                .sites
+                .iter()
+                .filter(|s| s.space == Space::Global && s.requests * 20 >= t.global_requests().max(1))
+                .min_by(|a, b| a.sector_efficiency().total_cmp(&b.sector_efficiency()));
+            let distinct = t.distinct_read + t.distinct_written;
+            for site in t.sites.iter().filter(|s| s.space == Space::Shared && s.bank_conflicts() > 0) {
+                let line = format!(
+                    "- {} {}: {} extra wavefronts over {} requests",
+                    report.kernel,
+                    site.site,
+                    site.bank_conflicts(),
+                    site.requests
+                );
+                if !conflicts.contains(&line) {
+                    conflicts.push(line);
+                }
+            }
+            rows.push(format!(
+                "| {run} | {} | {} | {} | {} | {} | {} | {:.0}% | {} | {} | {} | {} |",
+                report.kernel,
+                t.global_requests(),
+                t.sector_bytes(),
+                distinct,
+                min.map_or("—".into(), |m| m.to_string()),
+                min.map_or("—".into(), |m| format!("{:.2}×", t.sector_bytes() as f64 / m as f64)),
+                100.0 * t.sector_efficiency(),
+                hot.map_or("—".into(), |s| format!(
+                    "{:.0}% ({}:{})",
+                    100.0 * s.sector_efficiency(),
+                    s.site.file().rsplit('/').next().unwrap_or(""),
+                    s.site.line()
+                )),
+                t.shared_requests(),
+                t.bank_conflicts(),
+                t.barriers,
+            ));
+        }
+    }
+    let commit = env!("CLIP_PGS_COMMIT");
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let table = format!(
+        "# PGS kernel traffic on the emulator\n\n\
+         Device: emu (the kernels' Rust source on the SIMT emulator; counters, not timings). Commit {commit}.\n\
+         Command: `{command}`\n\
+         Batch {n}, {size}×{size} images, patch {p}, {dtype}, tokens of width {dim}.\n\n\
+         Sector bytes: 32 × the 32-byte sectors all warp requests touched (what the kernel moves through L2). \
+         Distinct: bytes of global memory read plus written at least once (a lower bound on DRAM traffic). \
+         Minimum: the kernel's analytic minimum (its file's `min_bytes`). Efficiency: bytes used / sector bytes; \
+         worst hot site: the least efficient global access with ≥ 5% of the kernel's requests. \
+         Bank conflicts: shared-memory wavefronts beyond one per request phase.\n\n\
+         | run | kernel | global requests | sector bytes | distinct bytes | minimum | sector bytes / min | efficiency | worst hot site | shared requests | bank conflicts | barriers |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n{}\n\n         Shared-memory sites with bank conflicts:\n{}\n",
+        rows.join("\n"),
+        conflicts.join("\n"),
+        size = args.size,
+        dtype = if elem == 2 { "bf16" } else { "f32" },
+    );
+    print!("{table}");
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("benches/results/pgs-traffic-emu.md"));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, table)?;
     println!("wrote {}", out.display());
     Ok(())
 }

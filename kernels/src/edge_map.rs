@@ -3,7 +3,8 @@
 //! Input [N, 3, H, W] (f32 or bf16, CLIP-normalized), output E [N, L] f32, L = (H/p)·(W/p).
 //! One block per image, walking the image one band of p pixel rows (one patch row) at a time:
 //!   1. luminance of the band's rows plus one halo row above and below (replicate border) into
-//!      shared memory, reading the three channel planes coalesced along W;
+//!      shared memory, reading the three channel planes coalesced along W, then a halo column left
+//!      and right copied from the border columns;
 //!   2. one thread per (patch column, pixel row): the p Sobel magnitudes of that row segment,
 //!      summed left to right with a sliding 3×3 window;
 //!   3. one thread per patch column: the p row sums, top to bottom, divided by p².
@@ -14,17 +15,23 @@
 //! Memory traffic per image: 3·H·W elements read once from DRAM (the 2 halo rows per band are
 //! re-read, mostly from L2: (p+2)/p of the image), 4·L bytes written. Memory bound: for
 //! 224×224 f32 that is 602 KB in, 784 B out.
-//! Shared memory: 4·((p+2)·(W+1) + (W/p)·p + L) bytes; the row stride W+1 is odd so that step 2,
-//! with the pixel row fastest across threads, is free of bank conflicts, and the row sums are
-//! stored pixel row major so that step 2's writes and step 3's reads are too.
+//! Shared memory: 4·((p+2)·S + (W/p)·p + L) bytes, S = (W+2) | 1. The odd row stride S keeps
+//! step 2 (pixel row fastest across threads) free of bank conflicts, the halo columns spare it the
+//! border clamps that would make two lanes meet in one bank, and the row sums are stored pixel
+//! row major so that step 2's writes and step 3's reads are conflict free too.
 
 /// Threads per block of the edge-map kernels (a multiple of 32, as the block reductions need).
 pub const THREADS: u32 = 256;
 
+/// Row stride of the luminance band: the W + 2 columns with the border, made odd.
+const fn band_stride(width: usize) -> usize {
+    (width + 2) | 1
+}
+
 /// Dynamic shared memory, in bytes, for images `width` pixels wide cut into `patch`-sized
 /// patches, `patches` of them.
 pub const fn shared_bytes(width: usize, patch: usize, patches: usize) -> usize {
-    4 * ((patch + 2) * (width + 1) + (width / patch) * patch + patches)
+    4 * ((patch + 2) * band_stride(width) + (width / patch) * patch + patches)
 }
 
 /// Dynamic shared memory of `pgs_reference_edge_grid` for L patches.
@@ -57,7 +64,7 @@ fn div_rem(a: usize, b: usize) -> (usize, usize) {
 unsafe fn edge_map<T: Element>(images: Global<T>, edges: GlobalMut<f32>, h: usize, w: usize, p: usize) {
     let (gh, gw) = (h / p, w / p);
     let patches = gh * gw;
-    let stride = w + 1;
+    let stride = band_stride(w);
     // SAFETY (all view offsets and indices below): inside the regions the caller guarantees: the
     // image of this block, its L outputs, and the shared layout of `shared_bytes`.
     unsafe {
@@ -69,13 +76,21 @@ unsafe fn edge_map<T: Element>(images: Global<T>, edges: GlobalMut<f32>, h: usiz
         let plane = h * w;
         for pr in 0..gh {
             let y0 = pr * p;
-            // 1. Luminance of pixel rows y0-1 ..= y0+p, coalesced along W.
+            // 1. Luminance of pixel rows y0-1 ..= y0+p (replicate border) into band columns
+            //    1 ..= w, coalesced along W; then the halo columns 0 and w+1 copied from
+            //    columns 1 and w (replicate border).
             block_stride((p + 2) * w, |i| {
                 let (r, x) = div_rem(i, w);
                 let px = replicate(y0, r as isize - 1, h) * w + x;
                 let rgb =
                     [image.load(px).to_f32(), image.load(plane + px).to_f32(), image.load(2 * plane + px).to_f32()];
-                band.store(r * stride + x, luminance(rgb));
+                band.store(r * stride + x + 1, luminance(rgb));
+            });
+            sync_threads();
+            block_stride(2 * (p + 2), |i| {
+                let (r, right) = (i / 2, i % 2 == 1);
+                let (to, from) = if right { (w + 1, w) } else { (0, 1) };
+                band.store(r * stride + to, band.load(r * stride + from));
             });
             sync_threads();
 
@@ -83,14 +98,15 @@ unsafe fn edge_map<T: Element>(images: Global<T>, edges: GlobalMut<f32>, h: usiz
             block_stride(gw * p, |j| {
                 let (pc, r) = div_rem(j, p);
                 let x0 = pc * p;
-                let column = |x: usize| {
-                    [band.load(r * stride + x), band.load((r + 1) * stride + x), band.load((r + 2) * stride + x)]
+                // Band column xx holds image column xx − 1.
+                let column = |xx: usize| {
+                    [band.load(r * stride + xx), band.load((r + 1) * stride + xx), band.load((r + 2) * stride + xx)]
                 };
-                let mut left = column(replicate(x0, -1, w));
-                let mut centre = column(x0);
+                let mut left = column(x0);
+                let mut centre = column(x0 + 1);
                 let mut sum = 0.0f32;
                 for c in 0..p {
-                    let right = column(replicate(x0 + c, 1, w));
+                    let right = column(x0 + c + 2);
                     sum += sobel_magnitude([
                         [left[0], centre[0], right[0]],
                         [left[1], centre[1], right[1]],

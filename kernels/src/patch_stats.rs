@@ -82,6 +82,23 @@ pub const THREADS: u32 = 256;
 
 use crate::element::{Bf16, Element};
 use crate::hw::{Global, GlobalMut, grid_stride};
+
+/// Analytic minimum of global traffic of `pgs_standardize_patches`: the images read once, P̂
+/// written once, a norm and a flag per patch.
+pub const fn standardize_min_bytes(n: usize, height: usize, width: usize, patch: usize, element_bytes: usize) -> usize {
+    let patches = (height / patch) * (width / patch);
+    n * (3 * height * width * element_bytes + 4 * patches * 3 * patch * patch + 8 * patches)
+}
+
+/// Of `pgs_token_norms`: the tokens read once, a norm and a flag per row.
+pub const fn token_norms_min_bytes(rows: usize, dim: usize, element_bytes: usize) -> usize {
+    rows * (dim * element_bytes + 8)
+}
+
+/// Of `pgs_similarity`: P̂ (and the tokens) of every image read once, S written once.
+pub const fn similarity_min_bytes(n: usize, rows: usize, patches: usize, values: usize, token_bytes: usize) -> usize {
+    n * (patches * (4 * values + token_bytes + 4) + 4 * rows * patches)
+}
 use crate::kernel;
 
 /// # Safety

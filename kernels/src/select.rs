@@ -114,6 +114,17 @@ use crate::hw::{Global, GlobalMut, Shared, block_stride, block_x, dynamic_shared
 use crate::kernel;
 use crate::philox::Philox;
 
+/// Analytic minimum of global traffic of `pgs_candidates`: E read, the candidates written.
+pub const fn candidates_min_bytes(n: usize, patches: usize, n_c: usize) -> usize {
+    4 * n * (patches + n_c)
+}
+
+/// Of `pgs_select_paper`: Ŝ (and S for the dynamic ratio) and E read, the candidates read, the
+/// kept patches (at most L) and their count written.
+pub const fn select_paper_min_bytes(n: usize, patches: usize, n_c: usize, dynamic: bool) -> usize {
+    4 * n * ((1 + dynamic as usize) * n_c * patches + patches + n_c + patches + 1)
+}
+
 /// Writes the patches not flagged in `masked` (shared, 0/1) to kept[image·L ..] in raster
 /// order and their count to kept_len[image].
 #[inline(always)]

@@ -83,6 +83,11 @@ pub const fn log_shared_bytes(rows: usize, cols: usize) -> usize {
 use crate::hw::{Global, GlobalMut, block_stride, block_x, dynamic_shared, sync_threads, thread_x};
 use crate::kernel;
 
+/// Analytic minimum of global traffic of `pgs_sinkhorn_log`: S read once, Ŝ written once.
+pub const fn log_min_bytes(n: usize, rows: usize, cols: usize) -> usize {
+    n * (8 * rows * cols + 4)
+}
+
 kernel! {
     /// # Safety
     /// `s`, `balanced` [N, rows, cols]; `iterations` [N]; launch with one block per image and
