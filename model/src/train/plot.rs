@@ -70,6 +70,23 @@ fn ensure_font() -> Result<(), String> {
     }
 }
 
+/// Writes `text` into `image` with its top-left corner at `at`, `px` pixels high, in `colour`
+/// (labels on the mask and edge pictures).
+pub fn draw_text(
+    image: &mut image::RgbImage,
+    text: &str,
+    at: (i32, i32),
+    px: f64,
+    colour: [u8; 3],
+) -> Result<(), String> {
+    ensure_font()?;
+    let (w, h) = image.dimensions();
+    let root = BitMapBackend::with_buffer(image.as_mut(), (w, h)).into_drawing_area();
+    let style = (FAMILY, px).into_font().color(&RGBColor(colour[0], colour[1], colour[2]));
+    root.draw_text(text, &style, at).map_err(|e| format!("drawing text: {e}"))?;
+    root.present().map_err(|e| format!("drawing text: {e}"))
+}
+
 /// The finite runs of a series: a NaN or infinite point breaks the line rather than being
 /// bridged over.
 fn finite_runs(points: &[(f64, f64)]) -> Vec<Vec<(f64, f64)>> {
