@@ -97,3 +97,23 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag a user can see says what it does in `--help` (`bench` is the GPU side's).
+    #[test]
+    fn every_flag_has_a_description() {
+        for sub in super::Cli::command().get_subcommands().filter(|s| s.get_name() != "bench") {
+            for arg in sub.get_arguments().filter(|a| !a.is_hide_set()) {
+                let id = arg.get_id().as_str();
+                assert!(
+                    arg.get_help().is_some() || ["help", "version"].contains(&id),
+                    "clip-pgs {} --{id} has no description",
+                    sub.get_name()
+                );
+            }
+        }
+    }
+}

@@ -168,3 +168,26 @@ pub fn side_by_side(panels: &[RgbImage]) -> RgbImage {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_masked_patch_never_looks_like_a_dark_object() {
+        // A black picture of 2×2 patches, the right column masked, patch 1 a candidate.
+        let black = RgbImage::new(16, 16);
+        let mask = ImageMask { kept: vec![0, 2], candidates: vec![1] };
+        let drawn = draw(&black, &mask, 8);
+        let patch = |px: u32, py: u32| (0..8).flat_map(move |y| (0..8).map(move |x| (8 * px + x, 8 * py + y)));
+        // Kept black stays black; masked black is hatched, so it differs from kept black.
+        assert!(patch(0, 1).all(|(x, y)| drawn.get_pixel(x, y).0 == [0; 3]));
+        assert!(patch(1, 1).any(|(x, y)| drawn.get_pixel(x, y).0 == [150; 3]));
+        assert_eq!(drawn.get_pixel(8, 0).0, [255, 32, 32], "candidate outlined");
+        // The label strip sits above the panel and holds dark text on white.
+        let panel = labelled(&drawn, "flip: 2/4 masked").unwrap();
+        let strip = panel.height() - 16;
+        assert!(strip > 0 && panel.width() == 16);
+        assert!((0..strip).any(|y| (0..16).any(|x| panel.get_pixel(x, y).0[0] < 128)), "no label drawn");
+    }
+}

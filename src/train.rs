@@ -18,7 +18,7 @@ use clip_pgs_model::data::{self, SourceOptions, Split};
 use clip_pgs_model::outln;
 use clip_pgs_model::tokenizer::ClipTokenizer;
 use clip_pgs_model::train::eval::{Encoder, EvalSet, evaluate};
-use clip_pgs_model::train::plot::{Series, line_chart};
+use clip_pgs_model::train::plot::{Series, line_chart, stacked_line_charts};
 use clip_pgs_model::train::{TrainConfig, TrainSummary, describe_masking, headline, train};
 use image::RgbImage;
 
@@ -300,24 +300,32 @@ fn report(cfg: &TrainConfig, s: &TrainSummary) -> Result<(), Box<dyn Error>> {
     let dir = &s.out_dir;
     // What this report writes, for the last line: only files that exist.
     let mut written = vec!["metrics.jsonl"];
-    let (losses, _) = read_metrics(&dir.join("metrics.jsonl"));
+    let (losses, _, _) = read_metrics(&dir.join("metrics.jsonl"));
     if losses.iter().any(|(_, l)| l.is_finite()) {
         let series = [Series { name: cfg.name.clone(), points: losses }];
         line_chart(&dir.join("loss.png"), "training loss", "step", "loss", &series, 900, 500)?;
         written.push("loss.png");
     }
-    // Zero-shot accuracy over training for every run beside this one.
-    let mut runs = Vec::new();
+    // Zero-shot accuracy over training for every run beside this one, one chart per data set
+    // (accuracies on different data do not compare).
+    let mut by_data: BTreeMap<String, Vec<Series>> = BTreeMap::new();
     for entry in std::fs::read_dir(&cfg.logs)?.flatten() {
-        let (_, e) = read_metrics(&entry.path().join("metrics.jsonl"));
+        let (_, e, data) = read_metrics(&entry.path().join("metrics.jsonl"));
         if !e.is_empty() {
-            runs.push(Series { name: entry.file_name().to_string_lossy().into_owned(), points: e });
+            let run = Series { name: entry.file_name().to_string_lossy().into_owned(), points: e };
+            by_data.entry(data.unwrap_or_else(|| "data set not recorded".into())).or_default().push(run);
         }
     }
-    runs.sort_by(|a, b| a.name.cmp(&b.name));
+    let charts: Vec<(String, Vec<Series>)> = by_data
+        .into_iter()
+        .map(|(data, mut runs)| {
+            runs.sort_by(|a, b| a.name.cmp(&b.name));
+            (format!("held-out zero-shot top-1: {data}"), runs)
+        })
+        .collect();
     let zeroshot = cfg.logs.join("zeroshot.png");
-    if !runs.is_empty() {
-        line_chart(&zeroshot, "held-out zero-shot top-1", "epoch", "top-1 (%)", &runs, 900, 500)?;
+    if !charts.is_empty() {
+        stacked_line_charts(&zeroshot, &charts, "epoch", "top-1 (%)", 900, 450)?;
     }
     if mask_grid(cfg, &dir.join("masks.png"))? {
         written.push("masks.png");
@@ -326,18 +334,18 @@ fn report(cfg: &TrainConfig, s: &TrainSummary) -> Result<(), Box<dyn Error>> {
     if !s.interrupted {
         written.push("model.safetensors");
     }
-    let and_zeroshot = if runs.is_empty() { String::new() } else { format!(" and {}", zeroshot.display()) };
+    let and_zeroshot = if charts.is_empty() { String::new() } else { format!(" and {}", zeroshot.display()) };
     outln!("wrote {} ({}){and_zeroshot}", dir.display(), written.join(", "));
     Ok(())
 }
 
 type Points = Vec<(f64, f64)>;
 
-/// (step, loss) of the training records and (epoch, zero-shot top-1 %) of the evaluations; for a
-/// resumed run, a later record of the same step replaces the earlier one.
-fn read_metrics(path: &Path) -> (Points, Points) {
-    let Ok(text) = std::fs::read_to_string(path) else { return (Vec::new(), Vec::new()) };
-    let (mut losses, mut evals) = (BTreeMap::new(), BTreeMap::new());
+/// (step, loss) of the training records, (epoch, zero-shot top-1 %) of the evaluations and the
+/// data they were on; for a resumed run, a later record of the same step replaces the earlier one.
+fn read_metrics(path: &Path) -> (Points, Points, Option<String>) {
+    let Ok(text) = std::fs::read_to_string(path) else { return (Vec::new(), Vec::new(), None) };
+    let (mut losses, mut evals, mut data) = (BTreeMap::new(), BTreeMap::new(), None);
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         let step = v["step"].as_u64().unwrap_or(0);
@@ -348,20 +356,21 @@ fn read_metrics(path: &Path) -> (Points, Points) {
             && v.get("eval").is_some()
         {
             evals.insert(epoch, 100.0 * top1);
+            data = v["data"].as_str().map(String::from).or(data);
         }
     }
     let points = |m: BTreeMap<u64, f64>| m.into_iter().map(|(k, v)| (k as f64, v)).collect();
-    (points(losses), points(evals))
+    (points(losses), points(evals), data)
 }
 
-/// Eight held-out (or training) images with the run's masks at step 0: masked patches dimmed,
-/// PGS candidates outlined. False when the data gave no image to draw.
+/// Eight held-out (or training) images with the run's masks at step 0: masked patches dimmed and
+/// hatched, PGS candidates outlined, each labelled with the patches masked. False when the data
+/// gave no image to draw.
 fn mask_grid(cfg: &TrainConfig, path: &Path) -> Result<bool, Box<dyn Error>> {
     let model = ClipConfig::load(&cfg.model)?;
     let size = model.vision_cfg.image_size;
     let spec = cfg.val_data.as_deref().unwrap_or(&cfg.data);
     let source = data::open(spec, Split::Eval, &cfg.source_options)?;
-    let set_name = spec.split([':', '/']).next().unwrap_or("data");
     let set = EvalSet::load(source.as_ref(), 8, size as u32);
     if set.is_empty() {
         return Ok(false);
@@ -376,7 +385,7 @@ fn mask_grid(cfg: &TrainConfig, path: &Path) -> Result<bool, Box<dyn Error>> {
         .enumerate()
         .map(|(i, (rgb, m))| {
             let big = image::imageops::resize(rgb, 3 * size as u32, 3 * size as u32, image::imageops::Nearest);
-            let label = format!("{} #{}: {}/{} masked", set_name, i + 1, masks.patches - m.kept.len(), masks.patches);
+            let label = format!("{}: {}/{} masked", i + 1, masks.patches - m.kept.len(), masks.patches);
             crate::mask::labelled(&crate::mask::draw(&big, m, 3 * model.vision_cfg.patch_size), &label)
         })
         .collect::<Result<Vec<RgbImage>, String>>()?;

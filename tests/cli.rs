@@ -43,6 +43,10 @@ fn edges_prints_the_grid_and_writes_the_picture() {
     let picture = image::open(&out_png).expect("a PNG was written").to_rgb8();
     // Image, edge map, and the 64-pixel scale.
     assert_eq!(picture.dimensions(), (448 + 64, 224));
+    // The scale: a ramp from white (E = 1, top) to black (E = 0, bottom) right of the map.
+    let ramp_x = 448 + 8 + 6;
+    assert_eq!(picture.get_pixel(ramp_x, 6).0, [255; 3]);
+    assert_eq!(picture.get_pixel(ramp_x, 224 - 7).0, [0; 3]);
     std::fs::remove_file(out_png).unwrap();
 }
 

@@ -208,6 +208,8 @@ fn a_run_folder_is_continued_or_replaced_never_mixed() {
     let metrics = std::fs::read_to_string(logs.path().join("again/metrics.jsonl")).unwrap();
     let steps: Vec<&str> = metrics.lines().filter(|l| l.contains("\"loss\"")).collect();
     assert_eq!(steps.len(), s.steps, "the replaced run's records are gone: {metrics}");
+    // Evaluations name their data (zeroshot.png draws one chart per data set).
+    assert!(metrics.contains("\"data\":\"shapes\""), "{metrics}");
     for bad in ["../x", "a/b", "..", ".", "", "/abs"] {
         cfg.name = bad.into();
         let e = train(&cfg, Arc::new(AtomicBool::new(false))).unwrap_err();

@@ -497,6 +497,8 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
                 let enc = Encoder { clip: Clip { cfg: &model_cfg }, params: &params, tokenizer: &tokenizer };
                 last_eval = eval::evaluate(&enc, set)?;
                 let mut record = serde_json::json!({"step": state.step, "epoch": finished, "eval": &last_eval});
+                // Which data the numbers are on: zeroshot.png draws one chart per data set.
+                record["data"] = cfg.val_data.as_deref().unwrap_or(&cfg.data).into();
                 record["time_s"] = (elapsed_before + start.elapsed().as_secs_f64()).into();
                 metrics.write(record)?;
                 say(format!("epoch {finished}: {}", headline(&last_eval)));
