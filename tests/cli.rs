@@ -346,3 +346,34 @@ fn eval_reads_csv_data_with_the_same_flags_as_train() {
     assert!(text(&out.stdout).contains("(4 samples used, 0 skipped)"), "{}", text(&out.stdout));
     assert!(text(&out.stdout).contains("image_to_text_R@1"), "{}", text(&out.stdout));
 }
+
+/// `DIR/t10k-*.gz`: a held-out Fashion-MNIST split of 16 images in the IDX format.
+fn fashion_mnist_eval_split(dir: &Path) {
+    use std::io::Write;
+    let n = 16u32;
+    let mut images: Vec<u8> = [2051u32, n, 28, 28].iter().flat_map(|w| w.to_be_bytes()).collect();
+    images.extend((0..n as usize * 784).map(|i| ((i / 784) * 16 + i % 7) as u8));
+    let mut labels: Vec<u8> = [2049u32, n].iter().flat_map(|w| w.to_be_bytes()).collect();
+    labels.extend((0..n).map(|i| (i % 10) as u8));
+    for (name, bytes) in [("t10k-images-idx3-ubyte.gz", images), ("t10k-labels-idx1-ubyte.gz", labels)] {
+        let file = std::fs::File::create(dir.join(name)).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+        gz.write_all(&bytes).unwrap();
+        gz.finish().unwrap();
+    }
+}
+
+#[test]
+fn zeroshot_png_draws_one_chart_per_data_set() {
+    let logs = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    fashion_mnist_eval_split(data.path());
+    let fmnist = format!("fashion-mnist:{}", data.path().display());
+    for (name, extra) in [("a", vec![]), ("b", vec!["--seed", "1"]), ("c", vec!["--val-data", &fmnist])] {
+        let out = clip_pgs(&tiny_train(logs.path(), name, &extra).iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+    }
+    // Runs a and b on shapes share a chart, run c on Fashion-MNIST has its own: 2 charts of 450 px.
+    let chart = image::open(logs.path().join("zeroshot.png")).unwrap();
+    assert_eq!((chart.width(), chart.height()), (900, 2 * 450));
+}

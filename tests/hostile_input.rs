@@ -23,6 +23,7 @@ use clip_pgs_model::data::loader::prepare;
 use clip_pgs_model::data::wds::WdsSource;
 use clip_pgs_model::data::{Source, SourceOptions, Split, decode_image};
 use clip_pgs_model::params::Params;
+use clip_pgs_model::preprocess::resize_center_crop;
 use clip_pgs_model::tokenizer::ClipTokenizer;
 use image::{ImageFormat, Rgb, RgbImage};
 use proptest::prelude::*;
@@ -318,4 +319,12 @@ fn length_fields_claiming_huge_sizes_are_not_allocated() {
     png[29..33].copy_from_slice(&crc.to_be_bytes());
     let e = bounded("png", || decode_image(&png).unwrap_err());
     assert!(e.contains("limit"), "{e}");
+
+    // A 16384 × 1 strip (a valid PNG of a few hundred bytes): preprocessing must not resize it to
+    // 3.7 M × 224 pixels before cropping.
+    let mut strip = Vec::new();
+    RgbImage::new(16384, 1).write_to(&mut Cursor::new(&mut strip), ImageFormat::Png).unwrap();
+    let image = decode_image(&strip).unwrap();
+    let out = bounded("strip", || resize_center_crop(&image::DynamicImage::ImageRgb8(image), 224));
+    assert_eq!(out.dimensions(), (224, 224));
 }
