@@ -86,7 +86,7 @@ pub struct TrainArgs {
     /// Peak learning rate of the cosine schedule.
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
-    /// AdamW weight decay (not applied to gains, biases, embeddings and the logit scale).
+    /// AdamW weight decay (open_clip's groups: none on gains, biases, 1-D tensors, the logit scale).
     #[arg(long, default_value_t = 0.1)]
     wd: f32,
     /// AdamW β1.
@@ -199,6 +199,19 @@ fn default_model(data: &str) -> &'static str {
 }
 
 pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
+    // The model's CUDA path is not built yet: `auto` trains on the CPU (and will pick the GPU once
+    // it exists, with no flag to change); an explicit `cuda` is refused rather than ignored.
+    match (args.device, Device::select(args.device)?) {
+        (DevicePreference::Cuda, _) => {
+            return Err("training on CUDA is not built yet (the GPU kernels cover PGS masking so far); \
+                        use --device cpu or auto"
+                .into());
+        }
+        (_, selection) if matches!(selection.device, Device::Cuda(_)) => {
+            outln!("device: cpu (a GPU answered, {selection}, but the CUDA training path is not built yet)");
+        }
+        (_, selection) => outln!("device: {selection}"),
+    }
     let masking = masking(args)?;
     let model = args.model.clone().unwrap_or_else(|| default_model(&args.data).to_string());
     let name = args.name.clone().unwrap_or_else(|| {
@@ -237,19 +250,6 @@ pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
         test_nonfinite_steps: args.test_nonfinite_loss_at.clone(),
     };
     cfg.validate()?;
-    // The model's CUDA path is not built yet: `auto` trains on the CPU (and will pick the GPU once
-    // it exists, with no flag to change); an explicit `cuda` is refused rather than ignored.
-    match (args.device, Device::select(args.device)?) {
-        (DevicePreference::Cuda, _) => {
-            return Err("training on CUDA is not built yet (the GPU kernels cover PGS masking so far); \
-                        use --device cpu or auto"
-                .into());
-        }
-        (_, selection) if matches!(selection.device, Device::Cuda(_)) => {
-            outln!("device: cpu (a GPU answered, {selection}, but the CUDA training path is not built yet)");
-        }
-        (_, selection) => outln!("device: {selection}"),
-    }
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();
     // A second Ctrl-C while the checkpoint is written kills the process as usual.
