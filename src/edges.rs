@@ -1,5 +1,5 @@
 //! `clip-pgs edges`: preprocess an image as open_clip does, compute its PGS edge map on the chosen
-//! device, print the grid and write a picture (the image beside its edge map).
+//! device, print the grid and write a picture (the image beside its edge map and its scale).
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -7,10 +7,12 @@ use std::time::Instant;
 
 use clap::Args;
 
-use crate::Dtype;
+use crate::{Dtype, at_least};
 use clip_pgs_host::ops::edge_map::{ImageBatchShape, edge_map};
 use clip_pgs_host::{Device, DevicePreference, bf16};
+use clip_pgs_model::outln;
 use clip_pgs_model::preprocess::load_image;
+use clip_pgs_model::train::plot::draw_text;
 use image::{Rgb, RgbImage};
 
 #[derive(Args)]
@@ -19,7 +21,7 @@ pub struct EdgesArgs {
     #[arg(long)]
     image: PathBuf,
     /// Side of the square the image is resized and centre-cropped to.
-    #[arg(long, default_value_t = 224)]
+    #[arg(long, default_value_t = 224, value_parser = at_least::<u32>(1), allow_negative_numbers = true)]
     size: u32,
     /// Patch size (16 for ViT-B/16).
     #[arg(long, default_value_t = 16)]
@@ -30,14 +32,14 @@ pub struct EdgesArgs {
     /// Element type of the image tensor the kernel reads.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
-    /// Write the image and its edge map side by side to this PNG.
+    /// Write the image, its edge map and the map's scale side by side to this PNG.
     #[arg(long)]
     out: Option<PathBuf>,
 }
 
 pub fn run(args: &EdgesArgs) -> Result<(), Box<dyn Error>> {
     let selection = Device::select(args.device)?;
-    println!("device: {selection}");
+    outln!("device: {selection}");
     let device = &selection.device;
     let picture = load_image(&args.image, args.size)?;
     let size = args.size as usize;
@@ -55,7 +57,7 @@ pub fn run(args: &EdgesArgs) -> Result<(), Box<dyn Error>> {
     let elapsed = start.elapsed();
 
     let cols = size / args.patch;
-    println!(
+    outln!(
         "{}: {size}×{size}, patch {}, {}×{cols} = {} patches, edge map in {:.2} ms",
         args.image.display(),
         args.patch,
@@ -63,27 +65,41 @@ pub fn run(args: &EdgesArgs) -> Result<(), Box<dyn Error>> {
         edges.len(),
         elapsed.as_secs_f64() * 1e3
     );
-    println!("E per patch (0 = flattest, 9 = most edges; PGS seeds its masks where E is low):");
+    outln!("E per patch (0 = flattest, 9 = most edges; PGS seeds its masks where E is low):");
     for row in edges.chunks(cols) {
         let line: String = row.iter().map(|e| char::from(b'0' + (e * 9.999) as u8)).collect();
-        println!("  {line}");
+        outln!("  {line}");
     }
     if let Some(out) = &args.out {
-        side_by_side(&picture.rgb, &edges, cols, args.patch).save(out)?;
-        println!("wrote {}", out.display());
+        crate::mask::save_png(&side_by_side(&picture.rgb, &edges, cols, args.patch)?, out)?;
+        outln!("wrote {}", out.display());
     }
     Ok(())
 }
 
-/// The image on the left, E on the right (one grey square per patch, white = high E).
-fn side_by_side(rgb: &RgbImage, edges: &[f32], cols: usize, patch: usize) -> RgbImage {
+/// The image on the left, E in the middle (one grey square per patch, white = high E), and on
+/// the right the scale: a grey ramp from E = 0 (bottom) to 1 (top) with its values.
+fn side_by_side(rgb: &RgbImage, edges: &[f32], cols: usize, patch: usize) -> Result<RgbImage, String> {
     let (w, h) = rgb.dimensions();
-    RgbImage::from_fn(2 * w, h, |x, y| {
+    let grey = |e: f32| Rgb([(e.clamp(0.0, 1.0) * 255.0).round() as u8; 3]);
+    let (scale_w, ramp_x, ramp_w, pad) = (64, 2 * w + 8, 12, 6);
+    let ramp = |y: u32| 1.0 - (y - pad) as f32 / h.saturating_sub(2 * pad + 1).max(1) as f32;
+    let mut out = RgbImage::from_fn(2 * w + scale_w, h, |x, y| {
         if x < w {
             *rgb.get_pixel(x, y)
-        } else {
+        } else if x < 2 * w {
             let (px, py) = ((x - w) as usize / patch, y as usize / patch);
-            Rgb([(edges[py * cols + px] * 255.0).round() as u8; 3])
+            grey(edges[py * cols + px])
+        } else if (ramp_x..ramp_x + ramp_w).contains(&x) && (pad..h.saturating_sub(pad)).contains(&y) {
+            grey(ramp(y))
+        } else {
+            Rgb([255; 3])
         }
-    })
+    });
+    let px = 12.0;
+    let text_x = (ramp_x + ramp_w + 4) as i32;
+    for (value, y) in [("E 1", pad as i32), ("0.5", (h / 2) as i32 - 6), ("0", h as i32 - pad as i32 - 12)] {
+        draw_text(&mut out, value, (text_x, y), px, [0, 0, 0])?;
+    }
+    Ok(out)
 }

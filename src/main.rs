@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use clip_pgs_host::{Device, DevicePreference};
+use clip_pgs_model::outln;
 
 #[derive(Parser)]
 #[command(name = "clip-pgs", version, about = "CLIP training with PGS patch masking (Patch Generation-to-Selection)")]
@@ -55,16 +56,21 @@ pub enum Dtype {
     Bf16,
 }
 
+/// Parses a whole-number flag, with a range error below `min` (`--epochs -1`, `--size 0`).
+pub fn at_least<T: TryFrom<i64> + Clone + Send + Sync + 'static>(min: i64) -> clap::builder::RangedI64ValueParser<T> {
+    clap::builder::RangedI64ValueParser::new().range(min..)
+}
+
 /// `clip-pgs parity`: prints max abs/rel error per group, fails above tolerance.
 fn parity(path: &std::path::Path, checkpoint: Option<&std::path::Path>) -> Result<(), Box<dyn std::error::Error>> {
     let golden = clip_pgs_model::golden::Golden::load(path)?;
     if let Some(out) = checkpoint {
         clip_pgs_model::checkpoint::save(out, &golden.config_json, &golden.params)?;
-        println!("wrote checkpoint {}", out.display());
+        outln!("wrote checkpoint {}", out.display());
     }
-    println!("device: cpu; golden {}", path.display());
+    outln!("device: cpu; golden {}", path.display());
     let (report, ok) = golden.check();
-    print!("{report}");
+    outln!("{}", report.trim_end());
     if ok { Ok(()) } else { Err("parity with open_clip failed (tolerance: relative 1e-4, gradients 1e-3)".into()) }
 }
 
@@ -76,13 +82,38 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => train::eval(&args),
         Command::Parity { golden, save_checkpoint } => parity(&golden, save_checkpoint.as_deref()),
-        Command::Devices { device } => Device::select(device).map(|s| println!("device: {s}")).map_err(Into::into),
+        Command::Devices { device } => Device::select(device).map(|s| outln!("device: {s}")).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Ctrl-C: the checkpoint and the report are written; exit as a shell expects (128 + SIGINT).
+        Err(e) if e.is::<train::Interrupted>() => {
+            eprintln!("{e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag a user can see says what it does in `--help` (`bench` is the GPU side's).
+    #[test]
+    fn every_flag_has_a_description() {
+        for sub in super::Cli::command().get_subcommands().filter(|s| s.get_name() != "bench") {
+            for arg in sub.get_arguments().filter(|a| !a.is_hide_set()) {
+                let id = arg.get_id().as_str();
+                assert!(
+                    arg.get_help().is_some() || ["help", "version"].contains(&id),
+                    "clip-pgs {} --{id} has no description",
+                    sub.get_name()
+                );
+            }
         }
     }
 }

@@ -15,11 +15,14 @@ use clip_pgs_host::{Device, DevicePreference};
 use clip_pgs_model::clip::Clip;
 use clip_pgs_model::config::ClipConfig;
 use clip_pgs_model::data::{self, SourceOptions, Split};
+use clip_pgs_model::outln;
 use clip_pgs_model::tokenizer::ClipTokenizer;
 use clip_pgs_model::train::eval::{Encoder, EvalSet, evaluate};
-use clip_pgs_model::train::plot::{Series, line_chart};
+use clip_pgs_model::train::plot::{Series, line_chart, stacked_line_charts};
 use clip_pgs_model::train::{TrainConfig, TrainSummary, describe_masking, headline, train};
 use image::RgbImage;
+
+use crate::at_least;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MaskMethod {
@@ -28,7 +31,38 @@ pub enum MaskMethod {
     Pgs,
 }
 
+/// The data flags `train` and `eval` share (open_clip's names).
 #[derive(Args)]
+pub struct DataArgs {
+    /// CSV data: the column of image paths (relative paths are relative to the CSV file).
+    #[arg(long, default_value = "filepath")]
+    csv_img_key: String,
+    /// CSV data: the column of captions.
+    #[arg(long, default_value = "title")]
+    csv_caption_key: String,
+    /// CSV separator (one character; default tab, as open_clip).
+    #[arg(long, default_value = "\t")]
+    csv_separator: String,
+}
+
+impl DataArgs {
+    fn options(&self, seed: u64) -> Result<SourceOptions, String> {
+        let sep = self.csv_separator.as_bytes();
+        if sep.len() != 1 {
+            return Err(format!("--csv-separator {:?}: one single-byte character expected", self.csv_separator));
+        }
+        Ok(SourceOptions {
+            csv_img_key: self.csv_img_key.clone(),
+            csv_caption_key: self.csv_caption_key.clone(),
+            csv_separator: sep[0],
+            seed,
+        })
+    }
+}
+
+#[derive(Args)]
+// Negative numbers are values (`--lr -1` is a range error, not an unexpected argument).
+#[command(allow_negative_numbers = true)]
 pub struct TrainArgs {
     /// Training data: shapes (embedded), fashion-mnist[:DIR], csv:FILE or wds:SHARDS ("a/{000..009}.tar").
     #[arg(long, alias = "train-data", default_value = "shapes")]
@@ -40,31 +74,38 @@ pub struct TrainArgs {
     /// open_clip model-config JSON file. Default: shapes-tiny, or fmnist-tiny for fashion-mnist.
     #[arg(long)]
     model: Option<String>,
-    #[arg(long, default_value_t = 5)]
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 5, value_parser = at_least::<usize>(1))]
     epochs: usize,
-    #[arg(long, default_value_t = 64)]
+    /// Samples per optimizer step (at least 2: the contrastive loss needs negatives).
+    #[arg(long, default_value_t = 64, value_parser = at_least::<usize>(2))]
     batch_size: usize,
     /// Samples per epoch (default: all the source holds).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least::<usize>(1))]
     train_num_samples: Option<usize>,
+    /// Peak learning rate of the cosine schedule.
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
+    /// AdamW weight decay (open_clip's groups: none on gains, biases, 1-D tensors, the logit scale).
     #[arg(long, default_value_t = 0.1)]
     wd: f32,
+    /// AdamW β1.
     #[arg(long, default_value_t = 0.9)]
     beta1: f32,
+    /// AdamW β2.
     #[arg(long, default_value_t = 0.98)]
     beta2: f32,
+    /// AdamW ε.
     #[arg(long, default_value_t = 1e-6)]
     eps: f32,
     /// Warm-up steps of the cosine schedule.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = at_least::<usize>(0))]
     warmup: usize,
     /// Clip the global gradient norm to this.
     #[arg(long)]
     grad_clip_norm: Option<f32>,
     /// Split each batch into this many micro-batches (the loss still sees the whole batch).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least::<usize>(1))]
     accum_freq: usize,
     /// Patch masking before the image tower: none (CLIP), flip (random), pgs (the default).
     #[arg(long, value_enum, default_value_t = MaskMethod::Pgs)]
@@ -81,21 +122,24 @@ pub struct TrainArgs {
     /// PGS without optimal-transport normalization (ablation).
     #[arg(long)]
     no_otn: bool,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the initialization, data order, masks (and of the shapes data).
+    #[arg(long, default_value_t = 0, value_parser = at_least::<u64>(0))]
     seed: u64,
     /// Data decoding workers.
-    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(2, |n| n.get()))]
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(2, |n| n.get()),
+          value_parser = at_least::<usize>(1))]
     workers: usize,
     /// Evaluate every this many epochs (and always after the last); 0: only at the end.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least::<usize>(0))]
     zeroshot_frequency: usize,
-    /// Write a checkpoint every this many epochs (and always after the last).
-    #[arg(long, default_value_t = 1)]
+    /// Write a checkpoint every this many epochs (and always after the last); 0: only at the end.
+    #[arg(long, default_value_t = 1, value_parser = at_least::<usize>(0))]
     save_frequency: usize,
     /// Held-out samples evaluated.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = at_least::<usize>(1))]
     eval_samples: usize,
-    #[arg(long, default_value_t = 20)]
+    /// Write a metrics.jsonl record every this many steps (and at the last).
+    #[arg(long, default_value_t = 20, value_parser = at_least::<usize>(1))]
     log_every_n_steps: usize,
     /// Continue from a checkpoint: a path, or "latest" (the newest in this run's folder).
     #[arg(long)]
@@ -103,25 +147,28 @@ pub struct TrainArgs {
     /// Output root; the run writes to LOGS/NAME.
     #[arg(long, default_value = "logs")]
     logs: PathBuf,
-    /// Run name (default: data-mask-seed).
+    /// Run name, one folder name (default: data-mask-seed). An existing run folder is refused
+    /// unless --resume or --overwrite.
     #[arg(long)]
     name: Option<String>,
+    /// Delete an existing run folder of this name and start afresh.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// auto, cpu or cuda. Training runs on the CPU device for now (the CUDA model is not built yet).
     #[arg(long, default_value = "auto")]
     device: DevicePreference,
-    /// No progress bar (logs and CI).
+    /// No progress bar (there is none anyway when stdout or stderr is not a terminal).
     #[arg(long)]
     no_progress: bool,
     /// Consecutive non-finite losses that stop the run.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least::<usize>(1))]
     max_bad_steps: usize,
-    #[arg(long, default_value = "filepath")]
-    csv_img_key: String,
-    #[arg(long, default_value = "title")]
-    csv_caption_key: String,
-    /// CSV separator (one character; default tab, as open_clip).
-    #[arg(long, default_value = "\t")]
-    csv_separator: String,
+    #[command(flatten)]
+    data_args: DataArgs,
+    /// Test hook, not for real runs: replace the loss of these steps (0-based, comma-separated)
+    /// by NaN, so that tests can drive the non-finite-loss path through the binary.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    test_nonfinite_loss_at: Vec<usize>,
 }
 
 fn masking(args: &TrainArgs) -> Result<Masking, String> {
@@ -132,6 +179,9 @@ fn masking(args: &TrainArgs) -> Result<Masking, String> {
             _ => return Err(format!("--mask-ratio {r:?}: expected a number in [0, 1) or \"dynamic\"")),
         },
     };
+    if args.mask == MaskMethod::Pgs && ratio == MaskRatio::Fixed(0.0) {
+        return Err(crate::mask::PGS_RATIO_ZERO.into());
+    }
     Ok(match args.mask {
         MaskMethod::None => Masking::None,
         MaskMethod::Flip => match ratio {
@@ -141,19 +191,6 @@ fn masking(args: &TrainArgs) -> Result<Masking, String> {
         MaskMethod::Pgs => {
             Masking::Pgs(PgsConfig { mode: args.pgs_mode, ratio, use_ed: !args.no_ed, use_otn: !args.no_otn })
         }
-    })
-}
-
-fn source_options(args: &TrainArgs) -> Result<SourceOptions, String> {
-    let sep = args.csv_separator.as_bytes();
-    if sep.len() != 1 {
-        return Err(format!("--csv-separator {:?}: one single-byte character expected", args.csv_separator));
-    }
-    Ok(SourceOptions {
-        csv_img_key: args.csv_img_key.clone(),
-        csv_caption_key: args.csv_caption_key.clone(),
-        csv_separator: sep[0],
-        seed: args.seed,
     })
 }
 
@@ -171,9 +208,9 @@ pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
                 .into());
         }
         (_, selection) if matches!(selection.device, Device::Cuda(_)) => {
-            println!("device: cpu (a GPU answered, {selection}, but the CUDA training path is not built yet)");
+            outln!("device: cpu (a GPU answered, {selection}, but the CUDA training path is not built yet)");
         }
-        (_, selection) => println!("device: {selection}"),
+        (_, selection) => outln!("device: {selection}"),
     }
     let masking = masking(args)?;
     let model = args.model.clone().unwrap_or_else(|| default_model(&args.data).to_string());
@@ -184,7 +221,7 @@ pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
     let cfg = TrainConfig {
         data: args.data.clone(),
         val_data: args.val_data.clone(),
-        source_options: source_options(args)?,
+        source_options: args.data_args.options(args.seed)?,
         model,
         epochs: args.epochs,
         batch_size: args.batch_size,
@@ -207,8 +244,10 @@ pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
         resume: args.resume.clone(),
         logs: args.logs.clone(),
         name,
+        overwrite: args.overwrite,
         progress: !args.no_progress,
         max_bad_steps: args.max_bad_steps,
+        test_nonfinite_steps: args.test_nonfinite_loss_at.clone(),
     };
     cfg.validate()?;
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -222,64 +261,91 @@ pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
     })?;
     let summary = train(&cfg, interrupt)?;
     report(&cfg, &summary)?;
-    Ok(())
+    if summary.interrupted { Err(Interrupted.into()) } else { Ok(()) }
 }
+
+/// A run stopped by Ctrl-C (after its checkpoint and report): the process exits with 130.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted (resume with --resume latest)")
+    }
+}
+
+impl Error for Interrupted {}
 
 /// The summary table, the plots and the mask grid.
 fn report(cfg: &TrainConfig, s: &TrainSummary) -> Result<(), Box<dyn Error>> {
-    println!(
-        "\n{} {} steps in {:.1} s ({:.0} samples/s), final loss {:.4}, {} corrupt samples skipped",
+    outln!(
+        "\n{} {} steps in {:.1} s ({:.0} samples/s), final loss {:.4}, {} corrupt samples skipped{}",
         if s.interrupted { "interrupted after" } else { "trained" },
         s.steps,
         s.wall_s,
         (s.steps * cfg.batch_size) as f64 / s.wall_s.max(1e-9),
         s.final_loss,
-        s.samples_skipped
+        s.samples_skipped,
+        if s.bad_steps > 0 { format!(", {} non-finite steps skipped", s.bad_steps) } else { String::new() }
     );
     if !s.eval.is_empty() {
-        println!("{:<34} {:>8}", "held-out metric", "value");
+        outln!("{:<34} {:>8}", "held-out metric", "value");
         for (k, v) in &s.eval {
-            println!("{k:<34} {:>7.1}%", 100.0 * v);
+            outln!("{k:<34} {:>7.1}%", 100.0 * v);
         }
         if let (Some(top1), Some(chance)) = (s.eval.get("zeroshot_top1"), s.eval.get("zeroshot_chance")) {
-            println!("zero-shot top-1 is {:.1}× chance", top1 / chance);
+            outln!("zero-shot top-1 is {:.1}× chance", top1 / chance);
         }
     }
     let dir = &s.out_dir;
-    let (losses, _) = read_metrics(&dir.join("metrics.jsonl"));
-    if !losses.is_empty() {
+    // What this report writes, for the last line: only files that exist.
+    let mut written = vec!["metrics.jsonl"];
+    let (losses, _, _) = read_metrics(&dir.join("metrics.jsonl"));
+    if losses.iter().any(|(_, l)| l.is_finite()) {
         let series = [Series { name: cfg.name.clone(), points: losses }];
         line_chart(&dir.join("loss.png"), "training loss", "step", "loss", &series, 900, 500)?;
+        written.push("loss.png");
     }
-    // Zero-shot accuracy over training for every run beside this one.
-    let mut runs = Vec::new();
+    // Zero-shot accuracy over training for every run beside this one, one chart per data set
+    // (accuracies on different data do not compare).
+    let mut by_data: BTreeMap<String, Vec<Series>> = BTreeMap::new();
     for entry in std::fs::read_dir(&cfg.logs)?.flatten() {
-        let (_, e) = read_metrics(&entry.path().join("metrics.jsonl"));
+        let (_, e, data) = read_metrics(&entry.path().join("metrics.jsonl"));
         if !e.is_empty() {
-            runs.push(Series { name: entry.file_name().to_string_lossy().into_owned(), points: e });
+            let run = Series { name: entry.file_name().to_string_lossy().into_owned(), points: e };
+            by_data.entry(data.unwrap_or_else(|| "data set not recorded".into())).or_default().push(run);
         }
     }
-    runs.sort_by(|a, b| a.name.cmp(&b.name));
-    if !runs.is_empty() {
-        let path = cfg.logs.join("zeroshot.png");
-        line_chart(&path, "held-out zero-shot top-1", "epoch", "top-1 (%)", &runs, 900, 500)?;
+    let charts: Vec<(String, Vec<Series>)> = by_data
+        .into_iter()
+        .map(|(data, mut runs)| {
+            runs.sort_by(|a, b| a.name.cmp(&b.name));
+            (format!("held-out zero-shot top-1: {data}"), runs)
+        })
+        .collect();
+    let zeroshot = cfg.logs.join("zeroshot.png");
+    if !charts.is_empty() {
+        stacked_line_charts(&zeroshot, &charts, "epoch", "top-1 (%)", 900, 450)?;
     }
-    mask_grid(cfg, &dir.join("masks.png"))?;
-    println!(
-        "wrote {} (metrics.jsonl, loss.png, masks.png, checkpoints/, model.safetensors) and {}",
-        dir.display(),
-        cfg.logs.join("zeroshot.png").display()
-    );
+    if mask_grid(cfg, &dir.join("masks.png"))? {
+        written.push("masks.png");
+    }
+    written.push("checkpoints/");
+    if !s.interrupted {
+        written.push("model.safetensors");
+    }
+    let and_zeroshot = if charts.is_empty() { String::new() } else { format!(" and {}", zeroshot.display()) };
+    outln!("wrote {} ({}){and_zeroshot}", dir.display(), written.join(", "));
     Ok(())
 }
 
 type Points = Vec<(f64, f64)>;
 
-/// (step, loss) of the training records and (epoch, zero-shot top-1 %) of the evaluations; for a
-/// resumed run, a later record of the same step replaces the earlier one.
-fn read_metrics(path: &Path) -> (Points, Points) {
-    let Ok(text) = std::fs::read_to_string(path) else { return (Vec::new(), Vec::new()) };
-    let (mut losses, mut evals) = (BTreeMap::new(), BTreeMap::new());
+/// (step, loss) of the training records, (epoch, zero-shot top-1 %) of the evaluations and the
+/// data they were on; for a resumed run, a later record of the same step replaces the earlier one.
+fn read_metrics(path: &Path) -> (Points, Points, Option<String>) {
+    let Ok(text) = std::fs::read_to_string(path) else { return (Vec::new(), Vec::new(), None) };
+    let (mut losses, mut evals, mut data) = (BTreeMap::new(), BTreeMap::new(), None);
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         let step = v["step"].as_u64().unwrap_or(0);
@@ -290,40 +356,45 @@ fn read_metrics(path: &Path) -> (Points, Points) {
             && v.get("eval").is_some()
         {
             evals.insert(epoch, 100.0 * top1);
+            data = v["data"].as_str().map(String::from).or(data);
         }
     }
     let points = |m: BTreeMap<u64, f64>| m.into_iter().map(|(k, v)| (k as f64, v)).collect();
-    (points(losses), points(evals))
+    (points(losses), points(evals), data)
 }
 
-/// Eight held-out (or training) images with the run's masks at step 0: masked patches dimmed,
-/// PGS candidates outlined.
-fn mask_grid(cfg: &TrainConfig, path: &Path) -> Result<(), Box<dyn Error>> {
+/// Eight held-out (or training) images with the run's masks at step 0: masked patches dimmed and
+/// hatched, PGS candidates outlined, each labelled with the patches masked. False when the data
+/// gave no image to draw.
+fn mask_grid(cfg: &TrainConfig, path: &Path) -> Result<bool, Box<dyn Error>> {
     let model = ClipConfig::load(&cfg.model)?;
     let size = model.vision_cfg.image_size;
     let spec = cfg.val_data.as_deref().unwrap_or(&cfg.data);
     let source = data::open(spec, Split::Eval, &cfg.source_options)?;
     let set = EvalSet::load(source.as_ref(), 8, size as u32);
     if set.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let shape = ImageBatchShape { n: set.len(), height: size, width: size };
     let at = MaskStep { seed: cfg.seed, step: 0, epoch: 0, epochs: cfg.epochs };
     let masks = mask_cpu(&set.images, shape, model.vision_cfg.patch_size, None, &cfg.masking, &at)?;
-    let panels: Vec<RgbImage> = set
+    let panels = set
         .rgb
         .iter()
         .zip(&masks.images)
-        .map(|(rgb, m)| {
+        .enumerate()
+        .map(|(i, (rgb, m))| {
             let big = image::imageops::resize(rgb, 3 * size as u32, 3 * size as u32, image::imageops::Nearest);
-            crate::mask::draw(&big, m, 3 * model.vision_cfg.patch_size)
+            let label = format!("{}: {}/{} masked", i + 1, masks.patches - m.kept.len(), masks.patches);
+            crate::mask::labelled(&crate::mask::draw(&big, m, 3 * model.vision_cfg.patch_size), &label)
         })
-        .collect();
-    crate::mask::side_by_side(&panels).save(path)?;
-    Ok(())
+        .collect::<Result<Vec<RgbImage>, String>>()?;
+    crate::mask::save_png(&crate::mask::side_by_side(&panels), path)?;
+    Ok(true)
 }
 
 #[derive(Args)]
+#[command(allow_negative_numbers = true)]
 pub struct EvalArgs {
     /// A checkpoint (model.safetensors or checkpoints/epoch_N.safetensors of a run).
     #[arg(long)]
@@ -331,24 +402,30 @@ pub struct EvalArgs {
     /// Evaluation data: shapes, fashion-mnist[:DIR] (held-out splits), csv:FILE or wds:SHARDS.
     #[arg(long, default_value = "shapes")]
     data: String,
-    #[arg(long, default_value_t = 1000)]
+    /// Samples evaluated (the first ones of the source).
+    #[arg(long, default_value_t = 1000, value_parser = at_least::<usize>(1))]
     eval_samples: usize,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the shapes data (the one the run was trained with).
+    #[arg(long, default_value_t = 0, value_parser = at_least::<u64>(0))]
     seed: u64,
+    #[command(flatten)]
+    data_args: DataArgs,
 }
 
 pub fn eval(args: &EvalArgs) -> Result<(), Box<dyn Error>> {
     let (cfg, params) = clip_pgs_model::checkpoint::load(&args.checkpoint, None)?;
-    let options = SourceOptions { seed: args.seed, ..SourceOptions::default() };
-    let source = data::open(&args.data, Split::Eval, &options)?;
+    let source = data::open(&args.data, Split::Eval, &args.data_args.options(args.seed)?)?;
     let set = EvalSet::load(source.as_ref(), args.eval_samples, cfg.vision_cfg.image_size as u32);
-    println!("device: cpu; {} ({} samples used, {} skipped)", source.describe(), set.len(), set.skipped);
+    outln!("device: cpu; {} ({} samples used, {} skipped)", source.describe(), set.len(), set.skipped);
+    if set.is_empty() {
+        return Err(format!("{}: no usable sample to evaluate", source.describe()).into());
+    }
     let tokenizer = ClipTokenizer::new()?;
     let enc = Encoder { clip: Clip { cfg: &cfg }, params: &params, tokenizer: &tokenizer };
     let metrics = evaluate(&enc, &set)?;
-    println!("{}", headline(&metrics));
+    outln!("{}", headline(&metrics));
     for (k, v) in &metrics {
-        println!("{k:<34} {:>7.1}%", 100.0 * v);
+        outln!("{k:<34} {:>7.1}%", 100.0 * v);
     }
     Ok(())
 }

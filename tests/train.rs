@@ -43,8 +43,10 @@ fn config(logs: &Path, name: &str) -> TrainConfig {
         resume: None,
         logs: logs.to_path_buf(),
         name: name.into(),
+        overwrite: false,
         progress: false,
         max_bad_steps: 3,
+        test_nonfinite_steps: Vec::new(),
     }
 }
 
@@ -89,11 +91,12 @@ fn resuming_reproduces_the_uninterrupted_run() {
     // Bit for bit: same data order, masks (PGS with token similarity in epoch 1), moments, schedule.
     assert_eq!(second_half.losses, whole.losses[10..]);
     assert_eq!(second_half.eval, whole.eval);
-    // `--resume latest` finds the newest checkpoint of the run's own folder.
+    // `--resume latest` finds the newest checkpoint of the run's own folder, and says that the
+    // run finished rather than training zero steps.
     let mut latest = config(logs.path(), "whole");
     latest.resume = Some("latest".into());
-    let after_end = run(&latest);
-    assert!(after_end.losses.is_empty(), "the run had finished: nothing left to train");
+    let e = train(&latest, Arc::new(AtomicBool::new(false))).unwrap_err();
+    assert!(e.contains("epoch_2.safetensors: the run finished there (20 of 20 steps)"), "{e}");
 }
 
 fn png(path: &Path, colour: [u8; 3]) {
@@ -190,4 +193,69 @@ fn unusable_sources_and_flags_are_errors_before_training() {
         assert!(e.contains(expected), "error {e:?} does not name {expected:?}");
     }
     assert!(!logs.path().join("bad/checkpoints").exists(), "no run folder for a refused run");
+}
+
+#[test]
+fn a_run_folder_is_continued_or_replaced_never_mixed() {
+    let logs = tempfile::tempdir().unwrap();
+    let mut cfg = config(logs.path(), "again");
+    (cfg.epochs, cfg.train_num_samples, cfg.eval_samples) = (1, Some(64), 16);
+    run(&cfg);
+    let e = train(&cfg, Arc::new(AtomicBool::new(false))).unwrap_err();
+    assert!(e.contains("again already holds a run: pass --resume latest") && e.contains("--overwrite"), "{e}");
+    cfg.overwrite = true;
+    let s = run(&cfg);
+    let metrics = std::fs::read_to_string(logs.path().join("again/metrics.jsonl")).unwrap();
+    let steps: Vec<&str> = metrics.lines().filter(|l| l.contains("\"loss\"")).collect();
+    assert_eq!(steps.len(), s.steps, "the replaced run's records are gone: {metrics}");
+    // Evaluations name their data (zeroshot.png draws one chart per data set).
+    assert!(metrics.contains("\"data\":\"shapes\""), "{metrics}");
+    for bad in ["../x", "a/b", "..", ".", "", "/abs"] {
+        cfg.name = bad.into();
+        let e = train(&cfg, Arc::new(AtomicBool::new(false))).unwrap_err();
+        assert!(e.contains("a run name is one folder name"), "{bad:?}: {e}");
+    }
+}
+
+#[test]
+fn non_finite_losses_are_skipped_counted_and_stop_the_run() {
+    let logs = tempfile::tempdir().unwrap();
+    let mut cfg = config(logs.path(), "nan");
+    (cfg.epochs, cfg.train_num_samples, cfg.eval_samples, cfg.max_bad_steps) = (2, Some(128), 16, 3);
+    // Two in a row (under --max-bad-steps 3) and one more: skipped, counted, training goes on.
+    cfg.test_nonfinite_steps = vec![1, 2, 6];
+    let s = run(&cfg);
+    assert_eq!((s.steps, s.bad_steps, s.losses.len()), (8, 3, 5));
+    let metrics = std::fs::read_to_string(logs.path().join("nan/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.matches("\"bad_step\":true").count(), 3, "{metrics}");
+    // Three in a row in epoch 2: the run stops and names the checkpoint of epoch 1.
+    cfg.name = "nan-stop".into();
+    cfg.test_nonfinite_steps = vec![5, 6, 7];
+    let e = train(&cfg, Arc::new(AtomicBool::new(false))).unwrap_err();
+    let ckpt = logs.path().join("nan-stop/checkpoints/epoch_1.safetensors");
+    assert!(e.contains("3 consecutive steps had a non-finite loss or gradient: stopping at step 7"), "{e}");
+    assert!(e.contains(&format!("the last checkpoint, {}, is unaffected", ckpt.display())), "{e}");
+    // In the first epoch there is none yet, and the message says so.
+    cfg.name = "nan-early".into();
+    cfg.test_nonfinite_steps = vec![0, 1, 2];
+    let e = train(&cfg, Arc::new(AtomicBool::new(false))).unwrap_err();
+    assert!(e.ends_with("stopping at step 2; no checkpoint was written yet"), "{e}");
+}
+
+#[test]
+fn an_interrupted_epoch_is_not_named_like_a_finished_one() {
+    let logs = tempfile::tempdir().unwrap();
+    let mut cfg = config(logs.path(), "stop");
+    (cfg.epochs, cfg.train_num_samples, cfg.eval_samples) = (2, Some(128), 16);
+    let s = train(&cfg, Arc::new(AtomicBool::new(true))).unwrap();
+    assert!(s.interrupted && s.steps == 1);
+    let dir = logs.path().join("stop/checkpoints");
+    assert!(dir.join("epoch_1_step_1.safetensors").exists());
+    assert!(!dir.join("epoch_1.safetensors").exists(), "epoch 1 did not finish");
+    // Resuming continues inside epoch 1 and the finished epochs then outrank the part-epoch file.
+    cfg.resume = Some("latest".into());
+    let rest = run(&cfg);
+    assert_eq!(rest.steps, 8);
+    let latest = clip_pgs_model::train::latest_checkpoint(&logs.path().join("stop")).unwrap();
+    assert!(latest.ends_with("epoch_2.safetensors"), "{}", latest.display());
 }

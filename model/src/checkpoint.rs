@@ -20,7 +20,8 @@ pub fn save(path: &Path, config_json: &str, params: &Params) -> Result<(), Strin
     write_atomic(path, tensors, [("config".to_string(), config_json.to_string())].into())
 }
 
-/// Tensors and metadata to `path`: temporary file, fsync, rename (a crash leaves the old file).
+/// Tensors and metadata to `path`: temporary file, fsync, rename, fsync of the folder (a crash at
+/// any point leaves either no file or a whole one under `path`; only `*.tmp` can be partial).
 fn write_atomic(
     path: &Path,
     tensors: Vec<(String, &Tensor)>,
@@ -41,7 +42,10 @@ fn write_atomic(
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&data)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename itself is durable once the folder's entry is on disk.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(dir)?.sync_all()
     };
     write().map_err(|e| format!("writing {}: {e}", path.display()))
 }

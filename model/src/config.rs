@@ -52,6 +52,32 @@ fn default_vocab_size() -> usize {
     49408
 }
 
+/// Every key a config may have, nested as in the file: a built-in config serialized with all
+/// its fields (defaults included), so the list cannot drift from the structs above.
+fn known_keys() -> serde_json::Value {
+    let tiny: ClipConfig = serde_json::from_str(BUILT_IN[3].1).expect("the built-in test-tiny config parses");
+    serde_json::to_value(tiny).expect("a config serializes")
+}
+
+/// Errs on the first key of `value` that `known` lacks, naming the closest known key.
+fn check_keys(value: &serde_json::Value, known: &serde_json::Value, path: &str) -> Result<(), ConfigError> {
+    let (Some(object), Some(known)) = (value.as_object(), known.as_object()) else { return Ok(()) };
+    for (key, v) in object {
+        let full = format!("{path}{key}");
+        match known.get(key) {
+            Some(k) => check_keys(v, k, &format!("{full}."))?,
+            None => {
+                let closest = known.keys().min_by_key(|k| strsim::levenshtein(key, k)).map(String::as_str);
+                return Err(ConfigError(format!(
+                    "unknown key {full:?}{}",
+                    closest.map_or(String::new(), |c| format!(" (did you mean {:?}?)", format!("{path}{c}")))
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A config that could not be read or does not describe a model, and why.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -92,8 +118,12 @@ impl ClipConfig {
         )))
     }
 
+    /// Parses and validates a config. A key this project does not know is an error naming the
+    /// closest known one: a typo (`mlp_ratoi`) must not leave a default in place silently.
     pub fn from_json(json: &str) -> Result<Self, ConfigError> {
-        let config: ClipConfig = serde_json::from_str(json).map_err(|e| ConfigError(e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| ConfigError(e.to_string()))?;
+        check_keys(&value, &known_keys(), "")?;
+        let config: ClipConfig = serde_json::from_value(value).map_err(|e| ConfigError(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -188,6 +218,19 @@ mod tests {
                 .contains("vision_cfg.layers is 0")
         );
         assert!(broken("\"embed_dim\": 32", "\"embed_dim\": \"x\"").contains("invalid type"));
+        // Misspelt keys, optional or required, are named with the key meant.
+        assert_eq!(
+            broken("\"head_width\": 16", "\"head_width\": 16, \"mlp_ratoi\": 2"),
+            "model config: unknown key \"vision_cfg.mlp_ratoi\" (did you mean \"vision_cfg.mlp_ratio\"?)"
+        );
+        assert_eq!(
+            broken("\"head_width\"", "\"head_widht\""),
+            "model config: unknown key \"vision_cfg.head_widht\" (did you mean \"vision_cfg.head_width\"?)"
+        );
+        assert!(
+            broken("\"embed_dim\"", "\"embed_dims\"")
+                .contains("unknown key \"embed_dims\" (did you mean \"embed_dim\"?)")
+        );
         assert!(ClipConfig::load("ViT-Z-99").unwrap_err().to_string().contains("unknown model 'ViT-Z-99'"));
         assert!(ClipConfig::load("/no/such.json").unwrap_err().to_string().contains("/no/such.json"));
     }

@@ -9,6 +9,7 @@ pub mod data;
 pub mod golden;
 pub mod init;
 pub mod optimizer;
+pub mod output;
 pub mod params;
 pub mod preprocess;
 pub mod tokenizer;

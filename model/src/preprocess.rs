@@ -49,12 +49,25 @@ pub fn load_image(path: &Path, size: u32) -> Result<Preprocessed, ImageLoadError
     Ok(Preprocessed { rgb, normalized })
 }
 
+/// Longest side kept per unit of the shorter one before resizing (see below).
+const MAX_ASPECT: u32 = 4;
+
 /// Shorter side to `size` with bicubic (Catmull–Rom) filtering, then the central size × size.
+///
+/// A strip such as 16384 × 1 pixels would first be resized to 3.7 M × 224 (2.4 GB) only to be
+/// cropped: the long side is first cut to its central `MAX_ASPECT` × the short side, which holds
+/// the crop and the filter's reach around it, so the intermediate image stays under
+/// `MAX_ASPECT` × size² pixels. (Only such strips are affected, by a sub-pixel shift.)
 pub fn resize_center_crop(image: &DynamicImage, size: u32) -> RgbImage {
-    let rgb = image.to_rgb8();
-    let (w, h) = rgb.dimensions();
+    let mut rgb = image.to_rgb8();
+    let (mut w, mut h) = rgb.dimensions();
     if (w, h) == (size, size) {
         return rgb;
+    }
+    if w.max(h) / MAX_ASPECT > w.min(h) {
+        let (cw, ch) = (w.min(MAX_ASPECT * h), h.min(MAX_ASPECT * w));
+        rgb = imageops::crop_imm(&rgb, (w - cw) / 2, (h - ch) / 2, cw, ch).to_image();
+        (w, h) = (cw, ch);
     }
     let scale = size as f64 / w.min(h) as f64;
     let (nw, nh) = (((w as f64 * scale).round() as u32).max(size), ((h as f64 * scale).round() as u32).max(size));
@@ -87,6 +100,15 @@ mod tests {
         assert_eq!(out.dimensions(), (10, 10));
         assert_eq!(out.get_pixel(0, 5)[0], 0);
         assert_eq!(out.get_pixel(9, 5)[0], 255);
+    }
+
+    #[test]
+    fn a_long_strip_is_cut_before_it_is_resized() {
+        // 4000×2 with a white centre: only the central 8×2 matter for the 4×4 crop.
+        let image = RgbImage::from_fn(4000, 2, |x, _| image::Rgb([if (1996..2004).contains(&x) { 255 } else { 0 }; 3]));
+        let out = resize_center_crop(&DynamicImage::ImageRgb8(image), 4);
+        assert_eq!(out.dimensions(), (4, 4));
+        assert!(out.pixels().all(|p| p[0] > 200), "{out:?}");
     }
 
     #[test]

@@ -145,7 +145,8 @@ pub fn unescape_html(text: &str) -> String {
     while let Some(amp) = rest.find('&') {
         out.push_str(&rest[..amp]);
         rest = &rest[amp..];
-        let Some(semi) = rest[..rest.len().min(12)].find(';') else {
+        // Bytes, not a str slice: the 12th byte may fall inside a multi-byte character.
+        let Some(semi) = rest.as_bytes()[..rest.len().min(12)].iter().position(|&b| b == b';') else {
             out.push('&');
             rest = &rest[1..];
             continue;
@@ -210,5 +211,7 @@ mod tests {
     fn unescapes_html_like_python() {
         assert_eq!(unescape_html("a &amp; b &lt;c&gt; &#39;d&#x27; &bogus; & e"), "a & b <c> 'd' &bogus; & e");
         assert_eq!(unescape_html(&unescape_html("&amp;amp;")), "&");
+        // A multi-byte character across the entity window (found by tests/hostile_input.rs).
+        assert_eq!(unescape_html("&00 a\u{1bc9c} \u{a640}"), "&00 a\u{1bc9c} \u{a640}");
     }
 }

@@ -78,13 +78,13 @@ impl Source for CsvSource {
         if caption.is_empty() {
             return Err(format!("{}: empty caption (row {} of {})", path.display(), i + 1, self.file.display()));
         }
-        let image = image::ImageReader::open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .with_guessed_format()
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .decode()
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .to_rgb8();
+        // A device named by a hostile row (/dev/zero, /dev/stdin) would never end: files only.
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !meta.is_file() {
+            return Err(format!("{}: not a regular file", path.display()));
+        }
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let image = super::decode_image(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Sample { image, caption: caption.to_string(), label: None })
     }
 }

@@ -17,6 +17,25 @@ pub mod wds;
 
 use image::RgbImage;
 
+/// The most pixels per side, and bytes in all, that decoding one image may claim: a corrupt or
+/// hostile header announcing 65535 × 65535 pixels is an error, not a 12 GiB allocation. (PIL,
+/// which open_clip uses, refuses images over 179 M pixels; 16384² RGB is 805 MB, so the byte
+/// limit, 256 MiB, is the one that binds.)
+const MAX_IMAGE_SIDE: u32 = 16384;
+const MAX_IMAGE_BYTES: u64 = 256 << 20;
+
+/// Decodes PNG, JPEG or WebP bytes (format from the magic bytes) to RGB within the limits above.
+pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, String> {
+    let mut reader =
+        image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    reader.limits(limits);
+    Ok(reader.decode().map_err(|e| e.to_string())?.to_rgb8())
+}
+
 /// One decoded pair; `label` is the class index for sources with classes.
 #[derive(Clone, Debug)]
 pub struct Sample {

@@ -276,7 +276,7 @@ impl Source for WdsSource {
             return Err(format!("{shard}: {key}.txt: empty caption"));
         }
         let bytes = read_member(&mut file, entry.image).map_err(|e| format!("{shard}: {key} image: {e}"))?;
-        let image = image::load_from_memory(&bytes).map_err(|e| format!("{shard}: {key} image: {e}"))?.to_rgb8();
+        let image = super::decode_image(&bytes).map_err(|e| format!("{shard}: {key} image: {e}"))?;
         Ok(Sample { image, caption: caption.to_string(), label: None })
     }
 }

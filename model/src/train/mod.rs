@@ -13,8 +13,8 @@ pub mod schedule;
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::io::{IsTerminal, Write};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -32,6 +32,7 @@ use crate::config::ClipConfig;
 use crate::data::loader::{LoadedBatch, LoaderConfig, Position, Prefetcher};
 use crate::data::{Sample, Source, SourceOptions, Split};
 use crate::optimizer::Optimizer;
+use crate::outln;
 use crate::params::Params;
 use crate::tokenizer::ClipTokenizer;
 use eval::{Encoder, EvalSet};
@@ -66,10 +67,17 @@ pub struct TrainConfig {
     /// `latest` or a checkpoint path.
     pub resume: Option<String>,
     pub logs: PathBuf,
+    /// The run's folder name under `logs`: one path component.
     pub name: String,
+    /// Replace an existing run folder (without it, a run refuses one unless it resumes).
+    pub overwrite: bool,
+    /// A progress bar on stderr, when stdout and stderr are terminals.
     pub progress: bool,
     /// Consecutive non-finite losses that stop the run.
     pub max_bad_steps: usize,
+    /// Test hook (the CLI's hidden `--test-nonfinite-loss-at`): these steps' losses are replaced by
+    /// NaN, so the tests can drive the non-finite-loss path. Empty in every real run.
+    pub test_nonfinite_steps: Vec<usize>,
 }
 
 /// What a checkpoint records besides the tensors.
@@ -93,6 +101,8 @@ pub struct TrainSummary {
     pub eval: BTreeMap<String, f64>,
     pub wall_s: f64,
     pub samples_skipped: usize,
+    /// Steps skipped for a non-finite loss or gradient (over the whole run, resumes included).
+    pub bad_steps: usize,
     pub interrupted: bool,
     pub out_dir: PathBuf,
 }
@@ -123,6 +133,8 @@ impl TrainConfig {
             ("--batch-size", self.batch_size),
             ("--accum-freq", self.accum_freq),
             ("--workers", self.workers),
+            ("--eval-samples", self.eval_samples),
+            ("--max-bad-steps", self.max_bad_steps),
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{flag} must be at least 1"));
@@ -139,6 +151,13 @@ impl TrainConfig {
         if let Some(c) = self.grad_clip_norm.filter(|c| !(c.is_finite() && *c > 0.0)) {
             return Err(format!("--grad-clip-norm {c} is not a positive number"));
         }
+        // `--name ../x` or `a/b` would write outside --logs or into another run's folder.
+        let mut parts = Path::new(&self.name).components();
+        if !matches!((parts.next(), parts.next()), (Some(Component::Normal(_)), None))
+            || self.name.contains(['/', '\\'])
+        {
+            return Err(format!("--name {:?}: a run name is one folder name (no '/', '.' or '..')", self.name));
+        }
         Ok(())
     }
 
@@ -147,21 +166,32 @@ impl TrainConfig {
     }
 }
 
-/// The run's output folder: checkpoints, metrics.jsonl, plots.
-fn checkpoint_path(dir: &Path, epoch: usize) -> PathBuf {
-    dir.join("checkpoints").join(format!("epoch_{epoch}.safetensors"))
+/// Where a checkpoint goes in the run folder `dir`: `epoch_N.safetensors` after epoch N (1-based)
+/// finished, `epoch_N_step_S.safetensors` when a run stops (Ctrl-C) at global step S inside epoch N.
+fn checkpoint_path(dir: &Path, epoch: usize, part_epoch_step: Option<usize>) -> PathBuf {
+    let name = match part_epoch_step {
+        None => format!("epoch_{epoch}.safetensors"),
+        Some(step) => format!("epoch_{epoch}_step_{step}.safetensors"),
+    };
+    dir.join("checkpoints").join(name)
 }
 
-/// The newest `epoch_N.safetensors` in the run's checkpoint folder.
+/// Orders checkpoint names: epoch N's part-epoch checkpoints by step, then epoch N finished.
+/// Anything else (the `.tmp` of an interrupted write included) is not a checkpoint.
+fn checkpoint_order(name: &str) -> Option<(usize, usize)> {
+    let tag = name.strip_prefix("epoch_")?.strip_suffix(".safetensors")?;
+    match tag.split_once("_step_") {
+        None => Some((tag.parse().ok()?, usize::MAX)),
+        Some((epoch, step)) => Some((epoch.parse().ok()?, step.parse().ok()?)),
+    }
+}
+
+/// The newest checkpoint in the run folder `dir` (see [`checkpoint_path`]).
 pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
     let entries = std::fs::read_dir(dir.join("checkpoints")).ok()?;
     entries
         .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let n: usize = name.strip_prefix("epoch_")?.strip_suffix(".safetensors")?.parse().ok()?;
-            Some((n, e.path()))
-        })
+        .filter_map(|e| Some((checkpoint_order(e.file_name().to_str()?)?, e.path())))
         .max_by_key(|(n, _)| *n)
         .map(|(_, p)| p)
 }
@@ -170,8 +200,21 @@ pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
 struct Metrics(std::fs::File);
 
 impl Metrics {
+    /// Opens `path` for appending. A process killed mid-write leaves a torn last line: the next
+    /// record starts on a line of its own.
+    fn open(path: &Path) -> Result<Metrics, String> {
+        let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+        let torn = std::fs::read(path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
+        let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(fail)?;
+        if torn {
+            file.write_all(b"\n").map_err(fail)?;
+        }
+        Ok(Metrics(file))
+    }
+
+    /// One record in one write, so that a kill tears at most the line being written.
     fn write(&mut self, record: serde_json::Value) -> Result<(), String> {
-        writeln!(self.0, "{record}").map_err(|e| format!("writing metrics.jsonl: {e}"))
+        self.0.write_all(format!("{record}\n").as_bytes()).map_err(|e| format!("writing metrics.jsonl: {e}"))
     }
 }
 
@@ -279,6 +322,19 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
     }
     let total_steps = steps_per_epoch * cfg.epochs;
     let out_dir = cfg.out_dir();
+    // A second run of the same name would append to the first one's metrics and resume from its
+    // checkpoints: an existing run folder is only continued (--resume) or replaced (--overwrite).
+    let occupied = std::fs::read_dir(&out_dir).is_ok_and(|mut d| d.next().is_some());
+    if occupied && cfg.resume.is_none() {
+        if !cfg.overwrite {
+            return Err(format!(
+                "{} already holds a run: pass --resume latest to continue it, --overwrite to replace it, or \
+                 another --name",
+                out_dir.display()
+            ));
+        }
+        std::fs::remove_dir_all(&out_dir).map_err(|e| format!("--overwrite: removing {}: {e}", out_dir.display()))?;
+    }
     std::fs::create_dir_all(out_dir.join("checkpoints")).map_err(|e| format!("{}: {e}", out_dir.display()))?;
     let tokenizer = ClipTokenizer::new().map_err(|e| e.to_string())?;
     let clip = Clip { cfg: &model_cfg };
@@ -311,24 +367,26 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
                 cfg.seed
             ));
         }
+        if state.step >= total_steps {
+            return Err(format!(
+                "{}: the run finished there ({} of {total_steps} steps): nothing to resume (raise --epochs to \
+                 train further)",
+                path.display(),
+                state.step
+            ));
+        }
         params = ckpt.params;
         let (m, v, step) = ckpt.moments;
         optimizer.restore(m, v, step);
-        println!("resuming from {} at step {}, epoch {}", path.display(), state.step, state.epoch);
+        outln!("resuming from {} at step {}, epoch {}", path.display(), state.step, state.epoch + 1);
     }
     let eval_set = eval_source.as_ref().map(|s| EvalSet::load(s.as_ref(), cfg.eval_samples, image_size));
-    let mut metrics = Metrics(
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(out_dir.join("metrics.jsonl"))
-            .map_err(|e| format!("{}: {e}", out_dir.join("metrics.jsonl").display()))?,
-    );
-    println!("data: {}", train_source.describe());
+    let mut metrics = Metrics::open(&out_dir.join("metrics.jsonl"))?;
+    outln!("data: {}", train_source.describe());
     if let (Some(s), Some(set)) = (&eval_source, &eval_set) {
-        println!("eval: {} ({} used, {} skipped)", s.describe(), set.len(), set.skipped);
+        outln!("eval: {} ({} used, {} skipped)", s.describe(), set.len(), set.skipped);
     }
-    println!(
+    outln!(
         "model: {} ({} parameters), masking: {}, {} epochs × {} steps of {}",
         cfg.model,
         params.0.values().map(|t| t.data.len()).sum::<usize>(),
@@ -341,14 +399,16 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
     let source: Arc<dyn Source> = Arc::from(train_source);
     let prefetcher =
         Prefetcher::start(source, loader_cfg, Position { epoch: state.epoch, cursor: state.cursor }, cfg.epochs);
-    let bar = if cfg.progress { ProgressBar::new(total_steps as u64) } else { ProgressBar::hidden() };
+    // The bar is for a person watching: not drawn into a pipe or a log file.
+    let terminal = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
+    let bar = if cfg.progress && terminal { ProgressBar::new(total_steps as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
             .map_err(|e| e.to_string())?,
     );
     bar.set_position(state.step as u64);
-    // A hidden bar swallows println: without a progress bar, messages go to stdout directly.
-    let say = |msg: String| if cfg.progress { bar.println(msg) } else { println!("{msg}") };
+    // Every message goes to stdout (a log keeps it), the bar only to a terminal's stderr.
+    let say = |msg: String| bar.suspend(|| outln!("{msg}"));
     let ctx = model_cfg.text_cfg.context_length;
     let mut grads = Params::zeros(&model_cfg);
     let (start, elapsed_before) = (Instant::now(), state.elapsed_s);
@@ -357,9 +417,9 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
     let mut consecutive_bad = 0;
     let mut window = (Instant::now(), 0usize);
     let mut interrupted = false;
-    let save = |params: &Params, optimizer: &Optimizer, state: &TrainState, epoch_tag: usize| -> Result<(), String> {
+    let save = |params: &Params, optimizer: &Optimizer, state: &TrainState, path: &Path| -> Result<(), String> {
         let json = serde_json::to_string(state).map_err(|e| e.to_string())?;
-        checkpoint::save_training(&checkpoint_path(&out_dir, epoch_tag), &config_json, params, optimizer, &json)
+        checkpoint::save_training(path, &config_json, params, optimizer, &json)
     };
     while let Some(batch) = prefetcher.next_batch() {
         let batch: LoadedBatch = batch?;
@@ -376,7 +436,11 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
         let (keep, masked) = masks(&model_cfg, &clip, &params, &batch.images, &cfg.masking, at)?;
         let lr = schedule::cosine_lr(cfg.lr, cfg.warmup, total_steps, state.step);
         optimizer.adamw.lr = lr;
-        let loss = loss_and_grads(&clip, &params, &batch.images, &text, keep.as_deref(), cfg.accum_freq, &mut grads);
+        let mut loss =
+            loss_and_grads(&clip, &params, &batch.images, &text, keep.as_deref(), cfg.accum_freq, &mut grads);
+        if cfg.test_nonfinite_steps.contains(&state.step) {
+            loss = f32::NAN;
+        }
         let norm = grad_norm(&grads);
         if !loss.is_finite() || !norm.is_finite() {
             state.bad_steps += 1;
@@ -384,10 +448,14 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
             say(format!("step {}: loss {loss}, gradient norm {norm}: step skipped, no update", state.step));
             metrics.write(serde_json::json!({"step": state.step, "bad_step": true, "loss": loss.to_string()}))?;
             if consecutive_bad >= cfg.max_bad_steps {
+                bar.finish_and_clear();
+                let last = match latest_checkpoint(&out_dir) {
+                    Some(path) => format!("the last checkpoint, {}, is unaffected (--resume latest)", path.display()),
+                    None => "no checkpoint was written yet".to_string(),
+                };
                 return Err(format!(
-                    "{consecutive_bad} consecutive steps had a non-finite loss or gradient: stopping; the last good \
-                     checkpoint in {} is intact",
-                    out_dir.join("checkpoints").display()
+                    "{consecutive_bad} consecutive steps had a non-finite loss or gradient: stopping at step {}; {last}",
+                    state.step
                 ));
             }
         } else {
@@ -403,9 +471,15 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
         window.1 += cfg.batch_size;
         (state.epoch, state.cursor) = (batch.after.epoch, batch.after.cursor);
         let samples_per_s = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-        bar.set_message(format!("epoch {} loss {loss:.4} {samples_per_s:.0} samples/s", batch.epoch));
+        bar.set_message(format!(
+            "epoch {}/{} loss {loss:.4} {samples_per_s:.0} samples/s",
+            batch.epoch + 1,
+            cfg.epochs
+        ));
         bar.inc(1);
-        if state.step.is_multiple_of(cfg.log_every_n_steps.max(1)) {
+        let stopping = interrupt.load(Ordering::SeqCst);
+        // The last step and a stop are logged too, so a short run still has a loss curve.
+        if state.step.is_multiple_of(cfg.log_every_n_steps.max(1)) || state.step == total_steps || stopping {
             metrics.write(serde_json::json!({
                 "step": state.step, "epoch": batch.epoch, "loss": loss, "lr": lr, "grad_norm": norm,
                 "logit_scale": params.get("logit_scale")[0].exp(), "masked_fraction": masked,
@@ -423,20 +497,25 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
                 let enc = Encoder { clip: Clip { cfg: &model_cfg }, params: &params, tokenizer: &tokenizer };
                 last_eval = eval::evaluate(&enc, set)?;
                 let mut record = serde_json::json!({"step": state.step, "epoch": finished, "eval": &last_eval});
+                // Which data the numbers are on: zeroshot.png draws one chart per data set.
+                record["data"] = cfg.val_data.as_deref().unwrap_or(&cfg.data).into();
                 record["time_s"] = (elapsed_before + start.elapsed().as_secs_f64()).into();
                 metrics.write(record)?;
                 say(format!("epoch {finished}: {}", headline(&last_eval)));
             }
             state.elapsed_s = elapsed_before + start.elapsed().as_secs_f64();
-            if last || (cfg.save_frequency > 0 && finished.is_multiple_of(cfg.save_frequency)) {
-                save(&params, &optimizer, &state, finished)?;
+            if last || stopping || (cfg.save_frequency > 0 && finished.is_multiple_of(cfg.save_frequency)) {
+                save(&params, &optimizer, &state, &checkpoint_path(&out_dir, finished, None))?;
             }
         }
-        if interrupt.load(Ordering::SeqCst) {
-            state.elapsed_s = elapsed_before + start.elapsed().as_secs_f64();
-            // Named after the epoch in progress; resuming continues from its data position.
-            save(&params, &optimizer, &state, state.epoch + usize::from(!epoch_done))?;
-            say(format!("interrupted at step {}: checkpoint written", state.step));
+        if stopping {
+            if !epoch_done {
+                state.elapsed_s = elapsed_before + start.elapsed().as_secs_f64();
+                // Inside an epoch: named so that it is not taken for a finished one.
+                save(&params, &optimizer, &state, &checkpoint_path(&out_dir, batch.epoch + 1, Some(state.step)))?;
+            }
+            let path = latest_checkpoint(&out_dir).unwrap_or_default();
+            say(format!("interrupted at step {}: checkpoint {} written", state.step, path.display()));
             interrupted = true;
             break;
         }
@@ -453,6 +532,7 @@ pub fn train(cfg: &TrainConfig, interrupt: Arc<AtomicBool>) -> Result<TrainSumma
         eval: last_eval,
         wall_s,
         samples_skipped: state.samples_skipped,
+        bad_steps: state.bad_steps,
         interrupted,
         out_dir,
     })

@@ -15,6 +15,7 @@ use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
 /// One line: its legend name and (x, y) points.
+#[derive(Clone)]
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
@@ -68,6 +69,23 @@ fn ensure_font() -> Result<(), String> {
     } else {
         Err("the embedded chart font could not be parsed".to_string())
     }
+}
+
+/// Writes `text` into `image` with its top-left corner at `at`, `px` pixels high, in `colour`
+/// (labels on the mask and edge pictures).
+pub fn draw_text(
+    image: &mut image::RgbImage,
+    text: &str,
+    at: (i32, i32),
+    px: f64,
+    colour: [u8; 3],
+) -> Result<(), String> {
+    ensure_font()?;
+    let (w, h) = image.dimensions();
+    let root = BitMapBackend::with_buffer(image.as_mut(), (w, h)).into_drawing_area();
+    let style = (FAMILY, px).into_font().color(&RGBColor(colour[0], colour[1], colour[2]));
+    root.draw_text(text, &style, at).map_err(|e| format!("drawing text: {e}"))?;
+    root.present().map_err(|e| format!("drawing text: {e}"))
 }
 
 /// The finite runs of a series: a NaN or infinite point breaks the line rather than being
@@ -202,6 +220,48 @@ pub fn line_chart(
     height: u32,
 ) -> Result<(), String> {
     let fail = |what: &str| format!("chart {}: {what}", path.display());
+    let buf = render(title, x_label, y_label, series, (width, height), false).map_err(|e| fail(&e))?;
+    save(path, &buf, width, height)
+}
+
+/// One chart per entry of `charts` (title, series), stacked top to bottom, each `width` ×
+/// `height` with its legend right of the plot, outside the data (so that no line hides under
+/// it): `zeroshot.png`, one chart per data set. Errors as [`line_chart`]'s.
+pub fn stacked_line_charts(
+    path: &Path,
+    charts: &[(String, Vec<Series>)],
+    x_label: &str,
+    y_label: &str,
+    width: u32,
+    height: u32,
+) -> Result<(), String> {
+    let fail = |what: &str| format!("chart {}: {what}", path.display());
+    let mut buf = Vec::new();
+    for (title, series) in charts {
+        buf.extend(render(title, x_label, y_label, series, (width, height), true).map_err(|e| fail(&e))?);
+    }
+    if charts.is_empty() {
+        return Err(fail("nothing to plot (no chart)"));
+    }
+    save(path, &buf, width, height * charts.len() as u32)
+}
+
+fn save(path: &Path, buf: &[u8], width: u32, height: u32) -> Result<(), String> {
+    image::save_buffer_with_format(path, buf, width, height, image::ExtendedColorType::Rgb8, image::ImageFormat::Png)
+        .map_err(|e| format!("chart {}: writing the PNG failed: {e}", path.display()))
+}
+
+/// The RGB pixels of one chart (see [`line_chart`]); the legend right of the plot when
+/// `legend_right`, else in the emptiest corner. Errors say what is wrong, without the path.
+fn render(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    (width, height): (u32, u32),
+    legend_right: bool,
+) -> Result<Vec<u8>, String> {
+    let fail = |what: &str| what.to_string();
 
     let runs: Vec<Vec<Vec<(f64, f64)>>> = series.iter().map(|s| finite_runs(&s.points)).collect();
     let markers: Vec<bool> = runs.iter().map(|r| r.iter().map(Vec::len).sum::<usize>() < MARKER_BELOW).collect();
@@ -245,6 +305,13 @@ pub fn line_chart(
         let draw_err = |e: &dyn std::fmt::Display| fail(&format!("drawing failed: {e}"));
         root.fill(&WHITE).map_err(|e| draw_err(&e))?;
         let text_w = |s: &str| root.estimate_text_size(s, &label_font.into_text_style(&root)).map_or(0, |(w, _)| w);
+        let stroke = px(2.0).max(1);
+        let radius = px(3.5).max(2) as i32;
+        let sample = px(28.0) as i32;
+        // The series with a finite point, by index: those the legend lists.
+        let listed: Vec<usize> = (0..series.len()).filter(|&i| !runs[i].is_empty()).collect();
+        let legend_w = listed.iter().map(|&i| text_w(&series[i].name)).max().unwrap_or(0) + sample as u32 + 4 * font_px;
+        let right = if legend_right { legend_w } else { 0 };
 
         // Tick counts that leave room for the labels: a y tick every 2 em, an x tick every 5.
         let plot_h = height.saturating_sub(x_area + caption + 3 * margin).max(1);
@@ -253,7 +320,7 @@ pub fn line_chart(
         let y_ticks = RangedCoordf64::from(y_lo..y_hi).key_points(n_y);
         let y_tick_w = y_ticks.iter().map(|&v| text_w(&y_fmt.label(v))).max().unwrap_or(0);
         let y_area = y_tick_w + 2 * font_px + px(10.0);
-        let plot_w = width.saturating_sub(y_area + 2 * margin).max(1);
+        let plot_w = width.saturating_sub(y_area + 2 * margin + right).max(1);
         let n_x = ((plot_w / (font_px * 5).max(1)) as usize).clamp(2, 10);
         let x_fmt = TickFormat::new(x_lo, x_hi, n_x);
         let x_label_fn = |v: &f64| x_fmt.label(*v);
@@ -265,7 +332,7 @@ pub fn line_chart(
         let mut chart = ChartBuilder::on(&root)
             .caption(title, (FAMILY, caption as f64))
             .margin(margin)
-            .margin_right(margin.max(last_x_w / 2 + px(4.0)))
+            .margin_right(margin.max(last_x_w / 2 + px(4.0)) + right)
             .x_label_area_size(x_area)
             .y_label_area_size(y_area)
             .build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)
@@ -285,9 +352,6 @@ pub fn line_chart(
             .draw()
             .map_err(|e| draw_err(&e))?;
 
-        let stroke = px(2.0).max(1);
-        let radius = px(3.5).max(2) as i32;
-        let sample = px(28.0) as i32;
         for (i, ((s, runs), &marked)) in series.iter().zip(&runs).zip(&markers).enumerate() {
             if runs.is_empty() {
                 continue;
@@ -311,33 +375,46 @@ pub fn line_chart(
             }
         }
 
-        // The legend goes in the corner the lines leave most empty.
-        let names: Vec<&str> =
-            series.iter().zip(&runs).filter(|(_, r)| !r.is_empty()).map(|(s, _)| s.name.as_str()).collect();
-        let legend_w = names.iter().map(|n| text_w(n)).max().unwrap_or(0) + sample as u32 + 4 * font_px;
-        let legend_h = names.len() as u32 * (font_px + px(10.0)) + 2 * font_px;
-        let corner = legend_corner(
-            &runs,
-            (x_lo, x_hi),
-            (y_lo, y_hi),
-            legend_w as f64 / plot_w as f64,
-            legend_h as f64 / plot_h as f64,
-        );
-        chart
-            .configure_series_labels()
-            .label_font(label_font)
-            .legend_area_size(sample as u32 + px(8.0))
-            .margin(px(12.0))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.4))
-            .position(corner)
-            .draw()
-            .map_err(|e| draw_err(&e))?;
+        let row_h = font_px + px(10.0);
+        if legend_right {
+            // A column right of the plot, from its top: line (and marker) sample, then the name.
+            let x0 = width.saturating_sub(legend_w) as i32 + px(8.0) as i32;
+            for (k, &i) in listed.iter().enumerate() {
+                let y = (caption + 2 * margin + font_px + k as u32 * row_h) as i32;
+                let color = series_color(i);
+                root.draw(&PathElement::new(vec![(x0, y), (x0 + sample, y)], color.stroke_width(stroke)))
+                    .map_err(|e| draw_err(&e))?;
+                if markers[i] {
+                    root.draw(&Circle::new((x0 + sample / 2, y), radius, color.filled())).map_err(|e| draw_err(&e))?;
+                }
+                let at = (x0 + sample + px(6.0) as i32, y - font_px as i32 / 2);
+                root.draw_text(&series[i].name, &label_font.into_text_style(&root), at).map_err(|e| draw_err(&e))?;
+            }
+        } else {
+            // The legend goes in the corner the lines leave most empty.
+            let legend_h = listed.len() as u32 * row_h + 2 * font_px;
+            let corner = legend_corner(
+                &runs,
+                (x_lo, x_hi),
+                (y_lo, y_hi),
+                legend_w as f64 / plot_w as f64,
+                legend_h as f64 / plot_h as f64,
+            );
+            chart
+                .configure_series_labels()
+                .label_font(label_font)
+                .legend_area_size(sample as u32 + px(8.0))
+                .margin(px(12.0))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.4))
+                .position(corner)
+                .draw()
+                .map_err(|e| draw_err(&e))?;
+        }
         root.present().map_err(|e| draw_err(&e))?;
     }
 
-    image::save_buffer_with_format(path, &buf, width, height, image::ExtendedColorType::Rgb8, image::ImageFormat::Png)
-        .map_err(|e| fail(&format!("writing the PNG failed: {e}")))
+    Ok(buf)
 }
 
 #[cfg(test)]
@@ -371,6 +448,31 @@ mod tests {
             let RGBColor(r, g, b) = series_color(i);
             let n = img.pixels().filter(|p| p.0 == [r, g, b]).count();
             assert!(n > 50, "series {i} colour ({r}, {g}, {b}) found on {n} pixels");
+        }
+    }
+
+    #[test]
+    fn stacked_charts_keep_their_legends_outside_the_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zeroshot.png");
+        let charts = [("a".to_string(), two_series()), ("b".to_string(), two_series()[..1].to_vec())];
+        stacked_line_charts(&path, &charts, "epoch", "top-1", 640, 360).unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (640, 720));
+        // Each chart: its lines left, and right of the plot (the last 200 px: the names are
+        // short) a legend column with the colours of its series, and only those.
+        let legend_x = 640 - 200;
+        for (chart, n) in [(0u32, 2usize), (1, 1)] {
+            for i in 0..2 {
+                let RGBColor(r, g, b) = series_color(i);
+                let count = |xs: std::ops::Range<u32>| {
+                    xs.flat_map(|x| (chart * 360..(chart + 1) * 360).map(move |y| (x, y)))
+                        .filter(|&(x, y)| img.get_pixel(x, y).0 == [r, g, b])
+                        .count()
+                };
+                assert_eq!(count(legend_x..640) > 0, i < n, "chart {chart}, series {i} in the legend");
+                assert_eq!(count(0..legend_x) > 50, i < n, "chart {chart}, series {i} drawn");
+            }
         }
     }
 
