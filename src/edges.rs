@@ -26,7 +26,7 @@ pub struct EdgesArgs {
     /// Patch size (16 for ViT-B/16).
     #[arg(long, default_value_t = 16)]
     patch: usize,
-    /// auto, cpu or cuda.
+    /// auto, cpu, cuda, or emu (the GPU kernel on the SIMT emulator, to check it; slow).
     #[arg(long, default_value = "auto")]
     device: DevicePreference,
     /// Element type of the image tensor the kernel reads.

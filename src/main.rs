@@ -43,7 +43,7 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Say which device clip-pgs runs on, and why.
     Devices {
-        /// auto, cpu or cuda
+        /// auto, cpu, cuda or emu
         #[arg(long, default_value = "auto")]
         device: DevicePreference,
     },

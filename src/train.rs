@@ -154,7 +154,7 @@ pub struct TrainArgs {
     /// Delete an existing run folder of this name and start afresh.
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
-    /// auto, cpu or cuda. Training runs on the CPU device for now (the CUDA model is not built yet).
+    /// auto, cpu, cuda or emu. Training runs on the CPU device for now (the GPU model is not built yet).
     #[arg(long, default_value = "auto")]
     device: DevicePreference,
     /// No progress bar (there is none anyway when stdout or stderr is not a terminal).

@@ -74,11 +74,11 @@ impl PatchGrid {
 }
 
 /// Element types the kernels read (f32, and bf16 widened exactly to f32), with the entry point of
-/// each kernel that comes in both.
+/// each kernel that comes in both (their types are the kernels' parameter tuples).
+#[allow(clippy::type_complexity)]
 pub trait ImageElement: KernelElement + DeviceRepr + ValidAsZeroBits + Default {
     fn to_f32(self) -> f32;
     const EDGE_MAP: Kernel<(Global<Self::Kernel>, GlobalMut<f32>, u32, u32, u32)>;
-    #[allow(clippy::type_complexity)]
     const STANDARDIZE_PATCHES: Kernel<(
         Global<Self::Kernel>,
         GlobalMut<f32>,
@@ -90,7 +90,6 @@ pub trait ImageElement: KernelElement + DeviceRepr + ValidAsZeroBits + Default {
         u32,
     )>;
     const TOKEN_NORMS: Kernel<(Global<Self::Kernel>, GlobalMut<f32>, GlobalMut<u32>, u32, u32)>;
-    #[allow(clippy::type_complexity)]
     const SIMILARITY: Kernel<(
         Global<f32>,
         Global<f32>,
@@ -110,6 +109,7 @@ pub trait ImageElement: KernelElement + DeviceRepr + ValidAsZeroBits + Default {
 
 macro_rules! image_element {
     ($t:ty, $widen:expr, $edge:ident, $standardize:ident, $norms:ident, $similarity:ident, $gather:ident) => {
+        #[allow(clippy::type_complexity)]
         impl ImageElement for $t {
             fn to_f32(self) -> f32 {
                 $widen(self)

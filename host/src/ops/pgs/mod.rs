@@ -180,7 +180,7 @@ pub struct PatchTokens<'a> {
 pub enum MaskBuffers {
     Cpu(Masks),
     /// On CUDA or the emulator.
-    Gpu(gpu::DeviceMasks),
+    Gpu(Box<gpu::DeviceMasks>),
 }
 
 impl MaskBuffers {
@@ -223,7 +223,7 @@ pub fn pgs_mask<T: ImageElement>(
             {
                 return Err(wrong_device(device, "patch tokens", t.device_name()));
             }
-            Ok(MaskBuffers::Gpu(gpu::mask_gpu(device, images, shape, patch, tokens, masking, at)?))
+            Ok(MaskBuffers::Gpu(Box::new(gpu::mask_gpu(device, images, shape, patch, tokens, masking, at)?)))
         }
         (_, buffer) => Err(wrong_device(device, "images", buffer.device_name())),
     }

@@ -17,7 +17,7 @@ fn config(threads: u32, shared_bytes: u32) -> LaunchConfig {
 }
 
 /// Runs `kernel` over (input, output) in both warp orders; the faults, or the output.
-fn run<P: Copy + Send + Sync + 'static>(
+fn run(
     kernel: &Kernel<(Global<f32>, GlobalMut<f32>, u32)>,
     threads: u32,
     shared_bytes: u32,
@@ -85,7 +85,7 @@ kernel! {
 fn a_missing_barrier_is_a_race_in_either_warp_order_and_the_barrier_fixes_it() {
     // Forward, thread 0 reads slot 1 before thread 1 writes it (write after read); in reverse
     // order thread 63 writes slot 63 before thread 62 reads it (read after write).
-    let faults = fault(run::<()>(&neighbour, 64, 256, 0));
+    let faults = fault(run(&neighbour, 64, 256, 0));
     assert!(
         matches!(faults[0].kind, FaultKind::Race { hazard: Hazard::WriteAfterRead, byte_offset: 4, .. }),
         "{}",
@@ -96,7 +96,7 @@ fn a_missing_barrier_is_a_race_in_either_warp_order_and_the_barrier_fixes_it() {
         let text = std::format!("{f}");
         assert!(text.contains("kernel neighbour block (0, 0, 0) thread (") && text.contains("tests.rs:"), "{text}");
     }
-    let out = ok(run::<()>(&neighbour, 64, 256, 1));
+    let out = ok(run(&neighbour, 64, 256, 1));
     assert_eq!(out[63], 0.0);
     assert_eq!(out[64 + 5], 6.0);
 }
@@ -128,10 +128,10 @@ kernel! {
 
 #[test]
 fn a_reduction_without_its_barriers_races_and_with_them_sums() {
-    for f in fault(run::<()>(&tree_sum, 128, 512, 0)) {
+    for f in fault(run(&tree_sum, 128, 512, 0)) {
         assert!(matches!(f.kind, FaultKind::Race { .. }), "{f}");
     }
-    assert_eq!(ok(run::<()>(&tree_sum, 128, 512, 1))[0], (0..128).sum::<u32>() as f32);
+    assert_eq!(ok(run(&tree_sum, 128, 512, 1))[0], (0..128).sum::<u32>() as f32);
 }
 
 kernel! {
@@ -146,7 +146,7 @@ kernel! {
 
 #[test]
 fn an_out_of_bounds_read_is_reported_with_thread_index_and_line() {
-    let faults = fault(run::<()>(&shifted_read, 32, 0, 1));
+    let faults = fault(run(&shifted_read, 32, 0, 1));
     let f = &faults[0];
     assert_eq!(f.thread, Some([31, 0, 0]));
     assert!(
@@ -157,7 +157,7 @@ fn an_out_of_bounds_read_is_reported_with_thread_index_and_line() {
         "{f}"
     );
     assert!(f.site.expect("a source line").file().ends_with("tests.rs"));
-    ok(run::<()>(&shifted_read, 32, 0, 0));
+    ok(run(&shifted_read, 32, 0, 0));
 }
 
 kernel! {
@@ -167,7 +167,7 @@ kernel! {
         unsafe {
             let s = dynamic_shared::<f32>();
             let t = thread_x();
-            if t % 2 == 0 {
+            if t.is_multiple_of(2) {
                 s.store(t, input.load(t));
             }
             sync_threads();
@@ -178,15 +178,16 @@ kernel! {
 
 #[test]
 fn reading_unwritten_shared_memory_is_reported() {
-    for f in fault(run::<()>(&sparse_init, 32, 128, 0)) {
+    for f in fault(run(&sparse_init, 32, 128, 0)) {
         assert_eq!(f.kind, FaultKind::Uninitialized { byte_offset: 4 * f.thread.unwrap()[0] as usize }, "{f}");
     }
-    ok(run::<()>(&sparse_init, 32, 128, 1));
+    ok(run(&sparse_init, 32, 128, 1));
 }
 
 kernel! {
     /// flag = 0: the two halves of the block wait at different barriers; 1: one barrier;
     /// 2: the second half exits before the barrier.
+    #[allow(clippy::if_same_then_else)] // two barriers on two lines: the point of the test
     fn branches(input: Global<f32>, output: GlobalMut<f32>, flag: u32) {
         unsafe {
             let t = thread_x();
@@ -205,13 +206,13 @@ kernel! {
 
 #[test]
 fn divergent_barriers_and_barriers_some_threads_skip_are_reported() {
-    for f in fault(run::<()>(&branches, 64, 0, 0)) {
+    for f in fault(run(&branches, 64, 0, 0)) {
         assert!(matches!(f.kind, FaultKind::DivergentBarrier { .. }), "{f}");
     }
-    for f in fault(run::<()>(&branches, 64, 0, 2)) {
+    for f in fault(run(&branches, 64, 0, 2)) {
         assert!(matches!(f.kind, FaultKind::BarrierNotReached { arrived: 32, exited: 32, .. }), "{f}");
     }
-    ok(run::<()>(&branches, 64, 0, 1));
+    ok(run(&branches, 64, 0, 1));
 }
 
 kernel! {
@@ -234,17 +235,17 @@ kernel! {
 
 #[test]
 fn deadlocks_and_shuffles_with_exited_lanes_are_errors_not_hangs() {
-    for f in fault(run::<()>(&stuck, 32, 0, 0)) {
+    for f in fault(run(&stuck, 32, 0, 0)) {
         let FaultKind::Deadlock { waits } = &f.kind else { panic!("expected a deadlock, got {f}") };
         assert!(
             waits.contains("1 thread(s) wait at barrier") && waits.contains("31 thread(s) wait at ShflXor"),
             "{waits}"
         );
     }
-    for f in fault(run::<()>(&stuck, 32, 0, 1)) {
+    for f in fault(run(&stuck, 32, 0, 1)) {
         assert!(std::format!("{f}").contains("names lane 5 which has exited"), "{f}");
     }
-    let out = ok(run::<()>(&stuck, 32, 0, 2));
+    let out = ok(run(&stuck, 32, 0, 2));
     assert_eq!(&out[..4], &[1.0, 0.0, 3.0, 2.0]);
 }
 
@@ -270,7 +271,7 @@ kernel! {
 
 #[test]
 fn warp_collectives_compute_what_ptx_defines() {
-    let out = ok(run::<()>(&collectives, 32, 0, 4));
+    let out = ok(run(&collectives, 32, 0, 4));
     for (t, &v) in out.iter().take(32).enumerate() {
         let down = if t + 4 < 32 { t + 4 } else { t } as f32;
         assert_eq!(v, 496.0 + 3000.0 + 1e5 * down + 0.5, "lane {t}");
@@ -334,7 +335,7 @@ kernel! {
 
 #[test]
 fn a_kernel_panic_is_a_fault_value() {
-    let faults = fault(run::<()>(&panics, 32, 0, 1));
+    let faults = fault(run(&panics, 32, 0, 1));
     assert_eq!(faults[0].thread, Some([7, 0, 0]));
     assert!(matches!(&faults[0].kind, FaultKind::Panic { message } if message.contains("thread seven refuses")));
 }

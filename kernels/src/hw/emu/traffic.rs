@@ -8,6 +8,7 @@
 //! - shared: the wavefronts it needs, split into phases of 128 bytes (32 lanes of 4 bytes, 16 of
 //!   8, 8 of 16) and, per phase, the most distinct 4-byte words that fall in one of the 32 banks
 //!   (a broadcast of one word is free); wavefronts beyond one per phase are bank conflicts.
+//!
 //! Per launch: distinct bytes read and written per buffer (a lower bound on DRAM traffic) and the
 //! barriers executed.
 
