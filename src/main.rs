@@ -74,6 +74,19 @@ fn parity(path: &std::path::Path, checkpoint: Option<&std::path::Path>) -> Resul
     if ok { Ok(()) } else { Err("parity with open_clip failed (tolerance: relative 1e-4, gradients 1e-3)".into()) }
 }
 
+/// `clip-pgs devices`: the device `--device` picks, then every device and whether it can run.
+fn devices(preference: DevicePreference) -> Result<(), Box<dyn std::error::Error>> {
+    outln!("device: {}", Device::select(preference)?);
+    outln!("available:");
+    outln!("  cpu   the f32 reference: {}", Device::Cpu);
+    match Device::select(DevicePreference::Cuda) {
+        Ok(s) => outln!("  cuda  {s}"),
+        Err(e) => outln!("  cuda  not usable: {e}"),
+    }
+    outln!("  emu   the GPU kernels on the SIMT emulator with sanitizer checks: for checking kernels, not for speed");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Edges(args) => edges::run(&args),
@@ -82,7 +95,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => train::eval(&args),
         Command::Parity { golden, save_checkpoint } => parity(&golden, save_checkpoint.as_deref()),
-        Command::Devices { device } => Device::select(device).map(|s| outln!("device: {s}")).map_err(Into::into),
+        Command::Devices { device } => devices(device),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -24,6 +24,12 @@ fn says_which_device_it_runs_on_and_why_not_the_gpu() {
     if stdout.starts_with("device: cpu") {
         assert!(stdout.contains("(no usable GPU: "), "the CPU fallback must say why: {stdout}");
     }
+    // Every device is listed, the emulator with what it is for.
+    for line in ["\n  cpu   ", "\n  cuda  ", "\n  emu   the GPU kernels on the SIMT emulator"] {
+        assert!(stdout.contains(line), "{line:?} missing from: {stdout}");
+    }
+    let emu = clip_pgs(&["devices", "--device", "emu"]);
+    assert!(text(&emu.stdout).starts_with("device: emu ("), "{}", text(&emu.stdout));
 }
 
 #[test]

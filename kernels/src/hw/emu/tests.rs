@@ -339,3 +339,30 @@ fn a_kernel_panic_is_a_fault_value() {
     assert_eq!(faults[0].thread, Some([7, 0, 0]));
     assert!(matches!(&faults[0].kind, FaultKind::Panic { message } if message.contains("thread seven refuses")));
 }
+
+/// Four floats loaded as one 16-byte vector (`ld.shared.v4.f32` on the GPU).
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+struct F32x4([f32; 4]);
+
+kernel! {
+    /// A 16-byte vector load from shared memory at float `flag` (misaligned unless a multiple of 4).
+    fn vector_load(input: Global<f32>, output: GlobalMut<f32>, flag: u32) {
+        unsafe {
+            let s = dynamic_shared::<f32>();
+            let t = thread_x();
+            s.store(t, input.load(t));
+            sync_threads();
+            let v = s.offset(flag as usize).cast::<F32x4>().load(0);
+            output.store(t, v.0[t % 4]);
+        }
+    }
+}
+
+#[test]
+fn misaligned_vector_accesses_are_reported() {
+    for f in fault(run(&vector_load, 32, 128, 1)) {
+        assert_eq!(f.kind, FaultKind::Misaligned { space: Space::Shared, byte_offset: 4, align: 16 }, "{f}");
+    }
+    assert_eq!(ok(run(&vector_load, 32, 128, 4))[..4], [4.0, 5.0, 6.0, 7.0]);
+}
