@@ -58,7 +58,13 @@ pub fn norm(n: usize, x: impl Fn(usize) -> f32) -> f32 {
 /// cos(a, b) = a·b / ((‖a‖ + 1e-6)(‖b‖ + 1e-6)) with the norms given.
 #[inline(always)]
 pub fn cosine(n: usize, a: impl Fn(usize) -> f32, b: impl Fn(usize) -> f32, norm_a: f32, norm_b: f32) -> f32 {
-    sum(n, |k| a(k) * b(k)) / ((norm_a + NORM_EPS) * (norm_b + NORM_EPS))
+    cosine_of_dot(sum(n, |k| a(k) * b(k)), norm_a, norm_b)
+}
+
+/// a·b / ((‖a‖ + 1e-6)(‖b‖ + 1e-6)) from the dot product.
+#[inline(always)]
+pub fn cosine_of_dot(dot: f32, norm_a: f32, norm_b: f32) -> f32 {
+    dot / ((norm_a + NORM_EPS) * (norm_b + NORM_EPS))
 }
 
 /// S = α·S_tok + (1 − α)·S_pix.
@@ -70,18 +76,29 @@ pub fn fuse(alpha: f32, s_tok: f32, s_pix: f32) -> f32 {
 /// Threads per block of the patch-statistics kernels.
 pub const THREADS: u32 = 256;
 
-// Kernels: one thread per output, the reductions of the functions above. Memory traffic
-// (per image, L patches of n = 3p² values, D-dim tokens):
-// - `pgs_standardize_patches`: reads the image 3 times (mean, variance, write pass; the patch's
-//   pixels stay in L1/L2), writes P̂ (4·L·n bytes) and ‖P̂‖, reads P̂ once more for the norm;
-// - `pgs_token_norms`: reads the tokens once;
-// - `pgs_similarity`: R rows × L columns, each a dot of n pixels and D token values read from
-//   L2 (P̂ and the tokens of one image fit there); writes 4·R·L bytes.
-//
-// Version 1: sequential per thread (same bits as the CPU); a faster order would change both.
+// Kernels. Every reduction stays sequential in k, as in the functions above, so both devices
+// get the same bits; what changes from one thread per output reading its own vectors (v1:
+// uncoalesced, 20–80× the minimum traffic) is that blocks stage the vectors in shared memory
+// with coalesced reads first.
+// - `pgs_standardize_patches`: a block per patch row of an image reads the p pixel rows of the
+//   three planes once (coalesced along W) into shared memory, one thread per patch then takes
+//   mean, std and ‖P̂‖ sequentially, and the block writes P̂ coalesced. Traffic: the image once,
+//   P̂ once (the minimum).
+// - `pgs_token_norms`: a block per THREADS rows stages [rows × 32] tiles; each thread sums its
+//   row's squares tile by tile. Traffic: the tokens once.
+// - `pgs_similarity`: a block per (THREADS columns, ROWS rows, image) stages [ROWS × 32] and
+//   [THREADS × 32] tiles of P̂ (then of the tokens); each thread accumulates ROWS dot products
+//   of its column. Traffic: P̂ and the tokens of an image once per ROWS rows, S written once.
+// Shared tiles have an odd row stride (TILE + 1), so a thread per row reads them without bank
+// conflicts.
 
 use crate::element::{Bf16, Element};
-use crate::hw::{Global, GlobalMut, grid_stride};
+use crate::hw::{
+    Global, GlobalMut, Shared, block_dim_x, block_stride, block_x, block_y, block_z, dynamic_shared, sync_threads,
+    thread_x,
+};
+use crate::kernel;
+use crate::math::sqrt;
 
 /// Analytic minimum of global traffic of `pgs_standardize_patches`: the images read once, P̂
 /// written once, a norm and a flag per patch.
@@ -99,59 +116,104 @@ pub const fn token_norms_min_bytes(rows: usize, dim: usize, element_bytes: usize
 pub const fn similarity_min_bytes(n: usize, rows: usize, patches: usize, values: usize, token_bytes: usize) -> usize {
     n * (patches * (4 * values + token_bytes + 4) + 4 * rows * patches)
 }
-use crate::kernel;
+
+/// Values per tile row.
+const TILE: usize = 32;
+/// Shared row stride of a tile (odd: conflict-free reads by a thread per row).
+const TILE_STRIDE: usize = TILE + 1;
+/// Similarity rows per block (accumulators per thread).
+pub const ROWS: usize = 16;
+
+/// Dynamic shared memory of `pgs_standardize_patches` for images `width` wide, patch `p`.
+pub const fn standardize_shared_bytes(width: usize, p: usize) -> usize {
+    4 * (p * (width / p) * (3 * p + 1) + 2 * (width / p))
+}
+
+/// Of `pgs_token_norms`.
+pub const fn token_norms_shared_bytes() -> usize {
+    4 * THREADS as usize * TILE_STRIDE
+}
+
+/// Of `pgs_similarity`.
+pub const fn similarity_shared_bytes() -> usize {
+    4 * (THREADS as usize + ROWS) * TILE_STRIDE
+}
+
+/// tile[r][kk] = src[row(r)·n + k0 + kk] for r < rows, kk < width: a warp per row segment of
+/// TILE values (coalesced). Every thread of the block calls it.
+#[inline(always)]
+unsafe fn load_tile<E: Element>(
+    src: Global<E>,
+    row: impl Fn(usize) -> usize,
+    rows: usize,
+    n: usize,
+    k0: usize,
+    width: usize,
+    tile: Shared<f32>,
+) {
+    block_stride(rows * TILE, |i| {
+        let (r, kk) = (i / TILE, i % TILE);
+        if kk < width {
+            // SAFETY: the caller's rows and k range lie inside `src`.
+            unsafe { tile.store(r * TILE_STRIDE + kk, src.load(row(r) * n + k0 + kk).to_f32()) };
+        }
+    });
+}
 
 /// # Safety
 /// `images` [N, 3, h, w]; `hat` [N, L, 3p²]; `norms`, `nonfinite` [N, L] (nonfinite set to 1
-/// where a patch has a NaN or ±∞ pixel); h, w multiples of p.
+/// where a patch has a NaN or ±∞ pixel); h, w multiples of p; grid (h/p, N);
+/// `standardize_shared_bytes(w, p)` of shared memory.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn standardize_patches<T: Element>(
     images: Global<T>,
     hat: GlobalMut<f32>,
     norms: GlobalMut<f32>,
     nonfinite: GlobalMut<u32>,
-    n_images: usize,
     h: usize,
     w: usize,
     p: usize,
 ) {
-    let (cols, patches, n) = (w / p, (h / p) * (w / p), 3 * p * p);
-    grid_stride(n_images * patches, |t| {
-        let (image, i) = (t / patches, t % patches);
-        // SAFETY: indices within the buffers the caller describes.
-        unsafe {
-            let base = images.offset(image * 3 * h * w);
-            let raw = |k: usize| base.load(patch_pixel_index(k, i, cols, p, h, w)).to_f32();
-            let (mean, std) = mean_std(n, raw);
-            let out = hat.offset(t * n);
-            for k in 0..n {
-                out.store(k, standardize(raw(k), mean, std));
-            }
-            let nrm = norm(n, |k| out.load(k));
-            norms.store(t, nrm);
-            nonfinite.store(t, (!(mean.is_finite() && std.is_finite())) as u32);
+    let (pr, image) = (block_x(), block_y());
+    let (cols, n, segment) = (w / p, 3 * p * p, 3 * p + 1);
+    let first = (image * (h / p) + pr) * cols; // the band's first patch among all N·L
+    // SAFETY: indices inside the buffers and the shared layout the caller provides.
+    unsafe {
+        // band[(y·cols + pc)·segment + x·3 + c]: each patch row segment in P̂'s (col, channel) order.
+        let band = dynamic_shared::<f32>();
+        let (mean, std) = (band.offset(p * cols * segment), band.offset(p * cols * segment + cols));
+        let pixels = images.offset(image * 3 * h * w + pr * p * w);
+        block_stride(3 * p * w, |i| {
+            let (c, y, x) = (i / (p * w), i / w % p, i % w);
+            band.store((y * cols + x / p) * segment + (x % p) * 3 + c, pixels.load(c * h * w + y * w + x).to_f32());
+        });
+        sync_threads();
+        // Element k of patch pc, (row, col, channel) flattened.
+        let raw = |pc: usize, k: usize| band.load((k / (3 * p) * cols + pc) * segment + k % (3 * p));
+        let pc = thread_x();
+        if pc < cols {
+            let (m, s) = mean_std(n, |k| raw(pc, k));
+            let nrm = norm(n, |k| standardize(raw(pc, k), m, s));
+            mean.store(pc, m);
+            std.store(pc, s);
+            norms.store(first + pc, nrm);
+            nonfinite.store(first + pc, (!(m.is_finite() && s.is_finite())) as u32);
         }
-    });
+        sync_threads();
+        let out = hat.offset(first * n);
+        block_stride(cols * n, |i| {
+            let (pc, k) = (i / n, i % n);
+            out.store(i, standardize(raw(pc, k), mean.load(pc), std.load(pc)));
+        });
+    }
 }
 
 macro_rules! standardize_entry {
     ($name:ident, $t:ty) => {
         kernel! {
-            /// P̂, ‖P̂‖ and a non-finite flag per patch. Grid-stride over N·L threads.
-            pub fn $name(
-                images: Global<$t>,
-                hat: GlobalMut<f32>,
-                norms: GlobalMut<f32>,
-                nonfinite: GlobalMut<u32>,
-                n_images: u32,
-                h: u32,
-                w: u32,
-                p: u32,
-            ) {
-                unsafe {
-                    standardize_patches(images, hat, norms, nonfinite, n_images as usize, h as usize, w as usize, p as usize)
-                }
+            /// P̂, ‖P̂‖ and a non-finite flag per patch. Grid (h/p, N), `THREADS` threads.
+            pub fn $name(images: Global<$t>, hat: GlobalMut<f32>, norms: GlobalMut<f32>, nonfinite: GlobalMut<u32>, h: u32, w: u32, p: u32) {
+                unsafe { standardize_patches(images, hat, norms, nonfinite, h as usize, w as usize, p as usize) }
             }
         }
     };
@@ -159,18 +221,52 @@ macro_rules! standardize_entry {
 standardize_entry!(pgs_standardize_patches_f32, f32);
 standardize_entry!(pgs_standardize_patches_bf16, Bf16);
 
+/// # Safety
+/// `tokens` [rows, dim]; `norms`, `nonfinite` [rows]; ⌈rows / THREADS⌉ blocks of THREADS;
+/// `token_norms_shared_bytes()` of shared memory.
+#[inline(always)]
+unsafe fn token_norms<T: Element>(
+    tokens: Global<T>,
+    norms: GlobalMut<f32>,
+    nonfinite: GlobalMut<u32>,
+    rows: usize,
+    dim: usize,
+) {
+    let first = block_x() * block_dim_x();
+    let here = block_dim_x().min(rows - first);
+    let tile = dynamic_shared::<f32>();
+    let t = thread_x();
+    let mut squares = 0.0f32;
+    let mut k0 = 0;
+    // SAFETY: rows first.. first + here of `tokens`, and the tile's THREADS × TILE_STRIDE floats.
+    unsafe {
+        while k0 < dim {
+            let width = TILE.min(dim - k0);
+            load_tile(tokens, |r| first + r, here, dim, k0, width, tile);
+            sync_threads();
+            if t < here {
+                for kk in 0..width {
+                    let v = tile.load(t * TILE_STRIDE + kk);
+                    squares += v * v;
+                }
+            }
+            sync_threads();
+            k0 += TILE;
+        }
+        if t < here {
+            let nrm = sqrt(squares); // = norm(dim, …): the same sequential sum
+            norms.store(first + t, nrm);
+            nonfinite.store(first + t, (!nrm.is_finite()) as u32);
+        }
+    }
+}
+
 macro_rules! token_norms_entry {
     ($name:ident, $t:ty) => {
         kernel! {
             /// ‖T_r‖ for `rows` tokens of `dim` values, and a non-finite flag per row.
             pub fn $name(tokens: Global<$t>, norms: GlobalMut<f32>, nonfinite: GlobalMut<u32>, rows: u32, dim: u32) {
-                let dim = dim as usize;
-                grid_stride(rows as usize, |r| unsafe {
-                    let t = tokens.offset(r * dim);
-                    let nrm = norm(dim, |k| t.load(k).to_f32());
-                    norms.store(r, nrm);
-                    nonfinite.store(r, (!nrm.is_finite()) as u32);
-                });
+                unsafe { token_norms(tokens, norms, nonfinite, rows as usize, dim as usize) }
             }
         }
     };
@@ -178,9 +274,52 @@ macro_rules! token_norms_entry {
 token_norms_entry!(pgs_token_norms_f32, f32);
 token_norms_entry!(pgs_token_norms_bf16, Bf16);
 
+/// The dot products of ROWS rows (`row(r)`, r < rows) with this thread's column (j0 + thread,
+/// below j0 + cols) of the [·, n] matrix `src`, each sequential in k; every thread calls it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dots<E: Element>(
+    src: Global<E>,
+    row: impl Fn(usize) -> usize + Copy,
+    rows: usize,
+    j0: usize,
+    cols: usize,
+    n: usize,
+    a: Shared<f32>,
+    b: Shared<f32>,
+) -> [f32; ROWS] {
+    let t = thread_x();
+    let mut acc = [0.0f32; ROWS];
+    let mut k0 = 0;
+    // SAFETY: the caller's rows and columns lie inside `src`; the tiles are ROWS and THREADS
+    // rows of TILE_STRIDE floats.
+    unsafe {
+        while k0 < n {
+            let width = TILE.min(n - k0);
+            load_tile(src, row, rows, n, k0, width, a);
+            load_tile(src, |c| j0 + c, cols, n, k0, width, b);
+            sync_threads();
+            if t < cols {
+                for kk in 0..width {
+                    let bk = b.load(t * TILE_STRIDE + kk);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        if r < rows {
+                            *acc += a.load(r * TILE_STRIDE + kk) * bk;
+                        }
+                    }
+                }
+            }
+            sync_threads();
+            k0 += TILE;
+        }
+    }
+    acc
+}
+
 /// # Safety
 /// `hat` [N, L, n], `hat_norms` [N, L]; `tokens` [N, L, dim] and `token_norms` [N, L], or both
-/// null (S_tok = 0); `rows` [N, R] patch indices, or null for R = L rows 0..L; `out` [N, R, L].
+/// null (S_tok = 0); `rows` [N, R] patch indices, or null for R = L rows 0..L; `out` [N, R, L];
+/// grid (⌈L / THREADS⌉, ⌈R / ROWS⌉, N) of THREADS; `similarity_shared_bytes()` of shared memory.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn similarity<T: Element>(
@@ -190,28 +329,44 @@ unsafe fn similarity<T: Element>(
     token_norms: Global<f32>,
     rows: Global<u32>,
     out: GlobalMut<f32>,
-    n_images: usize,
     r_count: usize,
     patches: usize,
     n: usize,
     dim: usize,
     alpha: f32,
 ) {
-    grid_stride(n_images * r_count * patches, |t| unsafe {
-        let (image, r, j) = (t / (r_count * patches), t / patches % r_count, t % patches);
-        let i = if rows.is_null() { r } else { rows.load(image * r_count + r) as usize };
-        let (a, b) = (hat.offset((image * patches + i) * n), hat.offset((image * patches + j) * n));
-        let norms = hat_norms.offset(image * patches);
-        let s_pix = cosine(n, |k| a.load(k), |k| b.load(k), norms.load(i), norms.load(j));
-        let s_tok = if tokens.is_null() {
-            0.0
+    let (image, r0, j0) = (block_z(), block_y() * ROWS, block_x() * block_dim_x());
+    let (here_rows, here_cols) = (ROWS.min(r_count - r0), block_dim_x().min(patches - j0));
+    let first = image * patches; // the image's first patch among all N·L
+    // SAFETY: indices inside the buffers and the shared layout the caller provides.
+    unsafe {
+        let a = dynamic_shared::<f32>();
+        let b = a.offset(ROWS * TILE_STRIDE);
+        let patch_of = |r: usize| if rows.is_null() { r0 + r } else { rows.load(image * r_count + r0 + r) as usize };
+        let pix = dots(hat, |r| first + patch_of(r), here_rows, first + j0, here_cols, n, a, b);
+        let tok = if tokens.is_null() {
+            [0.0; ROWS]
         } else {
-            let (a, b) = (tokens.offset((image * patches + i) * dim), tokens.offset((image * patches + j) * dim));
-            let norms = token_norms.offset(image * patches);
-            cosine(dim, |k| a.load(k).to_f32(), |k| b.load(k).to_f32(), norms.load(i), norms.load(j))
+            dots(tokens, |r| first + patch_of(r), here_rows, first + j0, here_cols, dim, a, b)
         };
-        out.store(t, fuse(alpha, s_tok, s_pix));
-    });
+        let (t, j) = (thread_x(), j0 + thread_x());
+        if t < here_cols {
+            // The accumulators go to local memory once here (128 bytes a thread, see ptx-build),
+            // not in the k loop above, where they stay in registers.
+            for (r, (&pix, &tok)) in pix.iter().zip(&tok).enumerate() {
+                if r < here_rows {
+                    let i = patch_of(r);
+                    let s_pix = cosine_of_dot(pix, hat_norms.load(first + i), hat_norms.load(first + j));
+                    let s_tok = if tokens.is_null() {
+                        0.0
+                    } else {
+                        cosine_of_dot(tok, token_norms.load(first + i), token_norms.load(first + j))
+                    };
+                    out.store((image * r_count + r0 + r) * patches + j, fuse(alpha, s_tok, s_pix));
+                }
+            }
+        }
+    }
 }
 
 macro_rules! similarity_entry {
@@ -225,7 +380,6 @@ macro_rules! similarity_entry {
                 token_norms: Global<f32>,
                 rows: Global<u32>,
                 out: GlobalMut<f32>,
-                n_images: u32,
                 r_count: u32,
                 patches: u32,
                 n: u32,
@@ -240,7 +394,6 @@ macro_rules! similarity_entry {
                         token_norms,
                         rows,
                         out,
-                        n_images as usize,
                         r_count as usize,
                         patches as usize,
                         n as usize,

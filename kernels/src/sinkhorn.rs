@@ -66,14 +66,20 @@ pub fn sk_scale(x: f32, col_sum: f32, row_sum: f32) -> f32 {
 /// Threads per block of the Sinkhorn kernels (one block per image).
 pub const THREADS: u32 = 256;
 
+/// Row stride of S/ε in shared memory: odd, so that a thread per row (the f update) reads
+/// without bank conflicts.
+const fn log_stride(cols: usize) -> usize {
+    cols | 1
+}
+
 /// Dynamic shared memory of `pgs_sinkhorn_log` for an R × C problem: S/ε, f, g, the per-column
 /// errors and the stop flag.
 pub const fn log_shared_bytes(rows: usize, cols: usize) -> usize {
-    4 * (rows * cols + rows + 2 * cols + 1)
+    4 * (rows * log_stride(cols) + rows + 2 * cols + 1)
 }
 
 // Kernels, one block per image, every iteration on chip (no host round trip):
-// - `pgs_sinkhorn_log`: S/ε [R, C] in shared memory; per iteration one thread per column (g),
+// - `pgs_sinkhorn_log`: S/ε [R, C] in shared memory (odd row stride); per iteration one thread per column (g),
 //   one per row (f), one per column (its marginal error), then thread 0 sums the errors in
 //   order and decides. Reads 4·R·C bytes, writes the balanced Ŝ = R·C·Π (4·R·C bytes).
 // - `pgs_sinkhorn_knopp_signed`: the `reference` scaling of an L×L matrix in a global scratch
@@ -103,30 +109,31 @@ kernel! {
         tolerance: f32,
     ) {
         let (rows, cols) = (rows as usize, cols as usize);
-        let size = rows * cols;
+        let (size, stride) = (rows * cols, log_stride(cols));
         unsafe {
+            // m[c·stride + j] = S[c, j]/ε
             let m = dynamic_shared::<f32>();
-            let f = m.offset(size);
+            let f = m.offset(rows * stride);
             let g = f.offset(rows);
             let column_error = g.offset(cols);
             let stop = column_error.offset(cols).cast::<u32>();
             let s = s.offset(block_x() * size);
-            block_stride(size, |i| m.store(i, s.load(i) / epsilon));
+            block_stride(size, |i| m.store(i / cols * stride + i % cols, s.load(i) / epsilon));
             block_stride(rows, |c| f.store(c, 0.0));
             sync_threads();
             let (log_a, log_b) = (-ln(rows as f32), -ln(cols as f32));
             let b = 1.0 / cols as f32;
             let mut done = 0u32;
             while done < max_iterations {
-                block_stride(cols, |j| g.store(j, log_b - log_sum_exp(rows, |c| m.load(c * cols + j) + f.load(c))));
+                block_stride(cols, |j| g.store(j, log_b - log_sum_exp(rows, |c| m.load(c * stride + j) + f.load(c))));
                 sync_threads();
-                block_stride(rows, |c| f.store(c, log_a - log_sum_exp(cols, |j| m.load(c * cols + j) + g.load(j))));
+                block_stride(rows, |c| f.store(c, log_a - log_sum_exp(cols, |j| m.load(c * stride + j) + g.load(j))));
                 sync_threads();
                 done += 1;
                 block_stride(cols, |j| {
                     let mut mass = 0.0f32;
                     for c in 0..rows {
-                        mass += plan(m.load(c * cols + j), f.load(c), g.load(j));
+                        mass += plan(m.load(c * stride + j), f.load(c), g.load(j));
                     }
                     column_error.store(j, (mass - b).abs());
                 });
@@ -145,7 +152,10 @@ kernel! {
             }
             let scale = size as f32;
             let out = balanced.offset(block_x() * size);
-            block_stride(size, |i| out.store(i, scale * plan(m.load(i), f.load(i / cols), g.load(i % cols))));
+            block_stride(size, |i| {
+                let (c, j) = (i / cols, i % cols);
+                out.store(i, scale * plan(m.load(c * stride + j), f.load(c), g.load(j)));
+            });
             if thread_x() == 0 {
                 iterations.store(block_x(), done);
             }

@@ -87,7 +87,6 @@ pub trait ImageElement: KernelElement + DeviceRepr + ValidAsZeroBits + Default {
         u32,
         u32,
         u32,
-        u32,
     )>;
     const TOKEN_NORMS: Kernel<(Global<Self::Kernel>, GlobalMut<f32>, GlobalMut<u32>, u32, u32)>;
     const SIMILARITY: Kernel<(
@@ -97,7 +96,6 @@ pub trait ImageElement: KernelElement + DeviceRepr + ValidAsZeroBits + Default {
         Global<f32>,
         Global<u32>,
         GlobalMut<f32>,
-        u32,
         u32,
         u32,
         u32,
@@ -123,7 +121,6 @@ macro_rules! image_element {
                 u32,
                 u32,
                 u32,
-                u32,
             )> = kernels::patch_stats::$standardize;
             const TOKEN_NORMS: Kernel<(Global<Self::Kernel>, GlobalMut<f32>, GlobalMut<u32>, u32, u32)> =
                 kernels::patch_stats::$norms;
@@ -134,7 +131,6 @@ macro_rules! image_element {
                 Global<f32>,
                 Global<u32>,
                 GlobalMut<f32>,
-                u32,
                 u32,
                 u32,
                 u32,

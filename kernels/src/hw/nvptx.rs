@@ -24,6 +24,12 @@ pub fn block_y() -> usize {
 }
 
 #[inline(always)]
+pub fn block_z() -> usize {
+    // SAFETY: reading a special register.
+    unsafe { nvptx::_block_idx_z() as usize }
+}
+
+#[inline(always)]
 pub fn block_dim_x() -> usize {
     // SAFETY: reading a special register.
     unsafe { nvptx::_block_dim_x() as usize }

@@ -72,11 +72,6 @@ fn per_image(images: usize, threads: u32, shared_bytes: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (images as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared_bytes as u32 }
 }
 
-fn grid_stride(total: usize, threads: u32) -> LaunchConfig {
-    let blocks = total.div_ceil(threads as usize).clamp(1, 1 << 16) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
-}
-
 /// CUDA events recorded after each kernel of the pipeline (for `clip-pgs bench`), by kernel name.
 pub type Timeline = Vec<(&'static str, CudaEvent)>;
 
@@ -160,20 +155,30 @@ pub fn mask_gpu_timed<T: ImageElement>(
     let mut hat_norms = f32s(n * l, "patch norms")?;
     let mut pixel_flags = alloc(n * l, "non-finite flags")?;
     let (h32, w32, p32) = (shape.height as u32, shape.width as u32, patch as u32);
-    launch(
-        device,
-        timeline,
-        &T::STANDARDIZE_PATCHES,
-        grid_stride(n * l, patch_stats::THREADS),
-        (images, &mut hat, &mut hat_norms, &mut pixel_flags, n32, h32, w32, p32),
-    )?;
+    let standardize_cfg = LaunchConfig {
+        grid_dim: (grid.rows as u32, n32, 1),
+        block_dim: (patch_stats::THREADS, 1, 1),
+        shared_mem_bytes: patch_stats::standardize_shared_bytes(shape.width, patch) as u32,
+    };
+    let args = (images, &mut hat, &mut hat_norms, &mut pixel_flags, h32, w32, p32);
+    launch(device, timeline, &T::STANDARDIZE_PATCHES, standardize_cfg, args)?;
     let mut nonfinite = vec![(pixel_flags, "pixels")];
     let token_norms = match tokens {
         Some((t, dim)) => {
             let mut norms = f32s(n * l, "token norms")?;
             let mut flags = alloc(n * l, "non-finite token flags")?;
-            let cfg = grid_stride(n * l, patch_stats::THREADS);
-            launch(device, timeline, &T::TOKEN_NORMS, cfg, (t, &mut norms, &mut flags, (n * l) as u32, dim as u32))?;
+            let norms_cfg = LaunchConfig {
+                grid_dim: ((n * l).div_ceil(patch_stats::THREADS as usize) as u32, 1, 1),
+                block_dim: (patch_stats::THREADS, 1, 1),
+                shared_mem_bytes: patch_stats::token_norms_shared_bytes() as u32,
+            };
+            launch(
+                device,
+                timeline,
+                &T::TOKEN_NORMS,
+                norms_cfg,
+                (t, &mut norms, &mut flags, (n * l) as u32, dim as u32),
+            )?;
             nonfinite.push((flags, "patch tokens"));
             Some(norms)
         }
@@ -213,11 +218,16 @@ pub fn mask_gpu_timed<T: ImageElement>(
     let rows = if cfg.mode == PgsMode::Paper { n_c } else { l };
     let mut s = f32s(n * rows * l, "similarity")?;
     let dim = tokens.map_or(0, |(_, d)| d as u32);
+    let similarity_cfg = LaunchConfig {
+        grid_dim: (l.div_ceil(patch_stats::THREADS as usize) as u32, rows.div_ceil(patch_stats::ROWS) as u32, n32),
+        block_dim: (patch_stats::THREADS, 1, 1),
+        shared_mem_bytes: patch_stats::similarity_shared_bytes() as u32,
+    };
     launch(
         device,
         timeline,
         &T::SIMILARITY,
-        grid_stride(n * rows * l, patch_stats::THREADS),
+        similarity_cfg,
         (
             &hat,
             &hat_norms,
@@ -225,7 +235,6 @@ pub fn mask_gpu_timed<T: ImageElement>(
             token_norms.as_ref(),
             (cfg.mode == PgsMode::Paper).then_some(&candidates),
             &mut s,
-            n32,
             rows as u32,
             l32,
             values as u32,

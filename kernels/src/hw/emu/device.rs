@@ -23,6 +23,10 @@ pub fn block_y() -> usize {
     current().block().index[1] as usize
 }
 
+pub fn block_z() -> usize {
+    current().block().index[2] as usize
+}
+
 pub fn block_dim_x() -> usize {
     current().block().launch.config.block[0] as usize
 }
