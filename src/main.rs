@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use clip_pgs_host::{Device, DevicePreference};
-use clip_pgs_model::outln;
+use clip_pgs_model::{errln, outln};
 
 #[derive(Parser)]
 #[command(name = "clip-pgs", version, about = "CLIP training with PGS patch masking (Patch Generation-to-Selection)")]
@@ -101,11 +101,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // Ctrl-C: the checkpoint and the report are written; exit as a shell expects (128 + SIGINT).
         Err(e) if e.is::<train::Interrupted>() => {
-            eprintln!("{e}");
+            errln!("{e}");
             ExitCode::from(130)
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
             ExitCode::FAILURE
         }
     }

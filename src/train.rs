@@ -15,11 +15,11 @@ use clip_pgs_host::{Device, DevicePreference};
 use clip_pgs_model::clip::Clip;
 use clip_pgs_model::config::ClipConfig;
 use clip_pgs_model::data::{self, SourceOptions, Split};
-use clip_pgs_model::outln;
 use clip_pgs_model::tokenizer::ClipTokenizer;
 use clip_pgs_model::train::eval::{Encoder, EvalSet, evaluate};
 use clip_pgs_model::train::plot::{Series, line_chart, stacked_line_charts};
 use clip_pgs_model::train::{TrainConfig, TrainSummary, describe_masking, headline, train};
+use clip_pgs_model::{errln, outln};
 use image::RgbImage;
 
 use crate::at_least;
@@ -257,7 +257,7 @@ pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)");
+        errln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)");
     })?;
     let summary = train(&cfg, interrupt)?;
     report(&cfg, &summary)?;

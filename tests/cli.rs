@@ -152,6 +152,15 @@ fn a_closed_stdout_ends_output_quietly_and_the_work_completes() {
         assert!(!text(&out.stderr).contains("panicked"), "{}", text(&out.stderr));
         assert!(file.is_none_or(|f| f.exists()), "{args:?}: the picture was not written");
     }
+    // `2>&1 | head -0`: an error message into a closed pipe still exits 1, not with a panic's 101.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clip-pgs"))
+        .args(["edges", "--image", "/no/such.png", "--device", "cpu"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop((child.stdout.take(), child.stderr.take()));
+    assert_eq!(child.wait().unwrap().code(), Some(1));
 }
 
 #[test]
@@ -280,6 +289,8 @@ fn flag_values_get_range_errors_and_the_messages_are_true() {
     let unwritable = unwritable.to_str().unwrap();
     for (args, code, expected) in [
         (vec!["train", "--lr", "-1", "--device", "cpu"], 1, "--lr -1 is not a positive number"),
+        (vec!["train", "--beta2", "-0.5"], 1, "--beta2 -0.5 is not in [0, 1)"),
+        (vec!["train", "--grad-clip-norm", "-1"], 1, "--grad-clip-norm -1 is not a positive number"),
         (vec!["train", "--seed", "-1"], 2, "invalid value '-1' for '--seed <SEED>': -1 is not in 0.."),
         (vec!["train", "--epochs", "-3"], 2, "-3 is not in 1.."),
         (vec!["train", "--eval-samples", "0"], 2, "invalid value '0' for '--eval-samples <EVAL_SAMPLES>'"),

@@ -64,13 +64,16 @@ fn killed_during_checkpoint_writes_20_times_the_run_resumes_to_the_same_result()
     let checkpoints = run.join("checkpoints");
     let rng = Philox::new(2026, 9, 0);
     let mut torn_writes = 0;
-    for kill in 0..KILLS {
-        // Resume the newest checkpoint; before the first one there is only a folder to replace.
-        let extra: &[&str] = match (latest_checkpoint(&run), run.exists()) {
+    // Resume the newest checkpoint; before the first one there is only a folder to replace.
+    let continue_flags = || -> &[&str] {
+        match (latest_checkpoint(&run), run.exists()) {
             (Some(_), _) => &["--resume", "latest"],
             (None, true) => &["--overwrite"],
             (None, false) => &[],
-        };
+        }
+    };
+    for kill in 0..KILLS {
+        let extra = continue_flags();
         // Temporary files earlier kills left behind stay (resume must ignore them) but are not news.
         let stale = temp_files(&checkpoints);
         let mut child = command(logs.path(), &model, "killed", extra).spawn().unwrap();
@@ -99,7 +102,7 @@ fn killed_during_checkpoint_writes_20_times_the_run_resumes_to_the_same_result()
     eprintln!("{torn_writes} of {KILLS} kills interrupted a checkpoint write");
     assert!(torn_writes > 0, "no kill interrupted a write");
 
-    let rest = command(logs.path(), &model, "killed", &["--resume", "latest"]).output().unwrap();
+    let rest = command(logs.path(), &model, "killed", continue_flags()).output().unwrap();
     assert!(rest.status.success(), "{}", String::from_utf8_lossy(&rest.stderr));
     let (expected, got) = (losses(&logs.path().join("whole")), losses(&run));
     assert_eq!(expected.len(), EPOCHS);

@@ -148,6 +148,14 @@ impl TrainConfig {
         if !(self.wd.is_finite() && self.wd >= 0.0) {
             return Err(format!("--wd {} is not a non-negative number", self.wd));
         }
+        for (flag, beta) in [("--beta1", self.beta1), ("--beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return Err(format!("{flag} {beta} is not in [0, 1)"));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(format!("--eps {} is not a positive number", self.eps));
+        }
         if let Some(c) = self.grad_clip_norm.filter(|c| !(c.is_finite() && *c > 0.0)) {
             return Err(format!("--grad-clip-norm {c} is not a positive number"));
         }
