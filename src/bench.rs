@@ -19,6 +19,7 @@ use clip_pgs_host::ops::pgs::gpu::{Timeline, mask_gpu_timed};
 use clip_pgs_host::ops::pgs::{MaskRatio, MaskStep, Masking, PgsConfig, PgsMode};
 use clip_pgs_host::{Device, DevicePreference, bf16};
 use clip_pgs_kernels::philox::Philox;
+use clip_pgs_model::outln;
 use cudarc::driver::sys::CUevent_flags;
 
 /// ViT-B/16 CLIP (open_clip): image tower parameters and tokens, text tower parameters and tokens.
@@ -41,12 +42,16 @@ enum BenchWhat {
 
 #[derive(Args)]
 struct PgsBench {
+    /// Images per batch.
     #[arg(long, default_value_t = 256)]
     batch: usize,
+    /// Image side in pixels.
     #[arg(long, default_value_t = 224)]
     size: usize,
+    /// Patch side in pixels.
     #[arg(long, default_value_t = 16)]
     patch: usize,
+    /// Timed repeats per run (the median is reported; CUDA only).
     #[arg(long, default_value_t = 20)]
     repeats: usize,
     /// Element type of the images and tokens.
@@ -79,7 +84,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn Error>> {
     let selection =
         Device::select(DevicePreference::Cuda).map_err(|e| format!("clip-pgs bench needs a CUDA GPU: {e}"))?;
     let Device::Cuda(rt) = &selection.device else { unreachable!("Cuda was asked for") };
-    println!("device: {selection}");
+    outln!("device: {selection}");
     match args.dtype {
         Dtype::F32 => bench::<f32>(rt, &selection.device, args, |v| v),
         Dtype::Bf16 => bench::<bf16>(rt, &selection.device, args, bf16::from_f32),
@@ -123,7 +128,7 @@ fn bench<T: ImageElement>(
 
     let floor_ms =
         6.0 * (VIT_B16_IMAGE.0 * VIT_B16_IMAGE.1 + VIT_B16_TEXT.0 * VIT_B16_TEXT.1) * shape.n as f64 / GEMM_FLOPS * 1e3;
-    println!("copy bandwidth {copy_gbs:.0} GB/s; ViT-B/16 step floor at batch {}: {floor_ms:.2} ms", shape.n);
+    outln!("copy bandwidth {copy_gbs:.0} GB/s; ViT-B/16 step floor at batch {}: {floor_ms:.2} ms", shape.n);
     let runs = pgs_runs();
     let elem = std::mem::size_of::<T>();
     let mut json_runs = Vec::new();
@@ -150,7 +155,7 @@ fn bench<T: ImageElement>(
             totals.push(start.elapsed_ms(previous)? as f64);
         }
         let total = median(totals);
-        println!("{name}: {total:.3} ms ({:.2}% of the step floor)", 100.0 * total / floor_ms);
+        outln!("{name}: {total:.3} ms ({:.2}% of the step floor)", 100.0 * total / floor_ms);
         let mut json_stages = Vec::new();
         for (stage, times) in stages {
             let ms = median(times);
@@ -158,8 +163,8 @@ fn bench<T: ImageElement>(
             let gbs =
                 (stage == "pgs_edge_map").then(|| (shape.len() * elem + shape.n * l * 4) as f64 / (ms * 1e-3) / 1e9);
             match gbs {
-                Some(g) => println!("  {stage:<28} {ms:>8.3} ms  {g:>6.0} GB/s ({:.0}% of copy)", 100.0 * g / copy_gbs),
-                None => println!("  {stage:<28} {ms:>8.3} ms"),
+                Some(g) => outln!("  {stage:<28} {ms:>8.3} ms  {g:>6.0} GB/s ({:.0}% of copy)", 100.0 * g / copy_gbs),
+                None => outln!("  {stage:<28} {ms:>8.3} ms"),
             }
             json_stages.push(format!(
                 "{{\"kernel\": \"{stage}\", \"median_ms\": {ms:.5}{}}}",
@@ -192,7 +197,7 @@ fn bench<T: ImageElement>(
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&out, json)?;
-    println!("wrote {}", out.display());
+    outln!("wrote {}", out.display());
     Ok(())
 }
 
@@ -218,7 +223,7 @@ fn traffic<T: ImageElement>(args: &PgsBench, convert: impl Fn(f32) -> T) -> Resu
 
     let emu = EmuRuntime::new(Options { counters: true, ..Options::default() });
     let device = Device::Emu(emu.clone());
-    println!("device: {device}");
+    outln!("device: {device}");
     let shape = ImageBatchShape { n: args.batch, height: args.size, width: args.size };
     let (n, l, p, dim) = (shape.n, (args.size / args.patch).pow(2), args.patch, args.dim);
     let elem = std::mem::size_of::<T>();
@@ -317,12 +322,12 @@ fn traffic<T: ImageElement>(args: &PgsBench, convert: impl Fn(f32) -> T) -> Resu
         size = args.size,
         dtype = if elem == 2 { "bf16" } else { "f32" },
     );
-    print!("{table}");
+    outln!("{table}");
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("benches/results/pgs-traffic-emu.md"));
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&out, table)?;
-    println!("wrote {}", out.display());
+    outln!("wrote {}", out.display());
     Ok(())
 }

@@ -39,7 +39,7 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Evaluate a checkpoint: zero-shot, retrieval, compositionality, robustness.
     Eval(train::EvalArgs),
-    /// Benchmarks on a GPU (CUDA events): `bench pgs`.
+    /// Benchmarks of the GPU kernels: `bench pgs` (CUDA timings, or emulator traffic with --device emu).
     Bench(bench::BenchArgs),
     /// Say which device clip-pgs runs on, and why.
     Devices {
@@ -115,10 +115,12 @@ fn main() -> ExitCode {
 mod tests {
     use clap::CommandFactory;
 
-    /// Every flag a user can see says what it does in `--help` (`bench` is the GPU side's).
+    /// Every flag a user can see says what it does in `--help`, down to `bench pgs`.
     #[test]
     fn every_flag_has_a_description() {
-        for sub in super::Cli::command().get_subcommands().filter(|s| s.get_name() != "bench") {
+        let command = super::Cli::command();
+        let subs = command.get_subcommands().flat_map(|s| std::iter::once(s).chain(s.get_subcommands()));
+        for sub in subs {
             for arg in sub.get_arguments().filter(|a| !a.is_hide_set()) {
                 let id = arg.get_id().as_str();
                 assert!(
