@@ -20,6 +20,7 @@ pub mod element;
 pub mod gather;
 pub mod hw;
 pub mod math;
+pub mod mma_tile;
 pub mod normalize;
 pub mod patch_stats;
 pub mod philox;

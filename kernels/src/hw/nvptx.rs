@@ -284,3 +284,83 @@ pub fn dynamic_shared<T: Copy>() -> Shared<T> {
     unsafe { core::arch::asm!("cvta.shared.u64 {p}, dynamic_shared_memory;", p = out(reg64) p) };
     Shared::from_ptr(p as *mut T)
 }
+
+/// `ldmatrix.sync.aligned.m8n8.x{N}[.trans].shared.b16`: this lane supplies `row`, the start of
+/// row `lane % 8` of matrix `lane / 8` (8 bf16 values, 16-byte aligned); returns, per matrix,
+/// this lane's pair of the matrix (or of its transpose). Every lane of the warp executes it.
+#[inline(always)]
+pub fn ldmatrix<const N: usize, const TRANS: bool>(row: Shared<crate::element::Bf16>) -> [u32; N] {
+    let mut out = [0u32; N];
+    let p = row.ptr as u64;
+    macro_rules! ld {
+        ($shape:literal, $regs:literal, $($r:ident),+) => {{
+            $(let $r: u32;)+
+            // SAFETY: a warp-wide load from the shared addresses the lanes supply.
+            unsafe {
+                core::arch::asm!(
+                    concat!("{{ .reg .u64 s; cvta.to.shared.u64 s, {p}; ldmatrix.sync.aligned.m8n8.", $shape,
+                        ".shared.b16 {{", $regs, "}}, [s]; }}"),
+                    $($r = out(reg32) $r,)+ p = in(reg64) p
+                )
+            };
+            out.copy_from_slice(&[$($r),+][..N]);
+        }};
+    }
+    match (N, TRANS) {
+        (1, false) => ld!("x1", "{r0}", r0),
+        (1, true) => ld!("x1.trans", "{r0}", r0),
+        (2, false) => ld!("x2", "{r0}, {r1}", r0, r1),
+        (2, true) => ld!("x2.trans", "{r0}, {r1}", r0, r1),
+        (4, false) => ld!("x4", "{r0}, {r1}, {r2}, {r3}", r0, r1, r2, r3),
+        (4, true) => ld!("x4.trans", "{r0}, {r1}, {r2}, {r3}", r0, r1, r2, r3),
+        _ => panic!("ldmatrix loads 1, 2 or 4 matrices"),
+    }
+    out
+}
+
+/// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`: d = a·b + c on this warp's fragments
+/// (layouts in `emu/tensor.rs`). Every lane of the warp executes it.
+#[inline(always)]
+pub fn mma_bf16_m16n8k16(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
+    let (d0, d1, d2, d3): (f32, f32, f32, f32);
+    // SAFETY: a warp-wide instruction on registers; every lane executes it.
+    unsafe {
+        core::arch::asm!(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{d0}, {d1}, {d2}, {d3}}}, {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{c0}, {c1}, {c2}, {c3}}};",
+            d0 = out(reg32) d0, d1 = out(reg32) d1, d2 = out(reg32) d2, d3 = out(reg32) d3,
+            a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
+            b0 = in(reg32) b[0], b1 = in(reg32) b[1],
+            c0 = in(reg32) c[0], c1 = in(reg32) c[1], c2 = in(reg32) c[2], c3 = in(reg32) c[3],
+        )
+    };
+    [d0, d1, d2, d3]
+}
+
+/// `cp.async.cg.shared.global` of 16 bytes: elements `src_index ..` of `src` to elements
+/// `dst_index ..` of `dst` (both 16-byte aligned), completed by [`cp_async_wait`].
+/// # Safety
+/// Both ranges are in bounds and 16-byte aligned.
+#[inline(always)]
+pub unsafe fn cp_async_16<T: Copy>(dst: Shared<T>, dst_index: usize, src: Global<T>, src_index: usize) {
+    unsafe {
+        let (d, s) = (dst.ptr.add(dst_index) as u64, src.ptr.add(src_index) as u64);
+        core::arch::asm!(
+            "{{ .reg .u64 d, s; cvta.to.shared.u64 d, {d}; cvta.to.global.u64 s, {s}; cp.async.cg.shared.global [d], [s], 16; }}",
+            d = in(reg64) d, s = in(reg64) s
+        )
+    }
+}
+
+/// `cp.async.commit_group`.
+#[inline(always)]
+pub fn cp_async_commit() {
+    // SAFETY: groups the copies this thread issued.
+    unsafe { core::arch::asm!("cp.async.commit_group;") }
+}
+
+/// `cp.async.wait_group N`: waits until at most the newest `N` committed groups are in flight.
+#[inline(always)]
+pub fn cp_async_wait<const N: u32>() {
+    // SAFETY: waits for this thread's copies.
+    unsafe { core::arch::asm!("cp.async.wait_group {n};", n = const N) }
+}

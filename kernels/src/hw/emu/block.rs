@@ -17,6 +17,7 @@ use corosensei::{Coroutine, CoroutineResult, Yielder};
 
 use super::fault::{Fault, FaultKind, Site, Space};
 use super::shared::{Accessor, SharedMemory};
+use super::tensor;
 use super::traffic::{BlockTraffic, SiteTraffic};
 use super::{LaunchContext, Order};
 
@@ -49,13 +50,24 @@ pub(super) enum WarpOp {
     ShflUp(u32),
     Ballot,
     Sync,
+    /// `ldmatrix` of this many 8×8 matrices; the lane's value is its row's shared byte offset.
+    Ldmatrix {
+        matrices: u8,
+        trans: bool,
+    },
+    /// `mma.sync.m16n8k16` bf16 → f32: the lane's value is a[4], b[2], c[4] (f32 bits).
+    Mma,
 }
+
+/// What a lane posts with a collective, and what it gets back.
+pub(super) type Operands = [u32; 10];
+pub(super) type Results = [u32; 4];
 
 #[derive(Clone, Copy)]
 struct Post {
     op: WarpOp,
     mask: u32,
-    value: u32,
+    value: Operands,
     site: Site,
 }
 
@@ -72,15 +84,23 @@ pub(super) struct Block<'a> {
     fault: RefCell<Option<(u32, Site, FaultKind)>>,
 }
 
+/// An issued `cp.async`: its group (None before the commit), shared byte offset, the 16 bytes
+/// read at issue, and site.
+type AsyncCopy = (Option<u32>, usize, [u8; 16], Site);
+
 /// One GPU thread.
 pub(super) struct Thread {
     pub tid: u32,
     block: *const Block<'static>,
     yielder: Cell<*const Yielder<(), Event>>,
     post: Cell<Option<Post>>,
-    result: Cell<u32>,
+    result: Cell<Results>,
     /// Accesses per site since the last barrier (to match lanes into warp requests).
     occurrences: RefCell<Vec<(usize, u32)>>,
+    /// Issued `cp.async` copies.
+    async_copies: RefCell<Vec<AsyncCopy>>,
+    /// Groups committed so far.
+    async_groups: Cell<u32>,
 }
 
 /// The thread running now. Panics outside an emulated kernel (a hardware-layer call from host
@@ -119,7 +139,7 @@ impl Thread {
     }
 
     /// Posts a warp collective and returns this lane's result.
-    pub fn warp_op(&self, op: WarpOp, mask: u32, value: u32, site: Site) -> u32 {
+    pub fn warp_op(&self, op: WarpOp, mask: u32, value: Operands, site: Site) -> Results {
         let lane = self.tid % 32;
         if mask & (1 << lane) == 0 {
             self.fail(
@@ -228,6 +248,61 @@ impl Thread {
         }
     }
 
+    /// `cp.async` of 16 bytes from `src` (checked like a global read of `global` below) to shared
+    /// byte `offset`. The source is read now; the destination is written at the wait.
+    pub fn cp_async(&self, site: Site, offset: usize, src: [u8; 16], index: usize, len: usize) {
+        if index >= len {
+            self.fail(
+                site,
+                FaultKind::OutOfBounds { space: Space::Shared, write: true, index, len, byte_offset: offset },
+            );
+        }
+        let block = self.block();
+        let mut memory = block.shared.borrow_mut();
+        let fault = if offset + 16 > memory.len() {
+            Some(FaultKind::OutOfBounds { space: Space::Shared, write: true, index, len, byte_offset: offset })
+        } else if !offset.is_multiple_of(16) {
+            Some(FaultKind::Misaligned { space: Space::Shared, byte_offset: offset, align: 16 })
+        } else {
+            memory.begin_async(offset, 16).err()
+        };
+        drop(memory);
+        if let Some(kind) = fault {
+            self.fail(site, kind);
+        }
+        self.async_copies.borrow_mut().push((None, offset, src, site));
+    }
+
+    /// `cp.async.commit_group`: the copies issued since the last commit form a group.
+    pub fn cp_async_commit(&self) {
+        let group = self.async_groups.get();
+        for copy in self.async_copies.borrow_mut().iter_mut().filter(|c| c.0.is_none()) {
+            copy.0 = Some(group);
+        }
+        self.async_groups.set(group + 1);
+    }
+
+    /// `cp.async.wait_group n`: every committed group but the newest `n` has landed.
+    pub fn cp_async_wait(&self, site: Site, newest: u32) {
+        let done_below = self.async_groups.get().saturating_sub(newest);
+        let landed: Vec<_> = {
+            let mut copies = self.async_copies.borrow_mut();
+            let (landed, waiting) = copies.drain(..).partition(|c| c.0.is_some_and(|g| g < done_below));
+            *copies = waiting;
+            landed
+        };
+        let block = self.block();
+        for (_, offset, data, _) in landed {
+            let epochs = block.warp_epochs.borrow();
+            let by = Accessor { thread: self.tid, epoch: block.epoch.get(), warp_epochs: &epochs, site };
+            let result = block.shared.borrow_mut().finish_async(offset, &data, &by);
+            drop(epochs);
+            if let Err(kind) = result {
+                self.fail(site, kind);
+            }
+        }
+    }
+
     /// The offset of a static shared array, allocated in this block on first use.
     pub fn static_shared(&self, site: Site, name: &'static str, bytes: usize) -> usize {
         let block = self.block();
@@ -285,8 +360,10 @@ pub(super) fn run<P: Copy + 'static>(
                 block: block_ptr,
                 yielder: Cell::new(core::ptr::null()),
                 post: Cell::new(None),
-                result: Cell::new(0),
+                result: Cell::new([0; 4]),
                 occurrences: RefCell::new(Vec::new()),
+                async_copies: RefCell::new(Vec::new()),
+                async_groups: Cell::new(0),
             })
             .collect();
         let mut scheduler = Scheduler {
@@ -413,28 +490,64 @@ impl Scheduler<'_, '_> {
                 ));
             }
             let value = |lane: usize| posts[members.iter().position(|&m| m == 32 * w + lane).expect("member")].value;
-            for &m in &members {
-                let lane = m % 32;
-                let source = match post.op {
-                    WarpOp::ShflXor(b) => Some(lane ^ (b as usize & 31)),
-                    WarpOp::ShflIdx(b) => Some(b as usize & 31),
-                    WarpOp::ShflDown(b) => Some(if lane + (b as usize) < 32 { lane + b as usize } else { lane }),
-                    WarpOp::ShflUp(b) => Some(lane.checked_sub(b as usize).unwrap_or(lane)),
-                    WarpOp::Ballot | WarpOp::Sync => None,
-                };
-                let result = match (post.op, source) {
-                    (_, Some(s)) if post.mask & (1 << s) == 0 => {
-                        return fail(format!(
-                            "lane {lane} reads lane {s}, outside the member mask {:#010x}",
-                            post.mask
-                        ));
+            let results = match post.op {
+                WarpOp::Ldmatrix { matrices, trans } => {
+                    if post.mask != u32::MAX {
+                        return fail("ldmatrix is .aligned: all 32 lanes must execute it".into());
                     }
-                    (_, Some(s)) => value(s),
-                    (WarpOp::Ballot, None) => {
-                        members.iter().zip(&posts).filter(|(_, p)| p.value != 0).fold(0, |b, (&m, _)| b | 1 << (m % 32))
+                    let mut rows = [[[0u16; 8]; 8]; 4];
+                    for (i, matrix) in rows.iter_mut().enumerate().take(matrices as usize) {
+                        for (r, row) in matrix.iter_mut().enumerate() {
+                            let lane = 8 * i + r;
+                            *row = self.shared_row(32 * w + lane, value(lane)[0] as usize, post.site)?;
+                        }
                     }
-                    _ => 0,
-                };
+                    tensor::ldmatrix(&rows[..matrices as usize], trans).to_vec()
+                }
+                WarpOp::Mma => {
+                    if post.mask != u32::MAX {
+                        return fail("mma.sync is .aligned: all 32 lanes must execute it".into());
+                    }
+                    let lanes: [([u32; 4], [u32; 2], [f32; 4]); 32] = core::array::from_fn(|l| {
+                        let v = value(l);
+                        ([v[0], v[1], v[2], v[3]], [v[4], v[5]], [6, 7, 8, 9].map(|i| f32::from_bits(v[i])))
+                    });
+                    tensor::mma_m16n8k16(&lanes).iter().map(|d| d.map(f32::to_bits)).collect()
+                }
+                _ => {
+                    let mut results = Vec::with_capacity(members.len());
+                    for &m in &members {
+                        let lane = m % 32;
+                        let source = match post.op {
+                            WarpOp::ShflXor(b) => Some(lane ^ (b as usize & 31)),
+                            WarpOp::ShflIdx(b) => Some(b as usize & 31),
+                            WarpOp::ShflDown(b) => {
+                                Some(if lane + (b as usize) < 32 { lane + b as usize } else { lane })
+                            }
+                            WarpOp::ShflUp(b) => Some(lane.checked_sub(b as usize).unwrap_or(lane)),
+                            _ => None,
+                        };
+                        let result = match (post.op, source) {
+                            (_, Some(s)) if post.mask & (1 << s) == 0 => {
+                                return fail(format!(
+                                    "lane {lane} reads lane {s}, outside the member mask {:#010x}",
+                                    post.mask
+                                ));
+                            }
+                            (_, Some(s)) => value(s)[0],
+                            (WarpOp::Ballot, None) => members
+                                .iter()
+                                .zip(&posts)
+                                .filter(|(_, p)| p.value[0] != 0)
+                                .fold(0, |b, (&m, _)| b | 1 << (m % 32)),
+                            _ => 0,
+                        };
+                        results.push([result, 0, 0, 0]);
+                    }
+                    results
+                }
+            };
+            for (&m, result) in members.iter().zip(results) {
                 self.threads[m].result.set(result);
                 self.threads[m].post.set(None);
                 self.states[m] = State::Ready;
@@ -445,6 +558,32 @@ impl Scheduler<'_, '_> {
             released = true;
         }
         Ok(released)
+    }
+
+    /// The 8 b16 values of an `ldmatrix` row at shared byte `offset`, read on behalf of thread
+    /// `tid` (checked as its own read: bounds, 16-byte alignment, races, initialization).
+    fn shared_row(&self, tid: usize, offset: usize, site: Site) -> Result<[u16; 8], Raised> {
+        let raise = |kind| Err((Some(tid as u32), Some(site), kind));
+        let mut memory = self.block.shared.borrow_mut();
+        if offset + 16 > memory.len() {
+            return raise(FaultKind::OutOfBounds {
+                space: Space::Shared,
+                write: false,
+                index: offset / 2,
+                len: memory.len() / 2,
+                byte_offset: offset,
+            });
+        }
+        if !offset.is_multiple_of(16) {
+            return raise(FaultKind::Misaligned { space: Space::Shared, byte_offset: offset, align: 16 });
+        }
+        let epochs = self.block.warp_epochs.borrow();
+        let by = Accessor { thread: tid as u32, epoch: self.block.epoch.get(), warp_epochs: &epochs, site };
+        match memory.read(offset, 16, &by) {
+            // SAFETY: 16 bytes in bounds (checked above).
+            Ok(p) => Ok(core::array::from_fn(|i| unsafe { (p as *const u16).add(i).read_unaligned() })),
+            Err(kind) => raise(kind),
+        }
     }
 
     /// Releases the block barrier when every live thread waits at it; false when the block is

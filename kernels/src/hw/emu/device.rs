@@ -7,6 +7,7 @@ use core::mem::{align_of, size_of};
 use core::panic::Location;
 
 use super::block::{WarpOp, current};
+use crate::element::Bf16;
 use crate::hw::Word;
 
 pub use super::Kernel;
@@ -44,37 +45,90 @@ pub fn sync_threads() {
 /// `__syncwarp(mask)`: orders shared-memory accesses among the lanes of `mask`.
 #[track_caller]
 pub fn sync_warp(mask: u32) {
-    current().warp_op(WarpOp::Sync, mask, 0, Location::caller());
+    current().warp_op(WarpOp::Sync, mask, [0; 10], Location::caller());
 }
 
 /// The value of lane `lane ^ b` (butterfly).
 #[track_caller]
 pub fn shfl_xor<T: Word>(mask: u32, v: T, b: u32) -> T {
-    T::from_word(current().warp_op(WarpOp::ShflXor(b), mask, v.to_word(), Location::caller()))
+    T::from_word(current().warp_op(WarpOp::ShflXor(b), mask, word(v.to_word()), Location::caller())[0])
 }
 
 /// The value of lane `b`.
 #[track_caller]
 pub fn shfl_idx<T: Word>(mask: u32, v: T, b: u32) -> T {
-    T::from_word(current().warp_op(WarpOp::ShflIdx(b), mask, v.to_word(), Location::caller()))
+    T::from_word(current().warp_op(WarpOp::ShflIdx(b), mask, word(v.to_word()), Location::caller())[0])
 }
 
 /// The value of lane `lane + b` (own value past lane 31).
 #[track_caller]
 pub fn shfl_down<T: Word>(mask: u32, v: T, b: u32) -> T {
-    T::from_word(current().warp_op(WarpOp::ShflDown(b), mask, v.to_word(), Location::caller()))
+    T::from_word(current().warp_op(WarpOp::ShflDown(b), mask, word(v.to_word()), Location::caller())[0])
 }
 
 /// The value of lane `lane − b` (own value below lane 0).
 #[track_caller]
 pub fn shfl_up<T: Word>(mask: u32, v: T, b: u32) -> T {
-    T::from_word(current().warp_op(WarpOp::ShflUp(b), mask, v.to_word(), Location::caller()))
+    T::from_word(current().warp_op(WarpOp::ShflUp(b), mask, word(v.to_word()), Location::caller())[0])
 }
 
 /// Bit i set when lane i of `mask` has `predicate` true.
 #[track_caller]
 pub fn ballot(mask: u32, predicate: bool) -> u32 {
-    current().warp_op(WarpOp::Ballot, mask, predicate as u32, Location::caller())
+    current().warp_op(WarpOp::Ballot, mask, word(predicate as u32), Location::caller())[0]
+}
+
+/// One 32-bit operand of a collective.
+fn word(v: u32) -> [u32; 10] {
+    let mut operands = [0; 10];
+    operands[0] = v;
+    operands
+}
+
+/// `ldmatrix.sync.aligned.m8n8.x{N}[.trans].shared.b16`: this lane supplies `row`, the start of
+/// row `lane % 8` of matrix `lane / 8` (8 bf16 values, 16-byte aligned); returns, per matrix,
+/// this lane's pair of the matrix (or of its transpose). Every lane of the warp executes it.
+#[track_caller]
+pub fn ldmatrix<const N: usize, const TRANS: bool>(row: Shared<Bf16>) -> [u32; N] {
+    let op = WarpOp::Ldmatrix { matrices: N as u8, trans: TRANS };
+    let regs = current().warp_op(op, u32::MAX, word(row.offset as u32), Location::caller());
+    core::array::from_fn(|i| regs[i])
+}
+
+/// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`: d = a·b + c on this warp's fragments
+/// (layouts in `emu/tensor.rs`). Every lane of the warp executes it.
+#[track_caller]
+pub fn mma_bf16_m16n8k16(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
+    let operands = [a[0], a[1], a[2], a[3], b[0], b[1], c[0].to_bits(), c[1].to_bits(), c[2].to_bits(), c[3].to_bits()];
+    current().warp_op(WarpOp::Mma, u32::MAX, operands, Location::caller()).map(f32::from_bits)
+}
+
+/// `cp.async.cg.shared.global` of 16 bytes: elements `src_index ..` of `src` to elements
+/// `dst_index ..` of `dst` (both 16-byte aligned). The destination may be read only after a
+/// [`cp_async_wait`] that covers the copy's group (and, for other threads, a barrier).
+/// # Safety
+/// As on the GPU; here out-of-bounds, misaligned and early accesses are reported.
+#[track_caller]
+pub unsafe fn cp_async_16<T: Copy>(dst: Shared<T>, dst_index: usize, src: Global<T>, src_index: usize) {
+    let (size, last) = (size_of::<T>(), 16 / size_of::<T>() - 1);
+    let site = Location::caller();
+    let thread = current();
+    let offset = src.start + src_index * size;
+    thread.global(site, false, src.buffer, offset, 16, 16, src_index + last, src.len);
+    // SAFETY: the 16 bytes are in bounds (checked above).
+    let data = unsafe { (src.ptr.add(src_index) as *const [u8; 16]).read_unaligned() };
+    thread.cp_async(site, dst.offset + dst_index * size, data, dst_index + last, dst.len);
+}
+
+/// `cp.async.commit_group`.
+pub fn cp_async_commit() {
+    current().cp_async_commit();
+}
+
+/// `cp.async.wait_group N`: waits until at most the newest `N` committed groups are in flight.
+#[track_caller]
+pub fn cp_async_wait<const N: u32>() {
+    current().cp_async_wait(Location::caller(), N);
 }
 
 /// 2^x; on the GPU `ex2.approx` (within 2 ulp of this).

@@ -33,6 +33,9 @@ pub enum FaultKind {
     Race { hazard: Hazard, byte_offset: usize, other_thread: [u32; 3], other_site: Option<Site> },
     /// A read of shared memory no thread wrote in this launch.
     Uninitialized { byte_offset: usize },
+    /// An access to shared memory that an issued `cp.async` has not finished writing (its
+    /// `cp.async.wait_group` is missing or comes later).
+    AsyncCopyPending { byte_offset: usize },
     /// Threads wait at barriers on different source lines.
     DivergentBarrier { a: ([u32; 3], Site), b: ([u32; 3], Site) },
     /// Every live thread waits at a barrier, but some threads of the block exited without it.
@@ -112,6 +115,10 @@ impl fmt::Display for Fault {
             FaultKind::Uninitialized { byte_offset } => {
                 write!(f, "read of uninitialized shared memory: byte {byte_offset:#x} was not written in this launch")
             }
+            FaultKind::AsyncCopyPending { byte_offset } => write!(
+                f,
+                "shared byte {byte_offset:#x} is the destination of a cp.async not yet waited for (cp.async.wait_group missing or too late)"
+            ),
             FaultKind::DivergentBarrier { a, b } => write!(
                 f,
                 "divergent barrier: thread {} waits at {} while thread {} waits at {}",

@@ -21,6 +21,7 @@ mod block;
 pub mod device;
 mod fault;
 mod shared;
+mod tensor;
 mod traffic;
 
 use rayon::prelude::*;

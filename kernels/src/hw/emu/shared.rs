@@ -29,6 +29,8 @@ struct Touch {
 struct Shadow {
     /// Bytes written in this launch.
     written: u8,
+    /// Bytes an issued `cp.async` will write, not yet waited for.
+    pending: u8,
     write: Touch,
     reads: [Touch; 2],
 }
@@ -121,6 +123,9 @@ impl SharedMemory {
     pub fn read(&mut self, offset: usize, size: usize, by: &Accessor) -> Result<*const u8, FaultKind> {
         for (word, bytes) in words(offset, size) {
             let shadow = &mut self.shadow[word];
+            if shadow.pending & bytes != 0 {
+                return Err(FaultKind::AsyncCopyPending { byte_offset: 4 * word });
+            }
             if shadow.written & bytes != bytes {
                 let byte = 4 * word + (bytes & !shadow.written).trailing_zeros() as usize;
                 return Err(FaultKind::Uninitialized { byte_offset: byte });
@@ -146,6 +151,9 @@ impl SharedMemory {
     pub fn write(&mut self, offset: usize, size: usize, by: &Accessor) -> Result<*mut u8, FaultKind> {
         for (word, bytes) in words(offset, size) {
             let shadow = &mut self.shadow[word];
+            if shadow.pending & bytes != 0 {
+                return Err(FaultKind::AsyncCopyPending { byte_offset: 4 * word });
+            }
             if by.conflicts(&shadow.write, bytes) {
                 return Err(race(Hazard::WriteAfterWrite, 4 * word, &shadow.write));
             }
@@ -159,6 +167,31 @@ impl SharedMemory {
             shadow.reads = Default::default();
         }
         Ok(self.bytes[offset..].as_mut_ptr())
+    }
+}
+
+impl SharedMemory {
+    /// Marks the destination of a `cp.async` pending: reading or writing it before the wait is
+    /// an error.
+    pub fn begin_async(&mut self, offset: usize, size: usize) -> Result<(), FaultKind> {
+        for (word, bytes) in words(offset, size) {
+            if self.shadow[word].pending & bytes != 0 {
+                return Err(FaultKind::AsyncCopyPending { byte_offset: 4 * word });
+            }
+            self.shadow[word].pending |= bytes;
+        }
+        Ok(())
+    }
+
+    /// Completes a `cp.async` at its wait: the bytes land, written by the issuing thread.
+    pub fn finish_async(&mut self, offset: usize, data: &[u8], by: &Accessor) -> Result<(), FaultKind> {
+        for (word, bytes) in words(offset, data.len()) {
+            self.shadow[word].pending &= !bytes;
+        }
+        let p = self.write(offset, data.len(), by)?;
+        // SAFETY: `write` checked the range; `data` is a separate buffer.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        Ok(())
     }
 }
 

@@ -5,6 +5,7 @@
 use std::vec;
 use std::vec::Vec;
 
+use super::tensor;
 use super::*;
 use crate::hw::{
     Global, GlobalMut, ballot, block_dim_x, dynamic_shared, shfl_down, shfl_idx, shfl_xor, sync_threads, sync_warp,
@@ -365,4 +366,88 @@ fn misaligned_vector_accesses_are_reported() {
         assert_eq!(f.kind, FaultKind::Misaligned { space: Space::Shared, byte_offset: 4, align: 16 }, "{f}");
     }
     assert_eq!(ok(run(&vector_load, 32, 128, 4))[..4], [4.0, 5.0, 6.0, 7.0]);
+}
+
+/// The mma fragment tables of the PTX ISA ("Matrix fragments for mma.m16n8k16 with floating
+/// point type"), written out per element as the document states them: A's a_i (i < 8) at row
+/// g (i < 2 or 4 ≤ i < 6, else g + 8), column 2t + (i & 1) (+ 8 for i ≥ 4); B's b_i (i < 4) at
+/// row 2t + (i & 1) (+ 8 for i ≥ 2), column g; C's c_i at row g (+ 8 for i ≥ 2), column
+/// 2t + (i & 1).
+#[test]
+fn mma_follows_the_ptx_fragment_tables() {
+    use crate::element::Bf16;
+    let rng = crate::philox::Philox::new(5, 0, 0);
+    let value = |i: u32| Bf16::from_f32(rng.uniform(i) * 4.0 - 2.0);
+    let a: Vec<Vec<Bf16>> = (0..16).map(|r| (0..16).map(|k| value(r * 16 + k)).collect()).collect();
+    let b: Vec<Vec<Bf16>> = (0..16).map(|k| (0..8).map(|n| value(1000 + k * 8 + n)).collect()).collect();
+    let c: Vec<Vec<f32>> = (0..16).map(|r| (0..8).map(|n| rng.uniform(2000 + r * 8 + n)).collect()).collect();
+    let lanes: [([u32; 4], [u32; 2], [f32; 4]); 32] = core::array::from_fn(|lane| {
+        let (g, t) = (lane / 4, lane % 4);
+        let a_el = |i: usize| {
+            let row = if i < 2 || (4..6).contains(&i) { g } else { g + 8 };
+            a[row][2 * t + (i & 1) + if i >= 4 { 8 } else { 0 }].0
+        };
+        let b_el = |i: usize| b[2 * t + (i & 1) + if i >= 2 { 8 } else { 0 }][g].0;
+        let regs_a = core::array::from_fn(|r| tensor::pack(a_el(2 * r), a_el(2 * r + 1)));
+        let regs_b = core::array::from_fn(|r| tensor::pack(b_el(2 * r), b_el(2 * r + 1)));
+        (regs_a, regs_b, core::array::from_fn(|i| c[g + if i >= 2 { 8 } else { 0 }][2 * t + (i & 1)]))
+    });
+    let d = tensor::mma_m16n8k16(&lanes);
+    for (lane, regs) in d.iter().enumerate() {
+        let (g, t) = (lane / 4, lane % 4);
+        for (i, &got) in regs.iter().enumerate() {
+            let (row, col) = (g + if i >= 2 { 8 } else { 0 }, 2 * t + (i & 1));
+            let mut want = c[row][col];
+            for k in 0..16 {
+                want += a[row][k].to_f32() * b[k][col].to_f32();
+            }
+            assert_eq!(got, want, "lane {lane} d{i}");
+        }
+    }
+}
+
+#[test]
+fn ldmatrix_gives_each_lane_its_row_pair_or_the_transposed_one() {
+    let m: Vec<[[u16; 8]; 8]> =
+        (0..4).map(|i| core::array::from_fn(|r| core::array::from_fn(|c| (100 * i + 10 * r + c) as u16))).collect();
+    let plain = tensor::ldmatrix(&m, false);
+    let trans = tensor::ldmatrix(&m, true);
+    for lane in 0..32 {
+        let (g, t) = (lane / 4, lane % 4);
+        for i in 0..4 {
+            assert_eq!(plain[lane][i], tensor::pack(m[i][g][2 * t], m[i][g][2 * t + 1]));
+            assert_eq!(trans[lane][i], tensor::pack(m[i][2 * t][g], m[i][2 * t + 1][g]));
+        }
+    }
+}
+
+kernel! {
+    /// Each lane copies 16 bytes (4 floats) to shared memory with cp.async and reads them back:
+    /// with `flag` = 1 after `cp.async.wait_group 0`, with 0 without waiting.
+    fn async_copy(input: Global<f32>, output: GlobalMut<f32>, flag: u32) {
+        unsafe {
+            let s = dynamic_shared::<f32>();
+            let t = thread_x();
+            crate::hw::cp_async_16(s, 4 * t, input, 4 * t);
+            crate::hw::cp_async_commit();
+            if flag == 1 {
+                crate::hw::cp_async_wait::<0>();
+            }
+            output.store(t, s.load(4 * t + 1));
+        }
+    }
+}
+
+#[test]
+fn reading_a_cp_async_destination_before_its_wait_is_reported() {
+    let run = |flag: u32| {
+        let input: Vec<f32> = (0..128).map(|i| i as f32).collect();
+        let mut output = vec![0.0f32; 32];
+        let params = unsafe { (Global::new(input.as_ptr(), 128, 0), GlobalMut::new(output.as_mut_ptr(), 32, 1), flag) };
+        let cfg = LaunchConfig { grid: [1, 1, 1], block: [32, 1, 1], shared_bytes: 512 };
+        unsafe { launch(&async_copy, cfg, params, &[512, 128], SM90, Options::default()) }.map(|_| output)
+    };
+    let f = run(0).expect_err("the early read must be reported");
+    assert_eq!(f.kind, FaultKind::AsyncCopyPending { byte_offset: 4 }, "{f}");
+    assert_eq!(run(1).unwrap()[3], 13.0);
 }
