@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use clip_pgs_host::ops::edge_map::ImageBatchShape;
-use clip_pgs_host::ops::pgs::{MaskRatio, MaskStep, Masking, PgsConfig, PgsMode, mask_cpu};
+use clip_pgs_host::ops::pgs::{MaskRatio, MaskRequest, MaskStep, Masking, PgsConfig, PgsMode, mask_cpu};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 fn photos(n: usize) -> Vec<f32> {
@@ -32,7 +32,8 @@ fn pgs_batch_64(c: &mut Criterion) {
         ("paper_dynamic", pgs(PgsMode::Paper, MaskRatio::Dynamic { min: 0.3, max: 0.5 })),
         ("reference_0.5", pgs(PgsMode::Reference, MaskRatio::Fixed(0.5))),
     ] {
-        group.bench_function(name, |b| b.iter(|| mask_cpu(&images, shape, 16, None, &masking, &at).unwrap()));
+        let request = MaskRequest { shape, patch: 16, masking, at };
+        group.bench_function(name, |b| b.iter(|| mask_cpu(&request, &images, None).unwrap()));
     }
     group.finish();
 }

@@ -16,7 +16,7 @@ use crate::Dtype;
 use clip_pgs_host::cuda::CudaRuntime;
 use clip_pgs_host::ops::edge_map::{ImageBatchShape, ImageElement};
 use clip_pgs_host::ops::pgs::gpu::{Timeline, mask_gpu_timed};
-use clip_pgs_host::ops::pgs::{MaskRatio, MaskStep, Masking, PgsConfig, PgsMode};
+use clip_pgs_host::ops::pgs::{MaskRatio, MaskRequest, MaskStep, Masking, PgsConfig, PgsMode};
 use clip_pgs_host::{Device, DevicePreference, bf16};
 use clip_pgs_kernels::philox::Philox;
 use clip_pgs_model::outln;
@@ -142,7 +142,8 @@ fn bench<T: ImageElement>(
             let start = event()?;
             start.record(&rt.stream)?;
             let mut timeline: Option<Timeline> = Some(Vec::new());
-            mask_gpu_timed(device, &images, shape, args.patch, tokens, &masking, &at, &mut timeline)?;
+            let request = MaskRequest { shape, patch: args.patch, masking, at };
+            mask_gpu_timed(device, &request, &images, tokens, &mut timeline)?;
             let timeline = timeline.unwrap_or_default();
             let mut previous = &start;
             for (i, (stage, end)) in timeline.iter().enumerate() {
@@ -236,7 +237,8 @@ fn traffic<T: ImageElement>(args: &PgsBench, convert: impl Fn(f32) -> T) -> Resu
     let (mut rows, mut conflicts) = (Vec::new(), Vec::new());
     for (run, masking, epoch) in pgs_runs() {
         let at = MaskStep { seed: 0, step: 0, epoch, epochs: 32 };
-        let masks = mask_gpu(&device, &images, shape, p, (epoch > 0).then_some((&patch_tokens, dim)), &masking, &at)?;
+        let request = MaskRequest { shape, patch: p, masking, at };
+        let masks = mask_gpu(&device, &request, &images, (epoch > 0).then_some((&patch_tokens, dim)))?;
         let kept: Vec<usize> = masks.to_masks()?.images.iter().map(|m| m.kept.len()).collect();
         let packed_rows = kept.iter().max().copied().unwrap_or(0) + 1;
         gather_gpu(&device, &with_cls, dim, &masks, packed_rows)?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use clip_pgs_host::ops::edge_map::ImageBatchShape;
-use clip_pgs_host::ops::pgs::{ImageMask, MaskRatio, MaskStep, Masking, PgsConfig, PgsMode, mask_cpu};
+use clip_pgs_host::ops::pgs::{ImageMask, MaskRatio, MaskRequest, MaskStep, Masking, PgsConfig, PgsMode, mask_cpu};
 use clip_pgs_model::outln;
 use clip_pgs_model::preprocess::load_image;
 use clip_pgs_model::train::plot::draw_text;
@@ -82,7 +82,7 @@ pub fn run(args: &MaskArgs) -> Result<(), Box<dyn Error>> {
     let mut panels = Vec::new();
     for method in methods {
         let masking = masking(method, args);
-        let masks = mask_cpu(&picture.normalized, shape, args.patch, None, &masking, &step)?;
+        let masks = mask_cpu(&MaskRequest { shape, patch: args.patch, masking, at: step }, &picture.normalized, None)?;
         let mask = &masks.images[0];
         let masked = masks.patches - mask.kept.len();
         outln!(

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args, ValueEnum};
 use clip_pgs_host::ops::edge_map::ImageBatchShape;
-use clip_pgs_host::ops::pgs::{MaskRatio, MaskStep, Masking, PgsConfig, PgsMode, mask_cpu};
+use clip_pgs_host::ops::pgs::{MaskRatio, MaskRequest, MaskStep, Masking, PgsConfig, PgsMode, mask_cpu};
 use clip_pgs_host::{Device, DevicePreference};
 use clip_pgs_model::clip::Clip;
 use clip_pgs_model::config::ClipConfig;
@@ -377,7 +377,8 @@ fn mask_grid(cfg: &TrainConfig, path: &Path) -> Result<bool, Box<dyn Error>> {
     }
     let shape = ImageBatchShape { n: set.len(), height: size, width: size };
     let at = MaskStep { seed: cfg.seed, step: 0, epoch: 0, epochs: cfg.epochs };
-    let masks = mask_cpu(&set.images, shape, model.vision_cfg.patch_size, None, &cfg.masking, &at)?;
+    let request = MaskRequest { shape, patch: model.vision_cfg.patch_size, masking: cfg.masking, at };
+    let masks = mask_cpu(&request, &set.images, None)?;
     let panels = set
         .rgb
         .iter()

@@ -7,7 +7,7 @@ mod common;
 use clip_pgs_host::ops::edge_map::ImageBatchShape;
 use clip_pgs_host::ops::pgs::gather::gather_kept;
 use clip_pgs_host::ops::pgs::gpu::gather_gpu;
-use clip_pgs_host::ops::pgs::{MaskBuffers, MaskRatio, MaskStep, Masking, PgsConfig, PgsMode, pgs_mask};
+use clip_pgs_host::ops::pgs::{MaskBuffers, MaskRatio, MaskRequest, MaskStep, Masking, PgsConfig, PgsMode, pgs_mask};
 use clip_pgs_host::{Buffer, Device, bf16};
 use clip_pgs_kernels::philox::Philox;
 use common::{noise_batch, photo_batch};
@@ -44,14 +44,14 @@ fn compare<T: clip_pgs_host::ops::edge_map::ImageElement>(
     let cpu_images = Buffer::Cpu(images.to_vec());
     let cpu_tokens = tokens.map(|t| Buffer::Cpu(t.to_vec()));
     for masking in maskings() {
-        let got = pgs_mask(gpu, &gpu_images, shape, patch, gpu_tokens.as_ref().map(|t| (t, dim)), &masking, &at)
+        let request = MaskRequest { shape, patch, masking, at };
+        let got = pgs_mask(gpu, &request, &gpu_images, gpu_tokens.as_ref().map(|t| (t, dim)))
             .and_then(|m| m.to_masks())
             .unwrap_or_else(|e| panic!("{what} {masking:?}: {e}"));
-        let want =
-            pgs_mask(&Device::Cpu, &cpu_images, shape, patch, cpu_tokens.as_ref().map(|t| (t, dim)), &masking, &at)
-                .unwrap()
-                .to_masks()
-                .unwrap();
+        let want = pgs_mask(&Device::Cpu, &request, &cpu_images, cpu_tokens.as_ref().map(|t| (t, dim)))
+            .unwrap()
+            .to_masks()
+            .unwrap();
         assert_eq!(got, want, "{what} {masking:?}: GPU masks differ from the CPU reference");
     }
     println!("{what}: {} maskings identical on GPU and CPU", maskings().len());
@@ -92,7 +92,7 @@ fn gpu_gather_equals_cpu_gather() {
     let dim = 24;
     let x = tokens_for(shape, 197, dim);
     let MaskBuffers::Gpu(device_masks) =
-        pgs_mask(&gpu, &gpu.upload(&images).unwrap(), shape, 16, None, &masking, &at).unwrap()
+        pgs_mask(&gpu, &MaskRequest { shape, patch: 16, masking, at }, &gpu.upload(&images).unwrap(), None).unwrap()
     else {
         panic!("masks should be on the GPU")
     };
@@ -109,7 +109,8 @@ fn gpu_reports_non_finite_pixels_as_an_error() {
     images[shape.image_len() + 100] = f32::NAN;
     let masking = Masking::Pgs(PgsConfig::default());
     let at = MaskStep { seed: 0, step: 0, epoch: 0, epochs: 1 };
-    let masks = pgs_mask(&gpu, &gpu.upload(&images).unwrap(), shape, 16, None, &masking, &at).unwrap();
+    let request = MaskRequest { shape, patch: 16, masking, at };
+    let masks = pgs_mask(&gpu, &request, &gpu.upload(&images).unwrap(), None).unwrap();
     let error = masks.to_masks().expect_err("NaN pixels must be an error").to_string();
     assert!(error.contains("image 1 has non-finite pixels"), "{error}");
 }

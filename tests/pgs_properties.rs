@@ -6,7 +6,9 @@ use clip_pgs_host::ops::edge_map::{ImageBatchShape, PatchGrid, edge_map_cpu};
 use clip_pgs_host::ops::pgs::gather::gather_kept;
 use clip_pgs_host::ops::pgs::patches::{StandardizedPatches, similarity};
 use clip_pgs_host::ops::pgs::select::top_k;
-use clip_pgs_host::ops::pgs::{MaskRatio, MaskStep, Masking, Masks, PatchTokens, PgsConfig, PgsMode, mask_cpu};
+use clip_pgs_host::ops::pgs::{
+    MaskRatio, MaskRequest, MaskStep, Masking, Masks, PatchTokens, PgsConfig, PgsMode, mask_cpu,
+};
 use clip_pgs_kernels::philox::Philox;
 use clip_pgs_kernels::select::{gumbel_key, paper_candidate_count};
 use common::photo_batch;
@@ -23,7 +25,7 @@ fn pgs(mode: PgsMode, ratio: MaskRatio) -> Masking {
 
 fn masks(masking: Masking, seed: u64) -> Masks {
     let (images, shape) = photo_batch(224);
-    mask_cpu(&images, shape, 16, None, &masking, &step(seed)).unwrap()
+    mask_cpu(&MaskRequest { shape, patch: 16, masking, at: step(seed) }, &images, None).unwrap()
 }
 
 fn all_maskings() -> Vec<Masking> {
@@ -112,7 +114,8 @@ fn with_the_edge_map_the_strongest_edges_are_masked_far_less_often_than_under_fl
     let rate = |masking: Masking| {
         let (mut masked, mut total) = (0, 0);
         for seed in 0..40 {
-            let m = mask_cpu(&images, shape, 16, None, &masking, &step(seed)).unwrap().masked();
+            let m =
+                mask_cpu(&MaskRequest { shape, patch: 16, masking, at: step(seed) }, &images, None).unwrap().masked();
             for n in 0..shape.n {
                 masked += top[n].iter().filter(|&&j| m[n][j]).count();
                 total += top[n].len();
@@ -132,7 +135,7 @@ fn without_otn_the_mask_is_the_spec_formula_without_that_step() {
     let grid = PatchGrid::new(224, 224, 16).unwrap();
     let cfg = PgsConfig { mode: PgsMode::Paper, ratio: MaskRatio::Fixed(0.5), use_ed: true, use_otn: false };
     let at = step(11);
-    let got = mask_cpu(&images, shape, 16, None, &Masking::Pgs(cfg), &at).unwrap();
+    let got = mask_cpu(&MaskRequest { shape, patch: 16, masking: Masking::Pgs(cfg), at }, &images, None).unwrap();
     let edges = edge_map_cpu(&images, shape, grid);
     for n in 0..shape.n {
         let e = &edges[n * L..(n + 1) * L];
@@ -163,7 +166,7 @@ fn bad_input_is_a_clear_error() {
                  masking: Masking,
                  tokens: Option<PatchTokens>,
                  at: MaskStep| {
-        mask_cpu(images, shape, patch, tokens, &masking, &at).expect_err("should fail").to_string()
+        mask_cpu(&MaskRequest { shape, patch, masking, at }, images, tokens).expect_err("should fail").to_string()
     };
     assert!(error(&images, shape, 24, masking, None, step(0)).contains("does not divide"));
     let empty = ImageBatchShape { n: 1, height: 0, width: 64 };

@@ -24,6 +24,17 @@ pub fn paper_candidate_count(patches: usize) -> usize {
     n.max(1)
 }
 
+/// How many of `patches` patches a mask ratio masks: floor(r·L), in f64 as the public code's
+/// Python float (r ∈ [0, 1], so truncation is the floor). Every device and mode counts with it.
+pub fn masked_count(ratio: f32, patches: usize) -> usize {
+    (ratio as f64 * patches as f64) as usize
+}
+
+/// `reference`: at most floor(L·(1 − r_min)) patches are kept.
+pub fn reference_keep_cap(min_ratio: f32, patches: usize) -> usize {
+    (patches as f64 * (1.0 - min_ratio as f64)) as usize
+}
+
 /// `reference`: n_c = L − floor(L·(1 − ρ)), as the public code.
 pub fn reference_candidate_count(patches: usize) -> usize {
     patches - (patches as f64 * (1.0 - CANDIDATE_FRACTION)) as usize

@@ -22,7 +22,7 @@ use std::time::Instant;
 use clip_pgs_host::ops::adamw::AdamW;
 use clip_pgs_host::ops::clip_loss::clip_loss;
 use clip_pgs_host::ops::edge_map::ImageBatchShape;
-use clip_pgs_host::ops::pgs::{MaskStep, Masking, PatchTokens, PgsMode, REFERENCE_EPOCHS, mask_cpu};
+use clip_pgs_host::ops::pgs::{MaskRequest, MaskStep, Masking, PatchTokens, PgsMode, REFERENCE_EPOCHS, mask_cpu};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -258,7 +258,8 @@ fn masks(
     let tokens = (matches!(masking, Masking::Pgs(_)) && at.epoch > 0 && alpha_epochs > 0)
         .then(|| clip.patch_tokens(params, images));
     let tokens = tokens.as_ref().map(|t| PatchTokens { tokens: t, dim: cfg.vision_cfg.width });
-    let m = mask_cpu(images, shape, cfg.vision_cfg.patch_size, tokens, masking, &at).map_err(|e| e.to_string())?;
+    let request = MaskRequest { shape, patch: cfg.vision_cfg.patch_size, masking: *masking, at };
+    let m = mask_cpu(&request, images, tokens).map_err(|e| e.to_string())?;
     let keep = m.images.iter().map(|i| i.kept.iter().map(|&j| j as usize).collect()).collect();
     Ok((Some(keep), m.masked_fraction()))
 }

@@ -14,20 +14,20 @@ use cudarc::driver::{CudaEvent, LaunchConfig};
 use clip_pgs_kernels::edge_map::{pgs_reference_edge_grid, reference_grid_shared_bytes};
 use clip_pgs_kernels::hw::Kernel;
 use clip_pgs_kernels::select::{
-    paper_candidate_count, pgs_candidates, pgs_reference_flags, pgs_reference_keep, pgs_select_flip, pgs_select_paper,
-    reference_candidate_count,
+    masked_count, paper_candidate_count, pgs_candidates, pgs_reference_flags, pgs_reference_keep, pgs_select_flip,
+    pgs_select_paper, reference_candidate_count, reference_keep_cap,
 };
 use clip_pgs_kernels::sinkhorn::{
     EPSILON, MAX_ITERATIONS, TOLERANCE, log_shared_bytes, pgs_sinkhorn_knopp_signed, pgs_sinkhorn_log,
 };
 use clip_pgs_kernels::{edge_map as edge_kernels, gather as gather_kernels, patch_stats, select, sinkhorn};
 
-use super::{ImageMask, MaskRatio, MaskStep, Masking, Masks, PgsMode, REFERENCE_EPOCHS};
+use super::{ImageMask, MaskRatio, MaskRequest, Masking, Masks, PgsMode, REFERENCE_EPOCHS};
 use crate::buffer::Buffer;
 use crate::device::Device;
 use crate::error::{CudaContextExt, Error, Result};
 use crate::launch::KernelArgs;
-use crate::ops::edge_map::{ImageBatchShape, ImageElement, edge_map_gpu};
+use crate::ops::edge_map::{ImageElement, edge_map_gpu};
 
 /// Masks still on the GPU device; `to_masks` waits for them.
 pub struct DeviceMasks {
@@ -102,29 +102,23 @@ fn launch<P: Copy + Send + Sync + 'static>(
 /// same device.
 pub fn mask_gpu<T: ImageElement>(
     device: &Device,
+    request: &MaskRequest,
     images: &Buffer<T>,
-    shape: ImageBatchShape,
-    patch: usize,
     tokens: Option<(&Buffer<T>, usize)>,
-    masking: &Masking,
-    at: &MaskStep,
 ) -> Result<DeviceMasks> {
-    mask_gpu_timed(device, images, shape, patch, tokens, masking, at, &mut None)
+    mask_gpu_timed(device, request, images, tokens, &mut None)
 }
 
 /// `mask_gpu`, recording a CUDA event after every kernel into `timeline` when it is `Some`.
-#[allow(clippy::too_many_arguments)]
 pub fn mask_gpu_timed<T: ImageElement>(
     device: &Device,
+    request: &MaskRequest,
     images: &Buffer<T>,
-    shape: ImageBatchShape,
-    patch: usize,
     tokens: Option<(&Buffer<T>, usize)>,
-    masking: &Masking,
-    at: &MaskStep,
     timeline: &mut Option<Timeline>,
 ) -> Result<DeviceMasks> {
-    let grid = super::check_arguments(images.len(), shape, patch, tokens.map(|(t, d)| (t.len(), d)), masking, at)?;
+    let grid = super::check_arguments(request, images.len(), tokens.map(|(t, d)| (t.len(), d)))?;
+    let MaskRequest { shape, patch, ref masking, ref at } = *request;
     let (n, l) = (shape.n, grid.len());
     let alloc = |len: usize, what: &str| device.alloc_zeros::<u32>(len, what);
     let mut kept = alloc(n * l, "kept patches")?;
@@ -140,7 +134,7 @@ pub fn mask_gpu_timed<T: ImageElement>(
             return Ok(DeviceMasks { patches: l, images: n, kept, kept_len, candidates: None, nonfinite: vec![] });
         }
         Masking::Flip { ratio } => {
-            let k_mask = (*ratio as f64 * l as f64).floor() as u32;
+            let k_mask = masked_count(*ratio, l) as u32;
             let cfg = per_image(n, select::THREADS, select::shared_bytes(l));
             launch(device, timeline, &pgs_select_flip, cfg, (&mut kept, &mut kept_len, seed, step, l32, k_mask))?;
             return Ok(DeviceMasks { patches: l, images: n, kept, kept_len, candidates: None, nonfinite: vec![] });
@@ -261,7 +255,7 @@ pub fn mask_gpu_timed<T: ImageElement>(
             } else {
                 None
             };
-            let floor = |r: f32| (r as f64 * l as f64).floor() as u32;
+            let floor = |r: f32| masked_count(r, l) as u32;
             let (dynamic, k_fixed, k_min, k_max) = match cfg.ratio {
                 MaskRatio::Fixed(r) => (0u32, floor(r), 0, 0),
                 MaskRatio::Dynamic { min, max } => (1, 0, floor(min), floor(max)),
@@ -306,7 +300,7 @@ pub fn mask_gpu_timed<T: ImageElement>(
                 per_image(n, select::THREADS, 0),
                 (&s, &candidates, &edges, &mut flags, &mut counts, &mut edge_sums, l32, n_c32),
             )?;
-            let cap = (l as f64 * (1.0 - cfg.ratio.min() as f64)).floor() as u32;
+            let cap = reference_keep_cap(cfg.ratio.min(), l) as u32;
             launch(
                 device,
                 timeline,

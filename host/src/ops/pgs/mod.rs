@@ -18,8 +18,8 @@ use rayon::prelude::*;
 
 use clip_pgs_kernels::philox::Philox;
 use clip_pgs_kernels::select::{
-    REFERENCE_EDGE_WEIGHT, SIMILARITY_THRESHOLD, floor_nonnegative, gumbel_key, paper_candidate_count,
-    rank_reference_keep, reference_candidate_count,
+    REFERENCE_EDGE_WEIGHT, SIMILARITY_THRESHOLD, floor_nonnegative, gumbel_key, masked_count, paper_candidate_count,
+    rank_reference_keep, reference_candidate_count, reference_keep_cap,
 };
 use clip_pgs_kernels::sinkhorn::{EPSILON, MAX_ITERATIONS, TOLERANCE};
 
@@ -168,6 +168,17 @@ impl Masks {
     }
 }
 
+/// What to mask: the batch's geometry, the method and the training step it is for. One value for
+/// every entry point (CPU, GPU, checks) instead of the same six arguments each.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MaskRequest {
+    pub shape: ImageBatchShape,
+    /// Patch side in pixels.
+    pub patch: usize,
+    pub masking: Masking,
+    pub at: MaskStep,
+}
+
 /// Patch tokens [N, L, D] (after the positional embedding, CLS excluded), if the similarity uses
 /// them; with α = 0 (first epoch) they may be omitted.
 #[derive(Clone, Copy)]
@@ -198,12 +209,9 @@ impl MaskBuffers {
 /// runtime's stream with no host synchronisation until `to_masks`.
 pub fn pgs_mask<T: ImageElement>(
     device: &Device,
+    request: &MaskRequest,
     images: &Buffer<T>,
-    shape: ImageBatchShape,
-    patch: usize,
     tokens: Option<(&Buffer<T>, usize)>,
-    masking: &Masking,
-    at: &MaskStep,
 ) -> Result<MaskBuffers> {
     match (device, images) {
         (Device::Cpu, Buffer::Cpu(pixels)) => {
@@ -215,7 +223,7 @@ pub fn pgs_mask<T: ImageElement>(
                 None => None,
             };
             let tokens = tokens.as_ref().map(|(t, dim)| PatchTokens { tokens: t, dim: *dim });
-            Ok(MaskBuffers::Cpu(mask_cpu(&pixels, shape, patch, tokens, masking, at)?))
+            Ok(MaskBuffers::Cpu(mask_cpu(request, &pixels, tokens)?))
         }
         (Device::Cuda(_), Buffer::Cuda(_)) | (Device::Emu(_), Buffer::Emu(_)) => {
             if let Some((t, _)) = tokens
@@ -223,7 +231,7 @@ pub fn pgs_mask<T: ImageElement>(
             {
                 return Err(wrong_device(device, "patch tokens", t.device_name()));
             }
-            Ok(MaskBuffers::Gpu(Box::new(gpu::mask_gpu(device, images, shape, patch, tokens, masking, at)?)))
+            Ok(MaskBuffers::Gpu(Box::new(gpu::mask_gpu(device, request, images, tokens)?)))
         }
         (_, buffer) => Err(wrong_device(device, "images", buffer.device_name())),
     }
@@ -234,15 +242,9 @@ fn wrong_device(device: &Device, what: &str, memory: &str) -> Error {
 }
 
 /// The masks of a batch of CLIP-normalized images [N, 3, H, W] cut into `patch`-sized patches.
-pub fn mask_cpu(
-    images: &[f32],
-    shape: ImageBatchShape,
-    patch: usize,
-    tokens: Option<PatchTokens>,
-    masking: &Masking,
-    at: &MaskStep,
-) -> Result<Masks> {
-    let grid = check_inputs(images, shape, patch, tokens, masking, at)?;
+pub fn mask_cpu(request: &MaskRequest, images: &[f32], tokens: Option<PatchTokens>) -> Result<Masks> {
+    let grid = check_inputs(request, images, tokens)?;
+    let MaskRequest { shape, ref masking, ref at, .. } = *request;
     let l = grid.len();
     let images_of = |n: usize| &images[n * shape.image_len()..(n + 1) * shape.image_len()];
     let tokens_of = |n: usize| tokens.map(|t| Tokens::new(&t.tokens[n * l * t.dim..(n + 1) * l * t.dim], t.dim));
@@ -254,7 +256,7 @@ pub fn mask_cpu(
             .map(|n| {
                 let rng = at.rng(n);
                 let draws: Vec<f32> = (0..l).map(|j| rng.uniform(j as u32)).collect();
-                let masked = top_k(&draws, None, floor_ratio(*ratio, l));
+                let masked = top_k(&draws, None, masked_count(*ratio, l));
                 ImageMask { kept: complement(&masked, l), candidates: vec![] }
             })
             .collect(),
@@ -358,7 +360,7 @@ pub fn reference_batch(
     let fewest_masked = flagged.iter().map(|f| f.masked.iter().filter(|&&m| m).count()).min().unwrap_or(0);
     let least_edge = flagged.iter().map(|f| f.edge_sum).fold(f32::INFINITY, f32::min);
     let edge_bonus = if cfg.use_ed { floor_nonnegative(least_edge) } else { 0 };
-    let cap = ((l as f64) * (1.0 - cfg.ratio.min() as f64)).floor() as usize;
+    let cap = reference_keep_cap(cfg.ratio.min(), l);
     let keep = cap.min(l - fewest_masked + edge_bonus);
     flagged
         .iter()
@@ -374,10 +376,6 @@ pub fn reference_batch(
         .collect()
 }
 
-fn floor_ratio(ratio: f32, l: usize) -> usize {
-    (ratio as f64 * l as f64).floor() as usize
-}
-
 /// The indices of 0..l not in `masked`, ascending.
 fn complement(masked: &[usize], l: usize) -> Vec<u32> {
     let mut is_masked = vec![false; l];
@@ -385,15 +383,9 @@ fn complement(masked: &[usize], l: usize) -> Vec<u32> {
     (0..l as u32).filter(|&j| !is_masked[j as usize]).collect()
 }
 
-fn check_inputs(
-    images: &[f32],
-    shape: ImageBatchShape,
-    patch: usize,
-    tokens: Option<PatchTokens>,
-    masking: &Masking,
-    at: &MaskStep,
-) -> Result<PatchGrid> {
-    let grid = check_arguments(images.len(), shape, patch, tokens.map(|t| (t.tokens.len(), t.dim)), masking, at)?;
+fn check_inputs(request: &MaskRequest, images: &[f32], tokens: Option<PatchTokens>) -> Result<PatchGrid> {
+    let grid = check_arguments(request, images.len(), tokens.map(|t| (t.tokens.len(), t.dim)))?;
+    let shape = request.shape;
     if let Some(i) = images.iter().position(|v| !v.is_finite()) {
         let (n, rest) = (i / shape.image_len(), i % shape.image_len());
         let (c, y, x) = (rest / (shape.height * shape.width), rest / shape.width % shape.height, rest % shape.width);
@@ -418,13 +410,11 @@ fn check_inputs(
 /// The checks both devices make before any work: sizes, ratios, epochs. `tokens` is (elements,
 /// dim). Non-finite values are checked by each device (the GPU flags them on the way).
 pub(crate) fn check_arguments(
+    request: &MaskRequest,
     images_len: usize,
-    shape: ImageBatchShape,
-    patch: usize,
     tokens: Option<(usize, usize)>,
-    masking: &Masking,
-    at: &MaskStep,
 ) -> Result<PatchGrid> {
+    let MaskRequest { shape, patch, ref masking, ref at } = *request;
     let invalid = |m: String| Err(Error::InvalidArgument(m));
     let grid = PatchGrid::new(shape.height, shape.width, patch)?;
     let l = grid.len();

@@ -2,7 +2,7 @@
 //! total order of `clip_pgs_kernels::select::ranks_before`, the candidate rules of both modes, and
 //! the number of patches to mask.
 
-use clip_pgs_kernels::select::{SIMILARITY_THRESHOLD, ranks_before};
+use clip_pgs_kernels::select::{SIMILARITY_THRESHOLD, masked_count, ranks_before};
 
 use super::MaskRatio;
 
@@ -36,7 +36,7 @@ pub fn top_k_ties_to_higher_index(scores: &[f32], k: usize) -> Vec<usize> {
 /// best raw similarity to a candidate exceeds τ, clamped to [floor(min·L), floor(max·L)]. Never
 /// fewer than the candidates, which are always masked.
 pub fn paper_mask_count(ratio: MaskRatio, s: &[f32], candidates: usize, patches: usize) -> usize {
-    let floor = |r: f32| (r as f64 * patches as f64).floor() as usize;
+    let floor = |r: f32| masked_count(r, patches);
     let count = match ratio {
         MaskRatio::Fixed(r) => floor(r),
         MaskRatio::Dynamic { min, max } => {
