@@ -6,6 +6,7 @@ use core::marker::PhantomData;
 use core::mem::{align_of, size_of};
 use core::panic::Location;
 
+use super::Site;
 use super::block::{WarpOp, current};
 use crate::element::Bf16;
 use crate::hw::Word;
@@ -182,14 +183,70 @@ macro_rules! copy_send_sync {
 }
 copy_send_sync!(Global, GlobalMut, Shared);
 
-impl<T: Copy> Global<T> {
-    /// A view of `len` elements at `ptr`, buffer number `buffer` of the launch.
-    /// # Safety
-    /// `ptr` is valid for reads of `len` elements for the whole launch.
-    pub unsafe fn new(ptr: *const T, len: usize, buffer: u32) -> Self {
-        Global { ptr, len, start: 0, buffer }
-    }
+/// What both global views share: construction, length, checked loads, sub-views and casts.
+macro_rules! global_view {
+    ($view:ident, $ptr:ty) => {
+        impl<T: Copy> $view<T> {
+            /// A view of `len` elements at `ptr`, buffer number `buffer` of the launch.
+            /// # Safety
+            /// `ptr` is valid for the view's accesses to `len` elements for the whole launch.
+            pub unsafe fn new(ptr: $ptr, len: usize, buffer: u32) -> Self {
+                $view { ptr, len, start: 0, buffer }
+            }
 
+            pub fn len(self) -> usize {
+                self.len
+            }
+
+            pub fn is_empty(self) -> bool {
+                self.len == 0
+            }
+
+            /// Element `i`.
+            /// # Safety
+            /// As on the GPU; here an index past the end is reported, not performed.
+            #[track_caller]
+            pub unsafe fn load(self, i: usize) -> T {
+                self.check(Location::caller(), false, i);
+                // SAFETY: i < len, checked above.
+                unsafe { self.ptr.add(i).read() }
+            }
+
+            /// The view from element `n` on (empty when `n` is past the end).
+            /// # Safety
+            /// As on the GPU.
+            pub unsafe fn offset(self, n: usize) -> Self {
+                let n = n.min(self.len);
+                $view {
+                    ptr: self.ptr.wrapping_add(n),
+                    len: self.len - n,
+                    start: self.start + n * size_of::<T>(),
+                    buffer: self.buffer,
+                }
+            }
+
+            /// The same bytes as elements of another type.
+            pub fn cast<U: Copy>(self) -> $view<U> {
+                $view {
+                    ptr: self.ptr.cast(),
+                    len: self.len * size_of::<T>() / size_of::<U>(),
+                    start: self.start,
+                    buffer: self.buffer,
+                }
+            }
+
+            /// Checks and counts an access to element `i`.
+            fn check(self, site: Site, write: bool, i: usize) {
+                let size = size_of::<T>();
+                current().global(site, write, self.buffer, self.start + i * size, size, align_of::<T>(), i, self.len);
+            }
+        }
+    };
+}
+global_view!(Global, *const T);
+global_view!(GlobalMut, *mut T);
+
+impl<T: Copy> Global<T> {
     /// An absent optional input.
     pub fn null() -> Self {
         Global { ptr: core::ptr::null(), len: 0, start: 0, buffer: 0 }
@@ -198,132 +255,16 @@ impl<T: Copy> Global<T> {
     pub fn is_null(self) -> bool {
         self.ptr.is_null()
     }
-
-    pub fn len(self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(self) -> bool {
-        self.len == 0
-    }
-
-    /// Element `i`.
-    /// # Safety
-    /// As on the GPU; here an index past the end is reported, not performed.
-    #[track_caller]
-    pub unsafe fn load(self, i: usize) -> T {
-        let size = size_of::<T>();
-        current().global(
-            Location::caller(),
-            false,
-            self.buffer,
-            self.start + i * size,
-            size,
-            align_of::<T>(),
-            i,
-            self.len,
-        );
-        // SAFETY: i < len, checked above.
-        unsafe { self.ptr.add(i).read() }
-    }
-
-    /// The view from element `n` on (empty when `n` is past the end).
-    /// # Safety
-    /// As on the GPU.
-    pub unsafe fn offset(self, n: usize) -> Self {
-        let n = n.min(self.len);
-        Global {
-            ptr: self.ptr.wrapping_add(n),
-            len: self.len - n,
-            start: self.start + n * size_of::<T>(),
-            buffer: self.buffer,
-        }
-    }
-
-    /// The same bytes as elements of another type.
-    pub fn cast<U: Copy>(self) -> Global<U> {
-        Global {
-            ptr: self.ptr.cast(),
-            len: self.len * size_of::<T>() / size_of::<U>(),
-            start: self.start,
-            buffer: self.buffer,
-        }
-    }
 }
 
 impl<T: Copy> GlobalMut<T> {
     /// # Safety
-    /// `ptr` is valid for reads and writes of `len` elements for the whole launch.
-    pub unsafe fn new(ptr: *mut T, len: usize, buffer: u32) -> Self {
-        GlobalMut { ptr, len, start: 0, buffer }
-    }
-
-    pub fn len(self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(self) -> bool {
-        self.len == 0
-    }
-
-    /// # Safety
-    /// As on the GPU; here an index past the end is reported, not performed.
-    #[track_caller]
-    pub unsafe fn load(self, i: usize) -> T {
-        let size = size_of::<T>();
-        current().global(
-            Location::caller(),
-            false,
-            self.buffer,
-            self.start + i * size,
-            size,
-            align_of::<T>(),
-            i,
-            self.len,
-        );
-        // SAFETY: i < len, checked above.
-        unsafe { self.ptr.add(i).read() }
-    }
-
-    /// # Safety
     /// As on the GPU; here an index past the end is reported, not performed.
     #[track_caller]
     pub unsafe fn store(self, i: usize, v: T) {
-        let size = size_of::<T>();
-        current().global(
-            Location::caller(),
-            true,
-            self.buffer,
-            self.start + i * size,
-            size,
-            align_of::<T>(),
-            i,
-            self.len,
-        );
+        self.check(Location::caller(), true, i);
         // SAFETY: i < len, checked above.
         unsafe { self.ptr.add(i).write(v) }
-    }
-
-    /// # Safety
-    /// As on the GPU.
-    pub unsafe fn offset(self, n: usize) -> Self {
-        let n = n.min(self.len);
-        GlobalMut {
-            ptr: self.ptr.wrapping_add(n),
-            len: self.len - n,
-            start: self.start + n * size_of::<T>(),
-            buffer: self.buffer,
-        }
-    }
-
-    /// The same bytes as elements of another type.
-    pub fn cast<U: Copy>(self) -> GlobalMut<U> {
-        GlobalMut {
-            ptr: self.ptr.cast(),
-            len: self.len * size_of::<T>() / size_of::<U>(),
-            start: self.start,
-            buffer: self.buffer,
-        }
     }
 }
 
@@ -335,7 +276,7 @@ macro_rules! atomic_add {
             /// As on the GPU; here an index past the end is reported, not performed.
             #[track_caller]
             pub unsafe fn atomic_add(self, i: usize, v: $t) -> $t {
-                current().global(Location::caller(), true, self.buffer, self.start + i * 4, 4, 4, i, self.len);
+                self.check(Location::caller(), true, i);
                 // SAFETY: in bounds and aligned (checked); blocks on other host threads use
                 // atomics on the same words.
                 let cell = unsafe { &*(self.ptr.add(i) as *const $atomic) };
