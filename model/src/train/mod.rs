@@ -286,13 +286,18 @@ fn loss_and_grads(
         text: &text[s * ctx..t * ctx],
         keep: keep.map(|k| &k[s..t]),
     };
-    let mut caches: Vec<TowerCaches> = Vec::new();
+    // As open_clip: the features of every micro-batch first, keeping no activations when there
+    // are several (peak memory: one micro-batch's), then per micro-batch a recomputed forward and
+    // its backward. The forward is deterministic, so the gradients equal one big batch's.
+    let mut single: Option<TowerCaches> = None;
     let (mut img_f, mut txt_f) = (Vec::with_capacity(n * e), Vec::with_capacity(n * e));
     for &r in &ranges {
         let (i, t, c) = clip.encode(params, &batch(r));
         img_f.extend(i);
         txt_f.extend(t);
-        caches.push(c);
+        if ranges.len() == 1 {
+            single = Some(c);
+        }
     }
     let loss = clip_loss(&img_f, &txt_f, params.get("logit_scale")[0], n, e);
     g.set_zero();
@@ -300,8 +305,9 @@ fn loss_and_grads(
         return loss.loss;
     }
     g.get_mut("logit_scale")[0] = loss.d_logit_scale;
-    for (&(s, t), c) in ranges.iter().zip(&caches) {
-        clip.backward_towers(params, &batch((s, t)), c, &loss.d_image[s * e..t * e], &loss.d_text[s * e..t * e], g);
+    for &(s, t) in &ranges {
+        let c = single.take().unwrap_or_else(|| clip.encode(params, &batch((s, t))).2);
+        clip.backward_towers(params, &batch((s, t)), &c, &loss.d_image[s * e..t * e], &loss.d_text[s * e..t * e], g);
     }
     loss.loss
 }
@@ -570,4 +576,34 @@ pub fn headline(m: &BTreeMap<String, f64>) -> String {
         .filter_map(|k| m.get(*k).map(|v| format!("{k} {:.1}%", 100.0 * v)))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clip_pgs_kernels::philox::Philox;
+
+    /// `--accum-freq 4` recomputes each micro-batch's forward for its backward: the loss and the
+    /// gradients are those of one batch (up to the order of the gradient sums).
+    #[test]
+    fn accumulated_micro_batches_give_the_whole_batch_loss_and_gradients() {
+        let cfg = ClipConfig::load("test-tiny").unwrap();
+        let clip = Clip { cfg: &cfg };
+        let params = Params::init(&cfg, 3);
+        let (n, ctx) = (8, cfg.text_cfg.context_length);
+        let rng = Philox::new(4, 0, 0);
+        let size = 3 * cfg.vision_cfg.image_size.pow(2);
+        let images: Vec<f32> = (0..(n * size) as u32).map(|i| rng.uniform(i) * 2.0 - 1.0).collect();
+        let text: Vec<u32> = (0..(n * ctx) as u32).map(|i| if i as usize % ctx < 5 { 1 + i % 97 } else { 0 }).collect();
+        let (mut whole, mut accumulated) = (Params::zeros(&cfg), Params::zeros(&cfg));
+        let loss_1 = loss_and_grads(&clip, &params, &images, &text, None, 1, &mut whole);
+        let loss_4 = loss_and_grads(&clip, &params, &images, &text, None, 4, &mut accumulated);
+        assert!((loss_1 - loss_4).abs() <= 1e-6 * loss_1.abs(), "{loss_1} vs {loss_4}");
+        for (name, _) in Params::shapes(&cfg) {
+            let (a, b) = (whole.get(&name), accumulated.get(&name));
+            let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-5 * scale, "{name}: {worst} against a largest value {scale}");
+        }
+    }
 }
