@@ -29,7 +29,7 @@ fn step(c: &mut Criterion, config: &str, batch: usize) {
     let adamw = AdamW { lr: 5e-4, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
     let mut opt = Optimizer::new(&cfg, adamw, 0.2);
     let mut grads = Params::zeros(&cfg);
-    let clip = Clip { cfg: &cfg };
+    let clip = Clip { cfg: &cfg, grad_checkpointing: false };
     let batch_data = Batch { images: &images, text: &text, keep: None };
     let mut group = c.benchmark_group("train_step_cpu");
     group.sample_size(10).throughput(Throughput::Elements(batch as u64));

@@ -104,9 +104,14 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this.
     #[arg(long)]
     grad_clip_norm: Option<f32>,
-    /// Split each batch into this many micro-batches (the loss still sees the whole batch).
+    /// Split each batch into this many micro-batches (the loss still sees the whole batch; peak
+    /// activation memory is one micro-batch's, for a second forward per micro-batch).
     #[arg(long, default_value_t = 1, value_parser = at_least::<usize>(1))]
     accum_freq: usize,
+    /// Recompute each transformer block's activations in backward instead of keeping them: the
+    /// same gradients with less memory, for one more forward.
+    #[arg(long)]
+    grad_checkpointing: bool,
     /// Patch masking before the image tower: none (CLIP), flip (random), pgs (the default).
     #[arg(long, value_enum, default_value_t = MaskMethod::Pgs)]
     mask: MaskMethod,
@@ -234,6 +239,7 @@ pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
         warmup: args.warmup,
         grad_clip_norm: args.grad_clip_norm,
         accum_freq: args.accum_freq,
+        grad_checkpointing: args.grad_checkpointing,
         masking,
         seed: args.seed,
         workers: args.workers,
@@ -422,7 +428,7 @@ pub fn eval(args: &EvalArgs) -> Result<(), Box<dyn Error>> {
         return Err(format!("{}: no usable sample to evaluate", source.describe()).into());
     }
     let tokenizer = ClipTokenizer::new()?;
-    let enc = Encoder { clip: Clip { cfg: &cfg }, params: &params, tokenizer: &tokenizer };
+    let enc = Encoder { clip: Clip { cfg: &cfg, grad_checkpointing: false }, params: &params, tokenizer: &tokenizer };
     let metrics = evaluate(&enc, &set)?;
     outln!("{}", headline(&metrics));
     for (k, v) in &metrics {

@@ -28,6 +28,7 @@ fn config(logs: &Path, name: &str) -> TrainConfig {
         warmup: 10,
         grad_clip_norm: Some(5.0),
         accum_freq: 1,
+        grad_checkpointing: false,
         masking: Masking::Pgs(PgsConfig {
             mode: PgsMode::Paper,
             ratio: MaskRatio::Fixed(0.5),

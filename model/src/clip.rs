@@ -143,6 +143,47 @@ impl Tower {
         BlockCache { x: input, ln1, qkv, probs, attn, mid, ln2, fc, act }
     }
 
+    /// Every block forward over `x`; keeps each block's activations, or with `checkpoint` only
+    /// its input (the rest is recomputed in backward, one block at a time).
+    fn blocks_forward(
+        &self,
+        p: &Params,
+        layers: usize,
+        x: &mut [f32],
+        lengths: Option<&[usize]>,
+        checkpoint: bool,
+    ) -> Blocks {
+        if checkpoint {
+            let inputs = (0..layers)
+                .map(|i| {
+                    let input = x.to_vec();
+                    self.block_forward(p, i, x, lengths);
+                    input
+                })
+                .collect();
+            Blocks::Recomputed { inputs, lengths: lengths.map(<[usize]>::to_vec) }
+        } else {
+            Blocks::Kept((0..layers).map(|i| self.block_forward(p, i, x, lengths)).collect())
+        }
+    }
+
+    /// dx: the gradient at the last block's output in, at the first block's input out.
+    fn blocks_backward(&self, p: &Params, g: &mut Params, dx: &mut [f32], blocks: &Blocks) {
+        match blocks {
+            Blocks::Kept(caches) => {
+                for (i, cache) in caches.iter().enumerate().rev() {
+                    self.block_backward(p, g, i, dx, cache);
+                }
+            }
+            Blocks::Recomputed { inputs, lengths } => {
+                for (i, input) in inputs.iter().enumerate().rev() {
+                    let cache = self.block_forward(p, i, &mut input.clone(), lengths.as_deref());
+                    self.block_backward(p, g, i, dx, &cache);
+                }
+            }
+        }
+    }
+
     /// dx: the gradient at the block's output in, at its input out.
     fn block_backward(&self, p: &Params, g: &mut Params, i: usize, dx: &mut [f32], c: &BlockCache) {
         let (w, m, rows) = (self.width, self.mlp, self.rows());
@@ -175,6 +216,14 @@ impl Tower {
     }
 }
 
+/// The transformer blocks' activations for backward: all of them, or (gradient checkpointing)
+/// each block's input, from which backward recomputes the rest block by block: peak memory of
+/// one block's activations instead of every block's, for one more forward.
+enum Blocks {
+    Kept(Vec<BlockCache>),
+    Recomputed { inputs: Vec<Vec<f32>>, lengths: Option<Vec<usize>> },
+}
+
 /// What the two towers' backward needs.
 pub struct TowerCaches {
     image: ImageCache,
@@ -193,14 +242,14 @@ struct ImageCache {
     sources: Vec<Option<(usize, usize)>>,
     x0: Vec<f32>,
     ln_pre: Norm,
-    blocks: Vec<BlockCache>,
+    blocks: Blocks,
     cls: Vec<f32>,
     ln_post: Norm,
     tower: Tower,
 }
 
 struct TextCache {
-    blocks: Vec<BlockCache>,
+    blocks: Blocks,
     last: Vec<f32>,
     ln_final: Norm,
     eot: Vec<usize>,
@@ -209,6 +258,9 @@ struct TextCache {
 
 pub struct Clip<'a> {
     pub cfg: &'a ClipConfig,
+    /// Recompute each block's activations in backward instead of keeping them
+    /// (`--grad-checkpointing`): the same gradients, less memory, one more forward.
+    pub grad_checkpointing: bool,
 }
 
 impl Clip<'_> {
@@ -364,7 +416,7 @@ impl Clip<'_> {
         let ln_pre = norm(p, "visual.ln_pre", &x0, w);
         let mut x = ln_pre.y.clone();
         let padded = lengths.iter().any(|&len| len < seq);
-        let blocks = (0..v.layers).map(|i| tower.block_forward(p, i, &mut x, padded.then_some(&lengths[..]))).collect();
+        let blocks = tower.blocks_forward(p, v.layers, &mut x, padded.then_some(&lengths[..]), self.grad_checkpointing);
         let cls_rows: Vec<f32> = (0..n).flat_map(|b| x[b * seq * w..(b * seq + 1) * w].to_vec()).collect();
         let ln_post = norm(p, "visual.ln_post", &cls_rows, w);
         let mut features = vec![0.0; n * self.cfg.embed_dim];
@@ -395,7 +447,7 @@ impl Clip<'_> {
             mlp: self.cfg.text_mlp_width(),
             shape: AttentionShape { batch: n, seq: ctx, heads: t.heads, head_dim: w / t.heads, causal: true },
         };
-        let blocks = (0..t.layers).map(|i| tower.block_forward(p, i, &mut x, None)).collect();
+        let blocks = tower.blocks_forward(p, t.layers, &mut x, None, self.grad_checkpointing);
         let ln_final = norm(p, "ln_final", &x, w);
         // The EOT token: the first position of the largest id, as torch.argmax.
         let eot: Vec<usize> = batch
@@ -454,9 +506,7 @@ impl Clip<'_> {
         for b in 0..n {
             dx[b * seq * w..(b * seq + 1) * w].copy_from_slice(&d_cls[b * w..(b + 1) * w]);
         }
-        for (i, block) in c.blocks.iter().enumerate().rev() {
-            c.tower.block_backward(p, g, i, &mut dx, block);
-        }
+        c.tower.blocks_backward(p, g, &mut dx, &c.blocks);
         let dx0 = norm_backward(p, g, "visual.ln_pre", &dx, &c.x0, &c.ln_pre, w);
         let l = self.cfg.patches();
         let pv = 3 * self.cfg.vision_cfg.patch_size.pow(2);
@@ -492,9 +542,7 @@ impl Clip<'_> {
             d_ln[(b * ctx + i) * w..(b * ctx + i + 1) * w].copy_from_slice(&d_pooled[b * w..(b + 1) * w]);
         }
         let mut dx = norm_backward(p, g, "ln_final", &d_ln, &c.last, &c.ln_final, w);
-        for (i, block) in c.blocks.iter().enumerate().rev() {
-            c.tower.block_backward(p, g, i, &mut dx, block);
-        }
+        c.tower.blocks_backward(p, g, &mut dx, &c.blocks);
         for (r, &id) in batch.text.iter().enumerate() {
             let d = &dx[r * w..(r + 1) * w];
             g.get_mut("token_embedding.weight")[id as usize * w..(id as usize + 1) * w]

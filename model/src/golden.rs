@@ -82,7 +82,9 @@ impl Golden {
         let config_json = field("config")?.clone();
         let golden = Golden { config, config_json, optim, params, image, text, keep, expected };
         let batch = Batch { images: &golden.image, text: &golden.text, keep: golden.keep.as_deref() };
-        Clip { cfg: &golden.config }.check_batch(&batch).map_err(|e| format!("{}: {e}", path.display()))?;
+        Clip { cfg: &golden.config, grad_checkpointing: false }
+            .check_batch(&batch)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(golden)
     }
 
@@ -93,7 +95,7 @@ impl Golden {
     /// Runs forward, backward and the AdamW steps; returns the report and whether every group is
     /// within tolerance (relative 1e-4 on features, logits, loss and losses; 1e-3 on gradients).
     pub fn check(&self) -> (String, bool) {
-        let clip = Clip { cfg: &self.config };
+        let clip = Clip { cfg: &self.config, grad_checkpointing: false };
         let batch = Batch { images: &self.image, text: &self.text, keep: self.keep.as_deref() };
         let (out, cache) = clip.forward(&self.params, &batch);
         let mut grads = Params::zeros(&self.config);
