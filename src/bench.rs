@@ -38,6 +38,61 @@ pub struct BenchArgs {
 enum BenchWhat {
     /// Every PGS kernel and the whole pipeline (paper, dynamic, reference) and FLIP.
     Pgs(PgsBench),
+    /// CPU training steps of a CLIP config in this process: one JSON line with the median step
+    /// time and the peak resident memory (tools/bench_train_step.sh interleaves it with PyTorch).
+    Step(StepBench),
+}
+
+#[derive(Args)]
+struct StepBench {
+    /// Model config: a built-in name or a JSON file.
+    #[arg(long, default_value = "ViT-B-16")]
+    model: String,
+    /// Images (and captions) per step.
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+}
+
+/// `bench step`: `steps` timed training steps after `warmup`, as one JSON line.
+fn step(args: &StepBench) -> Result<(), Box<dyn Error>> {
+    if args.steps == 0 || args.batch == 0 {
+        return Err("bench step needs at least one step of at least one image".into());
+    }
+    let mut workload = clip_pgs_model::bench::StepWorkload::new(&args.model, args.batch)?;
+    for _ in 0..args.warmup {
+        workload.step();
+    }
+    let mut times = Vec::with_capacity(args.steps);
+    for _ in 0..args.steps {
+        let start = std::time::Instant::now();
+        workload.step();
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let median = median(times);
+    outln!(
+        "{}",
+        serde_json::json!({
+            "name": format!("{}_batch{}", args.model, args.batch),
+            "device": Device::Cpu.to_string(),
+            "median_s": median,
+            "samples_per_s": args.batch as f64 / median,
+            "peak_rss_mb": peak_rss_mb(),
+        })
+    );
+    Ok(())
+}
+
+/// This process's peak resident memory (Linux `VmHWM`), in MB; None elsewhere.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 #[derive(Args)]
@@ -70,7 +125,10 @@ struct PgsBench {
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), Box<dyn Error>> {
-    let BenchWhat::Pgs(args) = &args.what;
+    let args = match &args.what {
+        BenchWhat::Pgs(args) => args,
+        BenchWhat::Step(args) => return step(args),
+    };
     match args.device {
         DevicePreference::Cuda => {}
         DevicePreference::Emu => {

@@ -1,12 +1,14 @@
-"""The CPU training step of benches/train_step.rs, in PyTorch + open_clip: forward, ClipLoss,
-backward, AdamW (open_clip's decay groups), same configs, batch sizes and thread count.
-Prints one JSON line per config: {"name", "threads", "median_s", "samples_per_s", "peer"}.
+"""The CPU training step of `clip-pgs bench step`, in PyTorch + open_clip: forward, ClipLoss,
+backward, AdamW (open_clip's decay groups), same config, batch size and thread count. Prints one
+JSON line: {"name", "threads", "median_s", "samples_per_s", "peak_rss_mb", "peer"}.
 
-Usage: python tools/bench_step_torch.py --threads 2   (tools/bench_train_step.sh runs it)
+Usage: python tools/bench_step_torch.py --config ViT-B-16 --batch 2 --threads 2
+(tools/bench_train_step.sh runs it interleaved with ours)
 """
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -17,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a photo of a cat", "a red circle left of a blue square", "an astronaut on the moon", "a cup of coffee"]
 
 
-def bench(config, batch, samples):
+def bench(config, batch, samples, warmup):
     path = os.path.join(ROOT, "model", "configs", f"{config}.json")
     with open(path) as f:
         cfg = json.load(f)
@@ -42,7 +44,7 @@ def bench(config, batch, samples):
         loss.backward()
         opt.step()
 
-    for _ in range(2):  # warm-up, as criterion does
+    for _ in range(warmup):
         step()
     times = []
     for _ in range(samples):
@@ -50,15 +52,19 @@ def bench(config, batch, samples):
         step()
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return {"name": f"{config}_batch{batch}", "threads": torch.get_num_threads(), "median_s": median,
-            "samples_per_s": batch / median, "peer": f"torch {torch.__version__}, open_clip {open_clip.__version__}"}
+            "samples_per_s": batch / median, "peak_rss_mb": peak_mb,
+            "peer": f"torch {torch.__version__}, open_clip {open_clip.__version__}"}
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="ViT-B-16")
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    for config, batch in [("test-tiny", 32), ("ViT-B-16", 2)]:
-        print(json.dumps(bench(config, batch, args.samples)), flush=True)
+    print(json.dumps(bench(args.config, args.batch, args.steps, args.warmup)), flush=True)

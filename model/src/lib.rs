@@ -2,6 +2,7 @@
 //! and the tokenizer, as open_clip does them. The model, tokenizer, data sources and trainer come next
 //! (see ../shared/docs/architecture.md).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
