@@ -205,17 +205,20 @@ fn default_model(data: &str) -> &'static str {
 
 pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
     // The model's CUDA path is not built yet: `auto` trains on the CPU (and will pick the GPU once
-    // it exists, with no flag to change); an explicit `cuda` is refused rather than ignored.
-    match (args.device, Device::select(args.device)?) {
-        (DevicePreference::Cuda | DevicePreference::Emu, _) => {
+    // it exists, with no flag to change); an explicit `cuda` is refused rather than ignored. No
+    // CUDA context is opened only to be discarded: `auto` only counts the GPUs.
+    match args.device {
+        DevicePreference::Cuda | DevicePreference::Emu => {
             return Err("training on the GPU path (cuda, or emu to check it) is not built yet (the GPU kernels \
                         cover PGS masking so far); use --device cpu or auto"
                 .into());
         }
-        (_, selection) if matches!(selection.device, Device::Cuda(_)) => {
-            outln!("device: cpu (a GPU answered, {selection}, but the CUDA training path is not built yet)");
-        }
-        (_, selection) => outln!("device: {selection}"),
+        DevicePreference::Auto => match clip_pgs_host::cuda::gpu_count() {
+            Ok(n) if n > 0 => outln!("device: cpu ({n} GPU(s) present, but the CUDA training path is not built yet)"),
+            Ok(_) => outln!("device: {}", Device::Cpu),
+            Err(reason) => outln!("device: {} (no usable GPU: {reason})", Device::Cpu),
+        },
+        DevicePreference::Cpu => outln!("device: {}", Device::select(DevicePreference::Cpu)?),
     }
     let masking = masking(args)?;
     let model = args.model.clone().unwrap_or_else(|| default_model(&args.data).to_string());

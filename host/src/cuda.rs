@@ -16,6 +16,17 @@ use crate::launch::{KernelArgs, check_limits};
 /// needs only stable Rust).
 pub const KERNELS_PTX: &str = include_str!("../../kernels/ptx/clip_pgs_kernels.ptx");
 
+/// How many CUDA GPUs the driver sees, without opening a context; the reason when the driver is
+/// missing or does not initialize.
+pub fn gpu_count() -> Result<usize, String> {
+    // SAFETY: only tries to dlopen libcuda; cudarc would panic at the first call without it.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("the CUDA driver library (libcuda.so) was not found: no NVIDIA driver on this machine".into());
+    }
+    let count = CudaContext::device_count().map_err(|e| format!("the CUDA driver did not initialize ({e})"))?;
+    Ok(count.max(0) as usize)
+}
+
 /// A GPU ready to run the project's kernels.
 pub struct CudaRuntime {
     pub context: Arc<CudaContext>,
@@ -34,15 +45,8 @@ impl CudaRuntime {
     /// Opens GPU `ordinal`. Every failure is an `Error` that says why; nothing panics, also on a
     /// machine without the NVIDIA driver.
     pub fn new(ordinal: usize) -> Result<Arc<Self>> {
-        // SAFETY: only tries to dlopen libcuda; cudarc would panic at the first call without it.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::CudaUnavailable(
-                "the CUDA driver library (libcuda.so) was not found: no NVIDIA driver on this machine".into(),
-            ));
-        }
-        let count = CudaContext::device_count()
-            .map_err(|e| Error::CudaUnavailable(format!("the CUDA driver did not initialize ({e})")))?;
-        if ordinal >= count.max(0) as usize {
+        let count = gpu_count().map_err(Error::CudaUnavailable)?;
+        if ordinal >= count {
             return Err(Error::CudaUnavailable(format!("GPU {ordinal} requested, {count} found")));
         }
         let context = CudaContext::new(ordinal).during(format!("opening GPU {ordinal}"))?;
