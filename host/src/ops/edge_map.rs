@@ -73,79 +73,36 @@ impl PatchGrid {
     }
 }
 
+// The kernels that come in an f32 and a bf16 entry point, by their parameter tuples (element E).
+type EdgeMapKernel<E> = Kernel<(Global<E>, GlobalMut<f32>, u32, u32, u32)>;
+type StandardizeKernel<E> = Kernel<(Global<E>, GlobalMut<f32>, GlobalMut<f32>, GlobalMut<u32>, u32, u32, u32)>;
+type TokenNormsKernel<E> = Kernel<(Global<E>, GlobalMut<f32>, GlobalMut<u32>, u32, u32)>;
+type SimilarityKernel<E> =
+    Kernel<(Global<f32>, Global<f32>, Global<E>, Global<f32>, Global<u32>, GlobalMut<f32>, u32, u32, u32, u32, f32)>;
+type GatherKernel<E> = Kernel<(Global<E>, Global<u32>, Global<u32>, GlobalMut<E>, u32, u32, u32)>;
+
 /// Element types the kernels read (f32, and bf16 widened exactly to f32), with the entry point of
-/// each kernel that comes in both (their types are the kernels' parameter tuples).
-#[allow(clippy::type_complexity)]
+/// each kernel that comes in both.
 pub trait ImageElement: KernelElement + DeviceRepr + ValidAsZeroBits + Default {
     fn to_f32(self) -> f32;
-    const EDGE_MAP: Kernel<(Global<Self::Kernel>, GlobalMut<f32>, u32, u32, u32)>;
-    const STANDARDIZE_PATCHES: Kernel<(
-        Global<Self::Kernel>,
-        GlobalMut<f32>,
-        GlobalMut<f32>,
-        GlobalMut<u32>,
-        u32,
-        u32,
-        u32,
-    )>;
-    const TOKEN_NORMS: Kernel<(Global<Self::Kernel>, GlobalMut<f32>, GlobalMut<u32>, u32, u32)>;
-    const SIMILARITY: Kernel<(
-        Global<f32>,
-        Global<f32>,
-        Global<Self::Kernel>,
-        Global<f32>,
-        Global<u32>,
-        GlobalMut<f32>,
-        u32,
-        u32,
-        u32,
-        u32,
-        f32,
-    )>;
-    const GATHER: Kernel<(Global<Self::Kernel>, Global<u32>, Global<u32>, GlobalMut<Self::Kernel>, u32, u32, u32)>;
+    const EDGE_MAP: EdgeMapKernel<Self::Kernel>;
+    const STANDARDIZE_PATCHES: StandardizeKernel<Self::Kernel>;
+    const TOKEN_NORMS: TokenNormsKernel<Self::Kernel>;
+    const SIMILARITY: SimilarityKernel<Self::Kernel>;
+    const GATHER: GatherKernel<Self::Kernel>;
 }
 
 macro_rules! image_element {
     ($t:ty, $widen:expr, $edge:ident, $standardize:ident, $norms:ident, $similarity:ident, $gather:ident) => {
-        #[allow(clippy::type_complexity)]
         impl ImageElement for $t {
             fn to_f32(self) -> f32 {
                 $widen(self)
             }
-            const EDGE_MAP: Kernel<(Global<Self::Kernel>, GlobalMut<f32>, u32, u32, u32)> = kernels::edge_map::$edge;
-            const STANDARDIZE_PATCHES: Kernel<(
-                Global<Self::Kernel>,
-                GlobalMut<f32>,
-                GlobalMut<f32>,
-                GlobalMut<u32>,
-                u32,
-                u32,
-                u32,
-            )> = kernels::patch_stats::$standardize;
-            const TOKEN_NORMS: Kernel<(Global<Self::Kernel>, GlobalMut<f32>, GlobalMut<u32>, u32, u32)> =
-                kernels::patch_stats::$norms;
-            const SIMILARITY: Kernel<(
-                Global<f32>,
-                Global<f32>,
-                Global<Self::Kernel>,
-                Global<f32>,
-                Global<u32>,
-                GlobalMut<f32>,
-                u32,
-                u32,
-                u32,
-                u32,
-                f32,
-            )> = kernels::patch_stats::$similarity;
-            const GATHER: Kernel<(
-                Global<Self::Kernel>,
-                Global<u32>,
-                Global<u32>,
-                GlobalMut<Self::Kernel>,
-                u32,
-                u32,
-                u32,
-            )> = kernels::gather::$gather;
+            const EDGE_MAP: EdgeMapKernel<Self::Kernel> = kernels::edge_map::$edge;
+            const STANDARDIZE_PATCHES: StandardizeKernel<Self::Kernel> = kernels::patch_stats::$standardize;
+            const TOKEN_NORMS: TokenNormsKernel<Self::Kernel> = kernels::patch_stats::$norms;
+            const SIMILARITY: SimilarityKernel<Self::Kernel> = kernels::patch_stats::$similarity;
+            const GATHER: GatherKernel<Self::Kernel> = kernels::gather::$gather;
         }
     };
 }

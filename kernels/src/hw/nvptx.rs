@@ -152,29 +152,38 @@ macro_rules! copy {
 }
 copy!(Global, GlobalMut, Shared);
 
+/// What both global views share: loads, sub-views and casts, as plain pointer arithmetic.
+macro_rules! global_view {
+    ($view:ident, $ptr:ident) => {
+        impl<T: Copy> $view<T> {
+            /// Element `i`.
+            /// # Safety
+            /// `i` is inside the buffer.
+            #[inline(always)]
+            pub unsafe fn load(self, i: usize) -> T {
+                unsafe { *self.ptr.add(i) }
+            }
+
+            /// The view from element `n` on.
+            /// # Safety
+            /// `n` is at most the view's length.
+            #[inline(always)]
+            pub unsafe fn offset(self, n: usize) -> Self {
+                $view { ptr: unsafe { self.ptr.add(n) } }
+            }
+
+            /// The same bytes as elements of another type of the same alignment or less.
+            #[inline(always)]
+            pub fn cast<U: Copy>(self) -> $view<U> {
+                $view { ptr: self.ptr as *$ptr U }
+            }
+        }
+    };
+}
+global_view!(Global, const);
+global_view!(GlobalMut, mut);
+
 impl<T: Copy> Global<T> {
-    /// Element `i`.
-    /// # Safety
-    /// `i` is inside the buffer.
-    #[inline(always)]
-    pub unsafe fn load(self, i: usize) -> T {
-        unsafe { *self.ptr.add(i) }
-    }
-
-    /// The view from element `n` on.
-    /// # Safety
-    /// `n` is at most the view's length.
-    #[inline(always)]
-    pub unsafe fn offset(self, n: usize) -> Self {
-        Global { ptr: unsafe { self.ptr.add(n) } }
-    }
-
-    /// The same bytes as elements of another type of the same alignment or less.
-    #[inline(always)]
-    pub fn cast<U: Copy>(self) -> Global<U> {
-        Global { ptr: self.ptr as *const U }
-    }
-
     /// Whether no buffer was passed (an optional input).
     #[inline(always)]
     pub fn is_null(self) -> bool {
@@ -186,28 +195,8 @@ impl<T: Copy> GlobalMut<T> {
     /// # Safety
     /// `i` is inside the buffer.
     #[inline(always)]
-    pub unsafe fn load(self, i: usize) -> T {
-        unsafe { *self.ptr.add(i) }
-    }
-
-    /// # Safety
-    /// `i` is inside the buffer.
-    #[inline(always)]
     pub unsafe fn store(self, i: usize, v: T) {
         unsafe { *self.ptr.add(i) = v }
-    }
-
-    /// # Safety
-    /// `n` is at most the view's length.
-    #[inline(always)]
-    pub unsafe fn offset(self, n: usize) -> Self {
-        GlobalMut { ptr: unsafe { self.ptr.add(n) } }
-    }
-
-    /// The same bytes as elements of another type of the same alignment or less.
-    #[inline(always)]
-    pub fn cast<U: Copy>(self) -> GlobalMut<U> {
-        GlobalMut { ptr: self.ptr as *mut U }
     }
 }
 

@@ -68,8 +68,15 @@ impl DeviceMasks {
     }
 }
 
+/// A grid of (x, y, z) blocks of `threads` with `shared_bytes` of dynamic shared memory.
+fn blocks(grid: (usize, usize, usize), threads: u32, shared_bytes: usize) -> LaunchConfig {
+    let grid_dim = (grid.0 as u32, grid.1 as u32, grid.2 as u32);
+    LaunchConfig { grid_dim, block_dim: (threads, 1, 1), shared_mem_bytes: shared_bytes as u32 }
+}
+
+/// One block per image.
 fn per_image(images: usize, threads: u32, shared_bytes: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (images as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared_bytes as u32 }
+    blocks((images, 1, 1), threads, shared_bytes)
 }
 
 /// CUDA events recorded after each kernel of the pipeline (for `clip-pgs bench`), by kernel name.
@@ -149,11 +156,8 @@ pub fn mask_gpu_timed<T: ImageElement>(
     let mut hat_norms = f32s(n * l, "patch norms")?;
     let mut pixel_flags = alloc(n * l, "non-finite flags")?;
     let (h32, w32, p32) = (shape.height as u32, shape.width as u32, patch as u32);
-    let standardize_cfg = LaunchConfig {
-        grid_dim: (grid.rows as u32, n32, 1),
-        block_dim: (patch_stats::THREADS, 1, 1),
-        shared_mem_bytes: patch_stats::standardize_shared_bytes(shape.width, patch) as u32,
-    };
+    let standardize_cfg =
+        blocks((grid.rows, n, 1), patch_stats::THREADS, patch_stats::standardize_shared_bytes(shape.width, patch));
     let args = (images, &mut hat, &mut hat_norms, &mut pixel_flags, h32, w32, p32);
     launch(device, timeline, &T::STANDARDIZE_PATCHES, standardize_cfg, args)?;
     let mut nonfinite = vec![(pixel_flags, "pixels")];
@@ -161,11 +165,8 @@ pub fn mask_gpu_timed<T: ImageElement>(
         Some((t, dim)) => {
             let mut norms = f32s(n * l, "token norms")?;
             let mut flags = alloc(n * l, "non-finite token flags")?;
-            let norms_cfg = LaunchConfig {
-                grid_dim: ((n * l).div_ceil(patch_stats::THREADS as usize) as u32, 1, 1),
-                block_dim: (patch_stats::THREADS, 1, 1),
-                shared_mem_bytes: patch_stats::token_norms_shared_bytes() as u32,
-            };
+            let rows = (n * l).div_ceil(patch_stats::THREADS as usize);
+            let norms_cfg = blocks((rows, 1, 1), patch_stats::THREADS, patch_stats::token_norms_shared_bytes());
             launch(
                 device,
                 timeline,
@@ -212,11 +213,8 @@ pub fn mask_gpu_timed<T: ImageElement>(
     let rows = if cfg.mode == PgsMode::Paper { n_c } else { l };
     let mut s = f32s(n * rows * l, "similarity")?;
     let dim = tokens.map_or(0, |(_, d)| d as u32);
-    let similarity_cfg = LaunchConfig {
-        grid_dim: (l.div_ceil(patch_stats::THREADS as usize) as u32, rows.div_ceil(patch_stats::ROWS) as u32, n32),
-        block_dim: (patch_stats::THREADS, 1, 1),
-        shared_mem_bytes: patch_stats::similarity_shared_bytes() as u32,
-    };
+    let similarity_grid = (l.div_ceil(patch_stats::THREADS as usize), rows.div_ceil(patch_stats::ROWS), n);
+    let similarity_cfg = blocks(similarity_grid, patch_stats::THREADS, patch_stats::similarity_shared_bytes());
     launch(
         device,
         timeline,
@@ -335,11 +333,7 @@ pub fn gather_gpu<T: ImageElement>(
         return Err(Error::InvalidArgument(format!("gather: {rows} output rows; 1 to L + 1 = {} are possible", l + 1)));
     }
     let mut out = device.alloc_zeros::<T>(n * rows * dim, "packed tokens")?;
-    let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(gather_kernels::ROWS) as u32, n as u32, 1),
-        block_dim: (gather_kernels::THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = blocks((rows.div_ceil(gather_kernels::ROWS), n, 1), gather_kernels::THREADS, 0);
     let args = (x, &masks.kept, &masks.kept_len, &mut out, l as u32, dim as u32, rows as u32);
     launch(device, &mut None, &T::GATHER, cfg, args)?;
     Ok(out)
