@@ -87,7 +87,30 @@ fn devices(preference: DevicePreference) -> Result<(), Box<dyn std::error::Error
     Ok(())
 }
 
+/// glibc hands freed blocks above 128 KiB back to the OS at once (munmap), so the next step
+/// faults them in again, with a TLB shootdown per unmap on every core: a CPU training step that
+/// allocates and frees its activations op by op spent a quarter of its time there (perf, ViT-B/16
+/// batch 8). Keeping freed memory in the heap makes that step 20% faster at the same peak RSS.
+/// (The activation arena of the device model will make the step allocate nothing.)
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    unsafe extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    // SAFETY: glibc's documented tuning calls, made before any thread starts.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20); // glibc's largest: 32 MiB on 64-bit
+        mallopt(M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let result = match Cli::parse().command {
         Command::Edges(args) => edges::run(&args),
         Command::Mask(args) => mask::run(&args),
