@@ -119,11 +119,6 @@ impl Device {
     pub fn is_cuda(&self) -> bool {
         matches!(self, Device::Cuda(_))
     }
-
-    /// CUDA or the emulator: the devices that run the GPU kernels.
-    pub fn runs_kernels(&self) -> bool {
-        matches!(self, Device::Cuda(_) | Device::Emu(_))
-    }
 }
 
 fn reason(e: &Error) -> String {

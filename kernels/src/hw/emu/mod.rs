@@ -97,7 +97,6 @@ pub struct Options {
 #[derive(Clone, Debug, Default)]
 pub struct LaunchReport {
     pub kernel: &'static str,
-    pub config: Option<LaunchConfig>,
     /// Empty unless [`Options::counters`].
     pub traffic: LaunchTraffic,
 }
@@ -213,7 +212,7 @@ pub unsafe fn launch<P: Copy + Send + Sync + 'static>(
         traffic.distinct_written = context.touched.iter().map(|(_, w)| w.count()).sum();
         traffic.sites = traffic::merge(reports.into_iter().map(|r| r.sites));
     }
-    Ok(LaunchReport { kernel: kernel.name, config: Some(config), traffic })
+    Ok(LaunchReport { kernel: kernel.name, traffic })
 }
 
 #[cfg(test)]
