@@ -4,7 +4,7 @@
 //! weight gradient (dYᵀ·X). Both on all rayon/thread-tree threads.
 //!   cargo bench --bench matmul
 
-use clip_pgs_host::ops::matmul::{MatRef, matmul};
+use clip_pgs_host::ops::matmul::{Mat, MatRef, cpu_matmul};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 /// (name, m, k, n, a transposed, b transposed)
@@ -26,7 +26,7 @@ fn matmul_crates(c: &mut Criterion) {
         let b_view = if bt { MatRef::new(&b, n, k).t() } else { MatRef::new(&b, k, n) };
         group.throughput(Throughput::Elements((2 * m * k * n) as u64));
         group.bench_function(format!("gemm/{name}"), |bench| {
-            bench.iter(|| matmul(&mut out, a_view, b_view, false));
+            bench.iter(|| cpu_matmul(Mat::new(&mut out[..], m, n), a_view, b_view, false));
         });
         group.bench_function(format!("matrixmultiply/{name}"), |bench| {
             // SAFETY: the strides describe a and b exactly as the views above do; out holds m×n.

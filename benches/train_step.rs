@@ -12,7 +12,7 @@ fn step(c: &mut Criterion, config: &str, batch: usize) {
     let mut workload = StepWorkload::new(config, batch).unwrap();
     let mut group = c.benchmark_group("train_step_cpu");
     group.sample_size(10).throughput(Throughput::Elements(batch as u64));
-    group.bench_function(format!("{config}_batch{batch}"), |b| b.iter(|| workload.step()));
+    group.bench_function(format!("{config}_batch{batch}"), |b| b.iter(|| workload.step().unwrap()));
     group.finish();
 }
 

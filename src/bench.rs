@@ -66,12 +66,12 @@ fn step(args: &StepBench) -> Result<(), Box<dyn Error>> {
     }
     let mut workload = clip_pgs_model::bench::StepWorkload::new(&args.model, args.batch)?;
     for _ in 0..args.warmup {
-        workload.step();
+        workload.step()?;
     }
     let mut times = Vec::with_capacity(args.steps);
     for _ in 0..args.steps {
         let start = std::time::Instant::now();
-        workload.step();
+        workload.step()?;
         times.push(start.elapsed().as_secs_f64());
     }
     let median = median(times);
@@ -276,7 +276,8 @@ fn pgs_runs() -> [(&'static str, Masking, usize); 5] {
 /// counters, beside the kernel's analytic minimum (the `*min_bytes` functions of its file).
 fn traffic<T: ImageElement>(args: &PgsBench, convert: impl Fn(f32) -> T) -> Result<(), Box<dyn Error>> {
     use clip_pgs_host::emu::EmuRuntime;
-    use clip_pgs_host::ops::pgs::gpu::{gather_gpu, mask_gpu};
+    use clip_pgs_host::ops::pgs::gather::{GatherShape, KeptIndices, gather};
+    use clip_pgs_host::ops::pgs::gpu::mask_gpu;
     use clip_pgs_kernels::hw::emu::{Options, Space};
     use clip_pgs_kernels::{edge_map, gather, patch_stats, select, sinkhorn};
 
@@ -288,9 +289,9 @@ fn traffic<T: ImageElement>(args: &PgsBench, convert: impl Fn(f32) -> T) -> Resu
     let elem = std::mem::size_of::<T>();
     let rng = Philox::new(1, 2, 3);
     let images: Vec<T> = (0..shape.len() as u32).map(|i| convert(rng.uniform(i) * 4.0 - 2.0)).collect();
-    let tokens: Vec<T> = (0..(n * (l + 1) * dim) as u32).map(|i| convert(rng.uniform(i) - 0.5)).collect();
-    let (images, with_cls) = (device.upload(&images)?, device.upload(&tokens)?);
-    let patch_tokens = device.upload(&tokens[..n * l * dim])?;
+    let tokens: Vec<T> = (0..(n * l * dim) as u32).map(|i| convert(rng.uniform(i) - 0.5)).collect();
+    let (images, patch_tokens) = (device.upload(&images)?, device.upload(&tokens)?);
+    let cls = device.upload(&tokens[..dim])?;
     emu.keep_reports();
     let (mut rows, mut conflicts) = (Vec::new(), Vec::new());
     for (run, masking, epoch) in pgs_runs() {
@@ -299,7 +300,11 @@ fn traffic<T: ImageElement>(args: &PgsBench, convert: impl Fn(f32) -> T) -> Resu
         let masks = mask_gpu(&device, &request, &images, (epoch > 0).then_some((&patch_tokens, dim)))?;
         let kept: Vec<usize> = masks.to_masks()?.images.iter().map(|m| m.kept.len()).collect();
         let packed_rows = kept.iter().max().copied().unwrap_or(0) + 1;
-        gather_gpu(&device, &with_cls, dim, &masks, packed_rows)?;
+        let mut packed = device.alloc_zeros::<T>(n * packed_rows * dim, "packed tokens")?;
+        let mut lengths = device.alloc_zeros::<u32>(n, "lengths")?;
+        let idx = KeptIndices { kept: masks.kept.view(), kept_len: masks.kept_len.view() };
+        let shape = GatherShape { images: n, patches: l, dim, rows: packed_rows };
+        gather(&device, packed.view_mut(), lengths.view_mut(), patch_tokens.view(), cls.view(), idx, shape)?;
         let n_c = select::paper_candidate_count(l);
         let dynamic = matches!(masking, Masking::Pgs(PgsConfig { ratio: MaskRatio::Dynamic { .. }, .. }));
         let reference = matches!(masking, Masking::Pgs(PgsConfig { mode: PgsMode::Reference, .. }));

@@ -69,7 +69,7 @@ fn parity(path: &std::path::Path, checkpoint: Option<&std::path::Path>) -> Resul
         outln!("wrote checkpoint {}", out.display());
     }
     outln!("device: cpu; golden {}", path.display());
-    let (report, ok) = golden.check();
+    let (report, ok) = golden.check()?;
     outln!("{}", report.trim_end());
     if ok { Ok(()) } else { Err("parity with open_clip failed (tolerance: relative 1e-4, gradients 1e-3)".into()) }
 }

@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 use clip_pgs_host::ops::edge_map::ImageBatchShape;
 use clip_pgs_host::ops::pgs::{MaskRatio, MaskRequest, MaskStep, Masking, PgsConfig, PgsMode, mask_cpu};
 use clip_pgs_host::{Device, DevicePreference};
-use clip_pgs_model::clip::Clip;
+use clip_pgs_model::clip::{Clip, Pass};
 use clip_pgs_model::config::ClipConfig;
 use clip_pgs_model::data::{self, SourceOptions, Split};
 use clip_pgs_model::tokenizer::ClipTokenizer;
@@ -268,7 +268,7 @@ pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
         }
         errln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)");
     })?;
-    let summary = train(&cfg, interrupt)?;
+    let summary = train(&cfg, Device::Cpu, interrupt)?;
     report(&cfg, &summary)?;
     if summary.interrupted { Err(Interrupted.into()) } else { Ok(()) }
 }
@@ -431,7 +431,8 @@ pub fn eval(args: &EvalArgs) -> Result<(), Box<dyn Error>> {
         return Err(format!("{}: no usable sample to evaluate", source.describe()).into());
     }
     let tokenizer = ClipTokenizer::new()?;
-    let enc = Encoder { clip: Clip { cfg: &cfg, grad_checkpointing: false }, params: &params, tokenizer: &tokenizer };
+    let clip = Clip::new(&cfg, &params.layout, false);
+    let enc = Encoder::new(Pass { device: &Device::Cpu, clip: &clip, params: &params.data }, &tokenizer)?;
     let metrics = evaluate(&enc, &set)?;
     outln!("{}", headline(&metrics));
     for (k, v) in &metrics {

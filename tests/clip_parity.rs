@@ -9,7 +9,7 @@ use clip_pgs_model::golden::Golden;
 fn cpu_clip_matches_open_clip_goldens() {
     for name in ["tiny-a_unmasked", "tiny-a_masked", "tiny-b_unmasked", "tiny-b_masked"] {
         let golden = Golden::load(&common::repo_path(&format!("tests/goldens/clip_{name}.safetensors"))).unwrap();
-        let (report, ok) = golden.check();
+        let (report, ok) = golden.check().unwrap();
         println!("{name}\n{report}");
         assert!(ok, "{name}: parity with open_clip failed\n{report}");
     }
@@ -17,39 +17,35 @@ fn cpu_clip_matches_open_clip_goldens() {
 
 #[test]
 fn bad_batches_and_checkpoints_are_errors_naming_the_problem() {
-    use clip_pgs_model::clip::{Batch, Clip};
+    use clip_pgs_model::clip::Clip;
+    use clip_pgs_model::params::Layout;
     let golden = Golden::load(&common::repo_path("tests/goldens/clip_tiny-a_masked.safetensors")).unwrap();
-    let clip = Clip { cfg: &golden.config, grad_checkpointing: false };
+    let layout = Layout::new(&golden.config);
+    let clip = Clip::new(&golden.config, &layout, false);
     let mut text = golden.text.clone();
     text[17] = 600;
-    let error = |b: Batch| clip.check_batch(&b).unwrap_err();
-    assert!(
-        error(Batch { images: &golden.image, text: &text, keep: None })
-            .contains("token id 600 of caption 1 is out of range")
-    );
+    let error =
+        |images: &[f32], text: &[u32], keep: Option<&[Vec<usize>]>| clip.check_batch(images, text, keep).unwrap_err();
+    assert!(error(&golden.image, &text, None).contains("token id 600 of caption 1 is out of range"));
     let unsorted = vec![vec![3, 1]; 4];
-    assert!(
-        error(Batch { images: &golden.image, text: &golden.text, keep: Some(&unsorted) })
-            .contains("not strictly ascending")
-    );
+    assert!(error(&golden.image, &golden.text, Some(&unsorted)).contains("not strictly ascending"));
     let outside = vec![vec![1, 16]; 4];
-    assert!(
-        error(Batch { images: &golden.image, text: &golden.text, keep: Some(&outside) })
-            .contains("keep index 16 of image 0")
-    );
-    assert!(
-        error(Batch { images: &golden.image[1..], text: &golden.text, keep: None }).contains("not a positive multiple")
-    );
+    assert!(error(&golden.image, &golden.text, Some(&outside)).contains("keep index 16 of image 0"));
+    assert!(error(&golden.image[1..], &golden.text, None).contains("not a positive multiple"));
 
-    let mut params = golden.params.clone();
-    params.0.remove("visual.proj");
-    assert!(params.check(&golden.config).unwrap_err().contains("tensor visual.proj is missing"));
-    let mut params = golden.params.clone();
-    params.0.get_mut("ln_final.weight").unwrap().shape = vec![31];
-    assert!(params.check(&golden.config).unwrap_err().contains("tensor ln_final.weight has shape [31]"));
-    let mut params = golden.params.clone();
-    params.0.insert("extra.weight".into(), clip_pgs_model::params::Tensor::zeros(&[2]));
-    assert!(params.check(&golden.config).unwrap_err().contains("tensor extra.weight is not a parameter"));
+    // Checkpoint tensors against the config: the first wrong tensor is named.
+    let named = golden.params.named().unwrap();
+    let pack = |tensors: &[(String, Vec<usize>, Vec<f32>)]| {
+        layout.pack(tensors.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.clone()))).unwrap_err()
+    };
+    let without: Vec<_> = named.iter().filter(|t| t.0 != "visual.proj").cloned().collect();
+    assert!(pack(&without).contains("tensor visual.proj is missing"));
+    let mut reshaped = named.clone();
+    reshaped.iter_mut().find(|t| t.0 == "ln_final.weight").unwrap().1 = vec![31];
+    assert!(pack(&reshaped).contains("tensor ln_final.weight has shape [31]"));
+    let mut extra = named.clone();
+    extra.push(("extra.weight".into(), vec![2], vec![0.0; 2]));
+    assert!(pack(&extra).contains("tensor extra.weight is not a parameter"));
     assert!(
         Golden::load(&common::repo_path("tests/goldens/sinkhorn_pot.safetensors"))
             .err()

@@ -197,7 +197,12 @@ fn micro_checkpoint() -> &'static [u8] {
         let cfg = ClipConfig::from_json(MICRO).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");
-        checkpoint::save(&path, &serde_json::to_string(&cfg).unwrap(), &Params::init(&cfg, 0)).unwrap();
+        checkpoint::save(
+            &path,
+            &serde_json::to_string(&cfg).unwrap(),
+            &Params::init(&cfg, 0, &clip_pgs_host::Device::Cpu).unwrap(),
+        )
+        .unwrap();
         std::fs::read(path).unwrap()
     })
 }

@@ -5,8 +5,7 @@
 mod common;
 
 use clip_pgs_host::ops::edge_map::ImageBatchShape;
-use clip_pgs_host::ops::pgs::gather::gather_kept;
-use clip_pgs_host::ops::pgs::gpu::gather_gpu;
+use clip_pgs_host::ops::pgs::gather::{GatherShape, KeptIndices, gather};
 use clip_pgs_host::ops::pgs::{MaskBuffers, MaskRatio, MaskRequest, MaskStep, Masking, PgsConfig, PgsMode, pgs_mask};
 use clip_pgs_host::{Buffer, Device, bf16};
 use clip_pgs_kernels::philox::Philox;
@@ -89,17 +88,33 @@ fn gpu_gather_equals_cpu_gather() {
         use_otn: true,
     });
     let at = MaskStep { seed: 1, step: 0, epoch: 0, epochs: 1 };
-    let dim = 24;
-    let x = tokens_for(shape, 197, dim);
+    let (dim, l) = (24, 196);
+    let x = tokens_for(shape, l, dim);
+    let cls: Vec<f32> = (0..dim).map(|d| d as f32).collect();
     let MaskBuffers::Gpu(device_masks) =
         pgs_mask(&gpu, &MaskRequest { shape, patch: 16, masking, at }, &gpu.upload(&images).unwrap(), None).unwrap()
     else {
         panic!("masks should be on the GPU")
     };
     let masks = device_masks.to_masks().unwrap();
-    let want = gather_kept(&x, dim, &masks);
-    let got = gather_gpu(&gpu, &gpu.upload(&x).unwrap(), dim, &device_masks, want.rows).unwrap();
-    assert_eq!(got.to_vec().unwrap(), want.tokens);
+    let s = GatherShape { images: shape.n, patches: l, dim, rows: masks.max_kept() + 1 };
+    // The same gather on the CPU device, from the masks copied to the host.
+    let cpu = Device::Cpu;
+    let kept: Vec<u32> =
+        masks.images.iter().flat_map(|m| (0..l).map(|j| m.kept.get(j).copied().unwrap_or(0))).collect();
+    let kept_len: Vec<u32> = masks.images.iter().map(|m| m.kept.len() as u32).collect();
+    let run = |device: &Device, kept: &Buffer<u32>, kept_len: &Buffer<u32>| {
+        let (x, cls) = (device.upload(&x).unwrap(), device.upload(&cls).unwrap());
+        let mut packed = device.alloc_zeros::<f32>(shape.n * s.rows * dim, "packed").unwrap();
+        let mut lengths = device.alloc_zeros::<u32>(shape.n, "lengths").unwrap();
+        let idx = KeptIndices { kept: kept.view(), kept_len: kept_len.view() };
+        gather(device, packed.view_mut(), lengths.view_mut(), x.view(), cls.view(), idx, s).unwrap();
+        (packed.to_vec().unwrap(), lengths.to_vec().unwrap())
+    };
+    let want = run(&cpu, &cpu.upload(&kept).unwrap(), &cpu.upload(&kept_len).unwrap());
+    let got = run(&gpu, &device_masks.kept, &device_masks.kept_len);
+    assert_eq!(got, want);
+    assert!(want.1.iter().zip(&masks.images).all(|(&len, m)| len as usize == m.kept.len() + 1));
 }
 
 #[test]

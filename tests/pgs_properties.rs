@@ -3,12 +3,13 @@
 mod common;
 
 use clip_pgs_host::ops::edge_map::{ImageBatchShape, PatchGrid, edge_map_cpu};
-use clip_pgs_host::ops::pgs::gather::gather_kept;
+use clip_pgs_host::ops::pgs::gather::{GatherShape, KeptIndices, gather};
 use clip_pgs_host::ops::pgs::patches::{StandardizedPatches, similarity};
 use clip_pgs_host::ops::pgs::select::top_k;
 use clip_pgs_host::ops::pgs::{
     MaskRatio, MaskRequest, MaskStep, Masking, Masks, PatchTokens, PgsConfig, PgsMode, mask_cpu,
 };
+use clip_pgs_host::{Buffer, Device};
 use clip_pgs_kernels::philox::Philox;
 use clip_pgs_kernels::select::{gumbel_key, paper_candidate_count};
 use common::photo_batch;
@@ -82,18 +83,27 @@ fn kept_indices_are_sorted_unique_and_paper_candidates_always_masked() {
 #[test]
 fn gather_keeps_cls_first_and_the_kept_tokens_in_order() {
     let m = masks(pgs(PgsMode::Paper, MaskRatio::Dynamic { min: 0.3, max: 0.5 }), 5);
-    let dim = 4;
-    // Token (image i, row r) holds the value 1000·i + r.
-    let x: Vec<f32> = (0..3).flat_map(|i| (0..=L).flat_map(move |r| [(1000 * i + r) as f32; 4])).collect();
-    let packed = gather_kept(&x, dim, &m);
-    assert_eq!(packed.rows, m.max_kept() + 1);
+    let (dim, n) = (4, m.images.len());
+    // Token (image i, patch j) holds the value 1000·i + 1 + j, CLS 0.
+    let x: Vec<f32> = (0..n).flat_map(|i| (0..L).flat_map(move |j| [(1000 * i + 1 + j) as f32; 4])).collect();
+    let kept: Vec<u32> = m.images.iter().flat_map(|im| (0..L).map(|j| im.kept.get(j).copied().unwrap_or(0))).collect();
+    let kept_len: Vec<u32> = m.images.iter().map(|im| im.kept.len() as u32).collect();
+    let rows = m.max_kept() + 1;
+    let (x, cls, kept, kept_len) =
+        (Buffer::Cpu(x), Buffer::Cpu(vec![0.0f32; dim]), Buffer::Cpu(kept), Buffer::Cpu(kept_len));
+    let (mut packed, mut lengths) = (Buffer::Cpu(vec![0.0f32; n * rows * dim]), Buffer::Cpu(vec![0u32; n]));
+    let idx = KeptIndices { kept: kept.view(), kept_len: kept_len.view() };
+    let shape = GatherShape { images: n, patches: L, dim, rows };
+    gather(&Device::Cpu, packed.view_mut(), lengths.view_mut(), x.view(), cls.view(), idx, shape).unwrap();
+    let (packed, lengths) = (packed.to_vec().unwrap(), lengths.to_vec().unwrap());
     for (i, image) in m.images.iter().enumerate() {
-        let row = |r: usize| packed.tokens[(i * packed.rows + r) * dim];
-        assert_eq!(row(0), (1000 * i) as f32, "CLS first");
-        assert_eq!(packed.lengths[i] as usize, image.kept.len() + 1);
+        let row = |r: usize| packed[(i * rows + r) * dim];
+        assert_eq!(row(0), 0.0, "CLS first");
+        assert_eq!(lengths[i] as usize, image.kept.len() + 1);
         for (r, &j) in image.kept.iter().enumerate() {
             assert_eq!(row(1 + r), (1000 * i + 1 + j as usize) as f32);
         }
+        assert!((image.kept.len() + 1..rows).all(|r| row(r) == 0.0), "padding is zero");
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use clip_pgs_host::Device;
 use clip_pgs_host::ops::pgs::{MaskRatio, Masking, PgsConfig, PgsMode};
 use clip_pgs_model::data::SourceOptions;
 use clip_pgs_model::train::{TrainConfig, TrainSummary, train};
@@ -52,7 +53,7 @@ fn config(logs: &Path, name: &str) -> TrainConfig {
 }
 
 fn run(cfg: &TrainConfig) -> TrainSummary {
-    train(cfg, Arc::new(AtomicBool::new(false))).unwrap_or_else(|e| panic!("{}: {e}", cfg.name))
+    train(cfg, Device::Cpu, Arc::new(AtomicBool::new(false))).unwrap_or_else(|e| panic!("{}: {e}", cfg.name))
 }
 
 #[test]
@@ -96,7 +97,7 @@ fn resuming_reproduces_the_uninterrupted_run() {
     // run finished rather than training zero steps.
     let mut latest = config(logs.path(), "whole");
     latest.resume = Some("latest".into());
-    let e = train(&latest, Arc::new(AtomicBool::new(false))).unwrap_err();
+    let e = train(&latest, Device::Cpu, Arc::new(AtomicBool::new(false))).unwrap_err();
     assert!(e.contains("epoch_2.safetensors: the run finished there (20 of 20 steps)"), "{e}");
 }
 
@@ -190,7 +191,9 @@ fn unusable_sources_and_flags_are_errors_before_training() {
     for (expected, change) in cases {
         let mut cfg = config(logs.path(), "bad");
         change(&mut cfg);
-        let e = train(&cfg, Arc::new(AtomicBool::new(false))).err().unwrap_or_else(|| panic!("{expected}: trained"));
+        let e = train(&cfg, Device::Cpu, Arc::new(AtomicBool::new(false)))
+            .err()
+            .unwrap_or_else(|| panic!("{expected}: trained"));
         assert!(e.contains(expected), "error {e:?} does not name {expected:?}");
     }
     assert!(!logs.path().join("bad/checkpoints").exists(), "no run folder for a refused run");
@@ -202,7 +205,7 @@ fn a_run_folder_is_continued_or_replaced_never_mixed() {
     let mut cfg = config(logs.path(), "again");
     (cfg.epochs, cfg.train_num_samples, cfg.eval_samples) = (1, Some(64), 16);
     run(&cfg);
-    let e = train(&cfg, Arc::new(AtomicBool::new(false))).unwrap_err();
+    let e = train(&cfg, Device::Cpu, Arc::new(AtomicBool::new(false))).unwrap_err();
     assert!(e.contains("again already holds a run: pass --resume latest") && e.contains("--overwrite"), "{e}");
     cfg.overwrite = true;
     let s = run(&cfg);
@@ -213,7 +216,7 @@ fn a_run_folder_is_continued_or_replaced_never_mixed() {
     assert!(metrics.contains("\"data\":\"shapes\""), "{metrics}");
     for bad in ["../x", "a/b", "..", ".", "", "/abs"] {
         cfg.name = bad.into();
-        let e = train(&cfg, Arc::new(AtomicBool::new(false))).unwrap_err();
+        let e = train(&cfg, Device::Cpu, Arc::new(AtomicBool::new(false))).unwrap_err();
         assert!(e.contains("a run name is one folder name"), "{bad:?}: {e}");
     }
 }
@@ -232,14 +235,14 @@ fn non_finite_losses_are_skipped_counted_and_stop_the_run() {
     // Three in a row in epoch 2: the run stops and names the checkpoint of epoch 1.
     cfg.name = "nan-stop".into();
     cfg.test_nonfinite_steps = vec![5, 6, 7];
-    let e = train(&cfg, Arc::new(AtomicBool::new(false))).unwrap_err();
+    let e = train(&cfg, Device::Cpu, Arc::new(AtomicBool::new(false))).unwrap_err();
     let ckpt = logs.path().join("nan-stop/checkpoints/epoch_1.safetensors");
     assert!(e.contains("3 consecutive steps had a non-finite loss or gradient: stopping at step 7"), "{e}");
     assert!(e.contains(&format!("the last checkpoint, {}, is unaffected", ckpt.display())), "{e}");
     // In the first epoch there is none yet, and the message says so.
     cfg.name = "nan-early".into();
     cfg.test_nonfinite_steps = vec![0, 1, 2];
-    let e = train(&cfg, Arc::new(AtomicBool::new(false))).unwrap_err();
+    let e = train(&cfg, Device::Cpu, Arc::new(AtomicBool::new(false))).unwrap_err();
     assert!(e.ends_with("stopping at step 2; no checkpoint was written yet"), "{e}");
 }
 
@@ -248,7 +251,7 @@ fn an_interrupted_epoch_is_not_named_like_a_finished_one() {
     let logs = tempfile::tempdir().unwrap();
     let mut cfg = config(logs.path(), "stop");
     (cfg.epochs, cfg.train_num_samples, cfg.eval_samples) = (2, Some(128), 16);
-    let s = train(&cfg, Arc::new(AtomicBool::new(true))).unwrap();
+    let s = train(&cfg, Device::Cpu, Arc::new(AtomicBool::new(true))).unwrap();
     assert!(s.interrupted && s.steps == 1);
     let dir = logs.path().join("stop/checkpoints");
     assert!(dir.join("epoch_1_step_1.safetensors").exists());

@@ -23,6 +23,26 @@ impl<T: DeviceRepr + Clone + Default> Buffer<T> {
         self.len() == 0
     }
 
+    /// Elements `span` copied into `out` (of the same length) on the host, with no allocation
+    /// (waits for the GPU's queued work on it).
+    pub fn read(&self, span: crate::view::Span, out: &mut [T]) -> Result<()> {
+        if span.end() > self.len() || out.len() != span.len {
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "reading {:?} of a buffer of {} into {} values",
+                span.range(),
+                self.len(),
+                out.len()
+            )));
+        }
+        match self {
+            Buffer::Cpu(v) | Buffer::Emu(v) => {
+                out.clone_from_slice(&v[span.range()]);
+                Ok(())
+            }
+            Buffer::Cuda(s) => s.stream().memcpy_dtoh(&s.slice(span.range()), out).during("copying to the host"),
+        }
+    }
+
     /// The contents, copied to the host (waits for the GPU's queued work on it).
     pub fn to_vec(&self) -> Result<Vec<T>> {
         match self {

@@ -116,6 +116,15 @@ impl Device {
         }
     }
 
+    /// Where this device's buffers live.
+    pub fn place(&self) -> crate::view::Place {
+        match self {
+            Device::Cpu => crate::view::Place::Cpu,
+            Device::Cuda(_) => crate::view::Place::Cuda,
+            Device::Emu(_) => crate::view::Place::Emu,
+        }
+    }
+
     pub fn is_cuda(&self) -> bool {
         matches!(self, Device::Cuda(_))
     }

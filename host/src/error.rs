@@ -12,6 +12,8 @@ pub enum Error {
     Cuda { during: String, error: cudarc::driver::DriverError },
     /// An op got buffers that live on another device than the one it runs on.
     WrongDevice(String),
+    /// The op has no implementation on this device yet; the text names both.
+    Unsupported(String),
     /// An emulated kernel faulted (out of bounds, race, deadlock, …): the emulator's report.
     KernelFault(Box<clip_pgs_kernels::hw::emu::Fault>),
 }
@@ -25,6 +27,7 @@ impl fmt::Display for Error {
             Error::CudaUnavailable(m) => write!(f, "CUDA is not available: {m}"),
             Error::Cuda { during, error } => write!(f, "CUDA error while {during}: {error}"),
             Error::WrongDevice(m) => write!(f, "wrong device: {m}"),
+            Error::Unsupported(m) => write!(f, "not supported: {m}"),
             Error::KernelFault(fault) => write!(f, "kernel fault in emulation: {fault}"),
         }
     }

@@ -4,8 +4,8 @@
 //!
 //! | kernel parameter | host argument                                   |
 //! |------------------|-------------------------------------------------|
-//! | `Global<E>`      | `&Buffer<T>` or `Option<&Buffer<T>>` (null)     |
-//! | `GlobalMut<E>`   | `&mut Buffer<T>`                                |
+//! | `Global<E>`      | `&Buffer<T>`, `Option<&Buffer<T>>` (null), `View<T>` |
+//! | `GlobalMut<E>`   | `&mut Buffer<T>`, `ViewMut<T>`                  |
 //! | `u32`, `u64`, `f32` | the same scalar                              |
 //!
 //! with E the kernel's element type of the host element T (f32, u32, bf16 → `Bf16`).
@@ -19,6 +19,7 @@ use clip_pgs_kernels::hw::{Global, GlobalMut, Kernel};
 use crate::buffer::Buffer;
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::view::{View, ViewMut};
 
 /// Host element types and the type kernels see them as.
 pub trait KernelElement: Copy + Send + Sync + 'static {
@@ -128,6 +129,49 @@ impl<T: KernelElement> KernelArg<GlobalMut<T::Kernel>> for &mut Buffer<T> {
                 Ok(unsafe { GlobalMut::new(v.as_mut_ptr().cast(), v.len(), number) })
             }
             other => Err(not_on("emu", other.device_name())),
+        }
+    }
+}
+
+impl<T: KernelElement> KernelArg<Global<T::Kernel>> for View<'_, T> {
+    fn push_cuda<'a>(&'a mut self, args: &mut LaunchArgs<'a>) -> Result<()> {
+        match self {
+            View::Cuda(range) => {
+                args.arg(&range.address);
+                Ok(())
+            }
+            other => Err(not_on("cuda", other.place().name())),
+        }
+    }
+
+    fn emulated(&mut self, buffers: &mut EmuBuffers) -> Result<Global<T::Kernel>> {
+        match self {
+            // SAFETY: the view outlives the launch, which only reads it.
+            View::Emu(v) => Ok(unsafe { Global::new(v.as_ptr().cast(), v.len(), buffers.number(v)) }),
+            other => Err(not_on("emu", other.place().name())),
+        }
+    }
+}
+
+impl<T: KernelElement> KernelArg<GlobalMut<T::Kernel>> for ViewMut<'_, T> {
+    fn push_cuda<'a>(&'a mut self, args: &mut LaunchArgs<'a>) -> Result<()> {
+        match self {
+            ViewMut::Cuda(range) => {
+                args.arg(&range.address);
+                Ok(())
+            }
+            other => Err(not_on("cuda", other.place().name())),
+        }
+    }
+
+    fn emulated(&mut self, buffers: &mut EmuBuffers) -> Result<GlobalMut<T::Kernel>> {
+        match self {
+            ViewMut::Emu(v) => {
+                let number = buffers.number(v);
+                // SAFETY: the view outlives the launch and is borrowed mutably for it.
+                Ok(unsafe { GlobalMut::new(v.as_mut_ptr().cast(), v.len(), number) })
+            }
+            other => Err(not_on("emu", other.place().name())),
         }
     }
 }

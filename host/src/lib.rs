@@ -13,8 +13,10 @@ pub mod emu;
 pub mod error;
 pub mod launch;
 pub mod ops;
+pub mod view;
 
 pub use buffer::Buffer;
 pub use device::{Device, DevicePreference, DeviceSelection};
 pub use error::{Error, Result};
 pub use half::bf16;
+pub use view::{Span, View, ViewMut};

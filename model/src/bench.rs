@@ -2,14 +2,15 @@
 //! (one process per measurement, interleaved with PyTorch's by `tools/bench_train_step.sh`)
 //! time: forward, contrastive loss, backward and AdamW on random images and real captions.
 
+use clip_pgs_host::Device;
 use clip_pgs_host::ops::adamw::AdamW;
 use clip_pgs_kernels::philox::Philox;
 
-use crate::clip::{Batch, Clip};
 use crate::config::ClipConfig;
 use crate::init::standard_normal;
 use crate::optimizer::Optimizer;
 use crate::params::Params;
+use crate::step::{StepMasks, TrainStep};
 use crate::tokenizer::ClipTokenizer;
 
 const CAPTIONS: [&str; 4] =
@@ -19,9 +20,7 @@ const CAPTIONS: [&str; 4] =
 pub struct StepWorkload {
     pub cfg: ClipConfig,
     pub batch: usize,
-    params: Params,
-    grads: Params,
-    optimizer: Optimizer,
+    pub step: TrainStep,
     images: Vec<f32>,
     text: Vec<u32>,
 }
@@ -40,18 +39,18 @@ impl StepWorkload {
         let images =
             (0..batch * 3 * cfg.vision_cfg.image_size.pow(2)).map(|i| standard_normal(&rng, i as u32)).collect();
         let adamw = AdamW { lr: 5e-4, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
-        let optimizer = Optimizer::new(&cfg, adamw, 0.2);
-        let (params, grads) = (Params::init(&cfg, 0), Params::zeros(&cfg));
-        Ok(StepWorkload { cfg, batch, params, grads, optimizer, images, text })
+        let device = Device::Cpu;
+        let params = Params::init(&cfg, 0, &device)?;
+        let optimizer = Optimizer::new(&params.layout, &device, adamw, 0.2)?;
+        let step = TrainStep::new(device, &cfg, params, optimizer, batch, 1, false)?;
+        Ok(StepWorkload { cfg, batch, step, images, text })
     }
 
-    /// One training step; returns the loss.
-    pub fn step(&mut self) -> f32 {
-        let clip = Clip { cfg: &self.cfg, grad_checkpointing: false };
-        let batch = Batch { images: &self.images, text: &self.text, keep: None };
-        let (out, cache) = clip.forward(&self.params, &batch);
-        clip.backward(&self.params, &batch, &cache, &mut self.grads);
-        self.optimizer.step(&mut self.params, &self.grads);
-        out.loss
+    /// One training step (the trainer's step function, every patch kept); returns the loss.
+    pub fn step(&mut self) -> Result<f32, String> {
+        let loss = self.step.forward_backward(&self.images, &self.text, StepMasks::All)?.loss;
+        self.step.grad_norm()?;
+        self.step.update(5e-4, None)?;
+        Ok(loss)
     }
 }

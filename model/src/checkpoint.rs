@@ -12,25 +12,25 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::config::ClipConfig;
 use crate::optimizer::Optimizer;
-use crate::params::{Params, Tensor};
+use clip_pgs_host::Device;
+
+use crate::params::{Layout, NamedTensors, Params};
 
 /// Writes `params` of `config` to `path` atomically.
 pub fn save(path: &Path, config_json: &str, params: &Params) -> Result<(), String> {
-    let tensors: Vec<(String, &Tensor)> = params.0.iter().map(|(n, t)| (n.clone(), t)).collect();
-    write_atomic(path, tensors, [("config".to_string(), config_json.to_string())].into())
+    write_atomic(path, named(params, "")?, [("config".to_string(), config_json.to_string())].into())
+}
+
+/// (name, shape, values) of every tensor, each name after `prefix`.
+fn named(params: &Params, prefix: &str) -> Result<NamedTensors, String> {
+    Ok(params.named()?.into_iter().map(|(n, s, v)| (format!("{prefix}{n}"), s, v)).collect())
 }
 
 /// Tensors and metadata to `path`: temporary file, fsync, rename, fsync of the folder (a crash at
 /// any point leaves either no file or a whole one under `path`; only `*.tmp` can be partial).
-fn write_atomic(
-    path: &Path,
-    tensors: Vec<(String, &Tensor)>,
-    mut metadata: HashMap<String, String>,
-) -> Result<(), String> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .into_iter()
-        .map(|(n, t)| (n, t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
-        .collect();
+fn write_atomic(path: &Path, tensors: NamedTensors, mut metadata: HashMap<String, String>) -> Result<(), String> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> =
+        tensors.into_iter().map(|(n, s, v)| (n, v.iter().flat_map(|v| v.to_le_bytes()).collect(), s)).collect();
     let views: Vec<(String, TensorView)> = bytes
         .iter()
         .map(|(n, b, s)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| format!("{n}: {e}"))?)))
@@ -60,10 +60,10 @@ pub fn save_training(
     optimizer: &Optimizer,
     train_state: &str,
 ) -> Result<(), String> {
-    let (m, v, step) = optimizer.state();
-    let mut tensors: Vec<(String, &Tensor)> = params.0.iter().map(|(n, t)| (n.clone(), t)).collect();
-    tensors.extend(m.0.iter().map(|(n, t)| (format!("optimizer.exp_avg.{n}"), t)));
-    tensors.extend(v.0.iter().map(|(n, t)| (format!("optimizer.exp_avg_sq.{n}"), t)));
+    let step = optimizer.step;
+    let mut tensors = named(params, "")?;
+    tensors.extend(named(&optimizer.m, "optimizer.exp_avg.")?);
+    tensors.extend(named(&optimizer.v, "optimizer.exp_avg_sq.")?);
     let metadata = HashMap::from([
         ("config".to_string(), config_json.to_string()),
         ("train_state".to_string(), train_state.to_string()),
@@ -92,10 +92,11 @@ pub fn load_training(path: &Path) -> Result<TrainingCheckpoint, String> {
     };
     let train_state = field("train_state")?;
     let step: u32 = field("optimizer_step")?.parse().map_err(|e| format!("{}: optimizer_step: {e}", path.display()))?;
+    let layout = params.layout.clone();
     let moment = |prefix: &str| -> Result<Params, String> {
-        let mut out = Params::zeros(&config);
-        for (name, t) in out.0.iter_mut() {
-            let key = format!("optimizer.{prefix}.{name}");
+        let mut values = vec![0.0f32; layout.len()];
+        for t in &layout.tensors {
+            let key = format!("optimizer.{prefix}.{}", t.name);
             let view = file.tensor(&key).map_err(|_| format!("{}: tensor {key} is missing", path.display()))?;
             if view.shape() != t.shape.as_slice() || view.dtype() != Dtype::F32 {
                 return Err(format!(
@@ -105,9 +106,9 @@ pub fn load_training(path: &Path) -> Result<TrainingCheckpoint, String> {
                     t.shape
                 ));
             }
-            t.data = f32s(view.data());
+            values[t.span.range()].copy_from_slice(&f32s(view.data()));
         }
-        Ok(out)
+        Params::from_host(&layout, &values, &Device::Cpu)
     };
     let moments = (moment("exp_avg")?, moment("exp_avg_sq")?, step);
     Ok(TrainingCheckpoint { config, params, moments, train_state })
@@ -138,7 +139,7 @@ fn parse(path: &Path, bytes: &[u8], config: Option<&ClipConfig>) -> Result<(Clip
             ClipConfig::from_json(&json).map_err(|e| e.to_string())?
         }
     };
-    let mut params = Params(Default::default());
+    let mut tensors = Vec::new();
     for (name, view) in file.tensors() {
         let skipped = ["input.", "expected.", "optimizer."];
         if name == "attn_mask" || skipped.iter().any(|p| name.starts_with(p)) {
@@ -147,8 +148,11 @@ fn parse(path: &Path, bytes: &[u8], config: Option<&ClipConfig>) -> Result<(Clip
         if view.dtype() != Dtype::F32 {
             return Err(format!("{}: tensor {name} is {:?}, f32 expected", path.display(), view.dtype()));
         }
-        params.0.insert(name, Tensor { shape: view.shape().to_vec(), data: f32s(view.data()) });
+        tensors.push((name, view.shape().to_vec(), f32s(view.data())));
     }
-    params.check(&config).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok((config, params))
+    let layout = Layout::new(&config);
+    let values = layout
+        .pack(tensors.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.clone())))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((config, Params::from_host(&layout, &values, &Device::Cpu)?))
 }

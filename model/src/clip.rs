@@ -1,300 +1,79 @@
-//! CLIP on the CPU device, forward and backward written op by op over `clip_pgs_host::ops`, as
-//! open_clip computes it: the image tower (patch embedding as a matmul, CLS, positional embedding,
-//! the optional PGS/FLIP keep-gather, ln_pre, pre-LN blocks, ln_post on CLS, projection), the
-//! text tower (token + positional embedding, causal blocks, ln_final, the EOT token, projection)
-//! and the contrastive loss with its learnable logit scale.
+//! CLIP forward and backward over the device ops of `clip_pgs_host::ops`, as open_clip computes
+//! it: the image tower (patch embedding as a GEMM, positional embedding, the keep-gather of
+//! PGS/FLIP with CLS, ln_pre, pre-LN blocks, ln_post, projection of CLS), the text tower (token +
+//! positional embedding, causal blocks, ln_final, the EOT token, projection) and the contrastive
+//! loss with its learnable logit scale.
+//!
+//! Memory as llm.c keeps it: parameters and gradients are flat buffers (`params.rs`), and every
+//! activation is a `Span` of one arena per run (`Workspace`), sized from the config, the
+//! micro-batch and the longest sequence; a step allocates nothing. Each block's activations are
+//! kept for backward, or with gradient checkpointing only each block's input (the rest is
+//! recomputed block by block in backward, into one block's worth of arena).
 
 use clip_pgs_host::ops::attention::{AttentionShape, attention_backward, attention_forward};
-use clip_pgs_host::ops::clip_loss::clip_loss;
-use clip_pgs_host::ops::gelu::{gelu_backward, gelu_forward};
-use clip_pgs_host::ops::layernorm::{layernorm_backward, layernorm_forward};
-use clip_pgs_host::ops::linear::{linear_backward, linear_forward};
-use clip_pgs_host::ops::matmul::{MatRef, matmul};
+use clip_pgs_host::ops::clip_loss::{ClipLossOut, clip_loss, clip_loss_workspace};
+use clip_pgs_host::ops::elementwise::{add, add_assign, fill};
+use clip_pgs_host::ops::embedding::{embedding_backward, embedding_forward};
+use clip_pgs_host::ops::layernorm::{NormOut, NormSaved, add_layernorm_forward, layernorm_backward, layernorm_forward};
+use clip_pgs_host::ops::linear::{
+    Epilogue, LinearGrads, LinearShape, linear_backward, linear_backward_gelu, linear_forward,
+};
+use clip_pgs_host::ops::matmul::{Mat, matmul};
+use clip_pgs_host::ops::patchify::patchify;
+use clip_pgs_host::ops::pgs::gather::{GatherShape, KeptIndices, gather, gather_backward};
+use clip_pgs_host::ops::rows::{eot_rows, gather_rows, scatter_rows};
+use clip_pgs_host::view::SpanAllocator;
+use clip_pgs_host::{Buffer, Device, Result, Span, View, ViewMut};
 
 use crate::config::ClipConfig;
-use crate::params::Params;
+use crate::params::{BlockWeights, Layout, NormWeights, Weights};
 
-/// A batch: images [B, 3, H, W] (CLIP-normalized), token ids [B, T], and optionally the kept
-/// patch indices of each image (ascending; CLS is always kept).
-pub struct Batch<'a> {
-    pub images: &'a [f32],
-    pub text: &'a [u32],
-    pub keep: Option<&'a [Vec<usize>]>,
-}
-
-/// What forward returns.
-pub struct Output {
-    pub image_features: Vec<f32>,
-    pub text_features: Vec<f32>,
-    pub logits_per_image: Vec<f32>,
-    pub loss: f32,
-}
-
-/// One layernorm's output and statistics.
-struct Norm {
-    y: Vec<f32>,
-    mean: Vec<f32>,
-    rstd: Vec<f32>,
-}
-
-fn norm(p: &Params, prefix: &str, x: &[f32], width: usize) -> Norm {
-    let rows = x.len() / width;
-    let mut n = Norm { y: vec![0.0; x.len()], mean: vec![0.0; rows], rstd: vec![0.0; rows] };
-    layernorm_forward(
-        &mut n.y,
-        &mut n.mean,
-        &mut n.rstd,
-        x,
-        p.get(&format!("{prefix}.weight")),
-        p.get(&format!("{prefix}.bias")),
-        width,
-    );
-    n
-}
-
-/// dx (overwritten) of a layernorm, accumulating its parameter gradients.
-fn norm_backward(p: &Params, g: &mut Params, prefix: &str, dy: &[f32], x: &[f32], n: &Norm, width: usize) -> Vec<f32> {
-    let mut dx = vec![0.0; x.len()];
-    let (w, b) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
-    let (dw, db) = g.pair_mut(&w, &b);
-    layernorm_backward(&mut dx, dw, db, dy, x, &n.mean, &n.rstd, p.get(&w), width);
-    dx
-}
-
-/// The saved activations of one residual block.
-struct BlockCache {
-    x: Vec<f32>,
-    ln1: Norm,
-    qkv: Vec<f32>,
-    probs: Vec<f32>,
-    attn: Vec<f32>,
-    mid: Vec<f32>,
-    ln2: Norm,
-    fc: Vec<f32>,
-    act: Vec<f32>,
-}
-
-struct Tower {
-    prefix: &'static str,
-    width: usize,
-    mlp: usize,
-    shape: AttentionShape,
-}
-
-impl Tower {
-    fn rows(&self) -> usize {
-        self.shape.batch * self.shape.seq
-    }
-
-    /// x ← x + attn(ln_1(x)); x ← x + mlp(ln_2(x)).
-    fn block_forward(&self, p: &Params, i: usize, x: &mut [f32], lengths: Option<&[usize]>) -> BlockCache {
-        let (w, m, rows) = (self.width, self.mlp, self.rows());
-        let name = |n: &str| format!("{}.resblocks.{i}.{n}", self.prefix);
-        let input = x.to_vec();
-        let ln1 = norm(p, &name("ln_1"), x, w);
-        let mut qkv = vec![0.0; rows * 3 * w];
-        linear_forward(
-            &mut qkv,
-            &ln1.y,
-            p.get(&name("attn.in_proj_weight")),
-            Some(p.get(&name("attn.in_proj_bias"))),
-            rows,
-            w,
-            3 * w,
-        );
-        let mut attn = vec![0.0; rows * w];
-        let mut probs = vec![0.0; self.shape.batch * self.shape.heads * self.shape.seq * self.shape.seq];
-        attention_forward(&mut attn, &mut probs, &qkv, lengths, self.shape);
-        let mut out = vec![0.0; rows * w];
-        linear_forward(
-            &mut out,
-            &attn,
-            p.get(&name("attn.out_proj.weight")),
-            Some(p.get(&name("attn.out_proj.bias"))),
-            rows,
-            w,
-            w,
-        );
-        x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
-        let mid = x.to_vec();
-        let ln2 = norm(p, &name("ln_2"), x, w);
-        let mut fc = vec![0.0; rows * m];
-        linear_forward(
-            &mut fc,
-            &ln2.y,
-            p.get(&name("mlp.c_fc.weight")),
-            Some(p.get(&name("mlp.c_fc.bias"))),
-            rows,
-            w,
-            m,
-        );
-        let mut act = vec![0.0; rows * m];
-        gelu_forward(&mut act, &fc);
-        linear_forward(
-            &mut out,
-            &act,
-            p.get(&name("mlp.c_proj.weight")),
-            Some(p.get(&name("mlp.c_proj.bias"))),
-            rows,
-            m,
-            w,
-        );
-        x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
-        BlockCache { x: input, ln1, qkv, probs, attn, mid, ln2, fc, act }
-    }
-
-    /// Every block forward over `x`; keeps each block's activations, or with `checkpoint` only
-    /// its input (the rest is recomputed in backward, one block at a time).
-    fn blocks_forward(
-        &self,
-        p: &Params,
-        layers: usize,
-        x: &mut [f32],
-        lengths: Option<&[usize]>,
-        checkpoint: bool,
-    ) -> Blocks {
-        if checkpoint {
-            let inputs = (0..layers)
-                .map(|i| {
-                    let input = x.to_vec();
-                    self.block_forward(p, i, x, lengths);
-                    input
-                })
-                .collect();
-            Blocks::Recomputed { inputs, lengths: lengths.map(<[usize]>::to_vec) }
-        } else {
-            Blocks::Kept((0..layers).map(|i| self.block_forward(p, i, x, lengths)).collect())
-        }
-    }
-
-    /// dx: the gradient at the last block's output in, at the first block's input out.
-    fn blocks_backward(&self, p: &Params, g: &mut Params, dx: &mut [f32], blocks: &Blocks) {
-        match blocks {
-            Blocks::Kept(caches) => {
-                for (i, cache) in caches.iter().enumerate().rev() {
-                    self.block_backward(p, g, i, dx, cache);
-                }
-            }
-            Blocks::Recomputed { inputs, lengths } => {
-                for (i, input) in inputs.iter().enumerate().rev() {
-                    let cache = self.block_forward(p, i, &mut input.clone(), lengths.as_deref());
-                    self.block_backward(p, g, i, dx, &cache);
-                }
-            }
-        }
-    }
-
-    /// dx: the gradient at the block's output in, at its input out.
-    fn block_backward(&self, p: &Params, g: &mut Params, i: usize, dx: &mut [f32], c: &BlockCache) {
-        let (w, m, rows) = (self.width, self.mlp, self.rows());
-        let name = |n: &str| format!("{}.resblocks.{i}.{n}", self.prefix);
-        // `weight`, `bias`: the parameter names within the block.
-        let linear =
-            |g: &mut Params, dinput: &mut [f32], dy: &[f32], x: &[f32], weights: [&str; 2], dims: (usize, usize)| {
-                let (wn, bn) = (name(weights[0]), name(weights[1]));
-                let (dw, db) = g.pair_mut(&wn, &bn);
-                linear_backward(Some(dinput), dw, Some(db), dy, x, p.get(&wn), rows, dims.0, dims.1);
-            };
-        // MLP branch.
-        let mut dact = vec![0.0; rows * m];
-        linear(g, &mut dact, dx, &c.act, ["mlp.c_proj.weight", "mlp.c_proj.bias"], (m, w));
-        let mut dfc = vec![0.0; rows * m];
-        gelu_backward(&mut dfc, &dact, &c.fc);
-        let mut dln2 = vec![0.0; rows * w];
-        linear(g, &mut dln2, &dfc, &c.ln2.y, ["mlp.c_fc.weight", "mlp.c_fc.bias"], (w, m));
-        let d = norm_backward(p, g, &name("ln_2"), &dln2, &c.mid, &c.ln2, w);
-        dx.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
-        // Attention branch.
-        let mut dattn = vec![0.0; rows * w];
-        linear(g, &mut dattn, dx, &c.attn, ["attn.out_proj.weight", "attn.out_proj.bias"], (w, w));
-        let mut dqkv = vec![0.0; rows * 3 * w];
-        attention_backward(&mut dqkv, &dattn, &c.qkv, &c.probs, self.shape);
-        let mut dln1 = vec![0.0; rows * w];
-        linear(g, &mut dln1, &dqkv, &c.ln1.y, ["attn.in_proj_weight", "attn.in_proj_bias"], (w, 3 * w));
-        let d = norm_backward(p, g, &name("ln_1"), &dln1, &c.x, &c.ln1, w);
-        dx.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
-    }
-}
-
-/// The transformer blocks' activations for backward: all of them, or (gradient checkpointing)
-/// each block's input, from which backward recomputes the rest block by block: peak memory of
-/// one block's activations instead of every block's, for one more forward.
-enum Blocks {
-    Kept(Vec<BlockCache>),
-    Recomputed { inputs: Vec<Vec<f32>>, lengths: Option<Vec<usize>> },
-}
-
-/// What the two towers' backward needs.
-pub struct TowerCaches {
-    image: ImageCache,
-    text: TextCache,
-}
-
-/// Everything the backward pass needs.
-pub struct Cache {
-    towers: TowerCaches,
-    loss_grads: (Vec<f32>, Vec<f32>, f32),
-}
-
-struct ImageCache {
-    patches: Vec<f32>,
-    /// (image, source row in [0, L]) of each row of the gathered sequence, None for padding.
-    sources: Vec<Option<(usize, usize)>>,
-    x0: Vec<f32>,
-    ln_pre: Norm,
-    blocks: Blocks,
-    cls: Vec<f32>,
-    ln_post: Norm,
-    tower: Tower,
-}
-
-struct TextCache {
-    blocks: Blocks,
-    last: Vec<f32>,
-    ln_final: Norm,
-    eot: Vec<usize>,
-    tower: Tower,
-}
-
-pub struct Clip<'a> {
-    pub cfg: &'a ClipConfig,
+/// The model: its config, where its parameters are, and whether backward recomputes blocks.
+#[derive(Clone)]
+pub struct Clip {
+    pub cfg: ClipConfig,
+    pub weights: Weights,
     /// Recompute each block's activations in backward instead of keeping them
     /// (`--grad-checkpointing`): the same gradients, less memory, one more forward.
     pub grad_checkpointing: bool,
 }
 
-impl Clip<'_> {
+impl Clip {
+    pub fn new(cfg: &ClipConfig, layout: &Layout, grad_checkpointing: bool) -> Clip {
+        Clip { cfg: cfg.clone(), weights: Weights::new(cfg, layout), grad_checkpointing }
+    }
+
     /// Checks a batch against the config: sizes, token ids below the vocabulary size, keep
-    /// indices in range and strictly ascending. Forward assumes a checked batch.
-    pub fn check_batch(&self, batch: &Batch) -> Result<usize, String> {
+    /// indices in range and strictly ascending. The ops assume a checked batch.
+    pub fn check_batch(&self, images: &[f32], text: &[u32], keep: Option<&[Vec<usize>]>) -> Result<usize, String> {
         let (v, t) = (&self.cfg.vision_cfg, &self.cfg.text_cfg);
         let image_len = 3 * v.image_size * v.image_size;
-        if batch.images.is_empty() || !batch.images.len().is_multiple_of(image_len) {
+        if images.is_empty() || !images.len().is_multiple_of(image_len) {
             return Err(format!(
                 "images have {} values, not a positive multiple of 3×{}×{}",
-                batch.images.len(),
+                images.len(),
                 v.image_size,
                 v.image_size
             ));
         }
-        let n = batch.images.len() / image_len;
-        if batch.text.len() != n * t.context_length {
+        let n = images.len() / image_len;
+        if text.len() != n * t.context_length {
             return Err(format!(
                 "text has {} ids, {n} captions of context {} need {}",
-                batch.text.len(),
+                text.len(),
                 t.context_length,
                 n * t.context_length
             ));
         }
-        if let Some(i) = batch.text.iter().position(|&id| id as usize >= t.vocab_size) {
+        if let Some(i) = text.iter().position(|&id| id as usize >= t.vocab_size) {
             return Err(format!(
                 "token id {} of caption {} is out of range (vocab_size {})",
-                batch.text[i],
+                text[i],
                 i / t.context_length,
                 t.vocab_size
             ));
         }
-        if let Some(keep) = batch.keep {
+        if let Some(keep) = keep {
             if keep.len() != n {
                 return Err(format!("keep indices are given for {} images, the batch has {n}", keep.len()));
             }
@@ -310,249 +89,855 @@ impl Clip<'_> {
         }
         Ok(n)
     }
+}
 
-    /// Forward pass and loss; the cache feeds `backward`.
-    pub fn forward(&self, p: &Params, batch: &Batch) -> (Output, Cache) {
-        let (image_features, text_features, towers) = self.encode(p, batch);
-        let b = towers.text.tower.shape.batch;
-        let loss = clip_loss(&image_features, &text_features, p.get("logit_scale")[0], b, self.cfg.embed_dim);
-        let out = Output { image_features, text_features, logits_per_image: loss.logits.clone(), loss: loss.loss };
-        (out, Cache { towers, loss_grads: (loss.d_image, loss.d_text, loss.d_logit_scale) })
+/// The sequences of one micro-batch in a tower: `n` of `len` tokens.
+#[derive(Clone, Copy)]
+struct Seqs {
+    n: usize,
+    len: usize,
+}
+
+/// A layer norm's output and statistics.
+#[derive(Clone, Copy)]
+struct NormActs {
+    y: Span,
+    mean: Span,
+    rstd: Span,
+}
+
+/// One block's activations (the residual stream around it lives in `TowerPlan::resid`).
+#[derive(Clone, Copy)]
+struct BlockActs {
+    ln1: NormActs,
+    qkv: Span,
+    probs: Span,
+    attn: Span,
+    mid: Span,
+    ln2: NormActs,
+    fc_pre: Span,
+    act: Span,
+}
+
+/// Spans of one block for `rows` rows and `probs` probabilities, laid out for the largest sizes.
+struct Carver {
+    offset: usize,
+}
+
+impl Carver {
+    fn take(&mut self, max: usize, len: usize) -> Span {
+        let span = Span::new(self.offset, len);
+        self.offset += max;
+        span
     }
+}
 
-    /// Image and text features (projected, not normalized) and what their backward needs; the
-    /// loss is left to the caller (gradient accumulation computes it over several of these).
-    pub fn encode(&self, p: &Params, batch: &Batch) -> (Vec<f32>, Vec<f32>, TowerCaches) {
-        let (image_features, image) = self.image_forward(p, batch);
-        let (text_features, text) = self.text_forward(p, batch);
-        (image_features, text_features, TowerCaches { image, text })
-    }
+/// Where one tower's activations live in the arena, for micro-batches of up to `batch`
+/// sequences of up to `seq` tokens.
+struct TowerPlan {
+    width: usize,
+    mlp: usize,
+    heads: usize,
+    causal: bool,
+    layers: usize,
+    batch: usize,
+    seq: usize,
+    /// The residual stream entering block i, i in 0..=layers (the last: the blocks' output).
+    resid: Span,
+    /// Per-layer activations (one set with gradient checkpointing).
+    blocks: usize,
+    block_size: usize,
+    /// Scratch of the forward (branch outputs) and of backward.
+    branch: Span,
+    dx: Span,
+    d_w: Span,
+    d_fc: Span,
+    dqkv: Span,
+    d_scores: Span,
+}
 
-    /// Image features only (evaluation).
-    pub fn encode_image(&self, p: &Params, images: &[f32]) -> Vec<f32> {
-        self.image_forward(p, &Batch { images, text: &[], keep: None }).0
-    }
-
-    /// Text features only (evaluation).
-    pub fn encode_text(&self, p: &Params, text: &[u32]) -> Vec<f32> {
-        self.text_forward(p, &Batch { images: &[], text, keep: None }).0
-    }
-
-    /// Patch tokens [N, L, W] after the positional embedding (CLS excluded): PGS's token similarity.
-    pub fn patch_tokens(&self, p: &Params, images: &[f32]) -> Vec<f32> {
-        let (w, l) = (self.cfg.vision_cfg.width, self.cfg.patches());
-        let patches = self.patchify(images);
-        let pv = 3 * self.cfg.vision_cfg.patch_size.pow(2);
-        let n = patches.len() / (l * pv);
-        let mut tokens = vec![0.0; n * l * w];
-        linear_forward(&mut tokens, &patches, p.get("visual.conv1.weight"), None, n * l, pv, w);
-        let pos = &p.get("visual.positional_embedding")[w..];
-        tokens.chunks_mut(l * w).for_each(|t| t.iter_mut().zip(pos).for_each(|(x, q)| *x += q));
-        tokens
-    }
-
-    /// Patches [N·L, 3p²] flattened (channel, row, col) as conv1's weight [W, 3, p, p].
-    fn patchify(&self, images: &[f32]) -> Vec<f32> {
-        let v = &self.cfg.vision_cfg;
-        let (ps, size, l) = (v.patch_size, v.image_size, self.cfg.patches());
-        let n = images.len() / (3 * size * size);
-        let cols = size / ps;
-        let pv = 3 * ps * ps;
-        let mut patches = vec![0.0; n * l * pv];
-        for (b, img) in images.chunks(3 * size * size).enumerate() {
-            for j in 0..l {
-                let (y0, x0) = ((j / cols) * ps, (j % cols) * ps);
-                for c in 0..3 {
-                    for r in 0..ps {
-                        let src = c * size * size + (y0 + r) * size + x0;
-                        let dst = (b * l + j) * pv + (c * ps + r) * ps;
-                        patches[dst..dst + ps].copy_from_slice(&img[src..src + ps]);
-                    }
-                }
-            }
-        }
-        patches
-    }
-
-    fn image_forward(&self, p: &Params, batch: &Batch) -> (Vec<f32>, ImageCache) {
-        let v = &self.cfg.vision_cfg;
-        let (w, ps, size, l) = (v.width, v.patch_size, v.image_size, self.cfg.patches());
-        let n = batch.images.len() / (3 * size * size);
-        let pv = 3 * ps * ps;
-        let patches = self.patchify(batch.images);
-        let mut emb = vec![0.0; n * l * w];
-        linear_forward(&mut emb, &patches, p.get("visual.conv1.weight"), None, n * l, pv, w);
-        let keep: Vec<Vec<usize>> = match batch.keep {
-            Some(k) => k.to_vec(),
-            None => vec![(0..l).collect(); n],
+impl TowerPlan {
+    fn new(
+        a: &mut SpanAllocator,
+        (width, mlp, heads, layers, causal): (usize, usize, usize, usize, bool),
+        batch: usize,
+        seq: usize,
+        checkpointing: bool,
+    ) -> TowerPlan {
+        let rows = batch * seq;
+        let mut plan = TowerPlan {
+            width,
+            mlp,
+            heads,
+            causal,
+            layers,
+            batch,
+            seq,
+            resid: a.take((layers + 1) * rows * width),
+            blocks: if checkpointing { 1 } else { layers },
+            block_size: 0,
+            branch: Span::default(),
+            dx: Span::default(),
+            d_w: Span::default(),
+            d_fc: Span::default(),
+            dqkv: Span::default(),
+            d_scores: Span::default(),
         };
-        let seq = 1 + keep.iter().map(Vec::len).max().unwrap_or(0);
-        let (cls, pos) = (p.get("visual.class_embedding"), p.get("visual.positional_embedding"));
-        let mut x0 = vec![0.0; n * seq * w];
-        let mut sources = vec![None; n * seq];
+        let mut sizing = Carver { offset: 0 };
+        plan.carve(&mut sizing, batch, seq);
+        plan.block_size = sizing.offset;
+        // Right after the residual stream: `block` finds them there.
+        a.take(plan.blocks * plan.block_size);
+        plan.branch = a.take(rows * width);
+        plan.dx = a.take(rows * width);
+        plan.d_w = a.take(rows * width);
+        plan.d_fc = a.take(rows * mlp);
+        plan.dqkv = a.take(rows * 3 * width);
+        plan.d_scores = a.take(batch * heads * seq * seq);
+        plan
+    }
+
+    fn carve(&self, c: &mut Carver, batch: usize, seq: usize) -> BlockActs {
+        let (w, m) = (self.width, self.mlp);
+        let (rows_max, rows) = (self.batch * self.seq, batch * seq);
+        let probs_max = self.batch * self.heads * self.seq * self.seq;
+        let norm = |c: &mut Carver| NormActs {
+            y: c.take(rows_max * w, rows * w),
+            mean: c.take(rows_max, rows),
+            rstd: c.take(rows_max, rows),
+        };
+        BlockActs {
+            ln1: norm(c),
+            qkv: c.take(rows_max * 3 * w, rows * 3 * w),
+            probs: c.take(probs_max, batch * self.heads * seq * seq),
+            attn: c.take(rows_max * w, rows * w),
+            mid: c.take(rows_max * w, rows * w),
+            ln2: norm(c),
+            fc_pre: c.take(rows_max * m, rows * m),
+            act: c.take(rows_max * m, rows * m),
+        }
+    }
+
+    /// Block i's activations for `batch` sequences of `seq` tokens.
+    fn block(&self, i: usize, batch: usize, seq: usize) -> BlockActs {
+        let slot = if self.blocks == 1 { 0 } else { i };
+        let mut c = Carver { offset: self.resid.end() + slot * self.block_size };
+        self.carve(&mut c, batch, seq)
+    }
+
+    /// The residual stream entering block i (i = layers: the tower's output), `rows` rows.
+    fn resid(&self, i: usize, rows: usize) -> Span {
+        Span::new(self.resid.offset + i * self.batch * self.seq * self.width, rows * self.width)
+    }
+
+    fn attention(&self, batch: usize, seq: usize) -> AttentionShape {
+        AttentionShape { batch, seq, heads: self.heads, head_dim: self.width / self.heads, causal: self.causal }
+    }
+}
+
+/// Arena spans of the image tower besides its blocks.
+struct ImagePlan {
+    /// [N, 3, H, W], [N·L, 3p²] and [N, L, W] (positional embedding added) for the whole batch:
+    /// the patch embedding is computed once per step, read by PGS's token similarity and by every
+    /// micro-batch.
+    images: Span,
+    patches: Span,
+    tokens: Span,
+    cls: Span,
+    packed: Span,
+    ln_pre: NormActs,
+    ln_post: NormActs,
+    d_post: Span,
+    d_packed: Span,
+    d_tokens: Span,
+    tower: TowerPlan,
+}
+
+struct TextPlan {
+    ln_final: NormActs,
+    pooled: Span,
+    d_pooled: Span,
+    d_ln: Span,
+    tower: TowerPlan,
+}
+
+/// The batch-wide features, the loss and its gradients.
+struct LossPlan {
+    image: Span,
+    text: Span,
+    d_image: Span,
+    d_text: Span,
+    logits: Span,
+    loss: Span,
+    d_logit_scale: Span,
+    workspace: Span,
+}
+
+/// Index spans (the u32 arena).
+struct IndexPlan {
+    kept: Span,
+    kept_len: Span,
+    lengths: Span,
+    ids: Span,
+    eot: Span,
+}
+
+/// The kept patches of a batch.
+pub enum Keep<'a> {
+    All,
+    /// Per image its ascending indices.
+    Lists(&'a [Vec<usize>]),
+    /// PGS/FLIP masks as the mask ops return them.
+    Masks(&'a clip_pgs_host::ops::pgs::Masks),
+}
+
+/// Buffers for one batch size: the activation arena and the index arena, with their plans.
+pub struct Workspace {
+    /// The largest batch, and the largest micro-batch.
+    pub batch: usize,
+    pub micro: usize,
+    /// Samples loaded.
+    pub n: usize,
+    /// Image sequence length of the loaded batch (1 + most kept patches).
+    seq: usize,
+    image: ImagePlan,
+    text: TextPlan,
+    loss: LossPlan,
+    index: IndexPlan,
+    f32s: Buffer<f32>,
+    u32s: Buffer<u32>,
+}
+
+/// What the forward pass gave for the loaded batch.
+pub struct Output {
+    pub image_features: Vec<f32>,
+    pub text_features: Vec<f32>,
+    pub logits_per_image: Vec<f32>,
+    pub loss: f32,
+}
+
+fn host_mut<'a, T>(v: ViewMut<'a, T>) -> Result<&'a mut [T]> {
+    match v {
+        ViewMut::Cpu(s) | ViewMut::Emu(s) => Ok(s),
+        ViewMut::Cuda(_) => Err(clip_pgs_host::Error::Unsupported("host writes into cuda views".into())),
+    }
+}
+
+fn host<'a, T>(v: View<'a, T>) -> Result<&'a [T]> {
+    match v {
+        View::Cpu(s) | View::Emu(s) => Ok(s),
+        View::Cuda(_) => Err(clip_pgs_host::Error::Unsupported("host reads of cuda views".into())),
+    }
+}
+
+impl Workspace {
+    /// Arenas for batches of up to `batch` images and captions in micro-batches of up to `micro`.
+    pub fn new(clip: &Clip, device: &Device, batch: usize, micro: usize) -> Result<Workspace> {
+        let cfg = &clip.cfg;
+        let (v, t) = (&cfg.vision_cfg, &cfg.text_cfg);
+        let (l, e, ctx) = (cfg.patches(), cfg.embed_dim, t.context_length);
+        let (wv, wt) = (v.width, t.width);
+        let ckpt = clip.grad_checkpointing;
+        let mut a = SpanAllocator::default();
+        let rows = micro * (l + 1);
+        let image = ImagePlan {
+            images: a.take(batch * 3 * v.image_size * v.image_size),
+            patches: a.take(batch * l * 3 * v.patch_size * v.patch_size),
+            tokens: a.take(batch * l * wv),
+            cls: a.take(wv),
+            packed: a.take(rows * wv),
+            ln_pre: NormActs { y: Span::default(), mean: a.take(rows), rstd: a.take(rows) },
+            ln_post: NormActs { y: a.take(rows * wv), mean: a.take(rows), rstd: a.take(rows) },
+            d_post: a.take(rows * wv),
+            d_packed: a.take(rows * wv),
+            d_tokens: a.take(micro * l * wv),
+            tower: TowerPlan::new(
+                &mut a,
+                (wv, cfg.vision_mlp_width(), cfg.vision_heads(), v.layers, false),
+                micro,
+                l + 1,
+                ckpt,
+            ),
+        };
+        let trows = micro * ctx;
+        let text = TextPlan {
+            ln_final: NormActs { y: a.take(trows * wt), mean: a.take(trows), rstd: a.take(trows) },
+            pooled: a.take(micro * wt),
+            d_pooled: a.take(micro * wt),
+            d_ln: a.take(trows * wt),
+            tower: TowerPlan::new(&mut a, (wt, cfg.text_mlp_width(), t.heads, t.layers, true), micro, ctx, ckpt),
+        };
+        let loss = LossPlan {
+            image: a.take(batch * e),
+            text: a.take(batch * e),
+            d_image: a.take(batch * e),
+            d_text: a.take(batch * e),
+            logits: a.take(batch * batch),
+            loss: a.take(1),
+            d_logit_scale: a.take(1),
+            workspace: a.take(clip_loss_workspace(batch, e)),
+        };
+        let mut ia = SpanAllocator::default();
+        let index = IndexPlan {
+            kept: ia.take(batch * l),
+            kept_len: ia.take(batch),
+            lengths: ia.take(micro),
+            ids: ia.take(batch * ctx),
+            eot: ia.take(micro),
+        };
+        let f32s = device.alloc_zeros(a.len, "the activation arena")?;
+        let u32s = device.alloc_zeros(ia.len, "the index arena")?;
+        Ok(Workspace { batch, micro, n: 0, seq: l + 1, image, text, loss, index, f32s, u32s })
+    }
+
+    /// Bytes of both arenas.
+    pub fn bytes(&self) -> usize {
+        4 * (self.f32s.len() + self.u32s.len())
+    }
+
+    /// Copies a checked batch into the arenas (images, captions; every patch kept until
+    /// `set_keep`). `text` may be empty (images only: evaluation).
+    pub fn load(&mut self, clip: &Clip, images: &[f32], text: &[u32]) -> Result<usize, String> {
+        let image_len = 3 * clip.cfg.vision_cfg.image_size.pow(2);
+        let n = images.len() / image_len.max(1);
+        if n == 0 || n > self.batch || images.len() != n * image_len {
+            return Err(format!("{} image values are not 1 to {} images of {image_len}", images.len(), self.batch));
+        }
+        if !text.is_empty() {
+            clip.check_batch(images, text, None)?;
+        }
+        let err = |e: clip_pgs_host::Error| e.to_string();
+        let ([], [img]) = self.f32s.split([], [self.image.images.prefix(images.len())]).map_err(err)?;
+        host_mut(img).map_err(err)?.copy_from_slice(images);
+        let ([], [ids]) = self.u32s.split([], [self.index.ids.prefix(text.len())]).map_err(err)?;
+        host_mut(ids).map_err(err)?.copy_from_slice(text);
+        self.n = n;
+        self.set_keep(clip, Keep::All)
+    }
+
+    /// The kept patches of the loaded batch.
+    pub fn set_keep(&mut self, clip: &Clip, keep: Keep) -> Result<usize, String> {
+        let (n, l) = (self.n, clip.cfg.patches());
+        let err = |e: clip_pgs_host::Error| e.to_string();
+        let count = match keep {
+            Keep::All => n,
+            Keep::Lists(k) => k.len(),
+            Keep::Masks(m) => m.images.len(),
+        };
+        if count != n {
+            return Err(format!("keep indices are given for {count} images, the batch has {n}"));
+        }
+        let ([], [kept, kept_len]) =
+            self.u32s.split([], [self.index.kept.prefix(n * l), self.index.kept_len.prefix(n)]).map_err(err)?;
+        let (kept, kept_len) = (host_mut(kept).map_err(err)?, host_mut(kept_len).map_err(err)?);
+        // The gather op checks the indices (below L, ascending); here only that they fit a row.
+        let fill = |row: &mut [u32], indices: &mut dyn ExactSizeIterator<Item = usize>| -> Result<u32, String> {
+            if indices.len() > l {
+                return Err(format!("{} keep indices for {l} patches", indices.len()));
+            }
+            let len = indices.len() as u32;
+            row.iter_mut().zip(indices).for_each(|(slot, j)| *slot = j as u32);
+            Ok(len)
+        };
         for b in 0..n {
-            for (r, src) in std::iter::once(0).chain(keep[b].iter().map(|&j| j + 1)).enumerate() {
-                let row = &mut x0[(b * seq + r) * w..(b * seq + r + 1) * w];
-                let token = if src == 0 { cls } else { &emb[(b * l + src - 1) * w..(b * l + src) * w] };
-                for k in 0..w {
-                    row[k] = token[k] + pos[src * w + k];
-                }
-                sources[b * seq + r] = Some((b, src));
-            }
+            let row = &mut kept[b * l..(b + 1) * l];
+            kept_len[b] = match keep {
+                Keep::All => fill(row, &mut (0..l))?,
+                Keep::Lists(k) => fill(row, &mut k[b].iter().copied())?,
+                Keep::Masks(m) => fill(row, &mut m.images[b].kept.iter().map(|&j| j as usize))?,
+            };
         }
-        let lengths: Vec<usize> = keep.iter().map(|k| k.len() + 1).collect();
-        let tower = Tower {
-            prefix: "visual.transformer",
-            width: w,
-            mlp: self.cfg.vision_mlp_width(),
-            shape: AttentionShape {
-                batch: n,
-                seq,
-                heads: self.cfg.vision_heads(),
-                head_dim: v.head_width,
-                causal: false,
-            },
-        };
-        let ln_pre = norm(p, "visual.ln_pre", &x0, w);
-        let mut x = ln_pre.y.clone();
-        let padded = lengths.iter().any(|&len| len < seq);
-        let blocks = tower.blocks_forward(p, v.layers, &mut x, padded.then_some(&lengths[..]), self.grad_checkpointing);
-        let cls_rows: Vec<f32> = (0..n).flat_map(|b| x[b * seq * w..(b * seq + 1) * w].to_vec()).collect();
-        let ln_post = norm(p, "visual.ln_post", &cls_rows, w);
-        let mut features = vec![0.0; n * self.cfg.embed_dim];
-        matmul(
-            &mut features,
-            MatRef::new(&ln_post.y, n, w),
-            MatRef::new(p.get("visual.proj"), w, self.cfg.embed_dim),
-            false,
-        );
-        (features, ImageCache { patches, sources, x0, ln_pre, blocks, cls: cls_rows, ln_post, tower })
+        self.seq = 1 + kept_len.iter().max().copied().unwrap_or(0) as usize;
+        Ok(n)
+    }
+}
+
+/// One pass over the model: the device, the model and its parameters.
+pub struct Pass<'a> {
+    pub device: &'a Device,
+    pub clip: &'a Clip,
+    pub params: &'a Buffer<f32>,
+}
+
+impl Pass<'_> {
+    fn norm(&self, f: &mut Buffer<f32>, out: NormActs, x: Span, w: NormWeights, dim: usize) -> Result<()> {
+        let ([x], [y, mean, rstd]) = f.split([x], [out.y, out.mean, out.rstd])?;
+        let [gamma, beta] = self.params.views([w.weight, w.bias])?;
+        layernorm_forward(self.device, NormOut { y, mean, rstd }, x, gamma, beta, dim)
     }
 
-    fn text_forward(&self, p: &Params, batch: &Batch) -> (Vec<f32>, TextCache) {
-        let t = &self.cfg.text_cfg;
-        let (w, ctx) = (t.width, t.context_length);
-        let n = batch.text.len() / ctx;
-        let (tok, pos) = (p.get("token_embedding.weight"), p.get("positional_embedding"));
-        let mut x = vec![0.0; n * ctx * w];
-        for (r, &id) in batch.text.iter().enumerate() {
-            let id = id as usize;
-            for k in 0..w {
-                x[r * w + k] = tok[id * w + k] + pos[(r % ctx) * w + k];
-            }
-        }
-        let tower = Tower {
-            prefix: "transformer",
-            width: w,
-            mlp: self.cfg.text_mlp_width(),
-            shape: AttentionShape { batch: n, seq: ctx, heads: t.heads, head_dim: w / t.heads, causal: true },
-        };
-        let blocks = tower.blocks_forward(p, t.layers, &mut x, None, self.grad_checkpointing);
-        let ln_final = norm(p, "ln_final", &x, w);
-        // The EOT token: the first position of the largest id, as torch.argmax.
-        let eot: Vec<usize> = batch
-            .text
-            .chunks(ctx)
-            .map(|ids| (0..ctx).fold(0, |best, i| if ids[i] > ids[best] { i } else { best }))
-            .collect();
-        let pooled: Vec<f32> = eot
-            .iter()
-            .enumerate()
-            .flat_map(|(b, &i)| ln_final.y[(b * ctx + i) * w..(b * ctx + i + 1) * w].to_vec())
-            .collect();
-        let mut features = vec![0.0; n * self.cfg.embed_dim];
-        matmul(
-            &mut features,
-            MatRef::new(&pooled, n, w),
-            MatRef::new(p.get("text_projection"), w, self.cfg.embed_dim),
-            false,
-        );
-        (features, TextCache { blocks, last: x, ln_final, eot, tower })
+    fn linear(&self, f: &mut Buffer<f32>, y: Span, x: Span, weight: Span, bias: Span, s: LinearShape) -> Result<()> {
+        let ([x], [y]) = f.split([x], [y])?;
+        let [w, b] = self.params.views([weight, bias])?;
+        linear_forward(self.device, y, x, w, Epilogue::Bias(b), s)
     }
 
-    /// Gradients of the loss for every parameter, written over `g` (shaped as `Params::zeros`).
-    /// Reusing `g` across steps matters: a fresh 600 MB gradient set per ViT-B/16 step costs more
-    /// in page faults than the backward GEMMs.
-    pub fn backward(&self, p: &Params, batch: &Batch, cache: &Cache, g: &mut Params) {
-        g.set_zero();
-        let (d_img, d_txt, d_scale) = &cache.loss_grads;
-        g.get_mut("logit_scale")[0] = *d_scale;
-        self.backward_towers(p, batch, &cache.towers, d_img, d_txt, g);
-    }
-
-    /// Adds to `g` the gradients that the feature gradients `d_image`, `d_text` [B, E] send
-    /// through both towers (the logit scale's gradient is the caller's).
-    pub fn backward_towers(
+    #[allow(clippy::too_many_arguments)]
+    fn norm_backward(
         &self,
-        p: &Params,
-        batch: &Batch,
-        towers: &TowerCaches,
-        d_image: &[f32],
-        d_text: &[f32],
-        g: &mut Params,
-    ) {
-        self.image_backward(p, g, d_image, &towers.image);
-        self.text_backward(p, g, batch, d_text, &towers.text);
+        f: &mut Buffer<f32>,
+        g: &mut Buffer<f32>,
+        dx: Span,
+        dy: Span,
+        x: Span,
+        saved: NormActs,
+        w: NormWeights,
+        dim: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let ([dy, x, mean, rstd], [dx]) = f.split([dy, x, saved.mean, saved.rstd], [dx])?;
+        let [gamma] = self.params.views([w.weight])?;
+        let ([], [dgamma, dbeta]) = g.split([], [w.weight, w.bias])?;
+        layernorm_backward(self.device, dx, dgamma, dbeta, dy, NormSaved { x, mean, rstd }, gamma, dim, accumulate)
     }
 
-    fn image_backward(&self, p: &Params, g: &mut Params, d_features: &[f32], c: &ImageCache) {
-        let (w, e) = (self.cfg.vision_cfg.width, self.cfg.embed_dim);
-        let (n, seq) = (c.tower.shape.batch, c.tower.shape.seq);
-        matmul(g.get_mut("visual.proj"), MatRef::new(&c.ln_post.y, n, w).t(), MatRef::new(d_features, n, e), true);
-        let mut d_post = vec![0.0; n * w];
-        matmul(&mut d_post, MatRef::new(d_features, n, e), MatRef::new(p.get("visual.proj"), w, e).t(), false);
-        let d_cls = norm_backward(p, g, "visual.ln_post", &d_post, &c.cls, &c.ln_post, w);
-        let mut dx = vec![0.0; n * seq * w];
-        for b in 0..n {
-            dx[b * seq * w..(b * seq + 1) * w].copy_from_slice(&d_cls[b * w..(b + 1) * w]);
-        }
-        c.tower.blocks_backward(p, g, &mut dx, &c.blocks);
-        let dx0 = norm_backward(p, g, "visual.ln_pre", &dx, &c.x0, &c.ln_pre, w);
-        let l = self.cfg.patches();
-        let pv = 3 * self.cfg.vision_cfg.patch_size.pow(2);
-        let mut d_emb = vec![0.0; n * l * w];
-        for (r, src) in c.sources.iter().enumerate() {
-            let Some((b, s)) = *src else { continue };
-            let d = &dx0[r * w..(r + 1) * w];
-            g.get_mut("visual.positional_embedding")[s * w..(s + 1) * w].iter_mut().zip(d).for_each(|(a, b)| *a += b);
-            if s == 0 {
-                g.get_mut("visual.class_embedding").iter_mut().zip(d).for_each(|(a, b)| *a += b);
-            } else {
-                d_emb[(b * l + s - 1) * w..(b * l + s) * w].copy_from_slice(d);
+    /// dx (overwritten) and the weight's and bias's gradients (accumulated) of a linear layer;
+    /// `gelu_pre`: dx is taken through the GELU of the layer before (DGELU).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        f: &mut Buffer<f32>,
+        g: &mut Buffer<f32>,
+        dx: Span,
+        dy: Span,
+        x: Span,
+        (weight, bias): (Span, Span),
+        gelu_pre: Option<Span>,
+        s: LinearShape,
+    ) -> Result<()> {
+        let [w] = self.params.views([weight])?;
+        let ([], [dw, db]) = g.split([], [weight, bias])?;
+        match gelu_pre {
+            Some(pre) => {
+                let ([dy, x, pre], [dx]) = f.split([dy, x, pre], [dx])?;
+                let grads = LinearGrads { dx: Some(dx), dw, db: Some(db) };
+                linear_backward_gelu(self.device, grads, dy, x, w, Some(pre), s)
+            }
+            None => {
+                let ([dy, x], [dx]) = f.split([dy, x], [dx])?;
+                linear_backward(self.device, LinearGrads { dx: Some(dx), dw, db: Some(db) }, dy, x, w, s)
             }
         }
-        let dw = g.get_mut("visual.conv1.weight");
-        linear_backward(None, dw, None, &d_emb, &c.patches, p.get("visual.conv1.weight"), n * l, pv, w);
     }
 
-    fn text_backward(&self, p: &Params, g: &mut Params, batch: &Batch, d_features: &[f32], c: &TextCache) {
-        let (w, e, ctx) = (self.cfg.text_cfg.width, self.cfg.embed_dim, self.cfg.text_cfg.context_length);
-        let n = c.tower.shape.batch;
-        let pooled: Vec<f32> = c
-            .eot
-            .iter()
-            .enumerate()
-            .flat_map(|(b, &i)| c.ln_final.y[(b * ctx + i) * w..(b * ctx + i + 1) * w].to_vec())
-            .collect();
-        matmul(g.get_mut("text_projection"), MatRef::new(&pooled, n, w).t(), MatRef::new(d_features, n, e), true);
-        let mut d_pooled = vec![0.0; n * w];
-        matmul(&mut d_pooled, MatRef::new(d_features, n, e), MatRef::new(p.get("text_projection"), w, e).t(), false);
-        let mut d_ln = vec![0.0; n * ctx * w];
-        for (b, &i) in c.eot.iter().enumerate() {
-            d_ln[(b * ctx + i) * w..(b * ctx + i + 1) * w].copy_from_slice(&d_pooled[b * w..(b + 1) * w]);
+    /// x ← x + attn(ln_1(x)); x ← x + mlp(ln_2(x)): block i from the residual stream i to i + 1.
+    fn block_forward(
+        &self,
+        t: &TowerPlan,
+        f: &mut Buffer<f32>,
+        bw: &BlockWeights,
+        i: usize,
+        Seqs { n, len: seq }: Seqs,
+        lengths: Option<View<u32>>,
+    ) -> Result<()> {
+        let (a, rows, w, m) = (t.block(i, n, seq), n * seq, t.width, t.mlp);
+        let (input, output, branch) = (t.resid(i, rows), t.resid(i + 1, rows), t.branch.prefix(rows * w));
+        self.norm(f, a.ln1, input, bw.ln_1, w)?;
+        self.linear(
+            f,
+            a.qkv,
+            a.ln1.y,
+            bw.in_proj_weight,
+            bw.in_proj_bias,
+            LinearShape { rows, inputs: w, outputs: 3 * w },
+        )?;
+        {
+            let ([qkv], [out, probs]) = f.split([a.qkv], [a.attn, a.probs])?;
+            attention_forward(self.device, out, probs, qkv, lengths, t.attention(n, seq))?;
         }
-        let mut dx = norm_backward(p, g, "ln_final", &d_ln, &c.last, &c.ln_final, w);
-        c.tower.blocks_backward(p, g, &mut dx, &c.blocks);
-        for (r, &id) in batch.text.iter().enumerate() {
-            let d = &dx[r * w..(r + 1) * w];
-            g.get_mut("token_embedding.weight")[id as usize * w..(id as usize + 1) * w]
-                .iter_mut()
-                .zip(d)
-                .for_each(|(a, b)| *a += b);
-            g.get_mut("positional_embedding")[(r % ctx) * w..(r % ctx + 1) * w]
-                .iter_mut()
-                .zip(d)
-                .for_each(|(a, b)| *a += b);
+        self.linear(
+            f,
+            branch,
+            a.attn,
+            bw.out_proj_weight,
+            bw.out_proj_bias,
+            LinearShape { rows, inputs: w, outputs: w },
+        )?;
+        {
+            let ([x, attn], [mid, y, mean, rstd]) =
+                f.split([input, branch], [a.mid, a.ln2.y, a.ln2.mean, a.ln2.rstd])?;
+            let [gamma, beta] = self.params.views([bw.ln_2.weight, bw.ln_2.bias])?;
+            add_layernorm_forward(self.device, mid, NormOut { y, mean, rstd }, x, attn, gamma, beta, w)?;
         }
+        {
+            let ([x], [act, pre]) = f.split([a.ln2.y], [a.act, a.fc_pre])?;
+            let [weight, bias] = self.params.views([bw.c_fc_weight, bw.c_fc_bias])?;
+            linear_forward(
+                self.device,
+                act,
+                x,
+                weight,
+                Epilogue::BiasGelu { bias, pre },
+                LinearShape { rows, inputs: w, outputs: m },
+            )?;
+        }
+        self.linear(f, branch, a.act, bw.c_proj_weight, bw.c_proj_bias, LinearShape { rows, inputs: m, outputs: w })?;
+        let ([mid, mlp], [out]) = f.split([a.mid, branch], [output])?;
+        add(self.device, out, mid, mlp)
+    }
+
+    /// dx: the gradient at block i's output in, at its input out (the tower's `dx` span).
+    fn block_backward(
+        &self,
+        t: &TowerPlan,
+        f: &mut Buffer<f32>,
+        g: &mut Buffer<f32>,
+        bw: &BlockWeights,
+        i: usize,
+        Seqs { n, len: seq }: Seqs,
+    ) -> Result<()> {
+        let (a, rows, w, m) = (t.block(i, n, seq), n * seq, t.width, t.mlp);
+        let (dx, d_w, d_fc) = (t.dx.prefix(rows * w), t.d_w.prefix(rows * w), t.d_fc.prefix(rows * m));
+        let dqkv = t.dqkv.prefix(rows * 3 * w);
+        // MLP branch.
+        let c_proj = (bw.c_proj_weight, bw.c_proj_bias);
+        self.linear_backward(
+            f,
+            g,
+            d_fc,
+            dx,
+            a.act,
+            c_proj,
+            Some(a.fc_pre),
+            LinearShape { rows, inputs: m, outputs: w },
+        )?;
+        let c_fc = (bw.c_fc_weight, bw.c_fc_bias);
+        self.linear_backward(f, g, d_w, d_fc, a.ln2.y, c_fc, None, LinearShape { rows, inputs: w, outputs: m })?;
+        self.norm_backward(f, g, dx, d_w, a.mid, a.ln2, bw.ln_2, w, true)?;
+        // Attention branch.
+        let out_proj = (bw.out_proj_weight, bw.out_proj_bias);
+        self.linear_backward(f, g, d_w, dx, a.attn, out_proj, None, LinearShape { rows, inputs: w, outputs: w })?;
+        {
+            let shape = t.attention(n, seq);
+            let ([dout, qkv, probs], [dqkv, scratch]) =
+                f.split([d_w, a.qkv, a.probs], [dqkv, t.d_scores.prefix(shape.probs_len())])?;
+            attention_backward(self.device, dqkv, scratch, dout, qkv, probs, shape)?;
+        }
+        let in_proj = (bw.in_proj_weight, bw.in_proj_bias);
+        self.linear_backward(f, g, d_w, dqkv, a.ln1.y, in_proj, None, LinearShape { rows, inputs: w, outputs: 3 * w })?;
+        self.norm_backward(f, g, dx, d_w, t.resid(i, rows), a.ln1, bw.ln_1, w, true)
+    }
+
+    fn blocks_forward(
+        &self,
+        t: &TowerPlan,
+        f: &mut Buffer<f32>,
+        blocks: &[BlockWeights],
+        seqs: Seqs,
+        lengths: Option<View<u32>>,
+    ) -> Result<()> {
+        for (i, bw) in blocks.iter().enumerate() {
+            self.block_forward(t, f, bw, i, seqs, lengths)?;
+        }
+        Ok(())
+    }
+
+    /// Backward through every block; with gradient checkpointing each block's activations are
+    /// recomputed from its input first.
+    fn blocks_backward(
+        &self,
+        t: &TowerPlan,
+        f: &mut Buffer<f32>,
+        g: &mut Buffer<f32>,
+        blocks: &[BlockWeights],
+        seqs: Seqs,
+        lengths: Option<View<u32>>,
+    ) -> Result<()> {
+        for (i, bw) in blocks.iter().enumerate().rev() {
+            // The slot holds the last block's activations from forward.
+            if t.blocks == 1 && i + 1 < t.layers {
+                self.block_forward(t, f, bw, i, seqs, lengths)?;
+            }
+            self.block_backward(t, f, g, bw, i, seqs)?;
+        }
+        Ok(())
+    }
+}
+
+impl Workspace {
+    /// The patch embedding of the whole loaded batch: patches, tokens = patches·conv1ᵀ + pos[1..],
+    /// and the CLS row class_embedding + pos[0].
+    pub fn embed_patches(&mut self, pass: &Pass) -> Result<()> {
+        let v = &pass.clip.cfg.vision_cfg;
+        let (n, l, w) = (self.n, pass.clip.cfg.patches(), v.width);
+        let pv = 3 * v.patch_size * v.patch_size;
+        let (im, f, dev, wt) = (&self.image, &mut self.f32s, pass.device, &pass.clip.weights);
+        let (patches, tokens) = (im.patches.prefix(n * l * pv), im.tokens.prefix(n * l * w));
+        {
+            let ([images], [patches]) = f.split([im.images.prefix(n * 3 * v.image_size * v.image_size)], [patches])?;
+            patchify(dev, patches, images, v.image_size, v.patch_size)?;
+        }
+        {
+            let ([patches], [tokens]) = f.split([patches], [tokens])?;
+            let [conv1] = pass.params.views([wt.conv1])?;
+            linear_forward(
+                dev,
+                tokens,
+                patches,
+                conv1,
+                Epilogue::None,
+                LinearShape { rows: n * l, inputs: pv, outputs: w },
+            )?;
+        }
+        let pos = wt.visual_positional_embedding;
+        let [pos_cls, pos_patches, class] =
+            pass.params.views([pos.part(0, w), pos.part(w, l * w), wt.class_embedding])?;
+        let ([], [tokens, cls]) = f.split([], [tokens, im.cls])?;
+        add_assign(dev, tokens, pos_patches)?;
+        add(dev, cls, class, pos_cls)
+    }
+
+    /// The patch tokens [n, L, W] of the loaded batch on the host (CPU device): PGS's token
+    /// similarity reads them.
+    pub fn patch_tokens(&self, clip: &Clip) -> Result<&[f32]> {
+        let len = self.n * clip.cfg.patches() * clip.cfg.vision_cfg.width;
+        host(self.f32s.views([self.image.tokens.prefix(len)])?[0])
+    }
+
+    /// The image features of samples `start .. start + n` into the batch's feature rows.
+    fn image_forward(&mut self, pass: &Pass, start: usize, n: usize) -> Result<()> {
+        let cfg = &pass.clip.cfg;
+        let (l, w, e, seq) = (cfg.patches(), cfg.vision_cfg.width, cfg.embed_dim, self.seq);
+        let (im, ix, rows, dev, wt) = (&self.image, &self.index, n * seq, pass.device, &pass.clip.weights);
+        let f = &mut self.f32s;
+        let t = &im.tower;
+        {
+            let ([tokens, cls], [packed]) =
+                f.split([im.tokens.part(start * l * w, n * l * w), im.cls], [im.packed.prefix(rows * w)])?;
+            let ([kept, kept_len], [lengths]) = self
+                .u32s
+                .split([ix.kept.part(start * l, n * l), ix.kept_len.part(start, n)], [ix.lengths.prefix(n)])?;
+            let shape = GatherShape { images: n, patches: l, dim: w, rows: seq };
+            gather(dev, packed, lengths, tokens, cls, KeptIndices { kept, kept_len }, shape)?;
+        }
+        let ln_pre =
+            NormActs { y: t.resid(0, rows), mean: im.ln_pre.mean.prefix(rows), rstd: im.ln_pre.rstd.prefix(rows) };
+        pass.norm(f, ln_pre, im.packed.prefix(rows * w), wt.ln_pre, w)?;
+        let [lengths] = self.u32s.views([ix.lengths.prefix(n)])?;
+        pass.blocks_forward(t, f, &wt.visual_blocks, Seqs { n, len: seq }, Some(lengths))?;
+        let ln_post = NormActs {
+            y: im.ln_post.y.prefix(rows * w),
+            mean: im.ln_post.mean.prefix(rows),
+            rstd: im.ln_post.rstd.prefix(rows),
+        };
+        pass.norm(f, ln_post, t.resid(t.layers, rows), wt.ln_post, w)?;
+        let ([y], [features]) = f.split([ln_post.y], [self.loss.image.part(start * e, n * e)])?;
+        let [proj] = pass.params.views([wt.visual_proj])?;
+        // CLS is row 0 of each sequence: the rows seq·W apart.
+        matmul(dev, Mat::new(features, n, e), Mat::new(y, n, w).row_stride(seq * w), Mat::new(proj, w, e), false)
+    }
+
+    fn text_forward(&mut self, pass: &Pass, start: usize, n: usize) -> Result<()> {
+        let cfg = &pass.clip.cfg;
+        let (w, e, ctx) = (cfg.text_cfg.width, cfg.embed_dim, cfg.text_cfg.context_length);
+        let (tp, ix, rows, dev, wt) = (&self.text, &self.index, n * ctx, pass.device, &pass.clip.weights);
+        let (f, t) = (&mut self.f32s, &tp.tower);
+        {
+            let ([], [x]) = f.split([], [t.resid(0, rows)])?;
+            let [ids] = self.u32s.views([ix.ids.part(start * ctx, rows)])?;
+            let [table, pos] = pass.params.views([wt.token_embedding, wt.positional_embedding])?;
+            embedding_forward(dev, x, ids, table, pos, w)?;
+        }
+        pass.blocks_forward(t, f, &wt.text_blocks, Seqs { n, len: ctx }, None)?;
+        let ln = NormActs {
+            y: tp.ln_final.y.prefix(rows * w),
+            mean: tp.ln_final.mean.prefix(rows),
+            rstd: tp.ln_final.rstd.prefix(rows),
+        };
+        pass.norm(f, ln, t.resid(t.layers, rows), wt.ln_final, w)?;
+        {
+            let ([ids], [eot]) = self.u32s.split([ix.ids.part(start * ctx, rows)], [ix.eot.prefix(n)])?;
+            eot_rows(dev, eot, ids, ctx)?;
+        }
+        let [eot] = self.u32s.views([ix.eot.prefix(n)])?;
+        {
+            let ([y], [pooled]) = f.split([ln.y], [tp.pooled.prefix(n * w)])?;
+            gather_rows(dev, pooled, y, eot, w)?;
+        }
+        let ([pooled], [features]) = f.split([tp.pooled.prefix(n * w)], [self.loss.text.part(start * e, n * e)])?;
+        let [proj] = pass.params.views([wt.text_projection])?;
+        matmul(dev, Mat::new(features, n, e), Mat::new(pooled, n, w), Mat::new(proj, w, e), false)
+    }
+
+    /// Both towers' features of samples `start .. start + n`.
+    pub fn encode(&mut self, pass: &Pass, start: usize, n: usize) -> Result<()> {
+        self.image_forward(pass, start, n)?;
+        self.text_forward(pass, start, n)
+    }
+
+    /// The contrastive loss over the whole loaded batch's features (and their gradients).
+    pub fn loss(&mut self, pass: &Pass) -> Result<f32> {
+        let (n, e, lp) = (self.n, pass.clip.cfg.embed_dim, &self.loss);
+        let ([image, text], [loss, logits, d_image, d_text, d_logit_scale, workspace]) = self.f32s.split(
+            [lp.image.prefix(n * e), lp.text.prefix(n * e)],
+            [
+                lp.loss,
+                lp.logits.prefix(n * n),
+                lp.d_image.prefix(n * e),
+                lp.d_text.prefix(n * e),
+                lp.d_logit_scale,
+                lp.workspace.prefix(clip_loss_workspace(n, e)),
+            ],
+        )?;
+        let [scale] = pass.params.views([pass.clip.weights.logit_scale])?;
+        let out = ClipLossOut { loss, logits, d_image, d_text, d_logit_scale };
+        clip_loss(pass.device, out, image, text, scale, workspace, n, e)?;
+        let mut loss = [0.0f32];
+        self.f32s.read(lp.loss, &mut loss)?;
+        Ok(loss[0])
+    }
+
+    /// Adds the logit scale's gradient from the last `loss` to `g`.
+    pub fn logit_scale_backward(&mut self, pass: &Pass, g: &mut Buffer<f32>) -> Result<()> {
+        let [d] = self.f32s.views([self.loss.d_logit_scale])?;
+        let ([], [gs]) = g.split([], [pass.clip.weights.logit_scale])?;
+        add_assign(pass.device, gs, d)
+    }
+
+    /// Adds to `g` what the feature gradients of samples `start .. start + n` send through both
+    /// towers; their activations are the last `encode`'s of these samples.
+    pub fn backward(&mut self, pass: &Pass, g: &mut Buffer<f32>, start: usize, n: usize) -> Result<()> {
+        self.image_backward(pass, g, start, n)?;
+        self.text_backward(pass, g, start, n)
+    }
+
+    fn image_backward(&mut self, pass: &Pass, g: &mut Buffer<f32>, start: usize, n: usize) -> Result<()> {
+        let cfg = &pass.clip.cfg;
+        let (l, w, e, seq) = (cfg.patches(), cfg.vision_cfg.width, cfg.embed_dim, self.seq);
+        let (im, ix, rows, dev, wt) = (&self.image, &self.index, n * seq, pass.device, &pass.clip.weights);
+        let (f, t) = (&mut self.f32s, &im.tower);
+        let d_features = self.loss.d_image.part(start * e, n * e);
+        let post_y = im.ln_post.y.prefix(rows * w);
+        {
+            let ([y, df], []) = f.split([post_y, d_features], [])?;
+            let ([], [d_proj]) = g.split([], [wt.visual_proj])?;
+            matmul(dev, Mat::new(d_proj, w, e), Mat::new(y, n, w).row_stride(seq * w).t(), Mat::new(df, n, e), true)?;
+        }
+        {
+            let ([], [d_post]) = f.split([], [im.d_post.prefix(rows * w)])?;
+            fill(dev, d_post, 0.0)?;
+        }
+        {
+            let ([df], [d_post]) = f.split([d_features], [im.d_post.prefix(rows * w)])?;
+            let [proj] = pass.params.views([wt.visual_proj])?;
+            matmul(
+                dev,
+                Mat::new(d_post, n, w).row_stride(seq * w),
+                Mat::new(df, n, e),
+                Mat::new(proj, w, e).t(),
+                false,
+            )?;
+        }
+        let ln_post = NormActs { y: post_y, mean: im.ln_post.mean.prefix(rows), rstd: im.ln_post.rstd.prefix(rows) };
+        let dx = t.dx.prefix(rows * w);
+        pass.norm_backward(
+            f,
+            g,
+            dx,
+            im.d_post.prefix(rows * w),
+            t.resid(t.layers, rows),
+            ln_post,
+            wt.ln_post,
+            w,
+            false,
+        )?;
+        let [lengths] = self.u32s.views([ix.lengths.prefix(n)])?;
+        pass.blocks_backward(t, f, g, &wt.visual_blocks, Seqs { n, len: seq }, Some(lengths))?;
+        let ln_pre =
+            NormActs { y: t.resid(0, rows), mean: im.ln_pre.mean.prefix(rows), rstd: im.ln_pre.rstd.prefix(rows) };
+        let d_packed = im.d_packed.prefix(rows * w);
+        pass.norm_backward(f, g, d_packed, dx, im.packed.prefix(rows * w), ln_pre, wt.ln_pre, w, false)?;
+        {
+            let ([d_packed], [d_tokens]) = f.split([d_packed], [im.d_tokens.prefix(n * l * w)])?;
+            let ([], [d_cls, d_pos]) = g.split([], [wt.class_embedding, wt.visual_positional_embedding])?;
+            let [kept, kept_len] = self.u32s.views([ix.kept.part(start * l, n * l), ix.kept_len.part(start, n)])?;
+            let shape = GatherShape { images: n, patches: l, dim: w, rows: seq };
+            gather_backward(dev, d_tokens, d_cls, d_pos, d_packed, KeptIndices { kept, kept_len }, shape)?;
+        }
+        let pv = 3 * cfg.vision_cfg.patch_size.pow(2);
+        let ([d_tokens, patches], []) =
+            f.split([im.d_tokens.prefix(n * l * w), im.patches.part(start * l * pv, n * l * pv)], [])?;
+        let [conv1] = pass.params.views([wt.conv1])?;
+        let ([], [d_conv1]) = g.split([], [wt.conv1])?;
+        let grads = LinearGrads { dx: None, dw: d_conv1, db: None };
+        linear_backward(dev, grads, d_tokens, patches, conv1, LinearShape { rows: n * l, inputs: pv, outputs: w })
+    }
+
+    fn text_backward(&mut self, pass: &Pass, g: &mut Buffer<f32>, start: usize, n: usize) -> Result<()> {
+        let cfg = &pass.clip.cfg;
+        let (w, e, ctx) = (cfg.text_cfg.width, cfg.embed_dim, cfg.text_cfg.context_length);
+        let (tp, ix, rows, dev, wt) = (&self.text, &self.index, n * ctx, pass.device, &pass.clip.weights);
+        let (f, t) = (&mut self.f32s, &tp.tower);
+        let d_features = self.loss.d_text.part(start * e, n * e);
+        {
+            let ([pooled, df], []) = f.split([tp.pooled.prefix(n * w), d_features], [])?;
+            let ([], [d_proj]) = g.split([], [wt.text_projection])?;
+            matmul(dev, Mat::new(d_proj, w, e), Mat::new(pooled, n, w).t(), Mat::new(df, n, e), true)?;
+        }
+        {
+            let ([df], [d_pooled]) = f.split([d_features], [tp.d_pooled.prefix(n * w)])?;
+            let [proj] = pass.params.views([wt.text_projection])?;
+            matmul(dev, Mat::new(d_pooled, n, w), Mat::new(df, n, e), Mat::new(proj, w, e).t(), false)?;
+        }
+        {
+            let ([d_pooled], [d_ln]) = f.split([tp.d_pooled.prefix(n * w)], [tp.d_ln.prefix(rows * w)])?;
+            let [eot] = self.u32s.views([ix.eot.prefix(n)])?;
+            scatter_rows(dev, d_ln, d_pooled, eot, w)?;
+        }
+        let ln = NormActs {
+            y: tp.ln_final.y.prefix(rows * w),
+            mean: tp.ln_final.mean.prefix(rows),
+            rstd: tp.ln_final.rstd.prefix(rows),
+        };
+        let dx = t.dx.prefix(rows * w);
+        pass.norm_backward(f, g, dx, tp.d_ln.prefix(rows * w), t.resid(t.layers, rows), ln, wt.ln_final, w, false)?;
+        pass.blocks_backward(t, f, g, &wt.text_blocks, Seqs { n, len: ctx }, None)?;
+        let ([dx], []) = f.split([dx], [])?;
+        let [ids] = self.u32s.views([ix.ids.part(start * ctx, rows)])?;
+        let ([], [d_table, d_pos]) = g.split([], [wt.token_embedding, wt.positional_embedding])?;
+        embedding_backward(dev, d_table, d_pos, dx, ids, w)
+    }
+
+    /// The loaded batch's features, logits and loss from the last `encode`s and `loss`, on the host.
+    pub fn output(&self, clip: &Clip) -> Result<Output> {
+        let (n, e) = (self.n, clip.cfg.embed_dim);
+        let lp = &self.loss;
+        let [img, txt, logits, loss] =
+            self.f32s.views([lp.image.prefix(n * e), lp.text.prefix(n * e), lp.logits.prefix(n * n), lp.loss])?;
+        Ok(Output {
+            image_features: host(img)?.to_vec(),
+            text_features: host(txt)?.to_vec(),
+            logits_per_image: host(logits)?.to_vec(),
+            loss: host(loss)?[0],
+        })
+    }
+
+    /// Image features [n, E] of `images` (up to `batch` of them; evaluation), on the host.
+    pub fn encode_images(&mut self, pass: &Pass, images: &[f32]) -> Result<Vec<f32>, String> {
+        let err = |e: clip_pgs_host::Error| e.to_string();
+        let n = self.load(pass.clip, images, &[])?;
+        self.embed_patches(pass).map_err(err)?;
+        let e = pass.clip.cfg.embed_dim;
+        for start in (0..n).step_by(self.micro) {
+            self.image_forward(pass, start, self.micro.min(n - start)).map_err(err)?;
+        }
+        Ok(host(self.f32s.views([self.loss.image.prefix(n * e)]).map_err(err)?[0]).map_err(err)?.to_vec())
+    }
+
+    /// Text features [n, E] of token ids [n, T] (evaluation), on the host.
+    pub fn encode_texts(&mut self, pass: &Pass, ids: &[u32]) -> Result<Vec<f32>, String> {
+        let err = |e: clip_pgs_host::Error| e.to_string();
+        let ctx = pass.clip.cfg.text_cfg.context_length;
+        let n = ids.len() / ctx;
+        if n == 0 || n > self.batch || ids.len() != n * ctx {
+            return Err(format!("{} ids are not 1 to {} captions of {ctx}", ids.len(), self.batch));
+        }
+        let ([], [dst]) = self.u32s.split([], [self.index.ids.prefix(ids.len())]).map_err(err)?;
+        host_mut(dst).map_err(err)?.copy_from_slice(ids);
+        let e = pass.clip.cfg.embed_dim;
+        for start in (0..n).step_by(self.micro) {
+            self.text_forward(pass, start, self.micro.min(n - start)).map_err(err)?;
+        }
+        Ok(host(self.f32s.views([self.loss.text.prefix(n * e)]).map_err(err)?[0]).map_err(err)?.to_vec())
     }
 }

@@ -9,10 +9,13 @@ use clip_pgs_host::ops::adamw::AdamW;
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
-use crate::clip::{Batch, Clip};
+use clip_pgs_host::Device;
+
+use crate::clip::Clip;
 use crate::config::ClipConfig;
 use crate::optimizer::Optimizer;
-use crate::params::{Params, Tensor};
+use crate::params::{Layout, Params};
+use crate::step::{StepMasks, TrainStep};
 
 #[derive(Deserialize)]
 struct Optim {
@@ -58,18 +61,19 @@ impl Golden {
         let field = |k: &str| meta.get(k).ok_or_else(|| format!("{}: metadata {k} missing", path.display()));
         let config = ClipConfig::from_json(field("config")?).map_err(|e| e.to_string())?;
         let optim: Optim = serde_json::from_str(field("optim")?).map_err(|e| format!("metadata optim: {e}"))?;
-        let mut params = BTreeMap::new();
+        let mut tensors = Vec::new();
         let mut expected = BTreeMap::new();
         for name in file.names() {
             let (shape, v) = values(&file, name)?;
             if let Some(e) = name.strip_prefix("expected.") {
                 expected.insert(e.to_string(), v.into_iter().map(|x| x as f32).collect());
             } else if !name.starts_with("input.") {
-                params.insert(name.to_string(), Tensor { shape, data: v.into_iter().map(|x| x as f32).collect() });
+                tensors.push((name.to_string(), shape, v.into_iter().map(|x| x as f32).collect::<Vec<f32>>()));
             }
         }
-        let params = Params(params);
-        params.check(&config)?;
+        let layout = Layout::new(&config);
+        let packed = layout.pack(tensors.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.clone())))?;
+        let params = Params::from_host(&layout, &packed, &Device::Cpu)?;
         let image: Vec<f32> = values(&file, "input.image")?.1.into_iter().map(|x| x as f32).collect();
         let text: Vec<u32> = values(&file, "input.text")?.1.into_iter().map(|x| x as u32).collect();
         let keep: Option<Vec<Vec<usize>>> = match file.tensor("input.keep") {
@@ -81,9 +85,8 @@ impl Golden {
         };
         let config_json = field("config")?.clone();
         let golden = Golden { config, config_json, optim, params, image, text, keep, expected };
-        let batch = Batch { images: &golden.image, text: &golden.text, keep: golden.keep.as_deref() };
-        Clip { cfg: &golden.config, grad_checkpointing: false }
-            .check_batch(&batch)
+        Clip::new(&golden.config, &layout, false)
+            .check_batch(&golden.image, &golden.text, golden.keep.as_deref())
             .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(golden)
     }
@@ -92,33 +95,39 @@ impl Golden {
         self.expected.get(name).map_or(&[], Vec::as_slice)
     }
 
-    /// Runs forward, backward and the AdamW steps; returns the report and whether every group is
-    /// within tolerance (relative 1e-4 on features, logits, loss and losses; 1e-3 on gradients).
-    pub fn check(&self) -> (String, bool) {
-        let clip = Clip { cfg: &self.config, grad_checkpointing: false };
-        let batch = Batch { images: &self.image, text: &self.text, keep: self.keep.as_deref() };
-        let (out, cache) = clip.forward(&self.params, &batch);
-        let mut grads = Params::zeros(&self.config);
-        clip.backward(&self.params, &batch, &cache, &mut grads);
+    /// Runs forward, backward and the AdamW steps through the trainer's step function; returns
+    /// the report and whether every group is within tolerance (relative 1e-4 on features,
+    /// logits, loss and losses; 1e-3 on gradients).
+    pub fn check(&self) -> Result<(String, bool), String> {
+        let device = Device::Cpu;
+        let adamw =
+            AdamW { lr: self.optim.lr, beta1: self.optim.betas[0], beta2: self.optim.betas[1], eps: self.optim.eps };
+        let optimizer = Optimizer::new(&self.params.layout, &device, adamw, self.optim.weight_decay)?;
+        let n = self.text.len() / self.config.text_cfg.context_length;
+        let params = self.params.copy_to(&device)?;
+        let mut step = TrainStep::new(device, &self.config, params, optimizer, n, 1, false)?;
+        let masks = || match &self.keep {
+            Some(k) => StepMasks::Lists(k),
+            None => StepMasks::All,
+        };
+        step.forward_backward(&self.image, &self.text, masks())?;
+        let out = step.output()?;
         let mut rows: Vec<(String, f32, f32, f32)> = vec![
             group("image_features", &out.image_features, self.expected("image_features"), 1e-4),
             group("text_features", &out.text_features, self.expected("text_features"), 1e-4),
             group("logits_per_image", &out.logits_per_image, self.expected("logits_per_image"), 1e-4),
             group("loss", &[out.loss], self.expected("loss"), 1e-4),
         ];
-        for (name, g) in &grads.0 {
-            rows.push(group(&format!("grad.{name}"), &g.data, self.expected(&format!("grad.{name}")), 1e-3));
+        let mut grads = step.grads.named()?;
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, _, g) in &grads {
+            rows.push(group(&format!("grad.{name}"), g, self.expected(&format!("grad.{name}")), 1e-3));
         }
-        let mut params = self.params.clone();
-        let adamw =
-            AdamW { lr: self.optim.lr, beta1: self.optim.betas[0], beta2: self.optim.betas[1], eps: self.optim.eps };
-        let mut opt = Optimizer::new(&self.config, adamw, self.optim.weight_decay);
         let mut losses = Vec::new();
         for _ in 0..self.optim.steps {
-            let (out, cache) = clip.forward(&params, &batch);
-            losses.push(out.loss);
-            clip.backward(&params, &batch, &cache, &mut grads);
-            opt.step(&mut params, &grads);
+            losses.push(step.forward_backward(&self.image, &self.text, masks())?.loss);
+            step.grad_norm()?;
+            step.update(self.optim.lr, None)?;
         }
         rows.push(group("losses", &losses, self.expected("losses"), 1e-4));
         let mut report = format!("{:<60} {:>10} {:>10}  {}\n", "group", "max abs", "max rel", "");
@@ -128,7 +137,7 @@ impl Golden {
             ok &= pass;
             let _ = writeln!(report, "{name:<60} {abs:>10.2e} {rel:>10.2e}  {}", if pass { "ok" } else { "FAIL" });
         }
-        (report, ok)
+        Ok((report, ok))
     }
 }
 

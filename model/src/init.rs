@@ -12,7 +12,9 @@
 use clip_pgs_kernels::philox::Philox;
 
 use crate::config::ClipConfig;
-use crate::params::Params;
+use clip_pgs_host::Device;
+
+use crate::params::{Layout, Params, TensorInfo};
 
 /// How one tensor is drawn.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -71,13 +73,17 @@ fn mlp_or_1(name: &str, cfg: &ClipConfig) -> f32 {
 }
 
 impl Params {
-    /// A freshly initialised model, deterministic in `seed`.
-    pub fn init(cfg: &ClipConfig, seed: u64) -> Self {
-        let mut params = Params::zeros(cfg);
-        for (index, (name, tensor)) in params.0.iter_mut().enumerate() {
+    /// A freshly initialised model on `device`, deterministic in `seed`. Tensor i of the names in
+    /// alphabetical order draws from Philox stream (seed, i): the layout's order does not matter.
+    pub fn init(cfg: &ClipConfig, seed: u64, device: &Device) -> Result<Params, String> {
+        let layout = Layout::new(cfg);
+        let mut values = vec![0.0f32; layout.len()];
+        let mut names: Vec<&TensorInfo> = layout.tensors.iter().collect();
+        names.sort_by(|a, b| a.name.cmp(&b.name));
+        for (index, tensor) in names.into_iter().enumerate() {
             let rng = Philox::new(seed, 0x1417, index as u32);
-            let draw = rule(cfg, name, &tensor.shape);
-            for (i, x) in tensor.data.iter_mut().enumerate() {
+            let draw = rule(cfg, &tensor.name, &tensor.shape);
+            for (i, x) in values[tensor.span.range()].iter_mut().enumerate() {
                 *x = match draw {
                     Init::Constant(c) => c,
                     Init::Uniform(bound) => bound * (2.0 * rng.uniform(i as u32) - 1.0),
@@ -85,7 +91,7 @@ impl Params {
                 };
             }
         }
-        params
+        Params::from_host(&layout, &values, device)
     }
 }
 
@@ -107,18 +113,18 @@ mod tests {
     #[test]
     fn follows_open_clip_scales_and_is_deterministic() {
         let cfg = ClipConfig::load("test-tiny").unwrap();
-        let p = Params::init(&cfg, 7);
-        p.check(&cfg).unwrap();
-        assert_eq!(p, Params::init(&cfg, 7));
-        assert_ne!(p, Params::init(&cfg, 8));
-        let std = std_of(p.get("token_embedding.weight"));
+        let init = |seed| Params::init(&cfg, seed, &Device::Cpu).unwrap();
+        let p = init(7);
+        assert_eq!(p, init(7));
+        assert_ne!(p, init(8));
+        let std = std_of(&p.get("token_embedding.weight"));
         assert!((std - 0.02).abs() < 0.001, "token embedding std {std}");
         let w = cfg.text_cfg.width as f32;
-        let std = std_of(p.get("transformer.resblocks.0.attn.in_proj_weight"));
+        let std = std_of(&p.get("transformer.resblocks.0.attn.in_proj_weight"));
         assert!((std - w.powf(-0.5)).abs() < 0.02 * w.powf(-0.5) * 5.0, "in_proj std {std}");
         // conv1: U(±1/√fan_in) has std 1/√(3·fan_in).
         let fan_in = (3 * cfg.vision_cfg.patch_size.pow(2)) as f32;
-        let std = std_of(p.get("visual.conv1.weight"));
+        let std = std_of(&p.get("visual.conv1.weight"));
         assert!((std - (3.0 * fan_in).powf(-0.5)).abs() < 0.1 * (3.0 * fan_in).powf(-0.5), "conv1 std {std}");
         assert!(p.get("visual.ln_pre.weight").iter().all(|&x| x == 1.0));
         assert!(p.get("transformer.resblocks.1.attn.in_proj_bias").iter().all(|&x| x == 0.0));

@@ -1,6 +1,6 @@
-//! CLIP with PGS masking, written over the ops of `clip-pgs-host`. So far: image preprocessing
-//! and the tokenizer, as open_clip does them. The model, tokenizer, data sources and trainer come next
-//! (see ../shared/docs/architecture.md).
+//! CLIP with PGS masking, written over the device ops of `clip-pgs-host`: the model state
+//! (`params`), the model (`clip`), one training step (`step`), the optimizer, checkpoints, data,
+//! preprocessing and the tokenizer as open_clip has them, and the trainer (`train`).
 
 pub mod bench;
 pub mod checkpoint;
@@ -13,5 +13,6 @@ pub mod optimizer;
 pub mod output;
 pub mod params;
 pub mod preprocess;
+pub mod step;
 pub mod tokenizer;
 pub mod train;

@@ -1,48 +1,66 @@
-//! AdamW with open_clip's parameter groups: no weight decay for tensors with fewer than 2 dims,
-//! gains, biases and the logit scale; the logit scale clamped to [0, ln 100] after each step.
+//! AdamW with open_clip's parameter groups (no weight decay for tensors with fewer than 2 dims,
+//! gains, biases and the logit scale: the layout's no-decay span) over the flat model state on
+//! its device: the global gradient norm, clipping inside the update, the logit scale clamped to
+//! [0, ln 100] after each step.
 
-use clip_pgs_host::ops::adamw::AdamW;
+use std::sync::Arc;
 
-use crate::config::ClipConfig;
-use crate::params::Params;
+use clip_pgs_host::ops::adamw::{AdamW, AdamWStep, adamw_update, grad_norm};
+use clip_pgs_host::ops::elementwise::clamp;
+use clip_pgs_host::{Buffer, Device};
+
+use crate::params::{Layout, Params};
 
 pub struct Optimizer {
     pub adamw: AdamW,
     pub weight_decay: f32,
-    m: Params,
-    v: Params,
-    step: u32,
+    /// First and second moments.
+    pub m: Params,
+    pub v: Params,
+    /// Steps taken.
+    pub step: u32,
+    /// The last global gradient norm, on the device.
+    norm: Buffer<f32>,
 }
 
-/// open_clip's `exclude`: p.ndim < 2 or "bn"/"ln"/"bias"/"logit_scale" in the name.
-pub fn decays(name: &str, dims: usize) -> bool {
-    !(dims < 2 || ["bn", "ln", "bias", "logit_scale"].iter().any(|k| name.contains(k)))
+fn err(e: clip_pgs_host::Error) -> String {
+    e.to_string()
 }
 
 impl Optimizer {
-    pub fn new(cfg: &ClipConfig, adamw: AdamW, weight_decay: f32) -> Self {
-        Optimizer { adamw, weight_decay, m: Params::zeros(cfg), v: Params::zeros(cfg), step: 0 }
+    pub fn new(layout: &Arc<Layout>, device: &Device, adamw: AdamW, weight_decay: f32) -> Result<Self, String> {
+        let (m, v) = (Params::zeros(layout, device)?, Params::zeros(layout, device)?);
+        let norm = device.alloc_zeros(1, "the gradient norm").map_err(err)?;
+        Ok(Optimizer { adamw, weight_decay, m, v, step: 0, norm })
     }
 
-    /// The first and second moments and the number of steps taken (for checkpoints).
-    pub fn state(&self) -> (&Params, &Params, u32) {
-        (&self.m, &self.v, self.step)
+    /// The global L2 norm of `grads` (kept on the device for the update, and returned).
+    pub fn grad_norm(&mut self, device: &Device, grads: &Params) -> Result<f32, String> {
+        grad_norm(device, self.norm.view_mut(), grads.data.view()).map_err(err)?;
+        let mut norm = [0.0f32];
+        self.norm.read(clip_pgs_host::Span::new(0, 1), &mut norm).map_err(err)?;
+        Ok(norm[0])
     }
 
-    /// Continues from a checkpoint's moments and step count.
-    pub fn restore(&mut self, m: Params, v: Params, step: u32) {
-        (self.m, self.v, self.step) = (m, v, step);
-    }
-
-    pub fn step(&mut self, params: &mut Params, grads: &Params) {
+    /// One step with the norm from `grad_norm`; gradients above `max_norm` are scaled to it.
+    pub fn update(
+        &mut self,
+        device: &Device,
+        params: &mut Params,
+        grads: &Params,
+        max_norm: Option<f32>,
+    ) -> Result<(), String> {
         self.step += 1;
-        // The three maps have the same keys, so they iterate in the same order.
-        let moments = self.m.0.values_mut().zip(self.v.0.values_mut());
-        for ((name, p), (m, v)) in params.0.iter_mut().zip(moments) {
-            let wd = if decays(name, p.shape.len()) { self.weight_decay } else { 0.0 };
-            self.adamw.update(&mut p.data, grads.get(name), &mut m.data, &mut v.data, self.step, wd);
+        let layout = params.layout.clone();
+        for (span, weight_decay) in [(layout.decay, self.weight_decay), (layout.no_decay, 0.0)] {
+            let [g] = grads.data.views([span]).map_err(err)?;
+            let ([], [p]) = params.data.split([], [span]).map_err(err)?;
+            let ([], [m]) = self.m.data.split([], [span]).map_err(err)?;
+            let ([], [v]) = self.v.data.split([], [span]).map_err(err)?;
+            let at = AdamWStep { step: self.step, weight_decay, max_norm };
+            adamw_update(device, p, g, m, v, self.norm.view(), &self.adamw, at).map_err(err)?;
         }
-        let s = params.get_mut("logit_scale");
-        s[0] = s[0].clamp(0.0, 100f32.ln());
+        let ([], [scale]) = params.data.split([], [layout.span("logit_scale")]).map_err(err)?;
+        clamp(device, scale, 0.0, 100f32.ln()).map_err(err)
     }
 }

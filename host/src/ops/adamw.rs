@@ -1,7 +1,15 @@
-//! AdamW on the CPU, as `torch.optim.AdamW`: decoupled weight decay p ← p·(1 − lr·wd), then
+//! AdamW over a flat parameter state, as `torch.optim.AdamW` with open_clip's gradient clipping:
+//! the gradients' global L2 norm (`grad_norm`) and, for norms above `max_norm`, the gradients
+//! scaled by max_norm/norm inside the update. Decoupled weight decay p ← p·(1 − lr·wd), then
 //! m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g², p ← p − lr/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε).
+//! The norm stays on the device: an update whose norm is not finite changes nothing.
 
 use rayon::prelude::*;
+
+use super::check::OpCheck;
+use crate::device::Device;
+use crate::error::Result;
+use crate::view::{View, ViewMut};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {
@@ -11,36 +19,102 @@ pub struct AdamW {
     pub eps: f32,
 }
 
-impl AdamW {
-    /// One step for one tensor; `step` counts from 1.
-    #[allow(clippy::too_many_arguments)]
-    pub fn update(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], step: u32, weight_decay: f32) {
-        let bias1 = 1.0 - self.beta1.powi(step as i32);
-        let bias2_sqrt = (1.0 - self.beta2.powi(step as i32)).sqrt();
-        let step_size = self.lr / bias1;
-        let decay = 1.0 - self.lr * weight_decay;
-        p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut().zip(v.par_iter_mut())).for_each(|((p, &g), (m, v))| {
-            *p *= decay;
-            *m = self.beta1 * *m + (1.0 - self.beta1) * g;
-            *v = self.beta2 * *v + (1.0 - self.beta2) * g * g;
-            *p -= step_size * *m / (v.sqrt() / bias2_sqrt + self.eps);
-        });
+/// One update's step-dependent settings.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    /// Counts from 1.
+    pub step: u32,
+    pub weight_decay: f32,
+    /// Clip the gradients to this global norm (open_clip's `--grad-clip-norm`).
+    pub max_norm: Option<f32>,
+}
+
+/// out[0] = ‖grads‖₂, summed in f64.
+pub fn grad_norm(device: &Device, out: ViewMut<f32>, grads: View<f32>) -> Result<()> {
+    let op = OpCheck::new("grad_norm", device);
+    op.size("out", out.len(), 1, || "[1]".into())?;
+    let (out, grads) = (op.cpu_mut("out", out)?, op.cpu("grads", grads)?);
+    out[0] = grads.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>().sqrt() as f32;
+    Ok(())
+}
+
+/// One AdamW step over `params` with `grads` and the moments `m`, `v` (all the same length);
+/// `norm` [1] is the global gradient norm from `grad_norm`.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_update(
+    device: &Device,
+    params: ViewMut<f32>,
+    grads: View<f32>,
+    m: ViewMut<f32>,
+    v: ViewMut<f32>,
+    norm: View<f32>,
+    hyper: &AdamW,
+    at: AdamWStep,
+) -> Result<()> {
+    let op = OpCheck::new("adamw_update", device);
+    let n = params.len();
+    for (name, len) in [("grads", grads.len()), ("m", m.len()), ("v", v.len())] {
+        op.size(name, len, n, || "params' size".into())?;
     }
+    op.size("norm", norm.len(), 1, || "[1]".into())?;
+    if at.step == 0 {
+        return Err(op.invalid("step counts from 1"));
+    }
+    let (p, g, m, v) =
+        (op.cpu_mut("params", params)?, op.cpu("grads", grads)?, op.cpu_mut("m", m)?, op.cpu_mut("v", v)?);
+    let norm = op.cpu("norm", norm)?[0];
+    if !norm.is_finite() {
+        return Ok(());
+    }
+    let clip = at.max_norm.filter(|&max| norm > max).map(|max| max / norm);
+    let bias1 = 1.0 - hyper.beta1.powi(at.step as i32);
+    let bias2_sqrt = (1.0 - hyper.beta2.powi(at.step as i32)).sqrt();
+    let step_size = hyper.lr / bias1;
+    let decay = 1.0 - hyper.lr * at.weight_decay;
+    let AdamW { beta1, beta2, eps, .. } = *hyper;
+    p.par_iter_mut().with_min_len(1 << 12).zip(g.par_iter()).zip(m.par_iter_mut().zip(v.par_iter_mut())).for_each(
+        |((p, &g), (m, v))| {
+            let g = clip.map_or(g, |c| g * c);
+            *p *= decay;
+            *m = beta1 * *m + (1.0 - beta1) * g;
+            *v = beta2 * *v + (1.0 - beta2) * g * g;
+            *p -= step_size * *m / (v.sqrt() / bias2_sqrt + eps);
+        },
+    );
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::buffer::Buffer;
+
+    fn step(p: &[f32], g: &[f32], wd: f32, max_norm: Option<f32>) -> Vec<f32> {
+        let opt = AdamW { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+        let dev = Device::Cpu;
+        let (mut pb, gb, mut m, mut v, mut norm) = (
+            Buffer::Cpu(p.to_vec()),
+            Buffer::Cpu(g.to_vec()),
+            Buffer::Cpu(vec![0.0; p.len()]),
+            Buffer::Cpu(vec![0.0; p.len()]),
+            Buffer::Cpu(vec![0.0f32]),
+        );
+        grad_norm(&dev, norm.view_mut(), gb.view()).unwrap();
+        let at = AdamWStep { step: 1, weight_decay: wd, max_norm };
+        adamw_update(&dev, pb.view_mut(), gb.view(), m.view_mut(), v.view_mut(), norm.view(), &opt, at).unwrap();
+        pb.to_vec().unwrap()
+    }
 
     #[test]
     fn first_step_moves_each_weight_by_about_lr() {
         // With bias correction the first step is lr·g/(|g| + ε′): about lr against the gradient.
-        let opt = AdamW { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8 };
-        let (mut p, mut m, mut v) = (vec![1.0f32, -2.0], vec![0.0; 2], vec![0.0; 2]);
-        opt.update(&mut p, &[0.5, -3.0], &mut m, &mut v, 1, 0.0);
+        let p = step(&[1.0, -2.0], &[0.5, -3.0], 0.0, None);
         assert!((p[0] - 0.9).abs() < 1e-6 && (p[1] + 1.9).abs() < 1e-6, "{p:?}");
-        let mut q = vec![1.0f32];
-        opt.update(&mut q, &[0.0], &mut [0.0], &mut [0.0], 1, 0.5);
-        assert!((q[0] - 0.95).abs() < 1e-7, "decay only: {q:?}");
+        assert!((step(&[1.0], &[0.0], 0.5, None)[0] - 0.95).abs() < 1e-7, "decay only");
+        // Clipping scales g, and Adam's first step is invariant to the scale of g.
+        let clipped = step(&[1.0, -2.0], &[0.5, -3.0], 0.0, Some(0.01));
+        assert!(clipped.iter().zip(&p).all(|(a, b)| (a - b).abs() < 1e-5), "{clipped:?} vs {p:?}");
+        // A non-finite norm leaves the parameters alone.
+        assert_eq!(step(&[1.0, -2.0], &[f32::NAN, 1.0], 0.0, None), vec![1.0, -2.0]);
     }
 }

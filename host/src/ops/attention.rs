@@ -1,14 +1,18 @@
-//! Multi-head self-attention core on the CPU: from the fused projection qkv [B, S, 3D] (q, k, v
-//! in that order, head h in columns h·hd..(h+1)·hd of each, as PyTorch's `in_proj`) to the
-//! heads' outputs [B, S, D] (before `out_proj`). Keys are masked causally (text tower) and/or
-//! beyond each sequence's length (key padding of PGS-masked images); probabilities are kept for
-//! the backward pass.
+//! Multi-head self-attention core: from the fused projection qkv [B, S, 3D] (q, k, v in that
+//! order, head h in columns h·hd..(h+1)·hd of each, as PyTorch's `in_proj`) to the heads' outputs
+//! [B, S, D] (before `out_proj`). Keys are masked causally (text tower) and/or beyond each
+//! sequence's length (the padding of PGS-masked images); probabilities [B, H, S, S] are kept for
+//! the backward pass. On the CPU every head is a pair of strided GEMMs over qkv, no copies.
 
 use rayon::prelude::*;
 
-use super::matmul::{MatRef, matmul};
+use super::check::OpCheck;
+use super::matmul::{Mat, MatRef, cpu_matmul};
+use crate::device::Device;
+use crate::error::Result;
+use crate::view::{View, ViewMut};
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {
     pub batch: usize,
     pub seq: usize,
@@ -21,32 +25,63 @@ impl AttentionShape {
     fn width(&self) -> usize {
         self.heads * self.head_dim
     }
+
+    /// Elements of the probabilities [B, H, S, S] (and of backward's scratch).
+    pub fn probs_len(&self) -> usize {
+        self.batch * self.heads * self.seq * self.seq
+    }
 }
 
-/// Copies head h of part `part` (0 q, 1 k, 2 v) of one sequence's qkv into a [S, hd] matrix.
-fn head(qkv: &[f32], s: AttentionShape, part: usize, h: usize) -> Vec<f32> {
+/// Head h of part `part` (0 q, 1 k, 2 v) of one sequence's qkv, as a strided [S, hd] matrix.
+fn head(qkv: &[f32], s: AttentionShape, part: usize, h: usize) -> MatRef<'_> {
     let d = s.width();
-    (0..s.seq).flat_map(|i| qkv[i * 3 * d + part * d + h * s.head_dim..][..s.head_dim].iter().copied()).collect()
+    let data = &qkv[part * d + h * s.head_dim..(s.seq - 1) * 3 * d + (part + 1) * d];
+    Mat::new(data, s.seq, s.head_dim).row_stride(3 * d)
+}
+
+fn check(op: &OpCheck, s: AttentionShape, qkv: usize, out: usize, probs: usize) -> Result<()> {
+    let AttentionShape { batch: b, seq, heads, head_dim, .. } = s;
+    if seq == 0 || head_dim == 0 {
+        return Err(op.invalid(format!("empty sequences or heads: S = {seq}, head_dim = {head_dim}")));
+    }
+    let d = s.width();
+    op.size("qkv", qkv, b * seq * 3 * d, || format!("[B {b}, S {seq}, 3·D {}]", 3 * d))?;
+    op.size("out", out, b * seq * d, || format!("[B {b}, S {seq}, D {d}]"))?;
+    op.size("probs", probs, s.probs_len(), || format!("[B {b}, H {heads}, S {seq}, S {seq}]"))
 }
 
 /// out [B, S, D] and probs [B, H, S, S]. `lengths[b]` valid keys of sequence b (None: all).
 pub fn attention_forward(
-    out: &mut [f32],
-    probs: &mut [f32],
-    qkv: &[f32],
-    lengths: Option<&[usize]>,
+    device: &Device,
+    out: ViewMut<f32>,
+    probs: ViewMut<f32>,
+    qkv: View<f32>,
+    lengths: Option<View<u32>>,
     s: AttentionShape,
-) {
+) -> Result<()> {
+    let op = OpCheck::new("attention_forward", device);
+    check(&op, s, qkv.len(), out.len(), probs.len())?;
+    let lengths = match lengths {
+        Some(l) => {
+            op.size("lengths", l.len(), s.batch, || format!("[B {}]", s.batch))?;
+            let l = op.cpu("lengths", l)?;
+            if let Some((b, &len)) = l.iter().enumerate().find(|(_, len)| **len == 0 || **len as usize > s.seq) {
+                return Err(op.invalid(format!("sequence {b} has length {len}, outside 1..={}", s.seq)));
+            }
+            Some(l)
+        }
+        None => None,
+    };
+    let (out, probs, qkv) = (op.cpu_mut("out", out)?, op.cpu_mut("probs", probs)?, op.cpu("qkv", qkv)?);
     let (d, seq, hd) = (s.width(), s.seq, s.head_dim);
     let scale = 1.0 / (hd as f32).sqrt();
     out.par_chunks_mut(seq * d).zip(probs.par_chunks_mut(s.heads * seq * seq)).enumerate().for_each(
         |(b, (out, probs))| {
             let qkv = &qkv[b * seq * 3 * d..(b + 1) * seq * 3 * d];
-            let valid = lengths.map_or(seq, |l| l[b]);
+            let valid = lengths.map_or(seq, |l| l[b] as usize);
             for h in 0..s.heads {
-                let (q, k, v) = (head(qkv, s, 0, h), head(qkv, s, 1, h), head(qkv, s, 2, h));
                 let p = &mut probs[h * seq * seq..(h + 1) * seq * seq];
-                matmul(p, MatRef::new(&q, seq, hd), MatRef::new(&k, seq, hd).t(), false);
+                cpu_matmul(Mat::new(&mut p[..], seq, seq), head(qkv, s, 0, h), head(qkv, s, 1, h).t(), false);
                 for i in 0..seq {
                     let row = &mut p[i * seq..(i + 1) * seq];
                     let visible = |j: usize| j < valid && (!s.causal || j <= i);
@@ -59,86 +94,122 @@ pub fn attention_forward(
                     }
                     row.iter_mut().for_each(|v| *v /= total);
                 }
-                let mut o = vec![0.0f32; seq * hd];
-                matmul(&mut o, MatRef::new(p, seq, seq), MatRef::new(&v, seq, hd), false);
-                for i in 0..seq {
-                    out[i * d + h * hd..i * d + (h + 1) * hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
-                }
+                let o = Mat::new(&mut out[h * hd..], seq, hd).row_stride(d);
+                cpu_matmul(o, Mat::new(&p[..], seq, seq), head(qkv, s, 2, h), false);
             }
         },
     );
+    Ok(())
 }
 
-/// dqkv [B, S, 3D] (overwritten) from dout [B, S, D].
-pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], probs: &[f32], s: AttentionShape) {
+/// dqkv [B, S, 3D] (overwritten) from dout [B, S, D]; `scratch` [B, H, S, S] holds the scores'
+/// gradients.
+pub fn attention_backward(
+    device: &Device,
+    dqkv: ViewMut<f32>,
+    scratch: ViewMut<f32>,
+    dout: View<f32>,
+    qkv: View<f32>,
+    probs: View<f32>,
+    s: AttentionShape,
+) -> Result<()> {
+    let op = OpCheck::new("attention_backward", device);
+    check(&op, s, qkv.len(), dout.len(), probs.len())?;
+    op.size("dqkv", dqkv.len(), qkv.len(), || "qkv's size".into())?;
+    op.size("scratch", scratch.len(), s.probs_len(), || "probs' size".into())?;
+    let (dqkv, scratch) = (op.cpu_mut("dqkv", dqkv)?, op.cpu_mut("scratch", scratch)?);
+    let (dout, qkv, probs) = (op.cpu("dout", dout)?, op.cpu("qkv", qkv)?, op.cpu("probs", probs)?);
     let (d, seq, hd) = (s.width(), s.seq, s.head_dim);
     let scale = 1.0 / (hd as f32).sqrt();
-    dqkv.par_chunks_mut(seq * 3 * d).enumerate().for_each(|(b, dqkv)| {
-        let qkv = &qkv[b * seq * 3 * d..(b + 1) * seq * 3 * d];
-        for h in 0..s.heads {
-            let (q, k, v) = (head(qkv, s, 0, h), head(qkv, s, 1, h), head(qkv, s, 2, h));
-            let p = &probs[(b * s.heads + h) * seq * seq..][..seq * seq];
-            let dout_h: Vec<f32> =
-                (0..seq).flat_map(|i| dout[(b * seq + i) * d + h * hd..][..hd].iter().copied()).collect();
-            let mut dv = vec![0.0f32; seq * hd];
-            matmul(&mut dv, MatRef::new(p, seq, seq).t(), MatRef::new(&dout_h, seq, hd), false);
-            let mut dp = vec![0.0f32; seq * seq];
-            matmul(&mut dp, MatRef::new(&dout_h, seq, hd), MatRef::new(&v, seq, hd).t(), false);
-            // Softmax backward, then the 1/sqrt(hd) of the scores.
-            for i in 0..seq {
-                let (pr, dr) = (&p[i * seq..(i + 1) * seq], &mut dp[i * seq..(i + 1) * seq]);
-                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                dr.iter_mut().zip(pr).for_each(|(g, p)| *g = p * (*g - dot) * scale);
-            }
-            let (mut dq, mut dk) = (vec![0.0f32; seq * hd], vec![0.0f32; seq * hd]);
-            matmul(&mut dq, MatRef::new(&dp, seq, seq), MatRef::new(&k, seq, hd), false);
-            matmul(&mut dk, MatRef::new(&dp, seq, seq).t(), MatRef::new(&q, seq, hd), false);
-            for i in 0..seq {
-                for (part, g) in [(0, &dq), (1, &dk), (2, &dv)] {
-                    dqkv[i * 3 * d + part * d + h * hd..][..hd].copy_from_slice(&g[i * hd..(i + 1) * hd]);
+    dqkv.par_chunks_mut(seq * 3 * d).zip(scratch.par_chunks_mut(s.heads * seq * seq)).enumerate().for_each(
+        |(b, (dqkv, scratch))| {
+            let qkv = &qkv[b * seq * 3 * d..(b + 1) * seq * 3 * d];
+            let dout = &dout[b * seq * d..(b + 1) * seq * d];
+            for h in 0..s.heads {
+                let p = &probs[(b * s.heads + h) * seq * seq..][..seq * seq];
+                let dp = &mut scratch[h * seq * seq..(h + 1) * seq * seq];
+                let dout_h = Mat::new(&dout[h * hd..], seq, hd).row_stride(d);
+                // The [S, hd] columns of part `part`, head h.
+                fn part(dqkv: &mut [f32], s: AttentionShape, part: usize, h: usize) -> Mat<&mut [f32]> {
+                    let (d, hd) = (s.width(), s.head_dim);
+                    let start = part * d + h * hd;
+                    Mat::new(&mut dqkv[start..(s.seq - 1) * 3 * d + start + hd], s.seq, hd).row_stride(3 * d)
                 }
+                cpu_matmul(part(dqkv, s, 2, h), Mat::new(p, seq, seq).t(), dout_h, false);
+                cpu_matmul(Mat::new(&mut dp[..], seq, seq), dout_h, head(qkv, s, 2, h).t(), false);
+                // Softmax backward, then the 1/sqrt(hd) of the scores.
+                for i in 0..seq {
+                    let (pr, dr) = (&p[i * seq..(i + 1) * seq], &mut dp[i * seq..(i + 1) * seq]);
+                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    dr.iter_mut().zip(pr).for_each(|(g, p)| *g = p * (*g - dot) * scale);
+                }
+                cpu_matmul(part(dqkv, s, 0, h), Mat::new(&dp[..], seq, seq), head(qkv, s, 1, h), false);
+                cpu_matmul(part(dqkv, s, 1, h), Mat::new(&dp[..], seq, seq).t(), head(qkv, s, 0, h), false);
             }
-        }
-    });
+        },
+    );
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testing::{assert_gradient, values};
     use super::*;
+    use crate::buffer::Buffer;
 
-    fn loss(qkv: &[f32], dout: &[f32], lengths: Option<&[usize]>, s: AttentionShape) -> f32 {
-        let mut out = vec![0.0; s.batch * s.seq * s.width()];
-        let mut probs = vec![0.0; s.batch * s.heads * s.seq * s.seq];
-        attention_forward(&mut out, &mut probs, qkv, lengths, s);
-        out.iter().zip(dout).map(|(a, b)| a * b).sum()
+    fn forward(qkv: &[f32], lengths: Option<&[u32]>, s: AttentionShape) -> (Vec<f32>, Vec<f32>) {
+        let mut out = Buffer::Cpu(vec![0.0; s.batch * s.seq * s.width()]);
+        let mut probs = Buffer::Cpu(vec![0.0; s.probs_len()]);
+        let (qkv, lengths) = (Buffer::Cpu(qkv.to_vec()), lengths.map(|l| Buffer::Cpu(l.to_vec())));
+        attention_forward(
+            &Device::Cpu,
+            out.view_mut(),
+            probs.view_mut(),
+            qkv.view(),
+            lengths.as_ref().map(|l| l.view()),
+            s,
+        )
+        .unwrap();
+        (out.to_vec().unwrap(), probs.to_vec().unwrap())
     }
 
     #[test]
     fn backward_matches_finite_differences_causal_and_padded() {
-        for (causal, lengths) in [(true, None), (false, Some(vec![3usize, 5]))] {
+        for (causal, lengths) in [(true, None), (false, Some(vec![3u32, 5]))] {
             let s = AttentionShape { batch: 2, seq: 5, heads: 2, head_dim: 3, causal };
             let qkv = values(s.batch * s.seq * 3 * s.width(), 1);
             let dout = values(s.batch * s.seq * s.width(), 2);
-            let mut out = vec![0.0; dout.len()];
-            let mut probs = vec![0.0; s.batch * s.heads * s.seq * s.seq];
-            attention_forward(&mut out, &mut probs, &qkv, lengths.as_deref(), s);
-            let mut dqkv = vec![0.0; qkv.len()];
-            attention_backward(&mut dqkv, &dout, &qkv, &probs, s);
-            assert_gradient("dqkv", &dqkv, &qkv, |x| loss(x, &dout, lengths.as_deref(), s));
+            let (_, probs) = forward(&qkv, lengths.as_deref(), s);
+            let (mut dqkv, mut scratch) = (Buffer::Cpu(vec![0.0; qkv.len()]), Buffer::Cpu(vec![0.0; s.probs_len()]));
+            let (dout_b, qkv_b, probs_b) = (Buffer::Cpu(dout.clone()), Buffer::Cpu(qkv.clone()), Buffer::Cpu(probs));
+            attention_backward(
+                &Device::Cpu,
+                dqkv.view_mut(),
+                scratch.view_mut(),
+                dout_b.view(),
+                qkv_b.view(),
+                probs_b.view(),
+                s,
+            )
+            .unwrap();
+            let loss = |x: &[f32]| forward(x, lengths.as_deref(), s).0.iter().zip(&dout).map(|(a, b)| a * b).sum();
+            assert_gradient("dqkv", &dqkv.to_vec().unwrap(), &qkv, loss);
         }
     }
 
     #[test]
-    fn masked_keys_get_no_weight() {
+    fn masked_keys_get_no_weight_and_bad_lengths_are_errors() {
         let s = AttentionShape { batch: 1, seq: 4, heads: 1, head_dim: 2, causal: true };
         let qkv = values(4 * 6, 3);
-        let (mut out, mut probs) = (vec![0.0; 8], vec![0.0; 16]);
-        attention_forward(&mut out, &mut probs, &qkv, Some(&[3]), s);
+        let (_, probs) = forward(&qkv, Some(&[3]), s);
         for i in 0..4 {
             let row = &probs[i * 4..(i + 1) * 4];
             assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
             assert!(row.iter().enumerate().all(|(j, &p)| (j <= i && j < 3) || p == 0.0), "row {i}: {row:?}");
         }
+        let (mut out, mut probs) = (Buffer::Cpu(vec![0.0; 8]), Buffer::Cpu(vec![0.0; 16]));
+        let (qkv, lengths) = (Buffer::Cpu(qkv), Buffer::Cpu(vec![5u32]));
+        let e = attention_forward(&Device::Cpu, out.view_mut(), probs.view_mut(), qkv.view(), Some(lengths.view()), s);
+        assert!(e.unwrap_err().to_string().contains("attention_forward: sequence 0 has length 5, outside 1..=4"));
     }
 }

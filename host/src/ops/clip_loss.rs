@@ -1,101 +1,162 @@
-//! The CLIP contrastive loss on the CPU, as open_clip's `ClipLoss`: features L2-normalized
-//! (F.normalize, eps 1e-12), logits = e^s · img·txtᵀ, loss = (CE(logits, diag) + CE(logitsᵀ,
-//! diag)) / 2, with the gradients for the features and the logit scale s.
+//! The CLIP contrastive loss, as open_clip's `ClipLoss`: features L2-normalized (F.normalize,
+//! eps 1e-12), logits = e^s · img·txtᵀ, loss = (CE(logits, diag) + CE(logitsᵀ, diag)) / 2; one
+//! call gives the loss, the logits, both feature gradients and the logit scale's gradient.
 
-/// What the forward pass returns and the backward pass needs.
-pub struct ClipLossOutput {
-    pub loss: f32,
+use super::check::OpCheck;
+use crate::device::Device;
+use crate::error::Result;
+use crate::view::{View, ViewMut};
+
+/// What the loss writes.
+pub struct ClipLossOut<'a> {
+    /// [1].
+    pub loss: ViewMut<'a, f32>,
     /// logits_per_image [B, B].
-    pub logits: Vec<f32>,
-    pub d_image: Vec<f32>,
-    pub d_text: Vec<f32>,
-    pub d_logit_scale: f32,
+    pub logits: ViewMut<'a, f32>,
+    /// [B, E] each.
+    pub d_image: ViewMut<'a, f32>,
+    pub d_text: ViewMut<'a, f32>,
+    /// [1].
+    pub d_logit_scale: ViewMut<'a, f32>,
 }
 
-fn normalize(x: &[f32], dim: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut n = x.to_vec();
-    let mut norms = Vec::new();
-    for row in n.chunks_mut(dim) {
-        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-        row.iter_mut().for_each(|v| *v /= norm);
-        norms.push(norm);
+/// Elements of the workspace `clip_loss` needs for a batch of `batch` features of `dim`.
+pub fn clip_loss_workspace(batch: usize, dim: usize) -> usize {
+    2 * batch * dim + 2 * batch + batch * batch
+}
+
+/// Writes the unit vectors of the rows of x into `unit`, their norms into `norms`.
+fn normalize(unit: &mut [f32], norms: &mut [f32], x: &[f32], dim: usize) {
+    for ((u, norm), row) in unit.chunks_mut(dim).zip(norms.iter_mut()).zip(x.chunks(dim)) {
+        *norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        u.iter_mut().zip(row).for_each(|(u, v)| *u = v / *norm);
     }
-    (n, norms)
 }
 
-/// Loss and gradients for image and text features [B, E] and the log logit scale.
-pub fn clip_loss(image: &[f32], text: &[f32], logit_scale: f32, batch: usize, dim: usize) -> ClipLossOutput {
-    let ((img, img_norm), (txt, txt_norm)) = (normalize(image, dim), normalize(text, dim));
-    let scale = logit_scale.exp();
-    let mut logits = vec![0.0f32; batch * batch];
-    for i in 0..batch {
-        for j in 0..batch {
-            let dot: f32 =
-                img[i * dim..(i + 1) * dim].iter().zip(&txt[j * dim..(j + 1) * dim]).map(|(a, b)| a * b).sum();
-            logits[i * batch + j] = scale * dot;
+/// Loss and gradients for image and text features [B, E] and the log logit scale [1].
+#[allow(clippy::too_many_arguments)]
+pub fn clip_loss(
+    device: &Device,
+    out: ClipLossOut,
+    image: View<f32>,
+    text: View<f32>,
+    logit_scale: View<f32>,
+    workspace: ViewMut<f32>,
+    batch: usize,
+    dim: usize,
+) -> Result<()> {
+    let op = OpCheck::new("clip_loss", device);
+    let (b, e) = (batch, dim);
+    let features = || format!("[B {b}, E {e}]");
+    op.size("image", image.len(), b * e, features)?;
+    op.size("text", text.len(), b * e, features)?;
+    op.size("d_image", out.d_image.len(), b * e, features)?;
+    op.size("d_text", out.d_text.len(), b * e, features)?;
+    op.size("logits", out.logits.len(), b * b, || format!("[B {b}, B {b}]"))?;
+    for (name, len) in
+        [("loss", out.loss.len()), ("d_logit_scale", out.d_logit_scale.len()), ("logit_scale", logit_scale.len())]
+    {
+        op.size(name, len, 1, || "[1]".into())?;
+    }
+    op.size("workspace", workspace.len(), clip_loss_workspace(b, e), || format!("clip_loss_workspace({b}, {e})"))?;
+    let (image, text, logit_scale) =
+        (op.cpu("image", image)?, op.cpu("text", text)?, op.cpu("logit_scale", logit_scale)?);
+    let (loss_out, logits) = (op.cpu_mut("loss", out.loss)?, op.cpu_mut("logits", out.logits)?);
+    let (d_img, d_txt) = (op.cpu_mut("d_image", out.d_image)?, op.cpu_mut("d_text", out.d_text)?);
+    let d_logit_scale = op.cpu_mut("d_logit_scale", out.d_logit_scale)?;
+    let workspace = op.cpu_mut("workspace", workspace)?;
+    let (img, rest) = workspace.split_at_mut(b * e);
+    let (txt, rest) = rest.split_at_mut(b * e);
+    let (img_norm, rest) = rest.split_at_mut(b);
+    let (txt_norm, dlogits) = rest.split_at_mut(b);
+    normalize(img, img_norm, image, e);
+    normalize(txt, txt_norm, text, e);
+    let scale = logit_scale[0].exp();
+    for i in 0..b {
+        for j in 0..b {
+            let dot: f32 = img[i * e..(i + 1) * e].iter().zip(&txt[j * e..(j + 1) * e]).map(|(a, b)| a * b).sum();
+            logits[i * b + j] = scale * dot;
         }
     }
     // Softmax over rows (image→text) and over columns (text→image); dL/dlogits = (P_row + P_colᵀ
     // − 2I) / (2B).
-    let mut dlogits = vec![0.0f32; batch * batch];
+    dlogits.fill(0.0);
     let mut loss = 0.0f32;
     for transpose in [false, true] {
-        for i in 0..batch {
-            let at = |j: usize| if transpose { j * batch + i } else { i * batch + j };
-            let max = (0..batch).map(|j| logits[at(j)]).fold(f32::NEG_INFINITY, f32::max);
-            let total: f32 = (0..batch).map(|j| (logits[at(j)] - max).exp()).sum();
-            loss += (max + total.ln() - logits[at(i)]) / (2 * batch) as f32;
-            for j in 0..batch {
+        for i in 0..b {
+            let at = |j: usize| if transpose { j * b + i } else { i * b + j };
+            let max = (0..b).map(|j| logits[at(j)]).fold(f32::NEG_INFINITY, f32::max);
+            let total: f32 = (0..b).map(|j| (logits[at(j)] - max).exp()).sum();
+            loss += (max + total.ln() - logits[at(i)]) / (2 * b) as f32;
+            for j in 0..b {
                 let p = (logits[at(j)] - max).exp() / total;
-                dlogits[at(j)] += (p - if i == j { 1.0 } else { 0.0 }) / (2 * batch) as f32;
+                dlogits[at(j)] += (p - if i == j { 1.0 } else { 0.0 }) / (2 * b) as f32;
             }
         }
     }
-    let d_logit_scale = dlogits.iter().zip(&logits).map(|(g, l)| g * l).sum();
+    loss_out[0] = loss;
+    d_logit_scale[0] = dlogits.iter().zip(logits.iter()).map(|(g, l)| g * l).sum();
     // Through the product, then through the normalization: dx = (dn − n·(n·dn)) / ‖x‖.
-    let mut d_img = vec![0.0f32; batch * dim];
-    let mut d_txt = vec![0.0f32; batch * dim];
-    for i in 0..batch {
-        for j in 0..batch {
-            let g = scale * dlogits[i * batch + j];
-            for k in 0..dim {
-                d_img[i * dim + k] += g * txt[j * dim + k];
-                d_txt[j * dim + k] += g * img[i * dim + k];
+    d_img.fill(0.0);
+    d_txt.fill(0.0);
+    for i in 0..b {
+        for j in 0..b {
+            let g = scale * dlogits[i * b + j];
+            for k in 0..e {
+                d_img[i * e + k] += g * txt[j * e + k];
+                d_txt[j * e + k] += g * img[i * e + k];
             }
         }
     }
     let through_norm = |d: &mut [f32], n: &[f32], norms: &[f32]| {
-        for ((d, n), norm) in d.chunks_mut(dim).zip(n.chunks(dim)).zip(norms) {
+        for ((d, n), norm) in d.chunks_mut(e).zip(n.chunks(e)).zip(norms) {
             let dot: f32 = d.iter().zip(n).map(|(a, b)| a * b).sum();
             d.iter_mut().zip(n).for_each(|(g, n)| *g = (*g - n * dot) / norm);
         }
     };
-    through_norm(&mut d_img, &img, &img_norm);
-    through_norm(&mut d_txt, &txt, &txt_norm);
-    ClipLossOutput { loss, logits, d_image: d_img, d_text: d_txt, d_logit_scale }
+    through_norm(d_img, img, img_norm);
+    through_norm(d_txt, txt, txt_norm);
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testing::{assert_gradient, values};
     use super::*;
+    use crate::buffer::Buffer;
+
+    /// (loss, d_image, d_text, d_logit_scale).
+    fn run(img: &[f32], txt: &[f32], s: f32, b: usize, e: usize) -> (f32, Vec<f32>, Vec<f32>, f32) {
+        let zeros = |n: usize| Buffer::Cpu(vec![0.0f32; n]);
+        let (mut loss, mut logits, mut di, mut dt, mut ds, mut ws) =
+            (zeros(1), zeros(b * b), zeros(b * e), zeros(b * e), zeros(1), zeros(clip_loss_workspace(b, e)));
+        let (ib, tb, sb) = (Buffer::Cpu(img.to_vec()), Buffer::Cpu(txt.to_vec()), Buffer::Cpu(vec![s]));
+        let out = ClipLossOut {
+            loss: loss.view_mut(),
+            logits: logits.view_mut(),
+            d_image: di.view_mut(),
+            d_text: dt.view_mut(),
+            d_logit_scale: ds.view_mut(),
+        };
+        clip_loss(&Device::Cpu, out, ib.view(), tb.view(), sb.view(), ws.view_mut(), b, e).unwrap();
+        (loss.to_vec().unwrap()[0], di.to_vec().unwrap(), dt.to_vec().unwrap(), ds.to_vec().unwrap()[0])
+    }
 
     #[test]
     fn gradients_match_finite_differences() {
         let (b, e, s) = (4, 3, 0.7f32);
         let (img, txt) = (values(b * e, 1), values(b * e, 2));
-        let out = clip_loss(&img, &txt, s, b, e);
-        assert_gradient("d_image", &out.d_image, &img, |x| clip_loss(x, &txt, s, b, e).loss);
-        assert_gradient("d_text", &out.d_text, &txt, |x| clip_loss(&img, x, s, b, e).loss);
-        assert_gradient("d_logit_scale", &[out.d_logit_scale], &[s], |x| clip_loss(&img, &txt, x[0], b, e).loss);
+        let (_, d_img, d_txt, d_s) = run(&img, &txt, s, b, e);
+        assert_gradient("d_image", &d_img, &img, |x| run(x, &txt, s, b, e).0);
+        assert_gradient("d_text", &d_txt, &txt, |x| run(&img, x, s, b, e).0);
+        assert_gradient("d_logit_scale", &[d_s], &[s], |x| run(&img, &txt, x[0], b, e).0);
     }
 
     #[test]
     fn perfectly_aligned_features_give_a_low_loss() {
         let (b, e) = (3, 3);
         let eye: Vec<f32> = (0..9).map(|i| if i % 4 == 0 { 1.0 } else { 0.0 }).collect();
-        let out = clip_loss(&eye, &eye, 100f32.ln(), b, e);
-        assert!(out.loss < 1e-6, "{}", out.loss);
-        assert!((clip_loss(&eye, &eye, 0.0, b, e).loss - (1.0f32 + 2.0 * (-1.0f32).exp()).ln()).abs() < 1e-5);
+        assert!(run(&eye, &eye, 100f32.ln(), b, e).0 < 1e-6);
+        assert!((run(&eye, &eye, 0.0, b, e).0 - (1.0f32 + 2.0 * (-1.0f32).exp()).ln()).abs() < 1e-5);
     }
 }

@@ -79,7 +79,8 @@ type StandardizeKernel<E> = Kernel<(Global<E>, GlobalMut<f32>, GlobalMut<f32>, G
 type TokenNormsKernel<E> = Kernel<(Global<E>, GlobalMut<f32>, GlobalMut<u32>, u32, u32)>;
 type SimilarityKernel<E> =
     Kernel<(Global<f32>, Global<f32>, Global<E>, Global<f32>, Global<u32>, GlobalMut<f32>, u32, u32, u32, u32, f32)>;
-type GatherKernel<E> = Kernel<(Global<E>, Global<u32>, Global<u32>, GlobalMut<E>, u32, u32, u32)>;
+type GatherKernel<E> =
+    Kernel<(Global<E>, Global<E>, Global<u32>, Global<u32>, GlobalMut<E>, GlobalMut<u32>, u32, u32, u32)>;
 
 /// Element types the kernels read (f32, and bf16 widened exactly to f32), with the entry point of
 /// each kernel that comes in both.

@@ -1,26 +1,55 @@
-//! Exact (erf) GELU on the CPU, as open_clip's `nn.GELU()`: gelu(x) = x·Φ(x),
-//! Φ(x) = (1 + erf(x/√2))/2; gelu'(x) = Φ(x) + x·φ(x). erf is the kernels' shared f32 one
-//! (|error| ≤ 1.5e-7): the f64 series it replaced cost a fifth of a ViT-B/16 training step.
+//! Exact (erf) GELU, as open_clip's `nn.GELU()`: gelu(x) = x·Φ(x), Φ(x) = (1 + erf(x/√2))/2;
+//! gelu'(x) = Φ(x) + x·φ(x). erf is the kernels' shared f32 one (|error| ≤ 1.5e-7): the f64
+//! series it replaced cost a fifth of a ViT-B/16 training step. The linear layer applies both as
+//! epilogues (`linear.rs`); these ops are for activations no linear layer produces.
 
 use std::f32::consts::FRAC_1_SQRT_2;
 
 use clip_pgs_kernels::math::{erf, fast_exp};
 use rayon::prelude::*;
 
+use super::check::OpCheck;
+use crate::device::Device;
+use crate::error::Result;
+use crate::view::{View, ViewMut};
+
 fn cdf(x: f32) -> f32 {
     0.5 * (1.0 + erf(x * FRAC_1_SQRT_2))
 }
 
-pub fn gelu_forward(y: &mut [f32], x: &[f32]) {
+pub(super) fn cpu_gelu(y: &mut [f32], x: &[f32]) {
     y.par_iter_mut().with_min_len(1 << 12).zip(x.par_iter()).for_each(|(y, &x)| *y = x * cdf(x));
 }
 
-/// dx = dy·gelu'(x) (overwritten).
-pub fn gelu_backward(dx: &mut [f32], dy: &[f32], x: &[f32]) {
+/// dx = dy·gelu'(x); `dy` and `dx` may be the same slice (pass it as `dx` with `dy` None).
+pub(super) fn cpu_gelu_backward(dx: &mut [f32], dy: Option<&[f32]>, x: &[f32]) {
     let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
-    dx.par_iter_mut().with_min_len(1 << 12).zip(dy.par_iter().zip(x.par_iter())).for_each(|(dx, (&dy, &x))| {
-        *dx = dy * (cdf(x) + x * fast_exp(-0.5 * x * x) * inv_sqrt_2pi);
-    });
+    let grad = move |dy: f32, x: f32| dy * (cdf(x) + x * fast_exp(-0.5 * x * x) * inv_sqrt_2pi);
+    match dy {
+        Some(dy) => dx
+            .par_iter_mut()
+            .with_min_len(1 << 12)
+            .zip(dy.par_iter().zip(x.par_iter()))
+            .for_each(|(dx, (&dy, &x))| *dx = grad(dy, x)),
+        None => dx.par_iter_mut().with_min_len(1 << 12).zip(x.par_iter()).for_each(|(d, &x)| *d = grad(*d, x)),
+    }
+}
+
+/// y = gelu(x).
+pub fn gelu_forward(device: &Device, y: ViewMut<f32>, x: View<f32>) -> Result<()> {
+    let op = OpCheck::new("gelu_forward", device);
+    op.size("y", y.len(), x.len(), || "x's size".into())?;
+    cpu_gelu(op.cpu_mut("y", y)?, op.cpu("x", x)?);
+    Ok(())
+}
+
+/// dx = dy·gelu'(x) (overwritten).
+pub fn gelu_backward(device: &Device, dx: ViewMut<f32>, dy: View<f32>, x: View<f32>) -> Result<()> {
+    let op = OpCheck::new("gelu_backward", device);
+    op.size("dy", dy.len(), x.len(), || "x's size".into())?;
+    op.size("dx", dx.len(), x.len(), || "x's size".into())?;
+    cpu_gelu_backward(op.cpu_mut("dx", dx)?, Some(op.cpu("dy", dy)?), op.cpu("x", x)?);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -33,11 +62,14 @@ mod tests {
         let x: Vec<f32> = values(20, 1).iter().map(|v| v * 4.0).collect();
         let dy = values(20, 2);
         let mut dx = vec![0.0; 20];
-        gelu_backward(&mut dx, &dy, &x);
+        cpu_gelu_backward(&mut dx, Some(&dy), &x);
         assert_gradient("dx", &dx, &x, |x| {
             let mut y = vec![0.0; 20];
-            gelu_forward(&mut y, x);
+            cpu_gelu(&mut y, x);
             y.iter().zip(&dy).map(|(a, b)| a * b).sum()
         });
+        let mut in_place = dy.clone();
+        cpu_gelu_backward(&mut in_place, None, &x);
+        assert_eq!(in_place, dx);
     }
 }

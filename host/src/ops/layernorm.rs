@@ -1,20 +1,61 @@
-//! LayerNorm over the last dimension on the CPU (PyTorch, eps 1e-5):
-//! y = (x − mean)·rstd·γ + β, rstd = 1/sqrt(var + eps) (biased variance).
+//! LayerNorm over the last dimension (PyTorch, eps 1e-5): y = (x − mean)·rstd·γ + β,
+//! rstd = 1/sqrt(var + eps) (biased variance), with the residual add fused in front
+//! (`add_layernorm_forward`: x = a + b is written and normalized in one pass) and behind
+//! (`layernorm_backward` can add dx into the residual stream's gradient).
 
 use rayon::prelude::*;
 
+use super::check::OpCheck;
+use crate::device::Device;
+use crate::error::Result;
+use crate::view::{View, ViewMut};
+
 pub const EPS: f32 = 1e-5;
 
-/// Writes y and, for the backward pass, each row's mean and rstd.
-pub fn layernorm_forward(
-    y: &mut [f32],
-    mean: &mut [f32],
-    rstd: &mut [f32],
-    x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
+/// What the forward pass writes: y [rows, dim] and, for backward, each row's mean and rstd.
+pub struct NormOut<'a> {
+    pub y: ViewMut<'a, f32>,
+    pub mean: ViewMut<'a, f32>,
+    pub rstd: ViewMut<'a, f32>,
+}
+
+/// What backward reads of the forward pass: its input and statistics.
+pub struct NormSaved<'a> {
+    pub x: View<'a, f32>,
+    pub mean: View<'a, f32>,
+    pub rstd: View<'a, f32>,
+}
+
+/// The checked host slices of one forward call.
+type HostOut<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32], &'a [f32], &'a [f32]);
+
+fn check_forward<'a>(
+    op: &OpCheck,
+    out: NormOut<'a>,
+    x_len: usize,
+    gamma: View<'a, f32>,
+    beta: View<'a, f32>,
     dim: usize,
-) {
+) -> Result<HostOut<'a>> {
+    if dim == 0 || !x_len.is_multiple_of(dim) {
+        return Err(op.invalid(format!("x has {x_len} values, not a multiple of dim {dim}")));
+    }
+    let rows = x_len / dim;
+    op.size("y", out.y.len(), x_len, || format!("[rows {rows}, dim {dim}]"))?;
+    op.size("mean", out.mean.len(), rows, || format!("[rows {rows}]"))?;
+    op.size("rstd", out.rstd.len(), rows, || format!("[rows {rows}]"))?;
+    op.size("gamma", gamma.len(), dim, || format!("[dim {dim}]"))?;
+    op.size("beta", beta.len(), dim, || format!("[dim {dim}]"))?;
+    Ok((
+        op.cpu_mut("y", out.y)?,
+        op.cpu_mut("mean", out.mean)?,
+        op.cpu_mut("rstd", out.rstd)?,
+        op.cpu("gamma", gamma)?,
+        op.cpu("beta", beta)?,
+    ))
+}
+
+fn cpu_forward((y, mean, rstd, gamma, beta): HostOut, x: &[f32], dim: usize) {
     y.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(
         |((y, x), (m, r))| {
             let mu = x.iter().sum::<f32>() / dim as f32;
@@ -28,19 +69,73 @@ pub fn layernorm_forward(
     );
 }
 
-/// dx is overwritten; dγ and dβ accumulate.
+pub fn layernorm_forward(
+    device: &Device,
+    out: NormOut,
+    x: View<f32>,
+    gamma: View<f32>,
+    beta: View<f32>,
+    dim: usize,
+) -> Result<()> {
+    let op = OpCheck::new("layernorm_forward", device);
+    let host = check_forward(&op, out, x.len(), gamma, beta, dim)?;
+    cpu_forward(host, op.cpu("x", x)?, dim);
+    Ok(())
+}
+
+/// sum = a + b (the residual stream), then `out` = LayerNorm(sum).
+#[allow(clippy::too_many_arguments)]
+pub fn add_layernorm_forward(
+    device: &Device,
+    sum: ViewMut<f32>,
+    out: NormOut,
+    a: View<f32>,
+    b: View<f32>,
+    gamma: View<f32>,
+    beta: View<f32>,
+    dim: usize,
+) -> Result<()> {
+    let op = OpCheck::new("add_layernorm_forward", device);
+    op.size("b", b.len(), a.len(), || "a's size".into())?;
+    op.size("sum", sum.len(), a.len(), || "a's size".into())?;
+    let host = check_forward(&op, out, a.len(), gamma, beta, dim)?;
+    let (sum, a, b) = (op.cpu_mut("sum", sum)?, op.cpu("a", a)?, op.cpu("b", b)?);
+    sum.par_iter_mut().with_min_len(1 << 12).zip(a.par_iter().zip(b.par_iter())).for_each(|(s, (a, b))| *s = a + b);
+    cpu_forward(host, sum, dim);
+    Ok(())
+}
+
+/// dx is overwritten, or with `accumulate` added to (the residual stream's gradient); dγ and dβ
+/// accumulate.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
-    dx: &mut [f32],
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
-    dy: &[f32],
-    x: &[f32],
-    mean: &[f32],
-    rstd: &[f32],
-    gamma: &[f32],
+    device: &Device,
+    dx: ViewMut<f32>,
+    dgamma: ViewMut<f32>,
+    dbeta: ViewMut<f32>,
+    dy: View<f32>,
+    saved: NormSaved,
+    gamma: View<f32>,
     dim: usize,
-) {
+    accumulate: bool,
+) -> Result<()> {
+    let op = OpCheck::new("layernorm_backward", device);
+    let n = saved.x.len();
+    if dim == 0 || !n.is_multiple_of(dim) {
+        return Err(op.invalid(format!("x has {n} values, not a multiple of dim {dim}")));
+    }
+    let rows = n / dim;
+    let shape = || format!("[rows {rows}, dim {dim}]");
+    op.size("dy", dy.len(), n, shape)?;
+    op.size("dx", dx.len(), n, shape)?;
+    op.size("mean", saved.mean.len(), rows, || format!("[rows {rows}]"))?;
+    op.size("rstd", saved.rstd.len(), rows, || format!("[rows {rows}]"))?;
+    for (name, len) in [("gamma", gamma.len()), ("dgamma", dgamma.len()), ("dbeta", dbeta.len())] {
+        op.size(name, len, dim, || format!("[dim {dim}]"))?;
+    }
+    let (dx, dgamma, dbeta) = (op.cpu_mut("dx", dx)?, op.cpu_mut("dgamma", dgamma)?, op.cpu_mut("dbeta", dbeta)?);
+    let (dy, x, gamma) = (op.cpu("dy", dy)?, op.cpu("x", saved.x)?, op.cpu("gamma", gamma)?);
+    let (mean, rstd) = (op.cpu("mean", saved.mean)?, op.cpu("rstd", saved.rstd)?);
     for (row, (dy, x)) in dy.chunks(dim).zip(x.chunks(dim)).enumerate() {
         for i in 0..dim {
             let xhat = (x[i] - mean[row]) * rstd[row];
@@ -60,32 +155,63 @@ pub fn layernorm_backward(
             (mean_g, mean_gx) = (mean_g / dim as f32, mean_gx / dim as f32);
             for i in 0..dim {
                 let xhat = (x[i] - mu) * s;
-                dx[i] = s * (dy[i] * gamma[i] - mean_g - xhat * mean_gx);
+                let d = s * (dy[i] * gamma[i] - mean_g - xhat * mean_gx);
+                dx[i] = if accumulate { dx[i] + d } else { d };
             }
         },
     );
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testing::{assert_gradient, values};
     use super::*;
+    use crate::buffer::Buffer;
+
+    fn forward(x: &[f32], g: &[f32], b: &[f32], dim: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let rows = x.len() / dim;
+        let (mut y, mut m, mut r) =
+            (Buffer::Cpu(vec![0.0; x.len()]), Buffer::Cpu(vec![0.0; rows]), Buffer::Cpu(vec![0.0; rows]));
+        let (xb, gb, bb) = (Buffer::Cpu(x.to_vec()), Buffer::Cpu(g.to_vec()), Buffer::Cpu(b.to_vec()));
+        let out = NormOut { y: y.view_mut(), mean: m.view_mut(), rstd: r.view_mut() };
+        layernorm_forward(&Device::Cpu, out, xb.view(), gb.view(), bb.view(), dim).unwrap();
+        (y.to_vec().unwrap(), m.to_vec().unwrap(), r.to_vec().unwrap())
+    }
 
     #[test]
-    fn backward_matches_finite_differences() {
+    fn backward_matches_finite_differences_and_accumulates() {
         let (rows, dim) = (3, 6);
         let (x, gamma, beta, dy) = (values(rows * dim, 1), values(dim, 2), values(dim, 3), values(rows * dim, 4));
-        let loss = |x: &[f32], g: &[f32], b: &[f32]| {
-            let (mut y, mut m, mut r) = (vec![0.0; rows * dim], vec![0.0; rows], vec![0.0; rows]);
-            layernorm_forward(&mut y, &mut m, &mut r, x, g, b, dim);
-            y.iter().zip(&dy).map(|(a, b)| a * b).sum::<f32>()
-        };
-        let (mut y, mut m, mut r) = (vec![0.0; rows * dim], vec![0.0; rows], vec![0.0; rows]);
-        layernorm_forward(&mut y, &mut m, &mut r, &x, &gamma, &beta, dim);
-        let (mut dx, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; dim], vec![0.0; dim]);
-        layernorm_backward(&mut dx, &mut dg, &mut db, &dy, &x, &m, &r, &gamma, dim);
+        let loss =
+            |x: &[f32], g: &[f32], b: &[f32]| forward(x, g, b, dim).0.iter().zip(&dy).map(|(a, b)| a * b).sum::<f32>();
+        let (_, m, r) = forward(&x, &gamma, &beta, dim);
+        let residual = values(rows * dim, 5);
+        let (mut dx, mut dg, mut db) =
+            (Buffer::Cpu(residual.clone()), Buffer::Cpu(vec![0.0; dim]), Buffer::Cpu(vec![0.0; dim]));
+        let (xb, mb, rb, gb, dyb) = (
+            Buffer::Cpu(x.clone()),
+            Buffer::Cpu(m),
+            Buffer::Cpu(r),
+            Buffer::Cpu(gamma.clone()),
+            Buffer::Cpu(dy.clone()),
+        );
+        let saved = NormSaved { x: xb.view(), mean: mb.view(), rstd: rb.view() };
+        layernorm_backward(
+            &Device::Cpu,
+            dx.view_mut(),
+            dg.view_mut(),
+            db.view_mut(),
+            dyb.view(),
+            saved,
+            gb.view(),
+            dim,
+            true,
+        )
+        .unwrap();
+        let dx: Vec<f32> = dx.to_vec().unwrap().iter().zip(&residual).map(|(a, r)| a - r).collect();
         assert_gradient("dx", &dx, &x, |x| loss(x, &gamma, &beta));
-        assert_gradient("dgamma", &dg, &gamma, |g| loss(&x, g, &beta));
-        assert_gradient("dbeta", &db, &beta, |b| loss(&x, &gamma, b));
+        assert_gradient("dgamma", &dg.to_vec().unwrap(), &gamma, |g| loss(&x, g, &beta));
+        assert_gradient("dbeta", &db.to_vec().unwrap(), &beta, |b| loss(&x, &gamma, b));
     }
 }

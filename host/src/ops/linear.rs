@@ -1,66 +1,194 @@
-//! Linear layer on the CPU, PyTorch layout: y [rows, out] = x [rows, in]·Wᵀ + b, W [out, in].
-//! Backward: dx = dy·W, dW += dyᵀ·x, db += Σ_rows dy.
+//! Linear layer, PyTorch layout: y [rows, out] = x [rows, in]·Wᵀ + b, W [out, in], with
+//! cuBLASLt's epilogues: BIAS, and GELU_AUX_BIAS (the pre-activation kept for backward).
+//! Backward: dx = dy·W (with DGELU: dx = (dy·W)∘gelu'(pre)), dW += dyᵀ·x, db += Σ_rows dy.
 
-use super::matmul::{MatRef, matmul};
+use rayon::prelude::*;
 
-pub fn linear_forward(
-    y: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    rows: usize,
-    inputs: usize,
-    outputs: usize,
-) {
-    matmul(y, MatRef::new(x, rows, inputs), MatRef::new(w, outputs, inputs).t(), false);
-    if let Some(b) = b {
-        y[..rows * outputs].chunks_mut(outputs).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-    }
+use super::check::OpCheck;
+use super::gelu::{cpu_gelu, cpu_gelu_backward};
+use super::matmul::{Mat, cpu_matmul};
+use crate::device::Device;
+use crate::error::Result;
+use crate::view::{View, ViewMut};
+
+#[derive(Clone, Copy, Debug)]
+pub struct LinearShape {
+    pub rows: usize,
+    pub inputs: usize,
+    pub outputs: usize,
 }
 
-/// Gradients of `linear_forward`: `dx` is overwritten (when asked for), `dw` and `db` accumulate.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_backward(
-    dx: Option<&mut [f32]>,
-    dw: &mut [f32],
-    db: Option<&mut [f32]>,
-    dy: &[f32],
-    x: &[f32],
-    w: &[f32],
-    rows: usize,
-    inputs: usize,
-    outputs: usize,
-) {
-    if let Some(dx) = dx {
-        matmul(dx, MatRef::new(dy, rows, outputs), MatRef::new(w, outputs, inputs), false);
+/// What follows the product in the forward pass.
+pub enum Epilogue<'a> {
+    None,
+    /// y = x·Wᵀ + b.
+    Bias(View<'a, f32>),
+    /// pre = x·Wᵀ + b, y = gelu(pre).
+    BiasGelu {
+        bias: View<'a, f32>,
+        pre: ViewMut<'a, f32>,
+    },
+}
+
+/// The gradients backward writes: `dx` overwritten (when asked for), `dw` and `db` accumulated.
+pub struct LinearGrads<'a> {
+    pub dx: Option<ViewMut<'a, f32>>,
+    pub dw: ViewMut<'a, f32>,
+    pub db: Option<ViewMut<'a, f32>>,
+}
+
+fn check_sizes(op: &OpCheck, s: LinearShape, x: usize, w: usize, y: usize) -> Result<()> {
+    let LinearShape { rows, inputs, outputs } = s;
+    op.size("x", x, rows * inputs, || format!("[rows {rows}, in {inputs}]"))?;
+    op.size("weight", w, outputs * inputs, || format!("[out {outputs}, in {inputs}]"))?;
+    op.size("y", y, rows * outputs, || format!("[rows {rows}, out {outputs}]"))
+}
+
+pub fn linear_forward(
+    device: &Device,
+    y: ViewMut<f32>,
+    x: View<f32>,
+    w: View<f32>,
+    epilogue: Epilogue,
+    s: LinearShape,
+) -> Result<()> {
+    let op = OpCheck::new("linear_forward", device);
+    check_sizes(&op, s, x.len(), w.len(), y.len())?;
+    let LinearShape { rows, inputs, outputs } = s;
+    let (x, w, y) = (op.cpu("x", x)?, op.cpu("weight", w)?, op.cpu_mut("y", y)?);
+    let product = |out: &mut [f32]| {
+        cpu_matmul(Mat::new(out, rows, outputs), Mat::new(x, rows, inputs), Mat::new(w, outputs, inputs).t(), false)
+    };
+    let add_bias = |out: &mut [f32], b: &[f32]| {
+        out.par_chunks_mut(outputs).with_min_len(64).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b))
+    };
+    match epilogue {
+        Epilogue::None => product(y),
+        Epilogue::Bias(b) => {
+            op.size("bias", b.len(), outputs, || format!("[out {outputs}]"))?;
+            product(y);
+            add_bias(y, op.cpu("bias", b)?);
+        }
+        Epilogue::BiasGelu { bias, pre } => {
+            op.size("bias", bias.len(), outputs, || format!("[out {outputs}]"))?;
+            op.size("pre", pre.len(), rows * outputs, || format!("[rows {rows}, out {outputs}]"))?;
+            let pre = op.cpu_mut("pre", pre)?;
+            product(pre);
+            add_bias(pre, op.cpu("bias", bias)?);
+            cpu_gelu(y, pre);
+        }
     }
-    matmul(dw, MatRef::new(dy, rows, outputs).t(), MatRef::new(x, rows, inputs), true);
-    if let Some(db) = db {
-        for row in dy[..rows * outputs].chunks(outputs) {
+    Ok(())
+}
+
+/// Gradients of `linear_forward`. `gelu_pre`: the forward had the GELU epilogue and this is its
+/// pre-activation (cuBLASLt's DGELU: dx becomes the gradient at the pre-activation).
+pub fn linear_backward(
+    device: &Device,
+    grads: LinearGrads,
+    dy: View<f32>,
+    x: View<f32>,
+    w: View<f32>,
+    s: LinearShape,
+) -> Result<()> {
+    linear_backward_gelu(device, grads, dy, x, w, None, s)
+}
+
+/// `linear_backward` for the layer after a GELU-epilogue layer: `dx` is taken through gelu'(pre).
+pub fn linear_backward_gelu(
+    device: &Device,
+    grads: LinearGrads,
+    dy: View<f32>,
+    x: View<f32>,
+    w: View<f32>,
+    gelu_pre: Option<View<f32>>,
+    s: LinearShape,
+) -> Result<()> {
+    let op = OpCheck::new("linear_backward", device);
+    check_sizes(&op, s, x.len(), w.len(), dy.len())?;
+    let LinearShape { rows, inputs, outputs } = s;
+    op.size("dweight", grads.dw.len(), outputs * inputs, || format!("[out {outputs}, in {inputs}]"))?;
+    let (dy, x, w) = (op.cpu("dy", dy)?, op.cpu("x", x)?, op.cpu("weight", w)?);
+    if let Some(dx) = grads.dx {
+        op.size("dx", dx.len(), rows * inputs, || format!("[rows {rows}, in {inputs}]"))?;
+        let dx = op.cpu_mut("dx", dx)?;
+        cpu_matmul(
+            Mat::new(&mut dx[..], rows, inputs),
+            Mat::new(dy, rows, outputs),
+            Mat::new(w, outputs, inputs),
+            false,
+        );
+        if let Some(pre) = gelu_pre {
+            op.size("gelu_pre", pre.len(), rows * inputs, || format!("[rows {rows}, in {inputs}]"))?;
+            cpu_gelu_backward(dx, None, op.cpu("gelu_pre", pre)?);
+        }
+    }
+    let dw = op.cpu_mut("dweight", grads.dw)?;
+    cpu_matmul(Mat::new(dw, outputs, inputs), Mat::new(dy, rows, outputs).t(), Mat::new(x, rows, inputs), true);
+    if let Some(db) = grads.db {
+        op.size("dbias", db.len(), outputs, || format!("[out {outputs}]"))?;
+        let db = op.cpu_mut("dbias", db)?;
+        for row in dy.chunks(outputs) {
             db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testing::{assert_gradient, values};
     use super::*;
+    use crate::buffer::Buffer;
+
+    fn cpu(v: &[f32]) -> Buffer<f32> {
+        Buffer::Cpu(v.to_vec())
+    }
 
     #[test]
-    fn backward_matches_finite_differences() {
-        let (rows, inputs, outputs) = (3, 4, 5);
-        let (x, w, b, dy) =
-            (values(rows * inputs, 1), values(outputs * inputs, 2), values(outputs, 3), values(rows * outputs, 4));
-        let loss = |x: &[f32], w: &[f32], b: &[f32]| {
-            let mut y = vec![0.0; rows * outputs];
-            linear_forward(&mut y, x, w, Some(b), rows, inputs, outputs);
-            y.iter().zip(&dy).map(|(a, b)| a * b).sum::<f32>()
-        };
-        let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; b.len()]);
-        linear_backward(Some(&mut dx), &mut dw, Some(&mut db), &dy, &x, &w, rows, inputs, outputs);
-        assert_gradient("dx", &dx, &x, |x| loss(x, &w, &b));
-        assert_gradient("dw", &dw, &w, |w| loss(&x, w, &b));
-        assert_gradient("db", &db, &b, |b| loss(&x, &w, b));
+    fn backward_matches_finite_differences_with_both_epilogues() {
+        let s = LinearShape { rows: 3, inputs: 4, outputs: 5 };
+        let (x, w, b, dy) = (values(12, 1), values(20, 2), values(5, 3), values(15, 4));
+        let dev = Device::Cpu;
+        for gelu in [false, true] {
+            let forward = |x: &[f32], w: &[f32], b: &[f32]| {
+                let (mut y, mut pre) = (cpu(&[0.0; 15]), cpu(&[0.0; 15]));
+                let (xb, wb, bb) = (cpu(x), cpu(w), cpu(b));
+                let epilogue = if gelu {
+                    Epilogue::BiasGelu { bias: bb.view(), pre: pre.view_mut() }
+                } else {
+                    Epilogue::Bias(bb.view())
+                };
+                linear_forward(&dev, y.view_mut(), xb.view(), wb.view(), epilogue, s).unwrap();
+                (y.to_vec().unwrap(), pre.to_vec().unwrap())
+            };
+            let loss =
+                |x: &[f32], w: &[f32], b: &[f32]| forward(x, w, b).0.iter().zip(&dy).map(|(a, b)| a * b).sum::<f32>();
+            // The layer is followed by an identity: its dy is the pre-activation's gradient
+            // when the epilogue is GELU, so run DGELU on the "dx" of a preceding identity.
+            let pre = forward(&x, &w, &b).1;
+            let dpre: Vec<f32> = if gelu {
+                let mut d = dy.clone();
+                cpu_gelu_backward(&mut d, None, &pre);
+                d
+            } else {
+                dy.clone()
+            };
+            let (mut dx, mut dw, mut db) = (cpu(&[0.0; 12]), cpu(&[0.0; 20]), cpu(&[0.0; 5]));
+            let grads = LinearGrads { dx: Some(dx.view_mut()), dw: dw.view_mut(), db: Some(db.view_mut()) };
+            let dpre_b = cpu(&dpre);
+            linear_backward(&dev, grads, dpre_b.view(), cpu(&x).view(), cpu(&w).view(), s).unwrap();
+            assert_gradient("dx", &dx.to_vec().unwrap(), &x, |x| loss(x, &w, &b));
+            assert_gradient("dw", &dw.to_vec().unwrap(), &w, |w| loss(&x, w, &b));
+            assert_gradient("db", &db.to_vec().unwrap(), &b, |b| loss(&x, &w, b));
+        }
+    }
+
+    #[test]
+    fn wrong_sizes_are_named() {
+        let (x, w, mut y) = (cpu(&[0.0; 12]), cpu(&[0.0; 19]), cpu(&[0.0; 15]));
+        let s = LinearShape { rows: 3, inputs: 4, outputs: 5 };
+        let e = linear_forward(&Device::Cpu, y.view_mut(), x.view(), w.view(), Epilogue::None, s).unwrap_err();
+        assert!(e.to_string().contains("linear_forward: weight has 19 values, [out 5, in 4] needs 20"), "{e}");
     }
 }

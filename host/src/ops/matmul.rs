@@ -1,60 +1,111 @@
-//! f32 matrix multiply on the CPU through the `gemm` crate (SIMD microkernels, rayon threads;
-//! the kernel family candle and faer use), over row-major slices seen with any strides.
+//! Matrix multiply C = A·B (or C += A·B) over strided views, f32 on the CPU through the `gemm`
+//! crate (SIMD microkernels, rayon threads; the kernel family candle and faer use). Strides let
+//! every caller pass transposes and row subsets without copies (cuBLASLt's leading dimensions).
 
 use gemm::Parallelism;
 
-/// A matrix view: element (i, j) is `data[i·row_stride + j·col_stride]`.
+use super::check::OpCheck;
+use crate::device::Device;
+use crate::error::Result;
+use crate::view::{View, ViewMut};
+
+/// A matrix in memory: element (i, j) is `data[i·row_stride + j·col_stride]`.
 #[derive(Clone, Copy)]
-pub struct MatRef<'a> {
-    pub data: &'a [f32],
+pub struct Mat<D> {
+    pub data: D,
     pub rows: usize,
     pub cols: usize,
     pub row_stride: usize,
     pub col_stride: usize,
 }
 
-impl<'a> MatRef<'a> {
+/// A host matrix, read-only.
+pub type MatRef<'a> = Mat<&'a [f32]>;
+/// A host matrix, written.
+pub type MatMut<'a> = Mat<&'a mut [f32]>;
+
+impl<D> Mat<D> {
     /// A row-major [rows, cols] matrix.
-    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        MatRef { data, rows, cols, row_stride: cols, col_stride: 1 }
+    pub fn new(data: D, rows: usize, cols: usize) -> Self {
+        Mat { data, rows, cols, row_stride: cols, col_stride: 1 }
     }
 
     /// The transpose of this view (no copy).
     pub fn t(self) -> Self {
-        MatRef { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+        Mat { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
+
+    /// Rows `stride` apart (every `stride`-th row of a row-major matrix of the same width).
+    pub fn row_stride(self, stride: usize) -> Self {
+        Mat { row_stride: stride, ..self }
     }
 
     fn last_index(&self) -> usize {
         (self.rows.max(1) - 1) * self.row_stride + (self.cols.max(1) - 1) * self.col_stride
     }
+
+    fn with<E>(&self, data: E) -> Mat<E> {
+        Mat { data, rows: self.rows, cols: self.cols, row_stride: self.row_stride, col_stride: self.col_stride }
+    }
 }
 
-/// c [m, n] (row-major) = a·b, or c += a·b with `accumulate`.
-pub fn matmul(c: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) {
+/// c = a·b, or c += a·b with `accumulate`, on the device.
+pub fn matmul(
+    device: &Device,
+    c: Mat<ViewMut<f32>>,
+    a: Mat<View<f32>>,
+    b: Mat<View<f32>>,
+    accumulate: bool,
+) -> Result<()> {
+    let op = OpCheck::new("matmul", device);
+    if a.cols != b.rows || c.rows != a.rows || c.cols != b.cols {
+        return Err(
+            op.invalid(format!("[{}, {}]·[{}, {}] into [{}, {}]", a.rows, a.cols, b.rows, b.cols, c.rows, c.cols))
+        );
+    }
+    for (name, last, len) in
+        [("a", a.last_index(), a.data.len()), ("b", b.last_index(), b.data.len()), ("c", c.last_index(), c.data.len())]
+    {
+        if last >= len && a.rows * a.cols * b.cols > 0 {
+            return Err(op.invalid(format!("{name} reaches element {last} of a view of {len}")));
+        }
+    }
+    let (am, bm) = (a.with(()), b.with(()));
+    let cm = c.with(());
+    let (a, b) = (op.cpu("a", a.data)?, op.cpu("b", b.data)?);
+    cpu_matmul(cm.with(op.cpu_mut("c", c.data)?), am.with(a), bm.with(b), accumulate);
+    Ok(())
+}
+
+/// The CPU matrix multiply (the views must fit their data).
+pub fn cpu_matmul(c: MatMut, a: MatRef, b: MatRef, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul: inner sizes {k} and {} differ", b.rows);
-    assert!(c.len() >= m * n, "matmul: output holds {} < {m}×{n}", c.len());
+    assert!(c.rows == m && c.cols == n, "matmul: output is [{}, {}], not [{m}, {n}]", c.rows, c.cols);
     if m == 0 || n == 0 {
         return;
     }
+    assert!(c.last_index() < c.data.len(), "matmul: the output view runs past its data");
     if k == 0 {
         if !accumulate {
-            c[..m * n].fill(0.0);
+            for i in 0..m {
+                (0..n).for_each(|j| c.data[i * c.row_stride + j * c.col_stride] = 0.0);
+            }
         }
         return;
     }
     assert!(a.last_index() < a.data.len() && b.last_index() < b.data.len(), "matmul: a view runs past its data");
     let parallelism = if m * n * k >= 1 << 18 { Parallelism::Rayon(0) } else { Parallelism::None };
-    // SAFETY: every index the views reach is inside their slices (checked above), c holds m×n,
-    // and c does not alias a or b (a &mut and two & borrows).
+    // SAFETY: every index the views reach is inside their slices (checked above), and c does not
+    // alias a or b (a &mut and two & borrows).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
+            c.data.as_mut_ptr(),
+            c.col_stride as isize,
+            c.row_stride as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,
@@ -77,17 +128,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn matches_a_naive_product_with_transposes_and_accumulation() {
+    fn matches_a_naive_product_with_transposes_strides_and_accumulation() {
         let (m, k, n) = (7, 5, 3);
         let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
         let bt: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect(); // stored [n, k]
-        let mut c = vec![1.0f32; m * n];
-        matmul(&mut c, MatRef::new(&a, m, k), MatRef::new(&bt, n, k).t(), true);
+        // c: every other row of a [2m, n] buffer.
+        let mut c = vec![1.0f32; 2 * m * n];
+        cpu_matmul(
+            Mat::new(&mut c[..], m, n).row_stride(2 * n),
+            Mat::new(&a[..], m, k),
+            Mat::new(&bt[..], n, k).t(),
+            true,
+        );
         for i in 0..m {
             for j in 0..n {
                 let want: f32 = 1.0 + (0..k).map(|p| a[i * k + p] * bt[j * k + p]).sum::<f32>();
-                assert!((c[i * n + j] - want).abs() < 1e-5, "({i},{j}) {} vs {want}", c[i * n + j]);
+                assert!((c[2 * i * n + j] - want).abs() < 1e-5, "({i},{j}) {} vs {want}", c[2 * i * n + j]);
+                assert_eq!(c[(2 * i + 1) * n + j], 1.0, "a row between the strided rows was written");
             }
         }
     }
+
+    #[test]
+    fn mismatched_shapes_and_devices_are_named() {
+        let (a, b, mut c) = (Buffer::Cpu(vec![0.0f32; 6]), Buffer::Cpu(vec![0.0f32; 6]), Buffer::Cpu(vec![0.0f32; 4]));
+        let err = matmul(
+            &Device::Cpu,
+            Mat::new(c.view_mut(), 2, 2),
+            Mat::new(a.view(), 2, 3),
+            Mat::new(b.view(), 2, 3),
+            false,
+        );
+        assert!(err.unwrap_err().to_string().contains("matmul: [2, 3]·[2, 3] into [2, 2]"));
+        let e = Buffer::Emu(vec![0.0f32; 6]);
+        let err = matmul(
+            &Device::Cpu,
+            Mat::new(c.view_mut(), 2, 2),
+            Mat::new(e.view(), 2, 3),
+            Mat::new(b.view(), 3, 2),
+            false,
+        );
+        assert!(err.unwrap_err().to_string().contains("matmul: a is on the emu device, the op runs on cpu"));
+    }
+
+    use crate::buffer::Buffer;
 }

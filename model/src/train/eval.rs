@@ -6,6 +6,7 @@
 //!   above each hard negative (colours swapped, relation flipped, a colour or shape replaced)?
 //! - robustness: zero-shot top-1 on shifted copies of the images (noise, blur, colour jitter).
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use clip_pgs_kernels::philox::Philox;
@@ -13,11 +14,10 @@ use image::RgbImage;
 use image::imageops;
 use rayon::prelude::*;
 
-use crate::clip::Clip;
+use crate::clip::{Clip, Pass, Workspace};
 use crate::data::loader::prepare;
 use crate::data::{Classes, Source};
 use crate::init::standard_normal;
-use crate::params::Params;
 use crate::preprocess::normalize;
 use crate::tokenizer::ClipTokenizer;
 
@@ -89,29 +89,43 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// The model as evaluation uses it: normalized features in chunks.
 pub struct Encoder<'a> {
-    pub clip: Clip<'a>,
-    pub params: &'a Params,
+    pub pass: Pass<'a>,
     pub tokenizer: &'a ClipTokenizer,
+    /// Forward-only buffers for chunks of CHUNK samples.
+    workspace: RefCell<Workspace>,
 }
 
-impl Encoder<'_> {
-    fn dim(&self) -> usize {
-        self.clip.cfg.embed_dim
+impl<'a> Encoder<'a> {
+    pub fn new(pass: Pass<'a>, tokenizer: &'a ClipTokenizer) -> Result<Self, String> {
+        // Block inputs only (as with gradient checkpointing): evaluation runs no backward.
+        let clip = Clip { grad_checkpointing: true, ..pass.clip.clone() };
+        let workspace = Workspace::new(&clip, pass.device, CHUNK, CHUNK).map_err(|e| e.to_string())?;
+        Ok(Encoder { pass, tokenizer, workspace: RefCell::new(workspace) })
     }
 
-    pub fn images(&self, images: &[f32]) -> Vec<f32> {
-        let len = 3 * self.clip.cfg.vision_cfg.image_size.pow(2);
-        let f: Vec<f32> = images.chunks(CHUNK * len).flat_map(|c| self.clip.encode_image(self.params, c)).collect();
-        normalized(f, self.dim())
+    fn dim(&self) -> usize {
+        self.pass.clip.cfg.embed_dim
+    }
+
+    pub fn images(&self, images: &[f32]) -> Result<Vec<f32>, String> {
+        let len = 3 * self.pass.clip.cfg.vision_cfg.image_size.pow(2);
+        let mut f = Vec::with_capacity(images.len() / len * self.dim());
+        for chunk in images.chunks(CHUNK * len) {
+            f.extend(self.workspace.borrow_mut().encode_images(&self.pass, chunk)?);
+        }
+        Ok(normalized(f, self.dim()))
     }
 
     pub fn texts(&self, texts: &[String]) -> Result<Vec<f32>, String> {
-        let ctx = self.clip.cfg.text_cfg.context_length;
+        let ctx = self.pass.clip.cfg.text_cfg.context_length;
         let mut ids = Vec::with_capacity(texts.len() * ctx);
         for t in texts {
             ids.extend(self.tokenizer.tokenize(t, ctx).map_err(|e| e.to_string())?);
         }
-        let f: Vec<f32> = ids.chunks(CHUNK * ctx).flat_map(|c| self.clip.encode_text(self.params, c)).collect();
+        let mut f = Vec::with_capacity(texts.len() * self.dim());
+        for chunk in ids.chunks(CHUNK * ctx) {
+            f.extend(self.workspace.borrow_mut().encode_texts(&self.pass, chunk)?);
+        }
         Ok(normalized(f, self.dim()))
     }
 
@@ -200,7 +214,7 @@ pub fn evaluate(enc: &Encoder, set: &EvalSet) -> Result<BTreeMap<String, f64>, S
     if set.is_empty() {
         return Ok(out);
     }
-    let images = enc.images(&set.images);
+    let images = enc.images(&set.images)?;
     let texts = enc.texts(&set.captions)?;
     retrieval(&images, &texts, e, &mut out);
     if let Some(classes) = &set.classes {
@@ -216,7 +230,7 @@ pub fn evaluate(enc: &Encoder, set: &EvalSet) -> Result<BTreeMap<String, f64>, S
                     .enumerate()
                     .flat_map_iter(|(i, rgb)| normalize(&shift(rgb, kind, i as u32)))
                     .collect();
-                if let Some((top1, _)) = zero_shot(&enc.images(&shifted), &set.labels, &classifier, e) {
+                if let Some((top1, _)) = zero_shot(&enc.images(&shifted)?, &set.labels, &classifier, e) {
                     out.insert(format!("robust_{kind}_top1"), top1);
                 }
             }

@@ -20,7 +20,7 @@ use clip_pgs_kernels::select::{
 use clip_pgs_kernels::sinkhorn::{
     EPSILON, MAX_ITERATIONS, TOLERANCE, log_shared_bytes, pgs_sinkhorn_knopp_signed, pgs_sinkhorn_log,
 };
-use clip_pgs_kernels::{edge_map as edge_kernels, gather as gather_kernels, patch_stats, select, sinkhorn};
+use clip_pgs_kernels::{edge_map as edge_kernels, patch_stats, select, sinkhorn};
 
 use super::{ImageMask, MaskRatio, MaskRequest, Masking, Masks, PgsMode, REFERENCE_EPOCHS};
 use crate::buffer::Buffer;
@@ -309,32 +309,4 @@ pub fn mask_gpu_timed<T: ImageElement>(
         }
     }
     Ok(DeviceMasks { patches: l, images: n, kept, kept_len, candidates: Some((candidates, n_c)), nonfinite })
-}
-
-/// Launches `pgs_gather_{f32,bf16}`: x [N, L + 1, D] → [N, K_max + 1, D] (zero padded), with
-/// `rows` = K_max + 1 (from the masks, known on the host when the kept counts are).
-pub fn gather_gpu<T: ImageElement>(
-    device: &Device,
-    x: &Buffer<T>,
-    dim: usize,
-    masks: &DeviceMasks,
-    rows: usize,
-) -> Result<Buffer<T>> {
-    let (n, l) = (masks.images, masks.patches);
-    if x.len() != n * (l + 1) * dim {
-        return Err(Error::InvalidArgument(format!(
-            "gather: tokens have {} elements, [N = {n}, L + 1 = {}, D = {dim}] needs {}",
-            x.len(),
-            l + 1,
-            n * (l + 1) * dim
-        )));
-    }
-    if rows == 0 || rows > l + 1 {
-        return Err(Error::InvalidArgument(format!("gather: {rows} output rows; 1 to L + 1 = {} are possible", l + 1)));
-    }
-    let mut out = device.alloc_zeros::<T>(n * rows * dim, "packed tokens")?;
-    let cfg = blocks((rows.div_ceil(gather_kernels::ROWS), n, 1), gather_kernels::THREADS, 0);
-    let args = (x, &masks.kept, &masks.kept_len, &mut out, l as u32, dim as u32, rows as u32);
-    launch(device, &mut None, &T::GATHER, cfg, args)?;
-    Ok(out)
 }

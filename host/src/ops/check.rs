@@ -1,0 +1,70 @@
+//! What every op checks before it runs: sizes (errors name the op, the tensor and the shape),
+//! that every tensor lives on the device the op runs on, and that the op exists there.
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::view::{Place, View, ViewMut};
+
+/// One op call's checks.
+pub(crate) struct OpCheck<'d> {
+    pub op: &'static str,
+    pub device: &'d Device,
+}
+
+impl<'d> OpCheck<'d> {
+    pub fn new(op: &'static str, device: &'d Device) -> Self {
+        OpCheck { op, device }
+    }
+
+    /// `tensor` holds `got` values where `shape` needs `want`.
+    pub fn size(&self, tensor: &str, got: usize, want: usize, shape: impl FnOnce() -> String) -> Result<()> {
+        if got == want {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(format!("{}: {tensor} has {got} values, {} needs {want}", self.op, shape())))
+    }
+
+    /// Any other argument error, named.
+    pub fn invalid(&self, what: impl std::fmt::Display) -> Error {
+        Error::InvalidArgument(format!("{}: {what}", self.op))
+    }
+
+    fn place(&self, tensor: &str, place: Place) -> Result<()> {
+        let device = self.device.place();
+        if place != device {
+            return Err(Error::WrongDevice(format!(
+                "{}: {tensor} is on the {} device, the op runs on {}",
+                self.op,
+                place.name(),
+                device.name()
+            )));
+        }
+        if device != Place::Cpu {
+            return Err(Error::Unsupported(format!(
+                "{} is not implemented on the {} device yet (the model's GPU kernels come with the GPU \
+                 training step); use --device cpu",
+                self.op,
+                device.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The host slice of a read-only tensor, on the CPU device.
+    pub fn cpu<'a, T>(&self, tensor: &str, v: View<'a, T>) -> Result<&'a [T]> {
+        self.place(tensor, v.place())?;
+        match v {
+            View::Cpu(s) => Ok(s),
+            _ => unreachable!("place checked"),
+        }
+    }
+
+    /// The host slice of a written tensor, on the CPU device.
+    pub fn cpu_mut<'a, T>(&self, tensor: &str, v: ViewMut<'a, T>) -> Result<&'a mut [T]> {
+        self.place(tensor, v.place())?;
+        match v {
+            ViewMut::Cpu(s) => Ok(s),
+            _ => unreachable!("place checked"),
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! One training step, the same for `clip-pgs train`, `clip-pgs parity` and the benchmarks: the
+//! batch into the arenas, the patch embedding once, the masks (made from those patch tokens on
+//! the model's device, consumed there by the image tower's gather), the loss and gradients over
+//! `accum` micro-batches, then AdamW over the flat state.
+//!
+//! `--accum-freq` as open_clip: the features of every micro-batch first (no activations kept
+//! beyond one micro-batch's), the contrastive loss over the whole batch, then per micro-batch a
+//! recomputed forward and its backward. The forward is deterministic, so the gradients are one
+//! big batch's; peak activation memory is one micro-batch's.
+
+use clip_pgs_host::ops::elementwise::fill;
+use clip_pgs_host::ops::pgs::{MaskRequest, Masking, PatchTokens, PgsMode, REFERENCE_EPOCHS, mask_cpu};
+use clip_pgs_host::{Device, Result as HostResult};
+
+use crate::clip::{Clip, Keep, Output, Pass, Workspace};
+use crate::config::ClipConfig;
+use crate::optimizer::Optimizer;
+use crate::params::Params;
+
+/// Which patches the step keeps.
+pub enum StepMasks<'a> {
+    All,
+    /// Given per image (the parity goldens).
+    Lists(&'a [Vec<usize>]),
+    /// Made by PGS or FLIP for this step.
+    Make(MaskRequest),
+}
+
+/// What a step's forward and backward gave.
+#[derive(Clone, Copy, Debug)]
+pub struct StepLoss {
+    pub loss: f32,
+    pub masked_fraction: f64,
+}
+
+/// A model on a device with its gradients, optimizer and workspace, ready to take steps.
+pub struct TrainStep {
+    pub device: Device,
+    pub clip: Clip,
+    pub params: Params,
+    pub grads: Params,
+    pub optimizer: Optimizer,
+    pub workspace: Workspace,
+    /// Micro-batches per step (`--accum-freq`).
+    pub accum: usize,
+}
+
+fn err(e: clip_pgs_host::Error) -> String {
+    e.to_string()
+}
+
+impl TrainStep {
+    /// Buffers for batches of up to `batch`, split into `accum` micro-batches.
+    pub fn new(
+        device: Device,
+        cfg: &ClipConfig,
+        params: Params,
+        optimizer: Optimizer,
+        batch: usize,
+        accum: usize,
+        grad_checkpointing: bool,
+    ) -> Result<TrainStep, String> {
+        let clip = Clip::new(cfg, &params.layout, grad_checkpointing);
+        let grads = Params::zeros(&params.layout, &device)?;
+        let workspace = Workspace::new(&clip, &device, batch, batch.div_ceil(accum.max(1))).map_err(err)?;
+        Ok(TrainStep { device, clip, params, grads, optimizer, workspace, accum: accum.max(1) })
+    }
+
+    fn pass(&self) -> Pass<'_> {
+        Pass { device: &self.device, clip: &self.clip, params: &self.params.data }
+    }
+
+    /// The loss and, when it is finite, the gradients (in `grads`) of one batch.
+    pub fn forward_backward(&mut self, images: &[f32], text: &[u32], masks: StepMasks) -> Result<StepLoss, String> {
+        let n = self.workspace.load(&self.clip, images, text)?;
+        let pass = Pass { device: &self.device, clip: &self.clip, params: &self.params.data };
+        self.workspace.embed_patches(&pass).map_err(err)?;
+        let masked_fraction = match masks {
+            StepMasks::All => 0.0,
+            StepMasks::Lists(lists) => {
+                self.clip.check_batch(images, text, Some(lists))?;
+                self.workspace.set_keep(&self.clip, Keep::Lists(lists))?;
+                let l = self.clip.cfg.patches();
+                1.0 - lists.iter().map(Vec::len).sum::<usize>() as f64 / (n * l) as f64
+            }
+            StepMasks::Make(request) => {
+                let tokens =
+                    needs_tokens(&request).then(|| self.workspace.patch_tokens(&self.clip)).transpose().map_err(err)?;
+                let dim = self.clip.cfg.vision_cfg.width;
+                let tokens = tokens.map(|tokens| PatchTokens { tokens, dim });
+                let masks = mask_cpu(&request, images, tokens).map_err(err)?;
+                self.workspace.set_keep(&self.clip, Keep::Masks(&masks))?;
+                masks.masked_fraction()
+            }
+        };
+        let loss = self.loss_and_grads(n).map_err(err)?;
+        Ok(StepLoss { loss, masked_fraction })
+    }
+
+    fn loss_and_grads(&mut self, n: usize) -> HostResult<f32> {
+        let pass = Pass { device: &self.device, clip: &self.clip, params: &self.params.data };
+        let ws = &mut self.workspace;
+        let micro = ws.micro;
+        let ranges = (0..n).step_by(micro).map(|s| (s, micro.min(n - s)));
+        let single = n <= micro;
+        for (s, len) in ranges.clone() {
+            ws.encode(&pass, s, len)?;
+        }
+        let loss = ws.loss(&pass)?;
+        let g = &mut self.grads.data;
+        fill(&self.device, g.view_mut(), 0.0)?;
+        if !loss.is_finite() {
+            return Ok(loss);
+        }
+        ws.logit_scale_backward(&pass, g)?;
+        for (s, len) in ranges {
+            if !single {
+                ws.encode(&pass, s, len)?;
+            }
+            ws.backward(&pass, g, s, len)?;
+        }
+        Ok(loss)
+    }
+
+    /// The features, logits and loss of the last `forward_backward`.
+    pub fn output(&self) -> Result<Output, String> {
+        self.workspace.output(&self.clip).map_err(err)
+    }
+
+    /// The global gradient norm of the last `forward_backward`.
+    pub fn grad_norm(&mut self) -> Result<f32, String> {
+        self.optimizer.grad_norm(&self.device, &self.grads)
+    }
+
+    /// AdamW at learning rate `lr` with the norm from `grad_norm`, clipping to `max_norm`.
+    pub fn update(&mut self, lr: f32, max_norm: Option<f32>) -> Result<(), String> {
+        self.optimizer.adamw.lr = lr;
+        self.optimizer.update(&self.device, &mut self.params, &self.grads, max_norm)
+    }
+
+    /// A pass for evaluation with this step's parameters.
+    pub fn eval_pass(&self) -> Pass<'_> {
+        self.pass()
+    }
+}
+
+/// PGS weighs token similarity by α = epoch / epochs (paper) or epoch / 32 (reference): at
+/// α = 0 the tokens are not needed.
+fn needs_tokens(request: &MaskRequest) -> bool {
+    let at = request.at;
+    let alpha_epochs = match request.masking {
+        Masking::Pgs(p) if p.mode == PgsMode::Reference => REFERENCE_EPOCHS,
+        _ => at.epochs,
+    };
+    matches!(request.masking, Masking::Pgs(_)) && at.epoch > 0 && alpha_epochs > 0
+}
