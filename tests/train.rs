@@ -263,3 +263,14 @@ fn an_interrupted_epoch_is_not_named_like_a_finished_one() {
     let latest = clip_pgs_model::train::latest_checkpoint(&logs.path().join("stop")).unwrap();
     assert!(latest.ends_with("epoch_2.safetensors"), "{}", latest.display());
 }
+
+/// The model's ops have no GPU kernels yet: on the emulator the trainer names the first op it
+/// cannot run and the device, rather than falling back to the CPU.
+#[test]
+fn training_on_the_emulator_names_the_missing_op() {
+    use clip_pgs_host::DevicePreference;
+    let emu = Device::select(DevicePreference::Emu).unwrap().device;
+    let dir = tempfile::tempdir().unwrap();
+    let e = train(&config(dir.path(), "emu"), emu, Arc::new(AtomicBool::new(false))).unwrap_err();
+    assert!(e.contains("patchify is not implemented on the emu device yet"), "{e}");
+}

@@ -34,7 +34,7 @@ pub fn add_assign(device: &Device, x: ViewMut<f32>, b: View<f32>) -> Result<()> 
 
 pub fn fill(device: &Device, x: ViewMut<f32>, value: f32) -> Result<()> {
     let op = OpCheck::new("fill", device);
-    op.cpu_mut("x", x)?.par_iter_mut().with_min_len(1 << 14).for_each(|x| *x = value);
+    op.cpu_mut("x", x)?.par_chunks_mut(1 << 16).for_each(|x| x.fill(value));
     Ok(())
 }
 

@@ -17,8 +17,14 @@ fn cdf(x: f32) -> f32 {
     0.5 * (1.0 + erf(x * FRAC_1_SQRT_2))
 }
 
+/// Elements per parallel task: plain loops inside (rayon's element-wise zips compile to slower
+/// loops).
+const CHUNK: usize = 1 << 12;
+
 pub(super) fn cpu_gelu(y: &mut [f32], x: &[f32]) {
-    y.par_iter_mut().with_min_len(1 << 12).zip(x.par_iter()).for_each(|(y, &x)| *y = x * cdf(x));
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+        y.iter_mut().zip(x).for_each(|(y, &x)| *y = x * cdf(x));
+    });
 }
 
 /// dx = dy·gelu'(x); `dy` and `dx` may be the same slice (pass it as `dx` with `dy` None).
@@ -26,12 +32,15 @@ pub(super) fn cpu_gelu_backward(dx: &mut [f32], dy: Option<&[f32]>, x: &[f32]) {
     let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
     let grad = move |dy: f32, x: f32| dy * (cdf(x) + x * fast_exp(-0.5 * x * x) * inv_sqrt_2pi);
     match dy {
-        Some(dy) => dx
-            .par_iter_mut()
-            .with_min_len(1 << 12)
-            .zip(dy.par_iter().zip(x.par_iter()))
-            .for_each(|(dx, (&dy, &x))| *dx = grad(dy, x)),
-        None => dx.par_iter_mut().with_min_len(1 << 12).zip(x.par_iter()).for_each(|(d, &x)| *d = grad(*d, x)),
+        Some(dy) => {
+            dx.par_chunks_mut(CHUNK).zip(dy.par_chunks(CHUNK).zip(x.par_chunks(CHUNK))).for_each(|(dx, (dy, x))| {
+                dx.iter_mut().zip(dy.iter().zip(x)).for_each(|(dx, (&dy, &x))| *dx = grad(dy, x))
+            })
+        }
+        None => dx
+            .par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(dx, x)| dx.iter_mut().zip(x).for_each(|(d, &x)| *d = grad(*d, x))),
     }
 }
 
