@@ -12,11 +12,11 @@ use clap::{Args, ValueEnum};
 use clip_pgs_host::ops::edge_map::ImageBatchShape;
 use clip_pgs_host::ops::pgs::{MaskRatio, MaskRequest, MaskStep, Masking, PgsConfig, PgsMode, mask_cpu};
 use clip_pgs_host::{Device, DevicePreference};
-use clip_pgs_model::clip::{Clip, Pass};
+use clip_pgs_model::clip::{Clip, Pass, Workspace};
 use clip_pgs_model::config::ClipConfig;
 use clip_pgs_model::data::{self, SourceOptions, Split};
 use clip_pgs_model::tokenizer::ClipTokenizer;
-use clip_pgs_model::train::eval::{Encoder, EvalSet, evaluate};
+use clip_pgs_model::train::eval::{CHUNK, Encoder, EvalSet, evaluate};
 use clip_pgs_model::train::plot::{Series, line_chart, stacked_line_charts};
 use clip_pgs_model::train::{TrainConfig, TrainSummary, describe_masking, headline, train};
 use clip_pgs_model::{errln, outln};
@@ -432,7 +432,9 @@ pub fn eval(args: &EvalArgs) -> Result<(), Box<dyn Error>> {
     }
     let tokenizer = ClipTokenizer::new()?;
     let clip = Clip::new(&cfg, &params.layout, false);
-    let enc = Encoder::new(Pass { device: &Device::Cpu, clip: &clip, params: &params.data }, &tokenizer)?;
+    let mut workspace = Workspace::inference(&clip, &Device::Cpu, CHUNK)?;
+    let enc =
+        Encoder::new(Pass { device: &Device::Cpu, clip: &clip, params: &params.data }, &tokenizer, &mut workspace);
     let metrics = evaluate(&enc, &set)?;
     outln!("{}", headline(&metrics));
     for (k, v) in &metrics {

@@ -4,7 +4,6 @@
 //! open_clip's state dicts saved with `safetensors.torch.save_file`.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 use safetensors::tensor::TensorView;
@@ -14,40 +13,49 @@ use crate::config::ClipConfig;
 use crate::optimizer::Optimizer;
 use clip_pgs_host::Device;
 
-use crate::params::{Layout, NamedTensors, Params};
+use crate::params::{Layout, Params};
 
 /// Writes `params` of `config` to `path` atomically.
 pub fn save(path: &Path, config_json: &str, params: &Params) -> Result<(), String> {
-    write_atomic(path, named(params, "")?, [("config".to_string(), config_json.to_string())].into())
+    let host = params.host()?;
+    write_atomic(path, tensors(params, &host, ""), [("config".to_string(), config_json.to_string())].into())
 }
 
-/// (name, shape, values) of every tensor, each name after `prefix`.
-fn named(params: &Params, prefix: &str) -> Result<NamedTensors, String> {
-    Ok(params.named()?.into_iter().map(|(n, s, v)| (format!("{prefix}{n}"), s, v)).collect())
+/// (name, shape, values) of tensors to write; the values borrow the state's host copy.
+type Tensors<'a> = Vec<(String, Vec<usize>, &'a [f32])>;
+
+/// Every tensor of `params` (values in `host`), each name after `prefix`.
+fn tensors<'a>(params: &Params, host: &'a [f32], prefix: &str) -> Tensors<'a> {
+    let named = params.layout.tensors.iter();
+    named.map(|t| (format!("{prefix}{}", t.name), t.shape.clone(), &host[t.span.range()])).collect()
 }
 
-/// Tensors and metadata to `path`: temporary file, fsync, rename, fsync of the folder (a crash at
-/// any point leaves either no file or a whole one under `path`; only `*.tmp` can be partial).
-fn write_atomic(path: &Path, tensors: NamedTensors, mut metadata: HashMap<String, String>) -> Result<(), String> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> =
-        tensors.into_iter().map(|(n, s, v)| (n, v.iter().flat_map(|v| v.to_le_bytes()).collect(), s)).collect();
-    let views: Vec<(String, TensorView)> = bytes
-        .iter()
-        .map(|(n, b, s)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| format!("{n}: {e}"))?)))
+// safetensors stores little-endian values: the f32 bytes are written as they are in memory.
+const _: () = assert!(cfg!(target_endian = "little"), "checkpoints are written from little-endian memory");
+
+/// Tensors and metadata to `path`, streamed from memory without a copy: temporary file, fsync,
+/// rename, fsync of the folder (a crash at any point leaves either no file or a whole one under
+/// `path`; only `*.tmp` can be partial).
+fn write_atomic(path: &Path, tensors: Tensors, mut metadata: HashMap<String, String>) -> Result<(), String> {
+    let views: Vec<(String, TensorView)> = tensors
+        .into_iter()
+        .map(|(n, s, v)| {
+            let view = TensorView::new(Dtype::F32, s, bytemuck::cast_slice(v)).map_err(|e| format!("{n}: {e}"))?;
+            Ok((n, view))
+        })
         .collect::<Result<_, String>>()?;
     metadata.insert("format".to_string(), "pt".to_string());
-    let data = safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())?;
     let tmp = path.with_extension("safetensors.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&data)?;
-        f.sync_all()?;
+    let fail = |e: &dyn std::fmt::Display| format!("writing {}: {e}", path.display());
+    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| fail(&e))?;
+    let durable = || -> std::io::Result<()> {
+        std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, path)?;
         // The rename itself is durable once the folder's entry is on disk.
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::File::open(dir)?.sync_all()
     };
-    write().map_err(|e| format!("writing {}: {e}", path.display()))
+    durable().map_err(|e| fail(&e))
 }
 
 /// A training checkpoint: the model (open_clip names), AdamW's moments as
@@ -61,15 +69,16 @@ pub fn save_training(
     train_state: &str,
 ) -> Result<(), String> {
     let step = optimizer.step;
-    let mut tensors = named(params, "")?;
-    tensors.extend(named(&optimizer.m, "optimizer.exp_avg.")?);
-    tensors.extend(named(&optimizer.v, "optimizer.exp_avg_sq.")?);
+    let (p, m, v) = (params.host()?, optimizer.m.host()?, optimizer.v.host()?);
+    let mut all = tensors(params, &p, "");
+    all.extend(tensors(&optimizer.m, &m, "optimizer.exp_avg."));
+    all.extend(tensors(&optimizer.v, &v, "optimizer.exp_avg_sq."));
     let metadata = HashMap::from([
         ("config".to_string(), config_json.to_string()),
         ("train_state".to_string(), train_state.to_string()),
         ("optimizer_step".to_string(), step.to_string()),
     ]);
-    write_atomic(path, tensors, metadata)
+    write_atomic(path, all, metadata)
 }
 
 /// What `save_training` wrote: config, model, the optimizer's (m, v, step) and the train state.

@@ -160,11 +160,12 @@ impl TowerPlan {
     fn new(
         a: &mut SpanAllocator,
         (width, mlp, heads, layers, causal): (usize, usize, usize, usize, bool),
-        batch: usize,
-        seq: usize,
+        (batch, seq): (usize, usize),
         checkpointing: bool,
+        backward: bool,
     ) -> TowerPlan {
         let rows = batch * seq;
+        let grad = |len: usize| if backward { len } else { 0 };
         let mut plan = TowerPlan {
             width,
             mlp,
@@ -189,11 +190,11 @@ impl TowerPlan {
         // Right after the residual stream: `block` finds them there.
         a.take(plan.blocks * plan.block_size);
         plan.branch = a.take(rows * width);
-        plan.dx = a.take(rows * width);
-        plan.d_w = a.take(rows * width);
-        plan.d_fc = a.take(rows * mlp);
-        plan.dqkv = a.take(rows * 3 * width);
-        plan.d_scores = a.take(batch * heads * seq * seq);
+        plan.dx = a.take(grad(rows * width));
+        plan.d_w = a.take(grad(rows * width));
+        plan.d_fc = a.take(grad(rows * mlp));
+        plan.dqkv = a.take(grad(rows * 3 * width));
+        plan.d_scores = a.take(grad(batch * heads * seq * seq));
         plan
     }
 
@@ -300,6 +301,9 @@ pub struct Workspace {
     pub n: usize,
     /// Image sequence length of the loaded batch (1 + most kept patches).
     seq: usize,
+    /// The most image rows (sequences × length) a forward pass has used: evaluation sizes its
+    /// passes to them, so that it touches no arena memory training did not.
+    image_rows_used: usize,
     image: ImagePlan,
     text: TextPlan,
     loss: LossPlan,
@@ -331,51 +335,75 @@ fn host<'a, T>(v: View<'a, T>) -> Result<&'a [T]> {
 }
 
 impl Workspace {
-    /// Arenas for batches of up to `batch` images and captions in micro-batches of up to `micro`.
+    /// Arenas for training on batches of up to `batch` images and captions in micro-batches of
+    /// up to `micro`.
     pub fn new(clip: &Clip, device: &Device, batch: usize, micro: usize) -> Result<Workspace> {
+        Self::build(clip, device, batch, micro, true)
+    }
+
+    /// Arenas for forward passes only (evaluation) on up to `batch` samples: no gradients, and
+    /// one block's activations at a time.
+    pub fn inference(clip: &Clip, device: &Device, batch: usize) -> Result<Workspace> {
+        Self::build(&Clip { grad_checkpointing: true, ..clip.clone() }, device, batch, batch, false)
+    }
+
+    fn build(clip: &Clip, device: &Device, batch: usize, micro: usize, backward: bool) -> Result<Workspace> {
         let cfg = &clip.cfg;
         let (v, t) = (&cfg.vision_cfg, &cfg.text_cfg);
         let (l, e, ctx) = (cfg.patches(), cfg.embed_dim, t.context_length);
         let (wv, wt) = (v.width, t.width);
         let ckpt = clip.grad_checkpointing;
+        let grad = |len: usize| if backward { len } else { 0 };
         let mut a = SpanAllocator::default();
         let rows = micro * (l + 1);
+        let tower = TowerPlan::new(
+            &mut a,
+            (wv, cfg.vision_mlp_width(), cfg.vision_heads(), v.layers, false),
+            (micro, l + 1),
+            ckpt,
+            backward,
+        );
+        // The images are read once, by patchify, before the tower writes its first block: they
+        // share the blocks' memory when it is large enough.
+        let images_len = batch * 3 * v.image_size * v.image_size;
+        let blocks = Span::new(tower.resid.end(), tower.blocks * tower.block_size);
+        let images = if images_len <= blocks.len { blocks.prefix(images_len) } else { a.take(images_len) };
         let image = ImagePlan {
-            images: a.take(batch * 3 * v.image_size * v.image_size),
+            images,
             patches: a.take(batch * l * 3 * v.patch_size * v.patch_size),
             tokens: a.take(batch * l * wv),
             cls: a.take(wv),
             packed: a.take(rows * wv),
             ln_pre: NormActs { y: Span::default(), mean: a.take(rows), rstd: a.take(rows) },
             ln_post: NormActs { y: a.take(rows * wv), mean: a.take(rows), rstd: a.take(rows) },
-            d_post: a.take(rows * wv),
-            d_packed: a.take(rows * wv),
-            d_tokens: a.take(micro * l * wv),
-            tower: TowerPlan::new(
-                &mut a,
-                (wv, cfg.vision_mlp_width(), cfg.vision_heads(), v.layers, false),
-                micro,
-                l + 1,
-                ckpt,
-            ),
+            d_post: a.take(grad(rows * wv)),
+            d_packed: a.take(grad(rows * wv)),
+            d_tokens: a.take(grad(micro * l * wv)),
+            tower,
         };
         let trows = micro * ctx;
         let text = TextPlan {
             ln_final: NormActs { y: a.take(trows * wt), mean: a.take(trows), rstd: a.take(trows) },
             pooled: a.take(micro * wt),
-            d_pooled: a.take(micro * wt),
-            d_ln: a.take(trows * wt),
-            tower: TowerPlan::new(&mut a, (wt, cfg.text_mlp_width(), t.heads, t.layers, true), micro, ctx, ckpt),
+            d_pooled: a.take(grad(micro * wt)),
+            d_ln: a.take(grad(trows * wt)),
+            tower: TowerPlan::new(
+                &mut a,
+                (wt, cfg.text_mlp_width(), t.heads, t.layers, true),
+                (micro, ctx),
+                ckpt,
+                backward,
+            ),
         };
         let loss = LossPlan {
             image: a.take(batch * e),
             text: a.take(batch * e),
-            d_image: a.take(batch * e),
-            d_text: a.take(batch * e),
-            logits: a.take(batch * batch),
+            d_image: a.take(grad(batch * e)),
+            d_text: a.take(grad(batch * e)),
+            logits: a.take(grad(batch * batch)),
             loss: a.take(1),
             d_logit_scale: a.take(1),
-            workspace: a.take(clip_loss_workspace(batch, e)),
+            workspace: a.take(grad(clip_loss_workspace(batch, e))),
         };
         let mut ia = SpanAllocator::default();
         let index = IndexPlan {
@@ -387,7 +415,7 @@ impl Workspace {
         };
         let f32s = device.alloc_zeros(a.len, "the activation arena")?;
         let u32s = device.alloc_zeros(ia.len, "the index arena")?;
-        Ok(Workspace { batch, micro, n: 0, seq: l + 1, image, text, loss, index, f32s, u32s })
+        Ok(Workspace { batch, micro, n: 0, seq: l + 1, image_rows_used: 0, image, text, loss, index, f32s, u32s })
     }
 
     /// Bytes of both arenas.
@@ -699,6 +727,7 @@ impl Workspace {
         let cfg = &pass.clip.cfg;
         let (l, w, e, seq) = (cfg.patches(), cfg.vision_cfg.width, cfg.embed_dim, self.seq);
         let (im, ix, rows, dev, wt) = (&self.image, &self.index, n * seq, pass.device, &pass.clip.weights);
+        self.image_rows_used = self.image_rows_used.max(rows);
         let f = &mut self.f32s;
         let t = &im.tower;
         {
@@ -917,9 +946,13 @@ impl Workspace {
         let err = |e: clip_pgs_host::Error| e.to_string();
         let n = self.load(pass.clip, images, &[])?;
         self.embed_patches(pass).map_err(err)?;
-        let e = pass.clip.cfg.embed_dim;
-        for start in (0..n).step_by(self.micro) {
-            self.image_forward(pass, start, self.micro.min(n - start)).map_err(err)?;
+        let (e, seq) = (pass.clip.cfg.embed_dim, pass.clip.cfg.patches() + 1);
+        let per_pass = match self.image_rows_used {
+            0 => self.micro,
+            rows => (rows / seq).clamp(1, self.micro),
+        };
+        for start in (0..n).step_by(per_pass) {
+            self.image_forward(pass, start, per_pass.min(n - start)).map_err(err)?;
         }
         Ok(host(self.f32s.views([self.loss.image.prefix(n * e)]).map_err(err)?[0]).map_err(err)?.to_vec())
     }

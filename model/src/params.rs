@@ -187,6 +187,14 @@ impl Params {
         self.data.to_vec().map_err(|e| e.to_string())
     }
 
+    /// All values in layout order on the host: borrowed where the device's memory is the host's.
+    pub fn host(&self) -> Result<std::borrow::Cow<'_, [f32]>, String> {
+        match &self.data {
+            Buffer::Cpu(v) | Buffer::Emu(v) => Ok(std::borrow::Cow::Borrowed(v)),
+            Buffer::Cuda(_) => Ok(std::borrow::Cow::Owned(self.to_host()?)),
+        }
+    }
+
     /// One tensor's values, copied to the host (tests, logging, checkpoints).
     pub fn get(&self, name: &str) -> Vec<f32> {
         let span = self.layout.span(name);

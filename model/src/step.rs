@@ -66,10 +66,6 @@ impl TrainStep {
         Ok(TrainStep { device, clip, params, grads, optimizer, workspace, accum: accum.max(1) })
     }
 
-    fn pass(&self) -> Pass<'_> {
-        Pass { device: &self.device, clip: &self.clip, params: &self.params.data }
-    }
-
     /// The loss and, when it is finite, the gradients (in `grads`) of one batch.
     pub fn forward_backward(&mut self, images: &[f32], text: &[u32], masks: StepMasks) -> Result<StepLoss, String> {
         let n = self.workspace.load(&self.clip, images, text)?;
@@ -136,11 +132,6 @@ impl TrainStep {
     pub fn update(&mut self, lr: f32, max_norm: Option<f32>) -> Result<(), String> {
         self.optimizer.adamw.lr = lr;
         self.optimizer.update(&self.device, &mut self.params, &self.grads, max_norm)
-    }
-
-    /// A pass for evaluation with this step's parameters.
-    pub fn eval_pass(&self) -> Pass<'_> {
-        self.pass()
     }
 }
 

@@ -14,15 +14,15 @@ use image::RgbImage;
 use image::imageops;
 use rayon::prelude::*;
 
-use crate::clip::{Clip, Pass, Workspace};
+use crate::clip::{Pass, Workspace};
 use crate::data::loader::prepare;
 use crate::data::{Classes, Source};
 use crate::init::standard_normal;
 use crate::preprocess::normalize;
 use crate::tokenizer::ClipTokenizer;
 
-/// Images encoded per forward pass.
-const CHUNK: usize = 128;
+/// Samples per forward pass of a workspace made only for evaluation (`clip-pgs eval`).
+pub const CHUNK: usize = 128;
 
 /// The held-out samples, preprocessed once.
 pub struct EvalSet {
@@ -91,16 +91,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub struct Encoder<'a> {
     pub pass: Pass<'a>,
     pub tokenizer: &'a ClipTokenizer,
-    /// Forward-only buffers for chunks of CHUNK samples.
-    workspace: RefCell<Workspace>,
+    /// Buffers for the forward passes, in chunks of the workspace's batch (the trainer lends its
+    /// own: evaluation then needs no memory of its own).
+    workspace: RefCell<&'a mut Workspace>,
 }
 
 impl<'a> Encoder<'a> {
-    pub fn new(pass: Pass<'a>, tokenizer: &'a ClipTokenizer) -> Result<Self, String> {
-        // Block inputs only (as with gradient checkpointing): evaluation runs no backward.
-        let clip = Clip { grad_checkpointing: true, ..pass.clip.clone() };
-        let workspace = Workspace::new(&clip, pass.device, CHUNK, CHUNK).map_err(|e| e.to_string())?;
-        Ok(Encoder { pass, tokenizer, workspace: RefCell::new(workspace) })
+    pub fn new(pass: Pass<'a>, tokenizer: &'a ClipTokenizer, workspace: &'a mut Workspace) -> Self {
+        Encoder { pass, tokenizer, workspace: RefCell::new(workspace) }
     }
 
     fn dim(&self) -> usize {
@@ -110,7 +108,8 @@ impl<'a> Encoder<'a> {
     pub fn images(&self, images: &[f32]) -> Result<Vec<f32>, String> {
         let len = 3 * self.pass.clip.cfg.vision_cfg.image_size.pow(2);
         let mut f = Vec::with_capacity(images.len() / len * self.dim());
-        for chunk in images.chunks(CHUNK * len) {
+        let chunk_len = self.workspace.borrow().batch;
+        for chunk in images.chunks(chunk_len * len) {
             f.extend(self.workspace.borrow_mut().encode_images(&self.pass, chunk)?);
         }
         Ok(normalized(f, self.dim()))
@@ -123,7 +122,8 @@ impl<'a> Encoder<'a> {
             ids.extend(self.tokenizer.tokenize(t, ctx).map_err(|e| e.to_string())?);
         }
         let mut f = Vec::with_capacity(texts.len() * self.dim());
-        for chunk in ids.chunks(CHUNK * ctx) {
+        let chunk_len = self.workspace.borrow().batch;
+        for chunk in ids.chunks(chunk_len * ctx) {
             f.extend(self.workspace.borrow_mut().encode_texts(&self.pass, chunk)?);
         }
         Ok(normalized(f, self.dim()))

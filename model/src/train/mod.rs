@@ -27,6 +27,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
+use crate::clip::Pass;
 use crate::config::ClipConfig;
 use crate::data::loader::{LoadedBatch, LoaderConfig, Position, Prefetcher};
 use crate::data::{Sample, Source, SourceOptions, Split};
@@ -428,7 +429,8 @@ pub fn train(cfg: &TrainConfig, device: Device, interrupt: Arc<AtomicBool>) -> R
             if let Some(set) = &eval_set
                 && (last || (cfg.zeroshot_frequency > 0 && finished.is_multiple_of(cfg.zeroshot_frequency)))
             {
-                let enc = Encoder::new(step.eval_pass(), &tokenizer)?;
+                let pass = Pass { device: &step.device, clip: &step.clip, params: &step.params.data };
+                let enc = Encoder::new(pass, &tokenizer, &mut step.workspace);
                 last_eval = eval::evaluate(&enc, set)?;
                 let mut record = serde_json::json!({"step": state.step, "epoch": finished, "eval": &last_eval});
                 // Which data the numbers are on: zeroshot.png draws one chart per data set.
