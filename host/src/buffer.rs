@@ -43,6 +43,28 @@ impl<T: DeviceRepr + Clone + Default> Buffer<T> {
         }
     }
 
+    /// `data` copied into elements `span` (of the same length), with no allocation.
+    pub fn write(&mut self, span: crate::view::Span, data: &[T]) -> Result<()> {
+        if span.end() > self.len() || data.len() != span.len {
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "writing {} values into {:?} of a buffer of {}",
+                data.len(),
+                span.range(),
+                self.len()
+            )));
+        }
+        match self {
+            Buffer::Cpu(v) | Buffer::Emu(v) => {
+                v[span.range()].clone_from_slice(data);
+                Ok(())
+            }
+            Buffer::Cuda(s) => {
+                let stream = s.stream().clone();
+                stream.memcpy_htod(data, &mut s.slice_mut(span.range())).during("copying to the GPU")
+            }
+        }
+    }
+
     /// The contents, copied to the host (waits for the GPU's queued work on it).
     pub fn to_vec(&self) -> Result<Vec<T>> {
         match self {

@@ -320,17 +320,19 @@ pub struct Output {
     pub loss: f32,
 }
 
+/// Host memory of a view, for what the CPU device prepares in place (keep indices from host
+/// masks, PGS's tokens for the CPU masks); on CUDA the masks are made by the GPU mask ops.
 fn host_mut<'a, T>(v: ViewMut<'a, T>) -> Result<&'a mut [T]> {
     match v {
         ViewMut::Cpu(s) | ViewMut::Emu(s) => Ok(s),
-        ViewMut::Cuda(_) => Err(clip_pgs_host::Error::Unsupported("host writes into cuda views".into())),
+        ViewMut::Cuda(_) => Err(clip_pgs_host::Error::Unsupported("host-made masks on the cuda device".into())),
     }
 }
 
 fn host<'a, T>(v: View<'a, T>) -> Result<&'a [T]> {
     match v {
         View::Cpu(s) | View::Emu(s) => Ok(s),
-        View::Cuda(_) => Err(clip_pgs_host::Error::Unsupported("host reads of cuda views".into())),
+        View::Cuda(_) => Err(clip_pgs_host::Error::Unsupported("host-made masks on the cuda device".into())),
     }
 }
 
@@ -435,10 +437,8 @@ impl Workspace {
             clip.check_batch(images, text, None)?;
         }
         let err = |e: clip_pgs_host::Error| e.to_string();
-        let ([], [img]) = self.f32s.split([], [self.image.images.prefix(images.len())]).map_err(err)?;
-        host_mut(img).map_err(err)?.copy_from_slice(images);
-        let ([], [ids]) = self.u32s.split([], [self.index.ids.prefix(text.len())]).map_err(err)?;
-        host_mut(ids).map_err(err)?.copy_from_slice(text);
+        self.f32s.write(self.image.images.prefix(images.len()), images).map_err(err)?;
+        self.u32s.write(self.index.ids.prefix(text.len()), text).map_err(err)?;
         self.n = n;
         self.set_keep(clip, Keep::All)
     }
@@ -931,13 +931,16 @@ impl Workspace {
     pub fn output(&self, clip: &Clip) -> Result<Output> {
         let (n, e) = (self.n, clip.cfg.embed_dim);
         let lp = &self.loss;
-        let [img, txt, logits, loss] =
-            self.f32s.views([lp.image.prefix(n * e), lp.text.prefix(n * e), lp.logits.prefix(n * n), lp.loss])?;
+        let read = |span: Span| -> Result<Vec<f32>> {
+            let mut out = vec![0.0; span.len];
+            self.f32s.read(span, &mut out)?;
+            Ok(out)
+        };
         Ok(Output {
-            image_features: host(img)?.to_vec(),
-            text_features: host(txt)?.to_vec(),
-            logits_per_image: host(logits)?.to_vec(),
-            loss: host(loss)?[0],
+            image_features: read(lp.image.prefix(n * e))?,
+            text_features: read(lp.text.prefix(n * e))?,
+            logits_per_image: read(lp.logits.prefix(n * n))?,
+            loss: read(lp.loss)?[0],
         })
     }
 
@@ -954,7 +957,9 @@ impl Workspace {
         for start in (0..n).step_by(per_pass) {
             self.image_forward(pass, start, per_pass.min(n - start)).map_err(err)?;
         }
-        Ok(host(self.f32s.views([self.loss.image.prefix(n * e)]).map_err(err)?[0]).map_err(err)?.to_vec())
+        let mut features = vec![0.0; n * e];
+        self.f32s.read(self.loss.image.prefix(n * e), &mut features).map_err(err)?;
+        Ok(features)
     }
 
     /// Text features [n, E] of token ids [n, T] (evaluation), on the host.
@@ -965,12 +970,13 @@ impl Workspace {
         if n == 0 || n > self.batch || ids.len() != n * ctx {
             return Err(format!("{} ids are not 1 to {} captions of {ctx}", ids.len(), self.batch));
         }
-        let ([], [dst]) = self.u32s.split([], [self.index.ids.prefix(ids.len())]).map_err(err)?;
-        host_mut(dst).map_err(err)?.copy_from_slice(ids);
+        self.u32s.write(self.index.ids.prefix(ids.len()), ids).map_err(err)?;
         let e = pass.clip.cfg.embed_dim;
         for start in (0..n).step_by(self.micro) {
             self.text_forward(pass, start, self.micro.min(n - start)).map_err(err)?;
         }
-        Ok(host(self.f32s.views([self.loss.text.prefix(n * e)]).map_err(err)?[0]).map_err(err)?.to_vec())
+        let mut features = vec![0.0; n * e];
+        self.f32s.read(self.loss.text.prefix(n * e), &mut features).map_err(err)?;
+        Ok(features)
     }
 }

@@ -42,18 +42,19 @@ impl Optimizer {
         Ok(norm[0])
     }
 
-    /// One step with the norm from `grad_norm`; gradients above `max_norm` are scaled to it.
+    /// One step with the norm from `grad_norm`; gradients above `max_norm` are scaled to it. The
+    /// gradients are consumed (zeroed) when the norm is finite.
     pub fn update(
         &mut self,
         device: &Device,
         params: &mut Params,
-        grads: &Params,
+        grads: &mut Params,
         max_norm: Option<f32>,
     ) -> Result<(), String> {
         self.step += 1;
         let layout = params.layout.clone();
         for (span, weight_decay) in [(layout.decay, self.weight_decay), (layout.no_decay, 0.0)] {
-            let [g] = grads.data.views([span]).map_err(err)?;
+            let ([], [g]) = grads.data.split([], [span]).map_err(err)?;
             let ([], [p]) = params.data.split([], [span]).map_err(err)?;
             let ([], [m]) = self.m.data.split([], [span]).map_err(err)?;
             let ([], [v]) = self.v.data.split([], [span]).map_err(err)?;

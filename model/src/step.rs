@@ -43,6 +43,10 @@ pub struct TrainStep {
     pub workspace: Workspace,
     /// Micro-batches per step (`--accum-freq`).
     pub accum: usize,
+    /// The last `grad_norm`; the gradients are zero (consumed by the last update, or never
+    /// written), so the next backward need not clear them.
+    last_norm: f32,
+    grads_zero: bool,
 }
 
 fn err(e: clip_pgs_host::Error) -> String {
@@ -63,7 +67,17 @@ impl TrainStep {
         let clip = Clip::new(cfg, &params.layout, grad_checkpointing);
         let grads = Params::zeros(&params.layout, &device)?;
         let workspace = Workspace::new(&clip, &device, batch, batch.div_ceil(accum.max(1))).map_err(err)?;
-        Ok(TrainStep { device, clip, params, grads, optimizer, workspace, accum: accum.max(1) })
+        Ok(TrainStep {
+            device,
+            clip,
+            params,
+            grads,
+            optimizer,
+            workspace,
+            accum: accum.max(1),
+            last_norm: f32::NAN,
+            grads_zero: true,
+        })
     }
 
     /// The loss and, when it is finite, the gradients (in `grads`) of one batch.
@@ -104,7 +118,9 @@ impl TrainStep {
         }
         let loss = ws.loss(&pass)?;
         let g = &mut self.grads.data;
-        fill(&self.device, g.view_mut(), 0.0)?;
+        if !std::mem::replace(&mut self.grads_zero, false) {
+            fill(&self.device, g.view_mut(), 0.0)?;
+        }
         if !loss.is_finite() {
             return Ok(loss);
         }
@@ -125,13 +141,16 @@ impl TrainStep {
 
     /// The global gradient norm of the last `forward_backward`.
     pub fn grad_norm(&mut self) -> Result<f32, String> {
-        self.optimizer.grad_norm(&self.device, &self.grads)
+        self.last_norm = self.optimizer.grad_norm(&self.device, &self.grads)?;
+        Ok(self.last_norm)
     }
 
     /// AdamW at learning rate `lr` with the norm from `grad_norm`, clipping to `max_norm`.
     pub fn update(&mut self, lr: f32, max_norm: Option<f32>) -> Result<(), String> {
         self.optimizer.adamw.lr = lr;
-        self.optimizer.update(&self.device, &mut self.params, &self.grads, max_norm)
+        self.optimizer.update(&self.device, &mut self.params, &mut self.grads, max_norm)?;
+        self.grads_zero = self.last_norm.is_finite();
+        Ok(())
     }
 }
 

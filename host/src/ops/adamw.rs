@@ -55,12 +55,14 @@ pub fn grad_norm(device: &Device, out: ViewMut<f32>, grads: View<f32>) -> Result
 }
 
 /// One AdamW step over `params` with `grads` and the moments `m`, `v` (all the same length);
-/// `norm` [1] is the global gradient norm from `grad_norm`.
+/// `norm` [1] is the global gradient norm from `grad_norm`. The gradients are consumed: each is
+/// zeroed once read, ready for the next step's accumulation (no separate pass to clear them).
+/// With a non-finite norm nothing changes, the gradients included.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_update(
     device: &Device,
     params: ViewMut<f32>,
-    grads: View<f32>,
+    grads: ViewMut<f32>,
     m: ViewMut<f32>,
     v: ViewMut<f32>,
     norm: View<f32>,
@@ -77,7 +79,7 @@ pub fn adamw_update(
         return Err(op.invalid("step counts from 1"));
     }
     let (p, g, m, v) =
-        (op.cpu_mut("params", params)?, op.cpu("grads", grads)?, op.cpu_mut("m", m)?, op.cpu_mut("v", v)?);
+        (op.cpu_mut("params", params)?, op.cpu_mut("grads", grads)?, op.cpu_mut("m", m)?, op.cpu_mut("v", v)?);
     let norm = op.cpu("norm", norm)?[0];
     if !norm.is_finite() {
         return Ok(());
@@ -91,11 +93,12 @@ pub fn adamw_update(
     // Chunks of plain loops: rayon's element-wise zip of four slices compiles to a loop 4× slower.
     const CHUNK: usize = 1 << 14;
     p.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK))
+        .zip(g.par_chunks_mut(CHUNK))
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
         .for_each(|((p, g), (m, v))| {
             for i in 0..p.len() {
-                let g = clip.map_or(g[i], |c| g[i] * c);
+                let g = std::mem::take(&mut g[i]);
+                let g = clip.map_or(g, |c| g * c);
                 p[i] *= decay;
                 m[i] = beta1 * m[i] + (1.0 - beta1) * g;
                 v[i] = beta2 * v[i] + (1.0 - beta2) * g * g;
@@ -113,7 +116,7 @@ mod tests {
     fn step(p: &[f32], g: &[f32], wd: f32, max_norm: Option<f32>) -> Vec<f32> {
         let opt = AdamW { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8 };
         let dev = Device::Cpu;
-        let (mut pb, gb, mut m, mut v, mut norm) = (
+        let (mut pb, mut gb, mut m, mut v, mut norm) = (
             Buffer::Cpu(p.to_vec()),
             Buffer::Cpu(g.to_vec()),
             Buffer::Cpu(vec![0.0; p.len()]),
@@ -122,7 +125,9 @@ mod tests {
         );
         grad_norm(&dev, norm.view_mut(), gb.view()).unwrap();
         let at = AdamWStep { step: 1, weight_decay: wd, max_norm };
-        adamw_update(&dev, pb.view_mut(), gb.view(), m.view_mut(), v.view_mut(), norm.view(), &opt, at).unwrap();
+        adamw_update(&dev, pb.view_mut(), gb.view_mut(), m.view_mut(), v.view_mut(), norm.view(), &opt, at).unwrap();
+        let finite = g.iter().all(|g| g.is_finite());
+        assert_eq!(gb.to_vec().unwrap().iter().all(|&g| g == 0.0), finite, "gradients consumed only by an update");
         pb.to_vec().unwrap()
     }
 
