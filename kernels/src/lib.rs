@@ -17,6 +17,7 @@ extern crate std;
 
 pub mod edge_map;
 pub mod element;
+pub mod elementwise;
 pub mod gather;
 pub mod hw;
 pub mod math;

@@ -29,6 +29,7 @@ impl<'d> OpCheck<'d> {
         Error::InvalidArgument(format!("{}: {what}", self.op))
     }
 
+    /// Errors unless `tensor` is on the device the op runs on.
     fn place(&self, tensor: &str, place: Place) -> Result<()> {
         let device = self.device.place();
         if place != device {
@@ -39,6 +40,13 @@ impl<'d> OpCheck<'d> {
                 device.name()
             )));
         }
+        Ok(())
+    }
+
+    /// The host memory of a tensor on the CPU device; on another device the op has no kernel yet.
+    fn cpu_place(&self, tensor: &str, place: Place) -> Result<()> {
+        self.place(tensor, place)?;
+        let device = self.device.place();
         if device != Place::Cpu {
             return Err(Error::Unsupported(format!(
                 "{} is not implemented on the {} device yet (the model's GPU kernels come with the GPU \
@@ -50,9 +58,21 @@ impl<'d> OpCheck<'d> {
         Ok(())
     }
 
+    /// A read-only tensor for a kernel launch, checked to be on the op's device.
+    pub fn gpu<'a, T>(&self, tensor: &str, v: View<'a, T>) -> Result<View<'a, T>> {
+        self.place(tensor, v.place())?;
+        Ok(v)
+    }
+
+    /// A written tensor for a kernel launch, checked to be on the op's device.
+    pub fn gpu_mut<'a, T>(&self, tensor: &str, v: ViewMut<'a, T>) -> Result<ViewMut<'a, T>> {
+        self.place(tensor, v.place())?;
+        Ok(v)
+    }
+
     /// The host slice of a read-only tensor, on the CPU device.
     pub fn cpu<'a, T>(&self, tensor: &str, v: View<'a, T>) -> Result<&'a [T]> {
-        self.place(tensor, v.place())?;
+        self.cpu_place(tensor, v.place())?;
         match v {
             View::Cpu(s) => Ok(s),
             _ => unreachable!("place checked"),
@@ -61,7 +81,7 @@ impl<'d> OpCheck<'d> {
 
     /// The host slice of a written tensor, on the CPU device.
     pub fn cpu_mut<'a, T>(&self, tensor: &str, v: ViewMut<'a, T>) -> Result<&'a mut [T]> {
-        self.place(tensor, v.place())?;
+        self.cpu_place(tensor, v.place())?;
         match v {
             ViewMut::Cpu(s) => Ok(s),
             _ => unreachable!("place checked"),

@@ -1,18 +1,47 @@
 //! Elementwise ops: a broadcast add (positional embeddings, the residual stream), fill, clamp.
+//! CPU reference here, kernels in `kernels/src/elementwise.rs` (CUDA and the emulator).
 
+use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
+
+use clip_pgs_kernels::elementwise::{THREADS, add_assign_f32, add_f32, clamp_f32, fill_f32};
 
 use super::check::OpCheck;
 use crate::device::Device;
 use crate::error::Result;
 use crate::view::{View, ViewMut};
 
+/// A grid-stride launch over n elements (n < 2³², checked by the caller).
+fn grid(n: usize) -> LaunchConfig {
+    let blocks = (n as u32).div_ceil(THREADS).clamp(1, 1 << 16);
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn check_len(op: &OpCheck, tensor: &str, n: usize) -> Result<()> {
+    if n > u32::MAX as usize {
+        return Err(op.invalid(format!("{tensor} has {n} values, more than a kernel indexes (2³² − 1)")));
+    }
+    Ok(())
+}
+
+/// b tiles a's n values: its length divides n.
+fn check_tiles(op: &OpCheck, b: usize, n: usize, what: &str) -> Result<()> {
+    if b == 0 || !n.is_multiple_of(b) {
+        return Err(op.invalid(format!("b has {b} values, which do not tile {what}'s {n}")));
+    }
+    check_len(op, what, n)
+}
+
 /// out[i] = a[i] + b[i mod len(b)] (b repeats: one row added to every row, or a same-sized add).
 pub fn add(device: &Device, out: ViewMut<f32>, a: View<f32>, b: View<f32>) -> Result<()> {
     let op = OpCheck::new("add", device);
     op.size("out", out.len(), a.len(), || "a's size".into())?;
-    if b.is_empty() || !a.len().is_multiple_of(b.len()) {
-        return Err(op.invalid(format!("b has {} values, which do not tile a's {}", b.len(), a.len())));
+    check_tiles(&op, b.len(), a.len(), "a")?;
+    let (n, period) = (a.len() as u32, b.len() as u32);
+    if !matches!(device, Device::Cpu) {
+        let args = (op.gpu_mut("out", out)?, op.gpu("a", a)?, op.gpu("b", b)?, n, period);
+        // SAFETY: out and a hold n floats, b holds period (checked above).
+        return unsafe { device.launch(&add_f32, grid(n as usize), args) };
     }
     let (out, a, b) = (op.cpu_mut("out", out)?, op.cpu("a", a)?, op.cpu("b", b)?);
     out.par_chunks_mut(b.len()).zip(a.par_chunks(b.len())).for_each(|(o, a)| {
@@ -24,8 +53,12 @@ pub fn add(device: &Device, out: ViewMut<f32>, a: View<f32>, b: View<f32>) -> Re
 /// x[i] += b[i mod len(b)].
 pub fn add_assign(device: &Device, x: ViewMut<f32>, b: View<f32>) -> Result<()> {
     let op = OpCheck::new("add_assign", device);
-    if b.is_empty() || !x.len().is_multiple_of(b.len()) {
-        return Err(op.invalid(format!("b has {} values, which do not tile x's {}", b.len(), x.len())));
+    check_tiles(&op, b.len(), x.len(), "x")?;
+    let (n, period) = (x.len() as u32, b.len() as u32);
+    if !matches!(device, Device::Cpu) {
+        let args = (op.gpu_mut("x", x)?, op.gpu("b", b)?, n, period);
+        // SAFETY: x holds n floats, b holds period (checked above).
+        return unsafe { device.launch(&add_assign_f32, grid(n as usize), args) };
     }
     let (x, b) = (op.cpu_mut("x", x)?, op.cpu("b", b)?);
     x.par_chunks_mut(b.len()).for_each(|x| x.iter_mut().zip(b).for_each(|(x, b)| *x += b));
@@ -34,13 +67,28 @@ pub fn add_assign(device: &Device, x: ViewMut<f32>, b: View<f32>) -> Result<()> 
 
 pub fn fill(device: &Device, x: ViewMut<f32>, value: f32) -> Result<()> {
     let op = OpCheck::new("fill", device);
+    check_len(&op, "x", x.len())?;
+    if !matches!(device, Device::Cpu) {
+        let n = x.len() as u32;
+        // SAFETY: x holds n floats.
+        return unsafe { device.launch(&fill_f32, grid(n as usize), (op.gpu_mut("x", x)?, n, value)) };
+    }
     op.cpu_mut("x", x)?.par_chunks_mut(1 << 16).for_each(|x| x.fill(value));
     Ok(())
 }
 
-/// x ← min(max(x, lo), hi).
+/// x ← min(max(x, lo), hi), lo ≤ hi.
 pub fn clamp(device: &Device, x: ViewMut<f32>, lo: f32, hi: f32) -> Result<()> {
     let op = OpCheck::new("clamp", device);
+    check_len(&op, "x", x.len())?;
+    if lo.partial_cmp(&hi).is_none_or(|o| o.is_gt()) {
+        return Err(op.invalid(format!("the bounds [{lo}, {hi}] are not an interval")));
+    }
+    if !matches!(device, Device::Cpu) {
+        let n = x.len() as u32;
+        // SAFETY: x holds n floats.
+        return unsafe { device.launch(&clamp_f32, grid(n as usize), (op.gpu_mut("x", x)?, n, lo, hi)) };
+    }
     op.cpu_mut("x", x)?.iter_mut().for_each(|x| *x = x.clamp(lo, hi));
     Ok(())
 }
@@ -62,6 +110,9 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("add: b has 3 values")
+        );
+        assert!(
+            clamp(&Device::Cpu, out.view_mut(), 1.0, f32::NAN).unwrap_err().to_string().contains("not an interval")
         );
     }
 }
