@@ -1,9 +1,10 @@
 //! The model's ops that have GPU kernels, on a GPU device against the CPU reference, bit for bit
 //! (emulator in `cargo test`, CUDA with `CLIP_PGS_TEST_DEVICE=cuda`). So far: the elementwise
-//! ops (`kernels/src/elementwise.rs`).
+//! ops (`kernels/src/elementwise.rs`) and the AdamW update (`kernels/src/adamw.rs`).
 
 mod common;
 
+use clip_pgs_host::ops::adamw::{AdamW, AdamWStep, adamw_update};
 use clip_pgs_host::ops::elementwise::{add, add_assign, clamp, fill};
 use clip_pgs_host::{Buffer, Device};
 use clip_pgs_kernels::philox::Philox;
@@ -55,4 +56,35 @@ fn a_tensor_on_another_device_is_named() {
     let (mut x, b) = (gpu.upload(&[1.0f32; 4]).unwrap(), Buffer::Cpu(vec![1.0f32; 2]));
     let e = add_assign(&gpu, x.view_mut(), b.view()).unwrap_err().to_string();
     assert!(e.contains("add_assign: b is on the cpu device, the op runs on"), "{e}");
+}
+
+/// (p, g, m, v) after one AdamW update on `device` from the same state, with the norm given.
+fn adamw(device: &Device, state: &[Vec<f32>; 4], norm: f32, at: AdamWStep) -> Vec<Vec<f32>> {
+    let hyper = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
+    let [mut p, mut g, mut m, mut v] = state.clone().map(|s| device.upload(&s).unwrap());
+    let norm = device.upload(&[norm]).unwrap();
+    adamw_update(device, p.view_mut(), g.view_mut(), m.view_mut(), v.view_mut(), norm.view(), &hyper, at).unwrap();
+    [p, g, m, v].iter().map(|b| b.to_vec().unwrap()).collect()
+}
+
+#[test]
+fn adamw_equals_the_cpu_bit_for_bit_with_and_without_clipping() {
+    let gpu = common::gpu();
+    let n = 300_001;
+    let v: Vec<f32> = values(n, 7).iter().map(|x| x * x * 1e-3).collect();
+    let state = [values(n, 4), values(n, 5), values(n, 6).iter().map(|x| x * 1e-2).collect(), v];
+    for (norm, max_norm) in
+        [(3.0, None), (3.0, Some(1.0)), (0.5, Some(1.0)), (f32::NAN, None), (f32::INFINITY, Some(1.0))]
+    {
+        let at = AdamWStep { step: 7, weight_decay: 0.1, max_norm };
+        let (want, got) = (adamw(&Device::Cpu, &state, norm, at), adamw(&gpu, &state, norm, at));
+        for (name, (w, g)) in ["params", "grads", "m", "v"].iter().zip(want.iter().zip(&got)) {
+            let differ = w.iter().zip(g).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "{name}: {differ} of {n} differ (norm {norm}, max {max_norm:?})");
+        }
+        // A non-finite norm changes nothing; otherwise the gradients are consumed.
+        let untouched = want[0] == state[0] && want[1] == state[1];
+        assert_eq!(untouched, !norm.is_finite(), "norm {norm}");
+        assert_eq!(want[1].iter().all(|&g| g == 0.0), norm.is_finite());
+    }
 }

@@ -15,6 +15,7 @@
 #[cfg(not(target_arch = "nvptx64"))]
 extern crate std;
 
+pub mod adamw;
 pub mod edge_map;
 pub mod element;
 pub mod elementwise;

@@ -4,7 +4,10 @@
 //! m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g², p ← p − lr/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε).
 //! The norm stays on the device: an update whose norm is not finite changes nothing.
 
+use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
+
+use clip_pgs_kernels::adamw as kernel;
 
 use super::check::OpCheck;
 use crate::device::Device;
@@ -78,6 +81,24 @@ pub fn adamw_update(
     if at.step == 0 {
         return Err(op.invalid("step counts from 1"));
     }
+    if n > u32::MAX as usize {
+        return Err(op.invalid(format!("{n} parameters, more than a kernel indexes (2³² − 1)")));
+    }
+    let bias1 = 1.0 - hyper.beta1.powi(at.step as i32);
+    let bias2_sqrt = (1.0 - hyper.beta2.powi(at.step as i32)).sqrt();
+    let step_size = hyper.lr / bias1;
+    let decay = 1.0 - hyper.lr * at.weight_decay;
+    let AdamW { beta1, beta2, eps, .. } = *hyper;
+    if !matches!(device, Device::Cpu) {
+        let (p, g) = (op.gpu_mut("params", params)?, op.gpu_mut("grads", grads)?);
+        let (m, v, norm) = (op.gpu_mut("m", m)?, op.gpu_mut("v", v)?, op.gpu("norm", norm)?);
+        let max_norm = at.max_norm.unwrap_or(f32::INFINITY);
+        let args = (p, g, m, v, norm, n as u32, max_norm, beta1, beta2, eps, step_size, bias2_sqrt, decay);
+        let blocks = (n as u32).div_ceil(kernel::THREADS).clamp(1, 1 << 16);
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (kernel::THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the four buffers hold n floats and norm one (checked above).
+        return unsafe { device.launch(&kernel::adamw_f32, cfg, args) };
+    }
     let (p, g, m, v) =
         (op.cpu_mut("params", params)?, op.cpu_mut("grads", grads)?, op.cpu_mut("m", m)?, op.cpu_mut("v", v)?);
     let norm = op.cpu("norm", norm)?[0];
@@ -85,11 +106,6 @@ pub fn adamw_update(
         return Ok(());
     }
     let clip = at.max_norm.filter(|&max| norm > max).map(|max| max / norm);
-    let bias1 = 1.0 - hyper.beta1.powi(at.step as i32);
-    let bias2_sqrt = (1.0 - hyper.beta2.powi(at.step as i32)).sqrt();
-    let step_size = hyper.lr / bias1;
-    let decay = 1.0 - hyper.lr * at.weight_decay;
-    let AdamW { beta1, beta2, eps, .. } = *hyper;
     // Chunks of plain loops: rayon's element-wise zip of four slices compiles to a loop 4× slower.
     const CHUNK: usize = 1 << 14;
     p.par_chunks_mut(CHUNK)
