@@ -1,11 +1,15 @@
 //! The model's ops that have GPU kernels, on a GPU device against the CPU reference, bit for bit
 //! (emulator in `cargo test`, CUDA with `CLIP_PGS_TEST_DEVICE=cuda`). So far: the elementwise
-//! ops (`kernels/src/elementwise.rs`) and the AdamW update (`kernels/src/adamw.rs`).
+//! ops (`kernels/src/elementwise.rs`), GELU forward and backward (`kernels/src/gelu.rs`) and the
+//! AdamW update (`kernels/src/adamw.rs`). GELU uses `fast_exp` (PTX `ex2.approx` on a GPU, the
+//! correctly rounded exp2 on the host and the emulator): on CUDA it agrees to 2e-6 relative, not
+//! to the bit.
 
 mod common;
 
 use clip_pgs_host::ops::adamw::{AdamW, AdamWStep, adamw_update};
 use clip_pgs_host::ops::elementwise::{add, add_assign, clamp, fill};
+use clip_pgs_host::ops::gelu::{gelu_backward, gelu_forward};
 use clip_pgs_host::{Buffer, Device};
 use clip_pgs_kernels::philox::Philox;
 
@@ -86,5 +90,24 @@ fn adamw_equals_the_cpu_bit_for_bit_with_and_without_clipping() {
         let untouched = want[0] == state[0] && want[1] == state[1];
         assert_eq!(untouched, !norm.is_finite(), "norm {norm}");
         assert_eq!(want[1].iter().all(|&g| g == 0.0), norm.is_finite());
+    }
+}
+
+#[test]
+fn gelu_forward_and_backward_equal_the_cpu() {
+    let gpu = common::gpu();
+    let exact = !gpu.is_cuda();
+    let n = 100_003;
+    let (x, dy) = (values(n, 8), values(n, 9));
+    let forward: Op = Box::new(|d, y, x| gelu_forward(d, y.view_mut(), x.view()).unwrap());
+    let backward: Op = Box::new(|d, dx, x| {
+        let dy = d.upload(&dy).unwrap();
+        gelu_backward(d, dx.view_mut(), dy.view(), x.view()).unwrap()
+    });
+    for (name, op) in [("gelu_forward", &forward), ("gelu_backward", &backward)] {
+        let (want, got) = (run(&Device::Cpu, &vec![0.0; n], &x, op), run(&gpu, &vec![0.0; n], &x, op));
+        let worst = want.iter().zip(&got).map(|(w, g)| (w - g).abs() / w.abs().max(1e-3)).fold(0.0f32, f32::max);
+        let differ = want.iter().zip(&got).filter(|(w, g)| w.to_bits() != g.to_bits()).count();
+        assert!(if exact { differ == 0 } else { worst <= 2e-6 }, "{name}: {differ} of {n} differ, worst {worst}");
     }
 }

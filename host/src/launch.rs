@@ -231,6 +231,13 @@ tuple_args!(A1 P1, A2 P2, A3 P3, A4 P4, A5 P5, A6 P6, A7 P7, A8 P8, A9 P9, A10 P
 tuple_args!(A1 P1, A2 P2, A3 P3, A4 P4, A5 P5, A6 P6, A7 P7, A8 P8, A9 P9, A10 P10, A11 P11, A12 P12, A13 P13);
 tuple_args!(A1 P1, A2 P2, A3 P3, A4 P4, A5 P5, A6 P6, A7 P7, A8 P8, A9 P9, A10 P10, A11 P11, A12 P12, A13 P13, A14 P14);
 
+/// A launch of `threads`-thread blocks for a grid-stride loop over n elements: enough blocks to
+/// cover n, at most 2¹⁶ (the loop covers the rest).
+pub fn grid_stride_config(n: usize, threads: u32) -> LaunchConfig {
+    let blocks = n.div_ceil(threads as usize).clamp(1, 1 << 16) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// The emulator's launch configuration of a CUDA one.
 pub fn emu_config(cfg: &LaunchConfig) -> emu::LaunchConfig {
     emu::LaunchConfig {

@@ -20,6 +20,7 @@ pub mod edge_map;
 pub mod element;
 pub mod elementwise;
 pub mod gather;
+pub mod gelu;
 pub mod hw;
 pub mod math;
 pub mod mma_tile;

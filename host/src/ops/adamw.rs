@@ -4,7 +4,6 @@
 //! m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g², p ← p − lr/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε).
 //! The norm stays on the device: an update whose norm is not finite changes nothing.
 
-use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use clip_pgs_kernels::adamw as kernel;
@@ -12,6 +11,7 @@ use clip_pgs_kernels::adamw as kernel;
 use super::check::OpCheck;
 use crate::device::Device;
 use crate::error::Result;
+use crate::launch::grid_stride_config;
 use crate::view::{View, ViewMut};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -94,8 +94,7 @@ pub fn adamw_update(
         let (m, v, norm) = (op.gpu_mut("m", m)?, op.gpu_mut("v", v)?, op.gpu("norm", norm)?);
         let max_norm = at.max_norm.unwrap_or(f32::INFINITY);
         let args = (p, g, m, v, norm, n as u32, max_norm, beta1, beta2, eps, step_size, bias2_sqrt, decay);
-        let blocks = (n as u32).div_ceil(kernel::THREADS).clamp(1, 1 << 16);
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (kernel::THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = grid_stride_config(n, kernel::THREADS);
         // SAFETY: the four buffers hold n floats and norm one (checked above).
         return unsafe { device.launch(&kernel::adamw_f32, cfg, args) };
     }

@@ -1,7 +1,6 @@
 //! Elementwise ops: a broadcast add (positional embeddings, the residual stream), fill, clamp.
 //! CPU reference here, kernels in `kernels/src/elementwise.rs` (CUDA and the emulator).
 
-use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use clip_pgs_kernels::elementwise::{THREADS, add_assign_f32, add_f32, clamp_f32, fill_f32};
@@ -9,13 +8,8 @@ use clip_pgs_kernels::elementwise::{THREADS, add_assign_f32, add_f32, clamp_f32,
 use super::check::OpCheck;
 use crate::device::Device;
 use crate::error::Result;
+use crate::launch::grid_stride_config;
 use crate::view::{View, ViewMut};
-
-/// A grid-stride launch over n elements (n < 2³², checked by the caller).
-fn grid(n: usize) -> LaunchConfig {
-    let blocks = (n as u32).div_ceil(THREADS).clamp(1, 1 << 16);
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
-}
 
 fn check_len(op: &OpCheck, tensor: &str, n: usize) -> Result<()> {
     if n > u32::MAX as usize {
@@ -41,7 +35,7 @@ pub fn add(device: &Device, out: ViewMut<f32>, a: View<f32>, b: View<f32>) -> Re
     if !matches!(device, Device::Cpu) {
         let args = (op.gpu_mut("out", out)?, op.gpu("a", a)?, op.gpu("b", b)?, n, period);
         // SAFETY: out and a hold n floats, b holds period (checked above).
-        return unsafe { device.launch(&add_f32, grid(n as usize), args) };
+        return unsafe { device.launch(&add_f32, grid_stride_config(n as usize, THREADS), args) };
     }
     let (out, a, b) = (op.cpu_mut("out", out)?, op.cpu("a", a)?, op.cpu("b", b)?);
     out.par_chunks_mut(b.len()).zip(a.par_chunks(b.len())).for_each(|(o, a)| {
@@ -58,7 +52,7 @@ pub fn add_assign(device: &Device, x: ViewMut<f32>, b: View<f32>) -> Result<()> 
     if !matches!(device, Device::Cpu) {
         let args = (op.gpu_mut("x", x)?, op.gpu("b", b)?, n, period);
         // SAFETY: x holds n floats, b holds period (checked above).
-        return unsafe { device.launch(&add_assign_f32, grid(n as usize), args) };
+        return unsafe { device.launch(&add_assign_f32, grid_stride_config(n as usize, THREADS), args) };
     }
     let (x, b) = (op.cpu_mut("x", x)?, op.cpu("b", b)?);
     x.par_chunks_mut(b.len()).for_each(|x| x.iter_mut().zip(b).for_each(|(x, b)| *x += b));
@@ -71,7 +65,9 @@ pub fn fill(device: &Device, x: ViewMut<f32>, value: f32) -> Result<()> {
     if !matches!(device, Device::Cpu) {
         let n = x.len() as u32;
         // SAFETY: x holds n floats.
-        return unsafe { device.launch(&fill_f32, grid(n as usize), (op.gpu_mut("x", x)?, n, value)) };
+        return unsafe {
+            device.launch(&fill_f32, grid_stride_config(n as usize, THREADS), (op.gpu_mut("x", x)?, n, value))
+        };
     }
     op.cpu_mut("x", x)?.par_chunks_mut(1 << 16).for_each(|x| x.fill(value));
     Ok(())
@@ -87,7 +83,9 @@ pub fn clamp(device: &Device, x: ViewMut<f32>, lo: f32, hi: f32) -> Result<()> {
     if !matches!(device, Device::Cpu) {
         let n = x.len() as u32;
         // SAFETY: x holds n floats.
-        return unsafe { device.launch(&clamp_f32, grid(n as usize), (op.gpu_mut("x", x)?, n, lo, hi)) };
+        return unsafe {
+            device.launch(&clamp_f32, grid_stride_config(n as usize, THREADS), (op.gpu_mut("x", x)?, n, lo, hi))
+        };
     }
     op.cpu_mut("x", x)?.iter_mut().for_each(|x| *x = x.clamp(lo, hi));
     Ok(())

@@ -1,21 +1,18 @@
 //! Exact (erf) GELU, as open_clip's `nn.GELU()`: gelu(x) = x·Φ(x), Φ(x) = (1 + erf(x/√2))/2;
-//! gelu'(x) = Φ(x) + x·φ(x). erf is the kernels' shared f32 one (|error| ≤ 1.5e-7): the f64
-//! series it replaced cost a fifth of a ViT-B/16 training step. The linear layer applies both as
-//! epilogues (`linear.rs`); these ops are for activations no linear layer produces.
+//! gelu'(x) = Φ(x) + x·φ(x), the math shared with the kernels (`kernels/src/gelu.rs`). erf is
+//! the kernels' f32 one (|error| ≤ 1.5e-7): the f64 series it replaced cost a fifth of a ViT-B/16
+//! training step. The linear layer applies both as epilogues (`linear.rs`); these ops are for
+//! activations no linear layer produces.
 
-use std::f32::consts::FRAC_1_SQRT_2;
-
-use clip_pgs_kernels::math::{erf, fast_exp};
 use rayon::prelude::*;
+
+use clip_pgs_kernels::gelu::{THREADS, gelu, gelu_backward_f32, gelu_f32, gelu_grad};
 
 use super::check::OpCheck;
 use crate::device::Device;
 use crate::error::Result;
+use crate::launch::grid_stride_config;
 use crate::view::{View, ViewMut};
-
-fn cdf(x: f32) -> f32 {
-    0.5 * (1.0 + erf(x * FRAC_1_SQRT_2))
-}
 
 /// Elements per parallel task: plain loops inside (rayon's element-wise zips compile to slower
 /// loops).
@@ -23,14 +20,13 @@ const CHUNK: usize = 1 << 12;
 
 pub(super) fn cpu_gelu(y: &mut [f32], x: &[f32]) {
     y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-        y.iter_mut().zip(x).for_each(|(y, &x)| *y = x * cdf(x));
+        y.iter_mut().zip(x).for_each(|(y, &x)| *y = gelu(x));
     });
 }
 
 /// dx = dy·gelu'(x); `dy` and `dx` may be the same slice (pass it as `dx` with `dy` None).
 pub(super) fn cpu_gelu_backward(dx: &mut [f32], dy: Option<&[f32]>, x: &[f32]) {
-    let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
-    let grad = move |dy: f32, x: f32| dy * (cdf(x) + x * fast_exp(-0.5 * x * x) * inv_sqrt_2pi);
+    let grad = gelu_grad;
     match dy {
         Some(dy) => {
             dx.par_chunks_mut(CHUNK).zip(dy.par_chunks(CHUNK).zip(x.par_chunks(CHUNK))).for_each(|(dx, (dy, x))| {
@@ -44,10 +40,22 @@ pub(super) fn cpu_gelu_backward(dx: &mut [f32], dy: Option<&[f32]>, x: &[f32]) {
     }
 }
 
+/// n as a kernel's u32 count.
+fn checked_len(op: &OpCheck, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| op.invalid(format!("{n} values, more than a kernel indexes (2³² − 1)")))
+}
+
 /// y = gelu(x).
 pub fn gelu_forward(device: &Device, y: ViewMut<f32>, x: View<f32>) -> Result<()> {
     let op = OpCheck::new("gelu_forward", device);
     op.size("y", y.len(), x.len(), || "x's size".into())?;
+    let n = checked_len(&op, x.len())?;
+    if !matches!(device, Device::Cpu) {
+        // SAFETY: y and x hold n floats.
+        return unsafe {
+            device.launch(&gelu_f32, grid_stride_config(n as usize, THREADS), (op.gpu_mut("y", y)?, op.gpu("x", x)?, n))
+        };
+    }
     cpu_gelu(op.cpu_mut("y", y)?, op.cpu("x", x)?);
     Ok(())
 }
@@ -57,6 +65,12 @@ pub fn gelu_backward(device: &Device, dx: ViewMut<f32>, dy: View<f32>, x: View<f
     let op = OpCheck::new("gelu_backward", device);
     op.size("dy", dy.len(), x.len(), || "x's size".into())?;
     op.size("dx", dx.len(), x.len(), || "x's size".into())?;
+    let n = checked_len(&op, x.len())?;
+    if !matches!(device, Device::Cpu) {
+        let args = (op.gpu_mut("dx", dx)?, op.gpu("dy", dy)?, op.gpu("x", x)?, n);
+        // SAFETY: dx, dy and x hold n floats.
+        return unsafe { device.launch(&gelu_backward_f32, grid_stride_config(n as usize, THREADS), args) };
+    }
     cpu_gelu_backward(op.cpu_mut("dx", dx)?, Some(op.cpu("dy", dy)?), op.cpu("x", x)?);
     Ok(())
 }
