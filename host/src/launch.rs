@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::view::{View, ViewMut};
 
 /// Host element types and the type kernels see them as.
-pub trait KernelElement: Copy + Send + Sync + 'static {
+pub trait KernelElement: cudarc::driver::DeviceRepr + Default + Copy + Send + Sync + 'static {
     type Kernel: Copy + 'static;
 }
 
@@ -81,11 +81,7 @@ impl<T: KernelElement> KernelArg<Global<T::Kernel>> for &Buffer<T> {
     }
 
     fn emulated(&mut self, buffers: &mut EmuBuffers) -> Result<Global<T::Kernel>> {
-        match &**self {
-            // SAFETY: the buffer outlives the launch, which only reads it.
-            Buffer::Emu(v) => Ok(unsafe { Global::new(v.as_ptr().cast(), v.len(), buffers.number(v)) }),
-            other => Err(not_on("emu", other.device_name())),
-        }
+        self.view().emulated(buffers)
     }
 }
 
@@ -122,14 +118,7 @@ impl<T: KernelElement> KernelArg<GlobalMut<T::Kernel>> for &mut Buffer<T> {
     }
 
     fn emulated(&mut self, buffers: &mut EmuBuffers) -> Result<GlobalMut<T::Kernel>> {
-        match &mut **self {
-            Buffer::Emu(v) => {
-                let number = buffers.number(v);
-                // SAFETY: the buffer outlives the launch and is borrowed mutably for it.
-                Ok(unsafe { GlobalMut::new(v.as_mut_ptr().cast(), v.len(), number) })
-            }
-            other => Err(not_on("emu", other.device_name())),
-        }
+        self.view_mut().emulated(buffers)
     }
 }
 

@@ -74,20 +74,26 @@ impl Clip {
             ));
         }
         if let Some(keep) = keep {
-            if keep.len() != n {
-                return Err(format!("keep indices are given for {} images, the batch has {n}", keep.len()));
-            }
-            let l = self.cfg.patches();
-            for (b, k) in keep.iter().enumerate() {
-                if let Some(&j) = k.iter().find(|&&j| j >= l) {
-                    return Err(format!("keep index {j} of image {b} is out of range ({l} patches)"));
-                }
-                if k.windows(2).any(|w| w[0] >= w[1]) {
-                    return Err(format!("keep indices of image {b} are not strictly ascending"));
-                }
-            }
+            self.check_keep(n, keep)?;
         }
         Ok(n)
+    }
+
+    /// Checks keep indices for `n` images: one list per image, in range, strictly ascending.
+    pub fn check_keep(&self, n: usize, keep: &[Vec<usize>]) -> Result<(), String> {
+        if keep.len() != n {
+            return Err(format!("keep indices are given for {} images, the batch has {n}", keep.len()));
+        }
+        let l = self.cfg.patches();
+        for (b, k) in keep.iter().enumerate() {
+            if let Some(&j) = k.iter().find(|&&j| j >= l) {
+                return Err(format!("keep index {j} of image {b} is out of range ({l} patches)"));
+            }
+            if k.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(format!("keep indices of image {b} are not strictly ascending"));
+            }
+        }
+        Ok(())
     }
 }
 

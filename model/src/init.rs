@@ -117,17 +117,17 @@ mod tests {
         let p = init(7);
         assert_eq!(p, init(7));
         assert_ne!(p, init(8));
-        let std = std_of(&p.get("token_embedding.weight"));
+        let std = std_of(&p.get("token_embedding.weight").unwrap());
         assert!((std - 0.02).abs() < 0.001, "token embedding std {std}");
         let w = cfg.text_cfg.width as f32;
-        let std = std_of(&p.get("transformer.resblocks.0.attn.in_proj_weight"));
+        let std = std_of(&p.get("transformer.resblocks.0.attn.in_proj_weight").unwrap());
         assert!((std - w.powf(-0.5)).abs() < 0.02 * w.powf(-0.5) * 5.0, "in_proj std {std}");
         // conv1: U(±1/√fan_in) has std 1/√(3·fan_in).
         let fan_in = (3 * cfg.vision_cfg.patch_size.pow(2)) as f32;
-        let std = std_of(&p.get("visual.conv1.weight"));
+        let std = std_of(&p.get("visual.conv1.weight").unwrap());
         assert!((std - (3.0 * fan_in).powf(-0.5)).abs() < 0.1 * (3.0 * fan_in).powf(-0.5), "conv1 std {std}");
-        assert!(p.get("visual.ln_pre.weight").iter().all(|&x| x == 1.0));
-        assert!(p.get("transformer.resblocks.1.attn.in_proj_bias").iter().all(|&x| x == 0.0));
-        assert!((p.get("logit_scale")[0] - 2.6593).abs() < 1e-4);
+        assert!(p.get("visual.ln_pre.weight").unwrap().iter().all(|&x| x == 1.0));
+        assert!(p.get("transformer.resblocks.1.attn.in_proj_bias").unwrap().iter().all(|&x| x == 0.0));
+        assert!((p.get("logit_scale").unwrap()[0] - 2.6593).abs() < 1e-4);
     }
 }

@@ -196,9 +196,11 @@ impl Params {
     }
 
     /// One tensor's values, copied to the host (tests, logging, checkpoints).
-    pub fn get(&self, name: &str) -> Vec<f32> {
+    pub fn get(&self, name: &str) -> Result<Vec<f32>, String> {
         let span = self.layout.span(name);
-        self.to_host().expect("reading parameters")[span.range()].to_vec()
+        let mut values = vec![0.0; span.len];
+        self.data.read(span, &mut values).map_err(|e| e.to_string())?;
+        Ok(values)
     }
 
     /// (name, shape, values) of every tensor, in layout order.

@@ -88,7 +88,8 @@ impl TrainStep {
         let masked_fraction = match masks {
             StepMasks::All => 0.0,
             StepMasks::Lists(lists) => {
-                self.clip.check_batch(images, text, Some(lists))?;
+                // `load` checked the images and captions.
+                self.clip.check_keep(n, lists)?;
                 self.workspace.set_keep(&self.clip, Keep::Lists(lists))?;
                 let l = self.clip.cfg.patches();
                 1.0 - lists.iter().map(Vec::len).sum::<usize>() as f64 / (n * l) as f64

@@ -26,17 +26,16 @@ pub(super) fn cpu_gelu(y: &mut [f32], x: &[f32]) {
 
 /// dx = dy·gelu'(x); `dy` and `dx` may be the same slice (pass it as `dx` with `dy` None).
 pub(super) fn cpu_gelu_backward(dx: &mut [f32], dy: Option<&[f32]>, x: &[f32]) {
-    let grad = gelu_grad;
     match dy {
         Some(dy) => {
             dx.par_chunks_mut(CHUNK).zip(dy.par_chunks(CHUNK).zip(x.par_chunks(CHUNK))).for_each(|(dx, (dy, x))| {
-                dx.iter_mut().zip(dy.iter().zip(x)).for_each(|(dx, (&dy, &x))| *dx = grad(dy, x))
+                dx.iter_mut().zip(dy.iter().zip(x)).for_each(|(dx, (&dy, &x))| *dx = gelu_grad(dy, x))
             })
         }
         None => dx
             .par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(dx, x)| dx.iter_mut().zip(x).for_each(|(d, &x)| *d = grad(*d, x))),
+            .for_each(|(dx, x)| dx.iter_mut().zip(x).for_each(|(d, &x)| *d = gelu_grad(*d, x))),
     }
 }
 

@@ -417,7 +417,7 @@ pub fn train(cfg: &TrainConfig, device: Device, interrupt: Arc<AtomicBool>) -> R
         if state.step.is_multiple_of(cfg.log_every_n_steps.max(1)) || state.step == total_steps || stopping {
             metrics.write(serde_json::json!({
                 "step": state.step, "epoch": batch.epoch, "loss": loss, "lr": lr, "grad_norm": norm,
-                "logit_scale": step.params.get("logit_scale")[0].exp(), "masked_fraction": masked,
+                "logit_scale": step.params.get("logit_scale")?[0].exp(), "masked_fraction": masked,
                 "samples_per_s": samples_per_s, "time_s": elapsed_before + start.elapsed().as_secs_f64(),
             }))?;
             window = (Instant::now(), 0);
