@@ -201,7 +201,7 @@ fn bench<T: ImageElement>(
             start.record(&rt.stream)?;
             let mut timeline: Option<Timeline> = Some(Vec::new());
             let request = MaskRequest { shape, patch: args.patch, masking, at };
-            mask_gpu_timed(device, &request, &images, tokens, &mut timeline)?;
+            mask_gpu_timed(device, &request, images.view(), tokens.map(|(t, d)| (t.view(), d)), &mut timeline)?;
             let timeline = timeline.unwrap_or_default();
             let mut previous = &start;
             for (i, (stage, end)) in timeline.iter().enumerate() {
@@ -297,7 +297,7 @@ fn traffic<T: ImageElement>(args: &PgsBench, convert: impl Fn(f32) -> T) -> Resu
     for (run, masking, epoch) in pgs_runs() {
         let at = MaskStep { seed: 0, step: 0, epoch, epochs: 32 };
         let request = MaskRequest { shape, patch: p, masking, at };
-        let masks = mask_gpu(&device, &request, &images, (epoch > 0).then_some((&patch_tokens, dim)))?;
+        let masks = mask_gpu(&device, &request, images.view(), (epoch > 0).then_some((patch_tokens.view(), dim)))?;
         let kept: Vec<usize> = masks.to_masks()?.images.iter().map(|m| m.kept.len()).collect();
         let packed_rows = kept.iter().max().copied().unwrap_or(0) + 1;
         let mut packed = device.alloc_zeros::<T>(n * packed_rows * dim, "packed tokens")?;

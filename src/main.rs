@@ -1,6 +1,6 @@
 //! `clip-pgs`: CLIP training with PGS patch masking: `train` and `eval` (the trainer), `edges`
 //! (the PGS edge map of an image, on the CPU or a GPU), `mask` (PGS masks drawn on an image),
-//! `parity` (the CPU CLIP against open_clip), `bench` (GPU timings) and `devices`.
+//! `parity` (the CLIP step on a device against open_clip), `bench` (GPU timings) and `devices`.
 
 mod bench;
 mod edges;
@@ -26,11 +26,14 @@ enum Command {
     Edges(edges::EdgesArgs),
     /// Draw the patches a masking method drops (PGS paper/reference, FLIP, none) on an image.
     Mask(mask::MaskArgs),
-    /// Check the CPU CLIP against an open_clip golden file (clip-golden-v1): forward, backward, AdamW.
+    /// Check the CLIP step against an open_clip golden file (clip-golden-v1): forward, backward, AdamW.
     Parity {
         /// A golden file made by tools/golden_open_clip.py.
         #[arg(long)]
         golden: std::path::PathBuf,
+        /// auto, cpu, cuda, or emu (the GPU path on the SIMT emulator).
+        #[arg(long, default_value = "auto")]
+        device: DevicePreference,
         /// Also write the golden's parameters as a clip-pgs checkpoint (for tools/checkpoint_open_clip.py).
         #[arg(long)]
         save_checkpoint: Option<std::path::PathBuf>,
@@ -62,14 +65,19 @@ pub fn at_least<T: TryFrom<i64> + Clone + Send + Sync + 'static>(min: i64) -> cl
 }
 
 /// `clip-pgs parity`: prints max abs/rel error per group, fails above tolerance.
-fn parity(path: &std::path::Path, checkpoint: Option<&std::path::Path>) -> Result<(), Box<dyn std::error::Error>> {
+fn parity(
+    path: &std::path::Path,
+    device: DevicePreference,
+    checkpoint: Option<&std::path::Path>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let golden = clip_pgs_model::golden::Golden::load(path)?;
     if let Some(out) = checkpoint {
         clip_pgs_model::checkpoint::save(out, &golden.config_json, &golden.params)?;
         outln!("wrote checkpoint {}", out.display());
     }
-    outln!("device: cpu; golden {}", path.display());
-    let (report, ok) = golden.check()?;
+    let selection = Device::select(device)?;
+    outln!("device: {selection}; golden {}", path.display());
+    let (report, ok) = golden.check(&selection.device)?;
     outln!("{}", report.trim_end());
     if ok { Ok(()) } else { Err("parity with open_clip failed (tolerance: relative 1e-4, gradients 1e-3)".into()) }
 }
@@ -117,7 +125,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => train::eval(&args),
-        Command::Parity { golden, save_checkpoint } => parity(&golden, save_checkpoint.as_deref()),
+        Command::Parity { golden, device, save_checkpoint } => parity(&golden, device, save_checkpoint.as_deref()),
         Command::Devices { device } => devices(device),
     };
     match result {

@@ -159,7 +159,8 @@ pub struct TrainArgs {
     /// Delete an existing run folder of this name and start afresh.
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
-    /// auto, cpu, cuda or emu. Training runs on the CPU device for now (the GPU model is not built yet).
+    /// auto (a GPU when one answers, else the CPU), cpu, cuda, or emu (the GPU path on the SIMT
+    /// emulator: slow, for checking it).
     #[arg(long, default_value = "auto")]
     device: DevicePreference,
     /// No progress bar (there is none anyway when stdout or stderr is not a terminal).
@@ -204,22 +205,11 @@ fn default_model(data: &str) -> &'static str {
 }
 
 pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
-    // The model's CUDA path is not built yet: `auto` trains on the CPU (and will pick the GPU once
-    // it exists, with no flag to change); an explicit `cuda` is refused rather than ignored. No
-    // CUDA context is opened only to be discarded: `auto` only counts the GPUs.
-    match args.device {
-        DevicePreference::Cuda | DevicePreference::Emu => {
-            return Err("training on the GPU path (cuda, or emu to check it) is not built yet (the GPU kernels \
-                        cover PGS masking so far); use --device cpu or auto"
-                .into());
-        }
-        DevicePreference::Auto => match clip_pgs_host::cuda::gpu_count() {
-            Ok(n) if n > 0 => outln!("device: cpu ({n} GPU(s) present, but the CUDA training path is not built yet)"),
-            Ok(_) => outln!("device: {}", Device::Cpu),
-            Err(reason) => outln!("device: {} (no usable GPU: {reason})", Device::Cpu),
-        },
-        DevicePreference::Cpu => outln!("device: {}", Device::select(DevicePreference::Cpu)?),
-    }
+    // `auto` trains on a GPU when one answers (the CUDA path: the Rust kernels and cuBLASLt),
+    // else on the CPU and says why; `emu` runs the same GPU path on the SIMT emulator (slow: for
+    // checking it without a GPU).
+    let selection = Device::select(args.device)?;
+    outln!("device: {selection}");
     let masking = masking(args)?;
     let model = args.model.clone().unwrap_or_else(|| default_model(&args.data).to_string());
     let name = args.name.clone().unwrap_or_else(|| {
@@ -268,7 +258,7 @@ pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
         }
         errln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)");
     })?;
-    let summary = train(&cfg, Device::Cpu, interrupt)?;
+    let summary = train(&cfg, selection.device, interrupt)?;
     report(&cfg, &summary)?;
     if summary.interrupted { Err(Interrupted.into()) } else { Ok(()) }
 }

@@ -1,18 +1,31 @@
-//! The CPU CLIP against open_clip (tools/golden_open_clip.py): features, logits, loss, every
-//! gradient and the loss over AdamW steps, for two small configs, unmasked and with a keep-gather.
+//! The CLIP step against open_clip (tools/golden_open_clip.py) on the CPU device and on the GPU
+//! path: features, logits, loss, every gradient and the loss over AdamW steps, for two small
+//! configs, unmasked and with a keep-gather.
 
 mod common;
 
+use clip_pgs_host::Device;
 use clip_pgs_model::golden::Golden;
+
+fn check_goldens(device: &Device) {
+    for name in ["tiny-a_unmasked", "tiny-a_masked", "tiny-b_unmasked", "tiny-b_masked"] {
+        let golden = Golden::load(&common::repo_path(&format!("tests/goldens/clip_{name}.safetensors"))).unwrap();
+        let (report, ok) = golden.check(device).unwrap();
+        println!("{name} on {device}\n{report}");
+        assert!(ok, "{name}: parity with open_clip failed on {device}\n{report}");
+    }
+}
 
 #[test]
 fn cpu_clip_matches_open_clip_goldens() {
-    for name in ["tiny-a_unmasked", "tiny-a_masked", "tiny-b_unmasked", "tiny-b_masked"] {
-        let golden = Golden::load(&common::repo_path(&format!("tests/goldens/clip_{name}.safetensors"))).unwrap();
-        let (report, ok) = golden.check().unwrap();
-        println!("{name}\n{report}");
-        assert!(ok, "{name}: parity with open_clip failed\n{report}");
-    }
+    check_goldens(&Device::Cpu);
+}
+
+/// The GPU path (Rust kernels and cuBLASLt; on the emulator in `cargo test`, on CUDA with
+/// `CLIP_PGS_TEST_DEVICE=cuda`) within the same bounds as the CPU device, in f32.
+#[test]
+fn gpu_clip_matches_open_clip_goldens() {
+    check_goldens(&common::gpu());
 }
 
 #[test]

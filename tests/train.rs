@@ -264,13 +264,29 @@ fn an_interrupted_epoch_is_not_named_like_a_finished_one() {
     assert!(latest.ends_with("epoch_2.safetensors"), "{}", latest.display());
 }
 
-/// The model's ops have no GPU kernels yet: on the emulator the trainer names the first op it
-/// cannot run and the device, rather than falling back to the CPU.
+/// The GPU training path (the Rust kernels, cuBLASLt's interpreter, the GPU masks) on the
+/// emulator against the CPU device: 20 steps of PGS training (token similarity from epoch 2)
+/// from the same weights and batches give the same loss trajectory and evaluation. f32 on both:
+/// only summation orders differ.
 #[test]
-fn training_on_the_emulator_names_the_missing_op() {
+fn training_on_the_emulator_follows_the_cpu_trajectory() {
     use clip_pgs_host::DevicePreference;
     let emu = Device::select(DevicePreference::Emu).unwrap().device;
-    let dir = tempfile::tempdir().unwrap();
-    let e = train(&config(dir.path(), "emu"), emu, Arc::new(AtomicBool::new(false))).unwrap_err();
-    assert!(e.contains("patchify is not implemented on the emu device yet"), "{e}");
+    let logs = tempfile::tempdir().unwrap();
+    let cpu = run(&config(logs.path(), "cpu"));
+    let gpu = train(&config(logs.path(), "emu"), emu, Arc::new(AtomicBool::new(false))).unwrap();
+    assert_eq!(gpu.losses.len(), 20);
+    for (step, (g, c)) in gpu.losses.iter().zip(&cpu.losses).enumerate() {
+        // Epoch 1 (α = 0: masks from pixels only, identical) agrees to 1e-5 (measured 2e-7). From
+        // epoch 2 the masks rank patches by token similarity, computed from tokens that differ in
+        // the last bits: a near-tie can keep another patch (step 14 in this run) and the
+        // trajectories part by a few 1e-4 (measured ≤ 4.7e-4; without masks 20 steps agree to
+        // 1.4e-7).
+        let bound = if step < 10 { 1e-5 } else { 2e-3 };
+        assert!((g - c).abs() <= bound * c.abs(), "step {step}: emu loss {g}, cpu {c}");
+    }
+    assert!(gpu.losses[15..].iter().sum::<f32>() < gpu.losses[..5].iter().sum::<f32>(), "{:?}", gpu.losses);
+    for (metric, value) in &cpu.eval {
+        assert!((gpu.eval[metric] - value).abs() <= 0.02, "{metric}: emu {}, cpu {value}", gpu.eval[metric]);
+    }
 }

@@ -9,6 +9,8 @@ use cudarc::nvrtc::Ptx;
 
 use clip_pgs_kernels::hw::emu::{Limits, SM90};
 
+use crate::buffer::Buffer;
+use crate::cublaslt::CublasLt;
 use crate::error::{CudaContextExt, Error, Result};
 use crate::launch::{KernelArgs, check_limits};
 
@@ -39,6 +41,10 @@ pub struct CudaRuntime {
     pub compute_capability: (i32, i32),
     /// Threads, block and grid sizes and the most shared memory one block may use (opt-in).
     pub limits: Limits,
+    /// cuBLASLt, opened at the first matmul.
+    cublaslt: Mutex<Option<Arc<CublasLt>>>,
+    /// Ops' scratch memory (`Device::with_scratch`).
+    pub(crate) scratch: Mutex<Option<Buffer<f32>>>,
 }
 
 impl CudaRuntime {
@@ -68,7 +74,28 @@ impl CudaRuntime {
         let stream = context.default_stream();
         let limits = Limits { max_shared_bytes: max_shared_bytes_per_block, ..SM90 };
         let functions = Mutex::new(HashMap::new());
-        Ok(Arc::new(CudaRuntime { context, stream, module, functions, name, compute_capability, limits }))
+        Ok(Arc::new(CudaRuntime {
+            context,
+            stream,
+            module,
+            functions,
+            name,
+            compute_capability,
+            limits,
+            cublaslt: Mutex::new(None),
+            scratch: Mutex::new(None),
+        }))
+    }
+
+    /// cuBLASLt on this GPU's stream (opened on first use).
+    pub fn cublaslt(&self) -> Result<Arc<CublasLt>> {
+        let mut slot = self.cublaslt.lock().expect("cuBLASLt lock");
+        if let Some(lt) = slot.as_ref() {
+            return Ok(lt.clone());
+        }
+        let lt = Arc::new(CublasLt::new(self.stream.clone(), self.compute_capability)?);
+        *slot = Some(lt.clone());
+        Ok(lt)
     }
 
     /// The kernel `name` of the module, its shared-memory limit raised to the device's.

@@ -125,6 +125,51 @@ impl Device {
         }
     }
 
+    /// dst ← src on this device (same length; a device-to-device copy on CUDA, queued on the
+    /// stream).
+    pub fn copy<T: Copy>(&self, dst: crate::view::ViewMut<T>, src: crate::view::View<T>) -> Result<()> {
+        use crate::view::{View, ViewMut};
+        if dst.len() != src.len() {
+            return Err(Error::InvalidArgument(format!("copying {} values into {}", src.len(), dst.len())));
+        }
+        match (self, dst, src) {
+            (Device::Cpu, ViewMut::Cpu(d), View::Cpu(s)) | (Device::Emu(_), ViewMut::Emu(d), View::Emu(s)) => {
+                d.copy_from_slice(s);
+                Ok(())
+            }
+            (Device::Cuda(rt), ViewMut::Cuda(d), View::Cuda(s)) => {
+                let bytes = s.len * std::mem::size_of::<T>();
+                // SAFETY: both ranges are live views of device buffers of `bytes` bytes, distinct
+                // (one is borrowed mutably), on this context.
+                unsafe { cudarc::driver::result::memcpy_dtod_async(d.address, s.address, bytes, rt.stream.cu_stream()) }
+                    .during("copying on the GPU")
+            }
+            (_, d, s) => Err(Error::WrongDevice(format!(
+                "copying from {} memory to {} memory on {self}",
+                s.place().name(),
+                d.place().name()
+            ))),
+        }
+    }
+
+    /// Runs `f` with `len` floats of scratch memory on this GPU device, kept by the runtime and
+    /// grown when a larger one is asked for (so a steady-state step allocates nothing). For ops
+    /// whose library call overwrites what the op accumulates (cuBLASLt's BGRADB).
+    pub fn with_scratch<R>(&self, len: usize, f: impl FnOnce(crate::view::ViewMut<f32>) -> Result<R>) -> Result<R> {
+        let slot = match self {
+            Device::Cpu => return Err(Error::InvalidArgument("the cpu device keeps no scratch memory".into())),
+            Device::Cuda(rt) => &rt.scratch,
+            Device::Emu(rt) => &rt.scratch,
+        };
+        let mut slot = slot.lock().expect("scratch lock");
+        if slot.as_ref().is_none_or(|b| b.len() < len) {
+            *slot = Some(self.alloc_zeros(len, "scratch memory")?);
+        }
+        let buffer = slot.as_mut().expect("allocated above");
+        let ([], [view]) = buffer.split([], [crate::view::Span::new(0, len)])?;
+        f(view)
+    }
+
     pub fn is_cuda(&self) -> bool {
         matches!(self, Device::Cuda(_))
     }

@@ -10,6 +10,7 @@ use cudarc::driver::LaunchConfig;
 use clip_pgs_kernels::hw::Kernel;
 use clip_pgs_kernels::hw::emu::{self, LaunchReport, Limits, Options, SM90};
 
+use crate::buffer::Buffer;
 use crate::error::{Error, Result};
 use crate::launch::{EmuBuffers, KernelArgs, check_limits, emu_config};
 
@@ -19,11 +20,13 @@ pub struct EmuRuntime {
     pub limits: Limits,
     /// Reports of the launches so far, when kept (`keep_reports`).
     reports: Mutex<Option<Vec<LaunchReport>>>,
+    /// Ops' scratch memory (`Device::with_scratch`).
+    pub(crate) scratch: Mutex<Option<Buffer<f32>>>,
 }
 
 impl EmuRuntime {
     pub fn new(options: Options) -> Arc<Self> {
-        Arc::new(EmuRuntime { options, limits: SM90, reports: Mutex::new(None) })
+        Arc::new(EmuRuntime { options, limits: SM90, reports: Mutex::new(None), scratch: Mutex::new(None) })
     }
 
     /// Starts keeping every launch's report (with its traffic when `options.counters`).

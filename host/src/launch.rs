@@ -4,7 +4,7 @@
 //!
 //! | kernel parameter | host argument                                   |
 //! |------------------|-------------------------------------------------|
-//! | `Global<E>`      | `&Buffer<T>`, `Option<&Buffer<T>>` (null), `View<T>` |
+//! | `Global<E>`      | `&Buffer<T>`, `View<T>`, `Option<&Buffer<T>>` / `Option<View<T>>` (None: null) |
 //! | `GlobalMut<E>`   | `&mut Buffer<T>`, `ViewMut<T>`                  |
 //! | `u32`, `u64`, `f32` | the same scalar                              |
 //!
@@ -138,6 +138,27 @@ impl<T: KernelElement> KernelArg<Global<T::Kernel>> for View<'_, T> {
             // SAFETY: the view outlives the launch, which only reads it.
             View::Emu(v) => Ok(unsafe { Global::new(v.as_ptr().cast(), v.len(), buffers.number(v)) }),
             other => Err(not_on("emu", other.place().name())),
+        }
+    }
+}
+
+/// An optional input view: `None` is a null pointer.
+impl<T: KernelElement> KernelArg<Global<T::Kernel>> for Option<View<'_, T>> {
+    fn push_cuda<'a>(&'a mut self, args: &mut LaunchArgs<'a>) -> Result<()> {
+        static NULL: u64 = 0;
+        match self {
+            Some(view) => view.push_cuda(args),
+            None => {
+                args.arg(&NULL);
+                Ok(())
+            }
+        }
+    }
+
+    fn emulated(&mut self, buffers: &mut EmuBuffers) -> Result<Global<T::Kernel>> {
+        match self {
+            Some(view) => view.emulated(buffers),
+            None => Ok(Global::null()),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! launcher, so a reader sees the two devices' versions side by side.
 
 pub mod buffer;
+pub mod cublaslt;
 pub mod cuda;
 pub mod device;
 pub mod emu;

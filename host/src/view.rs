@@ -110,7 +110,30 @@ pub enum ViewMut<'a, T> {
     Emu(&'a mut [T]),
 }
 
+impl<'a, T> View<'a, T> {
+    /// The elements from `n` on (`n` ≤ len).
+    pub fn skip(self, n: usize) -> View<'a, T> {
+        match self {
+            View::Cpu(s) => View::Cpu(&s[n..]),
+            View::Emu(s) => View::Emu(&s[n..]),
+            View::Cuda(r) => {
+                assert!(n <= r.len, "skipping {n} of a view of {}", r.len);
+                let address = r.address + (n * std::mem::size_of::<T>()) as u64;
+                View::Cuda(DeviceRange { address, len: r.len - n, _borrow: PhantomData })
+            }
+        }
+    }
+}
+
 impl<T> View<'_, T> {
+    /// The device address of a cuda view (None on the host devices).
+    pub fn cuda_address(&self) -> Option<u64> {
+        match self {
+            View::Cuda(r) => Some(r.address),
+            _ => None,
+        }
+    }
+
     pub fn len(&self) -> usize {
         match self {
             View::Cpu(s) | View::Emu(s) => s.len(),
@@ -131,7 +154,70 @@ impl<T> View<'_, T> {
     }
 }
 
+impl<'a, T> ViewMut<'a, T> {
+    /// A shorter-lived writable view of the same memory (to pass on and use again after).
+    pub fn reborrow(&mut self) -> ViewMut<'_, T> {
+        match self {
+            ViewMut::Cpu(s) => ViewMut::Cpu(s),
+            ViewMut::Emu(s) => ViewMut::Emu(s),
+            ViewMut::Cuda(r) => ViewMut::Cuda(DeviceRangeMut { address: r.address, len: r.len, _borrow: PhantomData }),
+        }
+    }
+
+    /// The first `n` elements and the rest, as two views (`n` ≤ len).
+    pub fn split_at(self, n: usize) -> (ViewMut<'a, T>, ViewMut<'a, T>) {
+        match self {
+            ViewMut::Cpu(s) => {
+                let (a, b) = s.split_at_mut(n);
+                (ViewMut::Cpu(a), ViewMut::Cpu(b))
+            }
+            ViewMut::Emu(s) => {
+                let (a, b) = s.split_at_mut(n);
+                (ViewMut::Emu(a), ViewMut::Emu(b))
+            }
+            ViewMut::Cuda(r) => {
+                assert!(n <= r.len, "splitting a view of {} at {n}", r.len);
+                let rest = r.address + (n * std::mem::size_of::<T>()) as u64;
+                (
+                    ViewMut::Cuda(DeviceRangeMut { address: r.address, len: n, _borrow: PhantomData }),
+                    ViewMut::Cuda(DeviceRangeMut { address: rest, len: r.len - n, _borrow: PhantomData }),
+                )
+            }
+        }
+    }
+
+    /// The elements from `n` on (a shorter-lived view; `n` ≤ len).
+    pub fn skip(&mut self, n: usize) -> ViewMut<'_, T> {
+        match self {
+            ViewMut::Cpu(s) => ViewMut::Cpu(&mut s[n..]),
+            ViewMut::Emu(s) => ViewMut::Emu(&mut s[n..]),
+            ViewMut::Cuda(r) => {
+                assert!(n <= r.len, "skipping {n} of a view of {}", r.len);
+                let address = r.address + (n * std::mem::size_of::<T>()) as u64;
+                ViewMut::Cuda(DeviceRangeMut { address, len: r.len - n, _borrow: PhantomData })
+            }
+        }
+    }
+
+    /// A read-only view of the same memory.
+    pub fn as_view(&self) -> View<'_, T> {
+        match self {
+            ViewMut::Cpu(s) => View::Cpu(s),
+            ViewMut::Emu(s) => View::Emu(s),
+            ViewMut::Cuda(r) => View::Cuda(DeviceRange { address: r.address, len: r.len, _borrow: PhantomData }),
+        }
+    }
+}
+
 impl<T> ViewMut<'_, T> {
+    /// The device address of a cuda view (None on the host devices).
+    pub fn cuda_address(&self) -> Option<u64> {
+        match self {
+            ViewMut::Cuda(r) => Some(r.address),
+            _ => None,
+        }
+    }
+
     pub fn len(&self) -> usize {
         match self {
             ViewMut::Cpu(s) | ViewMut::Emu(s) => s.len(),

@@ -6,13 +6,56 @@
 //!
 //! Memory traffic: reads p, g, m, v and writes p, m, v and a zero into g: 32 bytes per
 //! parameter, the minimum for an update that also clears the gradients for the next step.
+//!
+//! The global gradient norm before it: `grad_norm_parts_f32` (NORM_PARTS blocks, each a
+//! grid-stride sum of squares reduced over the block; 4 bytes read per gradient, the minimum)
+//! and `grad_norm_finish_f32` (one block: √Σ parts). A fixed grid: the same sum order on every
+//! run.
 
-use crate::hw::{Global, GlobalMut, grid_stride};
+use crate::hw::{Global, GlobalMut, block_stride, block_x, grid_stride, thread_x};
 use crate::kernel;
 use crate::math::sqrt;
+use crate::reduce::block_reduce;
 
-/// Threads per block of `adamw_f32`.
+/// Threads per block of `adamw_f32` and the norm's kernels.
 pub const THREADS: u32 = 256;
+
+/// Blocks (partial sums) of `grad_norm_parts_f32`.
+pub const NORM_PARTS: u32 = 64;
+
+kernel! {
+    /// parts[block] = Σ g² over the block's grid-stride share of n gradients.
+    ///
+    /// # Safety
+    /// `g` holds n floats, `parts` one per block.
+    pub fn grad_norm_parts_f32(parts: GlobalMut<f32>, g: Global<f32>, n: u32) {
+        let mut sum = 0.0f32;
+        // SAFETY: i < n.
+        grid_stride(n as usize, |i| sum += unsafe { g.load(i) * g.load(i) });
+        let sum = block_reduce(sum, 0.0, |a, b| a + b);
+        if thread_x() == 0 {
+            // SAFETY: one part per block.
+            unsafe { parts.store(block_x(), sum) };
+        }
+    }
+}
+
+kernel! {
+    /// norm[0] = √Σ parts (one block).
+    ///
+    /// # Safety
+    /// `parts` holds `count` floats, `norm` one.
+    pub fn grad_norm_finish_f32(norm: GlobalMut<f32>, parts: Global<f32>, count: u32) {
+        let mut sum = 0.0f32;
+        // SAFETY: i < count.
+        block_stride(count as usize, |i| sum += unsafe { parts.load(i) });
+        let sum = block_reduce(sum, 0.0, |a, b| a + b);
+        if thread_x() == 0 {
+            // SAFETY: norm holds one float.
+            unsafe { norm.store(0, sqrt(sum)) };
+        }
+    }
+}
 
 kernel! {
     /// One AdamW step over n parameters; `norm[0]` is the global gradient norm: not finite, the

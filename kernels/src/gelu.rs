@@ -33,6 +33,34 @@ pub fn gelu_grad(dy: f32, x: f32) -> f32 {
     dy * (cdf(x) + x * fast_exp(-0.5 * x * x) * inv_sqrt_2pi)
 }
 
+/// cuBLASLt's GELU (its GELU_AUX_BIAS and DGELU epilogues): the tanh approximation
+/// gelu(x) ≈ x·σ(2u), u = √(2/π)·(x + 0.044715·x³), written with the logistic σ(2u) =
+/// (1 + tanh u)/2. Within 1e-3 of the exact GELU; open_clip trains with the exact one.
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    x * logistic(2.0 * tanh_arg(x))
+}
+
+/// dy·d/dx of `gelu_tanh`: σ(2u) + x·σ(2u)(1 − σ(2u))·2u'(x).
+#[inline(always)]
+pub fn gelu_tanh_grad(dy: f32, x: f32) -> f32 {
+    let s = logistic(2.0 * tanh_arg(x));
+    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
+    dy * (s + x * s * (1.0 - s) * 2.0 * du)
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+#[inline(always)]
+fn tanh_arg(x: f32) -> f32 {
+    SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+}
+
+#[inline(always)]
+fn logistic(z: f32) -> f32 {
+    1.0 / (1.0 + fast_exp(-z))
+}
+
 kernel! {
     /// y[i] = gelu(x[i]) for i < n.
     ///
@@ -45,12 +73,16 @@ kernel! {
 }
 
 kernel! {
-    /// dx[i] = dy[i]·gelu'(x[i]) for i < n.
+    /// dx[i] = dy[i]·gelu'(x[i]) for i < n; with a null `dy`, in place: dx[i] = dx[i]·gelu'(x[i]).
     ///
     /// # Safety
-    /// `dx`, `dy` and `x` hold n floats.
+    /// `dx`, `dy` (unless null) and `x` hold n floats.
     pub fn gelu_backward_f32(dx: GlobalMut<f32>, dy: Global<f32>, x: Global<f32>, n: u32) {
+        let in_place = dy.is_null();
         // SAFETY: i < n.
-        grid_stride(n as usize, |i| unsafe { dx.store(i, gelu_grad(dy.load(i), x.load(i))) });
+        grid_stride(n as usize, |i| unsafe {
+            let g = if in_place { dx.load(i) } else { dy.load(i) };
+            dx.store(i, gelu_grad(g, x.load(i)))
+        });
     }
 }

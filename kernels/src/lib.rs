@@ -16,19 +16,25 @@
 extern crate std;
 
 pub mod adamw;
+pub mod attention;
+pub mod clip_loss;
 pub mod edge_map;
 pub mod element;
 pub mod elementwise;
+pub mod embedding;
 pub mod gather;
 pub mod gelu;
 pub mod hw;
+pub mod layernorm;
 pub mod math;
 pub mod mma_tile;
 pub mod normalize;
 pub mod patch_stats;
+pub mod patchify;
 pub mod philox;
 pub mod random;
 pub mod reduce;
+pub mod rows;
 pub mod select;
 pub mod sinkhorn;
 pub mod sobel;

@@ -21,9 +21,10 @@ use clip_pgs_host::ops::linear::{
 use clip_pgs_host::ops::matmul::{Mat, matmul};
 use clip_pgs_host::ops::patchify::patchify;
 use clip_pgs_host::ops::pgs::gather::{GatherShape, KeptIndices, gather, gather_backward};
+use clip_pgs_host::ops::pgs::gpu::DeviceMasks;
 use clip_pgs_host::ops::rows::{eot_rows, gather_rows, scatter_rows};
 use clip_pgs_host::view::SpanAllocator;
-use clip_pgs_host::{Buffer, Device, Result, Span, View, ViewMut};
+use clip_pgs_host::{Buffer, Device, Result, Span, View};
 
 use crate::config::ClipConfig;
 use crate::params::{BlockWeights, Layout, NormWeights, Weights};
@@ -316,6 +317,9 @@ pub struct Workspace {
     index: IndexPlan,
     f32s: Buffer<f32>,
     u32s: Buffer<u32>,
+    /// Host staging of the keep indices [batch, L] and counts [batch] (no allocation per step).
+    kept_host: Vec<u32>,
+    kept_len_host: Vec<u32>,
 }
 
 /// What the forward pass gave for the loaded batch.
@@ -326,19 +330,15 @@ pub struct Output {
     pub loss: f32,
 }
 
-/// Host memory of a view, for what the CPU device prepares in place (keep indices from host
-/// masks, PGS's tokens for the CPU masks); on CUDA the masks are made by the GPU mask ops.
-fn host_mut<'a, T>(v: ViewMut<'a, T>) -> Result<&'a mut [T]> {
-    match v {
-        ViewMut::Cpu(s) | ViewMut::Emu(s) => Ok(s),
-        ViewMut::Cuda(_) => Err(clip_pgs_host::Error::Unsupported("host-made masks on the cuda device".into())),
-    }
-}
-
+/// The host memory of a CPU device's view (PGS's tokens for the CPU masks; the GPU devices
+/// make their masks with the GPU mask ops, `Workspace::mask_inputs`).
 fn host<'a, T>(v: View<'a, T>) -> Result<&'a [T]> {
     match v {
-        View::Cpu(s) | View::Emu(s) => Ok(s),
-        View::Cuda(_) => Err(clip_pgs_host::Error::Unsupported("host-made masks on the cuda device".into())),
+        View::Cpu(s) => Ok(s),
+        other => Err(clip_pgs_host::Error::WrongDevice(format!(
+            "the patch tokens for the CPU masks are on the {} device",
+            other.place().name()
+        ))),
     }
 }
 
@@ -423,7 +423,21 @@ impl Workspace {
         };
         let f32s = device.alloc_zeros(a.len, "the activation arena")?;
         let u32s = device.alloc_zeros(ia.len, "the index arena")?;
-        Ok(Workspace { batch, micro, n: 0, seq: l + 1, image_rows_used: 0, image, text, loss, index, f32s, u32s })
+        Ok(Workspace {
+            batch,
+            micro,
+            n: 0,
+            seq: l + 1,
+            image_rows_used: 0,
+            image,
+            text,
+            loss,
+            index,
+            f32s,
+            u32s,
+            kept_host: vec![0; batch * l],
+            kept_len_host: vec![0; batch],
+        })
     }
 
     /// Bytes of both arenas.
@@ -449,7 +463,7 @@ impl Workspace {
         self.set_keep(clip, Keep::All)
     }
 
-    /// The kept patches of the loaded batch.
+    /// The kept patches of the loaded batch, from the host (staged, then copied to the device).
     pub fn set_keep(&mut self, clip: &Clip, keep: Keep) -> Result<usize, String> {
         let (n, l) = (self.n, clip.cfg.patches());
         let err = |e: clip_pgs_host::Error| e.to_string();
@@ -461,9 +475,7 @@ impl Workspace {
         if count != n {
             return Err(format!("keep indices are given for {count} images, the batch has {n}"));
         }
-        let ([], [kept, kept_len]) =
-            self.u32s.split([], [self.index.kept.prefix(n * l), self.index.kept_len.prefix(n)]).map_err(err)?;
-        let (kept, kept_len) = (host_mut(kept).map_err(err)?, host_mut(kept_len).map_err(err)?);
+        let (kept, kept_len) = (&mut self.kept_host[..n * l], &mut self.kept_len_host[..n]);
         // The gather op checks the indices (below L, ascending); here only that they fit a row.
         let fill = |row: &mut [u32], indices: &mut dyn ExactSizeIterator<Item = usize>| -> Result<u32, String> {
             if indices.len() > l {
@@ -481,8 +493,44 @@ impl Workspace {
                 Keep::Masks(m) => fill(row, &mut m.images[b].kept.iter().map(|&j| j as usize))?,
             };
         }
+        self.u32s.write(self.index.kept.prefix(n * l), kept).map_err(err)?;
+        self.u32s.write(self.index.kept_len.prefix(n), kept_len).map_err(err)?;
         self.seq = 1 + kept_len.iter().max().copied().unwrap_or(0) as usize;
         Ok(n)
+    }
+
+    /// The kept patches of the loaded batch from masks the GPU mask ops made on `device`:
+    /// copied into the arena on the device; only the counts come to the host (the image
+    /// sequence length is a shape). Returns the masked fraction.
+    pub fn set_keep_on_device(&mut self, clip: &Clip, device: &Device, masks: &DeviceMasks) -> Result<f64> {
+        let (n, l) = (self.n, clip.cfg.patches());
+        if masks.images != n || masks.patches != l {
+            return Err(clip_pgs_host::Error::InvalidArgument(format!(
+                "masks for {} images of {} patches, the batch has {n} of {l}",
+                masks.images, masks.patches
+            )));
+        }
+        masks.check_finite()?;
+        let ([], [kept, kept_len]) =
+            self.u32s.split([], [self.index.kept.prefix(n * l), self.index.kept_len.prefix(n)])?;
+        device.copy(kept, masks.kept.view())?;
+        device.copy(kept_len, masks.kept_len.view())?;
+        let counts = &mut self.kept_len_host[..n];
+        masks.kept_len.read(clip_pgs_host::Span::new(0, n), counts)?;
+        self.seq = 1 + counts.iter().max().copied().unwrap_or(0) as usize;
+        Ok(1.0 - counts.iter().map(|&c| c as f64).sum::<f64>() / (n * l) as f64)
+    }
+
+    /// The images [n, 3, H, W] and patch tokens [n, L, W] of the loaded batch on the device: the
+    /// GPU mask ops read them.
+    pub fn mask_inputs(&self, clip: &Clip) -> Result<(View<'_, f32>, View<'_, f32>)> {
+        let v = &clip.cfg.vision_cfg;
+        let n = self.n;
+        let [images, tokens] = self.f32s.views([
+            self.image.images.prefix(n * 3 * v.image_size * v.image_size),
+            self.image.tokens.prefix(n * clip.cfg.patches() * v.width),
+        ])?;
+        Ok((images, tokens))
     }
 }
 

@@ -1,5 +1,6 @@
 //! `clip-golden-v1` files (tools/golden_open_clip.py) and the parity check against them:
-//! forward, backward and AdamW steps on the CPU, compared group by group with open_clip.
+//! forward, backward and AdamW steps on a device (the CPU, or the GPU path), compared group by
+//! group with open_clip.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -95,11 +96,12 @@ impl Golden {
         self.expected.get(name).map_or(&[], Vec::as_slice)
     }
 
-    /// Runs forward, backward and the AdamW steps through the trainer's step function; returns
+    /// Runs forward, backward and the AdamW steps through the trainer's step function on `device`
+    /// (the CPU, or the GPU path: CUDA or the emulator); returns
     /// the report and whether every group is within tolerance (relative 1e-4 on features,
     /// logits, loss and losses; 1e-3 on gradients).
-    pub fn check(&self) -> Result<(String, bool), String> {
-        let device = Device::Cpu;
+    pub fn check(&self, device: &Device) -> Result<(String, bool), String> {
+        let device = device.clone();
         let adamw =
             AdamW { lr: self.optim.lr, beta1: self.optim.betas[0], beta2: self.optim.betas[1], eps: self.optim.eps };
         let optimizer = Optimizer::new(&self.params.layout, &device, adamw, self.optim.weight_decay)?;

@@ -9,6 +9,7 @@
 //! big batch's; peak activation memory is one micro-batch's.
 
 use clip_pgs_host::ops::elementwise::fill;
+use clip_pgs_host::ops::pgs::gpu::mask_gpu;
 use clip_pgs_host::ops::pgs::{MaskRequest, Masking, PatchTokens, PgsMode, REFERENCE_EPOCHS, mask_cpu};
 use clip_pgs_host::{Device, Result as HostResult};
 
@@ -93,6 +94,12 @@ impl TrainStep {
                 self.workspace.set_keep(&self.clip, Keep::Lists(lists))?;
                 let l = self.clip.cfg.patches();
                 1.0 - lists.iter().map(Vec::len).sum::<usize>() as f64 / (n * l) as f64
+            }
+            StepMasks::Make(request) if !matches!(self.device, Device::Cpu) => {
+                let (images, tokens) = self.workspace.mask_inputs(&self.clip).map_err(err)?;
+                let tokens = needs_tokens(&request).then_some((tokens, self.clip.cfg.vision_cfg.width));
+                let masks = mask_gpu(&self.device, &request, images, tokens).map_err(err)?;
+                self.workspace.set_keep_on_device(&self.clip, &self.device, &masks).map_err(err)?
             }
             StepMasks::Make(request) => {
                 let tokens =

@@ -4,6 +4,7 @@
 //! m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g², p ← p − lr/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε).
 //! The norm stays on the device: an update whose norm is not finite changes nothing.
 
+use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use clip_pgs_kernels::adamw as kernel;
@@ -32,12 +33,31 @@ pub struct AdamWStep {
     pub max_norm: Option<f32>,
 }
 
-/// out[0] = ‖grads‖₂ in a fixed order (the same on any thread count): 64 parts, each a sum in
-/// f64 of blocks of 256 squares summed in f32 over eight interleaved lanes (vectorized).
+/// out[0] = ‖grads‖₂ in a fixed order (the same on any thread count): on the CPU 64 parts, each
+/// a sum in f64 of blocks of 256 squares summed in f32 over eight interleaved lanes
+/// (vectorized); on a GPU `kernels/src/adamw.rs`'s 64 block sums (f32, another order).
 pub fn grad_norm(device: &Device, out: ViewMut<f32>, grads: View<f32>) -> Result<()> {
     const PARTS: usize = 64;
     let op = OpCheck::new("grad_norm", device);
     op.size("out", out.len(), 1, || "[1]".into())?;
+    if !matches!(device, Device::Cpu) {
+        let (out, grads) = (op.gpu_mut("out", out)?, op.gpu("grads", grads)?);
+        let n = u32::try_from(grads.len())
+            .map_err(|_| op.invalid(format!("{} gradients, more than a kernel indexes", grads.len())))?;
+        let parts = kernel::NORM_PARTS;
+        let config = |blocks: u32| LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (kernel::THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        return device.with_scratch(parts as usize, |mut scratch| {
+            // SAFETY: grads holds n floats, scratch one per block, out one.
+            unsafe {
+                device.launch(&kernel::grad_norm_parts_f32, config(parts), (scratch.reborrow(), grads, n))?;
+                device.launch(&kernel::grad_norm_finish_f32, config(1), (out, scratch.as_view(), parts))
+            }
+        });
+    }
     let (out, grads) = (op.cpu_mut("out", out)?, op.cpu("grads", grads)?);
     let mut partials = [0.0f64; PARTS];
     let part = grads.len().div_ceil(PARTS).max(1);

@@ -6,8 +6,13 @@
 
 use rayon::prelude::*;
 
+use cudarc::driver::LaunchConfig;
+
+use clip_pgs_kernels::attention as kernel;
+
 use super::check::OpCheck;
-use super::matmul::{Mat, MatRef, cpu_matmul};
+use super::matmul::{Batch, Mat, MatRef, cpu_matmul, gpu_matmul};
+use crate::cublaslt::Epilogue as Lt;
 use crate::device::Device;
 use crate::error::Result;
 use crate::view::{View, ViewMut};
@@ -61,9 +66,22 @@ pub fn attention_forward(
 ) -> Result<()> {
     let op = OpCheck::new("attention_forward", device);
     check(&op, s, qkv.len(), out.len(), probs.len())?;
+    if let Some(l) = &lengths {
+        op.size("lengths", l.len(), s.batch, || format!("[B {}]", s.batch))?;
+    }
+    if !matches!(device, Device::Cpu) {
+        let lengths = lengths.map(|l| op.gpu("lengths", l)).transpose()?;
+        return gpu_forward(
+            device,
+            op.gpu_mut("out", out)?,
+            op.gpu_mut("probs", probs)?,
+            op.gpu("qkv", qkv)?,
+            lengths,
+            s,
+        );
+    }
     let lengths = match lengths {
         Some(l) => {
-            op.size("lengths", l.len(), s.batch, || format!("[B {}]", s.batch))?;
             let l = op.cpu("lengths", l)?;
             if let Some((b, &len)) = l.iter().enumerate().find(|(_, len)| **len == 0 || **len as usize > s.seq) {
                 return Err(op.invalid(format!("sequence {b} has length {len}, outside 1..={}", s.seq)));
@@ -117,6 +135,11 @@ pub fn attention_backward(
     check(&op, s, qkv.len(), dout.len(), probs.len())?;
     op.size("dqkv", dqkv.len(), qkv.len(), || "qkv's size".into())?;
     op.size("scratch", scratch.len(), s.probs_len(), || "probs' size".into())?;
+    if !matches!(device, Device::Cpu) {
+        let (dqkv, scratch) = (op.gpu_mut("dqkv", dqkv)?, op.gpu_mut("scratch", scratch)?);
+        let (dout, qkv, probs) = (op.gpu("dout", dout)?, op.gpu("qkv", qkv)?, op.gpu("probs", probs)?);
+        return gpu_backward(device, dqkv, scratch, dout, qkv, probs, s);
+    }
     let (dqkv, scratch) = (op.cpu_mut("dqkv", dqkv)?, op.cpu_mut("scratch", scratch)?);
     let (dout, qkv, probs) = (op.cpu("dout", dout)?, op.cpu("qkv", qkv)?, op.cpu("probs", probs)?);
     let (d, seq, hd) = (s.width(), s.seq, s.head_dim);
@@ -149,6 +172,120 @@ pub fn attention_backward(
         },
     );
     Ok(())
+}
+
+/// The strided batches of the GPU path: head h of every sequence at once, sequences one batch
+/// stride apart (qkv S·3D, out S·D, probs H·S²).
+struct HeadBatches {
+    s: AttentionShape,
+}
+
+impl HeadBatches {
+    /// Part `part` (0 q, 1 k, 2 v) of head h in qkv or dqkv, as a strided [S, hd] matrix.
+    fn qkv_offset(&self, part: usize, h: usize) -> usize {
+        part * self.s.width() + h * self.s.head_dim
+    }
+
+    fn qkv<D>(&self, data: D) -> Mat<D> {
+        Mat::new(data, self.s.seq, self.s.head_dim).row_stride(3 * self.s.width())
+    }
+
+    fn out<D>(&self, data: D) -> Mat<D> {
+        Mat::new(data, self.s.seq, self.s.head_dim).row_stride(self.s.width())
+    }
+
+    fn square<D>(&self, data: D) -> Mat<D> {
+        Mat::new(data, self.s.seq, self.s.seq)
+    }
+
+    /// Batch strides of (c, a, b) from their kinds' sequence strides.
+    fn batch(&self, c: usize, a: usize, b: usize) -> Batch {
+        Batch { count: self.s.batch, a, b, c }
+    }
+
+    fn qkv_stride(&self) -> usize {
+        self.s.seq * 3 * self.s.width()
+    }
+
+    fn out_stride(&self) -> usize {
+        self.s.seq * self.s.width()
+    }
+
+    fn square_stride(&self) -> usize {
+        self.s.heads * self.s.seq * self.s.seq
+    }
+}
+
+fn softmax_config(rows: usize) -> LaunchConfig {
+    let warps = (kernel::THREADS / 32) as usize;
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(warps).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (kernel::THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn gpu_forward(
+    device: &Device,
+    mut out: ViewMut<f32>,
+    mut probs: ViewMut<f32>,
+    qkv: View<f32>,
+    lengths: Option<View<u32>>,
+    s: AttentionShape,
+) -> Result<()> {
+    let hb = HeadBatches { s };
+    let (sq, qs, os) = (hb.square_stride(), hb.qkv_stride(), hb.out_stride());
+    for h in 0..s.heads {
+        let (q, k) = (hb.qkv(qkv.skip(hb.qkv_offset(0, h))), hb.qkv(qkv.skip(hb.qkv_offset(1, h))));
+        let scores = hb.square(probs.skip(h * s.seq * s.seq));
+        gpu_matmul(device, scores, q, k.t(), false, hb.batch(sq, qs, qs), Lt::Default)?;
+    }
+    let args = (probs.reborrow(), lengths, s.batch as u32, s.heads as u32, s.seq as u32, s.causal as u32, scale(s));
+    // SAFETY: probs holds B·H·S² floats and lengths B (checked by the caller).
+    unsafe { device.launch(&kernel::attention_softmax_f32, softmax_config(s.batch * s.heads * s.seq), args)? };
+    for h in 0..s.heads {
+        let (p, v) = (hb.square(probs.as_view().skip(h * s.seq * s.seq)), hb.qkv(qkv.skip(hb.qkv_offset(2, h))));
+        let o = hb.out(out.skip(h * s.head_dim));
+        gpu_matmul(device, o, p, v, false, hb.batch(os, sq, qs), Lt::Default)?;
+    }
+    Ok(())
+}
+
+fn gpu_backward(
+    device: &Device,
+    mut dqkv: ViewMut<f32>,
+    mut scratch: ViewMut<f32>,
+    dout: View<f32>,
+    qkv: View<f32>,
+    probs: View<f32>,
+    s: AttentionShape,
+) -> Result<()> {
+    let hb = HeadBatches { s };
+    let (sq, qs, os, s2) = (hb.square_stride(), hb.qkv_stride(), hb.out_stride(), s.seq * s.seq);
+    for h in 0..s.heads {
+        let (p, d_o) = (hb.square(probs.skip(h * s2)), hb.out(dout.skip(h * s.head_dim)));
+        let dv = hb.qkv(dqkv.skip(hb.qkv_offset(2, h)));
+        gpu_matmul(device, dv, p.t(), d_o, false, hb.batch(qs, sq, os), Lt::Default)?;
+        let (dp, v) = (hb.square(scratch.skip(h * s2)), hb.qkv(qkv.skip(hb.qkv_offset(2, h))));
+        gpu_matmul(device, dp, d_o, v.t(), false, hb.batch(sq, os, qs), Lt::Default)?;
+    }
+    let rows = s.batch * s.heads * s.seq;
+    let args = (scratch.reborrow(), probs, rows as u32, s.seq as u32, scale(s));
+    // SAFETY: scratch and probs hold B·H·S² floats.
+    unsafe { device.launch(&kernel::attention_softmax_backward_f32, softmax_config(rows), args)? };
+    for h in 0..s.heads {
+        let ds = hb.square(scratch.as_view().skip(h * s2));
+        let (q, k) = (hb.qkv(qkv.skip(hb.qkv_offset(0, h))), hb.qkv(qkv.skip(hb.qkv_offset(1, h))));
+        let dq = hb.qkv(dqkv.skip(hb.qkv_offset(0, h)));
+        gpu_matmul(device, dq, ds, k, false, hb.batch(qs, sq, qs), Lt::Default)?;
+        let dk = hb.qkv(dqkv.skip(hb.qkv_offset(1, h)));
+        gpu_matmul(device, dk, ds.t(), q, false, hb.batch(qs, sq, qs), Lt::Default)?;
+    }
+    Ok(())
+}
+
+fn scale(s: AttentionShape) -> f32 {
+    1.0 / (s.head_dim as f32).sqrt()
 }
 
 #[cfg(test)]

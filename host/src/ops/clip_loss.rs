@@ -2,9 +2,16 @@
 //! eps 1e-12), logits = e^s · img·txtᵀ, loss = (CE(logits, diag) + CE(logitsᵀ, diag)) / 2; one
 //! call gives the loss, the logits, both feature gradients and the logit scale's gradient.
 
+use cudarc::driver::LaunchConfig;
+
+use clip_pgs_kernels::clip_loss as kernel;
+
 use super::check::OpCheck;
+use super::matmul::{Batch, Mat, gpu_matmul};
+use crate::cublaslt::Epilogue as Lt;
 use crate::device::Device;
 use crate::error::Result;
+use crate::launch::grid_stride_config;
 use crate::view::{View, ViewMut};
 
 /// What the loss writes.
@@ -20,9 +27,11 @@ pub struct ClipLossOut<'a> {
     pub d_logit_scale: ViewMut<'a, f32>,
 }
 
-/// Elements of the workspace `clip_loss` needs for a batch of `batch` features of `dim`.
+/// Elements of the workspace `clip_loss` needs for a batch of `batch` features of `dim`: the
+/// unit features, their norms, the logits' gradient and (GPU) the rows' and columns'
+/// log-sum-exps and the scale gradient's parts.
 pub fn clip_loss_workspace(batch: usize, dim: usize) -> usize {
-    2 * batch * dim + 2 * batch + batch * batch
+    2 * batch * dim + 5 * batch + batch * batch
 }
 
 /// Writes the unit vectors of the rows of x into `unit`, their norms into `norms`.
@@ -59,6 +68,11 @@ pub fn clip_loss(
         op.size(name, len, 1, || "[1]".into())?;
     }
     op.size("workspace", workspace.len(), clip_loss_workspace(b, e), || format!("clip_loss_workspace({b}, {e})"))?;
+    if !matches!(device, Device::Cpu) {
+        let (image, text, scale) =
+            (op.gpu("image", image)?, op.gpu("text", text)?, op.gpu("logit_scale", logit_scale)?);
+        return gpu_clip_loss(device, out, image, text, scale, op.gpu_mut("workspace", workspace)?, b, e);
+    }
     let (image, text, logit_scale) =
         (op.cpu("image", image)?, op.cpu("text", text)?, op.cpu("logit_scale", logit_scale)?);
     let (loss_out, logits) = (op.cpu_mut("loss", out.loss)?, op.cpu_mut("logits", out.logits)?);
@@ -68,7 +82,8 @@ pub fn clip_loss(
     let (img, rest) = workspace.split_at_mut(b * e);
     let (txt, rest) = rest.split_at_mut(b * e);
     let (img_norm, rest) = rest.split_at_mut(b);
-    let (txt_norm, dlogits) = rest.split_at_mut(b);
+    let (txt_norm, rest) = rest.split_at_mut(b);
+    let dlogits = &mut rest[..b * b];
     normalize(img, img_norm, image, e);
     normalize(txt, txt_norm, text, e);
     let scale = logit_scale[0].exp();
@@ -117,6 +132,65 @@ pub fn clip_loss(
     through_norm(d_img, img, img_norm);
     through_norm(d_txt, txt, txt_norm);
     Ok(())
+}
+
+/// The GPU path (`kernels/src/clip_loss.rs` describes the passes).
+#[allow(clippy::too_many_arguments)]
+fn gpu_clip_loss(
+    device: &Device,
+    out: ClipLossOut,
+    image: View<f32>,
+    text: View<f32>,
+    scale: View<f32>,
+    workspace: ViewMut<f32>,
+    b: usize,
+    e: usize,
+) -> Result<()> {
+    let (mut img, rest) = workspace.split_at(b * e);
+    let (mut txt, rest) = rest.split_at(b * e);
+    let (mut img_norm, rest) = rest.split_at(b);
+    let (mut txt_norm, rest) = rest.split_at(b);
+    let (mut grad, rest) = rest.split_at(b * b);
+    let (mut row_lse, rest) = rest.split_at(b);
+    let (mut col_lse, mut parts) = rest.split_at(b);
+    let ClipLossOut { loss, mut logits, mut d_image, mut d_text, d_logit_scale } = out;
+    let (bu, eu) = (b as u32, e as u32);
+    let rows = |n: usize| LaunchConfig {
+        grid_dim: (n.div_ceil((kernel::THREADS / 32) as usize).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (kernel::THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY (every launch): the views have the sizes checked by `clip_loss` and carved above.
+    unsafe {
+        device.launch(&kernel::l2_normalize_f32, rows(b), (img.reborrow(), img_norm.reborrow(), image, bu, eu))?;
+        device.launch(&kernel::l2_normalize_f32, rows(b), (txt.reborrow(), txt_norm.reborrow(), text, bu, eu))?;
+    }
+    let (img_m, txt_m) = (Mat::new(img.as_view(), b, e), Mat::new(txt.as_view(), b, e));
+    gpu_matmul(device, Mat::new(logits.reborrow(), b, b), img_m, txt_m.t(), false, Batch::ONE, Lt::Default)?;
+    unsafe {
+        device.launch(&kernel::clip_logits_rows_f32, rows(b), (logits.reborrow(), row_lse.reborrow(), scale, bu))?;
+        device.launch(
+            &kernel::clip_logits_cols_f32,
+            grid_stride_config(b, kernel::THREADS),
+            (col_lse.reborrow(), logits.as_view(), bu),
+        )?;
+        let args =
+            (grad.reborrow(), parts.reborrow(), logits.as_view(), row_lse.as_view(), col_lse.as_view(), scale, bu);
+        device.launch(&kernel::clip_loss_grad_f32, rows(b), args)?;
+        let args = (loss, d_logit_scale, parts.as_view(), logits.as_view(), row_lse.as_view(), col_lse.as_view(), bu);
+        device.launch(&kernel::clip_loss_total_f32, grid_stride_config(1, kernel::THREADS), args)?;
+    }
+    let g = Mat::new(grad.as_view(), b, b);
+    gpu_matmul(device, Mat::new(d_image.reborrow(), b, e), g, txt_m, false, Batch::ONE, Lt::Default)?;
+    gpu_matmul(device, Mat::new(d_text.reborrow(), b, e), g.t(), img_m, false, Batch::ONE, Lt::Default)?;
+    unsafe {
+        device.launch(
+            &kernel::l2_normalize_backward_f32,
+            rows(b),
+            (d_image, img.as_view(), img_norm.as_view(), bu, eu),
+        )?;
+        device.launch(&kernel::l2_normalize_backward_f32, rows(b), (d_text, txt.as_view(), txt_norm.as_view(), bu, eu))
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use crate::buffer::Buffer;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::launch::KernelElement;
+use crate::view::View;
 
 /// A batch of RGB images in [N, 3, H, W] layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,7 +141,7 @@ pub fn edge_map<T: ImageElement>(
             Ok(Buffer::Cpu(edge_map_cpu(&widened, shape, grid)))
         }
         (Device::Cuda(_), Buffer::Cuda(_)) | (Device::Emu(_), Buffer::Emu(_)) => {
-            edge_map_gpu(device, images, shape, grid)
+            edge_map_gpu(device, images.view(), shape, grid)
         }
         (_, buffer) => Err(Error::WrongDevice(format!(
             "edge_map runs on {device} but the images are in {} memory",
@@ -211,7 +212,7 @@ pub fn sobel_magnitude_map(image: &[f32], h: usize, w: usize) -> Vec<f32> {
 /// Launches `pgs_edge_map_{f32,bf16}` on CUDA or the emulator: one block of `THREADS` per image.
 pub(crate) fn edge_map_gpu<T: ImageElement>(
     device: &Device,
-    images: &Buffer<T>,
+    images: View<T>,
     shape: ImageBatchShape,
     grid: PatchGrid,
 ) -> Result<Buffer<f32>> {

@@ -74,6 +74,20 @@ pub fn gelu_backward(device: &Device, dx: ViewMut<f32>, dy: View<f32>, x: View<f
     Ok(())
 }
 
+/// dx ← dx·gelu'(x) (the gradient at a GELU's output becomes the one at its input).
+pub fn gelu_backward_in_place(device: &Device, dx: ViewMut<f32>, x: View<f32>) -> Result<()> {
+    let op = OpCheck::new("gelu_backward", device);
+    op.size("dx", dx.len(), x.len(), || "x's size".into())?;
+    let n = checked_len(&op, x.len())?;
+    if !matches!(device, Device::Cpu) {
+        let args = (op.gpu_mut("dx", dx)?, None::<View<f32>>, op.gpu("x", x)?, n);
+        // SAFETY: dx and x hold n floats; the null dy makes the kernel read dx.
+        return unsafe { device.launch(&gelu_backward_f32, grid_stride_config(n as usize, THREADS), args) };
+    }
+    cpu_gelu_backward(op.cpu_mut("dx", dx)?, None, op.cpu("x", x)?);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::{assert_gradient, values};

@@ -1,16 +1,23 @@
 //! LayerNorm over the last dimension (PyTorch, eps 1e-5): y = (x − mean)·rstd·γ + β,
 //! rstd = 1/sqrt(var + eps) (biased variance), with the residual add fused in front
 //! (`add_layernorm_forward`: x = a + b is written and normalized in one pass) and behind
-//! (`layernorm_backward` can add dx into the residual stream's gradient).
+//! (`layernorm_backward` can add dx into the residual stream's gradient). CPU reference here,
+//! kernels in `kernels/src/layernorm.rs` (CUDA and the emulator).
 
+use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
+
+pub use clip_pgs_kernels::layernorm::EPS;
+use clip_pgs_kernels::layernorm::{
+    PARAM_COLUMNS, THREADS, add_layernorm_forward_f32, layernorm_backward_f32, layernorm_forward_f32,
+    layernorm_param_grads_f32,
+};
 
 use super::check::OpCheck;
 use crate::device::Device;
 use crate::error::Result;
+use crate::launch::grid_stride_config;
 use crate::view::{View, ViewMut};
-
-pub const EPS: f32 = 1e-5;
 
 /// What the forward pass writes: y [rows, dim] and, for backward, each row's mean and rstd.
 pub struct NormOut<'a> {
@@ -29,14 +36,15 @@ pub struct NormSaved<'a> {
 /// The checked host slices of one forward call.
 type HostOut<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32], &'a [f32], &'a [f32]);
 
-fn check_forward<'a>(
+/// The row count of x's `x_len` values; checks the sizes of the outputs, γ and β.
+fn check_forward(
     op: &OpCheck,
-    out: NormOut<'a>,
+    out: &NormOut,
     x_len: usize,
-    gamma: View<'a, f32>,
-    beta: View<'a, f32>,
+    gamma: &View<f32>,
+    beta: &View<f32>,
     dim: usize,
-) -> Result<HostOut<'a>> {
+) -> Result<usize> {
     if dim == 0 || !x_len.is_multiple_of(dim) {
         return Err(op.invalid(format!("x has {x_len} values, not a multiple of dim {dim}")));
     }
@@ -46,6 +54,11 @@ fn check_forward<'a>(
     op.size("rstd", out.rstd.len(), rows, || format!("[rows {rows}]"))?;
     op.size("gamma", gamma.len(), dim, || format!("[dim {dim}]"))?;
     op.size("beta", beta.len(), dim, || format!("[dim {dim}]"))?;
+    Ok(rows)
+}
+
+/// The host slices of a forward call on the CPU device.
+fn host_forward<'a>(op: &OpCheck, out: NormOut<'a>, gamma: View<'a, f32>, beta: View<'a, f32>) -> Result<HostOut<'a>> {
     Ok((
         op.cpu_mut("y", out.y)?,
         op.cpu_mut("mean", out.mean)?,
@@ -53,6 +66,19 @@ fn check_forward<'a>(
         op.cpu("gamma", gamma)?,
         op.cpu("beta", beta)?,
     ))
+}
+
+/// Rows and dim as a kernel's u32 counts: x's n = rows·dim values must be indexable with u32.
+fn kernel_counts(op: &OpCheck, n: usize, dim: usize) -> Result<(u32, u32)> {
+    if n > u32::MAX as usize {
+        return Err(op.invalid(format!("x has {n} values, more than a kernel indexes (2³² − 1)")));
+    }
+    Ok(((n / dim) as u32, dim as u32))
+}
+
+/// The launch of the one-warp-per-row kernels: THREADS / 32 rows per block, grid-strided.
+fn row_config(rows: u32) -> LaunchConfig {
+    grid_stride_config(rows as usize * 32, THREADS)
 }
 
 fn cpu_forward((y, mean, rstd, gamma, beta): HostOut, x: &[f32], dim: usize) {
@@ -78,7 +104,16 @@ pub fn layernorm_forward(
     dim: usize,
 ) -> Result<()> {
     let op = OpCheck::new("layernorm_forward", device);
-    let host = check_forward(&op, out, x.len(), gamma, beta, dim)?;
+    check_forward(&op, &out, x.len(), &gamma, &beta, dim)?;
+    if !matches!(device, Device::Cpu) {
+        let (rows, dim) = kernel_counts(&op, x.len(), dim)?;
+        let (y, mean, rstd) = (op.gpu_mut("y", out.y)?, op.gpu_mut("mean", out.mean)?, op.gpu_mut("rstd", out.rstd)?);
+        let args = (y, mean, rstd, op.gpu("x", x)?, op.gpu("gamma", gamma)?, op.gpu("beta", beta)?, rows, dim);
+        // SAFETY: y and x hold rows·dim floats, mean and rstd rows, gamma and beta dim ≥ 1 (checked
+        // above); THREADS is a multiple of 32.
+        return unsafe { device.launch(&layernorm_forward_f32, row_config(rows), args) };
+    }
+    let host = host_forward(&op, out, gamma, beta)?;
     cpu_forward(host, op.cpu("x", x)?, dim);
     Ok(())
 }
@@ -98,7 +133,27 @@ pub fn add_layernorm_forward(
     let op = OpCheck::new("add_layernorm_forward", device);
     op.size("b", b.len(), a.len(), || "a's size".into())?;
     op.size("sum", sum.len(), a.len(), || "a's size".into())?;
-    let host = check_forward(&op, out, a.len(), gamma, beta, dim)?;
+    check_forward(&op, &out, a.len(), &gamma, &beta, dim)?;
+    if !matches!(device, Device::Cpu) {
+        let (rows, dim) = kernel_counts(&op, a.len(), dim)?;
+        let (y, mean, rstd) = (op.gpu_mut("y", out.y)?, op.gpu_mut("mean", out.mean)?, op.gpu_mut("rstd", out.rstd)?);
+        let args = (
+            op.gpu_mut("sum", sum)?,
+            y,
+            mean,
+            rstd,
+            op.gpu("a", a)?,
+            op.gpu("b", b)?,
+            op.gpu("gamma", gamma)?,
+            op.gpu("beta", beta)?,
+            rows,
+            dim,
+        );
+        // SAFETY: sum, y, a and b hold rows·dim floats, mean and rstd rows, gamma and beta dim ≥ 1
+        // (checked above); THREADS is a multiple of 32.
+        return unsafe { device.launch(&add_layernorm_forward_f32, row_config(rows), args) };
+    }
+    let host = host_forward(&op, out, gamma, beta)?;
     let (sum, a, b) = (op.cpu_mut("sum", sum)?, op.cpu("a", a)?, op.cpu("b", b)?);
     sum.par_iter_mut().with_min_len(1 << 12).zip(a.par_iter().zip(b.par_iter())).for_each(|(s, (a, b))| *s = a + b);
     cpu_forward(host, sum, dim);
@@ -132,6 +187,26 @@ pub fn layernorm_backward(
     op.size("rstd", saved.rstd.len(), rows, || format!("[rows {rows}]"))?;
     for (name, len) in [("gamma", gamma.len()), ("dgamma", dgamma.len()), ("dbeta", dbeta.len())] {
         op.size(name, len, dim, || format!("[dim {dim}]"))?;
+    }
+    if !matches!(device, Device::Cpu) {
+        let (rows, dim) = kernel_counts(&op, n, dim)?;
+        let (dy, x) = (op.gpu("dy", dy)?, op.gpu("x", saved.x)?);
+        let (mean, rstd) = (op.gpu("mean", saved.mean)?, op.gpu("rstd", saved.rstd)?);
+        let (dgamma, dbeta) = (op.gpu_mut("dgamma", dgamma)?, op.gpu_mut("dbeta", dbeta)?);
+        let args = (op.gpu_mut("dx", dx)?, dy, x, mean, rstd, op.gpu("gamma", gamma)?, rows, dim, accumulate as u32);
+        if rows == 0 {
+            return Ok(()); // as on the CPU: nothing to add, dγ and dβ untouched to the bit
+        }
+        // SAFETY: dx, dy and x hold rows·dim floats, mean and rstd rows, gamma dim ≥ 1 (checked
+        // above); THREADS is a multiple of 32.
+        unsafe { device.launch(&layernorm_backward_f32, row_config(rows), args)? };
+        let blocks = dim.div_ceil(PARAM_COLUMNS);
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: dy and x hold rows·dim floats, mean and rstd rows, dgamma and dbeta dim (checked
+        // above); THREADS threads per block and ⌈dim / 32⌉ blocks.
+        return unsafe {
+            device.launch(&layernorm_param_grads_f32, cfg, (dgamma, dbeta, dy, x, mean, rstd, rows, dim))
+        };
     }
     let (dx, dgamma, dbeta) = (op.cpu_mut("dx", dx)?, op.cpu_mut("dgamma", dgamma)?, op.cpu_mut("dbeta", dbeta)?);
     let (dy, x, gamma) = (op.cpu("dy", dy)?, op.cpu("x", saved.x)?, op.cpu("gamma", gamma)?);

@@ -5,8 +5,10 @@
 use rayon::prelude::*;
 
 use super::check::OpCheck;
-use super::gelu::{cpu_gelu, cpu_gelu_backward};
-use super::matmul::{Mat, cpu_matmul};
+use super::elementwise::add_assign;
+use super::gelu::{cpu_gelu, cpu_gelu_backward, gelu_backward_in_place, gelu_forward};
+use super::matmul::{Batch, Mat, cpu_matmul, gpu_matmul};
+use crate::cublaslt::Epilogue as Lt;
 use crate::device::Device;
 use crate::error::Result;
 use crate::view::{View, ViewMut};
@@ -55,6 +57,31 @@ pub fn linear_forward(
     let op = OpCheck::new("linear_forward", device);
     check_sizes(&op, s, x.len(), w.len(), y.len())?;
     let LinearShape { rows, inputs, outputs } = s;
+    match &epilogue {
+        Epilogue::None => {}
+        Epilogue::Bias(b) => op.size("bias", b.len(), outputs, || format!("[out {outputs}]"))?,
+        Epilogue::BiasGelu { bias, pre } => {
+            op.size("bias", bias.len(), outputs, || format!("[out {outputs}]"))?;
+            op.size("pre", pre.len(), rows * outputs, || format!("[rows {rows}, out {outputs}]"))?;
+        }
+    }
+    if !matches!(device, Device::Cpu) {
+        let (x, w) = (Mat::new(op.gpu("x", x)?, rows, inputs), Mat::new(op.gpu("weight", w)?, outputs, inputs).t());
+        let y = op.gpu_mut("y", y)?;
+        return match epilogue {
+            Epilogue::None => gpu_matmul(device, Mat::new(y, rows, outputs), x, w, false, Batch::ONE, Lt::Default),
+            Epilogue::Bias(b) => {
+                gpu_matmul(device, Mat::new(y, rows, outputs), x, w, false, Batch::ONE, Lt::Bias(op.gpu("bias", b)?))
+            }
+            // cuBLASLt's GELU epilogue is the tanh form; open_clip's is erf: BIAS, then the GELU
+            // kernel (one more pass over pre).
+            Epilogue::BiasGelu { bias, pre } => {
+                let (bias, mut pre) = (op.gpu("bias", bias)?, op.gpu_mut("pre", pre)?);
+                gpu_matmul(device, Mat::new(pre.reborrow(), rows, outputs), x, w, false, Batch::ONE, Lt::Bias(bias))?;
+                gelu_forward(device, y, pre.as_view())
+            }
+        };
+    }
     let (x, w, y) = (op.cpu("x", x)?, op.cpu("weight", w)?, op.cpu_mut("y", y)?);
     let product = |out: &mut [f32]| {
         cpu_matmul(Mat::new(out, rows, outputs), Mat::new(x, rows, inputs), Mat::new(w, outputs, inputs).t(), false)
@@ -65,13 +92,10 @@ pub fn linear_forward(
     match epilogue {
         Epilogue::None => product(y),
         Epilogue::Bias(b) => {
-            op.size("bias", b.len(), outputs, || format!("[out {outputs}]"))?;
             product(y);
             add_bias(y, op.cpu("bias", b)?);
         }
         Epilogue::BiasGelu { bias, pre } => {
-            op.size("bias", bias.len(), outputs, || format!("[out {outputs}]"))?;
-            op.size("pre", pre.len(), rows * outputs, || format!("[rows {rows}, out {outputs}]"))?;
             let pre = op.cpu_mut("pre", pre)?;
             product(pre);
             add_bias(pre, op.cpu("bias", bias)?);
@@ -108,9 +132,42 @@ pub fn linear_backward_gelu(
     check_sizes(&op, s, x.len(), w.len(), dy.len())?;
     let LinearShape { rows, inputs, outputs } = s;
     op.size("dweight", grads.dw.len(), outputs * inputs, || format!("[out {outputs}, in {inputs}]"))?;
+    if let Some(dx) = &grads.dx {
+        op.size("dx", dx.len(), rows * inputs, || format!("[rows {rows}, in {inputs}]"))?;
+    }
+    if let Some(pre) = &gelu_pre {
+        op.size("gelu_pre", pre.len(), rows * inputs, || format!("[rows {rows}, in {inputs}]"))?;
+    }
+    if let Some(db) = &grads.db {
+        op.size("dbias", db.len(), outputs, || format!("[out {outputs}]"))?;
+    }
+    if !matches!(device, Device::Cpu) {
+        let (dy, x, w) = (op.gpu("dy", dy)?, op.gpu("x", x)?, op.gpu("weight", w)?);
+        if let Some(dx) = grads.dx {
+            let mut dx = op.gpu_mut("dx", dx)?;
+            let (dyr, wr) = (Mat::new(dy, rows, outputs), Mat::new(w, outputs, inputs));
+            gpu_matmul(device, Mat::new(dx.reborrow(), rows, inputs), dyr, wr, false, Batch::ONE, Lt::Default)?;
+            if let Some(pre) = gelu_pre {
+                gelu_backward_in_place(device, dx, op.gpu("gelu_pre", pre)?)?;
+            }
+        }
+        // dW += dyᵀ·x; BGRADB sums the rows of dyᵀ into a scratch (cuBLASLt overwrites its
+        // bias gradient), which is then added to db.
+        let dw = Mat::new(op.gpu_mut("dweight", grads.dw)?, outputs, inputs);
+        let (dyt, x) = (Mat::new(dy, rows, outputs).t(), Mat::new(x, rows, inputs));
+        return match grads.db {
+            None => gpu_matmul(device, dw, dyt, x, true, Batch::ONE, Lt::Default),
+            Some(db) => {
+                let db = op.gpu_mut("dbias", db)?;
+                device.with_scratch(outputs, |mut sum| {
+                    gpu_matmul(device, dw, dyt, x, true, Batch::ONE, Lt::BGradB(sum.reborrow()))?;
+                    add_assign(device, db, sum.as_view())
+                })
+            }
+        };
+    }
     let (dy, x, w) = (op.cpu("dy", dy)?, op.cpu("x", x)?, op.cpu("weight", w)?);
     if let Some(dx) = grads.dx {
-        op.size("dx", dx.len(), rows * inputs, || format!("[rows {rows}, in {inputs}]"))?;
         let dx = op.cpu_mut("dx", dx)?;
         cpu_matmul(
             Mat::new(&mut dx[..], rows, inputs),
@@ -119,14 +176,12 @@ pub fn linear_backward_gelu(
             false,
         );
         if let Some(pre) = gelu_pre {
-            op.size("gelu_pre", pre.len(), rows * inputs, || format!("[rows {rows}, in {inputs}]"))?;
             cpu_gelu_backward(dx, None, op.cpu("gelu_pre", pre)?);
         }
     }
     let dw = op.cpu_mut("dweight", grads.dw)?;
     cpu_matmul(Mat::new(dw, outputs, inputs), Mat::new(dy, rows, outputs).t(), Mat::new(x, rows, inputs), true);
     if let Some(db) = grads.db {
-        op.size("dbias", db.len(), outputs, || format!("[out {outputs}]"))?;
         let db = op.cpu_mut("dbias", db)?;
         for row in dy.chunks(outputs) {
             db.iter_mut().zip(row).for_each(|(d, g)| *d += g);

@@ -5,6 +5,7 @@
 use gemm::Parallelism;
 
 use super::check::OpCheck;
+use crate::cublaslt::{self, Epilogue, Layout, Matmul, Op};
 use crate::device::Device;
 use crate::error::Result;
 use crate::view::{View, ViewMut};
@@ -70,11 +71,83 @@ pub fn matmul(
             return Err(op.invalid(format!("{name} reaches element {last} of a view of {len}")));
         }
     }
+    if !matches!(device, Device::Cpu) {
+        let (cm, am, bm) = (c.with(()), a.with(()), b.with(()));
+        let (c, a, b) =
+            (cm.with(op.gpu_mut("c", c.data)?), am.with(op.gpu("a", a.data)?), bm.with(op.gpu("b", b.data)?));
+        return gpu_matmul(device, c, a, b, accumulate, Batch::ONE, Epilogue::Default);
+    }
     let (am, bm) = (a.with(()), b.with(()));
     let cm = c.with(());
     let (a, b) = (op.cpu("a", a.data)?, op.cpu("b", b.data)?);
     cpu_matmul(cm.with(op.cpu_mut("c", c.data)?), am.with(a), bm.with(b), accumulate);
     Ok(())
+}
+
+/// `count` products, the i-th reading a and b and writing c `i·stride` elements further on
+/// (cuBLASLt's strided batch).
+#[derive(Clone, Copy, Debug)]
+pub struct Batch {
+    pub count: usize,
+    pub a: usize,
+    pub b: usize,
+    pub c: usize,
+}
+
+impl Batch {
+    pub const ONE: Batch = Batch { count: 1, a: 0, b: 0, c: 0 };
+}
+
+/// The column-major layout and op of a strided view m, op(layout) = m: with unit row stride m is
+/// stored column-major (op N); with unit column stride the memory holds mᵀ column-major (op T).
+fn stored(m: &Mat<()>, what: &str) -> Result<(Op, Layout)> {
+    let ld = |ld: usize, rows: usize, cols: usize| if cols <= 1 { ld.max(rows) } else { ld };
+    if m.col_stride == 1 {
+        Ok((Op::T, Layout::new(m.cols, m.rows, ld(m.row_stride, m.cols, m.rows))))
+    } else if m.row_stride == 1 {
+        Ok((Op::N, Layout::new(m.rows, m.cols, ld(m.col_stride, m.rows, m.cols))))
+    } else {
+        Err(crate::error::Error::InvalidArgument(format!(
+            "matmul: {what} has strides ({}, {}); a GPU matmul needs one of them 1",
+            m.row_stride, m.col_stride
+        )))
+    }
+}
+
+/// c = a·b (c += a·b with `accumulate`) on a GPU device through cuBLASLt, over `batch`. cuBLASLt
+/// is column-major: it computes cᵀ = bᵀ·aᵀ, with D = cᵀ (c's rows contiguous), A = bᵀ and B = aᵀ.
+/// A row-major matrix is the column-major layout of its transpose, so a row-major operand of
+/// the model is op = N of cuBLASLt's, a transposed view (`.t()`) op = T. In the model's terms
+/// the epilogues act on c's columns: BIAS adds bias[j] to column j, BGRADB writes the row sums
+/// of a (bias[i] = Σ_p a[i, p], the bias gradient when a = dyᵀ).
+pub(crate) fn gpu_matmul(
+    device: &Device,
+    c: Mat<ViewMut<f32>>,
+    a: Mat<View<f32>>,
+    b: Mat<View<f32>>,
+    accumulate: bool,
+    batch: Batch,
+    epilogue: Epilogue,
+) -> Result<()> {
+    if c.col_stride != 1 && c.rows > 1 && c.cols > 1 {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "matmul: the output has column stride {}; a GPU matmul writes rows of unit stride",
+            c.col_stride
+        )));
+    }
+    let (op_a, la) = stored(&b.with(()).t(), "b")?;
+    let (op_b, lb) = stored(&a.with(()).t(), "a")?;
+    let d = Layout::new(c.cols, c.rows, if c.rows <= 1 { c.row_stride.max(c.cols) } else { c.row_stride });
+    let mm = Matmul {
+        op_a,
+        op_b,
+        a: la.batched(batch.count, batch.b),
+        b: lb.batched(batch.count, batch.a),
+        d: d.batched(batch.count, batch.c),
+        alpha: 1.0,
+        beta: if accumulate { 1.0 } else { 0.0 },
+    };
+    cublaslt::matmul(device, &mm, b.data, a.data, c.data, epilogue)
 }
 
 /// The CPU matrix multiply (the views must fit their data).

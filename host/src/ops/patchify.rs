@@ -1,14 +1,18 @@
 //! The patch embedding's input packing: images [N, 3, H, W] → patches [N·L, 3p²], each row
 //! flattened (channel, row, col) as conv1's weight [width, 3, p, p], so the convolution is one
-//! GEMM.
+//! GEMM. CPU reference here, the kernel in `kernels/src/patchify.rs` (CUDA and the emulator).
 
 use rayon::prelude::*;
+
+use clip_pgs_kernels::patchify::{THREADS, patchify_f32};
 
 use super::check::OpCheck;
 use crate::device::Device;
 use crate::error::Result;
+use crate::launch::grid_stride_config;
 use crate::view::{View, ViewMut};
 
+/// patches [N·L, 3p²] from images [N, 3, S, S], S = `image_size`, p = `patch`.
 pub fn patchify(
     device: &Device,
     patches: ViewMut<f32>,
@@ -29,6 +33,16 @@ pub fn patchify(
     let (n, cols, pv) = (images.len() / image_len, image_size / patch, 3 * patch * patch);
     let l = cols * cols;
     op.size("patches", patches.len(), n * l * pv, || format!("[N·L {}, 3p² {pv}]", n * l))?;
+    if images.len() > u32::MAX as usize {
+        return Err(op.invalid(format!("{} values, more than a kernel indexes (2³² − 1)", images.len())));
+    }
+    if !matches!(device, Device::Cpu) {
+        let n = images.len() as u32;
+        let args = (op.gpu_mut("patches", patches)?, op.gpu("images", images)?, n, image_size as u32, patch as u32);
+        // SAFETY: images hold n = N·3·S² floats and patches as many (checked above); patch ≥ 1
+        // divides S.
+        return unsafe { device.launch(&patchify_f32, grid_stride_config(n as usize, THREADS), args) };
+    }
     let (patches, images) = (op.cpu_mut("patches", patches)?, op.cpu("images", images)?);
     patches.par_chunks_mut(pv).enumerate().for_each(|(row, dst)| {
         let (b, j) = (row / l, row % l);

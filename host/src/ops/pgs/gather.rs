@@ -98,7 +98,13 @@ pub fn gather<T: ImageElement>(
 }
 
 /// The backward of `gather` and of the positional embedding added before it: d_tokens [N, L, D]
-/// is overwritten (zero for dropped patches), d_cls [D] and d_pos [L + 1, D] accumulate.
+/// is overwritten (zero for dropped patches), d_cls [D] and d_pos [L + 1, D] accumulate over the
+/// images in order (the same bits on every device).
+///
+/// Only the CPU device reads the keep indices to refuse bad ones (counts above rows − 1, indices
+/// not ascending or ≥ L). On a GPU device the kernel stays in bounds for any: it caps a count at
+/// rows − 1 and treats a patch its search does not find as dropped. The model checks every
+/// batch's keep lists on the host before the upload (`Clip::check_batch`, `check_keep`).
 #[allow(clippy::too_many_arguments)]
 pub fn gather_backward(
     device: &Device,
@@ -114,6 +120,24 @@ pub fn gather_backward(
     let GatherShape { images: n, patches: l, dim, rows } = s;
     op.size("d_cls", d_cls.len(), dim, || format!("[D {dim}]"))?;
     op.size("d_pos", d_pos.len(), (l + 1) * dim, || format!("[L + 1 = {}, D {dim}]", l + 1))?;
+    if !matches!(device, Device::Cpu) {
+        if dim == 0 {
+            return Ok(()); // nothing to write (a launch needs at least one block)
+        }
+        if [d_tokens.len(), d_packed.len(), (l + 1) * dim].iter().any(|&len| len > u32::MAX as usize) {
+            return Err(op.invalid("a tensor has more values than a kernel indexes (2³² − 1)"));
+        }
+        let (d_tokens, d_cls, d_pos) =
+            (op.gpu_mut("d_tokens", d_tokens)?, op.gpu_mut("d_cls", d_cls)?, op.gpu_mut("d_pos", d_pos)?);
+        let (d_packed, kept, kept_len) =
+            (op.gpu("d_packed", d_packed)?, op.gpu("kept", idx.kept)?, op.gpu("kept_len", idx.kept_len)?);
+        let threads = kernel::BACKWARD_THREADS;
+        let grid = ((l + 1) as u32, dim.div_ceil(threads as usize) as u32, 1);
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let args = (d_tokens, d_cls, d_pos, d_packed, kept, kept_len, n as u32, l as u32, dim as u32, rows as u32);
+        // SAFETY: sizes checked above (1 ≤ rows ≤ L + 1); the kernel caps the counts at rows − 1.
+        return unsafe { device.launch(&kernel::pgs_gather_backward_f32, cfg, args) };
+    }
     let (kept, kept_len) = (op.cpu("kept", idx.kept)?, op.cpu("kept_len", idx.kept_len)?);
     check_indices(&op, s, kept, kept_len)?;
     let (d_tokens, d_cls, d_pos) =

@@ -28,6 +28,7 @@ use crate::device::Device;
 use crate::error::{CudaContextExt, Error, Result};
 use crate::launch::KernelArgs;
 use crate::ops::edge_map::{ImageElement, edge_map_gpu};
+use crate::view::View;
 
 /// Masks still on the GPU device; `to_masks` waits for them.
 pub struct DeviceMasks {
@@ -43,15 +44,23 @@ pub struct DeviceMasks {
 }
 
 impl DeviceMasks {
-    /// Copies the masks to the host (waits for the GPU). A non-finite input value surfaces here
-    /// as an error naming the image.
-    pub fn to_masks(&self) -> Result<Masks> {
+    /// An error naming the first image with a non-finite pixel or patch token (waits for the
+    /// GPU).
+    pub fn check_finite(&self) -> Result<()> {
         let l = self.patches;
         for (flags, what) in &self.nonfinite {
             if let Some(i) = flags.to_vec()?.iter().position(|&f| f != 0) {
                 return Err(Error::InvalidArgument(format!("image {} has non-finite {what} (patch {})", i / l, i % l)));
             }
         }
+        Ok(())
+    }
+
+    /// Copies the masks to the host (waits for the GPU). A non-finite input value surfaces here
+    /// as an error naming the image.
+    pub fn to_masks(&self) -> Result<Masks> {
+        let l = self.patches;
+        self.check_finite()?;
         let kept = self.kept.to_vec()?;
         let kept_len = self.kept_len.to_vec()?;
         let candidates = match &self.candidates {
@@ -105,13 +114,13 @@ fn launch<P: Copy + Send + Sync + 'static>(
     mark(device, timeline, kernel.name())
 }
 
-/// The masks of a batch on a GPU device. Arguments as `mask_cpu`; `tokens` [N, L, D] on the
-/// same device.
+/// The masks of a batch on a GPU device. Arguments as `mask_cpu`, as views on the device;
+/// `tokens` [N, L, D]. The working buffers are allocated per call.
 pub fn mask_gpu<T: ImageElement>(
     device: &Device,
     request: &MaskRequest,
-    images: &Buffer<T>,
-    tokens: Option<(&Buffer<T>, usize)>,
+    images: View<T>,
+    tokens: Option<(View<T>, usize)>,
 ) -> Result<DeviceMasks> {
     mask_gpu_timed(device, request, images, tokens, &mut None)
 }
@@ -120,8 +129,8 @@ pub fn mask_gpu<T: ImageElement>(
 pub fn mask_gpu_timed<T: ImageElement>(
     device: &Device,
     request: &MaskRequest,
-    images: &Buffer<T>,
-    tokens: Option<(&Buffer<T>, usize)>,
+    images: View<T>,
+    tokens: Option<(View<T>, usize)>,
     timeline: &mut Option<Timeline>,
 ) -> Result<DeviceMasks> {
     let grid = super::check_arguments(request, images.len(), tokens.map(|(t, d)| (t.len(), d)))?;

@@ -231,7 +231,12 @@ pub fn pgs_mask<T: ImageElement>(
             {
                 return Err(wrong_device(device, "patch tokens", t.device_name()));
             }
-            Ok(MaskBuffers::Gpu(Box::new(gpu::mask_gpu(device, request, images, tokens)?)))
+            Ok(MaskBuffers::Gpu(Box::new(gpu::mask_gpu(
+                device,
+                request,
+                images.view(),
+                tokens.map(|(t, d)| (t.view(), d)),
+            )?)))
         }
         (_, buffer) => Err(wrong_device(device, "images", buffer.device_name())),
     }

@@ -1,0 +1,220 @@
+//! The CLIP contrastive loss on the GPU path (`host/src/ops/clip_loss.rs` holds the CPU
+//! reference and the order of the calls): features L2-normalized, cosines C = img·txtᵀ by
+//! cuBLASLt, then over the B×B matrix
+//! 1. rows: logits = e^s·C in place and each row's log-sum-exp (one warp per row);
+//! 2. columns: each column's log-sum-exp (one thread per column: lanes read consecutive
+//!    columns of a row, coalesced);
+//! 3. gradient: g_ij = (softmax_row_ij + softmax_col_ij − 2δ_ij)/(2B), stored as e^s·g (the
+//!    gradient of the cosines, ready for the two feature GEMMs), and per row Σ_j g_ij·l_ij (the
+//!    logit scale's gradient in parts);
+//! 4. one block sums the loss Σ_i (rowlse_i + collse_i − 2·l_ii)/(2B) and the scale's gradient;
+//!
+//! then dimg = G·txt and dtxt = Gᵀ·img (cuBLASLt) and the normalization's backward
+//! d ← (d − n·(n·d))/‖x‖ per row.
+//!
+//! Memory traffic: the B×B matrix is read 4 times and written twice (B = 256: 256 KB each, from
+//! L2); the features are read and written once by each normalization pass. The GEMMs dominate.
+
+use crate::hw::{Global, GlobalMut, WARP, block_dim_x, block_stride, block_x, grid_dim_x, grid_stride, lane, warp};
+use crate::kernel;
+use crate::math::{exp, ln, sqrt};
+use crate::reduce::{block_reduce, warp_reduce};
+
+/// Threads per block of every kernel here.
+pub const THREADS: u32 = 128;
+
+/// Calls `f(row)` for rows r = global warp, + total warps, … < rows.
+#[inline(always)]
+fn warp_rows(rows: usize, mut f: impl FnMut(usize)) {
+    let warps = block_dim_x() / WARP;
+    let mut row = block_x() * warps + warp();
+    while row < rows {
+        f(row);
+        row += grid_dim_x() * warps;
+    }
+}
+
+/// Σ over j = lane, lane + 32, … < n of f(j), reduced over the warp.
+#[inline(always)]
+fn warp_sum(n: usize, mut f: impl FnMut(usize) -> f32) -> f32 {
+    let mut total = 0.0f32;
+    let mut j = lane();
+    while j < n {
+        total += f(j);
+        j += WARP;
+    }
+    warp_reduce(total, |a, b| a + b)
+}
+
+kernel! {
+    /// unit[r] = x[r]/‖x[r]‖ and norms[r] = max(‖x[r]‖, 1e-12) (F.normalize) for rows r.
+    ///
+    /// # Safety
+    /// `unit` and `x` hold rows·dim floats, `norms` rows.
+    pub fn l2_normalize_f32(unit: GlobalMut<f32>, norms: GlobalMut<f32>, x: Global<f32>, rows: u32, dim: u32) {
+        let dim = dim as usize;
+        warp_rows(rows as usize, |r| {
+            // SAFETY: j < dim on row r < rows.
+            let sum = warp_sum(dim, |j| unsafe { x.load(r * dim + j) * x.load(r * dim + j) });
+            let norm = sqrt(sum).max(1e-12);
+            let mut j = lane();
+            while j < dim {
+                // SAFETY: as above.
+                unsafe { unit.store(r * dim + j, x.load(r * dim + j) / norm) };
+                j += WARP;
+            }
+            if lane() == 0 {
+                // SAFETY: r < rows.
+                unsafe { norms.store(r, norm) };
+            }
+        });
+    }
+}
+
+kernel! {
+    /// d[r] ← (d[r] − n[r]·(n[r]·d[r]))/norms[r]: the gradient through `l2_normalize_f32`.
+    ///
+    /// # Safety
+    /// `d` and `unit` hold rows·dim floats, `norms` rows.
+    pub fn l2_normalize_backward_f32(d: GlobalMut<f32>, unit: Global<f32>, norms: Global<f32>, rows: u32, dim: u32) {
+        let dim = dim as usize;
+        warp_rows(rows as usize, |r| {
+            // SAFETY: j < dim on row r < rows.
+            let dot = warp_sum(dim, |j| unsafe { d.load(r * dim + j) * unit.load(r * dim + j) });
+            // SAFETY: r < rows.
+            let norm = unsafe { norms.load(r) };
+            let mut j = lane();
+            while j < dim {
+                let at = r * dim + j;
+                // SAFETY: as above; this lane read element j.
+                unsafe { d.store(at, (d.load(at) - unit.load(at) * dot) / norm) };
+                j += WARP;
+            }
+        });
+    }
+}
+
+kernel! {
+    /// logits [b, b]: cosines in, e^s·cosines out; row_lse[i] = log Σ_j exp(logits_ij).
+    ///
+    /// # Safety
+    /// `logits` holds b² floats, `row_lse` b, `logit_scale` 1.
+    pub fn clip_logits_rows_f32(logits: GlobalMut<f32>, row_lse: GlobalMut<f32>, logit_scale: Global<f32>, b: u32) {
+        let b = b as usize;
+        // SAFETY: logit_scale holds one float.
+        let scale = exp(unsafe { logit_scale.load(0) });
+        warp_rows(b, |i| {
+            let mut max = f32::NEG_INFINITY;
+            let mut j = lane();
+            while j < b {
+                // SAFETY: i, j < b.
+                let l = unsafe { logits.load(i * b + j) } * scale;
+                unsafe { logits.store(i * b + j, l) };
+                max = max.max(l);
+                j += WARP;
+            }
+            let max = warp_reduce(max, f32::max);
+            // SAFETY: as above; this lane wrote element j.
+            let total = warp_sum(b, |j| exp(unsafe { logits.load(i * b + j) } - max));
+            if lane() == 0 {
+                // SAFETY: i < b.
+                unsafe { row_lse.store(i, max + ln(total)) };
+            }
+        });
+    }
+}
+
+kernel! {
+    /// col_lse[j] = log Σ_i exp(logits_ij), one thread per column.
+    ///
+    /// # Safety
+    /// `logits` holds b² floats, `col_lse` b.
+    pub fn clip_logits_cols_f32(col_lse: GlobalMut<f32>, logits: Global<f32>, b: u32) {
+        let b = b as usize;
+        grid_stride(b, |j| {
+            let mut max = f32::NEG_INFINITY;
+            // SAFETY: i, j < b.
+            (0..b).for_each(|i| max = max.max(unsafe { logits.load(i * b + j) }));
+            let mut total = 0.0f32;
+            // SAFETY: as above.
+            (0..b).for_each(|i| total += exp(unsafe { logits.load(i * b + j) } - max));
+            // SAFETY: j < b.
+            unsafe { col_lse.store(j, max + ln(total)) };
+        });
+    }
+}
+
+kernel! {
+    /// g_ij = (exp(l_ij − row_lse_i) + exp(l_ij − col_lse_j) − 2δ_ij)/(2b): writes e^s·g into
+    /// `grad` and Σ_j g_ij·l_ij into `parts[i]`.
+    ///
+    /// # Safety
+    /// `grad` and `logits` hold b² floats, `parts`, `row_lse` and `col_lse` b, `logit_scale` 1.
+    pub fn clip_loss_grad_f32(
+        grad: GlobalMut<f32>,
+        parts: GlobalMut<f32>,
+        logits: Global<f32>,
+        row_lse: Global<f32>,
+        col_lse: Global<f32>,
+        logit_scale: Global<f32>,
+        b: u32,
+    ) {
+        let b = b as usize;
+        // SAFETY: logit_scale holds one float.
+        let scale = exp(unsafe { logit_scale.load(0) });
+        let inv = 1.0 / (2 * b) as f32;
+        warp_rows(b, |i| {
+            // SAFETY: i < b.
+            let lse_i = unsafe { row_lse.load(i) };
+            let part = warp_sum(b, |j| {
+                // SAFETY: i, j < b.
+                let (l, lse_j) = unsafe { (logits.load(i * b + j), col_lse.load(j)) };
+                let target = if i == j { 2.0 } else { 0.0 };
+                let g = (exp(l - lse_i) + exp(l - lse_j) - target) * inv;
+                // SAFETY: as above.
+                unsafe { grad.store(i * b + j, scale * g) };
+                g * l
+            });
+            if lane() == 0 {
+                // SAFETY: i < b.
+                unsafe { parts.store(i, part) };
+            }
+        });
+    }
+}
+
+kernel! {
+    /// One block: loss[0] = Σ_i (row_lse_i + col_lse_i − 2·l_ii)/(2b), d_logit_scale[0] = Σ parts.
+    ///
+    /// # Safety
+    /// `logits` holds b² floats, `parts`, `row_lse` and `col_lse` b, `loss` and `d_logit_scale`
+    /// 1; one block is launched.
+    pub fn clip_loss_total_f32(
+        loss: GlobalMut<f32>,
+        d_logit_scale: GlobalMut<f32>,
+        parts: Global<f32>,
+        logits: Global<f32>,
+        row_lse: Global<f32>,
+        col_lse: Global<f32>,
+        b: u32,
+    ) {
+        let b = b as usize;
+        let (mut terms, mut grad) = (0.0f32, 0.0f32);
+        block_stride(b, |i| {
+            // SAFETY: i < b.
+            unsafe {
+                terms += row_lse.load(i) + col_lse.load(i) - 2.0 * logits.load(i * b + i);
+                grad += parts.load(i);
+            }
+        });
+        let terms = block_reduce(terms, 0.0, |a, b| a + b);
+        let grad = block_reduce(grad, 0.0, |a, b| a + b);
+        if block_x() == 0 && crate::hw::thread_x() == 0 {
+            // SAFETY: both hold one float.
+            unsafe {
+                loss.store(0, terms / (2 * b) as f32);
+                d_logit_scale.store(0, grad);
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The text tower's input (`host/src/ops/embedding.rs` holds the CPU reference): the forward
+//! x[r] = table[ids[r]] + pos[r mod T] over rows of width W, and its backward, d_table[ids[r]] +=
+//! dx[r] and d_pos[r mod T] += dx[r], deterministic and without atomics (the padding id repeats in
+//! almost every caption: atomics on its row would contend and sum in a random order).
+//!
+//! The kernels never read outside the table for an id outside the vocabulary (the CPU reference
+//! refuses such ids; the model checks its batches on the host before the upload): the forward
+//! writes a NaN row for it, the backward adds its row to d_pos only.
+//!
+//! - `embedding_forward_f32`: a grid-stride loop over the R·W outputs. Traffic: x written once,
+//!   the rows of table and pos read once each (a repeated id or position from cache), ids read
+//!   once per W outputs (from cache): the analytic minimum. Coalesced along W.
+//! - `embedding_backward_pos_f32`: one thread per element (t, c) of d_pos [T, W] walks the
+//!   captions in order: d_pos[t][c] + dx[t][c] + dx[T + t][c] + …, the CPU's order, so the same
+//!   bits. dx read once, d_pos read and written once: the minimum. Coalesced along W.
+//! - `embedding_backward_table_f32`: grid (⌈W / THREADS⌉, BUCKETS); block (s, k) owns the
+//!   columns of strip s of every table row whose id ≡ k (mod BUCKETS). Each of its threads owns
+//!   one column and walks all rows in order, adding the rows of its bucket's ids: every element of
+//!   d_table sums its rows in the CPU's order, the same bits. The running sum stays in a register
+//!   while consecutive rows of the bucket share an id (the padding tails of consecutive captions
+//!   are one run), and goes through d_table only when the id changes. Rows come in groups of
+//!   GROUP whose dx loads are issued together, so the sequential sum waits for memory once per
+//!   group, not once per row. Traffic: dx read once (each row by the one bucket of its id), the
+//!   touched elements of d_table read and written once per run; ids read by every block (R·4
+//!   bytes, from L2: BUCKETS·⌈W / THREADS⌉ times). The critical path is the bucket of the padding
+//!   id: about one add per padded position of the batch per column.
+
+use crate::hw::{Global, GlobalMut, block_x, block_y, grid_stride, thread_x};
+use crate::kernel;
+
+/// Threads per block of every embedding kernel.
+pub const THREADS: u32 = 128;
+/// Id buckets of `embedding_backward_table_f32` (the grid's y size).
+pub const BUCKETS: u32 = 32;
+/// Rows whose loads one thread issues together.
+const GROUP: usize = 8;
+
+/// Calls `f(0)`, …, `f(GROUP − 1)`: a group's loop, unrolled by hand (LLVM does not always), so
+/// that the group's arrays, indexed by constants, stay in registers.
+#[inline(always)]
+fn each_in_group(mut f: impl FnMut(usize)) {
+    const _: () = assert!(GROUP == 8);
+    f(0);
+    f(1);
+    f(2);
+    f(3);
+    f(4);
+    f(5);
+    f(6);
+    f(7);
+}
+/// No id (an empty slot of a group, or no run yet).
+const NONE: u32 = u32::MAX;
+
+kernel! {
+    /// x[i] = table[ids[r]·W + c] + pos[(r mod T)·W + c], i = r·W + c < n = R·W; NaN for an id
+    /// ≥ vocab.
+    ///
+    /// # Safety
+    /// `x` holds n < 2³² floats, `ids` n / width, `table` vocab·width, `pos` context·width;
+    /// width, context ≥ 1.
+    pub fn embedding_forward_f32(
+        x: GlobalMut<f32>,
+        ids: Global<u32>,
+        table: Global<f32>,
+        pos: Global<f32>,
+        n: u32,
+        width: u32,
+        context: u32,
+        vocab: u32,
+    ) {
+        grid_stride(n as usize, |i| {
+            let (r, c) = (i as u32 / width, i as u32 % width);
+            let t = r % context;
+            // SAFETY: i < n and r < n / width, the lengths of x and ids; id < vocab and t < context
+            // keep the table and pos reads inside their rows.
+            unsafe {
+                let id = ids.load(r as usize);
+                let v = if id < vocab {
+                    table.load(id as usize * width as usize + c as usize) + pos.load((t * width + c) as usize)
+                } else {
+                    f32::NAN
+                };
+                x.store(i, v);
+            }
+        });
+    }
+}
+
+kernel! {
+    /// d_pos[e] += dx[b·T·W + e] for every caption b in order, e < T·W.
+    ///
+    /// # Safety
+    /// `d_pos` holds context_width = T·W floats, `dx` captions·T·W, captions·T·W < 2⁶⁴.
+    pub fn embedding_backward_pos_f32(d_pos: GlobalMut<f32>, dx: Global<f32>, captions: u32, context_width: u32) {
+        let (captions, stride) = (captions as usize, context_width as usize);
+        grid_stride(stride, |e| {
+            // SAFETY: e < T·W and b < captions: inside d_pos and dx.
+            unsafe {
+                let mut acc = d_pos.load(e);
+                let mut b0 = 0;
+                while b0 < captions {
+                    let mut v = [0.0f32; GROUP];
+                    each_in_group(|j| {
+                        if b0 + j < captions {
+                            v[j] = dx.load((b0 + j) * stride + e);
+                        }
+                    });
+                    each_in_group(|j| {
+                        if b0 + j < captions {
+                            acc += v[j];
+                        }
+                    });
+                    b0 += GROUP;
+                }
+                d_pos.store(e, acc);
+            }
+        });
+    }
+}
+
+kernel! {
+    /// d_table[ids[r]·W + c] += dx[r·W + c] over rows r < R in order, for the ids of this block's
+    /// bucket (id mod BUCKETS = block y) and its strip of columns; ids ≥ vocab are skipped.
+    /// Grid (⌈W / THREADS⌉, BUCKETS), THREADS threads.
+    ///
+    /// # Safety
+    /// `d_table` holds vocab·width floats, `dx` rows·width, `ids` rows.
+    pub fn embedding_backward_table_f32(
+        d_table: GlobalMut<f32>,
+        dx: Global<f32>,
+        ids: Global<u32>,
+        rows: u32,
+        width: u32,
+        vocab: u32,
+    ) {
+        let c = block_x() * THREADS as usize + thread_x();
+        let (bucket, rows, width) = (block_y() as u32, rows as usize, width as usize);
+        if c >= width {
+            return;
+        }
+        // SAFETY: r < rows and c < width: inside ids and dx; every id used is < vocab: inside
+        // d_table.
+        unsafe {
+            let (mut run, mut acc) = (NONE, 0.0f32);
+            let mut r0 = 0;
+            while r0 < rows {
+                let (mut id, mut v) = ([NONE; GROUP], [0.0f32; GROUP]);
+                each_in_group(|j| {
+                    if r0 + j < rows {
+                        let i = ids.load(r0 + j);
+                        if i < vocab && i % BUCKETS == bucket {
+                            (id[j], v[j]) = (i, dx.load((r0 + j) * width + c));
+                        }
+                    }
+                });
+                each_in_group(|j| {
+                    if id[j] != NONE {
+                        if id[j] != run {
+                            if run != NONE {
+                                d_table.store(run as usize * width + c, acc);
+                            }
+                            run = id[j];
+                            acc = d_table.load(run as usize * width + c);
+                        }
+                        acc += v[j];
+                    }
+                });
+                r0 += GROUP;
+            }
+            if run != NONE {
+                d_table.store(run as usize * width + c, acc);
+            }
+        }
+    }
+}

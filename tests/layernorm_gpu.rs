@@ -1,0 +1,230 @@
+//! LayerNorm forward (plain and with the fused residual add) and backward on a GPU device
+//! (`kernels/src/layernorm.rs`; the emulator in `cargo test`, CUDA with
+//! `CLIP_PGS_TEST_DEVICE=cuda`) against the CPU reference, on awkward shapes: one row, a few,
+//! two images' worth of ViT tokens (2·197), and dims below, at and off a multiple of the warp.
+//!
+//! The kernels sum a row as 32 lane partials joined by a butterfly, and a column of dγ/dβ as 8
+//! strided partials, where the CPU sums sequentially: the results agree to rounding, not to the
+//! bit. Tolerances are on the max |GPU − CPU| relative to a scale of the tensor, and argued where
+//! they are set. The residual sum a + b has no reduction: it must agree to the bit.
+
+mod common;
+
+use clip_pgs_host::ops::layernorm::{NormOut, NormSaved, add_layernorm_forward, layernorm_backward, layernorm_forward};
+use clip_pgs_host::{Buffer, Device};
+use clip_pgs_kernels::philox::Philox;
+
+const ROWS: [usize; 3] = [1, 3, 197 * 2];
+const DIMS: [usize; 5] = [32, 48, 96, 768, 769];
+
+/// Forward outputs (y, activations' mean and rstd) and the fused add's sum: relative to the max
+/// |value| of the tensor. Both devices sum ≤ 769 f32 terms of one sign pattern; rounding errors
+/// of such sums grow like √n·u on random data (u = 6e-8: about 2e-6 at dim 769) and by at most
+/// (n − 1)·u in the worst case. The mean and variance inherit that relative error, rstd half of
+/// it, and y = (x − mean)·rstd·γ + β both (the mean's error enters scaled by rstd, and x's offset
+/// is of the order of its spread, so it is not amplified). 1e-5 is 5× the typical error, while a
+/// wrong formula (unbiased variance: 1.6% at dim 32; a missing row or column; a swapped γ/β)
+/// misses it by orders of magnitude.
+const FORWARD_TOL: f32 = 1e-5;
+
+/// dx, relative to max |dx| (with `accumulate`, of the sum): mean(g) and mean(g·x̂) are row sums
+/// as above, entering dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) with weights ≤ rstd·|x̂|, the same
+/// order as dx's own terms; 1e-5 for the same reasons.
+const DX_TOL: f32 = 1e-5;
+
+/// dγ and dβ, relative to their scale: per column |start| + Σ_rows |term| (terms dy·x̂ or dy),
+/// the quantity that bounds the rounding error of any summation order ((n − 1)·u times it, n =
+/// rows + 1 ≤ 395; √n·u ≈ 1.2e-6 typically). The max |value| would be the wrong scale: dβ = Σ dy
+/// of zero-mean dy cancels to √rows of its terms. 1e-5 of the scale still catches a lost start
+/// value (dγ overwritten, not accumulated), a lost row-lane or a double-counted one.
+const PARAM_TOL: f32 = 1e-5;
+
+/// Uniform in [offset − 4, offset + 4), from Philox.
+fn values(n: usize, seed: u64, offset: f32) -> Vec<f32> {
+    let rng = Philox::new(seed, 11, 0);
+    (0..n as u32).map(|i| rng.uniform(i) * 8.0 - 4.0 + offset).collect()
+}
+
+/// max |a − b| / scale, with the scale max |want|.
+fn relative(name: &str, want: &[f32], got: &[f32]) -> f32 {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0 && scale.is_finite(), "{name}: scale {scale}");
+    assert!(got.iter().all(|v| v.is_finite()), "{name}: non-finite GPU values");
+    common::max_abs_diff(want, got) / scale
+}
+
+/// Forward on `device`: y, mean, rstd and (with `residual`) the sum a + b.
+fn forward(
+    device: &Device,
+    x: &[f32],
+    residual: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    dim: usize,
+) -> [Vec<f32>; 4] {
+    let rows = x.len() / dim;
+    let (mut y, mut mean, mut rstd, mut sum) = (
+        device.upload(&vec![0.0f32; x.len()]).unwrap(),
+        device.upload(&vec![0.0f32; rows]).unwrap(),
+        device.upload(&vec![0.0f32; rows]).unwrap(),
+        device.upload(&vec![0.0f32; x.len()]).unwrap(),
+    );
+    let (xb, gb, bb) = (device.upload(x).unwrap(), device.upload(gamma).unwrap(), device.upload(beta).unwrap());
+    let out = NormOut { y: y.view_mut(), mean: mean.view_mut(), rstd: rstd.view_mut() };
+    match residual {
+        None => layernorm_forward(device, out, xb.view(), gb.view(), bb.view(), dim).unwrap(),
+        Some(r) => {
+            let rb = device.upload(r).unwrap();
+            add_layernorm_forward(device, sum.view_mut(), out, xb.view(), rb.view(), gb.view(), bb.view(), dim).unwrap()
+        }
+    }
+    [y, mean, rstd, sum].map(|b| b.to_vec().unwrap())
+}
+
+/// The largest relative difference per quantity, for the report.
+#[derive(Default, Debug)]
+struct Worst {
+    y: f32,
+    mean: f32,
+    rstd: f32,
+    dx: f32,
+    dgamma: f32,
+    dbeta: f32,
+}
+
+fn check(name: &str, worst: &mut f32, got: f32, tol: f32) {
+    assert!(got <= tol, "{name}: max difference {got:e} of the scale, tolerance {tol:e}");
+    *worst = worst.max(got);
+}
+
+#[test]
+fn forward_and_fused_add_forward_match_the_cpu() {
+    let gpu = common::gpu();
+    let mut worst = Worst::default();
+    for (rows, dim) in ROWS.iter().flat_map(|&r| DIMS.map(|d| (r, d))) {
+        let n = rows * dim;
+        // A mean offset of the order of the spread: the variance pass must subtract the mean.
+        let (x, residual) = (values(n, 1, 3.0), values(n, 2, -0.5));
+        let (gamma, beta) = (values(dim, 3, 1.0), values(dim, 4, 0.0));
+        for fused in [false, true] {
+            let residual = fused.then_some(&residual[..]);
+            let want = forward(&Device::Cpu, &x, residual, &gamma, &beta, dim);
+            let got = forward(&gpu, &x, residual, &gamma, &beta, dim);
+            let at = format!("rows {rows}, dim {dim}, fused {fused}");
+            check(&format!("y ({at})"), &mut worst.y, relative("y", &want[0], &got[0]), FORWARD_TOL);
+            check(&format!("mean ({at})"), &mut worst.mean, relative("mean", &want[1], &got[1]), FORWARD_TOL);
+            check(&format!("rstd ({at})"), &mut worst.rstd, relative("rstd", &want[2], &got[2]), FORWARD_TOL);
+            let differ = want[3].iter().zip(&got[3]).filter(|(w, g)| w.to_bits() != g.to_bits()).count();
+            assert_eq!(differ, 0, "sum ({at}): {differ} of {n} differ");
+            if fused {
+                assert_ne!(want[3], vec![0.0; n], "sum ({at}) was written");
+            }
+        }
+    }
+    eprintln!("forward, worst relative differences: {worst:?}");
+}
+
+/// dx, dγ, dβ after one backward on `device` from the given starting values.
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    device: &Device,
+    start: [&[f32]; 3],
+    dy: &[f32],
+    saved: [&[f32]; 3],
+    gamma: &[f32],
+    dim: usize,
+    accumulate: bool,
+) -> [Vec<f32>; 3] {
+    let [mut dx, mut dg, mut db] = start.map(|s| device.upload(s).unwrap());
+    let [x, mean, rstd] = saved.map(|s| device.upload(s).unwrap());
+    let (dyb, gb) = (device.upload(dy).unwrap(), device.upload(gamma).unwrap());
+    let saved = NormSaved { x: x.view(), mean: mean.view(), rstd: rstd.view() };
+    layernorm_backward(
+        device,
+        dx.view_mut(),
+        dg.view_mut(),
+        db.view_mut(),
+        dyb.view(),
+        saved,
+        gb.view(),
+        dim,
+        accumulate,
+    )
+    .unwrap();
+    [dx, dg, db].map(|b| b.to_vec().unwrap())
+}
+
+/// max over columns of |start| + Σ_rows |term(row, column)|: the scale of a column sum's error.
+fn column_scale(start: &[f32], rows: usize, term: impl Fn(usize, usize) -> f32) -> f32 {
+    let dim = start.len();
+    (0..dim).map(|i| start[i].abs() + (0..rows).map(|r| term(r, i).abs()).sum::<f32>()).fold(0.0, f32::max)
+}
+
+#[test]
+fn backward_matches_the_cpu_overwriting_and_accumulating() {
+    let gpu = common::gpu();
+    let mut worst = Worst::default();
+    for (rows, dim) in ROWS.iter().flat_map(|&r| DIMS.map(|d| (r, d))) {
+        let n = rows * dim;
+        let (x, gamma, beta) = (values(n, 5, 3.0), values(dim, 6, 1.0), values(dim, 7, 0.0));
+        // The statistics the forward pass saves, the same input for both devices.
+        let [_, mean, rstd, _] = forward(&Device::Cpu, &x, None, &gamma, &beta, dim);
+        let dy = values(n, 8, 0.0);
+        // Nonzero starting values: dx with `accumulate` adds to them, dγ and dβ always do.
+        let (dx0, dg0, db0) = (values(n, 9, 0.5), values(dim, 10, 1.0), values(dim, 11, -1.0));
+        let xhat = |r: usize, i: usize| (x[r * dim + i] - mean[r]) * rstd[r];
+        let g_scale = column_scale(&dg0, rows, |r, i| dy[r * dim + i] * xhat(r, i));
+        let b_scale = column_scale(&db0, rows, |r, i| dy[r * dim + i]);
+        for accumulate in [false, true] {
+            let start = [&dx0[..], &dg0[..], &db0[..]];
+            let saved = [&x[..], &mean[..], &rstd[..]];
+            let want = backward(&Device::Cpu, start, &dy, saved, &gamma, dim, accumulate);
+            let got = backward(&gpu, start, &dy, saved, &gamma, dim, accumulate);
+            let at = format!("rows {rows}, dim {dim}, accumulate {accumulate}");
+            check(&format!("dx ({at})"), &mut worst.dx, relative("dx", &want[0], &got[0]), DX_TOL);
+            let dg = common::max_abs_diff(&want[1], &got[1]) / g_scale;
+            check(&format!("dgamma ({at})"), &mut worst.dgamma, dg, PARAM_TOL);
+            let db = common::max_abs_diff(&want[2], &got[2]) / b_scale;
+            check(&format!("dbeta ({at})"), &mut worst.dbeta, db, PARAM_TOL);
+        }
+    }
+    eprintln!("backward, worst relative differences: {worst:?}");
+}
+
+#[test]
+fn a_tensor_on_another_device_is_named() {
+    let gpu = common::gpu();
+    let (rows, dim) = (2, 32);
+    let on_gpu = |n: usize| gpu.upload(&vec![1.0f32; n]).unwrap();
+    let (mut y, mut mean, mut rstd, mut sum) = (on_gpu(rows * dim), on_gpu(rows), on_gpu(rows), on_gpu(rows * dim));
+    let (x, gamma) = (on_gpu(rows * dim), on_gpu(dim));
+    let beta = Buffer::Cpu(vec![0.0f32; dim]);
+    let out = NormOut { y: y.view_mut(), mean: mean.view_mut(), rstd: rstd.view_mut() };
+    let e = layernorm_forward(&gpu, out, x.view(), gamma.view(), beta.view(), dim).unwrap_err().to_string();
+    assert!(e.contains("layernorm_forward: beta is on the cpu device, the op runs on"), "{e}");
+
+    let b = Buffer::Cpu(vec![0.0f32; rows * dim]);
+    let out = NormOut { y: y.view_mut(), mean: mean.view_mut(), rstd: rstd.view_mut() };
+    let e = add_layernorm_forward(&gpu, sum.view_mut(), out, x.view(), b.view(), gamma.view(), gamma.view(), dim)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("add_layernorm_forward: b is on the cpu device, the op runs on"), "{e}");
+
+    let (mut dx, mut dgamma) = (on_gpu(rows * dim), on_gpu(dim));
+    let mut dbeta = Buffer::Cpu(vec![0.0f32; dim]);
+    let saved = NormSaved { x: x.view(), mean: mean.view(), rstd: rstd.view() };
+    let e = layernorm_backward(
+        &gpu,
+        dx.view_mut(),
+        dgamma.view_mut(),
+        dbeta.view_mut(),
+        x.view(),
+        saved,
+        gamma.view(),
+        dim,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("layernorm_backward: dbeta is on the cpu device, the op runs on"), "{e}");
+}
