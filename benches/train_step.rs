@@ -5,11 +5,13 @@
 //! The comparison with PyTorch runs the same workload through `clip-pgs bench step`, interleaved
 //! with the peer: tools/bench_train_step.sh.
 
+use clip_pgs_host::Device;
+use clip_pgs_host::ops::pgs::Masking;
 use clip_pgs_model::bench::StepWorkload;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn step(c: &mut Criterion, config: &str, batch: usize) {
-    let mut workload = StepWorkload::new(config, batch).unwrap();
+    let mut workload = StepWorkload::new(config, batch, Device::Cpu, Masking::None).unwrap();
     let mut group = c.benchmark_group("train_step_cpu");
     group.sample_size(10).throughput(Throughput::Elements(batch as u64));
     group.bench_function(format!("{config}_batch{batch}"), |b| b.iter(|| workload.step().unwrap()));

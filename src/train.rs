@@ -24,7 +24,7 @@ use image::RgbImage;
 
 use crate::at_least;
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum MaskMethod {
     None,
     Flip,

@@ -10,8 +10,9 @@
 use std::error::Error;
 use std::path::PathBuf;
 
-use clap::{Args, Subcommand};
+use clap::Args;
 
+use super::{GEMM_FLOPS, VIT_B16_IMAGE, VIT_B16_TEXT, median};
 use crate::Dtype;
 use clip_pgs_host::cuda::CudaRuntime;
 use clip_pgs_host::ops::edge_map::{ImageBatchShape, ImageElement};
@@ -22,81 +23,8 @@ use clip_pgs_kernels::philox::Philox;
 use clip_pgs_model::outln;
 use cudarc::driver::sys::CUevent_flags;
 
-/// ViT-B/16 CLIP (open_clip): image tower parameters and tokens, text tower parameters and tokens.
-const VIT_B16_IMAGE: (f64, f64) = (86.2e6, 197.0);
-const VIT_B16_TEXT: (f64, f64) = (63.4e6, 77.0);
-/// The measured bf16 GEMM rate of an H100 (architecture.md), the step floor's yardstick.
-const GEMM_FLOPS: f64 = 790e12;
-
 #[derive(Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    what: BenchWhat,
-}
-
-#[derive(Subcommand)]
-enum BenchWhat {
-    /// Every PGS kernel and the whole pipeline (paper, dynamic, reference) and FLIP.
-    Pgs(PgsBench),
-    /// CPU training steps of a CLIP config in this process: one JSON line with the median step
-    /// time and the peak resident memory (tools/bench_train_step.sh interleaves it with PyTorch).
-    Step(StepBench),
-}
-
-#[derive(Args)]
-struct StepBench {
-    /// Model config: a built-in name or a JSON file.
-    #[arg(long, default_value = "ViT-B-16")]
-    model: String,
-    /// Images (and captions) per step.
-    #[arg(long, default_value_t = 2)]
-    batch: usize,
-    /// Timed steps (the median is reported).
-    #[arg(long, default_value_t = 3)]
-    steps: usize,
-    /// Untimed steps first.
-    #[arg(long, default_value_t = 1)]
-    warmup: usize,
-}
-
-/// `bench step`: `steps` timed training steps after `warmup`, as one JSON line.
-fn step(args: &StepBench) -> Result<(), Box<dyn Error>> {
-    if args.steps == 0 || args.batch == 0 {
-        return Err("bench step needs at least one step of at least one image".into());
-    }
-    let mut workload = clip_pgs_model::bench::StepWorkload::new(&args.model, args.batch)?;
-    for _ in 0..args.warmup {
-        workload.step()?;
-    }
-    let mut times = Vec::with_capacity(args.steps);
-    for _ in 0..args.steps {
-        let start = std::time::Instant::now();
-        workload.step()?;
-        times.push(start.elapsed().as_secs_f64());
-    }
-    let median = median(times);
-    outln!(
-        "{}",
-        serde_json::json!({
-            "name": format!("{}_batch{}", args.model, args.batch),
-            "device": Device::Cpu.to_string(),
-            "median_s": median,
-            "samples_per_s": args.batch as f64 / median,
-            "peak_rss_mb": peak_rss_mb(),
-        })
-    );
-    Ok(())
-}
-
-/// This process's peak resident memory (Linux `VmHWM`), in MB; None elsewhere.
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-#[derive(Args)]
-struct PgsBench {
+pub struct PgsBench {
     /// Images per batch.
     #[arg(long, default_value_t = 256)]
     batch: usize,
@@ -124,11 +52,7 @@ struct PgsBench {
     device: DevicePreference,
 }
 
-pub fn run(args: &BenchArgs) -> Result<(), Box<dyn Error>> {
-    let args = match &args.what {
-        BenchWhat::Pgs(args) => args,
-        BenchWhat::Step(args) => return step(args),
-    };
+pub fn run(args: &PgsBench) -> Result<(), Box<dyn Error>> {
     match args.device {
         DevicePreference::Cuda => {}
         DevicePreference::Emu => {
@@ -147,11 +71,6 @@ pub fn run(args: &BenchArgs) -> Result<(), Box<dyn Error>> {
         Dtype::F32 => bench::<f32>(rt, &selection.device, args, |v| v),
         Dtype::Bf16 => bench::<bf16>(rt, &selection.device, args, bf16::from_f32),
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn bench<T: ImageElement>(
