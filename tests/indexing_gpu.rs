@@ -6,14 +6,20 @@
 //! gradients start from nonzero values, written outputs from garbage. The emulator reports any
 //! race, out-of-bounds access or uninitialized shared read as a launch error, which fails these
 //! tests; hostile indices (that only the CPU device refuses) must stay in bounds.
+//!
+//! bf16: the same ops over bf16 activations (gradients of parameters f32) against the CPU given
+//! the same values widened to f32, bit for bit after rounding: the copies are exact (patchify,
+//! the row gathers and scatters, d_tokens), the embedding's sum is the CPU's rounded once, and
+//! the f32 gradients add the same widened values in the same order.
 
 mod common;
 
+use clip_pgs_host::ops::dtype::{Activation, Float};
 use clip_pgs_host::ops::embedding::{embedding_backward, embedding_forward};
 use clip_pgs_host::ops::patchify::patchify;
 use clip_pgs_host::ops::pgs::gather::{GatherShape, KeptIndices, gather_backward};
 use clip_pgs_host::ops::rows::{eot_rows, gather_rows, scatter_rows};
-use clip_pgs_host::{Buffer, Device};
+use clip_pgs_host::{Buffer, Device, bf16};
 use clip_pgs_kernels::philox::Philox;
 
 const VOCAB: usize = 49408;
@@ -81,16 +87,29 @@ fn patchify_equals_the_cpu_bit_for_bit() {
 
 /// Runs the embedding forward and backward on `device`; returns x, d_table and d_pos.
 fn embedding(device: &Device, ids: &[u32], vocab: usize, context: usize, width: usize) -> [Vec<f32>; 3] {
+    embedding_as::<f32, f32>(device, ids, vocab, context, width)
+}
+
+/// `embedding` with x, the table, pos and dx of element type T, their values as H holds them
+/// (d_table and d_pos f32).
+fn embedding_as<T: Activation, H: Float>(
+    device: &Device,
+    ids: &[u32],
+    vocab: usize,
+    context: usize,
+    width: usize,
+) -> [Vec<f32>; 3] {
     let rows = ids.len();
-    let up = |v: &[f32]| device.upload(v).unwrap();
+    let up = |v: &[f32]| common::upload_as::<T>(device, &common::held::<H>(v));
     let (table, pos, dx) =
         (up(&values(vocab * width, 3)), up(&values(context * width, 4)), up(&values(rows * width, 5)));
-    let (mut x, mut d_table, mut d_pos) =
-        (up(&values(rows * width, 6)), up(&values(vocab * width, 7)), up(&values(context * width, 8)));
+    let mut x = up(&values(rows * width, 6));
+    let (mut d_table, mut d_pos) =
+        (device.upload(&values(vocab * width, 7)).unwrap(), device.upload(&values(context * width, 8)).unwrap());
     let ids = device.upload(ids).unwrap();
     embedding_forward(device, x.view_mut(), ids.view(), table.view(), pos.view(), width).unwrap();
     embedding_backward(device, d_table.view_mut(), d_pos.view_mut(), dx.view(), ids.view(), width).unwrap();
-    [x, d_table, d_pos].map(|b| b.to_vec().unwrap())
+    [common::download(&x), d_table.to_vec().unwrap(), d_pos.to_vec().unwrap()]
 }
 
 #[test]
@@ -318,4 +337,112 @@ fn a_tensor_on_another_device_is_named() {
     let mut d_pos6 = gpu.upload(&[0.0f32; 6]).unwrap();
     let e = gather_backward(&gpu, x.view_mut(), d_cls.view_mut(), d_pos6.view_mut(), on_gpu4.view(), idx, s);
     expect(e.unwrap_err(), "gather_backward: kept_len");
+}
+
+// ---- bf16 ----
+
+/// Values as bf16 holds them.
+fn exact(n: usize, seed: u64) -> Vec<f32> {
+    common::rounded(&values(n, seed))
+}
+
+/// The GPU's bf16 values are the CPU's f32 results rounded once (exact for copies).
+fn assert_rounded_cpu(what: &str, cpu: &[f32], gpu: &[f32]) {
+    assert_same_bits(what, &common::rounded(cpu), gpu);
+}
+
+fn patchify_as<T: Activation>(d: &Device, images: &[f32], size: usize, patch: usize) -> Vec<f32> {
+    let (mut patches, images) = (common::upload_as::<T>(d, &exact(images.len(), 2)), common::upload_as::<T>(d, images));
+    patchify(d, patches.view_mut(), images.view(), size, patch).unwrap();
+    common::download(&patches)
+}
+
+#[test]
+fn patchify_in_bf16_copies_exactly() {
+    let gpu = common::gpu();
+    for (n, size, patch) in [(3, 32, 8), (2, 28, 14), (1, 4, 1)] {
+        let images = exact(n * 3 * size * size, 1);
+        let (want, got) =
+            (patchify_as::<f32>(&Device::Cpu, &images, size, patch), patchify_as::<bf16>(&gpu, &images, size, patch));
+        assert_rounded_cpu(&format!("bf16 patchify N {n} S {size} p {patch}"), &want, &got);
+    }
+}
+
+#[test]
+fn token_embedding_in_bf16_equals_the_cpu_after_rounding() {
+    let gpu = common::gpu();
+    let cases = [
+        ("test-tiny", captions(&[3, 20, 0, 7, 1], 16, 1), VOCAB, 16, 32),
+        ("width 33", captions(&[5, 0, 2, 9, 14, 3, 3, 1, 0], 16, 3), VOCAB, 16, 33),
+    ];
+    for (name, ids, vocab, context, width) in cases {
+        let want = embedding_as::<f32, bf16>(&Device::Cpu, &ids, vocab, context, width);
+        let got = embedding_as::<bf16, bf16>(&gpu, &ids, vocab, context, width);
+        // x = table + pos in f32, rounded once.
+        assert_rounded_cpu(&format!("bf16 {name}: x"), &want[0], &got[0]);
+        // The f32 gradients add the same widened rows in the same order.
+        assert_same_bits(&format!("bf16 {name}: d_table"), &want[1], &got[1]);
+        assert_same_bits(&format!("bf16 {name}: d_pos"), &want[2], &got[2]);
+    }
+}
+
+fn gather_scatter_as<T: Activation>(d: &Device, x: &[f32], d_out: &[f32], idx: &[u32], width: usize) -> [Vec<f32>; 2] {
+    let (x, d_out, idx) = (common::upload_as::<T>(d, x), common::upload_as::<T>(d, d_out), d.upload(idx).unwrap());
+    let mut out = common::upload_as::<T>(d, &exact(d_out.len(), 11));
+    let mut dx = common::upload_as::<T>(d, &exact(x.len(), 12));
+    gather_rows(d, out.view_mut(), x.view(), idx.view(), width).unwrap();
+    scatter_rows(d, dx.view_mut(), d_out.view(), idx.view(), width).unwrap();
+    [common::download(&out), common::download(&dx)]
+}
+
+#[test]
+fn gather_and_scatter_rows_in_bf16_copy_exactly() {
+    let gpu = common::gpu();
+    for (rows, extra, width, idx) in [(10, 0, 33, vec![9u32, 0, 3, 3, 9, 1]), (4, 5, 40, vec![2, 0, 2])] {
+        let len = rows * width + extra;
+        let (x, d_out) = (exact(len, 9), exact(idx.len() * width, 10));
+        let want = gather_scatter_as::<f32>(&Device::Cpu, &x, &d_out, &idx, width);
+        let got = gather_scatter_as::<bf16>(&gpu, &x, &d_out, &idx, width);
+        assert_rounded_cpu(&format!("bf16 gather_rows {idx:?}"), &want[0], &got[0]);
+        assert_rounded_cpu(&format!("bf16 scatter_rows {idx:?}"), &want[1], &got[1]);
+    }
+}
+
+/// gather_backward with d_tokens and d_packed of type T (values bf16 holds), d_cls and d_pos f32.
+fn gather_back_as<T: Activation>(
+    device: &Device,
+    lists: &[Vec<u32>],
+    kept_len: &[u32],
+    s: GatherShape,
+) -> [Vec<f32>; 3] {
+    let GatherShape { images: n, patches: l, dim, rows } = s;
+    let kept: Vec<u32> = lists.iter().flat_map(|k| k.iter().copied().chain(std::iter::repeat(5)).take(l)).collect();
+    let mut d_tokens = common::upload_as::<T>(device, &exact(n * l * dim, 13));
+    let (mut d_cls, mut d_pos) =
+        (device.upload(&values(dim, 14)).unwrap(), device.upload(&values((l + 1) * dim, 15)).unwrap());
+    let d_packed = common::upload_as::<T>(device, &exact(n * rows * dim, 16));
+    let (kept, kept_len) = (device.upload(&kept).unwrap(), device.upload(kept_len).unwrap());
+    let idx = KeptIndices { kept: kept.view(), kept_len: kept_len.view() };
+    gather_backward(device, d_tokens.view_mut(), d_cls.view_mut(), d_pos.view_mut(), d_packed.view(), idx, s).unwrap();
+    [common::download(&d_tokens), d_cls.to_vec().unwrap(), d_pos.to_vec().unwrap()]
+}
+
+#[test]
+fn gather_backward_in_bf16_equals_the_cpu_bit_for_bit() {
+    let gpu = common::gpu();
+    let cases: [(usize, usize, usize, &[usize], usize); 3] =
+        [(4, 16, 48, &[0, 16, 8, 3], 0), (2, 196, 768, &[98, 61], 1), (131, 9, 3, &[4, 0, 9, 7, 1], 0)];
+    for (n, l, dim, lengths, extra) in cases {
+        let lists = keep_lists(n, l, lengths, 17);
+        let kept_len: Vec<u32> = lists.iter().map(|k| k.len() as u32).collect();
+        let rows = *kept_len.iter().max().unwrap() as usize + 1 + extra;
+        let s = GatherShape { images: n, patches: l, dim, rows };
+        let want = gather_back_as::<f32>(&Device::Cpu, &lists, &kept_len, s);
+        let got = gather_back_as::<bf16>(&gpu, &lists, &kept_len, s);
+        let at = format!("bf16 N {n} L {l} D {dim} keeps {lengths:?}");
+        // d_tokens copies bf16 rows; d_cls and d_pos add the same widened rows in the same order.
+        assert_rounded_cpu(&format!("{at}: d_tokens"), &want[0], &got[0]);
+        assert_same_bits(&format!("{at}: d_cls"), &want[1], &got[1]);
+        assert_same_bits(&format!("{at}: d_pos"), &want[2], &got[2]);
+    }
 }

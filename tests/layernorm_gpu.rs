@@ -7,11 +7,16 @@
 //! strided partials, where the CPU sums sequentially: the results agree to rounding, not to the
 //! bit. Tolerances are on the max |GPU − CPU| relative to a scale of the tensor, and argued where
 //! they are set. The residual sum a + b has no reduction: it must agree to the bit.
+//!
+//! bf16: the same kernels over bf16 x, y, γ, β and activation gradients (statistics, dγ and dβ
+//! f32) against the CPU given the same values widened to f32; the tolerances add the bf16
+//! storage of the outputs (and of the fused residual sum) to the f32 ones.
 
 mod common;
 
+use clip_pgs_host::ops::dtype::Activation;
 use clip_pgs_host::ops::layernorm::{NormOut, NormSaved, add_layernorm_forward, layernorm_backward, layernorm_forward};
-use clip_pgs_host::{Buffer, Device};
+use clip_pgs_host::{Buffer, Device, bf16};
 use clip_pgs_kernels::philox::Philox;
 
 const ROWS: [usize; 3] = [1, 3, 197 * 2];
@@ -62,23 +67,36 @@ fn forward(
     beta: &[f32],
     dim: usize,
 ) -> [Vec<f32>; 4] {
+    forward_as::<f32>(device, x, residual, gamma, beta, dim)
+}
+
+/// `forward` with x, y, γ, β and the sum of element type T (widened back to f32).
+fn forward_as<T: Activation>(
+    device: &Device,
+    x: &[f32],
+    residual: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    dim: usize,
+) -> [Vec<f32>; 4] {
     let rows = x.len() / dim;
     let (mut y, mut mean, mut rstd, mut sum) = (
-        device.upload(&vec![0.0f32; x.len()]).unwrap(),
+        common::upload_as::<T>(device, &vec![0.0f32; x.len()]),
         device.upload(&vec![0.0f32; rows]).unwrap(),
         device.upload(&vec![0.0f32; rows]).unwrap(),
-        device.upload(&vec![0.0f32; x.len()]).unwrap(),
+        common::upload_as::<T>(device, &vec![0.0f32; x.len()]),
     );
-    let (xb, gb, bb) = (device.upload(x).unwrap(), device.upload(gamma).unwrap(), device.upload(beta).unwrap());
+    let up = |v: &[f32]| common::upload_as::<T>(device, v);
+    let (xb, gb, bb) = (up(x), up(gamma), up(beta));
     let out = NormOut { y: y.view_mut(), mean: mean.view_mut(), rstd: rstd.view_mut() };
     match residual {
         None => layernorm_forward(device, out, xb.view(), gb.view(), bb.view(), dim).unwrap(),
         Some(r) => {
-            let rb = device.upload(r).unwrap();
+            let rb = up(r);
             add_layernorm_forward(device, sum.view_mut(), out, xb.view(), rb.view(), gb.view(), bb.view(), dim).unwrap()
         }
     }
-    [y, mean, rstd, sum].map(|b| b.to_vec().unwrap())
+    [common::download(&y), mean.to_vec().unwrap(), rstd.to_vec().unwrap(), common::download(&sum)]
 }
 
 /// The largest relative difference per quantity, for the report.
@@ -135,9 +153,27 @@ fn backward(
     dim: usize,
     accumulate: bool,
 ) -> [Vec<f32>; 3] {
-    let [mut dx, mut dg, mut db] = start.map(|s| device.upload(s).unwrap());
-    let [x, mean, rstd] = saved.map(|s| device.upload(s).unwrap());
-    let (dyb, gb) = (device.upload(dy).unwrap(), device.upload(gamma).unwrap());
+    backward_as::<f32>(device, start, dy, saved, gamma, dim, accumulate)
+}
+
+/// `backward` with dx, dy, x and γ of element type T (widened back to f32).
+#[allow(clippy::too_many_arguments)]
+fn backward_as<T: Activation>(
+    device: &Device,
+    start: [&[f32]; 3],
+    dy: &[f32],
+    saved: [&[f32]; 3],
+    gamma: &[f32],
+    dim: usize,
+    accumulate: bool,
+) -> [Vec<f32>; 3] {
+    let [dx0, dg0, db0] = start;
+    let mut dx = common::upload_as::<T>(device, dx0);
+    let (mut dg, mut db) = (device.upload(dg0).unwrap(), device.upload(db0).unwrap());
+    let [x, mean, rstd] = saved;
+    let x = common::upload_as::<T>(device, x);
+    let (mean, rstd) = (device.upload(mean).unwrap(), device.upload(rstd).unwrap());
+    let (dyb, gb) = (common::upload_as::<T>(device, dy), common::upload_as::<T>(device, gamma));
     let saved = NormSaved { x: x.view(), mean: mean.view(), rstd: rstd.view() };
     layernorm_backward(
         device,
@@ -151,7 +187,7 @@ fn backward(
         accumulate,
     )
     .unwrap();
-    [dx, dg, db].map(|b| b.to_vec().unwrap())
+    [common::download(&dx), dg.to_vec().unwrap(), db.to_vec().unwrap()]
 }
 
 /// max over columns of |start| + Σ_rows |term(row, column)|: the scale of a column sum's error.
@@ -227,4 +263,77 @@ fn a_tensor_on_another_device_is_named() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("layernorm_backward: dbeta is on the cpu device, the op runs on"), "{e}");
+}
+
+/// y of a bf16 forward: the f32 tolerance plus y's storage (≤ 2⁻⁸ of each value).
+const BF16_Y_TOL: f32 = FORWARD_TOL + common::BF16_ROUNDING;
+
+/// The fused forward over bf16 normalizes the residual sum as stored (the stream the next layer
+/// reads), where the CPU normalizes the exact a + b: the sum's rounding (≤ 2⁻⁸ of |x|, and |x|
+/// reaches 1.3× the largest |x − mean| with these offsets) enters x̂ and the statistics, and y's
+/// storage adds one more rounding: 3·2⁻⁸ of y's scale; the statistics, averages of the rounding
+/// errors, stay within 2⁻⁸ of their scale.
+const BF16_FUSED_TOL: f32 = 3.0 * common::BF16_ROUNDING;
+
+#[test]
+fn forward_and_fused_add_forward_in_bf16_match_the_cpu() {
+    let gpu = common::gpu();
+    let mut worst = Worst::default();
+    for (rows, dim) in ROWS.iter().flat_map(|&r| DIMS.map(|d| (r, d))) {
+        let n = rows * dim;
+        let held = |v: Vec<f32>| common::rounded(&v);
+        let (x, residual) = (held(values(n, 1, 3.0)), held(values(n, 2, -0.5)));
+        let (gamma, beta) = (held(values(dim, 3, 1.0)), held(values(dim, 4, 0.0)));
+        for fused in [false, true] {
+            let residual = fused.then_some(&residual[..]);
+            let want = forward(&Device::Cpu, &x, residual, &gamma, &beta, dim);
+            let got = forward_as::<bf16>(&gpu, &x, residual, &gamma, &beta, dim);
+            let at = format!("bf16, rows {rows}, dim {dim}, fused {fused}");
+            let (y_tol, stats_tol) =
+                if fused { (BF16_FUSED_TOL, common::BF16_ROUNDING) } else { (BF16_Y_TOL, FORWARD_TOL) };
+            check(&format!("y ({at})"), &mut worst.y, relative("y", &want[0], &got[0]), y_tol);
+            check(&format!("mean ({at})"), &mut worst.mean, relative("mean", &want[1], &got[1]), stats_tol);
+            check(&format!("rstd ({at})"), &mut worst.rstd, relative("rstd", &want[2], &got[2]), stats_tol);
+            if fused {
+                // a + b in f32, rounded once: the CPU's sum rounded.
+                let differ =
+                    common::rounded(&want[3]).iter().zip(&got[3]).filter(|(w, g)| w.to_bits() != g.to_bits()).count();
+                assert_eq!(differ, 0, "sum ({at}): {differ} of {n} are not the CPU's rounded");
+            }
+        }
+    }
+    eprintln!("bf16 forward, worst relative differences: {worst:?}");
+}
+
+#[test]
+fn backward_in_bf16_matches_the_cpu_overwriting_and_accumulating() {
+    let gpu = common::gpu();
+    let mut worst = Worst::default();
+    for (rows, dim) in ROWS.iter().flat_map(|&r| DIMS.map(|d| (r, d))) {
+        let n = rows * dim;
+        let held = |v: Vec<f32>| common::rounded(&v);
+        let (x, gamma, beta) = (held(values(n, 5, 3.0)), held(values(dim, 6, 1.0)), held(values(dim, 7, 0.0)));
+        let [_, mean, rstd, _] = forward(&Device::Cpu, &x, None, &gamma, &beta, dim);
+        let dy = held(values(n, 8, 0.0));
+        let (dx0, dg0, db0) = (held(values(n, 9, 0.5)), values(dim, 10, 1.0), values(dim, 11, -1.0));
+        let xhat = |r: usize, i: usize| (x[r * dim + i] - mean[r]) * rstd[r];
+        let g_scale = column_scale(&dg0, rows, |r, i| dy[r * dim + i] * xhat(r, i));
+        let b_scale = column_scale(&db0, rows, |r, i| dy[r * dim + i]);
+        for accumulate in [false, true] {
+            let start = [&dx0[..], &dg0[..], &db0[..]];
+            let saved = [&x[..], &mean[..], &rstd[..]];
+            let want = backward(&Device::Cpu, start, &dy, saved, &gamma, dim, accumulate);
+            let got = backward_as::<bf16>(&gpu, start, &dy, saved, &gamma, dim, accumulate);
+            let at = format!("bf16, rows {rows}, dim {dim}, accumulate {accumulate}");
+            // dx is computed in f32 from the same values and stored once in bf16.
+            let dx = relative("dx", &want[0], &got[0]);
+            check(&format!("dx ({at})"), &mut worst.dx, dx, DX_TOL + common::BF16_ROUNDING);
+            // dγ and dβ are f32 sums of the same f32 terms: the f32 tolerance.
+            let dg = common::max_abs_diff(&want[1], &got[1]) / g_scale;
+            check(&format!("dgamma ({at})"), &mut worst.dgamma, dg, PARAM_TOL);
+            let db = common::max_abs_diff(&want[2], &got[2]) / b_scale;
+            check(&format!("dbeta ({at})"), &mut worst.dbeta, db, PARAM_TOL);
+        }
+    }
+    eprintln!("bf16 backward, worst relative differences: {worst:?}");
 }

@@ -5,12 +5,20 @@
 //! update (`kernels/src/adamw.rs`). Within a stated tolerance where the GPU sums in another
 //! order: the GEMMs (cuBLASLt, or its interpreter on emu), linear layers with their epilogues,
 //! attention, the contrastive loss and the gradient norm.
+//!
+//! bf16: every op also runs on the GPU device over bf16 activations (f32 accumulation), against
+//! the CPU reference given the same values widened to f32, so the difference is the bf16 storage
+//! of outputs and intermediates only. Each tolerance is stated where it is checked, with its
+//! reason; the cpu device refuses bf16 with a clear error.
 
 mod common;
 
+use clip_pgs_host::bf16;
 use clip_pgs_host::ops::adamw::{AdamW, AdamWStep, adamw_update, grad_norm};
 use clip_pgs_host::ops::attention::{AttentionShape, attention_backward, attention_forward};
+use clip_pgs_host::ops::cast::cast;
 use clip_pgs_host::ops::clip_loss::{ClipLossOut, clip_loss, clip_loss_workspace};
+use clip_pgs_host::ops::dtype::{Activation, Float};
 use clip_pgs_host::ops::elementwise::{add, add_assign, clamp, fill};
 use clip_pgs_host::ops::gelu::{gelu_backward, gelu_forward};
 use clip_pgs_host::ops::linear::{Epilogue, LinearGrads, LinearShape, linear_backward_gelu, linear_forward};
@@ -72,7 +80,8 @@ fn adamw(device: &Device, state: &[Vec<f32>; 4], norm: f32, at: AdamWStep) -> Ve
     let hyper = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
     let [mut p, mut g, mut m, mut v] = state.clone().map(|s| device.upload(&s).unwrap());
     let norm = device.upload(&[norm]).unwrap();
-    adamw_update(device, p.view_mut(), g.view_mut(), m.view_mut(), v.view_mut(), norm.view(), &hyper, at).unwrap();
+    adamw_update(device, p.view_mut(), g.view_mut(), m.view_mut(), v.view_mut(), None, norm.view(), &hyper, at)
+        .unwrap();
     [p, g, m, v].iter().map(|b| b.to_vec().unwrap()).collect()
 }
 
@@ -264,4 +273,333 @@ fn contrastive_loss_and_gradient_norm_match_the_cpu() {
         assert_close(name, &gpu[index], &cpu[index], 1e-5);
     }
     assert!(cpu[3][0] > 0.0 && cpu[9][0] > 0.0, "a loss and a norm that could not be zero");
+}
+
+// ---- bf16 ----
+
+/// `n` values a bf16 tensor holds exactly, in [-4, 4): the CPU sees the GPU's bf16 inputs.
+fn exact(n: usize, seed: u64) -> Vec<f32> {
+    common::rounded(&values(n, seed))
+}
+
+/// `exact` scaled into [-scale, scale).
+fn exact_scaled(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    common::rounded(&values(n, seed).iter().map(|v| v * scale / 4.0).collect::<Vec<_>>())
+}
+
+/// The GPU's bf16 output is the CPU's f32 result rounded once: the same f32 arithmetic, then one
+/// rounding to nearest even.
+fn assert_rounded_cpu(what: &str, gpu: &[f32], cpu: &[f32]) {
+    let want = common::rounded(cpu);
+    let differ = want.iter().zip(gpu).filter(|(w, g)| w.to_bits() != g.to_bits()).count();
+    assert_eq!(differ, 0, "{what}: {differ} of {} values are not the CPU's rounded to bf16", gpu.len());
+}
+
+/// max |got − want| ≤ tol·max |want|; returns the measured ratio (for the report).
+fn close(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
+    assert_close(what, got, want, tol);
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+    let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max) / scale;
+    eprintln!("{what}: max difference {worst:.2e} of the scale (tolerance {tol:.2e})");
+    worst
+}
+
+/// One bf16 stored value's rounding (≤ |x|·2⁻⁸) plus the f32 GEMM's reordering (GEMM_TOL).
+const STORE_TOL: f32 = common::BF16_ROUNDING + GEMM_TOL;
+
+fn elementwise_ops<T: Activation>(d: &Device, x: &[f32], b: &[f32], a: &[f32]) -> [Vec<f32>; 4] {
+    let (a, b) = (common::upload_as::<T>(d, a), common::upload_as::<T>(d, b));
+    let [mut sum, mut acc, mut filled, mut clamped] = [(); 4].map(|_| common::upload_as::<T>(d, x));
+    add(d, sum.view_mut(), a.view(), b.view()).unwrap();
+    add_assign(d, acc.view_mut(), b.view()).unwrap();
+    fill(d, filled.view_mut(), -0.3).unwrap(); // not a bf16 value: rounded
+    clamp(d, clamped.view_mut(), -1.1, 2.5).unwrap();
+    [sum, acc, filled, clamped].map(|b| common::download(&b))
+}
+
+#[test]
+fn elementwise_ops_in_bf16_are_the_cpu_results_rounded_once() {
+    let gpu = common::gpu();
+    for (n, period) in [(257, 1), (4096, 64), (70_001 * 3, 3)] {
+        let (x, b, a) = (exact(n, 1), exact(period, 2), exact(n, 3));
+        let (cpu, got) = (elementwise_ops::<f32>(&Device::Cpu, &x, &b, &a), elementwise_ops::<bf16>(&gpu, &x, &b, &a));
+        for (name, (c, g)) in ["add", "add_assign", "fill", "clamp"].iter().zip(cpu.iter().zip(&got)) {
+            assert_rounded_cpu(&format!("{name} (n {n}, period {period})"), g, c);
+        }
+    }
+}
+
+fn gelu_ops<T: Activation>(d: &Device, x: &[f32], dy: &[f32]) -> [Vec<f32>; 3] {
+    let (xb, dyb) = (common::upload_as::<T>(d, x), common::upload_as::<T>(d, dy));
+    let [mut y, mut dx, mut in_place] =
+        [vec![0.0; x.len()], vec![0.0; x.len()], dy.to_vec()].map(|v| common::upload_as::<T>(d, &v));
+    gelu_forward(d, y.view_mut(), xb.view()).unwrap();
+    gelu_backward(d, dx.view_mut(), dyb.view(), xb.view()).unwrap();
+    clip_pgs_host::ops::gelu::gelu_backward_in_place(d, in_place.view_mut(), xb.view()).unwrap();
+    [y, dx, in_place].map(|b| common::download(&b))
+}
+
+#[test]
+fn gelu_in_bf16_is_the_cpu_result_rounded_once() {
+    let gpu = common::gpu();
+    let n = 100_003;
+    let (x, dy) = (exact(n, 8), exact(n, 9));
+    let (cpu, got) = (gelu_ops::<f32>(&Device::Cpu, &x, &dy), gelu_ops::<bf16>(&gpu, &x, &dy));
+    for (name, (c, g)) in ["gelu", "gelu_backward", "gelu_backward_in_place"].iter().zip(cpu.iter().zip(&got)) {
+        if gpu.is_cuda() {
+            // CUDA's exp (ex2.approx) is 2e-6 off the CPU's: a value next to a rounding boundary
+            // may round the other way, one bf16 ulp (≤ 2⁻⁷ of |x|).
+            let worst = c.iter().zip(g).map(|(c, g)| (c - g).abs() / c.abs().max(1e-3)).fold(0.0f32, f32::max);
+            assert!(worst <= 2.0f32.powi(-7), "{name}: worst relative difference {worst}");
+        } else {
+            assert_rounded_cpu(name, g, c);
+        }
+    }
+}
+
+#[test]
+fn adamw_writes_the_bf16_copy_of_the_updated_weights_in_the_same_pass() {
+    let gpu = common::gpu();
+    let n = 100_001;
+    let v: Vec<f32> = values(n, 7).iter().map(|x| x * x * 1e-3).collect();
+    let state = [values(n, 4), values(n, 5), values(n, 6).iter().map(|x| x * 1e-2).collect(), v];
+    let hyper = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
+    for norm in [3.0, f32::NAN] {
+        let at = AdamWStep { step: 3, weight_decay: 0.1, max_norm: Some(1.0) };
+        let want = adamw(&Device::Cpu, &state, norm, at);
+        let [mut p, mut g, mut m, mut v] = state.clone().map(|s| gpu.upload(&s).unwrap());
+        let mut copy = gpu.upload(&vec![bf16::from_f32(7.0); n]).unwrap();
+        let norm_b = gpu.upload(&[norm]).unwrap();
+        let (pv, gv, mv, vv) = (p.view_mut(), g.view_mut(), m.view_mut(), v.view_mut());
+        adamw_update(&gpu, pv, gv, mv, vv, Some(copy.view_mut()), norm_b.view(), &hyper, at).unwrap();
+        for (name, (w, b)) in ["params", "grads", "m", "v"].iter().zip(want.iter().zip([&p, &g, &m, &v])) {
+            let got = b.to_vec().unwrap();
+            let differ = w.iter().zip(&got).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "{name}: {differ} of {n} differ from the update without the copy (norm {norm})");
+        }
+        let copy = common::download(&copy);
+        if norm.is_finite() {
+            assert_rounded_cpu("the bf16 copy", &copy, &want[0]);
+        } else {
+            assert!(copy.iter().all(|&c| c == 7.0), "a skipped step wrote the copy");
+        }
+    }
+}
+
+#[test]
+fn cast_rounds_to_nearest_even_and_widens_exactly() {
+    let gpu = common::gpu();
+    let mut x = values(70_001, 10);
+    // Ties (to the even neighbour), an exact value, the largest finite bf16 and beyond it.
+    x.extend([1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5, 3.389_531_4e38, f32::MAX, -0.0]);
+    let (src, mut narrow) = (gpu.upload(&x).unwrap(), gpu.upload(&vec![bf16::ZERO; x.len()]).unwrap());
+    cast(&gpu, narrow.view_mut(), src.view()).unwrap();
+    let want = common::bf16s(&x);
+    let got = narrow.to_vec().unwrap();
+    let differ = want.iter().zip(&got).filter(|(w, g)| w.to_bits() != g.to_bits()).count();
+    assert_eq!(differ, 0, "f32 → bf16: {differ} of {} differ", x.len());
+    assert_eq!(got[x.len() - 6..x.len() - 3], [bf16::ONE, bf16::from_f32(1.015625), bf16::from_f32(-2.5)]);
+    let mut wide = gpu.upload(&vec![0.0f32; x.len()]).unwrap();
+    cast(&gpu, wide.view_mut(), narrow.view()).unwrap();
+    assert_eq!(wide.to_vec().unwrap(), common::widen(&want), "bf16 → f32 is exact");
+}
+
+fn matmul_case<T: Activation, C: Float>(
+    d: &Device,
+    inputs: &[Vec<f32>; 3],
+    shape: (usize, usize, usize),
+    ta: bool,
+    tb: bool,
+    acc: bool,
+) -> Vec<f32> {
+    let (m, k, n) = shape;
+    let (a, b) = (common::upload_as::<T>(d, &inputs[0]), common::upload_as::<T>(d, &inputs[1]));
+    let mut c = common::upload_as::<C>(d, &inputs[2]);
+    let am = if ta { Mat::new(a.view(), k, m).t() } else { Mat::new(a.view(), m, k) };
+    let bm = if tb { Mat::new(b.view(), n, k).t() } else { Mat::new(b.view(), k, n) };
+    matmul(d, Mat::new(c.view_mut(), m, n).row_stride(2 * n), am, bm, acc).unwrap();
+    common::download(&c)
+}
+
+#[test]
+fn matmul_over_bf16_into_bf16_and_into_f32_matches_the_cpu() {
+    let gpu = common::gpu();
+    let (m, k, n) = (37, 29, 45);
+    for (ta, tb, acc) in [(false, false, false), (true, false, true), (false, true, false), (true, true, true)] {
+        let inputs = [exact(m * k, 1), exact(k * n, 2), exact(2 * m * n, 3)];
+        let want = matmul_case::<f32, f32>(&Device::Cpu, &inputs, (m, k, n), ta, tb, acc);
+        // bf16 products are exact in f32 and summed in f32: only c's storage differs.
+        let into_bf16 = matmul_case::<bf16, bf16>(&gpu, &inputs, (m, k, n), ta, tb, acc);
+        close(&format!("matmul bf16 → bf16 a{ta} b{tb} acc {acc}"), &into_bf16, &want, STORE_TOL);
+        // An f32 c (a weight gradient, accumulated): the f32 GEMM's tolerance.
+        let into_f32 = matmul_case::<bf16, f32>(&gpu, &inputs, (m, k, n), ta, tb, acc);
+        close(&format!("matmul bf16 → f32 a{ta} b{tb} acc {acc}"), &into_f32, &want, GEMM_TOL);
+    }
+}
+
+/// y, pre, dx, dw, db of a linear layer's forward and backward with tensors of type T.
+fn linear_case<T: Activation>(d: &Device, inputs: &[Vec<f32>], s: LinearShape, gelu: bool) -> [Vec<f32>; 5] {
+    let up = |v: &Vec<f32>| common::upload_as::<T>(d, v);
+    let (x, w, b, dy, x_pre) = (up(&inputs[0]), up(&inputs[1]), up(&inputs[2]), up(&inputs[5]), up(&inputs[9]));
+    let (mut y, mut pre, mut dx) = (up(&inputs[3]), up(&inputs[4]), up(&inputs[6]));
+    let (mut dw, mut db) = (d.upload(&inputs[7]).unwrap(), d.upload(&inputs[8]).unwrap());
+    let epilogue =
+        if gelu { Epilogue::BiasGelu { bias: b.view(), pre: pre.view_mut() } } else { Epilogue::Bias(b.view()) };
+    linear_forward(d, y.view_mut(), x.view(), w.view(), epilogue, s).unwrap();
+    let grads = LinearGrads { dx: Some(dx.view_mut()), dw: dw.view_mut(), db: Some(db.view_mut()) };
+    linear_backward_gelu(d, grads, dy.view(), x.view(), w.view(), gelu.then(|| x_pre.view()), s).unwrap();
+    [common::download(&y), common::download(&pre), common::download(&dx), dw.to_vec().unwrap(), db.to_vec().unwrap()]
+}
+
+#[test]
+fn linear_forward_and_backward_in_bf16_match_the_cpu() {
+    let gpu = common::gpu();
+    let s = LinearShape { rows: 34, inputs: 48, outputs: 80 };
+    let (r, i, o) = (s.rows, s.inputs, s.outputs);
+    for gelu in [false, true] {
+        let inputs = [
+            exact(r * i, 1),
+            exact(o * i, 2),
+            exact(o, 3),
+            vec![0.0; r * o],
+            vec![0.0; r * o],
+            exact(r * o, 4),
+            vec![0.0; r * i],
+            values(o * i, 5),
+            values(o, 6),
+            exact(r * i, 7),
+        ];
+        let want = linear_case::<f32>(&Device::Cpu, &inputs, s, gelu);
+        let got = linear_case::<bf16>(&gpu, &inputs, s, gelu);
+        let at = |name: &str| format!("linear bf16 {name} (gelu {gelu})");
+        // pre = x·Wᵀ + b in f32, stored once; y likewise without GELU. With GELU y = gelu(pre)
+        // of the stored pre (|gelu'| ≤ 1.13: its rounding passes on at most 1.13·2⁻⁸) stored
+        // again: 2.13·2⁻⁸.
+        let y_tol = if gelu { 2.13 * common::BF16_ROUNDING + GEMM_TOL } else { STORE_TOL };
+        close(&at("y"), &got[0], &want[0], y_tol);
+        if gelu {
+            close(&at("pre"), &got[1], &want[1], STORE_TOL);
+        }
+        // dx = dy·W stored once; with DGELU, that stored product times gelu'(pre) stored again:
+        // two roundings of |dx|'s size, 2·2⁻⁸.
+        let dx_tol = if gelu { 2.0 * common::BF16_ROUNDING + GEMM_TOL } else { STORE_TOL };
+        close(&at("dx"), &got[2], &want[2], dx_tol);
+        // dW and db: f32, bf16 inputs' products exact and summed in f32.
+        close(&at("dw"), &got[3], &want[3], GEMM_TOL);
+        close(&at("db"), &got[4], &want[4], GEMM_TOL);
+    }
+}
+
+/// out, probs, dqkv of attention forward and backward with tensors of type T.
+fn attention_case<T: Activation>(
+    d: &Device,
+    qkv: &[f32],
+    dout: &[f32],
+    lengths: Option<&[u32]>,
+    s: AttentionShape,
+) -> [Vec<f32>; 3] {
+    let (n, probs) = (dout.len(), s.probs_len());
+    let (qkv, dout) = (common::upload_as::<T>(d, qkv), common::upload_as::<T>(d, dout));
+    let [mut out, mut p, mut dqkv, mut scratch] =
+        [n, probs, 3 * n, probs].map(|len| common::upload_as::<T>(d, &vec![0.0; len]));
+    let lengths = lengths.map(|l| d.upload(l).unwrap());
+    let lengths = lengths.as_ref().map(|l| l.view());
+    attention_forward(d, out.view_mut(), p.view_mut(), qkv.view(), lengths, s).unwrap();
+    attention_backward(d, dqkv.view_mut(), scratch.view_mut(), dout.view(), qkv.view(), p.view(), s).unwrap();
+    [out, p, dqkv].map(|b| common::download(&b))
+}
+
+#[test]
+fn attention_in_bf16_matches_the_cpu() {
+    let gpu = common::gpu();
+    for (causal, lengths, seq) in [(true, None, 16), (false, Some(vec![17u32, 5, 1]), 17), (false, None, 33)] {
+        let s = AttentionShape { batch: 3, seq, heads: 2, head_dim: 16, causal };
+        let n = s.batch * seq * s.heads * s.head_dim;
+        // q, k, v in [-1, 1), as after a LayerNorm and a projection: scores of a few units.
+        let (qkv, dout) = (exact_scaled(3 * n, 1, 1.0), exact(n, 2));
+        let want = attention_case::<f32>(&Device::Cpu, &qkv, &dout, lengths.as_deref(), s);
+        let got = attention_case::<bf16>(&gpu, &qkv, &dout, lengths.as_deref(), s);
+        let at = |name: &str| format!("attention bf16 {name} (causal {causal}, lengths {lengths:?})");
+        // Each stored tensor of the chain adds one bf16 rounding (≤ 2⁻⁸ relative) and carries the
+        // earlier ones on: the scores' rounding (2⁻⁸ of |q·k| ≲ 5, times the 1/4 scale: ≲ 5e-3
+        // in a logit) moves a probability by up to twice that relative; P·V, and the backward's
+        // dP, dS and dQ/dK GEMMs add one rounding each. Roundings of random sign do not reach
+        // the worst case: 1e-2 of each tensor's scale (2.5 roundings), where a wrong mask, scale
+        // or transpose is off by O(1).
+        close(&at("probs"), &got[1], &want[1], 1e-2);
+        close(&at("out"), &got[0], &want[0], 1e-2);
+        close(&at("dqkv"), &got[2], &want[2], 1e-2);
+    }
+}
+
+/// loss, logits, d_image, d_text, d_logit_scale of the contrastive loss with features of type T.
+fn loss_case<T: Activation>(d: &Device, image: &[f32], text: &[f32], b: usize, e: usize) -> [Vec<f32>; 5] {
+    let (image, text) = (common::upload_as::<T>(d, image), common::upload_as::<T>(d, text));
+    let (mut di, mut dt) = (common::upload_as::<T>(d, &vec![0.0; b * e]), common::upload_as::<T>(d, &vec![0.0; b * e]));
+    let up = |v: Vec<f32>| d.upload(&v).unwrap();
+    let (scale, mut loss, mut logits, mut ds, mut ws) =
+        (up(vec![2.3]), up(vec![0.0]), up(vec![0.0; b * b]), up(vec![0.0]), up(vec![0.0; clip_loss_workspace(b, e)]));
+    let out = ClipLossOut {
+        loss: loss.view_mut(),
+        logits: logits.view_mut(),
+        d_image: di.view_mut(),
+        d_text: dt.view_mut(),
+        d_logit_scale: ds.view_mut(),
+    };
+    clip_loss(d, out, image.view(), text.view(), scale.view(), ws.view_mut(), b, e).unwrap();
+    [
+        loss.to_vec().unwrap(),
+        logits.to_vec().unwrap(),
+        common::download(&di),
+        common::download(&dt),
+        ds.to_vec().unwrap(),
+    ]
+}
+
+#[test]
+fn contrastive_loss_over_bf16_features_matches_the_cpu() {
+    let gpu = common::gpu();
+    let (b, e) = (19, 24);
+    let (image, text) = (exact(b * e, 1), exact(b * e, 2));
+    let want = loss_case::<f32>(&Device::Cpu, &image, &text, b, e);
+    let got = loss_case::<bf16>(&gpu, &image, &text, b, e);
+    // The features are read exactly and everything up to their gradients is f32: the f32 test's
+    // 1e-5; the gradients are stored in bf16 once.
+    for (index, name) in [(0, "loss"), (1, "logits"), (4, "d_logit_scale")] {
+        close(&format!("loss bf16 {name}"), &got[index], &want[index], 1e-5);
+    }
+    for (index, name) in [(2, "d_image"), (3, "d_text")] {
+        close(&format!("loss bf16 {name}"), &got[index], &want[index], STORE_TOL);
+    }
+}
+
+#[test]
+fn the_cpu_device_refuses_bf16_clearly() {
+    let cpu = Device::Cpu;
+    let x = Buffer::Cpu(vec![bf16::ONE; 8]);
+    let mut y = Buffer::Cpu(vec![bf16::ZERO; 8]);
+    let expect = |e: clip_pgs_host::Error, what: &str| {
+        let e = e.to_string();
+        assert!(e.contains(what) && e.contains("the cpu device computes in f32"), "{e}");
+    };
+    expect(add(&cpu, y.view_mut(), x.view(), x.view()).unwrap_err(), "add: out is bf16");
+    expect(gelu_forward(&cpu, y.view_mut(), x.view()).unwrap_err(), "gelu_forward: y is bf16");
+    expect(fill(&cpu, y.view_mut(), 1.0).unwrap_err(), "fill: x is bf16");
+    let mut c = Buffer::Cpu(vec![0.0f32; 4]);
+    let e = matmul(&cpu, Mat::new(c.view_mut(), 2, 2), Mat::new(x.view(), 2, 4), Mat::new(x.view(), 4, 2), true);
+    expect(e.unwrap_err(), "matmul: a is bf16");
+    let mut f = Buffer::Cpu(vec![0.0f32; 8]);
+    expect(cast(&cpu, f.view_mut(), x.view()).unwrap_err(), "cast: src is bf16");
+    // Nothing was written before the refusal.
+    assert!(y.to_vec().unwrap().iter().all(|v| *v == bf16::ZERO) && c.to_vec().unwrap() == [0.0; 4]);
+    let [mut p, mut g, mut m, mut v] = [(); 4].map(|_| Buffer::Cpu(vec![1.0f32; 8]));
+    let norm = Buffer::Cpu(vec![1.0f32]);
+    let (hyper, at) = (
+        AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6 },
+        AdamWStep { step: 1, weight_decay: 0.0, max_norm: None },
+    );
+    let (pv, gv, mv, vv) = (p.view_mut(), g.view_mut(), m.view_mut(), v.view_mut());
+    let e = adamw_update(&cpu, pv, gv, mv, vv, Some(y.view_mut()), norm.view(), &hyper, at).unwrap_err();
+    expect(e, "adamw_update: params_bf16 is bf16");
+    assert_eq!(p.to_vec().unwrap(), vec![1.0; 8], "the refused update changed the parameters");
 }

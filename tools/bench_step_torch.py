@@ -15,8 +15,7 @@ import time
 import open_clip
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CAPTIONS = ["a photo of a cat", "a red circle left of a blue square", "an astronaut on the moon", "a cup of coffee"]
+from open_clip_step import CAPTIONS, ROOT, adamw
 
 
 def bench(config, batch, samples, warmup):
@@ -31,12 +30,7 @@ def bench(config, batch, samples, warmup):
     text = open_clip.get_tokenizer("ViT-B-16")([CAPTIONS[i % 4] for i in range(batch)],
                                                context_length=cfg["text_cfg"].get("context_length", 77))
     loss_fn = open_clip.ClipLoss()
-    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
-    params = list(model.named_parameters())
-    opt = torch.optim.AdamW(
-        [{"params": [p for n, p in params if exclude(n, p)], "weight_decay": 0.0},
-         {"params": [p for n, p in params if not exclude(n, p)], "weight_decay": 0.2}],
-        lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    opt = adamw(model)
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -125,6 +125,17 @@ impl Device {
         }
     }
 
+    /// (free, total) bytes of device memory on CUDA; None on the host devices.
+    pub fn memory_info(&self) -> Result<Option<(usize, usize)>> {
+        match self {
+            Device::Cuda(rt) => {
+                rt.context.bind_to_thread().during("binding the CUDA context")?;
+                cudarc::driver::result::mem_get_info().map(Some).during("reading free GPU memory")
+            }
+            Device::Cpu | Device::Emu(_) => Ok(None),
+        }
+    }
+
     /// dst ← src on this device (same length; a device-to-device copy on CUDA, queued on the
     /// stream).
     pub fn copy<T: Copy>(&self, dst: crate::view::ViewMut<T>, src: crate::view::View<T>) -> Result<()> {

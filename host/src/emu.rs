@@ -22,16 +22,47 @@ pub struct EmuRuntime {
     reports: Mutex<Option<Vec<LaunchReport>>>,
     /// Ops' scratch memory (`Device::with_scratch`).
     pub(crate) scratch: Mutex<Option<Buffer<f32>>>,
+    /// cuBLASLt calls so far, when kept (with the launch reports).
+    gemms: Mutex<Option<Vec<GemmRecord>>>,
+}
+
+/// One cuBLASLt matmul the emulator's interpreter ran: its work and the bytes it must move.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmRecord {
+    pub epilogue: &'static str,
+    /// 2·m·n·k·batch.
+    pub flops: u64,
+    /// A and B read, D written (and read when β ≠ 0), the epilogue's vectors: each once.
+    pub min_bytes: u64,
 }
 
 impl EmuRuntime {
     pub fn new(options: Options) -> Arc<Self> {
-        Arc::new(EmuRuntime { options, limits: SM90, reports: Mutex::new(None), scratch: Mutex::new(None) })
+        Arc::new(EmuRuntime {
+            options,
+            limits: SM90,
+            reports: Mutex::new(None),
+            scratch: Mutex::new(None),
+            gemms: Mutex::new(None),
+        })
     }
 
-    /// Starts keeping every launch's report (with its traffic when `options.counters`).
+    /// Starts keeping every launch's report (with its traffic when `options.counters`) and every
+    /// cuBLASLt call's record.
     pub fn keep_reports(&self) {
         *self.reports.lock().expect("reports lock") = Some(Vec::new());
+        *self.gemms.lock().expect("gemm records lock") = Some(Vec::new());
+    }
+
+    /// The cuBLASLt records kept since `keep_reports` or the last `take_gemms`.
+    pub fn take_gemms(&self) -> Vec<GemmRecord> {
+        self.gemms.lock().expect("gemm records lock").as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    pub(crate) fn record_gemm(&self, record: GemmRecord) {
+        if let Some(gemms) = self.gemms.lock().expect("gemm records lock").as_mut() {
+            gemms.push(record);
+        }
     }
 
     /// The reports kept since `keep_reports` or the last `take_reports`.

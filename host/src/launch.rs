@@ -5,7 +5,7 @@
 //! | kernel parameter | host argument                                   |
 //! |------------------|-------------------------------------------------|
 //! | `Global<E>`      | `&Buffer<T>`, `View<T>`, `Option<&Buffer<T>>` / `Option<View<T>>` (None: null) |
-//! | `GlobalMut<E>`   | `&mut Buffer<T>`, `ViewMut<T>`                  |
+//! | `GlobalMut<E>`   | `&mut Buffer<T>`, `ViewMut<T>`, `Option<ViewMut<T>>` (None: null) |
 //! | `u32`, `u64`, `f32` | the same scalar                              |
 //!
 //! with E the kernel's element type of the host element T (f32, u32, bf16 → `Bf16`).
@@ -182,6 +182,27 @@ impl<T: KernelElement> KernelArg<GlobalMut<T::Kernel>> for ViewMut<'_, T> {
                 Ok(unsafe { GlobalMut::new(v.as_mut_ptr().cast(), v.len(), number) })
             }
             other => Err(not_on("emu", other.place().name())),
+        }
+    }
+}
+
+/// An optional output view: `None` is a null pointer.
+impl<T: KernelElement> KernelArg<GlobalMut<T::Kernel>> for Option<ViewMut<'_, T>> {
+    fn push_cuda<'a>(&'a mut self, args: &mut LaunchArgs<'a>) -> Result<()> {
+        static NULL: u64 = 0;
+        match self {
+            Some(view) => view.push_cuda(args),
+            None => {
+                args.arg(&NULL);
+                Ok(())
+            }
+        }
+    }
+
+    fn emulated(&mut self, buffers: &mut EmuBuffers) -> Result<GlobalMut<T::Kernel>> {
+        match self {
+            Some(view) => view.emulated(buffers),
+            None => Ok(GlobalMut::null()),
         }
     }
 }

@@ -2,16 +2,20 @@
 //! the scalar settings): one thread per parameter, grid-stride. The global gradient norm is read
 //! from device memory, so no host round trip decides the clipping or the skip of a non-finite
 //! step. The same operation sequence as the CPU (Rust fuses nothing into FMAs, `math::sqrt` is
-//! correctly rounded): the same bits on every device.
+//! correctly rounded): the same bits on every device. The parameters, gradients and moments are
+//! f32 (the master weights); with a bf16 training step the update also writes each new
+//! parameter rounded to bf16 (to nearest even) into the bf16 copy the ops read, in the same pass.
 //!
 //! Memory traffic: reads p, g, m, v and writes p, m, v and a zero into g: 32 bytes per
-//! parameter, the minimum for an update that also clears the gradients for the next step.
+//! parameter, 34 with the bf16 copy, the minimum for an update that also clears the gradients
+//! for the next step.
 //!
 //! The global gradient norm before it: `grad_norm_parts_f32` (NORM_PARTS blocks, each a
 //! grid-stride sum of squares reduced over the block; 4 bytes read per gradient, the minimum)
 //! and `grad_norm_finish_f32` (one block: √Σ parts). A fixed grid: the same sum order on every
 //! run.
 
+use crate::element::Bf16;
 use crate::hw::{Global, GlobalMut, block_stride, block_x, grid_stride, thread_x};
 use crate::kernel;
 use crate::math::sqrt;
@@ -60,14 +64,16 @@ kernel! {
 kernel! {
     /// One AdamW step over n parameters; `norm[0]` is the global gradient norm: not finite, the
     /// kernel changes nothing; above `max_norm`, the gradients are scaled by max_norm / norm.
+    /// Unless `copy` is null, copy[i] = bf16(p[i]) after the update.
     ///
     /// # Safety
-    /// `p`, `g`, `m`, `v` hold n floats, `norm` one.
+    /// `p`, `g`, `m`, `v` and `copy` (unless null) hold n values, `norm` one.
     pub fn adamw_f32(
         p: GlobalMut<f32>,
         g: GlobalMut<f32>,
         m: GlobalMut<f32>,
         v: GlobalMut<f32>,
+        copy: GlobalMut<Bf16>,
         norm: Global<f32>,
         n: u32,
         max_norm: f32,
@@ -86,6 +92,7 @@ kernel! {
             }
             let clip = norm > max_norm;
             let scale = max_norm / norm;
+            let with_copy = !copy.is_null();
             grid_stride(n as usize, |i| {
                 let grad = g.load(i);
                 g.store(i, 0.0);
@@ -94,7 +101,11 @@ kernel! {
                 m.store(i, mi);
                 v.store(i, vi);
                 let pi = p.load(i) * decay;
-                p.store(i, pi - step_size * mi / (sqrt(vi) / bias2_sqrt + eps));
+                let pi = pi - step_size * mi / (sqrt(vi) / bias2_sqrt + eps);
+                p.store(i, pi);
+                if with_copy {
+                    copy.store(i, Bf16::from_f32(pi));
+                }
             });
         }
     }

@@ -12,9 +12,16 @@
 //! then dimg = G·txt and dtxt = Gᵀ·img (cuBLASLt) and the normalization's backward
 //! d ← (d − n·(n·d))/‖x‖ per row.
 //!
+//! Only the features and their gradients have the activations' element type T (the
+//! normalizations' `_f32` and `_bf16` entry points, one body each): the unit features, norms,
+//! logits, their gradient and every sum are f32, so the loss is computed in f32 throughout.
+//!
 //! Memory traffic: the B×B matrix is read 4 times and written twice (B = 256: 256 KB each, from
-//! L2); the features are read and written once by each normalization pass. The GEMMs dominate.
+//! L2); the features (s bytes per element: 4 f32, 2 bf16) are read once by the normalization,
+//! which writes the f32 unit features; its backward reads the f32 gradient and unit features and
+//! writes the T gradient once. The GEMMs dominate.
 
+use crate::element::{Bf16, Element};
 use crate::hw::{Global, GlobalMut, WARP, block_dim_x, block_stride, block_x, grid_dim_x, grid_stride, lane, warp};
 use crate::kernel;
 use crate::math::{exp, ln, sqrt};
@@ -46,53 +53,95 @@ fn warp_sum(n: usize, mut f: impl FnMut(usize) -> f32) -> f32 {
     warp_reduce(total, |a, b| a + b)
 }
 
-kernel! {
-    /// unit[r] = x[r]/‖x[r]‖ and norms[r] = max(‖x[r]‖, 1e-12) (F.normalize) for rows r.
-    ///
-    /// # Safety
-    /// `unit` and `x` hold rows·dim floats, `norms` rows.
-    pub fn l2_normalize_f32(unit: GlobalMut<f32>, norms: GlobalMut<f32>, x: Global<f32>, rows: u32, dim: u32) {
-        let dim = dim as usize;
-        warp_rows(rows as usize, |r| {
-            // SAFETY: j < dim on row r < rows.
-            let sum = warp_sum(dim, |j| unsafe { x.load(r * dim + j) * x.load(r * dim + j) });
-            let norm = sqrt(sum).max(1e-12);
-            let mut j = lane();
-            while j < dim {
-                // SAFETY: as above.
-                unsafe { unit.store(r * dim + j, x.load(r * dim + j) / norm) };
-                j += WARP;
-            }
-            if lane() == 0 {
-                // SAFETY: r < rows.
-                unsafe { norms.store(r, norm) };
-            }
-        });
-    }
+/// unit[r] = x[r]/‖x[r]‖ and norms[r] = max(‖x[r]‖, 1e-12) (F.normalize) for rows r.
+///
+/// # Safety
+/// `unit` and `x` hold rows·dim elements, `norms` rows.
+#[inline(always)]
+unsafe fn l2_normalize<T: Element>(unit: GlobalMut<f32>, norms: GlobalMut<f32>, x: Global<T>, rows: u32, dim: u32) {
+    let dim = dim as usize;
+    warp_rows(rows as usize, |r| {
+        // SAFETY: j < dim on row r < rows.
+        let x = |j: usize| unsafe { x.load(r * dim + j) }.to_f32();
+        let sum = warp_sum(dim, |j| x(j) * x(j));
+        let norm = sqrt(sum).max(1e-12);
+        let mut j = lane();
+        while j < dim {
+            // SAFETY: as above.
+            unsafe { unit.store(r * dim + j, x(j) / norm) };
+            j += WARP;
+        }
+        if lane() == 0 {
+            // SAFETY: r < rows.
+            unsafe { norms.store(r, norm) };
+        }
+    });
 }
 
-kernel! {
-    /// d[r] ← (d[r] − n[r]·(n[r]·d[r]))/norms[r]: the gradient through `l2_normalize_f32`.
-    ///
-    /// # Safety
-    /// `d` and `unit` hold rows·dim floats, `norms` rows.
-    pub fn l2_normalize_backward_f32(d: GlobalMut<f32>, unit: Global<f32>, norms: Global<f32>, rows: u32, dim: u32) {
-        let dim = dim as usize;
-        warp_rows(rows as usize, |r| {
-            // SAFETY: j < dim on row r < rows.
-            let dot = warp_sum(dim, |j| unsafe { d.load(r * dim + j) * unit.load(r * dim + j) });
-            // SAFETY: r < rows.
-            let norm = unsafe { norms.load(r) };
-            let mut j = lane();
-            while j < dim {
-                let at = r * dim + j;
-                // SAFETY: as above; this lane read element j.
-                unsafe { d.store(at, (d.load(at) - unit.load(at) * dot) / norm) };
-                j += WARP;
-            }
-        });
-    }
+/// dx[r] = (d[r] − n[r]·(n[r]·d[r]))/norms[r]: the gradient through `l2_normalize`, from the
+/// f32 gradient d at the unit features.
+///
+/// # Safety
+/// `dx`, `d` and `unit` hold rows·dim elements, `norms` rows.
+#[inline(always)]
+unsafe fn l2_normalize_backward<T: Element>(
+    dx: GlobalMut<T>,
+    d: Global<f32>,
+    unit: Global<f32>,
+    norms: Global<f32>,
+    rows: u32,
+    dim: u32,
+) {
+    let dim = dim as usize;
+    warp_rows(rows as usize, |r| {
+        // SAFETY: j < dim on row r < rows.
+        let dot = warp_sum(dim, |j| unsafe { d.load(r * dim + j) * unit.load(r * dim + j) });
+        // SAFETY: r < rows.
+        let norm = unsafe { norms.load(r) };
+        let mut j = lane();
+        while j < dim {
+            let at = r * dim + j;
+            // SAFETY: as above.
+            unsafe { dx.store(at, T::from_f32((d.load(at) - unit.load(at) * dot) / norm)) };
+            j += WARP;
+        }
+    });
 }
+
+macro_rules! normalize_entries {
+    ($t:ty, $forward:ident, $backward:ident) => {
+        kernel! {
+            /// unit[r] = x[r]/‖x[r]‖ (f32) and norms[r] = max(‖x[r]‖, 1e-12) for rows r.
+            ///
+            /// # Safety
+            /// `unit` and `x` hold rows·dim elements, `norms` rows.
+            pub fn $forward(unit: GlobalMut<f32>, norms: GlobalMut<f32>, x: Global<$t>, rows: u32, dim: u32) {
+                // SAFETY: the caller's contract, the same as l2_normalize's.
+                unsafe { l2_normalize(unit, norms, x, rows, dim) }
+            }
+        }
+
+        kernel! {
+            /// dx[r] = (d[r] − n[r]·(n[r]·d[r]))/norms[r]: the gradient through the normalization.
+            ///
+            /// # Safety
+            /// `dx`, `d` and `unit` hold rows·dim elements, `norms` rows.
+            pub fn $backward(
+                dx: GlobalMut<$t>,
+                d: Global<f32>,
+                unit: Global<f32>,
+                norms: Global<f32>,
+                rows: u32,
+                dim: u32,
+            ) {
+                // SAFETY: the caller's contract, the same as l2_normalize_backward's.
+                unsafe { l2_normalize_backward(dx, d, unit, norms, rows, dim) }
+            }
+        }
+    };
+}
+normalize_entries!(f32, l2_normalize_f32, l2_normalize_backward_f32);
+normalize_entries!(Bf16, l2_normalize_bf16, l2_normalize_backward_bf16);
 
 kernel! {
     /// logits [b, b]: cosines in, e^s·cosines out; row_lse[i] = log Σ_j exp(logits_ij).

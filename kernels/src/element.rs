@@ -1,4 +1,5 @@
-//! Element types a kernel may read: f32, and bf16 carried as its 16 bits.
+//! Element types a kernel reads and writes: f32, and bf16 carried as its 16 bits. Kernels load
+//! an element, compute in f32 and store with `from_f32` (round to nearest even for bf16).
 
 /// bf16 as raw bits. Same layout as `half::bf16` on the host, so host buffers of `half::bf16`
 /// are read by kernels as `Bf16`.
@@ -25,10 +26,12 @@ impl Bf16 {
     }
 }
 
-/// A value a kernel loads and computes with in f32.
+/// A value a kernel loads and computes with in f32, and stores back rounded.
 pub trait Element: Copy {
     const ZERO: Self;
     fn to_f32(self) -> f32;
+    /// The nearest value (ties to even); exact for f32.
+    fn from_f32(x: f32) -> Self;
 }
 
 impl Element for f32 {
@@ -37,6 +40,10 @@ impl Element for f32 {
     fn to_f32(self) -> f32 {
         self
     }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
 }
 
 impl Element for Bf16 {
@@ -44,6 +51,10 @@ impl Element for Bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         Bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        Bf16::from_f32(x)
     }
 }
 

@@ -3,17 +3,23 @@
 //! dx[r] and d_pos[r mod T] += dx[r], deterministic and without atomics (the padding id repeats in
 //! almost every caption: atomics on its row would contend and sum in a random order).
 //!
+//! x, the table and pos have the activations' element type T (`_f32` and `_bf16` entry points of
+//! one body each; x = table + pos is added in f32 and rounded once); the gradients d_table and
+//! d_pos are f32 and accumulate dx widened to f32, so every device adds the same f32 values.
+//!
 //! The kernels never read outside the table for an id outside the vocabulary (the CPU reference
 //! refuses such ids; the model checks its batches on the host before the upload): the forward
 //! writes a NaN row for it, the backward adds its row to d_pos only.
 //!
-//! - `embedding_forward_f32`: a grid-stride loop over the R·W outputs. Traffic: x written once,
+//! - `embedding_forward_*`: a grid-stride loop over the R·W outputs. Traffic: x written once,
 //!   the rows of table and pos read once each (a repeated id or position from cache), ids read
-//!   once per W outputs (from cache): the analytic minimum. Coalesced along W.
-//! - `embedding_backward_pos_f32`: one thread per element (t, c) of d_pos [T, W] walks the
+//!   once per W outputs (from cache): the analytic minimum, s bytes per element of x, table and
+//!   pos (4 f32, 2 bf16). Coalesced along W.
+//! - `embedding_backward_pos_*`: one thread per element (t, c) of d_pos [T, W] walks the
 //!   captions in order: d_pos[t][c] + dx[t][c] + dx[T + t][c] + …, the CPU's order, so the same
-//!   bits. dx read once, d_pos read and written once: the minimum. Coalesced along W.
-//! - `embedding_backward_table_f32`: grid (⌈W / THREADS⌉, BUCKETS); block (s, k) owns the
+//!   bits. dx read once (s bytes per element), d_pos read and written once (4 bytes): the
+//!   minimum. Coalesced along W.
+//! - `embedding_backward_table_*`: grid (⌈W / THREADS⌉, BUCKETS); block (s, k) owns the
 //!   columns of strip s of every table row whose id ≡ k (mod BUCKETS). Each of its threads owns
 //!   one column and walks all rows in order, adding the rows of its bucket's ids: every element of
 //!   d_table sums its rows in the CPU's order, the same bits. The running sum stays in a register
@@ -25,12 +31,13 @@
 //!   bytes, from L2: BUCKETS·⌈W / THREADS⌉ times). The critical path is the bucket of the padding
 //!   id: about one add per padded position of the batch per column.
 
+use crate::element::{Bf16, Element};
 use crate::hw::{Global, GlobalMut, block_x, block_y, grid_stride, thread_x};
 use crate::kernel;
 
 /// Threads per block of every embedding kernel.
 pub const THREADS: u32 = 128;
-/// Id buckets of `embedding_backward_table_f32` (the grid's y size).
+/// Id buckets of `embedding_backward_table_*` (the grid's y size).
 pub const BUCKETS: u32 = 32;
 /// Rows whose loads one thread issues together.
 const GROUP: usize = 8;
@@ -52,125 +59,183 @@ fn each_in_group(mut f: impl FnMut(usize)) {
 /// No id (an empty slot of a group, or no run yet).
 const NONE: u32 = u32::MAX;
 
-kernel! {
-    /// x[i] = table[ids[r]·W + c] + pos[(r mod T)·W + c], i = r·W + c < n = R·W; NaN for an id
-    /// ≥ vocab.
-    ///
-    /// # Safety
-    /// `x` holds n < 2³² floats, `ids` n / width, `table` vocab·width, `pos` context·width;
-    /// width, context ≥ 1.
-    pub fn embedding_forward_f32(
-        x: GlobalMut<f32>,
-        ids: Global<u32>,
-        table: Global<f32>,
-        pos: Global<f32>,
-        n: u32,
-        width: u32,
-        context: u32,
-        vocab: u32,
-    ) {
-        grid_stride(n as usize, |i| {
-            let (r, c) = (i as u32 / width, i as u32 % width);
-            let t = r % context;
-            // SAFETY: i < n and r < n / width, the lengths of x and ids; id < vocab and t < context
-            // keep the table and pos reads inside their rows.
-            unsafe {
-                let id = ids.load(r as usize);
-                let v = if id < vocab {
-                    table.load(id as usize * width as usize + c as usize) + pos.load((t * width + c) as usize)
-                } else {
-                    f32::NAN
-                };
-                x.store(i, v);
-            }
-        });
-    }
-}
-
-kernel! {
-    /// d_pos[e] += dx[b·T·W + e] for every caption b in order, e < T·W.
-    ///
-    /// # Safety
-    /// `d_pos` holds context_width = T·W floats, `dx` captions·T·W, captions·T·W < 2⁶⁴.
-    pub fn embedding_backward_pos_f32(d_pos: GlobalMut<f32>, dx: Global<f32>, captions: u32, context_width: u32) {
-        let (captions, stride) = (captions as usize, context_width as usize);
-        grid_stride(stride, |e| {
-            // SAFETY: e < T·W and b < captions: inside d_pos and dx.
-            unsafe {
-                let mut acc = d_pos.load(e);
-                let mut b0 = 0;
-                while b0 < captions {
-                    let mut v = [0.0f32; GROUP];
-                    each_in_group(|j| {
-                        if b0 + j < captions {
-                            v[j] = dx.load((b0 + j) * stride + e);
-                        }
-                    });
-                    each_in_group(|j| {
-                        if b0 + j < captions {
-                            acc += v[j];
-                        }
-                    });
-                    b0 += GROUP;
-                }
-                d_pos.store(e, acc);
-            }
-        });
-    }
-}
-
-kernel! {
-    /// d_table[ids[r]·W + c] += dx[r·W + c] over rows r < R in order, for the ids of this block's
-    /// bucket (id mod BUCKETS = block y) and its strip of columns; ids ≥ vocab are skipped.
-    /// Grid (⌈W / THREADS⌉, BUCKETS), THREADS threads.
-    ///
-    /// # Safety
-    /// `d_table` holds vocab·width floats, `dx` rows·width, `ids` rows.
-    pub fn embedding_backward_table_f32(
-        d_table: GlobalMut<f32>,
-        dx: Global<f32>,
-        ids: Global<u32>,
-        rows: u32,
-        width: u32,
-        vocab: u32,
-    ) {
-        let c = block_x() * THREADS as usize + thread_x();
-        let (bucket, rows, width) = (block_y() as u32, rows as usize, width as usize);
-        if c >= width {
-            return;
-        }
-        // SAFETY: r < rows and c < width: inside ids and dx; every id used is < vocab: inside
-        // d_table.
+/// x[i] = table[ids[r]·W + c] + pos[(r mod T)·W + c], i = r·W + c < n = R·W; NaN for an id ≥
+/// vocab.
+///
+/// # Safety
+/// `x` holds n < 2³² elements, `ids` n / width, `table` vocab·width, `pos` context·width; width,
+/// context ≥ 1.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn forward<T: Element>(
+    x: GlobalMut<T>,
+    ids: Global<u32>,
+    table: Global<T>,
+    pos: Global<T>,
+    n: u32,
+    width: u32,
+    context: u32,
+    vocab: u32,
+) {
+    grid_stride(n as usize, |i| {
+        let (r, c) = (i as u32 / width, i as u32 % width);
+        let t = r % context;
+        // SAFETY: i < n and r < n / width, the lengths of x and ids; id < vocab and t < context
+        // keep the table and pos reads inside their rows.
         unsafe {
-            let (mut run, mut acc) = (NONE, 0.0f32);
-            let mut r0 = 0;
-            while r0 < rows {
-                let (mut id, mut v) = ([NONE; GROUP], [0.0f32; GROUP]);
+            let id = ids.load(r as usize);
+            let v = if id < vocab {
+                table.load(id as usize * width as usize + c as usize).to_f32()
+                    + pos.load((t * width + c) as usize).to_f32()
+            } else {
+                f32::NAN
+            };
+            x.store(i, T::from_f32(v));
+        }
+    });
+}
+
+/// d_pos[e] += dx[b·T·W + e] for every caption b in order, e < T·W.
+///
+/// # Safety
+/// `d_pos` holds context_width = T·W floats, `dx` captions·T·W elements, captions·T·W < 2⁶⁴.
+#[inline(always)]
+unsafe fn backward_pos<T: Element>(d_pos: GlobalMut<f32>, dx: Global<T>, captions: u32, context_width: u32) {
+    let (captions, stride) = (captions as usize, context_width as usize);
+    grid_stride(stride, |e| {
+        // SAFETY: e < T·W and b < captions: inside d_pos and dx.
+        unsafe {
+            let mut acc = d_pos.load(e);
+            let mut b0 = 0;
+            while b0 < captions {
+                let mut v = [0.0f32; GROUP];
                 each_in_group(|j| {
-                    if r0 + j < rows {
-                        let i = ids.load(r0 + j);
-                        if i < vocab && i % BUCKETS == bucket {
-                            (id[j], v[j]) = (i, dx.load((r0 + j) * width + c));
-                        }
+                    if b0 + j < captions {
+                        v[j] = dx.load((b0 + j) * stride + e).to_f32();
                     }
                 });
                 each_in_group(|j| {
-                    if id[j] != NONE {
-                        if id[j] != run {
-                            if run != NONE {
-                                d_table.store(run as usize * width + c, acc);
-                            }
-                            run = id[j];
-                            acc = d_table.load(run as usize * width + c);
-                        }
+                    if b0 + j < captions {
                         acc += v[j];
                     }
                 });
-                r0 += GROUP;
+                b0 += GROUP;
             }
-            if run != NONE {
-                d_table.store(run as usize * width + c, acc);
-            }
+            d_pos.store(e, acc);
+        }
+    });
+}
+
+/// d_table[ids[r]·W + c] += dx[r·W + c] over rows r < R in order, for the ids of this block's
+/// bucket (id mod BUCKETS = block y) and its strip of columns; ids ≥ vocab are skipped.
+/// Grid (⌈W / THREADS⌉, BUCKETS), THREADS threads.
+///
+/// # Safety
+/// `d_table` holds vocab·width floats, `dx` rows·width elements, `ids` rows.
+#[inline(always)]
+unsafe fn backward_table<T: Element>(
+    d_table: GlobalMut<f32>,
+    dx: Global<T>,
+    ids: Global<u32>,
+    rows: u32,
+    width: u32,
+    vocab: u32,
+) {
+    let c = block_x() * THREADS as usize + thread_x();
+    let (bucket, rows, width) = (block_y() as u32, rows as usize, width as usize);
+    if c >= width {
+        return;
+    }
+    // SAFETY: r < rows and c < width: inside ids and dx; every id used is < vocab: inside
+    // d_table.
+    unsafe {
+        let (mut run, mut acc) = (NONE, 0.0f32);
+        let mut r0 = 0;
+        while r0 < rows {
+            let (mut id, mut v) = ([NONE; GROUP], [0.0f32; GROUP]);
+            each_in_group(|j| {
+                if r0 + j < rows {
+                    let i = ids.load(r0 + j);
+                    if i < vocab && i % BUCKETS == bucket {
+                        (id[j], v[j]) = (i, dx.load((r0 + j) * width + c).to_f32());
+                    }
+                }
+            });
+            each_in_group(|j| {
+                if id[j] != NONE {
+                    if id[j] != run {
+                        if run != NONE {
+                            d_table.store(run as usize * width + c, acc);
+                        }
+                        run = id[j];
+                        acc = d_table.load(run as usize * width + c);
+                    }
+                    acc += v[j];
+                }
+            });
+            r0 += GROUP;
+        }
+        if run != NONE {
+            d_table.store(run as usize * width + c, acc);
         }
     }
 }
+
+macro_rules! embedding_entries {
+    ($t:ty, $forward:ident, $backward_pos:ident, $backward_table:ident) => {
+        kernel! {
+            /// x[i] = table[ids[r]·W + c] + pos[(r mod T)·W + c], i = r·W + c < n = R·W; NaN
+            /// for an id ≥ vocab.
+            ///
+            /// # Safety
+            /// `x` holds n < 2³² elements, `ids` n / width, `table` vocab·width, `pos`
+            /// context·width; width, context ≥ 1.
+            pub fn $forward(
+                x: GlobalMut<$t>,
+                ids: Global<u32>,
+                table: Global<$t>,
+                pos: Global<$t>,
+                n: u32,
+                width: u32,
+                context: u32,
+                vocab: u32,
+            ) {
+                // SAFETY: the caller's contract, the same as forward's.
+                unsafe { forward(x, ids, table, pos, n, width, context, vocab) }
+            }
+        }
+
+        kernel! {
+            /// d_pos[e] += dx[b·T·W + e] for every caption b in order, e < T·W.
+            ///
+            /// # Safety
+            /// `d_pos` holds context_width = T·W floats, `dx` captions·T·W elements.
+            pub fn $backward_pos(d_pos: GlobalMut<f32>, dx: Global<$t>, captions: u32, context_width: u32) {
+                // SAFETY: the caller's contract, the same as backward_pos'.
+                unsafe { backward_pos(d_pos, dx, captions, context_width) }
+            }
+        }
+
+        kernel! {
+            /// d_table[ids[r]·W + c] += dx[r·W + c] over rows r < R in order, for the ids of
+            /// this block's bucket and its strip of columns; ids ≥ vocab are skipped. Grid
+            /// (⌈W / THREADS⌉, BUCKETS), THREADS threads.
+            ///
+            /// # Safety
+            /// `d_table` holds vocab·width floats, `dx` rows·width elements, `ids` rows.
+            pub fn $backward_table(
+                d_table: GlobalMut<f32>,
+                dx: Global<$t>,
+                ids: Global<u32>,
+                rows: u32,
+                width: u32,
+                vocab: u32,
+            ) {
+                // SAFETY: the caller's contract, the same as backward_table's.
+                unsafe { backward_table(d_table, dx, ids, rows, width, vocab) }
+            }
+        }
+    };
+}
+embedding_entries!(f32, embedding_forward_f32, embedding_backward_pos_f32, embedding_backward_table_f32);
+embedding_entries!(Bf16, embedding_forward_bf16, embedding_backward_pos_bf16, embedding_backward_table_bf16);

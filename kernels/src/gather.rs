@@ -8,14 +8,16 @@
 //! Memory traffic: the kept rows and CLS read once (Σ (K_n + 1)·D elements), the kept indices
 //! once, every output element written once: the analytic minimum.
 //!
-//! Backward (`pgs_gather_backward_f32`, with the positional embedding's gradient): d_tokens
+//! Backward (`pgs_gather_backward_{f32,bf16}`, with the positional embedding's gradient; one
+//! body, d_tokens and d_packed of the activations' element type, d_pos and d_cls f32): d_tokens
 //! [N, L, D] is overwritten (d_packed's row of a kept patch, zeros for a dropped one); d_pos
 //! [L + 1, D] and d_cls [D] accumulate over the images in order, without atomics. Grid
 //! (L + 1, ⌈D / BACKWARD_THREADS⌉): block (p, s) owns position p (0 = CLS, 1 + j = patch j) and
 //! strip s of the columns. Per tile of BACKWARD_THREADS images, thread t finds where image t of
 //! the tile packed patch j (a binary search of its ascending kept indices) into shared memory;
 //! then each thread walks the tile's images in order for its column: it adds the packed row to
-//! its running d_pos (and d_cls) sum, the CPU's order, so the same bits, and writes d_tokens.
+//! its running d_pos (and d_cls) sum in f32, the CPU's order, so the same bits, and copies it
+//! into d_tokens.
 //! Memory traffic: the CLS and kept rows of d_packed read once (padding rows not at all),
 //! d_tokens written once, d_pos and d_cls read and written once: the analytic minimum, coalesced
 //! along D; the kept indices are read log₂(L) times per (image, patch, strip) from cache. Any
@@ -108,6 +110,7 @@ macro_rules! gather_entry {
                 dim: u32,
                 rows: u32,
             ) {
+                // SAFETY: the caller's contract, the same as gather's.
                 unsafe { gather(x, cls, kept, kept_len, out, lengths, patches as usize, dim as usize, rows as usize) }
             }
         }
@@ -116,7 +119,7 @@ macro_rules! gather_entry {
 gather_entry!(pgs_gather_f32, f32);
 gather_entry!(pgs_gather_bf16, Bf16);
 
-/// Threads per block of `pgs_gather_backward_f32`: the columns of a strip, and the images of a
+/// Threads per block of `pgs_gather_backward_*`: the columns of a strip, and the images of a
 /// tile.
 pub const BACKWARD_THREADS: u32 = 128;
 
@@ -143,83 +146,114 @@ unsafe fn packed_row(kept: Global<u32>, len: usize, j: u32) -> u32 {
     if lo < len && unsafe { kept.load(lo) } == j { lo as u32 + 1 } else { PADDING }
 }
 
-kernel! {
-    /// The backward of `pgs_gather_f32` and of the positional embedding added before it:
-    /// d_tokens overwritten, d_cls and d_pos accumulated. Grid (L + 1, ⌈D / BACKWARD_THREADS⌉),
-    /// BACKWARD_THREADS threads.
-    ///
-    /// # Safety
-    /// `d_tokens` [N, L, D]; `d_cls` [D]; `d_pos` [L + 1, D]; `d_packed` [N, rows, D] with
-    /// 1 ≤ rows ≤ L + 1; `kept` [N, L]; `kept_len` [N].
-    pub fn pgs_gather_backward_f32(
-        d_tokens: GlobalMut<f32>,
-        d_cls: GlobalMut<f32>,
-        d_pos: GlobalMut<f32>,
-        d_packed: Global<f32>,
-        kept: Global<u32>,
-        kept_len: Global<u32>,
-        images: u32,
-        patches: u32,
-        dim: u32,
-        rows: u32,
-    ) {
-        let (images, patches, dim, rows) = (images as usize, patches as usize, dim as usize, rows as usize);
-        const TILE: usize = BACKWARD_THREADS as usize;
-        let p = block_x();
-        let c = block_y() * TILE + thread_x();
-        let live = c < dim;
-        let slots = packed_rows();
-        // SAFETY: p ≤ L and c < dim: inside d_pos and d_cls; image b < N, packed row < rows (the
-        // count is capped at rows − 1) and the patch p − 1 < L: inside d_packed and d_tokens; the
-        // slots read are those written this tile, between barriers.
-        unsafe {
-            let (mut pos, mut cls) = (0.0f32, 0.0f32);
-            if live {
-                pos = d_pos.load(p * dim + c);
-                if p == 0 {
-                    cls = d_cls.load(c);
-                }
+/// The backward of the gather and of the positional embedding added before it: d_tokens
+/// overwritten, d_cls and d_pos accumulated. Grid (L + 1, ⌈D / BACKWARD_THREADS⌉),
+/// BACKWARD_THREADS threads.
+///
+/// # Safety
+/// `d_tokens` [N, L, D]; `d_cls` [D]; `d_pos` [L + 1, D]; `d_packed` [N, rows, D] with
+/// 1 ≤ rows ≤ L + 1; `kept` [N, L]; `kept_len` [N].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gather_backward<T: Element>(
+    d_tokens: GlobalMut<T>,
+    d_cls: GlobalMut<f32>,
+    d_pos: GlobalMut<f32>,
+    d_packed: Global<T>,
+    kept: Global<u32>,
+    kept_len: Global<u32>,
+    images: usize,
+    patches: usize,
+    dim: usize,
+    rows: usize,
+) {
+    const TILE: usize = BACKWARD_THREADS as usize;
+    let p = block_x();
+    let c = block_y() * TILE + thread_x();
+    let live = c < dim;
+    let slots = packed_rows();
+    // SAFETY: p ≤ L and c < dim: inside d_pos and d_cls; image b < N, packed row < rows (the
+    // count is capped at rows − 1) and the patch p − 1 < L: inside d_packed and d_tokens; the
+    // slots read are those written this tile, between barriers.
+    unsafe {
+        let (mut pos, mut cls) = (0.0f32, 0.0f32);
+        if live {
+            pos = d_pos.load(p * dim + c);
+            if p == 0 {
+                cls = d_cls.load(c);
             }
-            let mut b0 = 0;
-            while b0 < images {
-                let tile = TILE.min(images - b0);
-                if thread_x() < tile {
-                    let b = b0 + thread_x();
-                    let row = if p == 0 {
-                        0
+        }
+        let mut b0 = 0;
+        while b0 < images {
+            let tile = TILE.min(images - b0);
+            if thread_x() < tile {
+                let b = b0 + thread_x();
+                let row = if p == 0 {
+                    0
+                } else {
+                    let len = (kept_len.load(b) as usize).min(rows - 1);
+                    packed_row(kept.offset(b * patches), len, p as u32 - 1)
+                };
+                slots.store(thread_x(), row);
+            }
+            sync_threads();
+            if live {
+                for k in 0..tile {
+                    let (b, row) = (b0 + k, slots.load(k));
+                    let v = if row == PADDING {
+                        T::ZERO
                     } else {
-                        let len = (kept_len.load(b) as usize).min(rows - 1);
-                        packed_row(kept.offset(b * patches), len, p as u32 - 1)
+                        let v = d_packed.load((b * rows + row as usize) * dim + c);
+                        pos += v.to_f32();
+                        v
                     };
-                    slots.store(thread_x(), row);
-                }
-                sync_threads();
-                if live {
-                    for k in 0..tile {
-                        let (b, row) = (b0 + k, slots.load(k));
-                        let v = if row == PADDING {
-                            0.0
-                        } else {
-                            let v = d_packed.load((b * rows + row as usize) * dim + c);
-                            pos += v;
-                            v
-                        };
-                        if p == 0 {
-                            cls += v;
-                        } else {
-                            d_tokens.store((b * patches + p - 1) * dim + c, v);
-                        }
+                    if p == 0 {
+                        cls += v.to_f32();
+                    } else {
+                        d_tokens.store((b * patches + p - 1) * dim + c, v);
                     }
                 }
-                sync_threads(); // the next tile overwrites the slots
-                b0 += TILE;
             }
-            if live {
-                d_pos.store(p * dim + c, pos);
-                if p == 0 {
-                    d_cls.store(c, cls);
-                }
+            sync_threads(); // the next tile overwrites the slots
+            b0 += TILE;
+        }
+        if live {
+            d_pos.store(p * dim + c, pos);
+            if p == 0 {
+                d_cls.store(c, cls);
             }
         }
     }
 }
+
+macro_rules! gather_backward_entry {
+    ($name:ident, $t:ty) => {
+        kernel! {
+            /// The backward of the gather and of the positional embedding added before it:
+            /// d_tokens overwritten, d_cls and d_pos (f32) accumulated. Grid (L + 1,
+            /// ⌈D / BACKWARD_THREADS⌉), BACKWARD_THREADS threads.
+            ///
+            /// # Safety
+            /// `d_tokens` [N, L, D]; `d_cls` [D]; `d_pos` [L + 1, D]; `d_packed` [N, rows, D]
+            /// with 1 ≤ rows ≤ L + 1; `kept` [N, L]; `kept_len` [N].
+            pub fn $name(
+                d_tokens: GlobalMut<$t>,
+                d_cls: GlobalMut<f32>,
+                d_pos: GlobalMut<f32>,
+                d_packed: Global<$t>,
+                kept: Global<u32>,
+                kept_len: Global<u32>,
+                images: u32,
+                patches: u32,
+                dim: u32,
+                rows: u32,
+            ) {
+                let (images, patches, dim, rows) = (images as usize, patches as usize, dim as usize, rows as usize);
+                // SAFETY: the caller's contract, the same as gather_backward's.
+                unsafe { gather_backward(d_tokens, d_cls, d_pos, d_packed, kept, kept_len, images, patches, dim, rows) }
+            }
+        }
+    };
+}
+gather_backward_entry!(pgs_gather_backward_f32, f32);
+gather_backward_entry!(pgs_gather_backward_bf16, Bf16);

@@ -2,11 +2,14 @@
 //! CPU reference (`host/src/ops/gelu.rs`), and the kernels for activations no linear layer's
 //! epilogue produces. gelu(x) = x·Φ(x), Φ(x) = (1 + erf(x/√2))/2; gelu'(x) = Φ(x) + x·φ(x).
 //!
-//! Grid-stride, one element per thread per iteration. Memory traffic: forward reads x and writes
-//! y, backward reads dy and x and writes dx, 4 bytes each per element: the analytic minimum.
+//! Grid-stride, one element per thread per iteration; one body per kernel over the element type
+//! (`_f32` and `_bf16` entry points), computing in f32. Memory traffic: forward reads x and
+//! writes y, backward reads dy and x and writes dx, s bytes each per element (s = 4 for f32, 2
+//! for bf16): the analytic minimum.
 
 use core::f32::consts::{FRAC_1_SQRT_2, PI};
 
+use crate::element::{Bf16, Element};
 use crate::hw::{Global, GlobalMut, grid_stride};
 use crate::kernel;
 use crate::math::{erf, fast_exp, sqrt};
@@ -61,28 +64,51 @@ fn logistic(z: f32) -> f32 {
     1.0 / (1.0 + fast_exp(-z))
 }
 
-kernel! {
-    /// y[i] = gelu(x[i]) for i < n.
-    ///
-    /// # Safety
-    /// `y` and `x` hold n floats.
-    pub fn gelu_f32(y: GlobalMut<f32>, x: Global<f32>, n: u32) {
-        // SAFETY: i < n.
-        grid_stride(n as usize, |i| unsafe { y.store(i, gelu(x.load(i))) });
-    }
+/// # Safety
+/// `y` and `x` hold n elements.
+#[inline(always)]
+unsafe fn forward<T: Element>(y: GlobalMut<T>, x: Global<T>, n: u32) {
+    // SAFETY: i < n.
+    grid_stride(n as usize, |i| unsafe { y.store(i, T::from_f32(gelu(x.load(i).to_f32()))) });
 }
 
-kernel! {
-    /// dx[i] = dy[i]·gelu'(x[i]) for i < n; with a null `dy`, in place: dx[i] = dx[i]·gelu'(x[i]).
-    ///
-    /// # Safety
-    /// `dx`, `dy` (unless null) and `x` hold n floats.
-    pub fn gelu_backward_f32(dx: GlobalMut<f32>, dy: Global<f32>, x: Global<f32>, n: u32) {
-        let in_place = dy.is_null();
-        // SAFETY: i < n.
-        grid_stride(n as usize, |i| unsafe {
-            let g = if in_place { dx.load(i) } else { dy.load(i) };
-            dx.store(i, gelu_grad(g, x.load(i)))
-        });
-    }
+/// # Safety
+/// `dx`, `dy` (unless null) and `x` hold n elements.
+#[inline(always)]
+unsafe fn backward<T: Element>(dx: GlobalMut<T>, dy: Global<T>, x: Global<T>, n: u32) {
+    let in_place = dy.is_null();
+    // SAFETY: i < n.
+    grid_stride(n as usize, |i| unsafe {
+        let g = if in_place { dx.load(i) } else { dy.load(i) };
+        dx.store(i, T::from_f32(gelu_grad(g.to_f32(), x.load(i).to_f32())))
+    });
 }
+
+macro_rules! gelu_entries {
+    ($t:ty, $forward:ident, $backward:ident) => {
+        kernel! {
+            /// y[i] = gelu(x[i]) for i < n.
+            ///
+            /// # Safety
+            /// `y` and `x` hold n elements.
+            pub fn $forward(y: GlobalMut<$t>, x: Global<$t>, n: u32) {
+                // SAFETY: the caller's contract, the same as forward's.
+                unsafe { forward(y, x, n) }
+            }
+        }
+
+        kernel! {
+            /// dx[i] = dy[i]·gelu'(x[i]) for i < n; with a null `dy`, in place: dx[i] =
+            /// dx[i]·gelu'(x[i]).
+            ///
+            /// # Safety
+            /// `dx`, `dy` (unless null) and `x` hold n elements.
+            pub fn $backward(dx: GlobalMut<$t>, dy: Global<$t>, x: Global<$t>, n: u32) {
+                // SAFETY: the caller's contract, the same as backward's.
+                unsafe { backward(dx, dy, x, n) }
+            }
+        }
+    };
+}
+gelu_entries!(f32, gelu_f32, gelu_backward_f32);
+gelu_entries!(Bf16, gelu_bf16, gelu_backward_bf16);

@@ -17,6 +17,7 @@ extern crate std;
 
 pub mod adamw;
 pub mod attention;
+pub mod cast;
 pub mod clip_loss;
 pub mod edge_map;
 pub mod element;

@@ -290,6 +290,16 @@ struct IndexPlan {
     eot: Span,
 }
 
+/// The arenas' layout before allocation.
+struct Plan {
+    image: ImagePlan,
+    text: TextPlan,
+    loss: LossPlan,
+    index: IndexPlan,
+    f32s: usize,
+    u32s: usize,
+}
+
 /// The kept patches of a batch.
 pub enum Keep<'a> {
     All,
@@ -355,7 +365,36 @@ impl Workspace {
         Self::build(&Clip { grad_checkpointing: true, ..clip.clone() }, device, batch, batch, false)
     }
 
+    /// Bytes of the arenas `new(clip, device, batch, micro)` allocates (nothing is allocated).
+    pub fn bytes_needed(clip: &Clip, batch: usize, micro: usize) -> usize {
+        let plan = Self::plan(clip, batch, micro, true);
+        4 * (plan.f32s + plan.u32s)
+    }
+
     fn build(clip: &Clip, device: &Device, batch: usize, micro: usize, backward: bool) -> Result<Workspace> {
+        let Plan { image, text, loss, index, f32s, u32s } = Self::plan(clip, batch, micro, backward);
+        let l = clip.cfg.patches();
+        let f32s = device.alloc_zeros(f32s, "the activation arena")?;
+        let u32s = device.alloc_zeros(u32s, "the index arena")?;
+        Ok(Workspace {
+            batch,
+            micro,
+            n: 0,
+            seq: l + 1,
+            image_rows_used: 0,
+            image,
+            text,
+            loss,
+            index,
+            f32s,
+            u32s,
+            kept_host: vec![0; batch * l],
+            kept_len_host: vec![0; batch],
+        })
+    }
+
+    /// Where everything lives in the arenas, and their lengths.
+    fn plan(clip: &Clip, batch: usize, micro: usize, backward: bool) -> Plan {
         let cfg = &clip.cfg;
         let (v, t) = (&cfg.vision_cfg, &cfg.text_cfg);
         let (l, e, ctx) = (cfg.patches(), cfg.embed_dim, t.context_length);
@@ -421,23 +460,7 @@ impl Workspace {
             ids: ia.take(batch * ctx),
             eot: ia.take(micro),
         };
-        let f32s = device.alloc_zeros(a.len, "the activation arena")?;
-        let u32s = device.alloc_zeros(ia.len, "the index arena")?;
-        Ok(Workspace {
-            batch,
-            micro,
-            n: 0,
-            seq: l + 1,
-            image_rows_used: 0,
-            image,
-            text,
-            loss,
-            index,
-            f32s,
-            u32s,
-            kept_host: vec![0; batch * l],
-            kept_len_host: vec![0; batch],
-        })
+        Plan { image, text, loss, index, f32s: a.len, u32s: ia.len }
     }
 
     /// Bytes of both arenas.

@@ -59,7 +59,7 @@ impl Optimizer {
             let ([], [m]) = self.m.data.split([], [span]).map_err(err)?;
             let ([], [v]) = self.v.data.split([], [span]).map_err(err)?;
             let at = AdamWStep { step: self.step, weight_decay, max_norm };
-            adamw_update(device, p, g, m, v, self.norm.view(), &self.adamw, at).map_err(err)?;
+            adamw_update(device, p, g, m, v, None, self.norm.view(), &self.adamw, at).map_err(err)?;
         }
         let ([], [scale]) = params.data.split([], [layout.span("logit_scale")]).map_err(err)?;
         clamp(device, scale, 0.0, 100f32.ln()).map_err(err)

@@ -13,10 +13,12 @@ use clip_pgs_host::ops::pgs::gpu::mask_gpu;
 use clip_pgs_host::ops::pgs::{MaskRequest, Masking, PatchTokens, PgsMode, REFERENCE_EPOCHS, mask_cpu};
 use clip_pgs_host::{Device, Result as HostResult};
 
+use clip_pgs_kernels::select::paper_candidate_count;
+
 use crate::clip::{Clip, Keep, Output, Pass, Workspace};
 use crate::config::ClipConfig;
 use crate::optimizer::Optimizer;
-use crate::params::Params;
+use crate::params::{Layout, Params};
 
 /// Which patches the step keeps.
 pub enum StepMasks<'a> {
@@ -171,4 +173,87 @@ fn needs_tokens(request: &MaskRequest) -> bool {
         _ => at.epochs,
     };
     matches!(request.masking, Masking::Pgs(_)) && at.epoch > 0 && alpha_epochs > 0
+}
+
+/// cuBLASLt's workspace on Hopper (`host/src/cublaslt/cuda.rs`).
+const CUBLASLT_WORKSPACE: usize = 32 << 20;
+
+/// Device memory a training run needs, in bytes: the flat state (parameters, gradients and the
+/// two AdamW moments, f32), both arenas, the GPU masks' working buffers and cuBLASLt's workspace.
+pub fn memory_needed(
+    cfg: &ClipConfig,
+    batch: usize,
+    accum: usize,
+    grad_checkpointing: bool,
+    masking: &Masking,
+) -> usize {
+    let layout = Layout::new(cfg);
+    let clip = Clip::new(cfg, &layout, grad_checkpointing);
+    let arenas = Workspace::bytes_needed(&clip, batch, batch.div_ceil(accum.max(1)));
+    let (l, values) = (cfg.patches(), 3 * cfg.vision_cfg.patch_size.pow(2));
+    // mask_gpu: standardized patches [N, L, 3p²], the similarity and its balanced copy
+    // [N, n_c, L], and a few [N, L] vectors.
+    let masks = match masking {
+        Masking::Pgs(_) => 4 * batch * l * (values + 2 * paper_candidate_count(l) + 8),
+        Masking::Flip { .. } | Masking::None => 8 * batch * l,
+    };
+    4 * 4 * layout.len() + arenas + masks + CUBLASLT_WORKSPACE
+}
+
+/// Checks that a run fits in `free` bytes of device memory; otherwise an error with the sizes and
+/// the largest batch that fits (with the same --accum-freq), or what else to try.
+pub fn check_fits(
+    cfg: &ClipConfig,
+    batch: usize,
+    accum: usize,
+    grad_checkpointing: bool,
+    masking: &Masking,
+    free: usize,
+) -> Result<(), String> {
+    let need = |b: usize| memory_needed(cfg, b, accum, grad_checkpointing, masking);
+    let gib = |bytes: usize| bytes as f64 / (1u64 << 30) as f64;
+    if need(batch) <= free {
+        return Ok(());
+    }
+    let (mut lo, mut hi) = (0, batch);
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if need(mid) <= free { lo = mid } else { hi = mid }
+    }
+    let advice = match lo {
+        0 => "not even a batch of 1 fits: free GPU memory, or use a smaller model".to_string(),
+        fits => format!(
+            "--batch-size {fits} fits; to keep the batch, raise --accum-freq{}",
+            if grad_checkpointing { "" } else { " or add --grad-checkpointing" }
+        ),
+    };
+    Err(format!(
+        "out of GPU memory: batch {batch} needs {:.2} GiB (model state {:.2} GiB), {:.2} GiB are free: {advice}",
+        gib(need(batch)),
+        gib(16 * Layout::new(cfg).len()),
+        gib(free)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_that_does_not_fit_names_the_batch_that_does() {
+        let cfg = ClipConfig::load("test-tiny").unwrap();
+        let pgs = Masking::Pgs(clip_pgs_host::ops::pgs::PgsConfig {
+            mode: PgsMode::Paper,
+            ratio: clip_pgs_host::ops::pgs::MaskRatio::Fixed(0.5),
+            use_ed: true,
+            use_otn: true,
+        });
+        let need = |b: usize| memory_needed(&cfg, b, 1, false, &pgs);
+        assert!(need(64) > need(32) && need(32) > need(1), "memory grows with the batch");
+        assert!(check_fits(&cfg, 32, 1, false, &pgs, need(32)).is_ok());
+        let e = check_fits(&cfg, 32, 1, false, &pgs, need(20) + 1).unwrap_err();
+        assert!(e.contains("out of GPU memory: batch 32 needs") && e.contains("--batch-size 20 fits"), "{e}");
+        let e = check_fits(&cfg, 32, 1, false, &pgs, 1000).unwrap_err();
+        assert!(e.contains("not even a batch of 1 fits"), "{e}");
+    }
 }

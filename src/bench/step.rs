@@ -1,16 +1,25 @@
 //! `clip-pgs bench step`: training steps of a CLIP config in this process, the trainer's step
 //! function on random images and real captions: median step time and peak memory as one JSON line
 //! (tools/bench_train_step.sh interleaves it with PyTorch's on the CPU).
+//!
+//! `--device cuda`: each step between two CUDA events on the runtime's stream (the batch's upload,
+//! the masks, forward, loss, backward, the gradient norm and AdamW), median, min and max; MFU
+//! against the measured H100 bf16 GEMM rate; the peak of the driver's used GPU memory above what
+//! was used before the workload was built (tools/bench_step_gpu.sh sets it beside open_clip's).
 
 use std::error::Error;
 
 use clap::Args;
 
-use super::median;
+use super::{GEMM_FLOPS, median};
 use crate::train::MaskMethod;
+use clip_pgs_host::cuda::CudaRuntime;
 use clip_pgs_host::ops::pgs::{MaskRatio, Masking, PgsConfig, PgsMode};
 use clip_pgs_host::{Device, DevicePreference};
+use clip_pgs_kernels::select::masked_count;
+use clip_pgs_model::bench::{StepWorkload, train_step_flops};
 use clip_pgs_model::outln;
+use cudarc::driver::sys::CUevent_flags;
 
 #[derive(Args)]
 pub struct StepBench {
@@ -32,7 +41,8 @@ pub struct StepBench {
     /// Fraction masked (flip, pgs).
     #[arg(long, default_value_t = 0.5)]
     pub(super) mask_ratio: f32,
-    /// cpu (wall-clock steps) or emu (the emulator's traffic counters per kernel, one step).
+    /// cpu (wall-clock steps), cuda (steps timed with CUDA events, MFU, peak GPU memory) or emu
+    /// (the emulator's traffic counters per kernel, one step).
     #[arg(long, default_value = "cpu")]
     pub(super) device: DevicePreference,
 }
@@ -60,14 +70,17 @@ pub fn run(args: &StepBench) -> Result<(), Box<dyn Error>> {
     if args.steps == 0 || args.batch == 0 {
         return Err("bench step needs at least one step of at least one image".into());
     }
-    let selection = Device::select(args.device)?;
+    let selection = Device::select(args.device).map_err(|e| match args.device {
+        DevicePreference::Cuda => format!("bench step --device cuda needs a CUDA GPU: {e}"),
+        _ => e.to_string(),
+    })?;
     let device = selection.device.clone();
-    match device {
+    match &device {
         Device::Cpu => {}
         Device::Emu(_) => return super::step_traffic::run(args, device),
-        Device::Cuda(_) => return Err("bench step on cuda is not built yet".into()),
+        Device::Cuda(rt) => return cuda_steps(args, rt, device.clone()),
     }
-    let mut workload = clip_pgs_model::bench::StepWorkload::new(&args.model, args.batch, device, args.masking()?)?;
+    let mut workload = StepWorkload::new(&args.model, args.batch, device, args.masking()?)?;
     for _ in 0..args.warmup {
         workload.step()?;
     }
@@ -90,6 +103,86 @@ pub fn run(args: &StepBench) -> Result<(), Box<dyn Error>> {
         })
     );
     Ok(())
+}
+
+/// `bench step --device cuda`: every step timed between two CUDA events on the runtime's stream;
+/// one JSON line with the median, min and max, samples/s, MFU and the peak GPU memory.
+fn cuda_steps(args: &StepBench, rt: &CudaRuntime, device: Device) -> Result<(), Box<dyn Error>> {
+    // What the driver counts as used before the workload (this context, its module, and other
+    // processes), so that only the workload's memory is reported.
+    let baseline = driver_used(rt, "before building the workload")?;
+    let mut workload = StepWorkload::new(&args.model, args.batch, device.clone(), args.masking()?).map_err(|e| {
+        format!("bench step on {device}: building the {} workload at batch {}: {e}", args.model, args.batch)
+    })?;
+    let in_step = |i: usize, e: String| format!("bench step on {device}: step {i}: {e}");
+    for i in 0..args.warmup {
+        workload.step().map_err(|e| in_step(i, e))?;
+    }
+    rt.stream.synchronize().map_err(cuda("waiting for the warm-up steps"))?;
+    // The driver's used memory is sampled (after the warm-up and after every timed step, outside
+    // the timing), not a high-water mark: memory allocated and freed within a step is not seen.
+    let mut peak = driver_used(rt, "after the warm-up")?;
+    let event = || rt.context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda("creating a CUDA event"));
+    let mut times = Vec::with_capacity(args.steps);
+    for i in 0..args.steps {
+        let (start, end) = (event()?, event()?);
+        start.record(&rt.stream).map_err(cuda("recording the event before a step"))?;
+        workload.step().map_err(|e| in_step(args.warmup + i, e))?;
+        end.record(&rt.stream).map_err(cuda("recording the event after a step"))?;
+        times.push(start.elapsed_ms(&end).map_err(cuda("waiting for a step and reading its time"))? as f64 * 1e-3);
+        peak = peak.max(driver_used(rt, "after a timed step")?);
+    }
+    let (min, max) = (times.iter().copied().fold(f64::INFINITY, f64::min), times.iter().copied().fold(0.0, f64::max));
+    let median = median(times);
+    let l = workload.cfg.patches();
+    let kept = match args.mask {
+        MaskMethod::None => l,
+        // PGS (paper, fixed ratio) and FLIP mask floor(ratio · L) patches per image; PGS masks
+        // more only when it seeds more regions than that.
+        MaskMethod::Flip | MaskMethod::Pgs => l - masked_count(args.mask_ratio, l),
+    };
+    let flops = train_step_flops(&workload.cfg, args.batch, kept) as f64;
+    outln!(
+        "{}",
+        serde_json::json!({
+            "name": format!("{}_batch{}", args.model, args.batch),
+            "device": device.to_string(),
+            "mask": format!("{:?} {}", args.mask, args.mask_ratio),
+            "kept_tokens": kept,
+            "precision": "f32 (cuBLASLt COMPUTE_32F)",
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "median_s": median,
+            "min_s": min,
+            "max_s": max,
+            "ms_per_step": median * 1e3,
+            "samples_per_s": args.batch as f64 / median,
+            "flops_per_step": flops,
+            // GEMM_FLOPS: 790 TFLOP/s, the H100's bf16 dense GEMM rate measured in the issue; the
+            // same yardstick for every precision and peer.
+            "mfu": flops / median / GEMM_FLOPS,
+            "mfu_yardstick": "790 TFLOP/s, the measured H100 bf16 dense GEMM rate",
+            // The driver's used memory (total − free), the max of the samples, above the baseline.
+            "peak_gpu_mb": peak.saturating_sub(baseline) as f64 / (1 << 20) as f64,
+            "commit": env!("CLIP_PGS_COMMIT"),
+        })
+    );
+    Ok(())
+}
+
+/// A driver error as the error of `what` was being done.
+fn cuda(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> String {
+    move |e| format!("CUDA error while {what}: {e}")
+}
+
+/// The memory the driver counts as used on the GPU (total − free, every process), in bytes.
+fn driver_used(rt: &CudaRuntime, when: &str) -> Result<usize, String> {
+    let read = || {
+        rt.context.bind_to_thread()?;
+        cudarc::driver::result::mem_get_info()
+    };
+    let (free, total) = read().map_err(|e| format!("CUDA error while reading the GPU's free memory {when}: {e}"))?;
+    Ok(total.saturating_sub(free))
 }
 
 /// This process's peak resident memory (Linux `VmHWM`), in MB; None elsewhere.

@@ -80,3 +80,39 @@ pub fn gpu() -> Device {
         .unwrap_or_else(|e| panic!("the GPU tests were asked to run on {preference:?}: {e}"))
         .device
 }
+
+/// The bf16 values nearest to `v` (ties to even, the kernels' rounding).
+pub fn bf16s(v: &[f32]) -> Vec<clip_pgs_host::bf16> {
+    use clip_pgs_host::ops::dtype::Float;
+    v.iter().map(|&x| Float::from_f32(x)).collect()
+}
+
+/// bf16 values widened to f32 (exact).
+pub fn widen(v: &[clip_pgs_host::bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// `v` as a bf16 tensor holds it: rounded to bf16 and widened back.
+pub fn rounded(v: &[f32]) -> Vec<f32> {
+    widen(&bf16s(v))
+}
+
+/// The rounding of a value stored in bf16, relative to the value: at most half an ulp, which is
+/// |x|·2⁻⁸ at most (8 significant bits: 7 stored and the implicit one; the unit roundoff u).
+pub const BF16_ROUNDING: f32 = 1.0 / 256.0;
+
+/// `v` uploaded to `device` as elements of type T (rounded to nearest even for bf16).
+pub fn upload_as<T: clip_pgs_host::ops::dtype::Float>(device: &Device, v: &[f32]) -> clip_pgs_host::Buffer<T> {
+    let values: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
+    device.upload(&values).expect("upload")
+}
+
+/// A buffer's values, widened to f32.
+pub fn download<T: clip_pgs_host::ops::dtype::Float>(b: &clip_pgs_host::Buffer<T>) -> Vec<f32> {
+    b.to_vec().expect("download").into_iter().map(|x| x.to_f32()).collect()
+}
+
+/// `v` as values of type T hold it: itself for f32, rounded to bf16 for bf16.
+pub fn held<T: clip_pgs_host::ops::dtype::Float>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
+}

@@ -1,8 +1,9 @@
 //! cuBLASLt on the `cuda` device through cudarc's raw layer (its safe wrapper lacks the
 //! training epilogues): one handle and one workspace per GPU (32 MiB on Hopper and newer, 4 MiB
-//! before, NVIDIA's recommendation), and per distinct matmul (types, ops, layouts, epilogue) a
-//! plan — the matmul descriptor, the three layouts and the heuristic's algorithm — made once and
-//! reused, so a training step makes no descriptor and runs no heuristic after its first.
+//! before, NVIDIA's recommendation), and per distinct matmul (ops, layouts with their element
+//! types, epilogue) a plan — the matmul descriptor, the three layouts and the heuristic's
+//! algorithm — made once and reused, so a training step makes no descriptor and runs no heuristic
+//! after its first.
 //! Pointers (A, B, D, bias, aux) are per call: the epilogue's are set on the cached descriptor.
 
 use std::collections::HashMap;
@@ -13,11 +14,12 @@ use cudarc::cublaslt::result::{self, CublasError};
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream};
 
-use super::{Epilogue, Layout, Matmul, Op};
+use super::{DataType, Epilogue, Layout, Matmul, Op};
 use crate::error::{CudaContextExt, Error, Result};
+use crate::ops::dtype::Float;
 use crate::view::{Place, View, ViewMut};
 
-/// What a plan depends on.
+/// What a plan depends on (the layouts carry the element types).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     op_a: Op,
@@ -26,7 +28,17 @@ struct Key {
     b: Layout,
     d: Layout,
     epilogue: u32,
+    /// The epilogue reads or writes a bias vector.
+    bias: bool,
     aux_ld: usize,
+}
+
+/// cuBLASLt's name of an element type.
+fn cuda_type(t: DataType) -> sys::cudaDataType_t {
+    match t {
+        DataType::F32 => sys::cudaDataType_t::CUDA_R_32F,
+        DataType::Bf16 => sys::cudaDataType_t::CUDA_R_16BF,
+    }
 }
 
 struct Plan {
@@ -63,13 +75,13 @@ impl CublasLt {
         Ok(CublasLt { handle, stream, workspace, plans: Mutex::new(HashMap::new()) })
     }
 
-    pub(super) fn matmul(
+    pub(super) fn matmul<AB: Float, D: Float>(
         &self,
         mm: &Matmul,
-        a: View<f32>,
-        b: View<f32>,
-        d: ViewMut<f32>,
-        epilogue: Epilogue,
+        a: View<AB>,
+        b: View<AB>,
+        d: ViewMut<D>,
+        epilogue: Epilogue<D>,
     ) -> Result<()> {
         let (epilogue_id, aux_ld) = match &epilogue {
             Epilogue::Default => (sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT, 0),
@@ -78,7 +90,9 @@ impl CublasLt {
             Epilogue::DGelu { ld, .. } => (sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DGELU, *ld),
             Epilogue::BGradB(_) => (sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB, 0),
         };
-        let key = Key { op_a: mm.op_a, op_b: mm.op_b, a: mm.a, b: mm.b, d: mm.d, epilogue: epilogue_id as u32, aux_ld };
+        let bias = matches!(epilogue, Epilogue::Bias(_) | Epilogue::GeluAuxBias { .. } | Epilogue::BGradB(_));
+        let (op_a, op_b, epilogue_id) = (mm.op_a, mm.op_b, epilogue_id as u32);
+        let key = Key { op_a, op_b, a: mm.a, b: mm.b, d: mm.d, epilogue: epilogue_id, bias, aux_ld };
         let (a, b, d) = (
             address(a.place(), a.cuda_address())?,
             address(b.place(), b.cuda_address())?,
@@ -117,8 +131,9 @@ impl CublasLt {
         let (alpha, beta) = (mm.alpha, mm.beta);
         let [la, lb, ld] = plan.layouts;
         let workspace = address_of(&self.workspace);
-        // SAFETY: the views hold their layouts' spans (checked by `super::matmul`); C = D in place
-        // with D's layout, as cuBLASLt allows; α and β are host scalars (the default pointer mode).
+        // SAFETY: the views hold their layouts' spans in their element types (checked by
+        // `super::matmul`); C = D in place with D's layout, as cuBLASLt allows; α and β are f32
+        // host scalars (the scale type; the default pointer mode).
         unsafe {
             result::matmul(
                 self.handle,
@@ -142,15 +157,15 @@ impl CublasLt {
         .map_err(blas("running a matmul"))
     }
 
-    /// The descriptor, layouts and heuristic's best algorithm for `key` (f32 in and out, f32
-    /// compute).
+    /// The descriptor, layouts and heuristic's best algorithm for `key` (f32 compute and scale;
+    /// each layout in its element type; the epilogue's vectors in D's).
     fn plan(&self, key: &Key) -> Result<Plan> {
         use sys::cublasLtMatmulDescAttributes_t as Attr;
-        let f32_type = sys::cudaDataType_t::CUDA_R_32F;
-        let desc = result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, f32_type)
+        let scale_type = sys::cudaDataType_t::CUDA_R_32F;
+        let desc = result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, scale_type)
             .map_err(blas("creating a matmul descriptor"))?;
         let layout = |l: Layout| -> Result<sys::cublasLtMatrixLayout_t> {
-            let handle = result::create_matrix_layout(f32_type, l.rows as u64, l.cols as u64, l.ld as i64)
+            let handle = result::create_matrix_layout(cuda_type(l.dtype), l.rows as u64, l.cols as u64, l.ld as i64)
                 .map_err(blas("creating a matrix layout"))?;
             if l.batch > 1 {
                 use sys::cublasLtMatrixLayoutAttribute_t as L;
@@ -183,13 +198,19 @@ impl CublasLt {
             }
         };
         let aux_ld = key.aux_ld as i64;
+        // The defaults (D's type), set explicitly: an int32_t cudaDataType each.
+        let vector_type = cuda_type(key.d.dtype) as i32;
         // SAFETY: a live descriptor; every value has its attribute's type and size.
         unsafe {
             set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &op(key.op_a))?;
             set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &op(key.op_b))?;
             set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, &key.epilogue)?;
+            if key.bias {
+                set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &vector_type)?;
+            }
             if key.aux_ld > 0 {
                 set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld)?;
+                set_desc(desc, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, &vector_type)?;
             }
         }
         let layouts = [layout(key.a)?, layout(key.b)?, layout(key.d)?];

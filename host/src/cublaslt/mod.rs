@@ -1,10 +1,17 @@
-//! Matrix multiplies as cuBLASLt describes them: column-major matrix layouts (rows, columns,
-//! leading dimension, strided batches), op(A) and op(B), D = α·op(A)·op(B) + β·C with C = D (in
-//! place), and the training epilogues BIAS, GELU_AUX_BIAS, DGELU and BGRADB.
+//! Matrix multiplies as cuBLASLt describes them: column-major matrix layouts (element type, rows,
+//! columns, leading dimension, strided batches), op(A) and op(B), D = α·op(A)·op(B) + β·C with
+//! C = D (in place), and the training epilogues BIAS, GELU_AUX_BIAS, DGELU and BGRADB.
+//!
+//! Element types: compute and scale (α, β) are f32 (CUBLAS_COMPUTE_32F, CUDA_R_32F); the matrices
+//! are f32 or bf16 in the combinations cuBLASLt's table for CUBLAS_COMPUTE_32F lists: A and B
+//! f32 with C = D f32, or A and B bf16 with C = D bf16 or f32 (a weight gradient accumulates bf16
+//! products into an f32 gradient with β = 1). The epilogue's vector (bias, bias gradient) and
+//! the GELU aux have D's type, cuBLASLt's default for CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE and
+//! CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE.
 //!
 //! On `cuda` the call goes to cuBLASLt (`cuda.rs`: descriptors, layouts and the heuristic's
-//! algorithm cached per shape, one workspace). On `emu` it goes to `emulated.rs`, a host
-//! interpreter of the same descriptor written from cuBLASLt's documentation, not from the
+//! algorithm cached per shape and types, one workspace). On `emu` it goes to `emulated.rs`, a
+//! host interpreter of the same descriptor written from cuBLASLt's documentation, not from the
 //! model's row-major view (`ops/matmul.rs` translates that view into descriptors): a transposed
 //! or mis-strided descriptor gives wrong numbers in the emulator tests, as it would on a GPU.
 
@@ -14,8 +21,17 @@ mod emulated;
 pub use cuda::CublasLt;
 
 use crate::device::Device;
+use crate::emu::GemmRecord;
 use crate::error::{Error, Result};
+use crate::ops::dtype::Float;
 use crate::view::{View, ViewMut};
+
+/// The element type of a matrix layout (`cudaDataType_t`): CUDA_R_32F or CUDA_R_16BF.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DataType {
+    F32,
+    Bf16,
+}
 
 /// CUBLASLT_MATMUL_DESC_TRANSA / TRANSB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -25,9 +41,10 @@ pub enum Op {
 }
 
 /// A column-major matrix layout (`cublasLtMatrixLayout_t`): element (i, j) of matrix b of the
-/// batch is at `b·stride + i + j·ld`, ld ≥ rows.
+/// batch is at `b·stride + i + j·ld`, ld ≥ rows; elements of type `dtype`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Layout {
+    pub dtype: DataType,
     pub rows: usize,
     pub cols: usize,
     pub ld: usize,
@@ -37,8 +54,9 @@ pub struct Layout {
 }
 
 impl Layout {
-    pub fn new(rows: usize, cols: usize, ld: usize) -> Layout {
-        Layout { rows, cols, ld, batch: 1, stride: 0 }
+    /// `cublasLtMatrixLayoutCreate(type, rows, cols, ld)`, one matrix.
+    pub fn new(dtype: DataType, rows: usize, cols: usize, ld: usize) -> Layout {
+        Layout { dtype, rows, cols, ld, batch: 1, stride: 0 }
     }
 
     pub fn batched(self, batch: usize, stride: usize) -> Layout {
@@ -54,7 +72,8 @@ impl Layout {
     }
 }
 
-/// One matmul: D = α·op(A)·op(B) + β·D, with op(A) m×k, op(B) k×n and D m×n.
+/// One matmul: D = α·op(A)·op(B) + β·D, with op(A) m×k, op(B) k×n and D m×n; the layouts give
+/// the data types of A, B and D.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Matmul {
     pub op_a: Op,
@@ -66,29 +85,29 @@ pub struct Matmul {
     pub beta: f32,
 }
 
-/// CUBLASLT_MATMUL_DESC_EPILOGUE with the vectors it reads or writes.
-pub enum Epilogue<'a> {
+/// CUBLASLT_MATMUL_DESC_EPILOGUE with the vectors it reads or writes, of D's element type E.
+pub enum Epilogue<'a, E> {
     Default,
     /// D += bias, bias[i] for row i of D (length m).
-    Bias(View<'a, f32>),
+    Bias(View<'a, E>),
     /// aux = α·op(A)·op(B) + β·C + bias (kept for backward), D = gelu_tanh(aux); aux has D's
     /// shape with leading dimension `ld`.
     GeluAuxBias {
-        bias: View<'a, f32>,
-        aux: ViewMut<'a, f32>,
+        bias: View<'a, E>,
+        aux: ViewMut<'a, E>,
         ld: usize,
     },
     /// D = (α·op(A)·op(B) + β·C)·gelu_tanh'(aux).
     DGelu {
-        aux: View<'a, f32>,
+        aux: View<'a, E>,
         ld: usize,
     },
     /// bias[j] = Σ_p op(B)[p, j] (length n), written: the bias gradient of the layer whose output
     /// gradient is op(B).
-    BGradB(ViewMut<'a, f32>),
+    BGradB(ViewMut<'a, E>),
 }
 
-impl Epilogue<'_> {
+impl<E> Epilogue<'_, E> {
     pub fn name(&self) -> &'static str {
         match self {
             Epilogue::Default => "DEFAULT",
@@ -116,6 +135,14 @@ impl Matmul {
         if k != kb || self.d.rows != m || self.d.cols != n {
             return invalid(format!("op(A) is {m}×{k}, op(B) {kb}×{n}, D {}×{}", self.d.rows, self.d.cols));
         }
+        let (a, b, d) = (self.a.dtype, self.b.dtype, self.d.dtype);
+        let supported = a == b && (a == DataType::Bf16 || d == DataType::F32);
+        if !supported {
+            return invalid(format!(
+                "A is {a:?}, B {b:?}, D {d:?}; with f32 compute cuBLASLt multiplies F32·F32 into F32 and \
+                 Bf16·Bf16 into Bf16 or F32"
+            ));
+        }
         for (name, l) in [("A", self.a), ("B", self.b), ("D", self.d)] {
             if l.ld < l.rows.max(1) {
                 return invalid(format!("{name}'s leading dimension {} is below its {} rows", l.ld, l.rows));
@@ -128,16 +155,26 @@ impl Matmul {
     }
 }
 
-/// Runs `mm` on `device` (cuda or emu): a, b and d must hold their layouts' spans.
-pub fn matmul(
+/// Runs `mm` on `device` (cuda or emu): a, b and d must hold their layouts' spans, in the
+/// layouts' element types (A and B of type `AB`, D and the epilogue's vectors of type `D`).
+pub fn matmul<AB: Float, D: Float>(
     device: &Device,
     mm: &Matmul,
-    a: View<f32>,
-    b: View<f32>,
-    d: ViewMut<f32>,
-    epilogue: Epilogue,
+    a: View<AB>,
+    b: View<AB>,
+    d: ViewMut<D>,
+    epilogue: Epilogue<D>,
 ) -> Result<()> {
     let (m, n, _) = mm.shape()?;
+    for (name, layout, view) in
+        [("A", mm.a.dtype, AB::DATA_TYPE), ("B", mm.b.dtype, AB::DATA_TYPE), ("D", mm.d.dtype, D::DATA_TYPE)]
+    {
+        if layout != view {
+            return Err(Error::InvalidArgument(format!(
+                "cuBLASLt matmul: {name}'s layout is {layout:?}, its view holds {view:?} values"
+            )));
+        }
+    }
     for (name, len, l) in [("A", a.len(), mm.a), ("B", b.len(), mm.b), ("D", d.len(), mm.d)] {
         if len < l.span() {
             return Err(Error::InvalidArgument(format!(
@@ -186,7 +223,26 @@ pub fn matmul(
         Device::Cpu => Err(Error::InvalidArgument(
             "cuBLASLt runs on the GPU devices; the cpu device multiplies through ops::matmul".into(),
         )),
-        Device::Emu(_) => emulated::matmul(mm, a, b, d, epilogue),
+        Device::Emu(rt) => {
+            let (k, batch) = (mm.shape()?.2, mm.d.batch);
+            let vectors = match &epilogue {
+                Epilogue::Default => 0,
+                Epilogue::Bias(_) => m,
+                Epilogue::BGradB(_) => n,
+                Epilogue::GeluAuxBias { .. } => m + m * n,
+                Epilogue::DGelu { .. } => m * n,
+            };
+            let reads_d = if mm.beta != 0.0 { 2 } else { 1 };
+            // A and B in their element type, D and the epilogue's vectors in D's.
+            let (ab_bytes, d_bytes) = (size_of::<AB>(), size_of::<D>());
+            let bytes = batch * (m * k + k * n) * ab_bytes + (batch * reads_d * m * n + vectors) * d_bytes;
+            rt.record_gemm(GemmRecord {
+                epilogue: epilogue.name(),
+                flops: 2 * (m * n * k * batch) as u64,
+                min_bytes: bytes as u64,
+            });
+            emulated::matmul(mm, a, b, d, epilogue)
+        }
         Device::Cuda(rt) => rt.cublaslt()?.matmul(mm, a, b, d, epilogue),
     }
 }

@@ -2,7 +2,9 @@
 //! the gradients' global L2 norm (`grad_norm`) and, for norms above `max_norm`, the gradients
 //! scaled by max_norm/norm inside the update. Decoupled weight decay p ← p·(1 − lr·wd), then
 //! m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g², p ← p − lr/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε).
-//! The norm stays on the device: an update whose norm is not finite changes nothing.
+//! The norm stays on the device: an update whose norm is not finite changes nothing. The state is
+//! f32 (master weights, gradients, moments); a bf16 training step's update also writes the bf16
+//! copy of the weights that its ops read (GPU devices).
 
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
@@ -80,7 +82,8 @@ pub fn grad_norm(device: &Device, out: ViewMut<f32>, grads: View<f32>) -> Result
 /// One AdamW step over `params` with `grads` and the moments `m`, `v` (all the same length);
 /// `norm` [1] is the global gradient norm from `grad_norm`. The gradients are consumed: each is
 /// zeroed once read, ready for the next step's accumulation (no separate pass to clear them).
-/// With a non-finite norm nothing changes, the gradients included.
+/// With `params_bf16` (GPU devices), each updated parameter is also written rounded to bf16
+/// there, in the same pass. With a non-finite norm nothing changes, the gradients included.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_update(
     device: &Device,
@@ -88,13 +91,18 @@ pub fn adamw_update(
     grads: ViewMut<f32>,
     m: ViewMut<f32>,
     v: ViewMut<f32>,
+    params_bf16: Option<ViewMut<half::bf16>>,
     norm: View<f32>,
     hyper: &AdamW,
     at: AdamWStep,
 ) -> Result<()> {
     let op = OpCheck::new("adamw_update", device);
     let n = params.len();
-    for (name, len) in [("grads", grads.len()), ("m", m.len()), ("v", v.len())] {
+    let copy_len = params_bf16.as_ref().map(|c| c.len());
+    for (name, len) in [("grads", grads.len()), ("m", m.len()), ("v", v.len())]
+        .into_iter()
+        .chain(copy_len.map(|len| ("params_bf16", len)))
+    {
         op.size(name, len, n, || "params' size".into())?;
     }
     op.size("norm", norm.len(), 1, || "[1]".into())?;
@@ -112,11 +120,18 @@ pub fn adamw_update(
     if !matches!(device, Device::Cpu) {
         let (p, g) = (op.gpu_mut("params", params)?, op.gpu_mut("grads", grads)?);
         let (m, v, norm) = (op.gpu_mut("m", m)?, op.gpu_mut("v", v)?, op.gpu("norm", norm)?);
+        let copy = params_bf16.map(|c| op.gpu_mut("params_bf16", c)).transpose()?;
         let max_norm = at.max_norm.unwrap_or(f32::INFINITY);
-        let args = (p, g, m, v, norm, n as u32, max_norm, beta1, beta2, eps, step_size, bias2_sqrt, decay);
+        let args = (p, g, m, v, copy, norm, n as u32, max_norm, beta1, beta2, eps, step_size, bias2_sqrt, decay);
         let cfg = grid_stride_config(n, kernel::THREADS);
-        // SAFETY: the four buffers hold n floats and norm one (checked above).
+        // SAFETY: the four buffers and the copy (unless None, a null pointer the kernel does not
+        // write) hold n values and norm one (checked above).
         return unsafe { device.launch(&kernel::adamw_f32, cfg, args) };
+    }
+    // The cpu device computes in f32 and keeps no bf16 copy: `cpu_f32_mut` refuses it, before
+    // anything is written.
+    if let Some(copy) = params_bf16 {
+        op.cpu_f32_mut("params_bf16", copy)?;
     }
     let (p, g, m, v) =
         (op.cpu_mut("params", params)?, op.cpu_mut("grads", grads)?, op.cpu_mut("m", m)?, op.cpu_mut("v", v)?);
@@ -160,7 +175,8 @@ mod tests {
         );
         grad_norm(&dev, norm.view_mut(), gb.view()).unwrap();
         let at = AdamWStep { step: 1, weight_decay: wd, max_norm };
-        adamw_update(&dev, pb.view_mut(), gb.view_mut(), m.view_mut(), v.view_mut(), norm.view(), &opt, at).unwrap();
+        let (pv, gv) = (pb.view_mut(), gb.view_mut());
+        adamw_update(&dev, pv, gv, m.view_mut(), v.view_mut(), None, norm.view(), &opt, at).unwrap();
         let finite = g.iter().all(|g| g.is_finite());
         assert_eq!(gb.to_vec().unwrap().iter().all(|&g| g == 0.0), finite, "gradients consumed only by an update");
         pb.to_vec().unwrap()

@@ -2,7 +2,10 @@
 //! order, head h in columns h·hd..(h+1)·hd of each, as PyTorch's `in_proj`) to the heads' outputs
 //! [B, S, D] (before `out_proj`). Keys are masked causally (text tower) and/or beyond each
 //! sequence's length (the padding of PGS-masked images); probabilities [B, H, S, S] are kept for
-//! the backward pass. On the CPU every head is a pair of strided GEMMs over qkv, no copies.
+//! the backward pass. On the CPU every head is a pair of strided GEMMs over qkv, no copies. On a
+//! GPU device qkv, the probabilities, the outputs and every gradient may be bf16
+//! (`dtype::Activation`): the GEMMs accumulate in f32 and round what they store, the softmax
+//! kernels compute in f32.
 
 use rayon::prelude::*;
 
@@ -11,6 +14,7 @@ use cudarc::driver::LaunchConfig;
 use clip_pgs_kernels::attention as kernel;
 
 use super::check::OpCheck;
+use super::dtype::Activation;
 use super::matmul::{Batch, Mat, MatRef, cpu_matmul, gpu_matmul};
 use crate::cublaslt::Epilogue as Lt;
 use crate::device::Device;
@@ -56,11 +60,11 @@ fn check(op: &OpCheck, s: AttentionShape, qkv: usize, out: usize, probs: usize) 
 }
 
 /// out [B, S, D] and probs [B, H, S, S]. `lengths[b]` valid keys of sequence b (None: all).
-pub fn attention_forward(
+pub fn attention_forward<T: Activation>(
     device: &Device,
-    out: ViewMut<f32>,
-    probs: ViewMut<f32>,
-    qkv: View<f32>,
+    out: ViewMut<T>,
+    probs: ViewMut<T>,
+    qkv: View<T>,
     lengths: Option<View<u32>>,
     s: AttentionShape,
 ) -> Result<()> {
@@ -90,7 +94,7 @@ pub fn attention_forward(
         }
         None => None,
     };
-    let (out, probs, qkv) = (op.cpu_mut("out", out)?, op.cpu_mut("probs", probs)?, op.cpu("qkv", qkv)?);
+    let (out, probs, qkv) = (op.cpu_f32_mut("out", out)?, op.cpu_f32_mut("probs", probs)?, op.cpu_f32("qkv", qkv)?);
     let (d, seq, hd) = (s.width(), s.seq, s.head_dim);
     let scale = 1.0 / (hd as f32).sqrt();
     out.par_chunks_mut(seq * d).zip(probs.par_chunks_mut(s.heads * seq * seq)).enumerate().for_each(
@@ -122,13 +126,13 @@ pub fn attention_forward(
 
 /// dqkv [B, S, 3D] (overwritten) from dout [B, S, D]; `scratch` [B, H, S, S] holds the scores'
 /// gradients.
-pub fn attention_backward(
+pub fn attention_backward<T: Activation>(
     device: &Device,
-    dqkv: ViewMut<f32>,
-    scratch: ViewMut<f32>,
-    dout: View<f32>,
-    qkv: View<f32>,
-    probs: View<f32>,
+    dqkv: ViewMut<T>,
+    scratch: ViewMut<T>,
+    dout: View<T>,
+    qkv: View<T>,
+    probs: View<T>,
     s: AttentionShape,
 ) -> Result<()> {
     let op = OpCheck::new("attention_backward", device);
@@ -140,8 +144,8 @@ pub fn attention_backward(
         let (dout, qkv, probs) = (op.gpu("dout", dout)?, op.gpu("qkv", qkv)?, op.gpu("probs", probs)?);
         return gpu_backward(device, dqkv, scratch, dout, qkv, probs, s);
     }
-    let (dqkv, scratch) = (op.cpu_mut("dqkv", dqkv)?, op.cpu_mut("scratch", scratch)?);
-    let (dout, qkv, probs) = (op.cpu("dout", dout)?, op.cpu("qkv", qkv)?, op.cpu("probs", probs)?);
+    let (dqkv, scratch) = (op.cpu_f32_mut("dqkv", dqkv)?, op.cpu_f32_mut("scratch", scratch)?);
+    let (dout, qkv, probs) = (op.cpu_f32("dout", dout)?, op.cpu_f32("qkv", qkv)?, op.cpu_f32("probs", probs)?);
     let (d, seq, hd) = (s.width(), s.seq, s.head_dim);
     let scale = 1.0 / (hd as f32).sqrt();
     dqkv.par_chunks_mut(seq * 3 * d).zip(scratch.par_chunks_mut(s.heads * seq * seq)).enumerate().for_each(
@@ -225,11 +229,11 @@ fn softmax_config(rows: usize) -> LaunchConfig {
     }
 }
 
-fn gpu_forward(
+fn gpu_forward<T: Activation>(
     device: &Device,
-    mut out: ViewMut<f32>,
-    mut probs: ViewMut<f32>,
-    qkv: View<f32>,
+    mut out: ViewMut<T>,
+    mut probs: ViewMut<T>,
+    qkv: View<T>,
     lengths: Option<View<u32>>,
     s: AttentionShape,
 ) -> Result<()> {
@@ -241,8 +245,8 @@ fn gpu_forward(
         gpu_matmul(device, scores, q, k.t(), false, hb.batch(sq, qs, qs), Lt::Default)?;
     }
     let args = (probs.reborrow(), lengths, s.batch as u32, s.heads as u32, s.seq as u32, s.causal as u32, scale(s));
-    // SAFETY: probs holds B·H·S² floats and lengths B (checked by the caller).
-    unsafe { device.launch(&kernel::attention_softmax_f32, softmax_config(s.batch * s.heads * s.seq), args)? };
+    // SAFETY: probs holds B·H·S² values and lengths B (checked by the caller).
+    unsafe { device.launch(&T::ATTENTION_SOFTMAX, softmax_config(s.batch * s.heads * s.seq), args)? };
     for h in 0..s.heads {
         let (p, v) = (hb.square(probs.as_view().skip(h * s.seq * s.seq)), hb.qkv(qkv.skip(hb.qkv_offset(2, h))));
         let o = hb.out(out.skip(h * s.head_dim));
@@ -251,13 +255,13 @@ fn gpu_forward(
     Ok(())
 }
 
-fn gpu_backward(
+fn gpu_backward<T: Activation>(
     device: &Device,
-    mut dqkv: ViewMut<f32>,
-    mut scratch: ViewMut<f32>,
-    dout: View<f32>,
-    qkv: View<f32>,
-    probs: View<f32>,
+    mut dqkv: ViewMut<T>,
+    mut scratch: ViewMut<T>,
+    dout: View<T>,
+    qkv: View<T>,
+    probs: View<T>,
     s: AttentionShape,
 ) -> Result<()> {
     let hb = HeadBatches { s };
@@ -271,8 +275,8 @@ fn gpu_backward(
     }
     let rows = s.batch * s.heads * s.seq;
     let args = (scratch.reborrow(), probs, rows as u32, s.seq as u32, scale(s));
-    // SAFETY: scratch and probs hold B·H·S² floats.
-    unsafe { device.launch(&kernel::attention_softmax_backward_f32, softmax_config(rows), args)? };
+    // SAFETY: scratch and probs hold B·H·S² values.
+    unsafe { device.launch(&T::ATTENTION_SOFTMAX_BACKWARD, softmax_config(rows), args)? };
     for h in 0..s.heads {
         let ds = hb.square(scratch.as_view().skip(h * s2));
         let (q, k) = (hb.qkv(qkv.skip(hb.qkv_offset(0, h))), hb.qkv(qkv.skip(hb.qkv_offset(1, h))));

@@ -1,6 +1,8 @@
 //! What every op checks before it runs: sizes (errors name the op, the tensor and the shape),
-//! that every tensor lives on the device the op runs on, and that the op exists there.
+//! that every tensor lives on the device the op runs on, that the op exists there, and that the
+//! CPU device, the f32 reference, gets f32 tensors.
 
+use super::dtype::Float;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::view::{Place, View, ViewMut};
@@ -86,5 +88,26 @@ impl<'d> OpCheck<'d> {
             ViewMut::Cpu(s) => Ok(s),
             _ => unreachable!("place checked"),
         }
+    }
+
+    /// The host values of a read-only tensor of f32 or bf16 on the CPU device, as f32: bf16 is
+    /// refused (the CPU reference computes in f32).
+    pub fn cpu_f32<'a, T: Float>(&self, tensor: &str, v: View<'a, T>) -> Result<&'a [f32]> {
+        let values = self.cpu(tensor, v)?;
+        T::as_f32(values).ok_or_else(|| self.not_f32::<T>(tensor))
+    }
+
+    /// The host values of a written tensor of f32 or bf16 on the CPU device, as f32.
+    pub fn cpu_f32_mut<'a, T: Float>(&self, tensor: &str, v: ViewMut<'a, T>) -> Result<&'a mut [f32]> {
+        let values = self.cpu_mut(tensor, v)?;
+        T::as_f32_mut(values).ok_or_else(|| self.not_f32::<T>(tensor))
+    }
+
+    fn not_f32<T: Float>(&self, tensor: &str) -> Error {
+        Error::Unsupported(format!(
+            "{}: {tensor} is {}, and the cpu device computes in f32 (bf16 runs on cuda and emu)",
+            self.op,
+            T::NAME
+        ))
     }
 }

@@ -7,6 +7,7 @@ use cudarc::driver::LaunchConfig;
 use clip_pgs_kernels::clip_loss as kernel;
 
 use super::check::OpCheck;
+use super::dtype::Activation;
 use super::matmul::{Batch, Mat, gpu_matmul};
 use crate::cublaslt::Epilogue as Lt;
 use crate::device::Device;
@@ -15,23 +16,25 @@ use crate::launch::grid_stride_config;
 use crate::view::{View, ViewMut};
 
 /// What the loss writes.
-pub struct ClipLossOut<'a> {
+pub struct ClipLossOut<'a, T> {
     /// [1].
     pub loss: ViewMut<'a, f32>,
     /// logits_per_image [B, B].
     pub logits: ViewMut<'a, f32>,
     /// [B, E] each.
-    pub d_image: ViewMut<'a, f32>,
-    pub d_text: ViewMut<'a, f32>,
+    pub d_image: ViewMut<'a, T>,
+    pub d_text: ViewMut<'a, T>,
     /// [1].
     pub d_logit_scale: ViewMut<'a, f32>,
 }
 
-/// Elements of the workspace `clip_loss` needs for a batch of `batch` features of `dim`: the
-/// unit features, their norms, the logits' gradient and (GPU) the rows' and columns'
-/// log-sum-exps and the scale gradient's parts.
+/// Elements (f32) of the workspace `clip_loss` needs for a batch of `batch` features of `dim`:
+/// the unit features, their norms, the logits' gradient and (GPU) the rows' and columns'
+/// log-sum-exps, the scale gradient's parts and one feature gradient at the unit features (the
+/// f32 product the normalization's backward reads: cuBLASLt multiplies f32 operands into f32
+/// only).
 pub fn clip_loss_workspace(batch: usize, dim: usize) -> usize {
-    2 * batch * dim + 5 * batch + batch * batch
+    3 * batch * dim + 5 * batch + batch * batch
 }
 
 /// Writes the unit vectors of the rows of x into `unit`, their norms into `norms`.
@@ -44,11 +47,11 @@ fn normalize(unit: &mut [f32], norms: &mut [f32], x: &[f32], dim: usize) {
 
 /// Loss and gradients for image and text features [B, E] and the log logit scale [1].
 #[allow(clippy::too_many_arguments)]
-pub fn clip_loss(
+pub fn clip_loss<T: Activation>(
     device: &Device,
-    out: ClipLossOut,
-    image: View<f32>,
-    text: View<f32>,
+    out: ClipLossOut<T>,
+    image: View<T>,
+    text: View<T>,
     logit_scale: View<f32>,
     workspace: ViewMut<f32>,
     batch: usize,
@@ -74,9 +77,9 @@ pub fn clip_loss(
         return gpu_clip_loss(device, out, image, text, scale, op.gpu_mut("workspace", workspace)?, b, e);
     }
     let (image, text, logit_scale) =
-        (op.cpu("image", image)?, op.cpu("text", text)?, op.cpu("logit_scale", logit_scale)?);
+        (op.cpu_f32("image", image)?, op.cpu_f32("text", text)?, op.cpu("logit_scale", logit_scale)?);
     let (loss_out, logits) = (op.cpu_mut("loss", out.loss)?, op.cpu_mut("logits", out.logits)?);
-    let (d_img, d_txt) = (op.cpu_mut("d_image", out.d_image)?, op.cpu_mut("d_text", out.d_text)?);
+    let (d_img, d_txt) = (op.cpu_f32_mut("d_image", out.d_image)?, op.cpu_f32_mut("d_text", out.d_text)?);
     let d_logit_scale = op.cpu_mut("d_logit_scale", out.d_logit_scale)?;
     let workspace = op.cpu_mut("workspace", workspace)?;
     let (img, rest) = workspace.split_at_mut(b * e);
@@ -136,11 +139,11 @@ pub fn clip_loss(
 
 /// The GPU path (`kernels/src/clip_loss.rs` describes the passes).
 #[allow(clippy::too_many_arguments)]
-fn gpu_clip_loss(
+fn gpu_clip_loss<T: Activation>(
     device: &Device,
-    out: ClipLossOut,
-    image: View<f32>,
-    text: View<f32>,
+    out: ClipLossOut<T>,
+    image: View<T>,
+    text: View<T>,
     scale: View<f32>,
     workspace: ViewMut<f32>,
     b: usize,
@@ -152,8 +155,9 @@ fn gpu_clip_loss(
     let (mut txt_norm, rest) = rest.split_at(b);
     let (mut grad, rest) = rest.split_at(b * b);
     let (mut row_lse, rest) = rest.split_at(b);
-    let (mut col_lse, mut parts) = rest.split_at(b);
-    let ClipLossOut { loss, mut logits, mut d_image, mut d_text, d_logit_scale } = out;
+    let (mut col_lse, rest) = rest.split_at(b);
+    let (mut parts, mut d_unit) = rest.split_at(b);
+    let ClipLossOut { loss, mut logits, d_image, d_text, d_logit_scale } = out;
     let (bu, eu) = (b as u32, e as u32);
     let rows = |n: usize| LaunchConfig {
         grid_dim: (n.div_ceil((kernel::THREADS / 32) as usize).clamp(1, 1 << 16) as u32, 1, 1),
@@ -162,11 +166,12 @@ fn gpu_clip_loss(
     };
     // SAFETY (every launch): the views have the sizes checked by `clip_loss` and carved above.
     unsafe {
-        device.launch(&kernel::l2_normalize_f32, rows(b), (img.reborrow(), img_norm.reborrow(), image, bu, eu))?;
-        device.launch(&kernel::l2_normalize_f32, rows(b), (txt.reborrow(), txt_norm.reborrow(), text, bu, eu))?;
+        device.launch(&T::L2_NORMALIZE, rows(b), (img.reborrow(), img_norm.reborrow(), image, bu, eu))?;
+        device.launch(&T::L2_NORMALIZE, rows(b), (txt.reborrow(), txt_norm.reborrow(), text, bu, eu))?;
     }
     let (img_m, txt_m) = (Mat::new(img.as_view(), b, e), Mat::new(txt.as_view(), b, e));
     gpu_matmul(device, Mat::new(logits.reborrow(), b, b), img_m, txt_m.t(), false, Batch::ONE, Lt::Default)?;
+    // SAFETY: as above.
     unsafe {
         device.launch(&kernel::clip_logits_rows_f32, rows(b), (logits.reborrow(), row_lse.reborrow(), scale, bu))?;
         device.launch(
@@ -180,17 +185,19 @@ fn gpu_clip_loss(
         let args = (loss, d_logit_scale, parts.as_view(), logits.as_view(), row_lse.as_view(), col_lse.as_view(), bu);
         device.launch(&kernel::clip_loss_total_f32, grid_stride_config(1, kernel::THREADS), args)?;
     }
+    // Each feature gradient: the f32 product at the unit features into `d_unit`, then through
+    // the normalization into T.
     let g = Mat::new(grad.as_view(), b, b);
-    gpu_matmul(device, Mat::new(d_image.reborrow(), b, e), g, txt_m, false, Batch::ONE, Lt::Default)?;
-    gpu_matmul(device, Mat::new(d_text.reborrow(), b, e), g.t(), img_m, false, Batch::ONE, Lt::Default)?;
-    unsafe {
-        device.launch(
-            &kernel::l2_normalize_backward_f32,
-            rows(b),
-            (d_image, img.as_view(), img_norm.as_view(), bu, eu),
-        )?;
-        device.launch(&kernel::l2_normalize_backward_f32, rows(b), (d_text, txt.as_view(), txt_norm.as_view(), bu, eu))
+    for (d, g, other, unit, norms) in [
+        (d_image, g, txt_m, img.as_view(), img_norm.as_view()),
+        (d_text, g.t(), img_m, txt.as_view(), txt_norm.as_view()),
+    ] {
+        gpu_matmul(device, Mat::new(d_unit.reborrow(), b, e), g, other, false, Batch::ONE, Lt::Default)?;
+        let args = (d, d_unit.as_view(), unit, norms, bu, eu);
+        // SAFETY: as above.
+        unsafe { device.launch(&T::L2_NORMALIZE_BACKWARD, rows(b), args)? };
     }
+    Ok(())
 }
 
 #[cfg(test)]

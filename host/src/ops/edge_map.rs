@@ -3,7 +3,7 @@
 //! min–max normalization. GPU kernel: `kernels/src/edge_map.rs`; both devices share the math of
 //! `clip_pgs_kernels::sobel` and its summation order, so they agree bit for bit.
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, ValidAsZeroBits};
+use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use clip_pgs_kernels as kernels;
@@ -11,10 +11,10 @@ use clip_pgs_kernels::edge_map::{THREADS, shared_bytes};
 use clip_pgs_kernels::hw::{Global, GlobalMut, Kernel};
 use clip_pgs_kernels::sobel::{luminance, min_max_normalize, patch_mean, replicate, sobel_magnitude};
 
+use super::dtype::Float;
 use crate::buffer::Buffer;
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::launch::KernelElement;
 use crate::view::View;
 
 /// A batch of RGB images in [N, 3, H, W] layout.
@@ -85,8 +85,7 @@ type GatherKernel<E> =
 
 /// Element types the kernels read (f32, and bf16 widened exactly to f32), with the entry point of
 /// each kernel that comes in both.
-pub trait ImageElement: KernelElement + DeviceRepr + ValidAsZeroBits + Default {
-    fn to_f32(self) -> f32;
+pub trait ImageElement: Float {
     const EDGE_MAP: EdgeMapKernel<Self::Kernel>;
     const STANDARDIZE_PATCHES: StandardizeKernel<Self::Kernel>;
     const TOKEN_NORMS: TokenNormsKernel<Self::Kernel>;
@@ -95,11 +94,8 @@ pub trait ImageElement: KernelElement + DeviceRepr + ValidAsZeroBits + Default {
 }
 
 macro_rules! image_element {
-    ($t:ty, $widen:expr, $edge:ident, $standardize:ident, $norms:ident, $similarity:ident, $gather:ident) => {
+    ($t:ty, $edge:ident, $standardize:ident, $norms:ident, $similarity:ident, $gather:ident) => {
         impl ImageElement for $t {
-            fn to_f32(self) -> f32 {
-                $widen(self)
-            }
             const EDGE_MAP: EdgeMapKernel<Self::Kernel> = kernels::edge_map::$edge;
             const STANDARDIZE_PATCHES: StandardizeKernel<Self::Kernel> = kernels::patch_stats::$standardize;
             const TOKEN_NORMS: TokenNormsKernel<Self::Kernel> = kernels::patch_stats::$norms;
@@ -110,7 +106,6 @@ macro_rules! image_element {
 }
 image_element!(
     f32,
-    |v: f32| v,
     pgs_edge_map_f32,
     pgs_standardize_patches_f32,
     pgs_token_norms_f32,
@@ -119,7 +114,6 @@ image_element!(
 );
 image_element!(
     half::bf16,
-    half::bf16::to_f32,
     pgs_edge_map_bf16,
     pgs_standardize_patches_bf16,
     pgs_token_norms_bf16,

@@ -1,11 +1,13 @@
-//! Elementwise ops: a broadcast add (positional embeddings, the residual stream), fill, clamp.
-//! CPU reference here, kernels in `kernels/src/elementwise.rs` (CUDA and the emulator).
+//! Elementwise ops: a broadcast add (positional embeddings, the residual stream), fill, clamp,
+//! over f32 or bf16 tensors (`dtype::Activation`; bf16 on the GPU devices only). CPU reference
+//! here, kernels in `kernels/src/elementwise.rs` (CUDA and the emulator).
 
 use rayon::prelude::*;
 
-use clip_pgs_kernels::elementwise::{THREADS, add_assign_f32, add_f32, clamp_f32, fill_f32};
+use clip_pgs_kernels::elementwise::THREADS;
 
 use super::check::OpCheck;
+use super::dtype::Activation;
 use crate::device::Device;
 use crate::error::Result;
 use crate::launch::grid_stride_config;
@@ -27,17 +29,17 @@ fn check_tiles(op: &OpCheck, b: usize, n: usize, what: &str) -> Result<()> {
 }
 
 /// out[i] = a[i] + b[i mod len(b)] (b repeats: one row added to every row, or a same-sized add).
-pub fn add(device: &Device, out: ViewMut<f32>, a: View<f32>, b: View<f32>) -> Result<()> {
+pub fn add<T: Activation>(device: &Device, out: ViewMut<T>, a: View<T>, b: View<T>) -> Result<()> {
     let op = OpCheck::new("add", device);
     op.size("out", out.len(), a.len(), || "a's size".into())?;
     check_tiles(&op, b.len(), a.len(), "a")?;
     let (n, period) = (a.len() as u32, b.len() as u32);
     if !matches!(device, Device::Cpu) {
         let args = (op.gpu_mut("out", out)?, op.gpu("a", a)?, op.gpu("b", b)?, n, period);
-        // SAFETY: out and a hold n floats, b holds period (checked above).
-        return unsafe { device.launch(&add_f32, grid_stride_config(n as usize, THREADS), args) };
+        // SAFETY: out and a hold n values, b holds period (checked above).
+        return unsafe { device.launch(&T::ADD, grid_stride_config(n as usize, THREADS), args) };
     }
-    let (out, a, b) = (op.cpu_mut("out", out)?, op.cpu("a", a)?, op.cpu("b", b)?);
+    let (out, a, b) = (op.cpu_f32_mut("out", out)?, op.cpu_f32("a", a)?, op.cpu_f32("b", b)?);
     out.par_chunks_mut(b.len()).zip(a.par_chunks(b.len())).for_each(|(o, a)| {
         o.iter_mut().zip(a).zip(b).for_each(|((o, a), b)| *o = a + b);
     });
@@ -45,36 +47,37 @@ pub fn add(device: &Device, out: ViewMut<f32>, a: View<f32>, b: View<f32>) -> Re
 }
 
 /// x[i] += b[i mod len(b)].
-pub fn add_assign(device: &Device, x: ViewMut<f32>, b: View<f32>) -> Result<()> {
+pub fn add_assign<T: Activation>(device: &Device, x: ViewMut<T>, b: View<T>) -> Result<()> {
     let op = OpCheck::new("add_assign", device);
     check_tiles(&op, b.len(), x.len(), "x")?;
     let (n, period) = (x.len() as u32, b.len() as u32);
     if !matches!(device, Device::Cpu) {
         let args = (op.gpu_mut("x", x)?, op.gpu("b", b)?, n, period);
-        // SAFETY: x holds n floats, b holds period (checked above).
-        return unsafe { device.launch(&add_assign_f32, grid_stride_config(n as usize, THREADS), args) };
+        // SAFETY: x holds n values, b holds period (checked above).
+        return unsafe { device.launch(&T::ADD_ASSIGN, grid_stride_config(n as usize, THREADS), args) };
     }
-    let (x, b) = (op.cpu_mut("x", x)?, op.cpu("b", b)?);
+    let (x, b) = (op.cpu_f32_mut("x", x)?, op.cpu_f32("b", b)?);
     x.par_chunks_mut(b.len()).for_each(|x| x.iter_mut().zip(b).for_each(|(x, b)| *x += b));
     Ok(())
 }
 
-pub fn fill(device: &Device, x: ViewMut<f32>, value: f32) -> Result<()> {
+/// x[i] = value (rounded to x's element type).
+pub fn fill<T: Activation>(device: &Device, x: ViewMut<T>, value: f32) -> Result<()> {
     let op = OpCheck::new("fill", device);
     check_len(&op, "x", x.len())?;
     if !matches!(device, Device::Cpu) {
         let n = x.len() as u32;
-        // SAFETY: x holds n floats.
+        // SAFETY: x holds n values.
         return unsafe {
-            device.launch(&fill_f32, grid_stride_config(n as usize, THREADS), (op.gpu_mut("x", x)?, n, value))
+            device.launch(&T::FILL, grid_stride_config(n as usize, THREADS), (op.gpu_mut("x", x)?, n, value))
         };
     }
-    op.cpu_mut("x", x)?.par_chunks_mut(1 << 16).for_each(|x| x.fill(value));
+    op.cpu_f32_mut("x", x)?.par_chunks_mut(1 << 16).for_each(|x| x.fill(value));
     Ok(())
 }
 
 /// x ← min(max(x, lo), hi), lo ≤ hi.
-pub fn clamp(device: &Device, x: ViewMut<f32>, lo: f32, hi: f32) -> Result<()> {
+pub fn clamp<T: Activation>(device: &Device, x: ViewMut<T>, lo: f32, hi: f32) -> Result<()> {
     let op = OpCheck::new("clamp", device);
     check_len(&op, "x", x.len())?;
     if lo.partial_cmp(&hi).is_none_or(|o| o.is_gt()) {
@@ -82,12 +85,12 @@ pub fn clamp(device: &Device, x: ViewMut<f32>, lo: f32, hi: f32) -> Result<()> {
     }
     if !matches!(device, Device::Cpu) {
         let n = x.len() as u32;
-        // SAFETY: x holds n floats.
+        // SAFETY: x holds n values.
         return unsafe {
-            device.launch(&clamp_f32, grid_stride_config(n as usize, THREADS), (op.gpu_mut("x", x)?, n, lo, hi))
+            device.launch(&T::CLAMP, grid_stride_config(n as usize, THREADS), (op.gpu_mut("x", x)?, n, lo, hi))
         };
     }
-    op.cpu_mut("x", x)?.iter_mut().for_each(|x| *x = x.clamp(lo, hi));
+    op.cpu_f32_mut("x", x)?.iter_mut().for_each(|x| *x = x.clamp(lo, hi));
     Ok(())
 }
 

@@ -1,7 +1,9 @@
 //! The text tower's input: x[r] = table[ids[r]] + pos[r mod T] (token embedding lookup and the
 //! positional embedding, one pass), and its backward: the table's and the positional
 //! embedding's gradients accumulate the rows of dx. CPU reference here, the kernels in
-//! `kernels/src/embedding.rs` (CUDA and the emulator; the same bits).
+//! `kernels/src/embedding.rs` (CUDA and the emulator; the same bits). x, the table and pos are
+//! the activations' type T (f32, or bf16 on the GPU devices: `dtype::Activation`); the gradients
+//! d_table and d_pos are f32.
 //!
 //! The ids stay on the device: only the CPU device reads them to refuse one outside the
 //! vocabulary. On a GPU device the kernels skip such an id without reading outside the table
@@ -10,12 +12,11 @@
 
 use rayon::prelude::*;
 
-use clip_pgs_kernels::embedding::{
-    BUCKETS, THREADS, embedding_backward_pos_f32, embedding_backward_table_f32, embedding_forward_f32,
-};
+use clip_pgs_kernels::embedding::{BUCKETS, THREADS};
 use cudarc::driver::LaunchConfig;
 
 use super::check::OpCheck;
+use super::dtype::Activation;
 use crate::device::Device;
 use crate::error::Result;
 use crate::launch::grid_stride_config;
@@ -66,12 +67,12 @@ fn check_ids(op: &OpCheck, ids: &[u32], vocab: usize) -> Result<()> {
 
 /// x [R, W] from ids [R] (R = captions × T), table [V, W], pos [T, W]. On a GPU device an id ≥ V
 /// is not refused (the ids are not read on the host): its row of x is NaN.
-pub fn embedding_forward(
+pub fn embedding_forward<T: Activation>(
     device: &Device,
-    x: ViewMut<f32>,
+    x: ViewMut<T>,
     ids: View<u32>,
-    table: View<f32>,
-    pos: View<f32>,
+    table: View<T>,
+    pos: View<T>,
     width: usize,
 ) -> Result<()> {
     let op = OpCheck::new("embedding_forward", device);
@@ -89,12 +90,12 @@ pub fn embedding_forward(
             context as u32,
             vocab as u32,
         );
-        // SAFETY: x holds n = R·W floats, ids R, table V·W, pos T·W (checked above), n < 2³².
-        return unsafe { device.launch(&embedding_forward_f32, grid_stride_config(n as usize, THREADS), args) };
+        // SAFETY: x holds n = R·W values, ids R, table V·W, pos T·W (checked above), n < 2³².
+        return unsafe { device.launch(&T::EMBEDDING_FORWARD, grid_stride_config(n as usize, THREADS), args) };
     }
-    let (ids, table, pos) = (op.cpu("ids", ids)?, op.cpu("table", table)?, op.cpu("pos", pos)?);
+    let (ids, table, pos) = (op.cpu("ids", ids)?, op.cpu_f32("table", table)?, op.cpu_f32("pos", pos)?);
+    let x = op.cpu_f32_mut("x", x)?;
     check_ids(&op, ids, vocab)?;
-    let x = op.cpu_mut("x", x)?;
     x.par_chunks_mut(width).zip(ids.par_iter()).enumerate().for_each(|(r, (x, &id))| {
         let (t, p) = (&table[id as usize * width..][..width], &pos[(r % context) * width..][..width]);
         x.iter_mut().zip(t.iter().zip(p)).for_each(|(x, (t, p))| *x = t + p);
@@ -105,11 +106,11 @@ pub fn embedding_forward(
 /// d_table [V, W] and d_pos [T, W] accumulate dx [R, W], each element over the rows in order
 /// (the same bits on every device). On a GPU device an id ≥ V is not refused: its row of dx
 /// goes to d_pos only.
-pub fn embedding_backward(
+pub fn embedding_backward<T: Activation>(
     device: &Device,
     d_table: ViewMut<f32>,
     d_pos: ViewMut<f32>,
-    dx: View<f32>,
+    dx: View<T>,
     ids: View<u32>,
     width: usize,
 ) -> Result<()> {
@@ -122,20 +123,20 @@ pub fn embedding_backward(
         let (rows, captions, context_width) =
             (ids.len() as u32, (ids.len() / context) as u32, (context * width) as u32);
         let args = (d_pos, dx, captions, context_width);
-        // SAFETY: d_pos holds T·W floats and dx captions·T·W (checked above).
-        unsafe { device.launch(&embedding_backward_pos_f32, grid_stride_config(context * width, THREADS), args)? };
+        // SAFETY: d_pos holds T·W floats and dx captions·T·W values (checked above).
+        unsafe { device.launch(&T::EMBEDDING_BACKWARD_POS, grid_stride_config(context * width, THREADS), args)? };
         let cfg = LaunchConfig {
             grid_dim: (width.div_ceil(THREADS as usize) as u32, BUCKETS, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let args = (d_table, dx, ids, rows, width as u32, vocab as u32);
-        // SAFETY: d_table holds V·W floats, dx R·W and ids R (checked above); the grid is the
-        // kernel's.
-        return unsafe { device.launch(&embedding_backward_table_f32, cfg, args) };
+        // SAFETY: d_table holds V·W floats, dx R·W values and ids R (checked above); the grid is
+        // the kernel's.
+        return unsafe { device.launch(&T::EMBEDDING_BACKWARD_TABLE, cfg, args) };
     }
     let (d_table, d_pos) = (op.cpu_mut("d_table", d_table)?, op.cpu_mut("d_pos", d_pos)?);
-    let (dx, ids) = (op.cpu("dx", dx)?, op.cpu("ids", ids)?);
+    let (dx, ids) = (op.cpu_f32("dx", dx)?, op.cpu("ids", ids)?);
     check_ids(&op, ids, vocab)?;
     for (r, (&id, d)) in ids.iter().zip(dx.chunks(width)).enumerate() {
         d_table[id as usize * width..][..width].iter_mut().zip(d).for_each(|(a, b)| *a += b);

@@ -2,13 +2,15 @@
 //! gelu'(x) = Φ(x) + x·φ(x), the math shared with the kernels (`kernels/src/gelu.rs`). erf is
 //! the kernels' f32 one (|error| ≤ 1.5e-7): the f64 series it replaced cost a fifth of a ViT-B/16
 //! training step. The linear layer applies both as epilogues (`linear.rs`); these ops are for
-//! activations no linear layer produces.
+//! activations no linear layer produces, f32 or bf16 (`dtype::Activation`; bf16 on the GPU
+//! devices only, computed in f32).
 
 use rayon::prelude::*;
 
-use clip_pgs_kernels::gelu::{THREADS, gelu, gelu_backward_f32, gelu_f32, gelu_grad};
+use clip_pgs_kernels::gelu::{THREADS, gelu, gelu_grad};
 
 use super::check::OpCheck;
+use super::dtype::Activation;
 use crate::device::Device;
 use crate::error::Result;
 use crate::launch::grid_stride_config;
@@ -45,46 +47,46 @@ fn checked_len(op: &OpCheck, n: usize) -> Result<u32> {
 }
 
 /// y = gelu(x).
-pub fn gelu_forward(device: &Device, y: ViewMut<f32>, x: View<f32>) -> Result<()> {
+pub fn gelu_forward<T: Activation>(device: &Device, y: ViewMut<T>, x: View<T>) -> Result<()> {
     let op = OpCheck::new("gelu_forward", device);
     op.size("y", y.len(), x.len(), || "x's size".into())?;
     let n = checked_len(&op, x.len())?;
     if !matches!(device, Device::Cpu) {
-        // SAFETY: y and x hold n floats.
+        // SAFETY: y and x hold n values.
         return unsafe {
-            device.launch(&gelu_f32, grid_stride_config(n as usize, THREADS), (op.gpu_mut("y", y)?, op.gpu("x", x)?, n))
+            device.launch(&T::GELU, grid_stride_config(n as usize, THREADS), (op.gpu_mut("y", y)?, op.gpu("x", x)?, n))
         };
     }
-    cpu_gelu(op.cpu_mut("y", y)?, op.cpu("x", x)?);
+    cpu_gelu(op.cpu_f32_mut("y", y)?, op.cpu_f32("x", x)?);
     Ok(())
 }
 
 /// dx = dy·gelu'(x) (overwritten).
-pub fn gelu_backward(device: &Device, dx: ViewMut<f32>, dy: View<f32>, x: View<f32>) -> Result<()> {
+pub fn gelu_backward<T: Activation>(device: &Device, dx: ViewMut<T>, dy: View<T>, x: View<T>) -> Result<()> {
     let op = OpCheck::new("gelu_backward", device);
     op.size("dy", dy.len(), x.len(), || "x's size".into())?;
     op.size("dx", dx.len(), x.len(), || "x's size".into())?;
     let n = checked_len(&op, x.len())?;
     if !matches!(device, Device::Cpu) {
         let args = (op.gpu_mut("dx", dx)?, op.gpu("dy", dy)?, op.gpu("x", x)?, n);
-        // SAFETY: dx, dy and x hold n floats.
-        return unsafe { device.launch(&gelu_backward_f32, grid_stride_config(n as usize, THREADS), args) };
+        // SAFETY: dx, dy and x hold n values.
+        return unsafe { device.launch(&T::GELU_BACKWARD, grid_stride_config(n as usize, THREADS), args) };
     }
-    cpu_gelu_backward(op.cpu_mut("dx", dx)?, Some(op.cpu("dy", dy)?), op.cpu("x", x)?);
+    cpu_gelu_backward(op.cpu_f32_mut("dx", dx)?, Some(op.cpu_f32("dy", dy)?), op.cpu_f32("x", x)?);
     Ok(())
 }
 
 /// dx ← dx·gelu'(x) (the gradient at a GELU's output becomes the one at its input).
-pub fn gelu_backward_in_place(device: &Device, dx: ViewMut<f32>, x: View<f32>) -> Result<()> {
+pub fn gelu_backward_in_place<T: Activation>(device: &Device, dx: ViewMut<T>, x: View<T>) -> Result<()> {
     let op = OpCheck::new("gelu_backward", device);
     op.size("dx", dx.len(), x.len(), || "x's size".into())?;
     let n = checked_len(&op, x.len())?;
     if !matches!(device, Device::Cpu) {
-        let args = (op.gpu_mut("dx", dx)?, None::<View<f32>>, op.gpu("x", x)?, n);
-        // SAFETY: dx and x hold n floats; the null dy makes the kernel read dx.
-        return unsafe { device.launch(&gelu_backward_f32, grid_stride_config(n as usize, THREADS), args) };
+        let args = (op.gpu_mut("dx", dx)?, None::<View<T>>, op.gpu("x", x)?, n);
+        // SAFETY: dx and x hold n values; the null dy makes the kernel read dx.
+        return unsafe { device.launch(&T::GELU_BACKWARD, grid_stride_config(n as usize, THREADS), args) };
     }
-    cpu_gelu_backward(op.cpu_mut("dx", dx)?, None, op.cpu("x", x)?);
+    cpu_gelu_backward(op.cpu_f32_mut("dx", dx)?, None, op.cpu_f32("x", x)?);
     Ok(())
 }
 

@@ -1,34 +1,34 @@
 //! LayerNorm over the last dimension (PyTorch, eps 1e-5): y = (x − mean)·rstd·γ + β,
 //! rstd = 1/sqrt(var + eps) (biased variance), with the residual add fused in front
 //! (`add_layernorm_forward`: x = a + b is written and normalized in one pass) and behind
-//! (`layernorm_backward` can add dx into the residual stream's gradient). CPU reference here,
-//! kernels in `kernels/src/layernorm.rs` (CUDA and the emulator).
+//! (`layernorm_backward` can add dx into the residual stream's gradient). x, y, γ, β and the
+//! activation gradients are f32 or bf16 (`dtype::Activation`; bf16 on the GPU devices only);
+//! mean, rstd, dγ and dβ are f32. CPU reference here, kernels in `kernels/src/layernorm.rs`
+//! (CUDA and the emulator).
 
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 pub use clip_pgs_kernels::layernorm::EPS;
-use clip_pgs_kernels::layernorm::{
-    PARAM_COLUMNS, THREADS, add_layernorm_forward_f32, layernorm_backward_f32, layernorm_forward_f32,
-    layernorm_param_grads_f32,
-};
+use clip_pgs_kernels::layernorm::{PARAM_COLUMNS, THREADS};
 
 use super::check::OpCheck;
+use super::dtype::Activation;
 use crate::device::Device;
 use crate::error::Result;
 use crate::launch::grid_stride_config;
 use crate::view::{View, ViewMut};
 
-/// What the forward pass writes: y [rows, dim] and, for backward, each row's mean and rstd.
-pub struct NormOut<'a> {
-    pub y: ViewMut<'a, f32>,
+/// What the forward pass writes: y [rows, dim] and, for backward, each row's mean and rstd (f32).
+pub struct NormOut<'a, T> {
+    pub y: ViewMut<'a, T>,
     pub mean: ViewMut<'a, f32>,
     pub rstd: ViewMut<'a, f32>,
 }
 
 /// What backward reads of the forward pass: its input and statistics.
-pub struct NormSaved<'a> {
-    pub x: View<'a, f32>,
+pub struct NormSaved<'a, T> {
+    pub x: View<'a, T>,
     pub mean: View<'a, f32>,
     pub rstd: View<'a, f32>,
 }
@@ -37,12 +37,12 @@ pub struct NormSaved<'a> {
 type HostOut<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32], &'a [f32], &'a [f32]);
 
 /// The row count of x's `x_len` values; checks the sizes of the outputs, γ and β.
-fn check_forward(
+fn check_forward<T>(
     op: &OpCheck,
-    out: &NormOut,
+    out: &NormOut<T>,
     x_len: usize,
-    gamma: &View<f32>,
-    beta: &View<f32>,
+    gamma: &View<T>,
+    beta: &View<T>,
     dim: usize,
 ) -> Result<usize> {
     if dim == 0 || !x_len.is_multiple_of(dim) {
@@ -57,14 +57,19 @@ fn check_forward(
     Ok(rows)
 }
 
-/// The host slices of a forward call on the CPU device.
-fn host_forward<'a>(op: &OpCheck, out: NormOut<'a>, gamma: View<'a, f32>, beta: View<'a, f32>) -> Result<HostOut<'a>> {
+/// The host slices of a forward call on the CPU device (f32 only).
+fn host_forward<'a, T: Activation>(
+    op: &OpCheck,
+    out: NormOut<'a, T>,
+    gamma: View<'a, T>,
+    beta: View<'a, T>,
+) -> Result<HostOut<'a>> {
     Ok((
-        op.cpu_mut("y", out.y)?,
+        op.cpu_f32_mut("y", out.y)?,
         op.cpu_mut("mean", out.mean)?,
         op.cpu_mut("rstd", out.rstd)?,
-        op.cpu("gamma", gamma)?,
-        op.cpu("beta", beta)?,
+        op.cpu_f32("gamma", gamma)?,
+        op.cpu_f32("beta", beta)?,
     ))
 }
 
@@ -95,12 +100,12 @@ fn cpu_forward((y, mean, rstd, gamma, beta): HostOut, x: &[f32], dim: usize) {
     );
 }
 
-pub fn layernorm_forward(
+pub fn layernorm_forward<T: Activation>(
     device: &Device,
-    out: NormOut,
-    x: View<f32>,
-    gamma: View<f32>,
-    beta: View<f32>,
+    out: NormOut<T>,
+    x: View<T>,
+    gamma: View<T>,
+    beta: View<T>,
     dim: usize,
 ) -> Result<()> {
     let op = OpCheck::new("layernorm_forward", device);
@@ -109,25 +114,25 @@ pub fn layernorm_forward(
         let (rows, dim) = kernel_counts(&op, x.len(), dim)?;
         let (y, mean, rstd) = (op.gpu_mut("y", out.y)?, op.gpu_mut("mean", out.mean)?, op.gpu_mut("rstd", out.rstd)?);
         let args = (y, mean, rstd, op.gpu("x", x)?, op.gpu("gamma", gamma)?, op.gpu("beta", beta)?, rows, dim);
-        // SAFETY: y and x hold rows·dim floats, mean and rstd rows, gamma and beta dim ≥ 1 (checked
-        // above); THREADS is a multiple of 32.
-        return unsafe { device.launch(&layernorm_forward_f32, row_config(rows), args) };
+        // SAFETY: y and x hold rows·dim values, mean and rstd rows, gamma and beta dim ≥ 1
+        // (checked above); THREADS is a multiple of 32.
+        return unsafe { device.launch(&T::LAYERNORM_FORWARD, row_config(rows), args) };
     }
-    let host = host_forward(&op, out, gamma, beta)?;
-    cpu_forward(host, op.cpu("x", x)?, dim);
+    let (host, x) = (host_forward(&op, out, gamma, beta)?, op.cpu_f32("x", x)?);
+    cpu_forward(host, x, dim);
     Ok(())
 }
 
 /// sum = a + b (the residual stream), then `out` = LayerNorm(sum).
 #[allow(clippy::too_many_arguments)]
-pub fn add_layernorm_forward(
+pub fn add_layernorm_forward<T: Activation>(
     device: &Device,
-    sum: ViewMut<f32>,
-    out: NormOut,
-    a: View<f32>,
-    b: View<f32>,
-    gamma: View<f32>,
-    beta: View<f32>,
+    sum: ViewMut<T>,
+    out: NormOut<T>,
+    a: View<T>,
+    b: View<T>,
+    gamma: View<T>,
+    beta: View<T>,
     dim: usize,
 ) -> Result<()> {
     let op = OpCheck::new("add_layernorm_forward", device);
@@ -149,12 +154,12 @@ pub fn add_layernorm_forward(
             rows,
             dim,
         );
-        // SAFETY: sum, y, a and b hold rows·dim floats, mean and rstd rows, gamma and beta dim ≥ 1
-        // (checked above); THREADS is a multiple of 32.
-        return unsafe { device.launch(&add_layernorm_forward_f32, row_config(rows), args) };
+        // SAFETY: sum, y, a and b hold rows·dim values, mean and rstd rows, gamma and beta dim ≥
+        // 1 (checked above); THREADS is a multiple of 32.
+        return unsafe { device.launch(&T::ADD_LAYERNORM_FORWARD, row_config(rows), args) };
     }
     let host = host_forward(&op, out, gamma, beta)?;
-    let (sum, a, b) = (op.cpu_mut("sum", sum)?, op.cpu("a", a)?, op.cpu("b", b)?);
+    let (sum, a, b) = (op.cpu_f32_mut("sum", sum)?, op.cpu_f32("a", a)?, op.cpu_f32("b", b)?);
     sum.par_iter_mut().with_min_len(1 << 12).zip(a.par_iter().zip(b.par_iter())).for_each(|(s, (a, b))| *s = a + b);
     cpu_forward(host, sum, dim);
     Ok(())
@@ -163,14 +168,14 @@ pub fn add_layernorm_forward(
 /// dx is overwritten, or with `accumulate` added to (the residual stream's gradient); dγ and dβ
 /// accumulate.
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_backward(
+pub fn layernorm_backward<T: Activation>(
     device: &Device,
-    dx: ViewMut<f32>,
+    dx: ViewMut<T>,
     dgamma: ViewMut<f32>,
     dbeta: ViewMut<f32>,
-    dy: View<f32>,
-    saved: NormSaved,
-    gamma: View<f32>,
+    dy: View<T>,
+    saved: NormSaved<T>,
+    gamma: View<T>,
     dim: usize,
     accumulate: bool,
 ) -> Result<()> {
@@ -197,19 +202,17 @@ pub fn layernorm_backward(
         if rows == 0 {
             return Ok(()); // as on the CPU: nothing to add, dγ and dβ untouched to the bit
         }
-        // SAFETY: dx, dy and x hold rows·dim floats, mean and rstd rows, gamma dim ≥ 1 (checked
+        // SAFETY: dx, dy and x hold rows·dim values, mean and rstd rows, gamma dim ≥ 1 (checked
         // above); THREADS is a multiple of 32.
-        unsafe { device.launch(&layernorm_backward_f32, row_config(rows), args)? };
+        unsafe { device.launch(&T::LAYERNORM_BACKWARD, row_config(rows), args)? };
         let blocks = dim.div_ceil(PARAM_COLUMNS);
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: dy and x hold rows·dim floats, mean and rstd rows, dgamma and dbeta dim (checked
+        // SAFETY: dy and x hold rows·dim values, mean and rstd rows, dgamma and dbeta dim (checked
         // above); THREADS threads per block and ⌈dim / 32⌉ blocks.
-        return unsafe {
-            device.launch(&layernorm_param_grads_f32, cfg, (dgamma, dbeta, dy, x, mean, rstd, rows, dim))
-        };
+        return unsafe { device.launch(&T::LAYERNORM_PARAM_GRADS, cfg, (dgamma, dbeta, dy, x, mean, rstd, rows, dim)) };
     }
-    let (dx, dgamma, dbeta) = (op.cpu_mut("dx", dx)?, op.cpu_mut("dgamma", dgamma)?, op.cpu_mut("dbeta", dbeta)?);
-    let (dy, x, gamma) = (op.cpu("dy", dy)?, op.cpu("x", saved.x)?, op.cpu("gamma", gamma)?);
+    let (dx, dgamma, dbeta) = (op.cpu_f32_mut("dx", dx)?, op.cpu_mut("dgamma", dgamma)?, op.cpu_mut("dbeta", dbeta)?);
+    let (dy, x, gamma) = (op.cpu_f32("dy", dy)?, op.cpu_f32("x", saved.x)?, op.cpu_f32("gamma", gamma)?);
     let (mean, rstd) = (op.cpu("mean", saved.mean)?, op.cpu("rstd", saved.rstd)?);
     for (row, (dy, x)) in dy.chunks(dim).zip(x.chunks(dim)).enumerate() {
         for i in 0..dim {

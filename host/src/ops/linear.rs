@@ -1,10 +1,14 @@
 //! Linear layer, PyTorch layout: y [rows, out] = x [rows, in]·Wᵀ + b, W [out, in], with
 //! cuBLASLt's epilogues: BIAS, and GELU_AUX_BIAS (the pre-activation kept for backward).
 //! Backward: dx = dy·W (with DGELU: dx = (dy·W)∘gelu'(pre)), dW += dyᵀ·x, db += Σ_rows dy.
+//! x, W, b, y, pre and dx are the activations' type T (f32, or bf16 on the GPU devices:
+//! `dtype::Activation`); the parameter gradients dW and db are f32, the weight gradient GEMM
+//! accumulating T products into them in f32.
 
 use rayon::prelude::*;
 
 use super::check::OpCheck;
+use super::dtype::Activation;
 use super::elementwise::add_assign;
 use super::gelu::{cpu_gelu, cpu_gelu_backward, gelu_backward_in_place, gelu_forward};
 use super::matmul::{Batch, Mat, cpu_matmul, gpu_matmul};
@@ -21,20 +25,21 @@ pub struct LinearShape {
 }
 
 /// What follows the product in the forward pass.
-pub enum Epilogue<'a> {
+pub enum Epilogue<'a, T> {
     None,
     /// y = x·Wᵀ + b.
-    Bias(View<'a, f32>),
+    Bias(View<'a, T>),
     /// pre = x·Wᵀ + b, y = gelu(pre).
     BiasGelu {
-        bias: View<'a, f32>,
-        pre: ViewMut<'a, f32>,
+        bias: View<'a, T>,
+        pre: ViewMut<'a, T>,
     },
 }
 
-/// The gradients backward writes: `dx` overwritten (when asked for), `dw` and `db` accumulated.
-pub struct LinearGrads<'a> {
-    pub dx: Option<ViewMut<'a, f32>>,
+/// The gradients backward writes: `dx` overwritten (when asked for), `dw` and `db` (f32)
+/// accumulated.
+pub struct LinearGrads<'a, T> {
+    pub dx: Option<ViewMut<'a, T>>,
     pub dw: ViewMut<'a, f32>,
     pub db: Option<ViewMut<'a, f32>>,
 }
@@ -46,12 +51,12 @@ fn check_sizes(op: &OpCheck, s: LinearShape, x: usize, w: usize, y: usize) -> Re
     op.size("y", y, rows * outputs, || format!("[rows {rows}, out {outputs}]"))
 }
 
-pub fn linear_forward(
+pub fn linear_forward<T: Activation>(
     device: &Device,
-    y: ViewMut<f32>,
-    x: View<f32>,
-    w: View<f32>,
-    epilogue: Epilogue,
+    y: ViewMut<T>,
+    x: View<T>,
+    w: View<T>,
+    epilogue: Epilogue<T>,
     s: LinearShape,
 ) -> Result<()> {
     let op = OpCheck::new("linear_forward", device);
@@ -82,7 +87,7 @@ pub fn linear_forward(
             }
         };
     }
-    let (x, w, y) = (op.cpu("x", x)?, op.cpu("weight", w)?, op.cpu_mut("y", y)?);
+    let (x, w, y) = (op.cpu_f32("x", x)?, op.cpu_f32("weight", w)?, op.cpu_f32_mut("y", y)?);
     let product = |out: &mut [f32]| {
         cpu_matmul(Mat::new(out, rows, outputs), Mat::new(x, rows, inputs), Mat::new(w, outputs, inputs).t(), false)
     };
@@ -92,13 +97,14 @@ pub fn linear_forward(
     match epilogue {
         Epilogue::None => product(y),
         Epilogue::Bias(b) => {
+            let b = op.cpu_f32("bias", b)?;
             product(y);
-            add_bias(y, op.cpu("bias", b)?);
+            add_bias(y, b);
         }
         Epilogue::BiasGelu { bias, pre } => {
-            let pre = op.cpu_mut("pre", pre)?;
+            let (bias, pre) = (op.cpu_f32("bias", bias)?, op.cpu_f32_mut("pre", pre)?);
             product(pre);
-            add_bias(pre, op.cpu("bias", bias)?);
+            add_bias(pre, bias);
             cpu_gelu(y, pre);
         }
     }
@@ -107,25 +113,25 @@ pub fn linear_forward(
 
 /// Gradients of `linear_forward`. `gelu_pre`: the forward had the GELU epilogue and this is its
 /// pre-activation (cuBLASLt's DGELU: dx becomes the gradient at the pre-activation).
-pub fn linear_backward(
+pub fn linear_backward<T: Activation>(
     device: &Device,
-    grads: LinearGrads,
-    dy: View<f32>,
-    x: View<f32>,
-    w: View<f32>,
+    grads: LinearGrads<T>,
+    dy: View<T>,
+    x: View<T>,
+    w: View<T>,
     s: LinearShape,
 ) -> Result<()> {
     linear_backward_gelu(device, grads, dy, x, w, None, s)
 }
 
 /// `linear_backward` for the layer after a GELU-epilogue layer: `dx` is taken through gelu'(pre).
-pub fn linear_backward_gelu(
+pub fn linear_backward_gelu<T: Activation>(
     device: &Device,
-    grads: LinearGrads,
-    dy: View<f32>,
-    x: View<f32>,
-    w: View<f32>,
-    gelu_pre: Option<View<f32>>,
+    grads: LinearGrads<T>,
+    dy: View<T>,
+    x: View<T>,
+    w: View<T>,
+    gelu_pre: Option<View<T>>,
     s: LinearShape,
 ) -> Result<()> {
     let op = OpCheck::new("linear_backward", device);
@@ -166,23 +172,24 @@ pub fn linear_backward_gelu(
             }
         };
     }
-    let (dy, x, w) = (op.cpu("dy", dy)?, op.cpu("x", x)?, op.cpu("weight", w)?);
-    if let Some(dx) = grads.dx {
-        let dx = op.cpu_mut("dx", dx)?;
+    let (dy, x, w) = (op.cpu_f32("dy", dy)?, op.cpu_f32("x", x)?, op.cpu_f32("weight", w)?);
+    let dx = grads.dx.map(|dx| op.cpu_f32_mut("dx", dx)).transpose()?;
+    let pre = gelu_pre.map(|pre| op.cpu_f32("gelu_pre", pre)).transpose()?;
+    let dw = op.cpu_mut("dweight", grads.dw)?;
+    let db = grads.db.map(|db| op.cpu_mut("dbias", db)).transpose()?;
+    if let Some(dx) = dx {
         cpu_matmul(
             Mat::new(&mut dx[..], rows, inputs),
             Mat::new(dy, rows, outputs),
             Mat::new(w, outputs, inputs),
             false,
         );
-        if let Some(pre) = gelu_pre {
-            cpu_gelu_backward(dx, None, op.cpu("gelu_pre", pre)?);
+        if let Some(pre) = pre {
+            cpu_gelu_backward(dx, None, pre);
         }
     }
-    let dw = op.cpu_mut("dweight", grads.dw)?;
     cpu_matmul(Mat::new(dw, outputs, inputs), Mat::new(dy, rows, outputs).t(), Mat::new(x, rows, inputs), true);
-    if let Some(db) = grads.db {
-        let db = op.cpu_mut("dbias", db)?;
+    if let Some(db) = db {
         for row in dy.chunks(outputs) {
             db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
         }

@@ -1,11 +1,14 @@
 //! Matrix multiply C = A·B (or C += A·B) over strided views, f32 on the CPU through the `gemm`
 //! crate (SIMD microkernels, rayon threads; the kernel family candle and faer use). Strides let
 //! every caller pass transposes and row subsets without copies (cuBLASLt's leading dimensions).
+//! On a GPU device A and B may be bf16 with C bf16 or f32 (a weight gradient accumulated in f32),
+//! products accumulated in f32 (cuBLASLt's CUBLAS_COMPUTE_32F).
 
 use gemm::Parallelism;
 
 use super::check::OpCheck;
-use crate::cublaslt::{self, Epilogue, Layout, Matmul, Op};
+use super::dtype::Float;
+use crate::cublaslt::{self, DataType, Epilogue, Layout, Matmul, Op};
 use crate::device::Device;
 use crate::error::Result;
 use crate::view::{View, ViewMut};
@@ -50,12 +53,13 @@ impl<D> Mat<D> {
     }
 }
 
-/// c = a·b, or c += a·b with `accumulate`, on the device.
-pub fn matmul(
+/// c = a·b, or c += a·b with `accumulate`, on the device: all f32, or (GPU devices) a and b bf16
+/// with c bf16 or f32.
+pub fn matmul<T: Float, C: Float>(
     device: &Device,
-    c: Mat<ViewMut<f32>>,
-    a: Mat<View<f32>>,
-    b: Mat<View<f32>>,
+    c: Mat<ViewMut<C>>,
+    a: Mat<View<T>>,
+    b: Mat<View<T>>,
     accumulate: bool,
 ) -> Result<()> {
     let op = OpCheck::new("matmul", device);
@@ -79,8 +83,8 @@ pub fn matmul(
     }
     let (am, bm) = (a.with(()), b.with(()));
     let cm = c.with(());
-    let (a, b) = (op.cpu("a", a.data)?, op.cpu("b", b.data)?);
-    cpu_matmul(cm.with(op.cpu_mut("c", c.data)?), am.with(a), bm.with(b), accumulate);
+    let (a, b, c) = (op.cpu_f32("a", a.data)?, op.cpu_f32("b", b.data)?, op.cpu_f32_mut("c", c.data)?);
+    cpu_matmul(cm.with(c), am.with(a), bm.with(b), accumulate);
     Ok(())
 }
 
@@ -98,14 +102,15 @@ impl Batch {
     pub const ONE: Batch = Batch { count: 1, a: 0, b: 0, c: 0 };
 }
 
-/// The column-major layout and op of a strided view m, op(layout) = m: with unit row stride m is
-/// stored column-major (op N); with unit column stride the memory holds mᵀ column-major (op T).
-fn stored(m: &Mat<()>, what: &str) -> Result<(Op, Layout)> {
+/// The column-major layout and op of a strided view m of `dtype` elements, op(layout) = m: with
+/// unit row stride m is stored column-major (op N); with unit column stride the memory holds mᵀ
+/// column-major (op T).
+fn stored(m: &Mat<()>, dtype: DataType, what: &str) -> Result<(Op, Layout)> {
     let ld = |ld: usize, rows: usize, cols: usize| if cols <= 1 { ld.max(rows) } else { ld };
     if m.col_stride == 1 {
-        Ok((Op::T, Layout::new(m.cols, m.rows, ld(m.row_stride, m.cols, m.rows))))
+        Ok((Op::T, Layout::new(dtype, m.cols, m.rows, ld(m.row_stride, m.cols, m.rows))))
     } else if m.row_stride == 1 {
-        Ok((Op::N, Layout::new(m.rows, m.cols, ld(m.col_stride, m.rows, m.cols))))
+        Ok((Op::N, Layout::new(dtype, m.rows, m.cols, ld(m.col_stride, m.rows, m.cols))))
     } else {
         Err(crate::error::Error::InvalidArgument(format!(
             "matmul: {what} has strides ({}, {}); a GPU matmul needs one of them 1",
@@ -119,15 +124,16 @@ fn stored(m: &Mat<()>, what: &str) -> Result<(Op, Layout)> {
 /// A row-major matrix is the column-major layout of its transpose, so a row-major operand of
 /// the model is op = N of cuBLASLt's, a transposed view (`.t()`) op = T. In the model's terms
 /// the epilogues act on c's columns: BIAS adds bias[j] to column j, BGRADB writes the row sums
-/// of a (bias[i] = Σ_p a[i, p], the bias gradient when a = dyᵀ).
-pub(crate) fn gpu_matmul(
+/// of a (bias[i] = Σ_p a[i, p], the bias gradient when a = dyᵀ). a and b are T, c and the
+/// epilogue's vectors C (cuBLASLt refuses f32 operands into a bf16 c).
+pub(crate) fn gpu_matmul<T: Float, C: Float>(
     device: &Device,
-    c: Mat<ViewMut<f32>>,
-    a: Mat<View<f32>>,
-    b: Mat<View<f32>>,
+    c: Mat<ViewMut<C>>,
+    a: Mat<View<T>>,
+    b: Mat<View<T>>,
     accumulate: bool,
     batch: Batch,
-    epilogue: Epilogue,
+    epilogue: Epilogue<C>,
 ) -> Result<()> {
     if c.col_stride != 1 && c.rows > 1 && c.cols > 1 {
         return Err(crate::error::Error::InvalidArgument(format!(
@@ -135,9 +141,10 @@ pub(crate) fn gpu_matmul(
             c.col_stride
         )));
     }
-    let (op_a, la) = stored(&b.with(()).t(), "b")?;
-    let (op_b, lb) = stored(&a.with(()).t(), "a")?;
-    let d = Layout::new(c.cols, c.rows, if c.rows <= 1 { c.row_stride.max(c.cols) } else { c.row_stride });
+    let (op_a, la) = stored(&b.with(()).t(), T::DATA_TYPE, "b")?;
+    let (op_b, lb) = stored(&a.with(()).t(), T::DATA_TYPE, "a")?;
+    let ld = if c.rows <= 1 { c.row_stride.max(c.cols) } else { c.row_stride };
+    let d = Layout::new(C::DATA_TYPE, c.cols, c.rows, ld);
     let mm = Matmul {
         op_a,
         op_b,

@@ -1,22 +1,24 @@
 //! The patch embedding's input packing: images [N, 3, H, W] → patches [N·L, 3p²], each row
 //! flattened (channel, row, col) as conv1's weight [width, 3, p, p], so the convolution is one
-//! GEMM. CPU reference here, the kernel in `kernels/src/patchify.rs` (CUDA and the emulator).
+//! GEMM; f32, or bf16 on the GPU devices (`dtype::Activation`: a copy, no rounding). CPU
+//! reference here, the kernel in `kernels/src/patchify.rs` (CUDA and the emulator).
 
 use rayon::prelude::*;
 
-use clip_pgs_kernels::patchify::{THREADS, patchify_f32};
+use clip_pgs_kernels::patchify::THREADS;
 
 use super::check::OpCheck;
+use super::dtype::Activation;
 use crate::device::Device;
 use crate::error::Result;
 use crate::launch::grid_stride_config;
 use crate::view::{View, ViewMut};
 
 /// patches [N·L, 3p²] from images [N, 3, S, S], S = `image_size`, p = `patch`.
-pub fn patchify(
+pub fn patchify<T: Activation>(
     device: &Device,
-    patches: ViewMut<f32>,
-    images: View<f32>,
+    patches: ViewMut<T>,
+    images: View<T>,
     image_size: usize,
     patch: usize,
 ) -> Result<()> {
@@ -39,11 +41,11 @@ pub fn patchify(
     if !matches!(device, Device::Cpu) {
         let n = images.len() as u32;
         let args = (op.gpu_mut("patches", patches)?, op.gpu("images", images)?, n, image_size as u32, patch as u32);
-        // SAFETY: images hold n = N·3·S² floats and patches as many (checked above); patch ≥ 1
+        // SAFETY: images hold n = N·3·S² values and patches as many (checked above); patch ≥ 1
         // divides S.
-        return unsafe { device.launch(&patchify_f32, grid_stride_config(n as usize, THREADS), args) };
+        return unsafe { device.launch(&T::PATCHIFY, grid_stride_config(n as usize, THREADS), args) };
     }
-    let (patches, images) = (op.cpu_mut("patches", patches)?, op.cpu("images", images)?);
+    let (patches, images) = (op.cpu_f32_mut("patches", patches)?, op.cpu_f32("images", images)?);
     patches.par_chunks_mut(pv).enumerate().for_each(|(row, dst)| {
         let (b, j) = (row / l, row % l);
         let (y0, x0) = ((j / cols) * patch, (j % cols) * patch);

@@ -1,15 +1,17 @@
 //! Pooling rows by index: the text tower's EOT token (the first position of each caption's
 //! largest id, as `torch.argmax`), gathering those rows and scattering their gradients back. CPU
 //! reference here, the kernels in `kernels/src/rows.rs` (CUDA and the emulator; the same bits).
+//! The rows are f32, or bf16 on the GPU devices (`dtype::Activation`: copies, no rounding).
 //!
 //! The row indices stay on the device: only the CPU device reads them to refuse one outside the
 //! matrix. On a GPU device the kernels never access outside it: `gather_rows` writes a NaN row
 //! for such an index and `scatter_rows` drops its row (the model's indices come from `eot_rows`,
 //! always in range).
 
-use clip_pgs_kernels::rows::{THREADS, eot_rows_u32, gather_rows_f32, scatter_rows_f32};
+use clip_pgs_kernels::rows::{THREADS, eot_rows_u32};
 
 use super::check::OpCheck;
+use super::dtype::Activation;
 use crate::device::Device;
 use crate::error::Result;
 use crate::launch::grid_stride_config;
@@ -68,18 +70,24 @@ fn check_rows(op: &OpCheck, rows: &[u32], table_len: usize, width: usize) -> Res
 
 /// out[i] = x[rows[i]] (rows of `width`). On a GPU device a row outside x is not refused (the
 /// indices are not read on the host): out[i] is NaN.
-pub fn gather_rows(device: &Device, out: ViewMut<f32>, x: View<f32>, rows: View<u32>, width: usize) -> Result<()> {
+pub fn gather_rows<T: Activation>(
+    device: &Device,
+    out: ViewMut<T>,
+    x: View<T>,
+    rows: View<u32>,
+    width: usize,
+) -> Result<()> {
     let op = OpCheck::new("gather_rows", device);
     check_sizes(&op, rows.len(), ("x", x.len()), ("out", out.len()), width)?;
     if !matches!(device, Device::Cpu) {
         let (n, x_rows) = (out.len() as u32, (x.len() / width) as u32);
         let args = (op.gpu_mut("out", out)?, op.gpu("x", x)?, op.gpu("rows", rows)?, n, width as u32, x_rows);
-        // SAFETY: out holds n = rows·W < 2³² floats, rows n / W, x at least x_rows·W (checked above).
-        return unsafe { device.launch(&gather_rows_f32, grid_stride_config(n as usize, THREADS), args) };
+        // SAFETY: out holds n = rows·W < 2³² values, rows n / W, x at least x_rows·W (checked
+        // above).
+        return unsafe { device.launch(&T::GATHER_ROWS, grid_stride_config(n as usize, THREADS), args) };
     }
-    let (rows, x) = (op.cpu("rows", rows)?, op.cpu("x", x)?);
+    let (rows, x, out) = (op.cpu("rows", rows)?, op.cpu_f32("x", x)?, op.cpu_f32_mut("out", out)?);
     check_rows(&op, rows, x.len(), width)?;
-    let out = op.cpu_mut("out", out)?;
     for (o, &r) in out.chunks_mut(width).zip(rows) {
         o.copy_from_slice(&x[r as usize * width..][..width]);
     }
@@ -89,21 +97,26 @@ pub fn gather_rows(device: &Device, out: ViewMut<f32>, x: View<f32>, rows: View<
 /// dx = 0 except dx[rows[i]] = d_out[i] (the backward of `gather_rows` for distinct rows; of
 /// repeated rows the last i wins). On a GPU device a row outside dx is not refused (the indices
 /// are not read on the host): its d_out row is dropped.
-pub fn scatter_rows(device: &Device, dx: ViewMut<f32>, d_out: View<f32>, rows: View<u32>, width: usize) -> Result<()> {
+pub fn scatter_rows<T: Activation>(
+    device: &Device,
+    dx: ViewMut<T>,
+    d_out: View<T>,
+    rows: View<u32>,
+    width: usize,
+) -> Result<()> {
     let op = OpCheck::new("scatter_rows", device);
     check_sizes(&op, rows.len(), ("dx", dx.len()), ("d_out", d_out.len()), width)?;
     if !matches!(device, Device::Cpu) {
         let (n, dx_len) = (rows.len() as u32, dx.len() as u32);
         let blocks = dx.len().div_ceil(width).div_ceil(WARPS);
         let args = (op.gpu_mut("dx", dx)?, op.gpu("d_out", d_out)?, op.gpu("rows", rows)?, n, width as u32, dx_len);
-        // SAFETY: dx holds dx_len floats, d_out n·W and rows n (checked above); whole warps.
+        // SAFETY: dx holds dx_len values, d_out n·W and rows n (checked above); whole warps.
         return unsafe {
-            device.launch(&scatter_rows_f32, grid_stride_config(blocks * THREADS as usize, THREADS), args)
+            device.launch(&T::SCATTER_ROWS, grid_stride_config(blocks * THREADS as usize, THREADS), args)
         };
     }
-    let (rows, d_out) = (op.cpu("rows", rows)?, op.cpu("d_out", d_out)?);
+    let (rows, d_out, dx) = (op.cpu("rows", rows)?, op.cpu_f32("d_out", d_out)?, op.cpu_f32_mut("dx", dx)?);
     check_rows(&op, rows, dx.len(), width)?;
-    let dx = op.cpu_mut("dx", dx)?;
     dx.fill(0.0);
     for (d, &r) in d_out.chunks(width).zip(rows) {
         dx[r as usize * width..][..width].copy_from_slice(d);

@@ -198,6 +198,12 @@ impl<T: Copy> GlobalMut<T> {
     pub unsafe fn store(self, i: usize, v: T) {
         unsafe { *self.ptr.add(i) = v }
     }
+
+    /// Whether no buffer was passed (an optional output).
+    #[inline(always)]
+    pub fn is_null(self) -> bool {
+        self.ptr.is_null()
+    }
 }
 
 impl GlobalMut<f32> {

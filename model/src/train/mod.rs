@@ -271,6 +271,17 @@ pub fn train(cfg: &TrainConfig, device: Device, interrupt: Arc<AtomicBool>) -> R
     std::fs::create_dir_all(out_dir.join("checkpoints")).map_err(|e| format!("{}: {e}", out_dir.display()))?;
     let tokenizer = ClipTokenizer::new().map_err(|e| e.to_string())?;
     let adamw = AdamW { lr: cfg.lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps };
+    // On a GPU, measure before allocating: a run that cannot fit says which batch would.
+    if let Some((free, _)) = device.memory_info().map_err(|e| e.to_string())? {
+        crate::step::check_fits(
+            &model_cfg,
+            cfg.batch_size,
+            cfg.accum_freq,
+            cfg.grad_checkpointing,
+            &cfg.masking,
+            free,
+        )?;
+    }
     let mut params = Params::init(&model_cfg, cfg.seed, &device)?;
     let mut optimizer = Optimizer::new(&params.layout, &device, adamw, cfg.wd)?;
     let mut state =

@@ -11,6 +11,7 @@ use clip_pgs_kernels::gather as kernel;
 use crate::device::Device;
 use crate::error::Result;
 use crate::ops::check::OpCheck;
+use crate::ops::dtype::Activation;
 use crate::ops::edge_map::ImageElement;
 use crate::view::{View, ViewMut};
 
@@ -98,20 +99,21 @@ pub fn gather<T: ImageElement>(
 }
 
 /// The backward of `gather` and of the positional embedding added before it: d_tokens [N, L, D]
-/// is overwritten (zero for dropped patches), d_cls [D] and d_pos [L + 1, D] accumulate over the
-/// images in order (the same bits on every device).
+/// is overwritten (zero for dropped patches), d_cls [D] and d_pos [L + 1, D] (f32) accumulate
+/// over the images in order (the same bits on every device). d_tokens and d_packed are the
+/// activations' type (f32, or bf16 on the GPU devices).
 ///
 /// Only the CPU device reads the keep indices to refuse bad ones (counts above rows − 1, indices
 /// not ascending or ≥ L). On a GPU device the kernel stays in bounds for any: it caps a count at
 /// rows − 1 and treats a patch its search does not find as dropped. The model checks every
 /// batch's keep lists on the host before the upload (`Clip::check_batch`, `check_keep`).
 #[allow(clippy::too_many_arguments)]
-pub fn gather_backward(
+pub fn gather_backward<T: Activation>(
     device: &Device,
-    d_tokens: ViewMut<f32>,
+    d_tokens: ViewMut<T>,
     d_cls: ViewMut<f32>,
     d_pos: ViewMut<f32>,
-    d_packed: View<f32>,
+    d_packed: View<T>,
     idx: KeptIndices,
     s: GatherShape,
 ) -> Result<()> {
@@ -136,13 +138,13 @@ pub fn gather_backward(
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let args = (d_tokens, d_cls, d_pos, d_packed, kept, kept_len, n as u32, l as u32, dim as u32, rows as u32);
         // SAFETY: sizes checked above (1 ≤ rows ≤ L + 1); the kernel caps the counts at rows − 1.
-        return unsafe { device.launch(&kernel::pgs_gather_backward_f32, cfg, args) };
+        return unsafe { device.launch(&T::GATHER_BACKWARD, cfg, args) };
     }
     let (kept, kept_len) = (op.cpu("kept", idx.kept)?, op.cpu("kept_len", idx.kept_len)?);
-    check_indices(&op, s, kept, kept_len)?;
     let (d_tokens, d_cls, d_pos) =
-        (op.cpu_mut("d_tokens", d_tokens)?, op.cpu_mut("d_cls", d_cls)?, op.cpu_mut("d_pos", d_pos)?);
-    let d_packed = op.cpu("d_packed", d_packed)?;
+        (op.cpu_f32_mut("d_tokens", d_tokens)?, op.cpu_mut("d_cls", d_cls)?, op.cpu_mut("d_pos", d_pos)?);
+    let d_packed = op.cpu_f32("d_packed", d_packed)?;
+    check_indices(&op, s, kept, kept_len)?;
     d_tokens.fill(0.0);
     let add = |to: &mut [f32], d: &[f32]| to.iter_mut().zip(d).for_each(|(a, b)| *a += b);
     for b in 0..n {

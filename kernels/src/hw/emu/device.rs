@@ -258,6 +258,15 @@ impl<T: Copy> Global<T> {
 }
 
 impl<T: Copy> GlobalMut<T> {
+    /// An absent optional output.
+    pub fn null() -> Self {
+        GlobalMut { ptr: core::ptr::null_mut(), len: 0, start: 0, buffer: 0 }
+    }
+
+    pub fn is_null(self) -> bool {
+        self.ptr.is_null()
+    }
+
     /// # Safety
     /// As on the GPU; here an index past the end is reported, not performed.
     #[track_caller]
