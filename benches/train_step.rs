@@ -11,7 +11,7 @@ use clip_pgs_model::bench::StepWorkload;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn step(c: &mut Criterion, config: &str, batch: usize) {
-    let mut workload = StepWorkload::new(config, batch, Device::Cpu, Masking::None).unwrap();
+    let mut workload: StepWorkload = StepWorkload::new(config, batch, Device::Cpu, Masking::None).unwrap();
     let mut group = c.benchmark_group("train_step_cpu");
     group.sample_size(10).throughput(Throughput::Elements(batch as u64));
     group.bench_function(format!("{config}_batch{batch}"), |b| b.iter(|| workload.step().unwrap()));

@@ -30,7 +30,7 @@ pub struct EdgesArgs {
     #[arg(long, default_value = "auto")]
     device: DevicePreference,
     /// Element type of the image tensor the kernel reads.
-    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    #[arg(long, default_value = "f32")]
     dtype: Dtype,
     /// Write the image, its edge map and the map's scale side by side to this PNG.
     #[arg(long)]

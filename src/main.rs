@@ -9,7 +9,7 @@ mod train;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use clip_pgs_host::{Device, DevicePreference};
 use clip_pgs_model::{errln, outln};
 
@@ -34,6 +34,10 @@ enum Command {
         /// auto, cpu, cuda, or emu (the GPU path on the SIMT emulator).
         #[arg(long, default_value = "auto")]
         device: DevicePreference,
+        /// The activations' type: f32 (bounds 1e-4, gradients 1e-3) or bf16 (3e-2, 5e-2; GPU
+        /// devices only); default: bf16 on a GPU device, f32 on the cpu.
+        #[arg(long)]
+        dtype: Option<Dtype>,
         /// Also write the golden's parameters as a clip-pgs checkpoint (for tools/checkpoint_open_clip.py).
         #[arg(long)]
         save_checkpoint: Option<std::path::PathBuf>,
@@ -52,12 +56,8 @@ enum Command {
     },
 }
 
-/// Element type of the tensors a GPU command reads (`--dtype`).
-#[derive(Clone, Copy, ValueEnum)]
-pub enum Dtype {
-    F32,
-    Bf16,
-}
+/// Element type of the tensors a GPU command reads and computes with (`--dtype f32|bf16`).
+pub use clip_pgs_model::precision::Dtype;
 
 /// Parses a whole-number flag, with a range error below `min` (`--epochs -1`, `--size 0`).
 pub fn at_least<T: TryFrom<i64> + Clone + Send + Sync + 'static>(min: i64) -> clap::builder::RangedI64ValueParser<T> {
@@ -68,6 +68,7 @@ pub fn at_least<T: TryFrom<i64> + Clone + Send + Sync + 'static>(min: i64) -> cl
 fn parity(
     path: &std::path::Path,
     device: DevicePreference,
+    dtype: Option<Dtype>,
     checkpoint: Option<&std::path::Path>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let golden = clip_pgs_model::golden::Golden::load(path)?;
@@ -76,10 +77,15 @@ fn parity(
         outln!("wrote checkpoint {}", out.display());
     }
     let selection = Device::select(device)?;
-    outln!("device: {selection}; golden {}", path.display());
-    let (report, ok) = golden.check(&selection.device)?;
+    let dtype = dtype.unwrap_or(train::default_dtype(&selection.device));
+    outln!("device: {selection}; {dtype}; golden {}", path.display());
+    let (report, ok) = golden.check(&selection.device, dtype)?;
     outln!("{}", report.trim_end());
-    if ok { Ok(()) } else { Err("parity with open_clip failed (tolerance: relative 1e-4, gradients 1e-3)".into()) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("parity with open_clip failed in {dtype} (the bounds are in the report)").into())
+    }
 }
 
 /// `clip-pgs devices`: the device `--device` picks, then every device and whether it can run.
@@ -125,7 +131,9 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => train::eval(&args),
-        Command::Parity { golden, device, save_checkpoint } => parity(&golden, device, save_checkpoint.as_deref()),
+        Command::Parity { golden, device, dtype, save_checkpoint } => {
+            parity(&golden, device, dtype, save_checkpoint.as_deref())
+        }
         Command::Devices { device } => devices(device),
     };
     match result {

@@ -10,11 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args, ValueEnum};
 use clip_pgs_host::ops::edge_map::ImageBatchShape;
+use clip_pgs_host::ops::gelu::GeluForm;
 use clip_pgs_host::ops::pgs::{MaskRatio, MaskRequest, MaskStep, Masking, PgsConfig, PgsMode, mask_cpu};
 use clip_pgs_host::{Device, DevicePreference};
 use clip_pgs_model::clip::{Clip, Pass, Workspace};
 use clip_pgs_model::config::ClipConfig;
 use clip_pgs_model::data::{self, SourceOptions, Split};
+use clip_pgs_model::precision::Dtype;
 use clip_pgs_model::tokenizer::ClipTokenizer;
 use clip_pgs_model::train::eval::{CHUNK, Encoder, EvalSet, evaluate};
 use clip_pgs_model::train::plot::{Series, line_chart, stacked_line_charts};
@@ -112,6 +114,13 @@ pub struct TrainArgs {
     /// same gradients with less memory, for one more forward.
     #[arg(long)]
     grad_checkpointing: bool,
+    /// The activations' type: bf16 (the default on a GPU device: weights read as a bf16 copy of
+    /// the f32 master weights, f32 accumulation) or f32 (the cpu device's only one).
+    #[arg(long)]
+    dtype: Option<Dtype>,
+    /// The MLP's GELU: erf (open_clip's, the default) or tanh (cuBLASLt's fused epilogue).
+    #[arg(long, default_value = "erf")]
+    gelu: GeluForm,
     /// Patch masking before the image tower: none (CLIP), flip (random), pgs (the default).
     #[arg(long, value_enum, default_value_t = MaskMethod::Pgs)]
     mask: MaskMethod,
@@ -200,6 +209,11 @@ fn masking(args: &TrainArgs) -> Result<Masking, String> {
     })
 }
 
+/// bf16 on the GPU devices, f32 on the CPU (which computes in f32 only).
+pub fn default_dtype(device: &Device) -> Dtype {
+    if matches!(device, Device::Cpu) { Dtype::F32 } else { Dtype::Bf16 }
+}
+
 fn default_model(data: &str) -> &'static str {
     if data.starts_with("fashion-mnist") { "fmnist-tiny" } else { "shapes-tiny" }
 }
@@ -233,6 +247,8 @@ pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
         grad_clip_norm: args.grad_clip_norm,
         accum_freq: args.accum_freq,
         grad_checkpointing: args.grad_checkpointing,
+        dtype: args.dtype.unwrap_or(default_dtype(&selection.device)),
+        gelu: args.gelu,
         masking,
         seed: args.seed,
         workers: args.workers,
@@ -423,8 +439,11 @@ pub fn eval(args: &EvalArgs) -> Result<(), Box<dyn Error>> {
     let tokenizer = ClipTokenizer::new()?;
     let clip = Clip::new(&cfg, &params.layout, false);
     let mut workspace = Workspace::inference(&clip, &Device::Cpu, CHUNK)?;
-    let enc =
-        Encoder::new(Pass { device: &Device::Cpu, clip: &clip, params: &params.data }, &tokenizer, &mut workspace);
+    let enc = Encoder::new(
+        Pass { device: &Device::Cpu, clip: &clip, params: &params.data, weights: &params.data },
+        &tokenizer,
+        &mut workspace,
+    );
     let metrics = evaluate(&enc, &set)?;
     outln!("{}", headline(&metrics));
     for (k, v) in &metrics {

@@ -6,26 +6,36 @@ mod common;
 
 use clip_pgs_host::Device;
 use clip_pgs_model::golden::Golden;
+use clip_pgs_model::precision::Dtype;
 
-fn check_goldens(device: &Device) {
+fn check_goldens(device: &Device, dtype: Dtype) {
     for name in ["tiny-a_unmasked", "tiny-a_masked", "tiny-b_unmasked", "tiny-b_masked"] {
         let golden = Golden::load(&common::repo_path(&format!("tests/goldens/clip_{name}.safetensors"))).unwrap();
-        let (report, ok) = golden.check(device).unwrap();
-        println!("{name} on {device}\n{report}");
-        assert!(ok, "{name}: parity with open_clip failed on {device}\n{report}");
+        let (report, ok) = golden.check(device, dtype).unwrap();
+        println!("{name} on {device} in {dtype}\n{report}");
+        assert!(ok, "{name}: parity with open_clip failed on {device} in {dtype}\n{report}");
     }
 }
 
 #[test]
 fn cpu_clip_matches_open_clip_goldens() {
-    check_goldens(&Device::Cpu);
+    check_goldens(&Device::Cpu, Dtype::F32);
 }
 
 /// The GPU path (Rust kernels and cuBLASLt; on the emulator in `cargo test`, on CUDA with
-/// `CLIP_PGS_TEST_DEVICE=cuda`) within the same bounds as the CPU device, in f32.
+/// `CLIP_PGS_TEST_DEVICE=cuda`) within the CPU device's bounds in f32 (1e-4, gradients 1e-3),
+/// and within the bf16 bounds (3e-2, gradients 5e-2) with bf16 activations and weights.
 #[test]
 fn gpu_clip_matches_open_clip_goldens() {
-    check_goldens(&common::gpu());
+    check_goldens(&common::gpu(), Dtype::F32);
+    check_goldens(&common::gpu(), Dtype::Bf16);
+}
+
+#[test]
+fn bf16_on_the_cpu_device_is_refused() {
+    let golden = Golden::load(&common::repo_path("tests/goldens/clip_tiny-a_masked.safetensors")).unwrap();
+    let e = golden.check(&Device::Cpu, Dtype::Bf16).unwrap_err();
+    assert!(e.contains("--dtype bf16 runs on the GPU devices"), "{e}");
 }
 
 #[test]

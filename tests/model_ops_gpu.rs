@@ -20,8 +20,10 @@ use clip_pgs_host::ops::cast::cast;
 use clip_pgs_host::ops::clip_loss::{ClipLossOut, clip_loss, clip_loss_workspace};
 use clip_pgs_host::ops::dtype::{Activation, Float};
 use clip_pgs_host::ops::elementwise::{add, add_assign, clamp, fill};
-use clip_pgs_host::ops::gelu::{gelu_backward, gelu_forward};
-use clip_pgs_host::ops::linear::{Epilogue, LinearGrads, LinearShape, linear_backward_gelu, linear_forward};
+use clip_pgs_host::ops::gelu::{GeluForm, gelu_backward, gelu_forward};
+use clip_pgs_host::ops::linear::{
+    Epilogue, LinearGrads, LinearShape, linear_backward, linear_backward_gelu, linear_forward,
+};
 use clip_pgs_host::ops::matmul::{Mat, matmul};
 use clip_pgs_host::{Buffer, Device};
 use clip_pgs_kernels::philox::Philox;
@@ -187,13 +189,13 @@ fn linear_forward_and_backward_match_the_cpu_with_every_epilogue() {
         let [cpu, gpu] = both(&inputs, |d, bufs| {
             let [x, w, b, y, pre, dy, dx, dw, db, x_pre] = bufs else { unreachable!() };
             let epilogue = if gelu {
-                Epilogue::BiasGelu { bias: b.view(), pre: pre.view_mut() }
+                Epilogue::BiasGelu { bias: b.view(), pre: pre.view_mut(), form: GeluForm::Erf }
             } else {
                 Epilogue::Bias(b.view())
             };
             linear_forward(d, y.view_mut(), x.view(), w.view(), epilogue, s).unwrap();
             let grads = LinearGrads { dx: Some(dx.view_mut()), dw: dw.view_mut(), db: Some(db.view_mut()) };
-            let x_pre = gelu.then(|| x_pre.view());
+            let x_pre = gelu.then(|| (x_pre.view(), GeluForm::Erf));
             linear_backward_gelu(d, grads, dy.view(), x.view(), w.view(), x_pre, s).unwrap();
         });
         for (index, name) in [(3, "y"), (4, "pre"), (6, "dx"), (7, "dw"), (8, "db")] {
@@ -443,11 +445,15 @@ fn linear_case<T: Activation>(d: &Device, inputs: &[Vec<f32>], s: LinearShape, g
     let (x, w, b, dy, x_pre) = (up(&inputs[0]), up(&inputs[1]), up(&inputs[2]), up(&inputs[5]), up(&inputs[9]));
     let (mut y, mut pre, mut dx) = (up(&inputs[3]), up(&inputs[4]), up(&inputs[6]));
     let (mut dw, mut db) = (d.upload(&inputs[7]).unwrap(), d.upload(&inputs[8]).unwrap());
-    let epilogue =
-        if gelu { Epilogue::BiasGelu { bias: b.view(), pre: pre.view_mut() } } else { Epilogue::Bias(b.view()) };
+    let epilogue = if gelu {
+        Epilogue::BiasGelu { bias: b.view(), pre: pre.view_mut(), form: GeluForm::Erf }
+    } else {
+        Epilogue::Bias(b.view())
+    };
     linear_forward(d, y.view_mut(), x.view(), w.view(), epilogue, s).unwrap();
     let grads = LinearGrads { dx: Some(dx.view_mut()), dw: dw.view_mut(), db: Some(db.view_mut()) };
-    linear_backward_gelu(d, grads, dy.view(), x.view(), w.view(), gelu.then(|| x_pre.view()), s).unwrap();
+    let x_pre = gelu.then(|| (x_pre.view(), GeluForm::Erf));
+    linear_backward_gelu(d, grads, dy.view(), x.view(), w.view(), x_pre, s).unwrap();
     [common::download(&y), common::download(&pre), common::download(&dx), dw.to_vec().unwrap(), db.to_vec().unwrap()]
 }
 
@@ -602,4 +608,191 @@ fn the_cpu_device_refuses_bf16_clearly() {
     let e = adamw_update(&cpu, pv, gv, mv, vv, Some(y.view_mut()), norm.view(), &hyper, at).unwrap_err();
     expect(e, "adamw_update: params_bf16 is bf16");
     assert_eq!(p.to_vec().unwrap(), vec![1.0; 8], "the refused update changed the parameters");
+}
+
+// ---- the GELU's form ----
+
+/// Inputs of a GELU layer's forward and backward: x, W, b, y, pre, dy, dx, dW (accumulated), db
+/// (likewise), the pre-activation of the layer's input; `round` makes them values bf16 holds.
+/// W is scaled by 1/16 so that pre = x·Wᵀ + b is mostly in [-4, 4], GELU's curved part.
+fn gelu_layer_inputs(s: LinearShape, round: bool) -> Vec<Vec<f32>> {
+    let (r, i, o) = (s.rows, s.inputs, s.outputs);
+    let held = |v: Vec<f32>| if round { common::rounded(&v) } else { v };
+    vec![
+        held(values(r * i, 1)),
+        held(values(o * i, 2).iter().map(|v| v / 16.0).collect()),
+        held(values(o, 3)),
+        vec![0.0; r * o],
+        vec![0.0; r * o],
+        held(values(r * o, 4)),
+        vec![0.0; r * i],
+        values(o * i, 5),
+        values(o, 6),
+        held(values(r * i, 7)),
+    ]
+}
+
+/// y, pre, dx, dW, db of a layer with the GELU epilogue in `form` (forward) and dx taken through
+/// gelu'(pre of its input) in `form` (backward), with activations of type T. On emu, also the
+/// cuBLASLt epilogues the two passes ran and the kernels they launched.
+fn gelu_layer<T: Activation>(
+    d: &Device,
+    inputs: &[Vec<f32>],
+    s: LinearShape,
+    form: GeluForm,
+) -> ([Vec<f32>; 5], Vec<&'static str>, Vec<&'static str>) {
+    let up = |v: &Vec<f32>| common::upload_as::<T>(d, v);
+    let (x, w, b, dy, x_pre) = (up(&inputs[0]), up(&inputs[1]), up(&inputs[2]), up(&inputs[5]), up(&inputs[9]));
+    let (mut y, mut pre, mut dx) = (up(&inputs[3]), up(&inputs[4]), up(&inputs[6]));
+    let (mut dw, mut db) = (d.upload(&inputs[7]).unwrap(), d.upload(&inputs[8]).unwrap());
+    if let Device::Emu(rt) = d {
+        rt.keep_reports();
+    }
+    let epilogue = Epilogue::BiasGelu { bias: b.view(), pre: pre.view_mut(), form };
+    linear_forward(d, y.view_mut(), x.view(), w.view(), epilogue, s).unwrap();
+    let grads = LinearGrads { dx: Some(dx.view_mut()), dw: dw.view_mut(), db: Some(db.view_mut()) };
+    linear_backward_gelu(d, grads, dy.view(), x.view(), w.view(), Some((x_pre.view(), form)), s).unwrap();
+    let (gemms, kernels) = match d {
+        Device::Emu(rt) => {
+            (rt.take_gemms().iter().map(|g| g.epilogue).collect(), rt.take_reports().iter().map(|r| r.kernel).collect())
+        }
+        _ => (vec![], vec![]),
+    };
+    let outputs = [
+        common::download(&y),
+        common::download(&pre),
+        common::download(&dx),
+        dw.to_vec().unwrap(),
+        db.to_vec().unwrap(),
+    ];
+    (outputs, gemms, kernels)
+}
+
+/// The tanh form runs as cuBLASLt's fused epilogues: GELU_AUX_BIAS in the forward, DGELU on the
+/// dx GEMM in the backward, and no GELU kernel; the erf form as BIAS and DEFAULT GEMMs, each
+/// followed by a GELU kernel.
+fn assert_gelu_path(form: GeluForm, gemms: &[&str], kernels: &[&str]) {
+    let gelu_kernels: Vec<_> = kernels.iter().filter(|k| k.contains("gelu")).collect();
+    match form {
+        GeluForm::Tanh => {
+            assert_eq!(gemms, ["GELU_AUX_BIAS", "DGELU", "BGRADB"], "tanh: the cuBLASLt calls");
+            assert!(gelu_kernels.is_empty(), "tanh: GELU kernels launched: {gelu_kernels:?}");
+        }
+        GeluForm::Erf => {
+            assert_eq!(gemms, ["BIAS", "DEFAULT", "BGRADB"], "erf: the cuBLASLt calls");
+            assert_eq!(gelu_kernels.len(), 2, "erf: the GELU kernels: {kernels:?}");
+        }
+    }
+}
+
+#[test]
+fn linear_with_the_tanh_gelu_matches_the_cpu() {
+    let gpu = common::gpu();
+    let s = LinearShape { rows: 34, inputs: 48, outputs: 80 };
+    let inputs = gelu_layer_inputs(s, false);
+    for form in GeluForm::ALL {
+        let (want, ..) = gelu_layer::<f32>(&Device::Cpu, &inputs, s, form);
+        let (got, gemms, kernels) = gelu_layer::<f32>(&gpu, &inputs, s, form);
+        if matches!(gpu, Device::Emu(_)) {
+            assert_gelu_path(form, &gemms, &kernels);
+        }
+        // The CPU's tanh GELU is the emulator's (and the math cuBLASLt documents): the GEMMs'
+        // order of summation sets the tolerance, as for the erf form.
+        for (index, name) in ["y", "pre", "dx", "dw", "db"].iter().enumerate() {
+            close(&format!("linear {name} (gelu {form})"), &got[index], &want[index], GEMM_TOL);
+        }
+    }
+}
+
+#[test]
+fn linear_with_the_tanh_gelu_in_bf16_matches_the_cpu() {
+    let gpu = common::gpu();
+    let s = LinearShape { rows: 34, inputs: 48, outputs: 80 };
+    let inputs = gelu_layer_inputs(s, true);
+    for form in GeluForm::ALL {
+        let (want, ..) = gelu_layer::<f32>(&Device::Cpu, &inputs, s, form);
+        let (got, gemms, kernels) = gelu_layer::<bf16>(&gpu, &inputs, s, form);
+        if matches!(gpu, Device::Emu(_)) {
+            assert_gelu_path(form, &gemms, &kernels);
+        }
+        let at = |name: &str| format!("linear bf16 {name} (gelu {form})");
+        // The bounds of `linear_forward_and_backward_in_bf16_match_the_cpu`: pre stored once; y
+        // gelu(pre) stored (the tanh epilogue takes gelu of the unrounded pre, one rounding
+        // fewer than the erf form's bound allows); dx the product times gelu'(pre) stored (the
+        // fused DGELU: one rounding; the erf form two).
+        close(&at("y"), &got[0], &want[0], 2.13 * common::BF16_ROUNDING + GEMM_TOL);
+        close(&at("pre"), &got[1], &want[1], STORE_TOL);
+        close(&at("dx"), &got[2], &want[2], 2.0 * common::BF16_ROUNDING + GEMM_TOL);
+        close(&at("dw"), &got[3], &want[3], GEMM_TOL);
+        close(&at("db"), &got[4], &want[4], GEMM_TOL);
+    }
+}
+
+/// The flag is not a no-op, and the forms differ by the tanh approximation only: on the CPU and
+/// on the GPU device, from the same inputs pre is the same, y differs by at most 1e-3 where
+/// |pre| ≤ 4 (by ~5e-4 at the most), and dx by at most 1e-3 of the gradient it scales, dy·W.
+#[test]
+fn the_gelu_forms_differ_by_the_tanh_approximation() {
+    let s = LinearShape { rows: 34, inputs: 48, outputs: 80 };
+    let inputs = gelu_layer_inputs(s, false);
+    for device in [Device::Cpu, common::gpu()] {
+        let (erf, ..) = gelu_layer::<f32>(&device, &inputs, s, GeluForm::Erf);
+        let (tanh, ..) = gelu_layer::<f32>(&device, &inputs, s, GeluForm::Tanh);
+        // dy·W, the gradient at the input before the GELU's.
+        let (dy, x, w) = (
+            device.upload(&inputs[5]).unwrap(),
+            device.upload(&inputs[0]).unwrap(),
+            device.upload(&inputs[1]).unwrap(),
+        );
+        let (mut g, mut dw) = (device.upload(&inputs[6]).unwrap(), device.upload(&inputs[7]).unwrap());
+        let grads = LinearGrads { dx: Some(g.view_mut()), dw: dw.view_mut(), db: None };
+        linear_backward(&device, grads, dy.view(), x.view(), w.view(), s).unwrap();
+        let g = g.to_vec().unwrap();
+
+        let pre_gap = common::max_abs_diff(&erf[1], &tanh[1]);
+        let scale = erf[1].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(pre_gap <= GEMM_TOL * scale, "{device}: pre differs by {pre_gap} between the forms");
+        let within = |p: &f32| p.abs() <= 4.0;
+        let y_gap =
+            erf[0].iter().zip(&tanh[0]).zip(&erf[1]).filter(|(_, p)| within(p)).map(|((e, t), _)| (e - t).abs());
+        let (y_gap, counted) = y_gap.fold((0.0f32, 0), |(m, n), d| (m.max(d), n + 1));
+        assert!(counted > 1000, "{device}: only {counted} pre-activations in [-4, 4]");
+        // (dx_erf − dx_tanh)/(dy·W) = gelu'_erf(pre) − gelu'_tanh(pre), where dy·W is not small
+        // (a tenth of its largest: the GEMMs' rounding stays far below the difference).
+        let (x_pre, g_scale) = (&inputs[9], g.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+        let dx_gap = erf[2]
+            .iter()
+            .zip(&tanh[2])
+            .zip(g.iter().zip(x_pre))
+            .filter(|(_, (g, p))| within(p) && g.abs() >= 0.1 * g_scale)
+            .map(|((e, t), (g, _))| (e - t).abs() / g.abs())
+            .fold(0.0f32, f32::max);
+        eprintln!(
+            "{device}: |y_erf − y_tanh| ≤ {y_gap:.3e} over {counted} pre-activations in [-4, 4]; \
+             |dx_erf − dx_tanh| ≤ {dx_gap:.3e}·|dy·W|"
+        );
+        assert!((1e-4..=1e-3).contains(&y_gap), "{device}: y differs by {y_gap} between the forms");
+        assert!((1e-4..=1e-3).contains(&dx_gap), "{device}: dx differs by {dx_gap}·|dy·W| between the forms");
+        // dW and db are the same: the forms enter through y and dx only.
+        for (index, name) in [(3, "dw"), (4, "db")] {
+            assert_eq!(erf[index], tanh[index], "{device}: {name} depends on the form");
+        }
+    }
+}
+
+#[test]
+fn the_tanh_gelu_on_a_gpu_device_names_a_width_cublaslt_refuses() {
+    let gpu = common::gpu();
+    // A GELU layer 20 wide: cuBLASLt's aux needs a leading dimension divisible by 8.
+    let s = LinearShape { rows: 3, inputs: 4, outputs: 20 };
+    let [x, w, b, mut y, mut pre] = [12, 80, 20, 60, 60].map(|n| gpu.upload(&vec![0.5f32; n]).unwrap());
+    let epilogue = Epilogue::BiasGelu { bias: b.view(), pre: pre.view_mut(), form: GeluForm::Tanh };
+    let e = linear_forward(&gpu, y.view_mut(), x.view(), w.view(), epilogue, s).unwrap_err().to_string();
+    assert!(e.contains("linear_forward: pre has rows of 20 values") && e.contains("divisible by 8"), "{e}");
+    // The erf form and the CPU device take any width.
+    let epilogue = Epilogue::BiasGelu { bias: b.view(), pre: pre.view_mut(), form: GeluForm::Erf };
+    linear_forward(&gpu, y.view_mut(), x.view(), w.view(), epilogue, s).unwrap();
+    let [x, w, b, mut y, mut pre] = [12, 80, 20, 60, 60].map(|n| Buffer::Cpu(vec![0.5f32; n]));
+    let epilogue = Epilogue::BiasGelu { bias: b.view(), pre: pre.view_mut(), form: GeluForm::Tanh };
+    linear_forward(&Device::Cpu, y.view_mut(), x.view(), w.view(), epilogue, s).unwrap();
 }

@@ -75,7 +75,7 @@ fn a_steady_state_training_step_allocates_nothing() {
     let adamw = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
     let optimizer = Optimizer::new(&params.layout, &device, adamw, 0.1).unwrap();
     let (n, ctx, l) = (8, cfg.text_cfg.context_length, cfg.patches());
-    let mut step = TrainStep::new(device, &cfg, params, optimizer, n, 2, false).unwrap();
+    let mut step: TrainStep = TrainStep::new(device, &cfg, params, optimizer, n, 2, false).unwrap();
     let rng = Philox::new(2, 0, 0);
     let images: Vec<f32> =
         (0..(n * 3 * cfg.vision_cfg.image_size.pow(2)) as u32).map(|i| rng.uniform(i) - 0.5).collect();

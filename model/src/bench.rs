@@ -14,24 +14,25 @@ use crate::config::ClipConfig;
 use crate::init::standard_normal;
 use crate::optimizer::Optimizer;
 use crate::params::Params;
+use crate::precision::Precision;
 use crate::step::{StepMasks, TrainStep};
 use crate::tokenizer::ClipTokenizer;
 
 const CAPTIONS: [&str; 4] =
     ["a photo of a cat", "a red circle left of a blue square", "an astronaut on the moon", "a cup of coffee"];
 
-/// A model, its optimizer and one batch, ready to take steps.
-pub struct StepWorkload {
+/// A model, its optimizer and one batch, ready to take steps, with activations in T.
+pub struct StepWorkload<T = f32> {
     pub cfg: ClipConfig,
     pub batch: usize,
-    pub step: TrainStep,
+    pub step: TrainStep<T>,
     masking: Masking,
     steps: u32,
     images: Vec<f32>,
     text: Vec<u32>,
 }
 
-impl StepWorkload {
+impl<T: Precision> StepWorkload<T> {
     /// `config` (a built-in name or a JSON file) at `batch` images on `device`, masked by
     /// `masking` (PGS in its second epoch of 32: token similarity on), open_clip's AdamW
     /// settings.
@@ -49,7 +50,7 @@ impl StepWorkload {
         let adamw = AdamW { lr: 5e-4, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
         let params = Params::init(&cfg, 0, &device)?;
         let optimizer = Optimizer::new(&params.layout, &device, adamw, 0.2)?;
-        let step = TrainStep::new(device, &cfg, params, optimizer, batch, 1, false)?;
+        let step: TrainStep<T> = TrainStep::new(device, &cfg, params, optimizer, batch, 1, false)?;
         Ok(StepWorkload { cfg, batch, step, masking, steps: 0, images, text })
     }
 

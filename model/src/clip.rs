@@ -14,6 +14,7 @@ use clip_pgs_host::ops::attention::{AttentionShape, attention_backward, attentio
 use clip_pgs_host::ops::clip_loss::{ClipLossOut, clip_loss, clip_loss_workspace};
 use clip_pgs_host::ops::elementwise::{add, add_assign, fill};
 use clip_pgs_host::ops::embedding::{embedding_backward, embedding_forward};
+use clip_pgs_host::ops::gelu::GeluForm;
 use clip_pgs_host::ops::layernorm::{NormOut, NormSaved, add_layernorm_forward, layernorm_backward, layernorm_forward};
 use clip_pgs_host::ops::linear::{
     Epilogue, LinearGrads, LinearShape, linear_backward, linear_backward_gelu, linear_forward,
@@ -28,6 +29,7 @@ use clip_pgs_host::{Buffer, Device, Result, Span, View};
 
 use crate::config::ClipConfig;
 use crate::params::{BlockWeights, Layout, NormWeights, Weights};
+use crate::precision::{Dtype, Precision};
 
 /// The model: its config, where its parameters are, and whether backward recomputes blocks.
 #[derive(Clone)]
@@ -37,11 +39,14 @@ pub struct Clip {
     /// Recompute each block's activations in backward instead of keeping them
     /// (`--grad-checkpointing`): the same gradients, less memory, one more forward.
     pub grad_checkpointing: bool,
+    /// The MLP's GELU (`--gelu`): open_clip's exact erf form, or the tanh form cuBLASLt's
+    /// epilogue computes.
+    pub gelu: GeluForm,
 }
 
 impl Clip {
     pub fn new(cfg: &ClipConfig, layout: &Layout, grad_checkpointing: bool) -> Clip {
-        Clip { cfg: cfg.clone(), weights: Weights::new(cfg, layout), grad_checkpointing }
+        Clip { cfg: cfg.clone(), weights: Weights::new(cfg, layout), grad_checkpointing, gelu: GeluForm::Erf }
     }
 
     /// Checks a batch against the config: sizes, token ids below the vocabulary size, keep
@@ -126,15 +131,23 @@ struct BlockActs {
     act: Span,
 }
 
-/// Spans of one block for `rows` rows and `probs` probabilities, laid out for the largest sizes.
+/// Spans of one block for `rows` rows and `probs` probabilities, laid out for the largest sizes:
+/// activations in the T arena, LayerNorm statistics in the f32 arena.
 struct Carver {
     offset: usize,
+    stats: usize,
 }
 
 impl Carver {
     fn take(&mut self, max: usize, len: usize) -> Span {
         let span = Span::new(self.offset, len);
         self.offset += max;
+        span
+    }
+
+    fn take_stat(&mut self, max: usize, len: usize) -> Span {
+        let span = Span::new(self.stats, len);
+        self.stats += max;
         span
     }
 }
@@ -151,9 +164,12 @@ struct TowerPlan {
     seq: usize,
     /// The residual stream entering block i, i in 0..=layers (the last: the blocks' output).
     resid: Span,
-    /// Per-layer activations (one set with gradient checkpointing).
+    /// Per-layer activations (one set with gradient checkpointing), each `block_size` elements
+    /// of the T arena and `block_stats` of the f32 arena from `stats`.
     blocks: usize,
     block_size: usize,
+    block_stats: usize,
+    stats: usize,
     /// Scratch of the forward (branch outputs) and of backward.
     branch: Span,
     dx: Span,
@@ -165,7 +181,7 @@ struct TowerPlan {
 
 impl TowerPlan {
     fn new(
-        a: &mut SpanAllocator,
+        (a, st): (&mut SpanAllocator, &mut SpanAllocator),
         (width, mlp, heads, layers, causal): (usize, usize, usize, usize, bool),
         (batch, seq): (usize, usize),
         checkpointing: bool,
@@ -184,6 +200,8 @@ impl TowerPlan {
             resid: a.take((layers + 1) * rows * width),
             blocks: if checkpointing { 1 } else { layers },
             block_size: 0,
+            block_stats: 0,
+            stats: 0,
             branch: Span::default(),
             dx: Span::default(),
             d_w: Span::default(),
@@ -191,11 +209,12 @@ impl TowerPlan {
             dqkv: Span::default(),
             d_scores: Span::default(),
         };
-        let mut sizing = Carver { offset: 0 };
+        let mut sizing = Carver { offset: 0, stats: 0 };
         plan.carve(&mut sizing, batch, seq);
-        plan.block_size = sizing.offset;
+        (plan.block_size, plan.block_stats) = (sizing.offset, sizing.stats);
         // Right after the residual stream: `block` finds them there.
         a.take(plan.blocks * plan.block_size);
+        plan.stats = st.take(plan.blocks * plan.block_stats).offset;
         plan.branch = a.take(rows * width);
         plan.dx = a.take(grad(rows * width));
         plan.d_w = a.take(grad(rows * width));
@@ -211,8 +230,8 @@ impl TowerPlan {
         let probs_max = self.batch * self.heads * self.seq * self.seq;
         let norm = |c: &mut Carver| NormActs {
             y: c.take(rows_max * w, rows * w),
-            mean: c.take(rows_max, rows),
-            rstd: c.take(rows_max, rows),
+            mean: c.take_stat(rows_max, rows),
+            rstd: c.take_stat(rows_max, rows),
         };
         BlockActs {
             ln1: norm(c),
@@ -229,7 +248,8 @@ impl TowerPlan {
     /// Block i's activations for `batch` sequences of `seq` tokens.
     fn block(&self, i: usize, batch: usize, seq: usize) -> BlockActs {
         let slot = if self.blocks == 1 { 0 } else { i };
-        let mut c = Carver { offset: self.resid.end() + slot * self.block_size };
+        let mut c =
+            Carver { offset: self.resid.end() + slot * self.block_size, stats: self.stats + slot * self.block_stats };
         self.carve(&mut c, batch, seq)
     }
 
@@ -296,7 +316,8 @@ struct Plan {
     text: TextPlan,
     loss: LossPlan,
     index: IndexPlan,
-    f32s: usize,
+    acts: usize,
+    stats: usize,
     u32s: usize,
 }
 
@@ -309,8 +330,9 @@ pub enum Keep<'a> {
     Masks(&'a clip_pgs_host::ops::pgs::Masks),
 }
 
-/// Buffers for one batch size: the activation arena and the index arena, with their plans.
-pub struct Workspace {
+/// Buffers for one batch size: the activation arena (T: f32 or bf16), the f32 arena (LayerNorm
+/// statistics, the loss and its workspace) and the index arena, with their plans.
+pub struct Workspace<T = f32> {
     /// The largest batch, and the largest micro-batch.
     pub batch: usize,
     pub micro: usize,
@@ -325,11 +347,14 @@ pub struct Workspace {
     text: TextPlan,
     loss: LossPlan,
     index: IndexPlan,
-    f32s: Buffer<f32>,
+    acts: Buffer<T>,
+    stats: Buffer<f32>,
     u32s: Buffer<u32>,
-    /// Host staging of the keep indices [batch, L] and counts [batch] (no allocation per step).
+    /// Host staging of the keep indices [batch, L] and counts [batch], and of the images in T
+    /// (bf16), so that a step allocates nothing.
     kept_host: Vec<u32>,
     kept_len_host: Vec<u32>,
+    images_host: Vec<T>,
 }
 
 /// What the forward pass gave for the loaded batch.
@@ -338,6 +363,13 @@ pub struct Output {
     pub text_features: Vec<f32>,
     pub logits_per_image: Vec<f32>,
     pub loss: f32,
+}
+
+/// A span of a T buffer on the host, widened to f32.
+fn read_f32<T: Precision>(buffer: &Buffer<T>, span: Span) -> Result<Vec<f32>> {
+    let mut values = vec![T::default(); span.len];
+    buffer.read(span, &mut values)?;
+    Ok(values.into_iter().map(T::to_f32).collect())
 }
 
 /// The host memory of a CPU device's view (PGS's tokens for the CPU masks; the GPU devices
@@ -352,30 +384,33 @@ fn host<'a, T>(v: View<'a, T>) -> Result<&'a [T]> {
     }
 }
 
-impl Workspace {
+impl<T: Precision> Workspace<T> {
     /// Arenas for training on batches of up to `batch` images and captions in micro-batches of
     /// up to `micro`.
-    pub fn new(clip: &Clip, device: &Device, batch: usize, micro: usize) -> Result<Workspace> {
+    pub fn new(clip: &Clip, device: &Device, batch: usize, micro: usize) -> Result<Workspace<T>> {
         Self::build(clip, device, batch, micro, true)
     }
 
     /// Arenas for forward passes only (evaluation) on up to `batch` samples: no gradients, and
     /// one block's activations at a time.
-    pub fn inference(clip: &Clip, device: &Device, batch: usize) -> Result<Workspace> {
+    pub fn inference(clip: &Clip, device: &Device, batch: usize) -> Result<Workspace<T>> {
         Self::build(&Clip { grad_checkpointing: true, ..clip.clone() }, device, batch, batch, false)
     }
 
     /// Bytes of the arenas `new(clip, device, batch, micro)` allocates (nothing is allocated).
     pub fn bytes_needed(clip: &Clip, batch: usize, micro: usize) -> usize {
         let plan = Self::plan(clip, batch, micro, true);
-        4 * (plan.f32s + plan.u32s)
+        std::mem::size_of::<T>() * plan.acts + 4 * (plan.stats + plan.u32s)
     }
 
-    fn build(clip: &Clip, device: &Device, batch: usize, micro: usize, backward: bool) -> Result<Workspace> {
-        let Plan { image, text, loss, index, f32s, u32s } = Self::plan(clip, batch, micro, backward);
+    fn build(clip: &Clip, device: &Device, batch: usize, micro: usize, backward: bool) -> Result<Workspace<T>> {
+        let Plan { image, text, loss, index, acts, stats, u32s } = Self::plan(clip, batch, micro, backward);
         let l = clip.cfg.patches();
-        let f32s = device.alloc_zeros(f32s, "the activation arena")?;
+        let acts = device.alloc_zeros(acts, "the activation arena")?;
+        let stats = device.alloc_zeros(stats, "the statistics arena")?;
         let u32s = device.alloc_zeros(u32s, "the index arena")?;
+        // f32 images are written as given; bf16 ones are rounded into this first.
+        let images_host = if T::DTYPE == Dtype::F32 { Vec::new() } else { vec![T::default(); image.images.len] };
         Ok(Workspace {
             batch,
             micro,
@@ -386,10 +421,12 @@ impl Workspace {
             text,
             loss,
             index,
-            f32s,
+            acts,
+            stats,
             u32s,
             kept_host: vec![0; batch * l],
             kept_len_host: vec![0; batch],
+            images_host,
         })
     }
 
@@ -401,10 +438,11 @@ impl Workspace {
         let (wv, wt) = (v.width, t.width);
         let ckpt = clip.grad_checkpointing;
         let grad = |len: usize| if backward { len } else { 0 };
-        let mut a = SpanAllocator::default();
+        // a: the T arena, st: the f32 arena.
+        let (mut a, mut st) = (SpanAllocator::default(), SpanAllocator::default());
         let rows = micro * (l + 1);
         let tower = TowerPlan::new(
-            &mut a,
+            (&mut a, &mut st),
             (wv, cfg.vision_mlp_width(), cfg.vision_heads(), v.layers, false),
             (micro, l + 1),
             ckpt,
@@ -421,8 +459,8 @@ impl Workspace {
             tokens: a.take(batch * l * wv),
             cls: a.take(wv),
             packed: a.take(rows * wv),
-            ln_pre: NormActs { y: Span::default(), mean: a.take(rows), rstd: a.take(rows) },
-            ln_post: NormActs { y: a.take(rows * wv), mean: a.take(rows), rstd: a.take(rows) },
+            ln_pre: NormActs { y: Span::default(), mean: st.take(rows), rstd: st.take(rows) },
+            ln_post: NormActs { y: a.take(rows * wv), mean: st.take(rows), rstd: st.take(rows) },
             d_post: a.take(grad(rows * wv)),
             d_packed: a.take(grad(rows * wv)),
             d_tokens: a.take(grad(micro * l * wv)),
@@ -430,12 +468,12 @@ impl Workspace {
         };
         let trows = micro * ctx;
         let text = TextPlan {
-            ln_final: NormActs { y: a.take(trows * wt), mean: a.take(trows), rstd: a.take(trows) },
+            ln_final: NormActs { y: a.take(trows * wt), mean: st.take(trows), rstd: st.take(trows) },
             pooled: a.take(micro * wt),
             d_pooled: a.take(grad(micro * wt)),
             d_ln: a.take(grad(trows * wt)),
             tower: TowerPlan::new(
-                &mut a,
+                (&mut a, &mut st),
                 (wt, cfg.text_mlp_width(), t.heads, t.layers, true),
                 (micro, ctx),
                 ckpt,
@@ -447,10 +485,10 @@ impl Workspace {
             text: a.take(batch * e),
             d_image: a.take(grad(batch * e)),
             d_text: a.take(grad(batch * e)),
-            logits: a.take(grad(batch * batch)),
-            loss: a.take(1),
-            d_logit_scale: a.take(1),
-            workspace: a.take(grad(clip_loss_workspace(batch, e))),
+            logits: st.take(grad(batch * batch)),
+            loss: st.take(1),
+            d_logit_scale: st.take(1),
+            workspace: st.take(grad(clip_loss_workspace(batch, e))),
         };
         let mut ia = SpanAllocator::default();
         let index = IndexPlan {
@@ -460,12 +498,12 @@ impl Workspace {
             ids: ia.take(batch * ctx),
             eot: ia.take(micro),
         };
-        Plan { image, text, loss, index, f32s: a.len, u32s: ia.len }
+        Plan { image, text, loss, index, acts: a.len, stats: st.len, u32s: ia.len }
     }
 
     /// Bytes of both arenas.
     pub fn bytes(&self) -> usize {
-        4 * (self.f32s.len() + self.u32s.len())
+        std::mem::size_of::<T>() * self.acts.len() + 4 * (self.stats.len() + self.u32s.len())
     }
 
     /// Copies a checked batch into the arenas (images, captions; every patch kept until
@@ -480,7 +518,8 @@ impl Workspace {
             clip.check_batch(images, text, None)?;
         }
         let err = |e: clip_pgs_host::Error| e.to_string();
-        self.f32s.write(self.image.images.prefix(images.len()), images).map_err(err)?;
+        let staged = T::stage(images, &mut self.images_host);
+        self.acts.write(self.image.images.prefix(images.len()), staged).map_err(err)?;
         self.u32s.write(self.index.ids.prefix(text.len()), text).map_err(err)?;
         self.n = n;
         self.set_keep(clip, Keep::All)
@@ -546,10 +585,10 @@ impl Workspace {
 
     /// The images [n, 3, H, W] and patch tokens [n, L, W] of the loaded batch on the device: the
     /// GPU mask ops read them.
-    pub fn mask_inputs(&self, clip: &Clip) -> Result<(View<'_, f32>, View<'_, f32>)> {
+    pub fn mask_inputs(&self, clip: &Clip) -> Result<(View<'_, T>, View<'_, T>)> {
         let v = &clip.cfg.vision_cfg;
         let n = self.n;
-        let [images, tokens] = self.f32s.views([
+        let [images, tokens] = self.acts.views([
             self.image.images.prefix(n * 3 * v.image_size * v.image_size),
             self.image.tokens.prefix(n * clip.cfg.patches() * v.width),
         ])?;
@@ -557,30 +596,40 @@ impl Workspace {
     }
 }
 
-/// One pass over the model: the device, the model and its parameters.
-pub struct Pass<'a> {
+/// The two arenas a pass writes: activations (T) and statistics (f32).
+struct Arenas<'a, T> {
+    acts: &'a mut Buffer<T>,
+    stats: &'a mut Buffer<f32>,
+}
+
+/// One pass over the model: the device, the model, its f32 parameters (the logit scale is read
+/// from them) and the weights the ops read in T (the parameters themselves in f32, their bf16
+/// copy in bf16).
+pub struct Pass<'a, T = f32> {
     pub device: &'a Device,
     pub clip: &'a Clip,
     pub params: &'a Buffer<f32>,
+    pub weights: &'a Buffer<T>,
 }
 
-impl Pass<'_> {
-    fn norm(&self, f: &mut Buffer<f32>, out: NormActs, x: Span, w: NormWeights, dim: usize) -> Result<()> {
-        let ([x], [y, mean, rstd]) = f.split([x], [out.y, out.mean, out.rstd])?;
-        let [gamma, beta] = self.params.views([w.weight, w.bias])?;
+impl<T: Precision> Pass<'_, T> {
+    fn norm(&self, f: &mut Arenas<T>, out: NormActs, x: Span, w: NormWeights, dim: usize) -> Result<()> {
+        let ([x], [y]) = f.acts.split([x], [out.y])?;
+        let ([], [mean, rstd]) = f.stats.split([], [out.mean, out.rstd])?;
+        let [gamma, beta] = self.weights.views([w.weight, w.bias])?;
         layernorm_forward(self.device, NormOut { y, mean, rstd }, x, gamma, beta, dim)
     }
 
-    fn linear(&self, f: &mut Buffer<f32>, y: Span, x: Span, weight: Span, bias: Span, s: LinearShape) -> Result<()> {
-        let ([x], [y]) = f.split([x], [y])?;
-        let [w, b] = self.params.views([weight, bias])?;
+    fn linear(&self, f: &mut Arenas<T>, y: Span, x: Span, weight: Span, bias: Span, s: LinearShape) -> Result<()> {
+        let ([x], [y]) = f.acts.split([x], [y])?;
+        let [w, b] = self.weights.views([weight, bias])?;
         linear_forward(self.device, y, x, w, Epilogue::Bias(b), s)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn norm_backward(
         &self,
-        f: &mut Buffer<f32>,
+        f: &mut Arenas<T>,
         g: &mut Buffer<f32>,
         dx: Span,
         dy: Span,
@@ -590,8 +639,9 @@ impl Pass<'_> {
         dim: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let ([dy, x, mean, rstd], [dx]) = f.split([dy, x, saved.mean, saved.rstd], [dx])?;
-        let [gamma] = self.params.views([w.weight])?;
+        let ([dy, x], [dx]) = f.acts.split([dy, x], [dx])?;
+        let [mean, rstd] = f.stats.views([saved.mean, saved.rstd])?;
+        let [gamma] = self.weights.views([w.weight])?;
         let ([], [dgamma, dbeta]) = g.split([], [w.weight, w.bias])?;
         layernorm_backward(self.device, dx, dgamma, dbeta, dy, NormSaved { x, mean, rstd }, gamma, dim, accumulate)
     }
@@ -601,7 +651,7 @@ impl Pass<'_> {
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
-        f: &mut Buffer<f32>,
+        f: &mut Arenas<T>,
         g: &mut Buffer<f32>,
         dx: Span,
         dy: Span,
@@ -610,16 +660,16 @@ impl Pass<'_> {
         gelu_pre: Option<Span>,
         s: LinearShape,
     ) -> Result<()> {
-        let [w] = self.params.views([weight])?;
+        let [w] = self.weights.views([weight])?;
         let ([], [dw, db]) = g.split([], [weight, bias])?;
         match gelu_pre {
             Some(pre) => {
-                let ([dy, x, pre], [dx]) = f.split([dy, x, pre], [dx])?;
+                let ([dy, x, pre], [dx]) = f.acts.split([dy, x, pre], [dx])?;
                 let grads = LinearGrads { dx: Some(dx), dw, db: Some(db) };
-                linear_backward_gelu(self.device, grads, dy, x, w, Some(pre), s)
+                linear_backward_gelu(self.device, grads, dy, x, w, Some((pre, self.clip.gelu)), s)
             }
             None => {
-                let ([dy, x], [dx]) = f.split([dy, x], [dx])?;
+                let ([dy, x], [dx]) = f.acts.split([dy, x], [dx])?;
                 linear_backward(self.device, LinearGrads { dx: Some(dx), dw, db: Some(db) }, dy, x, w, s)
             }
         }
@@ -629,7 +679,7 @@ impl Pass<'_> {
     fn block_forward(
         &self,
         t: &TowerPlan,
-        f: &mut Buffer<f32>,
+        f: &mut Arenas<T>,
         bw: &BlockWeights,
         i: usize,
         Seqs { n, len: seq }: Seqs,
@@ -647,7 +697,7 @@ impl Pass<'_> {
             LinearShape { rows, inputs: w, outputs: 3 * w },
         )?;
         {
-            let ([qkv], [out, probs]) = f.split([a.qkv], [a.attn, a.probs])?;
+            let ([qkv], [out, probs]) = f.acts.split([a.qkv], [a.attn, a.probs])?;
             attention_forward(self.device, out, probs, qkv, lengths, t.attention(n, seq))?;
         }
         self.linear(
@@ -659,25 +709,25 @@ impl Pass<'_> {
             LinearShape { rows, inputs: w, outputs: w },
         )?;
         {
-            let ([x, attn], [mid, y, mean, rstd]) =
-                f.split([input, branch], [a.mid, a.ln2.y, a.ln2.mean, a.ln2.rstd])?;
-            let [gamma, beta] = self.params.views([bw.ln_2.weight, bw.ln_2.bias])?;
+            let ([x, attn], [mid, y]) = f.acts.split([input, branch], [a.mid, a.ln2.y])?;
+            let ([], [mean, rstd]) = f.stats.split([], [a.ln2.mean, a.ln2.rstd])?;
+            let [gamma, beta] = self.weights.views([bw.ln_2.weight, bw.ln_2.bias])?;
             add_layernorm_forward(self.device, mid, NormOut { y, mean, rstd }, x, attn, gamma, beta, w)?;
         }
         {
-            let ([x], [act, pre]) = f.split([a.ln2.y], [a.act, a.fc_pre])?;
-            let [weight, bias] = self.params.views([bw.c_fc_weight, bw.c_fc_bias])?;
+            let ([x], [act, pre]) = f.acts.split([a.ln2.y], [a.act, a.fc_pre])?;
+            let [weight, bias] = self.weights.views([bw.c_fc_weight, bw.c_fc_bias])?;
             linear_forward(
                 self.device,
                 act,
                 x,
                 weight,
-                Epilogue::BiasGelu { bias, pre },
+                Epilogue::BiasGelu { bias, pre, form: self.clip.gelu },
                 LinearShape { rows, inputs: w, outputs: m },
             )?;
         }
         self.linear(f, branch, a.act, bw.c_proj_weight, bw.c_proj_bias, LinearShape { rows, inputs: m, outputs: w })?;
-        let ([mid, mlp], [out]) = f.split([a.mid, branch], [output])?;
+        let ([mid, mlp], [out]) = f.acts.split([a.mid, branch], [output])?;
         add(self.device, out, mid, mlp)
     }
 
@@ -685,7 +735,7 @@ impl Pass<'_> {
     fn block_backward(
         &self,
         t: &TowerPlan,
-        f: &mut Buffer<f32>,
+        f: &mut Arenas<T>,
         g: &mut Buffer<f32>,
         bw: &BlockWeights,
         i: usize,
@@ -715,7 +765,7 @@ impl Pass<'_> {
         {
             let shape = t.attention(n, seq);
             let ([dout, qkv, probs], [dqkv, scratch]) =
-                f.split([d_w, a.qkv, a.probs], [dqkv, t.d_scores.prefix(shape.probs_len())])?;
+                f.acts.split([d_w, a.qkv, a.probs], [dqkv, t.d_scores.prefix(shape.probs_len())])?;
             attention_backward(self.device, dqkv, scratch, dout, qkv, probs, shape)?;
         }
         let in_proj = (bw.in_proj_weight, bw.in_proj_bias);
@@ -726,7 +776,7 @@ impl Pass<'_> {
     fn blocks_forward(
         &self,
         t: &TowerPlan,
-        f: &mut Buffer<f32>,
+        f: &mut Arenas<T>,
         blocks: &[BlockWeights],
         seqs: Seqs,
         lengths: Option<View<u32>>,
@@ -742,7 +792,7 @@ impl Pass<'_> {
     fn blocks_backward(
         &self,
         t: &TowerPlan,
-        f: &mut Buffer<f32>,
+        f: &mut Arenas<T>,
         g: &mut Buffer<f32>,
         blocks: &[BlockWeights],
         seqs: Seqs,
@@ -759,14 +809,14 @@ impl Pass<'_> {
     }
 }
 
-impl Workspace {
+impl<T: Precision> Workspace<T> {
     /// The patch embedding of the whole loaded batch: patches, tokens = patches·conv1ᵀ + pos[1..],
     /// and the CLS row class_embedding + pos[0].
-    pub fn embed_patches(&mut self, pass: &Pass) -> Result<()> {
+    pub fn embed_patches(&mut self, pass: &Pass<T>) -> Result<()> {
         let v = &pass.clip.cfg.vision_cfg;
         let (n, l, w) = (self.n, pass.clip.cfg.patches(), v.width);
         let pv = 3 * v.patch_size * v.patch_size;
-        let (im, f, dev, wt) = (&self.image, &mut self.f32s, pass.device, &pass.clip.weights);
+        let (im, f, dev, wt) = (&self.image, &mut self.acts, pass.device, &pass.clip.weights);
         let (patches, tokens) = (im.patches.prefix(n * l * pv), im.tokens.prefix(n * l * w));
         {
             let ([images], [patches]) = f.split([im.images.prefix(n * 3 * v.image_size * v.image_size)], [patches])?;
@@ -774,7 +824,7 @@ impl Workspace {
         }
         {
             let ([patches], [tokens]) = f.split([patches], [tokens])?;
-            let [conv1] = pass.params.views([wt.conv1])?;
+            let [conv1] = pass.weights.views([wt.conv1])?;
             linear_forward(
                 dev,
                 tokens,
@@ -786,7 +836,7 @@ impl Workspace {
         }
         let pos = wt.visual_positional_embedding;
         let [pos_cls, pos_patches, class] =
-            pass.params.views([pos.part(0, w), pos.part(w, l * w), wt.class_embedding])?;
+            pass.weights.views([pos.part(0, w), pos.part(w, l * w), wt.class_embedding])?;
         let ([], [tokens, cls]) = f.split([], [tokens, im.cls])?;
         add_assign(dev, tokens, pos_patches)?;
         add(dev, cls, class, pos_cls)
@@ -796,20 +846,22 @@ impl Workspace {
     /// similarity reads them.
     pub fn patch_tokens(&self, clip: &Clip) -> Result<&[f32]> {
         let len = self.n * clip.cfg.patches() * clip.cfg.vision_cfg.width;
-        host(self.f32s.views([self.image.tokens.prefix(len)])?[0])
+        T::as_f32(host(self.acts.views([self.image.tokens.prefix(len)])?[0])?).ok_or_else(|| {
+            clip_pgs_host::Error::InvalidArgument("the CPU masks read f32 patch tokens; bf16 runs on the GPU".into())
+        })
     }
 
     /// The image features of samples `start .. start + n` into the batch's feature rows.
-    fn image_forward(&mut self, pass: &Pass, start: usize, n: usize) -> Result<()> {
+    fn image_forward(&mut self, pass: &Pass<T>, start: usize, n: usize) -> Result<()> {
         let cfg = &pass.clip.cfg;
         let (l, w, e, seq) = (cfg.patches(), cfg.vision_cfg.width, cfg.embed_dim, self.seq);
         let (im, ix, rows, dev, wt) = (&self.image, &self.index, n * seq, pass.device, &pass.clip.weights);
         self.image_rows_used = self.image_rows_used.max(rows);
-        let f = &mut self.f32s;
+        let f = &mut Arenas { acts: &mut self.acts, stats: &mut self.stats };
         let t = &im.tower;
         {
             let ([tokens, cls], [packed]) =
-                f.split([im.tokens.part(start * l * w, n * l * w), im.cls], [im.packed.prefix(rows * w)])?;
+                f.acts.split([im.tokens.part(start * l * w, n * l * w), im.cls], [im.packed.prefix(rows * w)])?;
             let ([kept, kept_len], [lengths]) = self
                 .u32s
                 .split([ix.kept.part(start * l, n * l), ix.kept_len.part(start, n)], [ix.lengths.prefix(n)])?;
@@ -827,21 +879,21 @@ impl Workspace {
             rstd: im.ln_post.rstd.prefix(rows),
         };
         pass.norm(f, ln_post, t.resid(t.layers, rows), wt.ln_post, w)?;
-        let ([y], [features]) = f.split([ln_post.y], [self.loss.image.part(start * e, n * e)])?;
-        let [proj] = pass.params.views([wt.visual_proj])?;
+        let ([y], [features]) = f.acts.split([ln_post.y], [self.loss.image.part(start * e, n * e)])?;
+        let [proj] = pass.weights.views([wt.visual_proj])?;
         // CLS is row 0 of each sequence: the rows seq·W apart.
         matmul(dev, Mat::new(features, n, e), Mat::new(y, n, w).row_stride(seq * w), Mat::new(proj, w, e), false)
     }
 
-    fn text_forward(&mut self, pass: &Pass, start: usize, n: usize) -> Result<()> {
+    fn text_forward(&mut self, pass: &Pass<T>, start: usize, n: usize) -> Result<()> {
         let cfg = &pass.clip.cfg;
         let (w, e, ctx) = (cfg.text_cfg.width, cfg.embed_dim, cfg.text_cfg.context_length);
         let (tp, ix, rows, dev, wt) = (&self.text, &self.index, n * ctx, pass.device, &pass.clip.weights);
-        let (f, t) = (&mut self.f32s, &tp.tower);
+        let (f, t) = (&mut Arenas { acts: &mut self.acts, stats: &mut self.stats }, &tp.tower);
         {
-            let ([], [x]) = f.split([], [t.resid(0, rows)])?;
+            let ([], [x]) = f.acts.split([], [t.resid(0, rows)])?;
             let [ids] = self.u32s.views([ix.ids.part(start * ctx, rows)])?;
-            let [table, pos] = pass.params.views([wt.token_embedding, wt.positional_embedding])?;
+            let [table, pos] = pass.weights.views([wt.token_embedding, wt.positional_embedding])?;
             embedding_forward(dev, x, ids, table, pos, w)?;
         }
         pass.blocks_forward(t, f, &wt.text_blocks, Seqs { n, len: ctx }, None)?;
@@ -857,75 +909,73 @@ impl Workspace {
         }
         let [eot] = self.u32s.views([ix.eot.prefix(n)])?;
         {
-            let ([y], [pooled]) = f.split([ln.y], [tp.pooled.prefix(n * w)])?;
+            let ([y], [pooled]) = f.acts.split([ln.y], [tp.pooled.prefix(n * w)])?;
             gather_rows(dev, pooled, y, eot, w)?;
         }
-        let ([pooled], [features]) = f.split([tp.pooled.prefix(n * w)], [self.loss.text.part(start * e, n * e)])?;
-        let [proj] = pass.params.views([wt.text_projection])?;
+        let ([pooled], [features]) =
+            f.acts.split([tp.pooled.prefix(n * w)], [self.loss.text.part(start * e, n * e)])?;
+        let [proj] = pass.weights.views([wt.text_projection])?;
         matmul(dev, Mat::new(features, n, e), Mat::new(pooled, n, w), Mat::new(proj, w, e), false)
     }
 
     /// Both towers' features of samples `start .. start + n`.
-    pub fn encode(&mut self, pass: &Pass, start: usize, n: usize) -> Result<()> {
+    pub fn encode(&mut self, pass: &Pass<T>, start: usize, n: usize) -> Result<()> {
         self.image_forward(pass, start, n)?;
         self.text_forward(pass, start, n)
     }
 
     /// The contrastive loss over the whole loaded batch's features (and their gradients).
-    pub fn loss(&mut self, pass: &Pass) -> Result<f32> {
+    pub fn loss(&mut self, pass: &Pass<T>) -> Result<f32> {
         let (n, e, lp) = (self.n, pass.clip.cfg.embed_dim, &self.loss);
-        let ([image, text], [loss, logits, d_image, d_text, d_logit_scale, workspace]) = self.f32s.split(
+        let ([image, text], [d_image, d_text]) = self.acts.split(
             [lp.image.prefix(n * e), lp.text.prefix(n * e)],
-            [
-                lp.loss,
-                lp.logits.prefix(n * n),
-                lp.d_image.prefix(n * e),
-                lp.d_text.prefix(n * e),
-                lp.d_logit_scale,
-                lp.workspace.prefix(clip_loss_workspace(n, e)),
-            ],
+            [lp.d_image.prefix(n * e), lp.d_text.prefix(n * e)],
+        )?;
+        let ([], [loss, logits, d_logit_scale, workspace]) = self.stats.split(
+            [],
+            [lp.loss, lp.logits.prefix(n * n), lp.d_logit_scale, lp.workspace.prefix(clip_loss_workspace(n, e))],
         )?;
         let [scale] = pass.params.views([pass.clip.weights.logit_scale])?;
         let out = ClipLossOut { loss, logits, d_image, d_text, d_logit_scale };
         clip_loss(pass.device, out, image, text, scale, workspace, n, e)?;
         let mut loss = [0.0f32];
-        self.f32s.read(lp.loss, &mut loss)?;
+        self.stats.read(lp.loss, &mut loss)?;
         Ok(loss[0])
     }
 
     /// Adds the logit scale's gradient from the last `loss` to `g`.
-    pub fn logit_scale_backward(&mut self, pass: &Pass, g: &mut Buffer<f32>) -> Result<()> {
-        let [d] = self.f32s.views([self.loss.d_logit_scale])?;
+    pub fn logit_scale_backward(&mut self, pass: &Pass<T>, g: &mut Buffer<f32>) -> Result<()> {
+        let [d] = self.stats.views([self.loss.d_logit_scale])?;
         let ([], [gs]) = g.split([], [pass.clip.weights.logit_scale])?;
         add_assign(pass.device, gs, d)
     }
 
     /// Adds to `g` what the feature gradients of samples `start .. start + n` send through both
     /// towers; their activations are the last `encode`'s of these samples.
-    pub fn backward(&mut self, pass: &Pass, g: &mut Buffer<f32>, start: usize, n: usize) -> Result<()> {
+    pub fn backward(&mut self, pass: &Pass<T>, g: &mut Buffer<f32>, start: usize, n: usize) -> Result<()> {
         self.image_backward(pass, g, start, n)?;
         self.text_backward(pass, g, start, n)
     }
 
-    fn image_backward(&mut self, pass: &Pass, g: &mut Buffer<f32>, start: usize, n: usize) -> Result<()> {
+    fn image_backward(&mut self, pass: &Pass<T>, g: &mut Buffer<f32>, start: usize, n: usize) -> Result<()> {
         let cfg = &pass.clip.cfg;
         let (l, w, e, seq) = (cfg.patches(), cfg.vision_cfg.width, cfg.embed_dim, self.seq);
         let (im, ix, rows, dev, wt) = (&self.image, &self.index, n * seq, pass.device, &pass.clip.weights);
-        let (f, t) = (&mut self.f32s, &im.tower);
+        let (f, t) = (&mut Arenas { acts: &mut self.acts, stats: &mut self.stats }, &im.tower);
         let d_features = self.loss.d_image.part(start * e, n * e);
         let post_y = im.ln_post.y.prefix(rows * w);
         {
-            let ([y, df], []) = f.split([post_y, d_features], [])?;
+            let ([y, df], []) = f.acts.split([post_y, d_features], [])?;
             let ([], [d_proj]) = g.split([], [wt.visual_proj])?;
             matmul(dev, Mat::new(d_proj, w, e), Mat::new(y, n, w).row_stride(seq * w).t(), Mat::new(df, n, e), true)?;
         }
         {
-            let ([], [d_post]) = f.split([], [im.d_post.prefix(rows * w)])?;
+            let ([], [d_post]) = f.acts.split([], [im.d_post.prefix(rows * w)])?;
             fill(dev, d_post, 0.0)?;
         }
         {
-            let ([df], [d_post]) = f.split([d_features], [im.d_post.prefix(rows * w)])?;
-            let [proj] = pass.params.views([wt.visual_proj])?;
+            let ([df], [d_post]) = f.acts.split([d_features], [im.d_post.prefix(rows * w)])?;
+            let [proj] = pass.weights.views([wt.visual_proj])?;
             matmul(
                 dev,
                 Mat::new(d_post, n, w).row_stride(seq * w),
@@ -954,7 +1004,7 @@ impl Workspace {
         let d_packed = im.d_packed.prefix(rows * w);
         pass.norm_backward(f, g, d_packed, dx, im.packed.prefix(rows * w), ln_pre, wt.ln_pre, w, false)?;
         {
-            let ([d_packed], [d_tokens]) = f.split([d_packed], [im.d_tokens.prefix(n * l * w)])?;
+            let ([d_packed], [d_tokens]) = f.acts.split([d_packed], [im.d_tokens.prefix(n * l * w)])?;
             let ([], [d_cls, d_pos]) = g.split([], [wt.class_embedding, wt.visual_positional_embedding])?;
             let [kept, kept_len] = self.u32s.views([ix.kept.part(start * l, n * l), ix.kept_len.part(start, n)])?;
             let shape = GatherShape { images: n, patches: l, dim: w, rows: seq };
@@ -962,31 +1012,31 @@ impl Workspace {
         }
         let pv = 3 * cfg.vision_cfg.patch_size.pow(2);
         let ([d_tokens, patches], []) =
-            f.split([im.d_tokens.prefix(n * l * w), im.patches.part(start * l * pv, n * l * pv)], [])?;
-        let [conv1] = pass.params.views([wt.conv1])?;
+            f.acts.split([im.d_tokens.prefix(n * l * w), im.patches.part(start * l * pv, n * l * pv)], [])?;
+        let [conv1] = pass.weights.views([wt.conv1])?;
         let ([], [d_conv1]) = g.split([], [wt.conv1])?;
         let grads = LinearGrads { dx: None, dw: d_conv1, db: None };
         linear_backward(dev, grads, d_tokens, patches, conv1, LinearShape { rows: n * l, inputs: pv, outputs: w })
     }
 
-    fn text_backward(&mut self, pass: &Pass, g: &mut Buffer<f32>, start: usize, n: usize) -> Result<()> {
+    fn text_backward(&mut self, pass: &Pass<T>, g: &mut Buffer<f32>, start: usize, n: usize) -> Result<()> {
         let cfg = &pass.clip.cfg;
         let (w, e, ctx) = (cfg.text_cfg.width, cfg.embed_dim, cfg.text_cfg.context_length);
         let (tp, ix, rows, dev, wt) = (&self.text, &self.index, n * ctx, pass.device, &pass.clip.weights);
-        let (f, t) = (&mut self.f32s, &tp.tower);
+        let (f, t) = (&mut Arenas { acts: &mut self.acts, stats: &mut self.stats }, &tp.tower);
         let d_features = self.loss.d_text.part(start * e, n * e);
         {
-            let ([pooled, df], []) = f.split([tp.pooled.prefix(n * w), d_features], [])?;
+            let ([pooled, df], []) = f.acts.split([tp.pooled.prefix(n * w), d_features], [])?;
             let ([], [d_proj]) = g.split([], [wt.text_projection])?;
             matmul(dev, Mat::new(d_proj, w, e), Mat::new(pooled, n, w).t(), Mat::new(df, n, e), true)?;
         }
         {
-            let ([df], [d_pooled]) = f.split([d_features], [tp.d_pooled.prefix(n * w)])?;
-            let [proj] = pass.params.views([wt.text_projection])?;
+            let ([df], [d_pooled]) = f.acts.split([d_features], [tp.d_pooled.prefix(n * w)])?;
+            let [proj] = pass.weights.views([wt.text_projection])?;
             matmul(dev, Mat::new(d_pooled, n, w), Mat::new(df, n, e), Mat::new(proj, w, e).t(), false)?;
         }
         {
-            let ([d_pooled], [d_ln]) = f.split([tp.d_pooled.prefix(n * w)], [tp.d_ln.prefix(rows * w)])?;
+            let ([d_pooled], [d_ln]) = f.acts.split([tp.d_pooled.prefix(n * w)], [tp.d_ln.prefix(rows * w)])?;
             let [eot] = self.u32s.views([ix.eot.prefix(n)])?;
             scatter_rows(dev, d_ln, d_pooled, eot, w)?;
         }
@@ -998,7 +1048,7 @@ impl Workspace {
         let dx = t.dx.prefix(rows * w);
         pass.norm_backward(f, g, dx, tp.d_ln.prefix(rows * w), t.resid(t.layers, rows), ln, wt.ln_final, w, false)?;
         pass.blocks_backward(t, f, g, &wt.text_blocks, Seqs { n, len: ctx }, None)?;
-        let ([dx], []) = f.split([dx], [])?;
+        let ([dx], []) = f.acts.split([dx], [])?;
         let [ids] = self.u32s.views([ix.ids.part(start * ctx, rows)])?;
         let ([], [d_table, d_pos]) = g.split([], [wt.token_embedding, wt.positional_embedding])?;
         embedding_backward(dev, d_table, d_pos, dx, ids, w)
@@ -1010,19 +1060,19 @@ impl Workspace {
         let lp = &self.loss;
         let read = |span: Span| -> Result<Vec<f32>> {
             let mut out = vec![0.0; span.len];
-            self.f32s.read(span, &mut out)?;
+            self.stats.read(span, &mut out)?;
             Ok(out)
         };
         Ok(Output {
-            image_features: read(lp.image.prefix(n * e))?,
-            text_features: read(lp.text.prefix(n * e))?,
+            image_features: read_f32(&self.acts, lp.image.prefix(n * e))?,
+            text_features: read_f32(&self.acts, lp.text.prefix(n * e))?,
             logits_per_image: read(lp.logits.prefix(n * n))?,
             loss: read(lp.loss)?[0],
         })
     }
 
     /// Image features [n, E] of `images` (up to `batch` of them; evaluation), on the host.
-    pub fn encode_images(&mut self, pass: &Pass, images: &[f32]) -> Result<Vec<f32>, String> {
+    pub fn encode_images(&mut self, pass: &Pass<T>, images: &[f32]) -> Result<Vec<f32>, String> {
         let err = |e: clip_pgs_host::Error| e.to_string();
         let n = self.load(pass.clip, images, &[])?;
         self.embed_patches(pass).map_err(err)?;
@@ -1034,13 +1084,11 @@ impl Workspace {
         for start in (0..n).step_by(per_pass) {
             self.image_forward(pass, start, per_pass.min(n - start)).map_err(err)?;
         }
-        let mut features = vec![0.0; n * e];
-        self.f32s.read(self.loss.image.prefix(n * e), &mut features).map_err(err)?;
-        Ok(features)
+        read_f32(&self.acts, self.loss.image.prefix(n * e)).map_err(err)
     }
 
     /// Text features [n, E] of token ids [n, T] (evaluation), on the host.
-    pub fn encode_texts(&mut self, pass: &Pass, ids: &[u32]) -> Result<Vec<f32>, String> {
+    pub fn encode_texts(&mut self, pass: &Pass<T>, ids: &[u32]) -> Result<Vec<f32>, String> {
         let err = |e: clip_pgs_host::Error| e.to_string();
         let ctx = pass.clip.cfg.text_cfg.context_length;
         let n = ids.len() / ctx;
@@ -1052,8 +1100,6 @@ impl Workspace {
         for start in (0..n).step_by(self.micro) {
             self.text_forward(pass, start, self.micro.min(n - start)).map_err(err)?;
         }
-        let mut features = vec![0.0; n * e];
-        self.f32s.read(self.loss.text.prefix(n * e), &mut features).map_err(err)?;
-        Ok(features)
+        read_f32(&self.acts, self.loss.text.prefix(n * e)).map_err(err)
     }
 }

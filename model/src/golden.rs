@@ -16,6 +16,7 @@ use crate::clip::Clip;
 use crate::config::ClipConfig;
 use crate::optimizer::Optimizer;
 use crate::params::{Layout, Params};
+use crate::precision::{self, Precision};
 use crate::step::{StepMasks, TrainStep};
 
 #[derive(Deserialize)]
@@ -98,16 +99,24 @@ impl Golden {
 
     /// Runs forward, backward and the AdamW steps through the trainer's step function on `device`
     /// (the CPU, or the GPU path: CUDA or the emulator); returns
-    /// the report and whether every group is within tolerance (relative 1e-4 on features,
-    /// logits, loss and losses; 1e-3 on gradients).
-    pub fn check(&self, device: &Device) -> Result<(String, bool), String> {
+    /// the report and whether every group is within tolerance (`Precision::PARITY_BOUNDS`: in
+    /// f32 relative 1e-4 on features, logits, loss and losses, 1e-3 on gradients).
+    pub fn check(&self, device: &Device, dtype: precision::Dtype) -> Result<(String, bool), String> {
+        match dtype {
+            precision::Dtype::F32 => self.check_in::<f32>(device),
+            precision::Dtype::Bf16 => self.check_in::<clip_pgs_host::bf16>(device),
+        }
+    }
+
+    fn check_in<T: Precision>(&self, device: &Device) -> Result<(String, bool), String> {
         let device = device.clone();
+        let (tol, grad_tol) = T::PARITY_BOUNDS;
         let adamw =
             AdamW { lr: self.optim.lr, beta1: self.optim.betas[0], beta2: self.optim.betas[1], eps: self.optim.eps };
         let optimizer = Optimizer::new(&self.params.layout, &device, adamw, self.optim.weight_decay)?;
         let n = self.text.len() / self.config.text_cfg.context_length;
         let params = self.params.copy_to(&device)?;
-        let mut step = TrainStep::new(device, &self.config, params, optimizer, n, 1, false)?;
+        let mut step: TrainStep<T> = TrainStep::new(device, &self.config, params, optimizer, n, 1, false)?;
         let masks = || match &self.keep {
             Some(k) => StepMasks::Lists(k),
             None => StepMasks::All,
@@ -115,15 +124,15 @@ impl Golden {
         step.forward_backward(&self.image, &self.text, masks())?;
         let out = step.output()?;
         let mut rows: Vec<(String, f32, f32, f32)> = vec![
-            group("image_features", &out.image_features, self.expected("image_features"), 1e-4),
-            group("text_features", &out.text_features, self.expected("text_features"), 1e-4),
-            group("logits_per_image", &out.logits_per_image, self.expected("logits_per_image"), 1e-4),
-            group("loss", &[out.loss], self.expected("loss"), 1e-4),
+            group("image_features", &out.image_features, self.expected("image_features"), tol),
+            group("text_features", &out.text_features, self.expected("text_features"), tol),
+            group("logits_per_image", &out.logits_per_image, self.expected("logits_per_image"), tol),
+            group("loss", &[out.loss], self.expected("loss"), tol),
         ];
         let mut grads = step.grads.named()?;
         grads.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, _, g) in &grads {
-            rows.push(group(&format!("grad.{name}"), g, self.expected(&format!("grad.{name}")), 1e-3));
+            rows.push(group(&format!("grad.{name}"), g, self.expected(&format!("grad.{name}")), grad_tol));
         }
         let mut losses = Vec::new();
         for _ in 0..self.optim.steps {
@@ -131,7 +140,7 @@ impl Golden {
             step.grad_norm()?;
             step.update(self.optim.lr, None)?;
         }
-        rows.push(group("losses", &losses, self.expected("losses"), 1e-4));
+        rows.push(group("losses", &losses, self.expected("losses"), tol));
         let mut report = format!("{:<60} {:>10} {:>10}  {}\n", "group", "max abs", "max rel", "");
         let mut ok = true;
         for (name, abs, rel, tol) in rows {

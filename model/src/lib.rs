@@ -12,6 +12,7 @@ pub mod init;
 pub mod optimizer;
 pub mod output;
 pub mod params;
+pub mod precision;
 pub mod preprocess;
 pub mod step;
 pub mod tokenizer;

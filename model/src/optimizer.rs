@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use clip_pgs_host::ops::adamw::{AdamW, AdamWStep, adamw_update, grad_norm};
+use clip_pgs_host::ops::cast::cast;
 use clip_pgs_host::ops::elementwise::clamp;
-use clip_pgs_host::{Buffer, Device};
+use clip_pgs_host::{Buffer, Device, bf16};
 
 use crate::params::{Layout, Params};
 
@@ -43,13 +44,15 @@ impl Optimizer {
     }
 
     /// One step with the norm from `grad_norm`; gradients above `max_norm` are scaled to it. The
-    /// gradients are consumed (zeroed) when the norm is finite.
+    /// gradients are consumed (zeroed) when the norm is finite; `copy` (bf16 training) receives
+    /// the new weights rounded to bf16 in the same pass.
     pub fn update(
         &mut self,
         device: &Device,
         params: &mut Params,
         grads: &mut Params,
         max_norm: Option<f32>,
+        mut copy: Option<&mut Buffer<bf16>>,
     ) -> Result<(), String> {
         self.step += 1;
         let layout = params.layout.clone();
@@ -59,9 +62,18 @@ impl Optimizer {
             let ([], [m]) = self.m.data.split([], [span]).map_err(err)?;
             let ([], [v]) = self.v.data.split([], [span]).map_err(err)?;
             let at = AdamWStep { step: self.step, weight_decay, max_norm };
-            adamw_update(device, p, g, m, v, None, self.norm.view(), &self.adamw, at).map_err(err)?;
+            let copy = copy.as_mut().map(|c| c.split([], [span]).map(|([], [c])| c)).transpose().map_err(err)?;
+            adamw_update(device, p, g, m, v, copy, self.norm.view(), &self.adamw, at).map_err(err)?;
         }
-        let ([], [scale]) = params.data.split([], [layout.span("logit_scale")]).map_err(err)?;
-        clamp(device, scale, 0.0, 100f32.ln()).map_err(err)
+        let scale_span = layout.span("logit_scale");
+        let ([], [scale]) = params.data.split([], [scale_span]).map_err(err)?;
+        clamp(device, scale, 0.0, 100f32.ln()).map_err(err)?;
+        // The copy's logit scale is never read (the loss reads the f32 one), but keep it equal.
+        if let Some(copy) = copy {
+            let ([], [c]) = copy.split([], [scale_span]).map_err(err)?;
+            let [scale] = params.data.views([scale_span]).map_err(err)?;
+            cast(device, c, scale).map_err(err)?;
+        }
+        Ok(())
     }
 }

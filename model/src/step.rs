@@ -8,10 +8,11 @@
 //! recomputed forward and its backward. The forward is deterministic, so the gradients are one
 //! big batch's; peak activation memory is one micro-batch's.
 
+use clip_pgs_host::ops::cast::cast;
 use clip_pgs_host::ops::elementwise::fill;
 use clip_pgs_host::ops::pgs::gpu::mask_gpu;
 use clip_pgs_host::ops::pgs::{MaskRequest, Masking, PatchTokens, PgsMode, REFERENCE_EPOCHS, mask_cpu};
-use clip_pgs_host::{Device, Result as HostResult};
+use clip_pgs_host::{Buffer, Device, Result as HostResult};
 
 use clip_pgs_kernels::select::paper_candidate_count;
 
@@ -19,6 +20,7 @@ use crate::clip::{Clip, Keep, Output, Pass, Workspace};
 use crate::config::ClipConfig;
 use crate::optimizer::Optimizer;
 use crate::params::{Layout, Params};
+use crate::precision::{Dtype, Precision};
 
 /// Which patches the step keeps.
 pub enum StepMasks<'a> {
@@ -36,14 +38,18 @@ pub struct StepLoss {
     pub masked_fraction: f64,
 }
 
-/// A model on a device with its gradients, optimizer and workspace, ready to take steps.
-pub struct TrainStep {
+/// A model on a device with its gradients, optimizer and workspace, ready to take steps, its
+/// activations in T (f32, or bf16 on the GPU devices: then the ops read a bf16 copy of the
+/// weights, which AdamW keeps current).
+pub struct TrainStep<T = f32> {
     pub device: Device,
     pub clip: Clip,
     pub params: Params,
+    /// The weights in T when T is not f32.
+    copy: Option<Buffer<T>>,
     pub grads: Params,
     pub optimizer: Optimizer,
-    pub workspace: Workspace,
+    pub workspace: Workspace<T>,
     /// Micro-batches per step (`--accum-freq`).
     pub accum: usize,
     /// The last `grad_norm`; the gradients are zero (consumed by the last update, or never
@@ -56,7 +62,7 @@ fn err(e: clip_pgs_host::Error) -> String {
     e.to_string()
 }
 
-impl TrainStep {
+impl<T: Precision> TrainStep<T> {
     /// Buffers for batches of up to `batch`, split into `accum` micro-batches.
     pub fn new(
         device: Device,
@@ -66,14 +72,30 @@ impl TrainStep {
         batch: usize,
         accum: usize,
         grad_checkpointing: bool,
-    ) -> Result<TrainStep, String> {
+    ) -> Result<TrainStep<T>, String> {
+        if T::DTYPE != Dtype::F32 && matches!(device, Device::Cpu) {
+            return Err(format!(
+                "--dtype {} runs on the GPU devices (cuda, emu); the cpu device computes in f32",
+                T::DTYPE
+            ));
+        }
         let clip = Clip::new(cfg, &params.layout, grad_checkpointing);
         let grads = Params::zeros(&params.layout, &device)?;
+        let copy = match T::DTYPE {
+            Dtype::F32 => None,
+            Dtype::Bf16 => {
+                let mut copy = device.alloc_zeros::<T>(params.layout.len(), "the bf16 weights").map_err(err)?;
+                let bf16 = T::as_bf16(&mut copy).expect("a bf16 buffer");
+                cast(&device, bf16.view_mut(), params.data.view()).map_err(err)?;
+                Some(copy)
+            }
+        };
         let workspace = Workspace::new(&clip, &device, batch, batch.div_ceil(accum.max(1))).map_err(err)?;
         Ok(TrainStep {
             device,
             clip,
             params,
+            copy,
             grads,
             optimizer,
             workspace,
@@ -86,8 +108,8 @@ impl TrainStep {
     /// The loss and, when it is finite, the gradients (in `grads`) of one batch.
     pub fn forward_backward(&mut self, images: &[f32], text: &[u32], masks: StepMasks) -> Result<StepLoss, String> {
         let n = self.workspace.load(&self.clip, images, text)?;
-        let pass = Pass { device: &self.device, clip: &self.clip, params: &self.params.data };
-        self.workspace.embed_patches(&pass).map_err(err)?;
+        let (pass, workspace) = self.pass_and_workspace();
+        workspace.embed_patches(&pass).map_err(err)?;
         let masked_fraction = match masks {
             StepMasks::All => 0.0,
             StepMasks::Lists(lists) => {
@@ -117,8 +139,15 @@ impl TrainStep {
         Ok(StepLoss { loss, masked_fraction })
     }
 
+    /// A pass over the model as it is now, and the workspace to run it in.
+    pub fn pass_and_workspace(&mut self) -> (Pass<'_, T>, &mut Workspace<T>) {
+        let weights = T::weights(&self.params.data, self.copy.as_ref());
+        (Pass { device: &self.device, clip: &self.clip, params: &self.params.data, weights }, &mut self.workspace)
+    }
+
     fn loss_and_grads(&mut self, n: usize) -> HostResult<f32> {
-        let pass = Pass { device: &self.device, clip: &self.clip, params: &self.params.data };
+        let weights = T::weights(&self.params.data, self.copy.as_ref());
+        let pass = Pass { device: &self.device, clip: &self.clip, params: &self.params.data, weights };
         let ws = &mut self.workspace;
         let micro = ws.micro;
         let ranges = (0..n).step_by(micro).map(|s| (s, micro.min(n - s)));
@@ -158,7 +187,8 @@ impl TrainStep {
     /// AdamW at learning rate `lr` with the norm from `grad_norm`, clipping to `max_norm`.
     pub fn update(&mut self, lr: f32, max_norm: Option<f32>) -> Result<(), String> {
         self.optimizer.adamw.lr = lr;
-        self.optimizer.update(&self.device, &mut self.params, &mut self.grads, max_norm)?;
+        let copy = self.copy.as_mut().and_then(T::as_bf16);
+        self.optimizer.update(&self.device, &mut self.params, &mut self.grads, max_norm, copy)?;
         self.grads_zero = self.last_norm.is_finite();
         Ok(())
     }
@@ -186,10 +216,15 @@ pub fn memory_needed(
     accum: usize,
     grad_checkpointing: bool,
     masking: &Masking,
+    dtype: Dtype,
 ) -> usize {
     let layout = Layout::new(cfg);
     let clip = Clip::new(cfg, &layout, grad_checkpointing);
-    let arenas = Workspace::bytes_needed(&clip, batch, batch.div_ceil(accum.max(1)));
+    let micro = batch.div_ceil(accum.max(1));
+    let (arenas, copy) = match dtype {
+        Dtype::F32 => (Workspace::<f32>::bytes_needed(&clip, batch, micro), 0),
+        Dtype::Bf16 => (Workspace::<clip_pgs_host::bf16>::bytes_needed(&clip, batch, micro), 2 * layout.len()),
+    };
     let (l, values) = (cfg.patches(), 3 * cfg.vision_cfg.patch_size.pow(2));
     // mask_gpu: standardized patches [N, L, 3p²], the similarity and its balanced copy
     // [N, n_c, L], and a few [N, L] vectors.
@@ -197,7 +232,7 @@ pub fn memory_needed(
         Masking::Pgs(_) => 4 * batch * l * (values + 2 * paper_candidate_count(l) + 8),
         Masking::Flip { .. } | Masking::None => 8 * batch * l,
     };
-    4 * 4 * layout.len() + arenas + masks + CUBLASLT_WORKSPACE
+    4 * 4 * layout.len() + copy + arenas + masks + CUBLASLT_WORKSPACE
 }
 
 /// Checks that a run fits in `free` bytes of device memory; otherwise an error with the sizes and
@@ -208,9 +243,10 @@ pub fn check_fits(
     accum: usize,
     grad_checkpointing: bool,
     masking: &Masking,
+    dtype: Dtype,
     free: usize,
 ) -> Result<(), String> {
-    let need = |b: usize| memory_needed(cfg, b, accum, grad_checkpointing, masking);
+    let need = |b: usize| memory_needed(cfg, b, accum, grad_checkpointing, masking, dtype);
     let gib = |bytes: usize| bytes as f64 / (1u64 << 30) as f64;
     if need(batch) <= free {
         return Ok(());
@@ -248,12 +284,12 @@ mod tests {
             use_ed: true,
             use_otn: true,
         });
-        let need = |b: usize| memory_needed(&cfg, b, 1, false, &pgs);
+        let need = |b: usize| memory_needed(&cfg, b, 1, false, &pgs, Dtype::F32);
         assert!(need(64) > need(32) && need(32) > need(1), "memory grows with the batch");
-        assert!(check_fits(&cfg, 32, 1, false, &pgs, need(32)).is_ok());
-        let e = check_fits(&cfg, 32, 1, false, &pgs, need(20) + 1).unwrap_err();
+        assert!(check_fits(&cfg, 32, 1, false, &pgs, Dtype::F32, need(32)).is_ok());
+        let e = check_fits(&cfg, 32, 1, false, &pgs, Dtype::F32, need(20) + 1).unwrap_err();
         assert!(e.contains("out of GPU memory: batch 32 needs") && e.contains("--batch-size 20 fits"), "{e}");
-        let e = check_fits(&cfg, 32, 1, false, &pgs, 1000).unwrap_err();
+        let e = check_fits(&cfg, 32, 1, false, &pgs, Dtype::F32, 1000).unwrap_err();
         assert!(e.contains("not even a batch of 1 fits"), "{e}");
     }
 }

@@ -38,7 +38,7 @@ pub struct PgsBench {
     #[arg(long, default_value_t = 20)]
     repeats: usize,
     /// Element type of the images and tokens.
-    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
+    #[arg(long, default_value = "bf16")]
     dtype: Dtype,
     /// Token width for the runs with token similarity (α > 0).
     #[arg(long, default_value_t = 768)]

@@ -13,12 +13,14 @@ use clap::Args;
 
 use super::{GEMM_FLOPS, median};
 use crate::train::MaskMethod;
+use clip_pgs_host::bf16;
 use clip_pgs_host::cuda::CudaRuntime;
 use clip_pgs_host::ops::pgs::{MaskRatio, Masking, PgsConfig, PgsMode};
 use clip_pgs_host::{Device, DevicePreference};
 use clip_pgs_kernels::select::masked_count;
 use clip_pgs_model::bench::{StepWorkload, train_step_flops};
 use clip_pgs_model::outln;
+use clip_pgs_model::precision::{Dtype, Precision};
 use cudarc::driver::sys::CUevent_flags;
 
 #[derive(Args)]
@@ -45,6 +47,9 @@ pub struct StepBench {
     /// (the emulator's traffic counters per kernel, one step).
     #[arg(long, default_value = "cpu")]
     pub(super) device: DevicePreference,
+    /// The activations' type: f32 or bf16 (default: bf16 on a GPU device, f32 on the cpu).
+    #[arg(long)]
+    pub(super) dtype: Option<Dtype>,
 }
 
 impl StepBench {
@@ -75,12 +80,16 @@ pub fn run(args: &StepBench) -> Result<(), Box<dyn Error>> {
         _ => e.to_string(),
     })?;
     let device = selection.device.clone();
-    match &device {
-        Device::Cpu => {}
-        Device::Emu(_) => return super::step_traffic::run(args, device),
-        Device::Cuda(rt) => return cuda_steps(args, rt, device.clone()),
+    let dtype = args.dtype.unwrap_or(crate::train::default_dtype(&device));
+    match (&device, dtype) {
+        (Device::Cpu, Dtype::F32) => {}
+        (Device::Cpu, Dtype::Bf16) => return Err("bench step on the cpu device runs f32 only".into()),
+        (Device::Emu(_), Dtype::F32) => return super::step_traffic::run::<f32>(args),
+        (Device::Emu(_), Dtype::Bf16) => return super::step_traffic::run::<bf16>(args),
+        (Device::Cuda(rt), Dtype::F32) => return cuda_steps::<f32>(args, rt, device.clone()),
+        (Device::Cuda(rt), Dtype::Bf16) => return cuda_steps::<bf16>(args, rt, device.clone()),
     }
-    let mut workload = StepWorkload::new(&args.model, args.batch, device, args.masking()?)?;
+    let mut workload: StepWorkload = StepWorkload::new(&args.model, args.batch, device, args.masking()?)?;
     for _ in 0..args.warmup {
         workload.step()?;
     }
@@ -107,13 +116,14 @@ pub fn run(args: &StepBench) -> Result<(), Box<dyn Error>> {
 
 /// `bench step --device cuda`: every step timed between two CUDA events on the runtime's stream;
 /// one JSON line with the median, min and max, samples/s, MFU and the peak GPU memory.
-fn cuda_steps(args: &StepBench, rt: &CudaRuntime, device: Device) -> Result<(), Box<dyn Error>> {
+fn cuda_steps<T: Precision>(args: &StepBench, rt: &CudaRuntime, device: Device) -> Result<(), Box<dyn Error>> {
     // What the driver counts as used before the workload (this context, its module, and other
     // processes), so that only the workload's memory is reported.
     let baseline = driver_used(rt, "before building the workload")?;
-    let mut workload = StepWorkload::new(&args.model, args.batch, device.clone(), args.masking()?).map_err(|e| {
-        format!("bench step on {device}: building the {} workload at batch {}: {e}", args.model, args.batch)
-    })?;
+    let mut workload: StepWorkload<T> = StepWorkload::new(&args.model, args.batch, device.clone(), args.masking()?)
+        .map_err(|e| {
+            format!("bench step on {device}: building the {} workload at batch {}: {e}", args.model, args.batch)
+        })?;
     let in_step = |i: usize, e: String| format!("bench step on {device}: step {i}: {e}");
     for i in 0..args.warmup {
         workload.step().map_err(|e| in_step(i, e))?;
@@ -149,7 +159,7 @@ fn cuda_steps(args: &StepBench, rt: &CudaRuntime, device: Device) -> Result<(), 
             "device": device.to_string(),
             "mask": format!("{:?} {}", args.mask, args.mask_ratio),
             "kept_tokens": kept,
-            "precision": "f32 (cuBLASLt COMPUTE_32F)",
+            "precision": format!("{} activations and weights, f32 master weights and accumulation", T::DTYPE),
             "steps": args.steps,
             "warmup": args.warmup,
             "median_s": median,

@@ -17,6 +17,7 @@ use clip_pgs_host::emu::EmuRuntime;
 use clip_pgs_kernels::hw::emu::Options;
 use clip_pgs_model::bench::StepWorkload;
 use clip_pgs_model::outln;
+use clip_pgs_model::precision::Precision;
 
 use super::GEMM_FLOPS;
 use super::step::StepBench;
@@ -39,14 +40,13 @@ struct KernelTotals {
     worst_efficiency: f64,
 }
 
-pub fn run(args: &StepBench, device: Device) -> Result<(), Box<dyn Error>> {
-    let Device::Emu(_) = device else { unreachable!("called for emu") };
-    // A runtime with the counters on (the selected one has them off).
+pub fn run<T: Precision>(args: &StepBench) -> Result<(), Box<dyn Error>> {
+    // A runtime with the counters on.
     let emu = EmuRuntime::new(Options { counters: true, ..Options::default() });
     let device = Device::Emu(emu.clone());
     outln!("device: {device}");
     let masking = args.masking()?;
-    let mut workload = StepWorkload::new(&args.model, args.batch, device, masking)?;
+    let mut workload: StepWorkload<T> = StepWorkload::new(&args.model, args.batch, device, masking)?;
     emu.keep_reports();
     let start = std::time::Instant::now();
     let loss = workload.step()?;
@@ -119,7 +119,7 @@ pub fn run(args: &StepBench, device: Device) -> Result<(), Box<dyn Error>> {
         "# Training-step traffic on the emulator\n\n\
          Device: emu (the kernels' Rust source on the SIMT emulator: counters, not timings). Commit {commit}.\n\
          Command: `{command}`\n\
-         Model {model}, batch {batch}, masks {mask:?} {ratio}, f32. One step: masks, forward, loss, backward, \
+         Model {model}, batch {batch}, masks {mask:?} {ratio}, {dtype} activations. One step: masks, forward, loss, backward, \
          gradient norm, AdamW.\n\n\
          ## Kernels\n\n\
          Sector bytes: 32 × the 32-byte sectors all warp requests touched (L2 traffic). Distinct: bytes read \
@@ -140,9 +140,10 @@ pub fn run(args: &StepBench, device: Device) -> Result<(), Box<dyn Error>> {
          ## The step's roofline lower bound (an estimate)\n\n\
          GEMMs {gemm_us:.1} µs + other kernels {kernel_us:.1} µs = **{step_us:.1} µs** per step of {batch} \
          ({samples:.0} samples/s at most; at that bound the GEMMs' {gflop:.1} GFLOP would run at {mfu:.0}% of \
-         {tf:.0} TFLOP/s). f32 bytes: bf16 activations halve most of them. Counts scale with the batch except \
+         {tf:.0} TFLOP/s). Counts scale with the batch except \
          the optimizer's (per parameter).\n",
         model = args.model,
+        dtype = T::DTYPE,
         batch = args.batch,
         mask = args.mask,
         ratio = args.mask_ratio,
@@ -160,7 +161,7 @@ pub fn run(args: &StepBench, device: Device) -> Result<(), Box<dyn Error>> {
         mfu = 100.0 * gemm_flops as f64 / step_bound / GEMM_FLOPS,
     );
     outln!("{table}");
-    let out = PathBuf::from("benches/results/train-step-traffic-emu.md");
+    let out = PathBuf::from(format!("benches/results/train-step-traffic-emu-{}.md", T::DTYPE));
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }

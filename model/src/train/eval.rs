@@ -18,6 +18,7 @@ use crate::clip::{Pass, Workspace};
 use crate::data::loader::prepare;
 use crate::data::{Classes, Source};
 use crate::init::standard_normal;
+use crate::precision::Precision;
 use crate::preprocess::normalize;
 use crate::tokenizer::ClipTokenizer;
 
@@ -88,16 +89,16 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The model as evaluation uses it: normalized features in chunks.
-pub struct Encoder<'a> {
-    pub pass: Pass<'a>,
+pub struct Encoder<'a, T = f32> {
+    pub pass: Pass<'a, T>,
     pub tokenizer: &'a ClipTokenizer,
     /// Buffers for the forward passes, in chunks of the workspace's batch (the trainer lends its
     /// own: evaluation then needs no memory of its own).
-    workspace: RefCell<&'a mut Workspace>,
+    workspace: RefCell<&'a mut Workspace<T>>,
 }
 
-impl<'a> Encoder<'a> {
-    pub fn new(pass: Pass<'a>, tokenizer: &'a ClipTokenizer, workspace: &'a mut Workspace) -> Self {
+impl<'a, T: Precision> Encoder<'a, T> {
+    pub fn new(pass: Pass<'a, T>, tokenizer: &'a ClipTokenizer, workspace: &'a mut Workspace<T>) -> Self {
         Encoder { pass, tokenizer, workspace: RefCell::new(workspace) }
     }
 
@@ -208,7 +209,7 @@ pub fn shift(rgb: &RgbImage, kind: &str, seed: u32) -> RgbImage {
 }
 
 /// Every metric the set supports, by name.
-pub fn evaluate(enc: &Encoder, set: &EvalSet) -> Result<BTreeMap<String, f64>, String> {
+pub fn evaluate<T: Precision>(enc: &Encoder<T>, set: &EvalSet) -> Result<BTreeMap<String, f64>, String> {
     let e = enc.dim();
     let mut out = BTreeMap::new();
     if set.is_empty() {

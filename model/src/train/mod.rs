@@ -22,18 +22,19 @@ use std::time::Instant;
 use clip_pgs_host::Device;
 use clip_pgs_host::ops::adamw::AdamW;
 use clip_pgs_host::ops::edge_map::ImageBatchShape;
+use clip_pgs_host::ops::gelu::GeluForm;
 use clip_pgs_host::ops::pgs::{MaskRequest, MaskStep, Masking};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
-use crate::clip::Pass;
 use crate::config::ClipConfig;
 use crate::data::loader::{LoadedBatch, LoaderConfig, Position, Prefetcher};
 use crate::data::{Sample, Source, SourceOptions, Split};
 use crate::optimizer::Optimizer;
 use crate::outln;
 use crate::params::Params;
+use crate::precision::{Dtype, Precision};
 use crate::step::{StepMasks, TrainStep};
 use crate::tokenizer::ClipTokenizer;
 use eval::{Encoder, EvalSet};
@@ -60,6 +61,10 @@ pub struct TrainConfig {
     pub accum_freq: usize,
     /// Recompute each transformer block's activations in backward (less memory).
     pub grad_checkpointing: bool,
+    /// The activations' type (`--dtype`; bf16 on the GPU devices).
+    pub dtype: Dtype,
+    /// The MLP's GELU form (`--gelu`).
+    pub gelu: GeluForm,
     pub masking: Masking,
     pub seed: u64,
     pub workers: usize,
@@ -232,7 +237,21 @@ impl Metrics {
 /// Runs training on `device` to the end (or until `interrupt` is set: then a checkpoint is
 /// written).
 pub fn train(cfg: &TrainConfig, device: Device, interrupt: Arc<AtomicBool>) -> Result<TrainSummary, String> {
+    match cfg.dtype {
+        Dtype::F32 => train_in::<f32>(cfg, device, interrupt),
+        Dtype::Bf16 => train_in::<clip_pgs_host::bf16>(cfg, device, interrupt),
+    }
+}
+
+fn train_in<T: Precision>(
+    cfg: &TrainConfig,
+    device: Device,
+    interrupt: Arc<AtomicBool>,
+) -> Result<TrainSummary, String> {
     cfg.validate()?;
+    if cfg.dtype != Dtype::F32 && matches!(device, Device::Cpu) {
+        return Err(format!("--dtype {} runs on the GPU devices (cuda, emu); the cpu device trains in f32", cfg.dtype));
+    }
     let model_cfg = ClipConfig::load(&cfg.model).map_err(|e| e.to_string())?;
     // Every field, defaults filled in: the checkpoint's config reads back equal to this one.
     let config_json = serde_json::to_string(&model_cfg).map_err(|e| e.to_string())?;
@@ -279,6 +298,7 @@ pub fn train(cfg: &TrainConfig, device: Device, interrupt: Arc<AtomicBool>) -> R
             cfg.accum_freq,
             cfg.grad_checkpointing,
             &cfg.masking,
+            cfg.dtype,
             free,
         )?;
     }
@@ -353,15 +373,16 @@ pub fn train(cfg: &TrainConfig, device: Device, interrupt: Arc<AtomicBool>) -> R
     // Every message goes to stdout (a log keeps it), the bar only to a terminal's stderr.
     let say = |msg: String| bar.suspend(|| outln!("{msg}"));
     let ctx = model_cfg.text_cfg.context_length;
-    let mut step =
+    let mut step: TrainStep<T> =
         TrainStep::new(device, &model_cfg, params, optimizer, cfg.batch_size, cfg.accum_freq, cfg.grad_checkpointing)?;
+    step.clip.gelu = cfg.gelu;
     let (start, elapsed_before) = (Instant::now(), state.elapsed_s);
     let mut losses = Vec::new();
     let mut last_eval = BTreeMap::new();
     let mut consecutive_bad = 0;
     let mut window = (Instant::now(), 0usize);
     let mut interrupted = false;
-    let save = |step: &TrainStep, state: &TrainState, path: &Path| -> Result<(), String> {
+    let save = |step: &TrainStep<T>, state: &TrainState, path: &Path| -> Result<(), String> {
         let json = serde_json::to_string(state).map_err(|e| e.to_string())?;
         checkpoint::save_training(path, &config_json, &step.params, &step.optimizer, &json)
     };
@@ -440,8 +461,8 @@ pub fn train(cfg: &TrainConfig, device: Device, interrupt: Arc<AtomicBool>) -> R
             if let Some(set) = &eval_set
                 && (last || (cfg.zeroshot_frequency > 0 && finished.is_multiple_of(cfg.zeroshot_frequency)))
             {
-                let pass = Pass { device: &step.device, clip: &step.clip, params: &step.params.data };
-                let enc = Encoder::new(pass, &tokenizer, &mut step.workspace);
+                let (pass, workspace) = step.pass_and_workspace();
+                let enc = Encoder::new(pass, &tokenizer, workspace);
                 last_eval = eval::evaluate(&enc, set)?;
                 let mut record = serde_json::json!({"step": state.step, "epoch": finished, "eval": &last_eval});
                 // Which data the numbers are on: zeroshot.png draws one chart per data set.
@@ -524,7 +545,7 @@ mod tests {
         let adamw = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
         let optimizer = Optimizer::new(&params.layout, &device, adamw, 0.1).unwrap();
         let (n, ctx) = (8, cfg.text_cfg.context_length);
-        let mut step = TrainStep::new(device, &cfg, params, optimizer, n, accum, checkpointing).unwrap();
+        let mut step: TrainStep = TrainStep::new(device, &cfg, params, optimizer, n, accum, checkpointing).unwrap();
         let rng = Philox::new(seed + 1, 0, 0);
         let size = 3 * cfg.vision_cfg.image_size.pow(2);
         let images: Vec<f32> = (0..(n * size) as u32).map(|i| rng.uniform(i) * 2.0 - 1.0).collect();
