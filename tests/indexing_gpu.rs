@@ -125,6 +125,10 @@ fn token_embedding_forward_and_backward_equal_the_cpu_bit_for_bit() {
         // One column and one position.
         ("width 1", captions(&[0; 5], 1, 4), VOCAB, 1, 1),
     ];
+    // More captions than a forward block takes (128), short ones: the padding id repeats within
+    // and across the groups of 8 captions the forward loads together.
+    let many: Vec<usize> = (0..130).map(|b| b % 5).collect();
+    cases.push(("130 captions", captions(&many, 6, 6), VOCAB, 6, 3));
     // Ids of one bucket (≡ 0 mod 32) interleaved: the running sums switch ids at every row.
     let same_bucket: Vec<u32> = integers(6 * 5, 4, 5).iter().map(|i| i * 32).collect();
     cases.push(("one bucket", same_bucket, 100, 5, 140));
@@ -239,14 +243,16 @@ fn gather_backward_equals_the_cpu_bit_for_bit() {
     let gpu = common::gpu();
     // (images, L, D, keep lengths, padding rows beyond the most kept): test-tiny (L 16, D 48)
     // with an image keeping no patch and one keeping all; ViT-B/16 (L 196, D 768) with N = 2 at
-    // half masking, and keeping all / none; more images than a tile (128), with a width that is
-    // no multiple of a warp; one patch of width 1; nothing kept at all.
-    let cases: [(usize, usize, usize, &[usize], usize); 7] = [
+    // half masking, and keeping all / none; more images than a group of loads (8), and than a
+    // tile (1024), with a width that is no multiple of a warp; one patch of width 1; nothing kept
+    // at all.
+    let cases: [(usize, usize, usize, &[usize], usize); 8] = [
         (4, 16, 48, &[0, 16, 8, 3], 0),
         (3, 16, 48, &[5, 2, 7], 4),
         (2, 196, 768, &[98, 61], 1),
         (2, 196, 768, &[196, 0], 0),
         (131, 9, 3, &[4, 0, 9, 7, 1], 0),
+        (1030, 4, 3, &[2, 0, 4, 1, 3], 0),
         (3, 1, 1, &[1, 0, 1], 0),
         (2, 5, 130, &[0], 0),
     ];

@@ -11,7 +11,8 @@
 //! for the next step.
 //!
 //! The global gradient norm before it: `grad_norm_parts_f32` (NORM_PARTS blocks, each a
-//! grid-stride sum of squares reduced over the block; 4 bytes read per gradient, the minimum)
+//! grid-stride sum of squares reduced over the block; each gradient loaded once and squared in a
+//! register: 4 bytes read per gradient, the minimum)
 //! and `grad_norm_finish_f32` (one block: √Σ parts). A fixed grid: the same sum order on every
 //! run.
 
@@ -34,8 +35,11 @@ kernel! {
     /// `g` holds n floats, `parts` one per block.
     pub fn grad_norm_parts_f32(parts: GlobalMut<f32>, g: Global<f32>, n: u32) {
         let mut sum = 0.0f32;
-        // SAFETY: i < n.
-        grid_stride(n as usize, |i| sum += unsafe { g.load(i) * g.load(i) });
+        grid_stride(n as usize, |i| {
+            // SAFETY: i < n.
+            let v = unsafe { g.load(i) };
+            sum += v * v;
+        });
         let sum = block_reduce(sum, 0.0, |a, b| a + b);
         if thread_x() == 0 {
             // SAFETY: one part per block.

@@ -22,7 +22,7 @@
 //! writes the T gradient once. The GEMMs dominate.
 
 use crate::element::{Bf16, Element};
-use crate::hw::{Global, GlobalMut, WARP, block_dim_x, block_stride, block_x, grid_dim_x, grid_stride, lane, warp};
+use crate::hw::{Global, GlobalMut, block_stride, block_x, grid_stride, lane, lane_stride, warp_rows};
 use crate::kernel;
 use crate::math::{exp, ln, sqrt};
 use crate::reduce::{block_reduce, warp_reduce};
@@ -30,26 +30,11 @@ use crate::reduce::{block_reduce, warp_reduce};
 /// Threads per block of every kernel here.
 pub const THREADS: u32 = 128;
 
-/// Calls `f(row)` for rows r = global warp, + total warps, … < rows.
-#[inline(always)]
-fn warp_rows(rows: usize, mut f: impl FnMut(usize)) {
-    let warps = block_dim_x() / WARP;
-    let mut row = block_x() * warps + warp();
-    while row < rows {
-        f(row);
-        row += grid_dim_x() * warps;
-    }
-}
-
 /// Σ over j = lane, lane + 32, … < n of f(j), reduced over the warp.
 #[inline(always)]
 fn warp_sum(n: usize, mut f: impl FnMut(usize) -> f32) -> f32 {
     let mut total = 0.0f32;
-    let mut j = lane();
-    while j < n {
-        total += f(j);
-        j += WARP;
-    }
+    lane_stride(n, |j| total += f(j));
     warp_reduce(total, |a, b| a + b)
 }
 
@@ -65,12 +50,8 @@ unsafe fn l2_normalize<T: Element>(unit: GlobalMut<f32>, norms: GlobalMut<f32>, 
         let x = |j: usize| unsafe { x.load(r * dim + j) }.to_f32();
         let sum = warp_sum(dim, |j| x(j) * x(j));
         let norm = sqrt(sum).max(1e-12);
-        let mut j = lane();
-        while j < dim {
-            // SAFETY: as above.
-            unsafe { unit.store(r * dim + j, x(j) / norm) };
-            j += WARP;
-        }
+        // SAFETY: as above.
+        lane_stride(dim, |j| unsafe { unit.store(r * dim + j, x(j) / norm) });
         if lane() == 0 {
             // SAFETY: r < rows.
             unsafe { norms.store(r, norm) };
@@ -98,13 +79,11 @@ unsafe fn l2_normalize_backward<T: Element>(
         let dot = warp_sum(dim, |j| unsafe { d.load(r * dim + j) * unit.load(r * dim + j) });
         // SAFETY: r < rows.
         let norm = unsafe { norms.load(r) };
-        let mut j = lane();
-        while j < dim {
+        lane_stride(dim, |j| {
             let at = r * dim + j;
             // SAFETY: as above.
             unsafe { dx.store(at, T::from_f32((d.load(at) - unit.load(at) * dot) / norm)) };
-            j += WARP;
-        }
+        });
     });
 }
 
@@ -154,14 +133,12 @@ kernel! {
         let scale = exp(unsafe { logit_scale.load(0) });
         warp_rows(b, |i| {
             let mut max = f32::NEG_INFINITY;
-            let mut j = lane();
-            while j < b {
+            lane_stride(b, |j| {
                 // SAFETY: i, j < b.
                 let l = unsafe { logits.load(i * b + j) } * scale;
                 unsafe { logits.store(i * b + j, l) };
                 max = max.max(l);
-                j += WARP;
-            }
+            });
             let max = warp_reduce(max, f32::max);
             // SAFETY: as above; this lane wrote element j.
             let total = warp_sum(b, |j| exp(unsafe { logits.load(i * b + j) } - max));

@@ -11,21 +11,26 @@
 //! Backward (`pgs_gather_backward_{f32,bf16}`, with the positional embedding's gradient; one
 //! body, d_tokens and d_packed of the activations' element type, d_pos and d_cls f32): d_tokens
 //! [N, L, D] is overwritten (d_packed's row of a kept patch, zeros for a dropped one); d_pos
-//! [L + 1, D] and d_cls [D] accumulate over the images in order, without atomics. Grid
-//! (L + 1, ⌈D / BACKWARD_THREADS⌉): block (p, s) owns position p (0 = CLS, 1 + j = patch j) and
-//! strip s of the columns. Per tile of BACKWARD_THREADS images, thread t finds where image t of
-//! the tile packed patch j (a binary search of its ascending kept indices) into shared memory;
-//! then each thread walks the tile's images in order for its column: it adds the packed row to
-//! its running d_pos (and d_cls) sum in f32, the CPU's order, so the same bits, and copies it
-//! into d_tokens.
+//! [L + 1, D] and d_cls [D] accumulate over the images in order, without atomics. Grid L + 1:
+//! block p owns position p (0 = CLS, 1 + j = patch j) and all D columns. Per tile of
+//! BACKWARD_TILE images, the block's threads find where each image of the tile packed patch j (a
+//! binary search of its ascending kept indices) into shared memory; then each thread takes
+//! columns c = thread, thread + BACKWARD_THREADS, … and for each walks the tile's images in
+//! order, GROUP at a time (their loads issued together): it adds the packed row to its running
+//! d_pos (and d_cls) sum in f32, the CPU's order, so the same bits, and copies it into d_tokens.
+//! Parallelism: L + 1 blocks of 4 warps (197 at ViT-B/16), each thread ⌈D / 128⌉ columns of
+//! every image.
 //! Memory traffic: the CLS and kept rows of d_packed read once (padding rows not at all),
-//! d_tokens written once, d_pos and d_cls read and written once: the analytic minimum, coalesced
-//! along D; the kept indices are read log₂(L) times per (image, patch, strip) from cache. Any
-//! index data stays in bounds: a count is capped at rows − 1, and a patch whose index the search
-//! does not find (indices not ascending, or ≥ L) counts as dropped.
+//! d_tokens written once, d_pos and d_cls read and written once per tile (once up to 1024
+//! images): the analytic minimum, coalesced along D; plus the searches, log₂(L) + 1 scattered
+//! words of the kept indices and one count per (image, patch), one 32-byte sector each, once per
+//! position for all D columns: 1.05× the minimum, 96% of each sector used, at ViT-B/16, batch 8,
+//! f32 (with a block per column strip, each strip searched again: 1.28× and 81%). Any index data
+//! stays in bounds: a count is capped at rows − 1, and a patch whose index the search does not
+//! find (indices not ascending, or ≥ L) counts as dropped.
 
 use crate::element::{Bf16, Element};
-use crate::hw::{Global, GlobalMut, block_stride, block_x, block_y, sync_threads, thread_x};
+use crate::hw::{Global, GlobalMut, block_stride, block_x, block_y, sync_threads, thread_x, unrolled};
 use crate::kernel;
 
 /// Threads per block of `pgs_gather`.
@@ -119,11 +124,16 @@ macro_rules! gather_entry {
 gather_entry!(pgs_gather_f32, f32);
 gather_entry!(pgs_gather_bf16, Bf16);
 
-/// Threads per block of `pgs_gather_backward_*`: the columns of a strip, and the images of a
-/// tile.
+/// Threads per block of `pgs_gather_backward_*`, which stride over the columns.
 pub const BACKWARD_THREADS: u32 = 128;
 
-crate::shared_array!(fn packed_rows() -> [u32; BACKWARD_THREADS as usize]);
+/// Images whose packed rows one tile of `pgs_gather_backward_*` finds and keeps in shared memory.
+pub const BACKWARD_TILE: usize = 1024;
+
+/// Images whose d_packed loads a thread issues together.
+const GROUP: usize = 8;
+
+crate::shared_array!(fn packed_rows() -> [u32; BACKWARD_TILE]);
 
 /// The packed row (1 + r) of patch `j` in the first `len` of an image's ascending kept
 /// indices, or PADDING when it is not among them.
@@ -147,8 +157,7 @@ unsafe fn packed_row(kept: Global<u32>, len: usize, j: u32) -> u32 {
 }
 
 /// The backward of the gather and of the positional embedding added before it: d_tokens
-/// overwritten, d_cls and d_pos accumulated. Grid (L + 1, ⌈D / BACKWARD_THREADS⌉),
-/// BACKWARD_THREADS threads.
+/// overwritten, d_cls and d_pos accumulated. Grid L + 1, BACKWARD_THREADS threads.
 ///
 /// # Safety
 /// `d_tokens` [N, L, D]; `d_cls` [D]; `d_pos` [L + 1, D]; `d_packed` [N, rows, D] with
@@ -167,61 +176,67 @@ unsafe fn gather_backward<T: Element>(
     dim: usize,
     rows: usize,
 ) {
-    const TILE: usize = BACKWARD_THREADS as usize;
     let p = block_x();
-    let c = block_y() * TILE + thread_x();
-    let live = c < dim;
     let slots = packed_rows();
     // SAFETY: p ≤ L and c < dim: inside d_pos and d_cls; image b < N, packed row < rows (the
     // count is capped at rows − 1) and the patch p − 1 < L: inside d_packed and d_tokens; the
     // slots read are those written this tile, between barriers.
     unsafe {
-        let (mut pos, mut cls) = (0.0f32, 0.0f32);
-        if live {
-            pos = d_pos.load(p * dim + c);
-            if p == 0 {
-                cls = d_cls.load(c);
-            }
-        }
         let mut b0 = 0;
         while b0 < images {
-            let tile = TILE.min(images - b0);
-            if thread_x() < tile {
-                let b = b0 + thread_x();
+            let tile = BACKWARD_TILE.min(images - b0);
+            block_stride(tile, |k| {
+                let b = b0 + k;
                 let row = if p == 0 {
                     0
                 } else {
                     let len = (kept_len.load(b) as usize).min(rows - 1);
                     packed_row(kept.offset(b * patches), len, p as u32 - 1)
                 };
-                slots.store(thread_x(), row);
-            }
+                slots.store(k, row);
+            });
             sync_threads();
-            if live {
-                for k in 0..tile {
-                    let (b, row) = (b0 + k, slots.load(k));
-                    let v = if row == PADDING {
-                        T::ZERO
-                    } else {
-                        let v = d_packed.load((b * rows + row as usize) * dim + c);
-                        pos += v.to_f32();
-                        v
-                    };
-                    if p == 0 {
-                        cls += v.to_f32();
-                    } else {
-                        d_tokens.store((b * patches + p - 1) * dim + c, v);
-                    }
+            let mut c = thread_x();
+            while c < dim {
+                let mut pos = d_pos.load(p * dim + c);
+                let mut cls = if p == 0 { d_cls.load(c) } else { 0.0 };
+                let mut k0 = 0;
+                while k0 < tile {
+                    // The group's rows (the same in every thread), then its loads together.
+                    let mut row = [PADDING; GROUP];
+                    let mut v = [T::ZERO; GROUP];
+                    unrolled::<GROUP>(|j| {
+                        if k0 + j < tile {
+                            row[j] = slots.load(k0 + j);
+                        }
+                    });
+                    unrolled::<GROUP>(|j| {
+                        if row[j] != PADDING {
+                            v[j] = d_packed.load(((b0 + k0 + j) * rows + row[j] as usize) * dim + c);
+                        }
+                    });
+                    unrolled::<GROUP>(|j| {
+                        if k0 + j < tile {
+                            if row[j] != PADDING {
+                                pos += v[j].to_f32();
+                            }
+                            if p == 0 {
+                                cls += v[j].to_f32();
+                            } else {
+                                d_tokens.store(((b0 + k0 + j) * patches + p - 1) * dim + c, v[j]);
+                            }
+                        }
+                    });
+                    k0 += GROUP;
                 }
+                d_pos.store(p * dim + c, pos);
+                if p == 0 {
+                    d_cls.store(c, cls);
+                }
+                c += BACKWARD_THREADS as usize;
             }
             sync_threads(); // the next tile overwrites the slots
-            b0 += TILE;
-        }
-        if live {
-            d_pos.store(p * dim + c, pos);
-            if p == 0 {
-                d_cls.store(c, cls);
-            }
+            b0 += BACKWARD_TILE;
         }
     }
 }
@@ -230,8 +245,8 @@ macro_rules! gather_backward_entry {
     ($name:ident, $t:ty) => {
         kernel! {
             /// The backward of the gather and of the positional embedding added before it:
-            /// d_tokens overwritten, d_cls and d_pos (f32) accumulated. Grid (L + 1,
-            /// ⌈D / BACKWARD_THREADS⌉), BACKWARD_THREADS threads.
+            /// d_tokens overwritten, d_cls and d_pos (f32) accumulated. Grid L + 1,
+            /// BACKWARD_THREADS threads.
             ///
             /// # Safety
             /// `d_tokens` [N, L, D]; `d_cls` [D]; `d_pos` [L + 1, D]; `d_packed` [N, rows, D]

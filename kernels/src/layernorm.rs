@@ -1,45 +1,67 @@
 //! LayerNorm over the last dimension (PyTorch, eps [`EPS`]): forward, forward with the residual
-//! add fused in front, and backward, over activations of element type T (`_f32` and `_bf16`
-//! entry points of one body each). Statistics (mean, rstd), the parameter gradients dγ, dβ and
-//! every sum are f32; T values are widened on load and rounded (to nearest even) on store.
+//! add fused in front, and backward, over activations of element type T (`_f32` and `_bf16` entry
+//! points of one body each). Statistics (mean, rstd), the parameter gradients dγ, dβ and every
+//! sum are f32; T values are widened on load and rounded (to nearest even) on store.
 //! `host/src/ops/layernorm.rs` holds the CPU reference; the kernels compute the same formulas in
 //! the same operation order, and differ from it only in the order of the row and column sums
 //! (lane partials, then a butterfly) and, for bf16, in the rounding of what they store.
 //!
 //! Algorithm:
-//! - Forward (`layernorm_forward_*`, `add_layernorm_forward_*`): one warp per row, several warps
-//!   per block, rows grid-strided over the warps. The lanes stride over the row (lane, lane + 32,
-//!   …: each load instruction of the warp reads 32 consecutive elements). Pass 1 sums the row
-//!   (the fused variant computes sum = a + b here and writes it; it sums and normalizes the
-//!   stored, rounded value: the residual stream as the next layer reads it), a warp butterfly
-//!   gives the mean; pass 2 sums (x − mean)², the biased variance; rstd = 1/sqrt(var + eps),
-//!   with the correctly rounded `math::sqrt`; pass 3 writes y = (x − mean)·rstd·γ + β. Lane 0
-//!   writes the row's mean and rstd for backward.
-//! - Backward dx (`layernorm_backward_*`): one warp per row likewise. Pass 1 sums g = dy·γ and
-//!   g·x̂ over the row; pass 2 writes dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), overwriting dx or
-//!   adding to it (the residual stream's gradient).
+//! - Forward (`layernorm_forward_*`, `add_layernorm_forward_*`): one warp per row, 8 warps per
+//!   block, rows grid-strided over the warps ([`warp_rows`]). The block first copies γ and β,
+//!   widened to f32, into shared memory (one read of each per block). Lane l holds the row's
+//!   elements l, l + 32, … in registers (an array of [`ROW_VALUES`], fully unrolled: rows up to
+//!   [`MAX_REGISTER_DIM`] = 1024 values); each load instruction of the warp reads 32 consecutive
+//!   elements. One read of the row (the fused variant computes sum = a + b here, rounds and
+//!   writes it, and keeps the stored value: the residual stream as the next layer reads it) sums
+//!   it; a warp butterfly gives the mean; the registers give Σ (x − mean)², the biased variance;
+//!   rstd = 1/sqrt(var + eps), with the correctly rounded `math::sqrt`; then y = (x − mean)·rstd·γ
+//!   + β is written once. Lane 0 writes the row's mean and rstd for backward.
+//! - Backward dx (`layernorm_backward_*`): one warp per row likewise, γ in shared memory, mean
+//!   and rstd read once per row (one broadcast load each). One read of dy and x keeps g = dy·γ
+//!   and x − mean in registers and sums g and g·x̂; then dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) is
+//!   written, overwriting dx or adding to it (the residual stream's gradient: dx read once).
+//! - Rows longer than [`MAX_REGISTER_DIM`] (no model here has them) take the same kernels'
+//!   multi-pass path: the same arithmetic, the row re-read per pass (from L1/L2 on a GPU), γ and
+//!   β read from global memory.
 //! - dγ, dβ (`layernorm_param_grads_*`, f32 outputs): dγ_i += Σ_rows dy·x̂, dβ_i += Σ_rows dy,
 //!   without atomics, so the result is deterministic: each block owns 32 columns; its 256
 //!   threads are 32 columns × 8 row-lanes, row-lane r takes rows r, r + 8, … (a warp reads 32
 //!   consecutive elements of one row); the 8 partials per column meet in shared memory and are
-//!   added in a fixed order. Parallelism is modest: ⌈dim / 32⌉ blocks (24 for ViT-B's 768), each
-//!   looping over all rows; a row-split with a deterministic second pass would fill the GPU, left
-//!   for when the profile asks for it.
+//!   added in a fixed order. Rows go in chunks of 256: the block reads the chunk's mean and rstd
+//!   into shared memory (one coalesced load each), so every column thread reads them there, not
+//!   from global memory once per row. Parallelism is modest: ⌈dim / 32⌉ blocks (24 for ViT-B's
+//!   768), each looping over all rows; a row-split with a deterministic second pass would fill
+//!   the GPU, left for when the profile asks for it.
 //!
-//! Memory traffic, n = rows·dim, s = bytes per element (4 f32, 2 bf16; the analytic minimum in
-//! brackets):
-//! - forward: x read, y written, 2sn bytes, plus γ, β (2s·dim, cached) and mean, rstd (8·rows)
-//!   [the same]. Passes 2 and 3 re-read the warp's row, which a block's 8 rows (8·dim·s bytes,
-//!   24 KiB at dim 768 in f32) keep in L1/L2: from DRAM x is read once.
-//! - fused add: a and b read, sum and y written, 4sn [the same]; passes 2 and 3 re-read sum, just
-//!   written by the same lane, from cache.
+//! Every path adds in the order the earlier multi-pass kernels did (lane partials in row order,
+//! the same butterfly): the f32 results are the same bits.
+//!
+//! Memory traffic, n = rows·dim, s = bytes per element (4 f32, 2 bf16). The analytic minimum,
+//! then what the kernels move beyond it, and the ratio measured at ViT-B/16, batch 8, PGS masks,
+//! f32 (`clip-pgs bench step --device emu`; bf16 within 0.03× of it; the earlier multi-pass
+//! kernels in brackets):
+//! - forward: x read, y written, 2sn bytes, mean and rstd written, 8·rows; plus γ and β once per
+//!   block of 8 rows (2s·dim per 16s·dim): 1.13× (3.00×: x read three times, γ and β per row).
+//! - fused add: a and b read, sum and y written, 4sn; plus γ, β per block: 1.07× (2.0×: the sum
+//!   read back twice, γ and β per row; reported as 1.60× because the read-back sum counted in
+//!   the minimum).
 //! - backward: the dx kernel reads dy, x (and dx with `accumulate`) and writes dx, 3sn (4sn);
-//!   pass 2 re-reads dy and x from cache. The dγ/dβ kernel reads dy and x once more, 2sn: 5sn
-//!   (6sn) in all against a minimum of 3sn (4sn), the price of the separate deterministic column
-//!   reduction.
+//!   plus γ per block and a 32-byte sector per row for each of mean and rstd: 1.04× (2.02×). The
+//!   dγ/dβ kernel reads dy and x once more, 2sn, plus mean and rstd once per block of columns
+//!   (⌈dim / 32⌉·8·rows bytes: 1/32 of its f32 traffic, 1/16 in bf16): 1.03× (bf16 1.06×), 100%
+//!   of each sector used (1.25×, 83%: mean and rstd loaded by every column thread, a 32-byte
+//!   sector for 4 bytes per row and warp). Backward in all: 5sn (6sn) against a minimum of 3sn
+//!   (4sn), the price of the separate deterministic column reduction.
+//!
+//! Registers (sm_90, ptxas): forward 64, fused add 121–124, backward 127–128, dγ/dβ 32; no
+//! spills, no local memory (the row arrays are indexed by constants only).
 
 use crate::element::{Bf16, Element};
-use crate::hw::{Global, GlobalMut, WARP, block_dim_x, block_x, grid_dim_x, lane, sync_threads, thread_x, warp};
+use crate::hw::{
+    Global, GlobalMut, Shared, WARP, block_stride, block_x, lane, lane_here, lane_stride, sync_threads, thread_x,
+    unrolled, warp_rows,
+};
 use crate::kernel;
 use crate::math::sqrt;
 use crate::reduce::warp_reduce;
@@ -54,41 +76,103 @@ pub const THREADS: u32 = 256;
 /// Columns per block of `layernorm_param_grads_*` (one per lane).
 pub const PARAM_COLUMNS: u32 = WARP as u32;
 
+/// Values of a row each lane holds in registers (elements lane + 32·k, k < ROW_VALUES).
+pub const ROW_VALUES: usize = 32;
+
+/// The longest row the kernels keep in registers (one read of the row); longer rows take the
+/// multi-pass path.
+pub const MAX_REGISTER_DIM: usize = WARP * ROW_VALUES;
+
 /// Row-lanes of `layernorm_param_grads_*`'s block: THREADS / PARAM_COLUMNS.
 const ROW_LANES: usize = (THREADS / PARAM_COLUMNS) as usize;
 
 crate::shared_array!(fn layernorm_param_partials() -> [f32; 2 * THREADS as usize]);
+crate::shared_array!(fn layernorm_row_stats() -> [f32; 2 * THREADS as usize]);
+crate::shared_array!(fn layernorm_gamma_beta() -> [f32; 2 * MAX_REGISTER_DIM]);
 
 #[inline(always)]
 fn add(a: f32, b: f32) -> f32 {
     a + b
 }
 
-/// Calls `f(row)` for the rows of this warp: warp w of block b takes rows b·W + w, then every
-/// (grid size · W)-th after, W = warps per block. Uniform within a warp.
+/// Copies γ and (if given) β, widened to f32, into the block's shared memory: γ at 0.., β at
+/// MAX_REGISTER_DIM... Every thread of the block calls it (a barrier).
+///
+/// # Safety
+/// `gamma` and `beta` hold dim ≤ MAX_REGISTER_DIM elements.
 #[inline(always)]
-fn warp_rows(rows: usize, mut f: impl FnMut(usize)) {
-    let warps = block_dim_x() / WARP;
-    let step = grid_dim_x() * warps;
-    let mut row = block_x() * warps + warp();
-    while row < rows {
-        f(row);
-        row += step;
+unsafe fn stage_params<T: Element>(gamma: Global<T>, beta: Option<Global<T>>, dim: usize) -> Shared<f32> {
+    let params = layernorm_gamma_beta();
+    // SAFETY: i < dim ≤ MAX_REGISTER_DIM: inside γ, β and the shared array's halves.
+    block_stride(dim, |i| unsafe {
+        params.store(i, gamma.load(i).to_f32());
+        if let Some(beta) = beta {
+            params.store(MAX_REGISTER_DIM + i, beta.load(i).to_f32());
+        }
+    });
+    sync_threads();
+    params
+}
+
+/// Calls `f(k, i)` for this lane's elements i = lane + 32·k < dim, k < ROW_VALUES, unrolled
+/// ([`unrolled`]) so that arrays indexed by k stay in registers. The bound is tested as
+/// 32·k < dim − lane, one register against constants, with the lane read afresh
+/// ([`lane_here`]): the 32 tests are made where they are used, not held across the row loop
+/// (149 registers instead of 127 in the backward kernel).
+#[inline(always)]
+fn lane_values(dim: usize, mut f: impl FnMut(usize, usize)) {
+    let lane = lane_here();
+    let left = dim.saturating_sub(lane) as u32;
+    unrolled::<ROW_VALUES>(|k| {
+        if ((k * WARP) as u32) < left {
+            f(k, lane + k * WARP);
+        }
+    });
+}
+
+/// The rest of the forward pass over one row held in registers (`v`, this lane's values;
+/// `partial`, their sum in order): the variance, rstd, y and the statistics.
+///
+/// # Safety
+/// `y` holds rows·dim elements, `mean` and `rstd` rows; `params` holds γ and β (stage_params);
+/// row < rows; dim ≤ MAX_REGISTER_DIM. The whole warp calls it (shuffles).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn normalize_registers<T: Element>(
+    y: GlobalMut<T>,
+    mean: GlobalMut<f32>,
+    rstd: GlobalMut<f32>,
+    params: Shared<f32>,
+    row: usize,
+    dim: usize,
+    v: &[f32; ROW_VALUES],
+    partial: f32,
+) {
+    let mu = warp_reduce(partial, add) / dim as f32;
+    let mut q = 0.0f32;
+    lane_values(dim, |k, _| {
+        let d = v[k] - mu;
+        q += d * d;
+    });
+    let var = warp_reduce(q, add) / dim as f32;
+    let s = 1.0 / sqrt(var + EPS);
+    let base = row * dim;
+    // SAFETY: base + i < rows·dim; i < dim ≤ MAX_REGISTER_DIM inside both halves of params.
+    lane_values(dim, |k, i| unsafe {
+        let value = (v[k] - mu) * s * params.load(i) + params.load(MAX_REGISTER_DIM + i);
+        y.store(base + i, T::from_f32(value))
+    });
+    if lane() == 0 {
+        // SAFETY: row < rows.
+        unsafe {
+            mean.store(row, mu);
+            rstd.store(row, s);
+        }
     }
 }
 
-/// Calls `f(i)` for this lane's columns i = lane, lane + 32, … < dim.
-#[inline(always)]
-fn lane_columns(dim: usize, mut f: impl FnMut(usize)) {
-    let mut i = lane();
-    while i < dim {
-        f(i);
-        i += WARP;
-    }
-}
-
-/// Passes 2 and 3 of the forward pass over one row, `x(i)` its value i, `partial` this lane's
-/// part of the row sum: the variance, rstd, y and the statistics.
+/// The multi-pass forward over one row longer than MAX_REGISTER_DIM, `x(i)` its value i,
+/// `partial` this lane's part of the row sum: the variance, rstd, y and the statistics.
 ///
 /// # Safety
 /// `y` holds rows·dim elements, `mean` and `rstd` rows, `gamma` and `beta` dim; row < rows; `x`
@@ -108,7 +192,7 @@ unsafe fn normalize_row<T: Element>(
 ) {
     let mu = warp_reduce(partial, add) / dim as f32;
     let mut q = 0.0f32;
-    lane_columns(dim, |i| {
+    lane_stride(dim, |i| {
         let d = x(i) - mu;
         q += d * d;
     });
@@ -116,7 +200,7 @@ unsafe fn normalize_row<T: Element>(
     let s = 1.0 / sqrt(var + EPS);
     let base = row * dim;
     // SAFETY: base + i < rows·dim and i < dim (the caller's sizes).
-    lane_columns(dim, |i| unsafe {
+    lane_stride(dim, |i| unsafe {
         let v = (x(i) - mu) * s * gamma.load(i).to_f32() + beta.load(i).to_f32();
         y.store(base + i, T::from_f32(v))
     });
@@ -147,12 +231,28 @@ unsafe fn forward<T: Element>(
     dim: u32,
 ) {
     let dim = dim as usize;
+    if dim <= MAX_REGISTER_DIM {
+        // SAFETY: gamma and beta hold dim ≤ MAX_REGISTER_DIM elements.
+        let params = unsafe { stage_params(gamma, Some(beta), dim) };
+        warp_rows(rows as usize, |row| {
+            let base = row * dim;
+            // All loads first, then the sum (in the same order): the loads are in flight together.
+            let mut v = [0.0f32; ROW_VALUES];
+            // SAFETY: row < rows and i < dim: base + i < rows·dim, the caller's sizes.
+            lane_values(dim, |k, i| v[k] = unsafe { x.load(base + i) }.to_f32());
+            let mut partial = 0.0f32;
+            lane_values(dim, |k, _| partial += v[k]);
+            // SAFETY: the caller's sizes; row < rows; the whole warp takes the row.
+            unsafe { normalize_registers(y, mean, rstd, params, row, dim, &v, partial) };
+        });
+        return;
+    }
     warp_rows(rows as usize, |row| {
         let base = row * dim;
         // SAFETY: row < rows and i < dim: base + i < rows·dim, the caller's sizes.
         let x = |i: usize| unsafe { x.load(base + i) }.to_f32();
         let mut partial = 0.0f32;
-        lane_columns(dim, |i| partial += x(i));
+        lane_stride(dim, |i| partial += x(i));
         // SAFETY: the caller's sizes; row < rows; the whole warp takes the row.
         unsafe { normalize_row(y, mean, rstd, gamma, beta, row, dim, partial, x) };
     });
@@ -179,15 +279,39 @@ unsafe fn add_forward<T: Element>(
     dim: u32,
 ) {
     let dim = dim as usize;
+    // sum[at] = a + b rounded to T (the sum of the loaded a and b); returns the stored value,
+    // widened.
+    // SAFETY: every call passes at = row·dim + i < rows·dim (row < rows, i < dim).
+    let residual = |at: usize, a: f32, b: f32| unsafe {
+        let v = T::from_f32(a + b);
+        sum.store(at, v);
+        v.to_f32()
+    };
+    if dim <= MAX_REGISTER_DIM {
+        // SAFETY: gamma and beta hold dim ≤ MAX_REGISTER_DIM elements.
+        let params = unsafe { stage_params(gamma, Some(beta), dim) };
+        warp_rows(rows as usize, |row| {
+            let base = row * dim;
+            // All loads first (in flight together), then the sums, stores and the row sum.
+            let (mut v, mut w) = ([0.0f32; ROW_VALUES], [0.0f32; ROW_VALUES]);
+            // SAFETY: base + i < rows·dim, the caller's sizes.
+            lane_values(dim, |k, i| unsafe { (v[k], w[k]) = (a.load(base + i).to_f32(), b.load(base + i).to_f32()) });
+            let mut partial = 0.0f32;
+            lane_values(dim, |k, i| {
+                v[k] = residual(base + i, v[k], w[k]);
+                partial += v[k];
+            });
+            // SAFETY: the caller's sizes; row < rows; the whole warp takes the row.
+            unsafe { normalize_registers(y, mean, rstd, params, row, dim, &v, partial) };
+        });
+        return;
+    }
     warp_rows(rows as usize, |row| {
         let base = row * dim;
         let mut partial = 0.0f32;
-        lane_columns(dim, |i| {
-            // SAFETY: base + i < rows·dim, the caller's sizes.
-            let v = T::from_f32(unsafe { a.load(base + i).to_f32() + b.load(base + i).to_f32() });
-            // SAFETY: as above.
-            unsafe { sum.store(base + i, v) };
-            partial += v.to_f32();
+        // SAFETY: base + i < rows·dim, the caller's sizes.
+        lane_stride(dim, |i| {
+            partial += residual(base + i, unsafe { a.load(base + i) }.to_f32(), unsafe { b.load(base + i) }.to_f32())
         });
         // SAFETY: as above; the lane reads back only the values it wrote.
         let x = |i: usize| unsafe { sum.load(base + i) }.to_f32();
@@ -216,6 +340,48 @@ unsafe fn backward<T: Element>(
     accumulate: u32,
 ) {
     let dim = dim as usize;
+    if dim <= MAX_REGISTER_DIM {
+        // SAFETY: gamma holds dim ≤ MAX_REGISTER_DIM elements; no β.
+        let params = unsafe { stage_params(gamma, None, dim) };
+        warp_rows(rows as usize, |row| {
+            let base = row * dim;
+            // SAFETY: row < rows, the length of mean and rstd.
+            let (mu, s) = unsafe { (mean.load(row), rstd.load(row)) };
+            // All loads first (in flight together); g = dy·γ and x − mean then replace them.
+            let (mut g, mut xm) = ([0.0f32; ROW_VALUES], [0.0f32; ROW_VALUES]);
+            // SAFETY: base + i < rows·dim, the caller's sizes.
+            lane_values(dim, |k, i| unsafe { (g[k], xm[k]) = (dy.load(base + i).to_f32(), x.load(base + i).to_f32()) });
+            let (mut sum_g, mut sum_gx) = (0.0f32, 0.0f32);
+            lane_values(dim, |k, i| {
+                // SAFETY: i < dim ≤ MAX_REGISTER_DIM, inside params' γ.
+                g[k] *= unsafe { params.load(i) };
+                xm[k] -= mu;
+                sum_g += g[k];
+                sum_gx += g[k] * xm[k] * s;
+            });
+            let mean_g = warp_reduce(sum_g, add) / dim as f32;
+            let mean_gx = warp_reduce(sum_gx, add) / dim as f32;
+            // d (in xm), then with `accumulate` the old dx (in g, loads in flight together). The
+            // arithmetic runs on every k (values past dim are never stored): no selects.
+            unrolled::<ROW_VALUES>(|k| {
+                let xhat = xm[k] * s;
+                xm[k] = s * (g[k] - mean_g - xhat * mean_gx);
+            });
+            if accumulate != 0 {
+                // SAFETY: as above.
+                lane_values(dim, |k, i| g[k] = unsafe { dx.load(base + i) }.to_f32());
+                unrolled::<ROW_VALUES>(|k| xm[k] += g[k]);
+            }
+            // SAFETY: as above.
+            lane_values(dim, |k, i| unsafe { dx.store(base + i, T::from_f32(xm[k])) });
+        });
+        return;
+    }
+    // The new dx from its increment d: written, or added to the old value.
+    // SAFETY: every call passes at = row·dim + i < rows·dim (row < rows, i < dim).
+    let write = |at: usize, d: f32| unsafe {
+        dx.store(at, T::from_f32(if accumulate != 0 { dx.load(at).to_f32() + d } else { d }))
+    };
     warp_rows(rows as usize, |row| {
         let base = row * dim;
         // SAFETY: row < rows, the length of mean and rstd.
@@ -229,18 +395,16 @@ unsafe fn backward<T: Element>(
             )
         };
         let (mut sum_g, mut sum_gx) = (0.0f32, 0.0f32);
-        lane_columns(dim, |i| {
+        lane_stride(dim, |i| {
             let g = dy(i) * gamma(i);
             sum_g += g;
             sum_gx += g * (x(i) - mu) * s;
         });
         let mean_g = warp_reduce(sum_g, add) / dim as f32;
         let mean_gx = warp_reduce(sum_gx, add) / dim as f32;
-        // SAFETY: as above.
-        lane_columns(dim, |i| unsafe {
+        lane_stride(dim, |i| {
             let xhat = (x(i) - mu) * s;
-            let d = s * (dy(i) * gamma(i) - mean_g - xhat * mean_gx);
-            dx.store(base + i, T::from_f32(if accumulate != 0 { dx.load(base + i).to_f32() + d } else { d }));
+            write(base + i, s * (dy(i) * gamma(i) - mean_g - xhat * mean_gx));
         });
     });
 }
@@ -263,23 +427,42 @@ unsafe fn param_grads<T: Element>(
     rows: u32,
     dim: u32,
 ) {
+    const CHUNK: usize = THREADS as usize;
     let (rows, dim) = (rows as usize, dim as usize);
     let (c, r) = (thread_x() % WARP, thread_x() / WARP);
     let col = block_x() * WARP + c;
     let (mut g, mut b) = (0.0f32, 0.0f32);
-    if col < dim {
-        let mut row = r;
-        while row < rows {
-            let i = row * dim + col;
-            // SAFETY: row < rows, col < dim: i < rows·dim, the caller's sizes.
+    let stats = layernorm_row_stats();
+    let mut first = 0;
+    while first < rows {
+        // The chunk's mean and rstd, one coalesced load each; row-lane r then takes the chunk's
+        // rows r, r + 8, …: with CHUNK a multiple of 8, rows r, r + 8, … of the whole matrix.
+        let chunk = CHUNK.min(rows - first);
+        if thread_x() < chunk {
+            // SAFETY: first + thread < rows; thread < CHUNK, the halves of the shared array.
             unsafe {
-                let d = dy.load(i).to_f32();
-                let xhat = (x.load(i).to_f32() - mean.load(row)) * rstd.load(row);
-                g += d * xhat;
-                b += d;
+                stats.store(thread_x(), mean.load(first + thread_x()));
+                stats.store(CHUNK + thread_x(), rstd.load(first + thread_x()));
             }
-            row += ROW_LANES;
         }
+        sync_threads();
+        if col < dim {
+            let mut k = r;
+            while k < chunk {
+                let i = (first + k) * dim + col;
+                // SAFETY: first + k < rows, col < dim: i < rows·dim, the caller's sizes; k <
+                // chunk, written before the barrier.
+                unsafe {
+                    let d = dy.load(i).to_f32();
+                    let xhat = (x.load(i).to_f32() - stats.load(k)) * stats.load(CHUNK + k);
+                    g += d * xhat;
+                    b += d;
+                }
+                k += ROW_LANES;
+            }
+        }
+        sync_threads(); // the next chunk overwrites the statistics
+        first += CHUNK;
     }
     let partials = layernorm_param_partials();
     // SAFETY: thread_x() < THREADS, the array holds 2·THREADS floats.

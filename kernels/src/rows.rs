@@ -22,34 +22,11 @@
 //! (4 f32, 2 bf16).
 
 use crate::element::{Bf16, Element};
-use crate::hw::{Global, GlobalMut, WARP, block_dim_x, block_x, grid_dim_x, grid_stride, lane, shfl_xor, warp};
+use crate::hw::{Global, GlobalMut, grid_stride, lane, lane_stride, shfl_xor, warp_rows};
 use crate::kernel;
 
 /// Threads per block of every rows kernel (8 warps).
 pub const THREADS: u32 = 256;
-
-/// Calls `f(k)` for the items k < n of this warp: warp w of block b takes b·warps + w, then
-/// every (grid size · warps)-th after. Uniform within a warp.
-#[inline(always)]
-fn warp_items(n: usize, mut f: impl FnMut(usize)) {
-    let warps = block_dim_x() / WARP;
-    let step = grid_dim_x() * warps;
-    let mut k = block_x() * warps + warp();
-    while k < n {
-        f(k);
-        k += step;
-    }
-}
-
-/// Calls `f(i)` for this lane's i = lane, lane + 32, … < n.
-#[inline(always)]
-fn lane_items(n: usize, mut f: impl FnMut(usize)) {
-    let mut i = lane();
-    while i < n {
-        f(i);
-        i += WARP;
-    }
-}
 
 kernel! {
     /// rows[b] = b·T + the first position of the largest id of ids[b·T..(b+1)·T], b < captions.
@@ -59,11 +36,11 @@ kernel! {
     /// `ids` holds captions·context words (< 2³²), `rows` captions; context ≥ 1.
     pub fn eot_rows_u32(rows: GlobalMut<u32>, ids: Global<u32>, captions: u32, context: u32) {
         let context = context as usize;
-        warp_items(captions as usize, |b| {
+        warp_rows(captions as usize, |b| {
             // A lane without positions (context < 32) holds (0, MAX): it never wins against a
             // position of lane 0, which every caption has.
             let (mut best, mut at) = (0u32, u32::MAX);
-            lane_items(context, |i| {
+            lane_stride(context, |i| {
                 // SAFETY: b < captions and i < context: inside ids.
                 let id = unsafe { ids.load(b * context + i) };
                 if at == u32::MAX || id > best {
@@ -121,11 +98,11 @@ unsafe fn scatter_rows<T: Element>(
     let (n, width, dx_len) = (n as usize, width as usize, dx_len as usize);
     // Rows wholly inside dx; a partial last row only gets zeros.
     let whole = dx_len / width;
-    warp_items(dx_len.div_ceil(width), |q| {
+    warp_rows(dx_len.div_ceil(width), |q| {
         // 1 + the last i with rows[i] = q seen by this lane, 0 for none.
         let mut last = 0u32;
         if q < whole {
-            lane_items(n, |i| {
+            lane_stride(n, |i| {
                 // SAFETY: i < n, the length of rows.
                 if unsafe { rows.load(i) } as usize == q {
                     last = i as u32 + 1;
@@ -138,7 +115,7 @@ unsafe fn scatter_rows<T: Element>(
             mask /= 2;
         }
         let dst = q * width;
-        lane_items(width.min(dx_len - dst), |c| {
+        lane_stride(width.min(dx_len - dst), |c| {
             // SAFETY: dst + c < dx_len; last − 1 < n and c < width: inside d_out.
             unsafe {
                 let v = if last > 0 { d_out.load((last as usize - 1) * width + c) } else { T::ZERO };

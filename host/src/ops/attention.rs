@@ -220,10 +220,12 @@ impl HeadBatches {
     }
 }
 
-fn softmax_config(rows: usize) -> LaunchConfig {
+/// The softmax kernels' launch: a warp per group of `kernel::rows_per_warp(seq)` rows.
+fn softmax_config(rows: usize, seq: usize) -> LaunchConfig {
     let warps = (kernel::THREADS / 32) as usize;
+    let groups = rows.div_ceil(kernel::rows_per_warp(seq));
     LaunchConfig {
-        grid_dim: (rows.div_ceil(warps).clamp(1, 1 << 16) as u32, 1, 1),
+        grid_dim: (groups.div_ceil(warps).clamp(1, 1 << 16) as u32, 1, 1),
         block_dim: (kernel::THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -246,7 +248,7 @@ fn gpu_forward<T: Activation>(
     }
     let args = (probs.reborrow(), lengths, s.batch as u32, s.heads as u32, s.seq as u32, s.causal as u32, scale(s));
     // SAFETY: probs holds B·H·S² values and lengths B (checked by the caller).
-    unsafe { device.launch(&T::ATTENTION_SOFTMAX, softmax_config(s.batch * s.heads * s.seq), args)? };
+    unsafe { device.launch(&T::ATTENTION_SOFTMAX, softmax_config(s.batch * s.heads * s.seq, s.seq), args)? };
     for h in 0..s.heads {
         let (p, v) = (hb.square(probs.as_view().skip(h * s.seq * s.seq)), hb.qkv(qkv.skip(hb.qkv_offset(2, h))));
         let o = hb.out(out.skip(h * s.head_dim));
@@ -276,7 +278,7 @@ fn gpu_backward<T: Activation>(
     let rows = s.batch * s.heads * s.seq;
     let args = (scratch.reborrow(), probs, rows as u32, s.seq as u32, scale(s));
     // SAFETY: scratch and probs hold B·H·S² values.
-    unsafe { device.launch(&T::ATTENTION_SOFTMAX_BACKWARD, softmax_config(rows), args)? };
+    unsafe { device.launch(&T::ATTENTION_SOFTMAX_BACKWARD, softmax_config(rows, s.seq), args)? };
     for h in 0..s.heads {
         let ds = hb.square(scratch.as_view().skip(h * s2));
         let (q, k) = (hb.qkv(qkv.skip(hb.qkv_offset(0, h))), hb.qkv(qkv.skip(hb.qkv_offset(1, h))));

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use clip_pgs_kernels::elementwise::THREADS;
+use clip_pgs_kernels::elementwise::{THREADS, broadcast_threads};
 
 use super::check::OpCheck;
 use super::dtype::Activation;
@@ -36,8 +36,9 @@ pub fn add<T: Activation>(device: &Device, out: ViewMut<T>, a: View<T>, b: View<
     let (n, period) = (a.len() as u32, b.len() as u32);
     if !matches!(device, Device::Cpu) {
         let args = (op.gpu_mut("out", out)?, op.gpu("a", a)?, op.gpu("b", b)?, n, period);
-        // SAFETY: out and a hold n values, b holds period (checked above).
-        return unsafe { device.launch(&T::ADD, grid_stride_config(n as usize, THREADS), args) };
+        let cfg = grid_stride_config(broadcast_threads(n as usize, period as usize), THREADS);
+        // SAFETY: out and a hold n values, b holds period, which divides n (checked above).
+        return unsafe { device.launch(&T::ADD, cfg, args) };
     }
     let (out, a, b) = (op.cpu_f32_mut("out", out)?, op.cpu_f32("a", a)?, op.cpu_f32("b", b)?);
     out.par_chunks_mut(b.len()).zip(a.par_chunks(b.len())).for_each(|(o, a)| {
@@ -53,8 +54,9 @@ pub fn add_assign<T: Activation>(device: &Device, x: ViewMut<T>, b: View<T>) -> 
     let (n, period) = (x.len() as u32, b.len() as u32);
     if !matches!(device, Device::Cpu) {
         let args = (op.gpu_mut("x", x)?, op.gpu("b", b)?, n, period);
-        // SAFETY: x holds n values, b holds period (checked above).
-        return unsafe { device.launch(&T::ADD_ASSIGN, grid_stride_config(n as usize, THREADS), args) };
+        let cfg = grid_stride_config(broadcast_threads(n as usize, period as usize), THREADS);
+        // SAFETY: x holds n values, b holds period, which divides n (checked above).
+        return unsafe { device.launch(&T::ADD_ASSIGN, cfg, args) };
     }
     let (x, b) = (op.cpu_f32_mut("x", x)?, op.cpu_f32("b", b)?);
     x.par_chunks_mut(b.len()).for_each(|x| x.iter_mut().zip(b).for_each(|(x, b)| *x += b));

@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use clip_pgs_kernels::embedding::{BUCKETS, THREADS};
+use clip_pgs_kernels::embedding::{BUCKETS, CAPTIONS, THREADS};
 use cudarc::driver::LaunchConfig;
 
 use super::check::OpCheck;
@@ -79,7 +79,7 @@ pub fn embedding_forward<T: Activation>(
     let Sizes { width, context, vocab } =
         check_sizes(&op, ("table", table.len()), ("pos", pos.len()), ("x", x.len()), ids.len(), width)?;
     if !matches!(device, Device::Cpu) {
-        let n = x.len() as u32;
+        let (n, captions) = (x.len() as u32, ids.len() / context);
         let args = (
             op.gpu_mut("x", x)?,
             op.gpu("ids", ids)?,
@@ -90,8 +90,13 @@ pub fn embedding_forward<T: Activation>(
             context as u32,
             vocab as u32,
         );
-        // SAFETY: x holds n = R·W values, ids R, table V·W, pos T·W (checked above), n < 2³².
-        return unsafe { device.launch(&T::EMBEDDING_FORWARD, grid_stride_config(n as usize, THREADS), args) };
+        // One block per position and CAPTIONS captions (the kernel walks the columns).
+        let groups = captions.div_ceil(CAPTIONS as usize).max(1) as u32;
+        let cfg =
+            LaunchConfig { grid_dim: (1, context as u32, groups), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: x holds n = R·W values, ids R = captions·T, table V·W, pos T·W (checked
+        // above), n < 2³²; the grid is the kernel's.
+        return unsafe { device.launch(&T::EMBEDDING_FORWARD, cfg, args) };
     }
     let (ids, table, pos) = (op.cpu("ids", ids)?, op.cpu_f32("table", table)?, op.cpu_f32("pos", pos)?);
     let x = op.cpu_f32_mut("x", x)?;

@@ -77,6 +77,47 @@ pub fn block_stride(n: usize, mut f: impl FnMut(usize)) {
     }
 }
 
+/// Calls `f(row)` for the rows of this warp: warp w of block b takes row b·W + w, then every
+/// (grid size · W)-th after, W = warps per block (blocks of whole warps). Uniform within a warp:
+/// the row kernels' one-warp-per-row loop.
+#[inline(always)]
+pub fn warp_rows(rows: usize, mut f: impl FnMut(usize)) {
+    let warps = block_dim_x() / WARP;
+    let step = grid_dim_x() * warps;
+    let mut row = block_x() * warps + warp();
+    while row < rows {
+        f(row);
+        row += step;
+    }
+}
+
+/// Calls `f(i)` for this lane's i = lane, lane + 32, … < n: a warp's pass over a row, each of
+/// its load instructions reading 32 consecutive elements.
+#[inline(always)]
+pub fn lane_stride(n: usize, mut f: impl FnMut(usize)) {
+    let mut i = lane();
+    while i < n {
+        f(i);
+        i += WARP;
+    }
+}
+
+/// Calls `f(0)`, …, `f(N − 1)` (N ≤ 32), unrolled by hand: LLVM does not fully unroll loops of
+/// this many iterations, and arrays indexed by the argument stay in registers only when every
+/// index is a constant.
+#[inline(always)]
+pub fn unrolled<const N: usize>(mut f: impl FnMut(usize)) {
+    const { assert!(N <= 32) };
+    macro_rules! calls {
+        ($($k:literal)*) => {$(
+            if $k < N {
+                f($k);
+            }
+        )*};
+    }
+    calls!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31);
+}
+
 /// Calls `f(i)` for every i < n, spread over all threads of the grid (1-D).
 #[inline(always)]
 pub fn grid_stride(n: usize, mut f: impl FnMut(usize)) {

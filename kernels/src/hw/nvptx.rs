@@ -41,6 +41,18 @@ pub fn grid_dim_x() -> usize {
     unsafe { nvptx::_grid_dim_x() as usize }
 }
 
+/// The lane, read from `%laneid` at every call: an asm statement LLVM neither hoists out of a
+/// loop nor merges with another call's, so values derived from it (the per-lane bounds of an
+/// unrolled register array) are recomputed where they are used instead of being held in
+/// registers across the loop. [`super::lane`] gives the same number.
+#[inline(always)]
+pub fn lane_here() -> usize {
+    let lane: u32;
+    // SAFETY: reads a special register; no memory is touched.
+    unsafe { core::arch::asm!("mov.u32 {l}, %laneid;", l = out(reg32) lane) };
+    lane as usize
+}
+
 /// `__syncthreads()`. Every thread of the block must reach it, at the same call site.
 #[inline(always)]
 pub fn sync_threads() {
@@ -170,6 +182,12 @@ macro_rules! global_view {
             #[inline(always)]
             pub unsafe fn offset(self, n: usize) -> Self {
                 $view { ptr: unsafe { self.ptr.add(n) } }
+            }
+
+            /// Element 0's place in its 32-byte sector, in elements: (address mod 32) / size.
+            #[inline(always)]
+            pub fn sector_offset(self) -> usize {
+                (self.ptr as usize % 32) / core::mem::size_of::<T>()
             }
 
             /// The same bytes as elements of another type of the same alignment or less.

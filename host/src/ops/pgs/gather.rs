@@ -133,9 +133,13 @@ pub fn gather_backward<T: Activation>(
             (op.gpu_mut("d_tokens", d_tokens)?, op.gpu_mut("d_cls", d_cls)?, op.gpu_mut("d_pos", d_pos)?);
         let (d_packed, kept, kept_len) =
             (op.gpu("d_packed", d_packed)?, op.gpu("kept", idx.kept)?, op.gpu("kept_len", idx.kept_len)?);
-        let threads = kernel::BACKWARD_THREADS;
-        let grid = ((l + 1) as u32, dim.div_ceil(threads as usize) as u32, 1);
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        // One block per position, walking all D columns: each image's search runs once per
+        // position, not once per column strip.
+        let cfg = LaunchConfig {
+            grid_dim: ((l + 1) as u32, 1, 1),
+            block_dim: (kernel::BACKWARD_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let args = (d_tokens, d_cls, d_pos, d_packed, kept, kept_len, n as u32, l as u32, dim as u32, rows as u32);
         // SAFETY: sizes checked above (1 ≤ rows ≤ L + 1); the kernel caps the counts at rows − 1.
         return unsafe { device.launch(&T::GATHER_BACKWARD, cfg, args) };

@@ -37,6 +37,12 @@ pub fn grid_dim_x() -> usize {
     current().block().launch.config.grid[0] as usize
 }
 
+/// The lane (on the GPU read from `%laneid` at every call, so that LLVM does not hoist what is
+/// derived from it); the same number as [`crate::hw::lane`].
+pub fn lane_here() -> usize {
+    thread_x() % 32
+}
+
 /// `__syncthreads()`: every live thread of the block must reach it, at the same source line.
 #[track_caller]
 pub fn sync_threads() {
@@ -233,6 +239,13 @@ macro_rules! global_view {
                     start: self.start,
                     buffer: self.buffer,
                 }
+            }
+
+            /// Element 0's place in its 32-byte sector, in elements: (address mod 32) / size. The
+            /// counters number a view's bytes from its start, so here that is the start's offset
+            /// within the view it was cut from (0 for a launch argument).
+            pub fn sector_offset(self) -> usize {
+                (self.start % 32) / size_of::<T>()
             }
 
             /// Checks and counts an access to element `i`.
