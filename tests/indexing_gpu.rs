@@ -132,6 +132,10 @@ fn token_embedding_forward_and_backward_equal_the_cpu_bit_for_bit() {
     // Ids of one bucket (≡ 0 mod 32) interleaved: the running sums switch ids at every row.
     let same_bucket: Vec<u32> = integers(6 * 5, 4, 5).iter().map(|i| i * 32).collect();
     cases.push(("one bucket", same_bucket, 100, 5, 140));
+    // More rows than the backward stages at once (1024) and more columns than a block's strip
+    // (512): runs continue across chunks, and a second strip is partly outside the width.
+    let long: Vec<usize> = (0..70).map(|b| b % 13).collect();
+    cases.push(("two chunks, two strips", captions(&long, 16, 8), VOCAB, 16, 520));
     for (name, ids, vocab, context, width) in cases {
         let (want, got) =
             (embedding(&Device::Cpu, &ids, vocab, context, width), embedding(&gpu, &ids, vocab, context, width));

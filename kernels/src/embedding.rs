@@ -29,21 +29,26 @@
 //!   captions in order: d_pos[t][c] + dx[t][c] + dx[T + t][c] + …, the CPU's order, so the same
 //!   bits. dx read once (s bytes per element), d_pos read and written once (4 bytes): the
 //!   minimum. Coalesced along W.
-//! - `embedding_backward_table_*`: grid (⌈W / THREADS⌉, BUCKETS); block (s, k) owns the
-//!   columns of strip s of every table row whose id ≡ k (mod BUCKETS). Each of its threads owns
-//!   one column and walks all rows in order, adding the rows of its bucket's ids: every element of
-//!   d_table sums its rows in the CPU's order, the same bits. The running sum stays in a register
-//!   while consecutive rows of the bucket share an id (the padding tails of consecutive captions
-//!   are one run), and goes through d_table only when the id changes. Rows come in groups of
-//!   GROUP whose dx loads are issued together, so the sequential sum waits for memory once per
-//!   group, not once per row. Traffic: dx read once (each row by the one bucket of its id), the
-//!   touched elements of d_table read and written once per run; ids read by every block (R·4
-//!   bytes, from L2: BUCKETS·⌈W / THREADS⌉ times). The critical path is the bucket of the padding
-//!   id: about one add per padded position of the batch per column.
+//! - `embedding_backward_table_*`: grid (⌈W / (THREADS·COLUMNS)⌉, BUCKETS); block (s, k) owns
+//!   the columns of strip s of every table row whose id ≡ k (mod BUCKETS). Each thread owns
+//!   COLUMNS columns (strided by THREADS, coalesced along W) and walks all rows in order, adding
+//!   the rows of its bucket's ids: every element of d_table sums its rows in the CPU's order, the
+//!   same bits. The running sums stay in registers while consecutive rows of the bucket share an
+//!   id (the padding tails of consecutive captions are one run), and go through d_table only when
+//!   the id changes. The block stages the ids in shared memory, CHUNK at a time (coalesced loads,
+//!   one per id per block; every thread then reads them from shared memory), and rows come in
+//!   groups of GROUP whose dx loads are issued together, so the sequential sum waits for memory
+//!   once per group, not once per row. Traffic: dx read once (each row by the one bucket of its
+//!   id), the touched elements of d_table read and written once per run; ids read once per block:
+//!   R·4 bytes × BUCKETS·⌈W / (THREADS·COLUMNS)⌉, 4·BUCKETS / (s·W) of dx (1/16 for f32 at
+//!   W = 512; threads of one column each, as before, read each id once per thread: 8.6× the
+//!   minimum, 23% of the sectors used). The critical path is the bucket of the padding id: about
+//!   one add per padded position of the batch per column.
 
 use crate::element::{Bf16, Element};
 use crate::hw::{
-    Global, GlobalMut, block_dim_x, block_x, block_y, block_z, grid_dim_x, grid_stride, sync_threads, thread_x,
+    Global, GlobalMut, block_dim_x, block_stride, block_x, block_y, block_z, grid_dim_x, grid_stride, sync_threads,
+    thread_x, unrolled,
 };
 use crate::kernel;
 
@@ -53,27 +58,18 @@ pub const THREADS: u32 = 128;
 pub const CAPTIONS: u32 = 128;
 /// Id buckets of `embedding_backward_table_*` (the grid's y size).
 pub const BUCKETS: u32 = 32;
+/// Columns per thread of `embedding_backward_table_*`.
+pub const COLUMNS: u32 = 4;
 /// Rows whose loads one thread issues together.
 const GROUP: usize = 8;
+/// Ids `embedding_backward_table_*` stages in shared memory at a time (a multiple of GROUP).
+const CHUNK: usize = 1024;
 
-/// Calls `f(0)`, …, `f(GROUP − 1)`: a group's loop, unrolled by hand (LLVM does not always), so
-/// that the group's arrays, indexed by constants, stay in registers.
-#[inline(always)]
-fn each_in_group(mut f: impl FnMut(usize)) {
-    const _: () = assert!(GROUP == 8);
-    f(0);
-    f(1);
-    f(2);
-    f(3);
-    f(4);
-    f(5);
-    f(6);
-    f(7);
-}
 /// No id (an empty slot of a group, or no run yet).
 const NONE: u32 = u32::MAX;
 
 crate::shared_array!(fn caption_ids() -> [u32; CAPTIONS as usize]);
+crate::shared_array!(fn chunk_ids() -> [u32; CHUNK]);
 
 /// x[i] = table[ids[r]·W + c] + pos[(r mod T)·W + c], i = r·W + c < n = R·W; NaN for an id ≥
 /// vocab. Grid (g, T, ⌈captions / CAPTIONS⌉), THREADS threads: this block writes position
@@ -113,7 +109,7 @@ unsafe fn forward<T: Element>(
         while b0 < captions {
             // The group's ids, the same in every thread of the block (no divergence below).
             let mut id = [NONE; GROUP];
-            each_in_group(|j| {
+            unrolled::<GROUP>(|j| {
                 if b0 + j < captions {
                     // SAFETY: b0 + j < captions ≤ CAPTIONS, written before the barrier.
                     id[j] = unsafe { staged.load(b0 + j) };
@@ -123,29 +119,29 @@ unsafe fn forward<T: Element>(
             // the previous group ended with it; the loads go out together.
             let repeat = |j: usize, id: &[u32; GROUP]| {
                 let mut earlier = id[j] == carry_id;
-                each_in_group(|k| earlier |= k < j && id[k] == id[j]);
+                unrolled::<GROUP>(|k| earlier |= k < j && id[k] == id[j]);
                 earlier
             };
             let mut v = [0.0f32; GROUP];
-            each_in_group(|j| {
+            unrolled::<GROUP>(|j| {
                 if id[j] < vocab && !repeat(j, &id) {
                     // SAFETY: id < vocab and c < width: inside the table.
                     v[j] = unsafe { table.load(id[j] as usize * width + c) }.to_f32();
                 }
             });
-            each_in_group(|j| {
+            unrolled::<GROUP>(|j| {
                 if id[j] < vocab && repeat(j, &id) {
                     if id[j] == carry_id {
                         v[j] = carry;
                     }
-                    each_in_group(|k| {
+                    unrolled::<GROUP>(|k| {
                         if k < j && id[k] == id[j] {
                             v[j] = v[k];
                         }
                     });
                 }
             });
-            each_in_group(|j| {
+            unrolled::<GROUP>(|j| {
                 if b0 + j < captions {
                     let value = if id[j] < vocab { v[j] + p } else { f32::NAN };
                     // SAFETY: caption first + b0 + j < n / (width·context), t < context and c <
@@ -176,12 +172,12 @@ unsafe fn backward_pos<T: Element>(d_pos: GlobalMut<f32>, dx: Global<T>, caption
             let mut b0 = 0;
             while b0 < captions {
                 let mut v = [0.0f32; GROUP];
-                each_in_group(|j| {
+                unrolled::<GROUP>(|j| {
                     if b0 + j < captions {
                         v[j] = dx.load((b0 + j) * stride + e).to_f32();
                     }
                 });
-                each_in_group(|j| {
+                unrolled::<GROUP>(|j| {
                     if b0 + j < captions {
                         acc += v[j];
                     }
@@ -195,7 +191,7 @@ unsafe fn backward_pos<T: Element>(d_pos: GlobalMut<f32>, dx: Global<T>, caption
 
 /// d_table[ids[r]·W + c] += dx[r·W + c] over rows r < R in order, for the ids of this block's
 /// bucket (id mod BUCKETS = block y) and its strip of columns; ids ≥ vocab are skipped.
-/// Grid (⌈W / THREADS⌉, BUCKETS), THREADS threads.
+/// Grid (⌈W / (THREADS·COLUMNS)⌉, BUCKETS), THREADS threads.
 ///
 /// # Safety
 /// `d_table` holds vocab·width floats, `dx` rows·width elements, `ids` rows.
@@ -208,43 +204,67 @@ unsafe fn backward_table<T: Element>(
     width: u32,
     vocab: u32,
 ) {
-    let c = block_x() * THREADS as usize + thread_x();
+    const COLS: usize = COLUMNS as usize;
     let (bucket, rows, width) = (block_y() as u32, rows as usize, width as usize);
-    if c >= width {
-        return;
-    }
-    // SAFETY: r < rows and c < width: inside ids and dx; every id used is < vocab: inside
-    // d_table.
-    unsafe {
-        let (mut run, mut acc) = (NONE, 0.0f32);
-        let mut r0 = 0;
-        while r0 < rows {
-            let (mut id, mut v) = ([NONE; GROUP], [0.0f32; GROUP]);
-            each_in_group(|j| {
-                if r0 + j < rows {
-                    let i = ids.load(r0 + j);
+    // This thread's columns: c0, c0 + THREADS, …; those ≥ width are skipped (the thread still
+    // stages ids and meets the barriers).
+    let c0 = block_x() * THREADS as usize * COLS + thread_x();
+    let column = |k: usize| c0 + k * THREADS as usize;
+    let staged = chunk_ids();
+    let (mut run, mut acc) = (NONE, [0.0f32; COLS]);
+    // SAFETY (the accesses below): r < rows and a column < width: inside ids and dx; every id used
+    // is < vocab: inside d_table; i < CHUNK: inside the shared array.
+    let flush = |run: u32, acc: &[f32; COLS]| {
+        unrolled::<COLS>(|k| {
+            if column(k) < width {
+                unsafe { d_table.store(run as usize * width + column(k), acc[k]) };
+            }
+        })
+    };
+    let mut first = 0;
+    while first < rows {
+        let len = CHUNK.min(rows - first);
+        sync_threads();
+        block_stride(len, |i| unsafe { staged.store(i, ids.load(first + i)) });
+        sync_threads();
+        let mut g = 0;
+        while g < len {
+            let (mut id, mut v) = ([NONE; GROUP], [[0.0f32; COLS]; GROUP]);
+            unrolled::<GROUP>(|j| {
+                if g + j < len {
+                    let i = unsafe { staged.load(g + j) };
                     if i < vocab && i % BUCKETS == bucket {
-                        (id[j], v[j]) = (i, dx.load((r0 + j) * width + c).to_f32());
+                        id[j] = i;
+                        unrolled::<COLS>(|k| {
+                            if column(k) < width {
+                                v[j][k] = unsafe { dx.load((first + g + j) * width + column(k)) }.to_f32();
+                            }
+                        });
                     }
                 }
             });
-            each_in_group(|j| {
+            unrolled::<GROUP>(|j| {
                 if id[j] != NONE {
                     if id[j] != run {
                         if run != NONE {
-                            d_table.store(run as usize * width + c, acc);
+                            flush(run, &acc);
                         }
                         run = id[j];
-                        acc = d_table.load(run as usize * width + c);
+                        unrolled::<COLS>(|k| {
+                            if column(k) < width {
+                                acc[k] = unsafe { d_table.load(run as usize * width + column(k)) };
+                            }
+                        });
                     }
-                    acc += v[j];
+                    unrolled::<COLS>(|k| acc[k] += v[j][k]);
                 }
             });
-            r0 += GROUP;
+            g += GROUP;
         }
-        if run != NONE {
-            d_table.store(run as usize * width + c, acc);
-        }
+        first += len;
+    }
+    if run != NONE {
+        flush(run, &acc);
     }
 }
 
@@ -286,7 +306,7 @@ macro_rules! embedding_entries {
         kernel! {
             /// d_table[ids[r]·W + c] += dx[r·W + c] over rows r < R in order, for the ids of
             /// this block's bucket and its strip of columns; ids ≥ vocab are skipped. Grid
-            /// (⌈W / THREADS⌉, BUCKETS), THREADS threads.
+            /// (⌈W / (THREADS·COLUMNS)⌉, BUCKETS), THREADS threads.
             ///
             /// # Safety
             /// `d_table` holds vocab·width floats, `dx` rows·width elements, `ids` rows.

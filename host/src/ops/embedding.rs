@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use clip_pgs_kernels::embedding::{BUCKETS, CAPTIONS, THREADS};
+use clip_pgs_kernels::embedding::{BUCKETS, CAPTIONS, COLUMNS, THREADS};
 use cudarc::driver::LaunchConfig;
 
 use super::check::OpCheck;
@@ -131,7 +131,7 @@ pub fn embedding_backward<T: Activation>(
         // SAFETY: d_pos holds T·W floats and dx captions·T·W values (checked above).
         unsafe { device.launch(&T::EMBEDDING_BACKWARD_POS, grid_stride_config(context * width, THREADS), args)? };
         let cfg = LaunchConfig {
-            grid_dim: (width.div_ceil(THREADS as usize) as u32, BUCKETS, 1),
+            grid_dim: (width.div_ceil((THREADS * COLUMNS) as usize) as u32, BUCKETS, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
