@@ -14,7 +14,7 @@
 mod common;
 
 use clip_pgs_host::bf16;
-use clip_pgs_host::ops::adamw::{AdamW, AdamWStep, adamw_update, grad_norm};
+use clip_pgs_host::ops::adamw::{AdamW, adamw_settings, adamw_update, grad_norm};
 use clip_pgs_host::ops::attention::{AttentionShape, attention_backward, attention_forward};
 use clip_pgs_host::ops::cast::cast;
 use clip_pgs_host::ops::clip_loss::{ClipLossOut, clip_loss, clip_loss_workspace};
@@ -77,14 +77,34 @@ fn a_tensor_on_another_device_is_named() {
     assert!(e.contains("add_assign: b is on the cpu device, the op runs on"), "{e}");
 }
 
-/// (p, g, m, v) after one AdamW update on `device` from the same state, with the norm given.
-fn adamw(device: &Device, state: &[Vec<f32>; 4], norm: f32, at: AdamWStep) -> Vec<Vec<f32>> {
-    let hyper = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
+const HYPER: AdamW = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
+
+/// A step's settings on `device` (`adamw_settings`) from the loss and norm given, after
+/// `applied` updates; and the count after it.
+fn settings_on(device: &Device, loss: f32, norm: f32, applied: u32, max_norm: Option<f32>) -> (Buffer<f32>, u32) {
+    let (norm, loss) = (device.upload(&[norm]).unwrap(), device.upload(&[loss]).unwrap());
+    let (mut settings, mut steps) = (device.upload(&[f32::NAN; 4]).unwrap(), device.upload(&[applied]).unwrap());
+    adamw_settings(device, settings.view_mut(), steps.view_mut(), norm.view(), loss.view(), max_norm, &HYPER).unwrap();
+    (settings, steps.to_vec().unwrap()[0])
+}
+
+/// (p, g, m, v, and the settings with the count of applied updates) after one AdamW step on
+/// `device` from the same state, with the loss and norm given, after `applied` updates.
+fn adamw(
+    device: &Device,
+    state: &[Vec<f32>; 4],
+    loss: f32,
+    norm: f32,
+    applied: u32,
+    max_norm: Option<f32>,
+) -> Vec<Vec<f32>> {
     let [mut p, mut g, mut m, mut v] = state.clone().map(|s| device.upload(&s).unwrap());
-    let norm = device.upload(&[norm]).unwrap();
-    adamw_update(device, p.view_mut(), g.view_mut(), m.view_mut(), v.view_mut(), None, norm.view(), &hyper, at)
-        .unwrap();
-    [p, g, m, v].iter().map(|b| b.to_vec().unwrap()).collect()
+    let (settings, steps) = settings_on(device, loss, norm, applied, max_norm);
+    let (pv, gv, mv, vv) = (p.view_mut(), g.view_mut(), m.view_mut(), v.view_mut());
+    adamw_update(device, pv, gv, mv, vv, None, settings.view(), &HYPER, 0.1).unwrap();
+    let mut out: Vec<Vec<f32>> = [p, g, m, v].iter().map(|b| b.to_vec().unwrap()).collect();
+    out.push(settings.to_vec().unwrap().into_iter().chain([steps as f32]).collect());
+    out
 }
 
 #[test]
@@ -93,19 +113,30 @@ fn adamw_equals_the_cpu_bit_for_bit_with_and_without_clipping() {
     let n = 300_001;
     let v: Vec<f32> = values(n, 7).iter().map(|x| x * x * 1e-3).collect();
     let state = [values(n, 4), values(n, 5), values(n, 6).iter().map(|x| x * 1e-2).collect(), v];
-    for (norm, max_norm) in
-        [(3.0, None), (3.0, Some(1.0)), (0.5, Some(1.0)), (f32::NAN, None), (f32::INFINITY, Some(1.0))]
-    {
-        let at = AdamWStep { step: 7, weight_decay: 0.1, max_norm };
-        let (want, got) = (adamw(&Device::Cpu, &state, norm, at), adamw(&gpu, &state, norm, at));
-        for (name, (w, g)) in ["params", "grads", "m", "v"].iter().zip(want.iter().zip(&got)) {
+    for (loss, norm, max_norm) in [
+        (2.0, 3.0, None),
+        (2.0, 3.0, Some(1.0)),
+        (2.0, 0.5, Some(1.0)),
+        (2.0, f32::NAN, None),
+        (2.0, f32::INFINITY, Some(1.0)),
+        (f32::NAN, 3.0, None),
+    ] {
+        let (want, got) =
+            (adamw(&Device::Cpu, &state, loss, norm, 6, max_norm), adamw(&gpu, &state, loss, norm, 6, max_norm));
+        for (name, (w, g)) in ["params", "grads", "m", "v", "settings"].iter().zip(want.iter().zip(&got)) {
             let differ = w.iter().zip(g).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-            assert_eq!(differ, 0, "{name}: {differ} of {n} differ (norm {norm}, max {max_norm:?})");
+            assert_eq!(
+                differ,
+                0,
+                "{name}: {differ} of {} differ (loss {loss}, norm {norm}, max {max_norm:?})",
+                w.len()
+            );
         }
-        // A non-finite norm changes nothing; otherwise the gradients are consumed.
-        let untouched = want[0] == state[0] && want[1] == state[1];
-        assert_eq!(untouched, !norm.is_finite(), "norm {norm}");
-        assert_eq!(want[1].iter().all(|&g| g == 0.0), norm.is_finite());
+        // A non-finite loss or norm changes nothing but the gradients, and is not counted.
+        let finite = loss.is_finite() && norm.is_finite();
+        assert_eq!(want[0] == state[0] && want[2] == state[2], !finite, "loss {loss}, norm {norm}");
+        assert!(want[1].iter().all(|&g| g == 0.0), "the gradients are consumed");
+        assert_eq!(want[4][4], 6.0 + finite as u32 as f32, "applied updates");
     }
 }
 
@@ -374,15 +405,13 @@ fn adamw_writes_the_bf16_copy_of_the_updated_weights_in_the_same_pass() {
     let n = 100_001;
     let v: Vec<f32> = values(n, 7).iter().map(|x| x * x * 1e-3).collect();
     let state = [values(n, 4), values(n, 5), values(n, 6).iter().map(|x| x * 1e-2).collect(), v];
-    let hyper = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
     for norm in [3.0, f32::NAN] {
-        let at = AdamWStep { step: 3, weight_decay: 0.1, max_norm: Some(1.0) };
-        let want = adamw(&Device::Cpu, &state, norm, at);
+        let want = adamw(&Device::Cpu, &state, 2.0, norm, 2, Some(1.0));
         let [mut p, mut g, mut m, mut v] = state.clone().map(|s| gpu.upload(&s).unwrap());
         let mut copy = gpu.upload(&vec![bf16::from_f32(7.0); n]).unwrap();
-        let norm_b = gpu.upload(&[norm]).unwrap();
+        let (settings, _) = settings_on(&gpu, 2.0, norm, 2, Some(1.0));
         let (pv, gv, mv, vv) = (p.view_mut(), g.view_mut(), m.view_mut(), v.view_mut());
-        adamw_update(&gpu, pv, gv, mv, vv, Some(copy.view_mut()), norm_b.view(), &hyper, at).unwrap();
+        adamw_update(&gpu, pv, gv, mv, vv, Some(copy.view_mut()), settings.view(), &HYPER, 0.1).unwrap();
         for (name, (w, b)) in ["params", "grads", "m", "v"].iter().zip(want.iter().zip([&p, &g, &m, &v])) {
             let got = b.to_vec().unwrap();
             let differ = w.iter().zip(&got).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
@@ -617,13 +646,9 @@ fn the_cpu_device_refuses_bf16_clearly() {
     // Nothing was written before the refusal.
     assert!(y.to_vec().unwrap().iter().all(|v| *v == bf16::ZERO) && c.to_vec().unwrap() == [0.0; 4]);
     let [mut p, mut g, mut m, mut v] = [(); 4].map(|_| Buffer::Cpu(vec![1.0f32; 8]));
-    let norm = Buffer::Cpu(vec![1.0f32]);
-    let (hyper, at) = (
-        AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6 },
-        AdamWStep { step: 1, weight_decay: 0.0, max_norm: None },
-    );
+    let (settings, _) = settings_on(&cpu, 2.0, 1.0, 0, None);
     let (pv, gv, mv, vv) = (p.view_mut(), g.view_mut(), m.view_mut(), v.view_mut());
-    let e = adamw_update(&cpu, pv, gv, mv, vv, Some(y.view_mut()), norm.view(), &hyper, at).unwrap_err();
+    let e = adamw_update(&cpu, pv, gv, mv, vv, Some(y.view_mut()), settings.view(), &HYPER, 0.0).unwrap_err();
     expect(e, "adamw_update: params_bf16 is bf16");
     assert_eq!(p.to_vec().unwrap(), vec![1.0; 8], "the refused update changed the parameters");
 }

@@ -1,8 +1,20 @@
 //! A flat buffer that any device provides.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
 use crate::error::{CudaContextExt, Result};
+
+/// Host reads of GPU memory (cuda and emu buffers) since the process started.
+static DEVICE_READS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many times the host has read a GPU device's memory (`Buffer::read`, `Buffer::to_vec` on
+/// a cuda or emu buffer) in this process: each waits for the device's queued work. A training
+/// step makes none (`tests/step_host_reads.rs`).
+pub fn device_reads() -> usize {
+    DEVICE_READS.load(Ordering::SeqCst)
+}
 
 pub enum Buffer<T> {
     Cpu(Vec<T>),
@@ -33,6 +45,9 @@ impl<T: DeviceRepr + Clone + Default> Buffer<T> {
                 self.len(),
                 out.len()
             )));
+        }
+        if !matches!(self, Buffer::Cpu(_)) {
+            DEVICE_READS.fetch_add(1, Ordering::SeqCst);
         }
         match self {
             Buffer::Cpu(v) | Buffer::Emu(v) => {
@@ -67,6 +82,9 @@ impl<T: DeviceRepr + Clone + Default> Buffer<T> {
 
     /// The contents, copied to the host (waits for the GPU's queued work on it).
     pub fn to_vec(&self) -> Result<Vec<T>> {
+        if !matches!(self, Buffer::Cpu(_)) {
+            DEVICE_READS.fetch_add(1, Ordering::SeqCst);
+        }
         match self {
             Buffer::Cpu(v) | Buffer::Emu(v) => Ok(v.clone()),
             Buffer::Cuda(s) => s.stream().clone_dtoh(s).during("copying a buffer to the host"),

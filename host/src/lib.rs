@@ -16,7 +16,7 @@ pub mod launch;
 pub mod ops;
 pub mod view;
 
-pub use buffer::Buffer;
+pub use buffer::{Buffer, device_reads};
 pub use device::{Device, DevicePreference, DeviceSelection};
 pub use error::{Error, Result};
 pub use half::bf16;

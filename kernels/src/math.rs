@@ -17,6 +17,21 @@ pub const LOG2_E: f32 = core::f32::consts::LOG2_E;
 /// ln(2), to turn log2 into ln.
 pub const LN_2: f32 = core::f32::consts::LN_2;
 
+/// x^n by binary exponentiation, in one fixed sequence of f32 multiplications (the CPU's `powi`
+/// leaves the order to the compiler): AdamW's bias corrections β^t, the same bits on every device.
+#[inline(always)]
+pub fn powi(mut x: f32, mut n: u32) -> f32 {
+    let mut out = 1.0f32;
+    while n > 0 {
+        if n & 1 != 0 {
+            out *= x;
+        }
+        x *= x;
+        n >>= 1;
+    }
+    out
+}
+
 /// Correctly rounded square root.
 #[inline(always)]
 pub fn sqrt(x: f32) -> f32 {

@@ -54,8 +54,8 @@ impl<T: Precision> StepWorkload<T> {
         Ok(StepWorkload { cfg, batch, step, masking, steps: 0, images, text })
     }
 
-    /// One training step (the trainer's step function); returns the loss.
-    pub fn step(&mut self) -> Result<f32, String> {
+    /// One training step (the trainer's step function), with no host read.
+    pub fn step(&mut self) -> Result<(), String> {
         let v = &self.cfg.vision_cfg;
         let masks = match self.masking {
             Masking::None => StepMasks::All,
@@ -67,10 +67,14 @@ impl<T: Precision> StepWorkload<T> {
             }),
         };
         self.steps += 1;
-        let loss = self.step.forward_backward(&self.images, &self.text, masks)?.loss;
+        self.step.forward_backward(&self.images, &self.text, masks)?;
         self.step.grad_norm()?;
-        self.step.update(5e-4, None)?;
-        Ok(loss)
+        self.step.update(5e-4, None)
+    }
+
+    /// The last step's loss (a host read: waits for the device).
+    pub fn loss(&self) -> Result<f32, String> {
+        self.step.loss()
     }
 }
 

@@ -68,7 +68,7 @@ pub fn save_training(
     optimizer: &Optimizer,
     train_state: &str,
 ) -> Result<(), String> {
-    let step = optimizer.step;
+    let step = optimizer.steps()?;
     let (p, m, v) = (params.host()?, optimizer.m.host()?, optimizer.v.host()?);
     let mut all = tensors(params, &p, "");
     all.extend(tensors(&optimizer.m, &m, "optimizer.exp_avg."));

@@ -561,25 +561,38 @@ impl<T: Precision> Workspace<T> {
         Ok(n)
     }
 
-    /// The kept patches of the loaded batch from masks the GPU mask ops made on `device`:
-    /// copied into the arena on the device; only the counts come to the host (the image
-    /// sequence length is a shape). Returns the masked fraction.
-    pub fn set_keep_on_device(&mut self, clip: &Clip, device: &Device, masks: &DeviceMasks) -> Result<f64> {
+    /// The kept patches of the loaded batch from masks the GPU mask ops made on `device`,
+    /// copied into the arena on the device, with no host read: the image sequence (a shape) is
+    /// sized for `max_kept` patches, the most the masking rule keeps (`Masking::max_kept`);
+    /// images that keep fewer are padded, their padding masked by the attention's lengths.
+    pub fn set_keep_on_device(
+        &mut self,
+        clip: &Clip,
+        device: &Device,
+        masks: &DeviceMasks,
+        max_kept: usize,
+    ) -> Result<()> {
         let (n, l) = (self.n, clip.cfg.patches());
-        if masks.images != n || masks.patches != l {
+        if masks.images != n || masks.patches != l || max_kept > l {
             return Err(clip_pgs_host::Error::InvalidArgument(format!(
-                "masks for {} images of {} patches, the batch has {n} of {l}",
+                "masks for {} images of {} patches (at most {max_kept} kept), the batch has {n} of {l}",
                 masks.images, masks.patches
             )));
         }
-        masks.check_finite()?;
         let ([], [kept, kept_len]) =
             self.u32s.split([], [self.index.kept.prefix(n * l), self.index.kept_len.prefix(n)])?;
         device.copy(kept, masks.kept.view())?;
         device.copy(kept_len, masks.kept_len.view())?;
-        let counts = &mut self.kept_len_host[..n];
-        masks.kept_len.read(clip_pgs_host::Span::new(0, n), counts)?;
-        self.seq = 1 + counts.iter().max().copied().unwrap_or(0) as usize;
+        self.seq = 1 + max_kept;
+        Ok(())
+    }
+
+    /// The fraction of the loaded batch's patches its masks drop (a host read of the kept
+    /// counts: waits for the device).
+    pub fn masked_fraction(&self, clip: &Clip) -> Result<f64> {
+        let (n, l) = (self.n, clip.cfg.patches());
+        let mut counts = vec![0u32; n];
+        self.u32s.read(self.index.kept_len.prefix(n), &mut counts)?;
         Ok(1.0 - counts.iter().map(|&c| c as f64).sum::<f64>() / (n * l) as f64)
     }
 
@@ -925,7 +938,7 @@ impl<T: Precision> Workspace<T> {
     }
 
     /// The contrastive loss over the whole loaded batch's features (and their gradients).
-    pub fn loss(&mut self, pass: &Pass<T>) -> Result<f32> {
+    pub fn loss(&mut self, pass: &Pass<T>) -> Result<()> {
         let (n, e, lp) = (self.n, pass.clip.cfg.embed_dim, &self.loss);
         let ([image, text], [d_image, d_text]) = self.acts.split(
             [lp.image.prefix(n * e), lp.text.prefix(n * e)],
@@ -937,9 +950,25 @@ impl<T: Precision> Workspace<T> {
         )?;
         let [scale] = pass.params.views([pass.clip.weights.logit_scale])?;
         let out = ClipLossOut { loss, logits, d_image, d_text, d_logit_scale };
-        clip_loss(pass.device, out, image, text, scale, workspace, n, e)?;
+        clip_loss(pass.device, out, image, text, scale, workspace, n, e)
+    }
+
+    /// The loss of the last `loss` on the device.
+    pub fn loss_view(&self) -> Result<View<'_, f32>> {
+        let [loss] = self.stats.views([self.loss.loss])?;
+        Ok(loss)
+    }
+
+    /// Sets the last `loss` to NaN on the device (a test's non-finite step).
+    pub fn poison_loss(&mut self, device: &Device) -> Result<()> {
+        let ([], [loss]) = self.stats.split([], [self.loss.loss])?;
+        fill(device, loss, f32::NAN)
+    }
+
+    /// The loss of the last `loss` (a host read: waits for the device).
+    pub fn read_loss(&self) -> Result<f32> {
         let mut loss = [0.0f32];
-        self.stats.read(lp.loss, &mut loss)?;
+        self.stats.read(self.loss.loss, &mut loss)?;
         Ok(loss[0])
     }
 

@@ -136,7 +136,8 @@ impl Golden {
         }
         let mut losses = Vec::new();
         for _ in 0..self.optim.steps {
-            losses.push(step.forward_backward(&self.image, &self.text, masks())?.loss);
+            step.forward_backward(&self.image, &self.text, masks())?;
+            losses.push(step.loss()?);
             step.grad_norm()?;
             step.update(self.optim.lr, None)?;
         }

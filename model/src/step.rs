@@ -11,7 +11,9 @@
 use clip_pgs_host::ops::cast::cast;
 use clip_pgs_host::ops::elementwise::fill;
 use clip_pgs_host::ops::pgs::gpu::mask_gpu;
-use clip_pgs_host::ops::pgs::{MaskRequest, Masking, PatchTokens, PgsMode, REFERENCE_EPOCHS, mask_cpu};
+use clip_pgs_host::ops::pgs::{
+    MaskRequest, Masking, PatchTokens, PgsMode, REFERENCE_EPOCHS, check_finite_pixels, mask_cpu,
+};
 use clip_pgs_host::{Buffer, Device, Result as HostResult};
 
 use clip_pgs_kernels::select::paper_candidate_count;
@@ -31,13 +33,6 @@ pub enum StepMasks<'a> {
     Make(MaskRequest),
 }
 
-/// What a step's forward and backward gave.
-#[derive(Clone, Copy, Debug)]
-pub struct StepLoss {
-    pub loss: f32,
-    pub masked_fraction: f64,
-}
-
 /// A model on a device with its gradients, optimizer and workspace, ready to take steps, its
 /// activations in T (f32, or bf16 on the GPU devices: then the ops read a bf16 copy of the
 /// weights, which AdamW keeps current).
@@ -52,9 +47,8 @@ pub struct TrainStep<T = f32> {
     pub workspace: Workspace<T>,
     /// Micro-batches per step (`--accum-freq`).
     pub accum: usize,
-    /// The last `grad_norm`; the gradients are zero (consumed by the last update, or never
-    /// written), so the next backward need not clear them.
-    last_norm: f32,
+    /// The gradients are zero (consumed by the last update, or never written), so the next
+    /// backward need not clear them.
     grads_zero: bool,
 }
 
@@ -91,39 +85,31 @@ impl<T: Precision> TrainStep<T> {
             }
         };
         let workspace = Workspace::new(&clip, &device, batch, batch.div_ceil(accum.max(1))).map_err(err)?;
-        Ok(TrainStep {
-            device,
-            clip,
-            params,
-            copy,
-            grads,
-            optimizer,
-            workspace,
-            accum: accum.max(1),
-            last_norm: f32::NAN,
-            grads_zero: true,
-        })
+        Ok(TrainStep { device, clip, params, copy, grads, optimizer, workspace, accum: accum.max(1), grads_zero: true })
     }
 
-    /// The loss and, when it is finite, the gradients (in `grads`) of one batch.
-    pub fn forward_backward(&mut self, images: &[f32], text: &[u32], masks: StepMasks) -> Result<StepLoss, String> {
+    /// The loss and the gradients (in `grads`) of one batch, left on the device: no host read
+    /// (`loss`, `masked_fraction` read them). A non-finite loss gives non-finite gradients, and
+    /// the update then skips the step on the device.
+    pub fn forward_backward(&mut self, images: &[f32], text: &[u32], masks: StepMasks) -> Result<(), String> {
         let n = self.workspace.load(&self.clip, images, text)?;
         let (pass, workspace) = self.pass_and_workspace();
         workspace.embed_patches(&pass).map_err(err)?;
-        let masked_fraction = match masks {
-            StepMasks::All => 0.0,
+        match masks {
+            StepMasks::All => {}
             StepMasks::Lists(lists) => {
                 // `load` checked the images and captions.
                 self.clip.check_keep(n, lists)?;
                 self.workspace.set_keep(&self.clip, Keep::Lists(lists))?;
-                let l = self.clip.cfg.patches();
-                1.0 - lists.iter().map(Vec::len).sum::<usize>() as f64 / (n * l) as f64
             }
             StepMasks::Make(request) if !matches!(self.device, Device::Cpu) => {
+                // The pixels are checked here, on the host, so no flags come back from the GPU.
+                check_finite_pixels(request.shape, images).map_err(err)?;
                 let (images, tokens) = self.workspace.mask_inputs(&self.clip).map_err(err)?;
                 let tokens = needs_tokens(&request).then_some((tokens, self.clip.cfg.vision_cfg.width));
                 let masks = mask_gpu(&self.device, &request, images, tokens).map_err(err)?;
-                self.workspace.set_keep_on_device(&self.clip, &self.device, &masks).map_err(err)?
+                let max_kept = request.masking.max_kept(self.clip.cfg.patches());
+                self.workspace.set_keep_on_device(&self.clip, &self.device, &masks, max_kept).map_err(err)?;
             }
             StepMasks::Make(request) => {
                 let tokens =
@@ -132,11 +118,19 @@ impl<T: Precision> TrainStep<T> {
                 let tokens = tokens.map(|tokens| PatchTokens { tokens, dim });
                 let masks = mask_cpu(&request, images, tokens).map_err(err)?;
                 self.workspace.set_keep(&self.clip, Keep::Masks(&masks))?;
-                masks.masked_fraction()
             }
-        };
-        let loss = self.loss_and_grads(n).map_err(err)?;
-        Ok(StepLoss { loss, masked_fraction })
+        }
+        self.loss_and_grads(n).map_err(err)
+    }
+
+    /// The loss of the last `forward_backward` (a host read: waits for the device).
+    pub fn loss(&self) -> Result<f32, String> {
+        self.workspace.read_loss().map_err(err)
+    }
+
+    /// The fraction of patches the last `forward_backward`'s masks dropped (a host read).
+    pub fn masked_fraction(&self) -> Result<f64, String> {
+        self.workspace.masked_fraction(&self.clip).map_err(err)
     }
 
     /// A pass over the model as it is now, and the workspace to run it in.
@@ -145,7 +139,7 @@ impl<T: Precision> TrainStep<T> {
         (Pass { device: &self.device, clip: &self.clip, params: &self.params.data, weights }, &mut self.workspace)
     }
 
-    fn loss_and_grads(&mut self, n: usize) -> HostResult<f32> {
+    fn loss_and_grads(&mut self, n: usize) -> HostResult<()> {
         let weights = T::weights(&self.params.data, self.copy.as_ref());
         let pass = Pass { device: &self.device, clip: &self.clip, params: &self.params.data, weights };
         let ws = &mut self.workspace;
@@ -155,13 +149,10 @@ impl<T: Precision> TrainStep<T> {
         for (s, len) in ranges.clone() {
             ws.encode(&pass, s, len)?;
         }
-        let loss = ws.loss(&pass)?;
+        ws.loss(&pass)?;
         let g = &mut self.grads.data;
         if !std::mem::replace(&mut self.grads_zero, false) {
             fill(&self.device, g.view_mut(), 0.0)?;
-        }
-        if !loss.is_finite() {
-            return Ok(loss);
         }
         ws.logit_scale_backward(&pass, g)?;
         for (s, len) in ranges {
@@ -170,7 +161,7 @@ impl<T: Precision> TrainStep<T> {
             }
             ws.backward(&pass, g, s, len)?;
         }
-        Ok(loss)
+        Ok(())
     }
 
     /// The features, logits and loss of the last `forward_backward`.
@@ -178,19 +169,27 @@ impl<T: Precision> TrainStep<T> {
         self.workspace.output(&self.clip).map_err(err)
     }
 
-    /// The global gradient norm of the last `forward_backward`.
-    pub fn grad_norm(&mut self) -> Result<f32, String> {
-        self.last_norm = self.optimizer.grad_norm(&self.device, &self.grads)?;
-        Ok(self.last_norm)
+    /// The global gradient norm of the last `forward_backward`, kept on the device for the
+    /// update (`optimizer.last_norm()` reads it).
+    pub fn grad_norm(&mut self) -> Result<(), String> {
+        self.optimizer.grad_norm(&self.device, &self.grads)
     }
 
-    /// AdamW at learning rate `lr` with the norm from `grad_norm`, clipping to `max_norm`.
+    /// AdamW at learning rate `lr` with the norm from `grad_norm`, clipping to `max_norm`; the
+    /// device skips it when the loss or the norm is not finite. The gradients are consumed.
     pub fn update(&mut self, lr: f32, max_norm: Option<f32>) -> Result<(), String> {
         self.optimizer.adamw.lr = lr;
         let copy = self.copy.as_mut().and_then(T::as_bf16);
-        self.optimizer.update(&self.device, &mut self.params, &mut self.grads, max_norm, copy)?;
-        self.grads_zero = self.last_norm.is_finite();
+        let loss = self.workspace.loss_view().map_err(err)?;
+        self.optimizer.update(&self.device, &mut self.params, &mut self.grads, loss, max_norm, copy)?;
+        self.grads_zero = true;
         Ok(())
+    }
+
+    /// Makes the last `forward_backward`'s loss NaN on the device, so that the update skips the
+    /// step (the trainer's `--test-nonfinite-steps`).
+    pub fn poison_loss(&mut self) -> Result<(), String> {
+        self.workspace.poison_loss(&self.device).map_err(err)
     }
 }
 

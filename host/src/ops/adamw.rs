@@ -2,14 +2,17 @@
 //! the gradients' global L2 norm (`grad_norm`) and, for norms above `max_norm`, the gradients
 //! scaled by max_norm/norm inside the update. Decoupled weight decay p ← p·(1 − lr·wd), then
 //! m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g², p ← p − lr/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε).
-//! The norm stays on the device: an update whose norm is not finite changes nothing. The state is
+//! The norm, the loss and the count of applied updates stay on the device, where a one-thread
+//! kernel decides the step (`adamw_settings`): an update whose loss or norm is not finite changes
+//! nothing but the gradients, which it clears. The state is
 //! f32 (master weights, gradients, moments); a bf16 training step's update also writes the bf16
 //! copy of the weights that its ops read (GPU devices).
 
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
-use clip_pgs_kernels::adamw as kernel;
+use clip_pgs_kernels::adamw::{self as kernel, settings};
+use clip_pgs_kernels::math::powi;
 
 use super::check::OpCheck;
 use crate::device::Device;
@@ -23,16 +26,6 @@ pub struct AdamW {
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
-}
-
-/// One update's step-dependent settings.
-#[derive(Clone, Copy, Debug)]
-pub struct AdamWStep {
-    /// Counts from 1.
-    pub step: u32,
-    pub weight_decay: f32,
-    /// Clip the gradients to this global norm (open_clip's `--grad-clip-norm`).
-    pub max_norm: Option<f32>,
 }
 
 /// out[0] = ‖grads‖₂ in a fixed order (the same on any thread count): on the CPU 64 parts, each
@@ -79,11 +72,51 @@ pub fn grad_norm(device: &Device, out: ViewMut<f32>, grads: View<f32>) -> Result
     Ok(())
 }
 
-/// One AdamW step over `params` with `grads` and the moments `m`, `v` (all the same length);
-/// `norm` [1] is the global gradient norm from `grad_norm`. The gradients are consumed: each is
-/// zeroed once read, ready for the next step's accumulation (no separate pass to clear them).
-/// With `params_bf16` (GPU devices), each updated parameter is also written rounded to bf16
-/// there, in the same pass. With a non-finite norm nothing changes, the gradients included.
+/// Decides one step (`kernels/src/adamw.rs`'s `adamw_settings_f32`): it updates when `loss`
+/// [1] and `norm` [1] (from `grad_norm`) are finite, and then `steps` [1], the updates applied,
+/// grows by one; `out` [settings::LEN] gets the decision, the clipping factor (gradients above
+/// `max_norm` are scaled to it) and the bias corrections for that count. On the device, so that
+/// no host read sits inside a training step.
+pub fn adamw_settings(
+    device: &Device,
+    out: ViewMut<f32>,
+    steps: ViewMut<u32>,
+    norm: View<f32>,
+    loss: View<f32>,
+    max_norm: Option<f32>,
+    hyper: &AdamW,
+) -> Result<()> {
+    let op = OpCheck::new("adamw_settings", device);
+    op.size("out", out.len(), settings::LEN, || "[4]".into())?;
+    for (name, len) in [("steps", steps.len()), ("norm", norm.len()), ("loss", loss.len())] {
+        op.size(name, len, 1, || "[1]".into())?;
+    }
+    let (max_norm, beta1, beta2) = (max_norm.unwrap_or(f32::INFINITY), hyper.beta1, hyper.beta2);
+    if !matches!(device, Device::Cpu) {
+        let (out, steps) = (op.gpu_mut("out", out)?, op.gpu_mut("steps", steps)?);
+        let (norm, loss) = (op.gpu("norm", norm)?, op.gpu("loss", loss)?);
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: out holds LEN floats, steps, norm and loss one value each (checked above).
+        return unsafe {
+            device.launch(&kernel::adamw_settings_f32, cfg, (out, steps, norm, loss, max_norm, beta1, beta2))
+        };
+    }
+    let (out, steps) = (op.cpu_mut("out", out)?, op.cpu_mut("steps", steps)?);
+    let (norm, loss) = (op.cpu("norm", norm)?[0], op.cpu("loss", loss)?[0]);
+    let apply = norm.is_finite() && loss.is_finite();
+    steps[0] += apply as u32;
+    out[settings::APPLY] = apply as u32 as f32;
+    out[settings::CLIP] = if norm > max_norm { max_norm / norm } else { 1.0 };
+    out[settings::BIAS1] = 1.0 - powi(beta1, steps[0]);
+    out[settings::BIAS2_SQRT] = (1.0 - powi(beta2, steps[0])).sqrt();
+    Ok(())
+}
+
+/// One AdamW step over `params` with `grads` and the moments `m`, `v` (all the same length), as
+/// `settings` (from `adamw_settings`) decided. The gradients are consumed: each is zeroed once
+/// read, ready for the next step's accumulation (no separate pass to clear them), also when the
+/// step does not apply (then nothing else changes). With `params_bf16` (GPU devices), each
+/// updated parameter is also written rounded to bf16 there, in the same pass.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_update(
     device: &Device,
@@ -92,9 +125,9 @@ pub fn adamw_update(
     m: ViewMut<f32>,
     v: ViewMut<f32>,
     params_bf16: Option<ViewMut<half::bf16>>,
-    norm: View<f32>,
+    step: View<f32>,
     hyper: &AdamW,
-    at: AdamWStep,
+    weight_decay: f32,
 ) -> Result<()> {
     let op = OpCheck::new("adamw_update", device);
     let n = params.len();
@@ -105,27 +138,20 @@ pub fn adamw_update(
     {
         op.size(name, len, n, || "params' size".into())?;
     }
-    op.size("norm", norm.len(), 1, || "[1]".into())?;
-    if at.step == 0 {
-        return Err(op.invalid("step counts from 1"));
-    }
+    op.size("settings", step.len(), settings::LEN, || "[4]".into())?;
     if n > u32::MAX as usize {
         return Err(op.invalid(format!("{n} parameters, more than a kernel indexes (2³² − 1)")));
     }
-    let bias1 = 1.0 - hyper.beta1.powi(at.step as i32);
-    let bias2_sqrt = (1.0 - hyper.beta2.powi(at.step as i32)).sqrt();
-    let step_size = hyper.lr / bias1;
-    let decay = 1.0 - hyper.lr * at.weight_decay;
-    let AdamW { beta1, beta2, eps, .. } = *hyper;
+    let decay = 1.0 - hyper.lr * weight_decay;
+    let AdamW { lr, beta1, beta2, eps } = *hyper;
     if !matches!(device, Device::Cpu) {
         let (p, g) = (op.gpu_mut("params", params)?, op.gpu_mut("grads", grads)?);
-        let (m, v, norm) = (op.gpu_mut("m", m)?, op.gpu_mut("v", v)?, op.gpu("norm", norm)?);
+        let (m, v, step) = (op.gpu_mut("m", m)?, op.gpu_mut("v", v)?, op.gpu("settings", step)?);
         let copy = params_bf16.map(|c| op.gpu_mut("params_bf16", c)).transpose()?;
-        let max_norm = at.max_norm.unwrap_or(f32::INFINITY);
-        let args = (p, g, m, v, copy, norm, n as u32, max_norm, beta1, beta2, eps, step_size, bias2_sqrt, decay);
+        let args = (p, g, m, v, copy, step, n as u32, lr, beta1, beta2, eps, decay);
         let cfg = grid_stride_config(n, kernel::THREADS);
         // SAFETY: the four buffers and the copy (unless None, a null pointer the kernel does not
-        // write) hold n values and norm one (checked above).
+        // write) hold n values and settings LEN (checked above).
         return unsafe { device.launch(&kernel::adamw_f32, cfg, args) };
     }
     // The cpu device computes in f32 and keeps no bf16 copy: `cpu_f32_mut` refuses it, before
@@ -135,11 +161,13 @@ pub fn adamw_update(
     }
     let (p, g, m, v) =
         (op.cpu_mut("params", params)?, op.cpu_mut("grads", grads)?, op.cpu_mut("m", m)?, op.cpu_mut("v", v)?);
-    let norm = op.cpu("norm", norm)?[0];
-    if !norm.is_finite() {
+    let step = op.cpu("settings", step)?;
+    if step[settings::APPLY] == 0.0 {
+        g.fill(0.0);
         return Ok(());
     }
-    let clip = at.max_norm.filter(|&max| norm > max).map(|max| max / norm);
+    let (scale, bias2_sqrt) = (step[settings::CLIP], step[settings::BIAS2_SQRT]);
+    let step_size = lr / step[settings::BIAS1];
     // Chunks of plain loops: rayon's element-wise zip of four slices compiles to a loop 4× slower.
     const CHUNK: usize = 1 << 14;
     p.par_chunks_mut(CHUNK)
@@ -147,8 +175,7 @@ pub fn adamw_update(
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
         .for_each(|((p, g), (m, v))| {
             for i in 0..p.len() {
-                let g = std::mem::take(&mut g[i]);
-                let g = clip.map_or(g, |c| g * c);
+                let g = std::mem::take(&mut g[i]) * scale;
                 p[i] *= decay;
                 m[i] = beta1 * m[i] + (1.0 - beta1) * g;
                 v[i] = beta2 * v[i] + (1.0 - beta2) * g * g;
@@ -173,12 +200,15 @@ mod tests {
             Buffer::Cpu(vec![0.0; p.len()]),
             Buffer::Cpu(vec![0.0f32]),
         );
+        let (mut settings, mut steps, loss) =
+            (Buffer::Cpu(vec![0.0f32; 4]), Buffer::Cpu(vec![0u32]), Buffer::Cpu(vec![1.0f32]));
         grad_norm(&dev, norm.view_mut(), gb.view()).unwrap();
-        let at = AdamWStep { step: 1, weight_decay: wd, max_norm };
-        let (pv, gv) = (pb.view_mut(), gb.view_mut());
-        adamw_update(&dev, pv, gv, m.view_mut(), v.view_mut(), None, norm.view(), &opt, at).unwrap();
+        adamw_settings(&dev, settings.view_mut(), steps.view_mut(), norm.view(), loss.view(), max_norm, &opt).unwrap();
         let finite = g.iter().all(|g| g.is_finite());
-        assert_eq!(gb.to_vec().unwrap().iter().all(|&g| g == 0.0), finite, "gradients consumed only by an update");
+        assert_eq!(steps.to_vec().unwrap(), vec![finite as u32], "an update counts only when it applies");
+        let (pv, gv) = (pb.view_mut(), gb.view_mut());
+        adamw_update(&dev, pv, gv, m.view_mut(), v.view_mut(), None, settings.view(), &opt, wd).unwrap();
+        assert!(gb.to_vec().unwrap().iter().all(|&g| g == 0.0), "gradients consumed by every update");
         pb.to_vec().unwrap()
     }
 

@@ -8,6 +8,7 @@
 //! is the step and the data position.
 
 pub mod eval;
+pub mod history;
 pub mod plot;
 pub mod schedule;
 
@@ -38,6 +39,7 @@ use crate::precision::{Dtype, Precision};
 use crate::step::{StepMasks, TrainStep};
 use crate::tokenizer::ClipTokenizer;
 use eval::{Encoder, EvalSet};
+use history::{StepHistory, StepRecord};
 
 /// Everything a run is defined by (the CLI's flags, open_clip's names).
 #[derive(Clone, Debug)]
@@ -340,7 +342,8 @@ fn train_in<T: Precision>(
         }
         params = ckpt.params.copy_to(&device)?;
         let (m, v, step) = ckpt.moments;
-        (optimizer.m, optimizer.v, optimizer.step) = (m.copy_to(&device)?, v.copy_to(&device)?, step);
+        (optimizer.m, optimizer.v) = (m.copy_to(&device)?, v.copy_to(&device)?);
+        optimizer.set_steps(step)?;
         outln!("resuming from {} at step {}, epoch {}", path.display(), state.step, state.epoch + 1);
     }
     let eval_set = eval_source.as_ref().map(|s| EvalSet::load(s.as_ref(), cfg.eval_samples, image_size));
@@ -382,6 +385,9 @@ fn train_in<T: Precision>(
     let mut consecutive_bad = 0;
     let mut window = (Instant::now(), 0usize);
     let mut interrupted = false;
+    let mut history = StepHistory::new(&step.device, cfg.log_every_n_steps.max(1))?;
+    // The last applied step's values, for the progress line and the metrics.
+    let mut shown = StepRecord { step: 0, loss: f32::NAN, norm: f32::NAN };
     let save = |step: &TrainStep<T>, state: &TrainState, path: &Path| -> Result<(), String> {
         let json = serde_json::to_string(state).map_err(|e| e.to_string())?;
         checkpoint::save_training(path, &config_json, &step.params, &step.optimizer, &json)
@@ -407,54 +413,67 @@ fn train_in<T: Precision>(
             }
         };
         let lr = schedule::cosine_lr(cfg.lr, cfg.warmup, total_steps, state.step);
-        let out = step.forward_backward(&batch.images, &text, masks)?;
-        let (mut loss, masked) = (out.loss, out.masked_fraction);
+        step.forward_backward(&batch.images, &text, masks)?;
         if cfg.test_nonfinite_steps.contains(&state.step) {
-            loss = f32::NAN;
+            step.poison_loss()?;
         }
-        let norm = step.grad_norm()?;
-        if !loss.is_finite() || !norm.is_finite() {
-            state.bad_steps += 1;
-            consecutive_bad += 1;
-            say(format!("step {}: loss {loss}, gradient norm {norm}: step skipped, no update", state.step));
-            metrics.write(serde_json::json!({"step": state.step, "bad_step": true, "loss": loss.to_string()}))?;
-            if consecutive_bad >= cfg.max_bad_steps {
-                bar.finish_and_clear();
-                let last = match latest_checkpoint(&out_dir) {
-                    Some(path) => format!("the last checkpoint, {}, is unaffected (--resume latest)", path.display()),
-                    None => "no checkpoint was written yet".to_string(),
-                };
-                return Err(format!(
-                    "{consecutive_bad} consecutive steps had a non-finite loss or gradient: stopping at step {}; {last}",
-                    state.step
-                ));
-            }
-        } else {
-            consecutive_bad = 0;
-            step.update(lr, cfg.grad_clip_norm)?;
-            losses.push(loss);
-        }
+        step.grad_norm()?;
+        // Decided on the device: a step with a non-finite loss or norm changes nothing.
+        step.update(lr, cfg.grad_clip_norm)?;
+        history.record(&step, state.step)?;
         state.step += 1;
         window.1 += cfg.batch_size;
         (state.epoch, state.cursor) = (batch.after.epoch, batch.after.cursor);
+        let stopping = interrupt.load(Ordering::SeqCst);
+        let epoch_done = batch.after.epoch > batch.epoch;
+        // The last step and a stop are logged too, so a short run still has a loss curve.
+        let log = state.step.is_multiple_of(cfg.log_every_n_steps.max(1)) || state.step == total_steps || stopping;
+        // The values come back from the device here only: at a log line, a checkpoint, or when
+        // the history is full.
+        if log || epoch_done || history.is_full() {
+            for record in history.take()? {
+                if record.applied() {
+                    consecutive_bad = 0;
+                    losses.push(record.loss);
+                    shown = record;
+                    continue;
+                }
+                state.bad_steps += 1;
+                consecutive_bad += 1;
+                let (n, loss, norm) = (record.step, record.loss, record.norm);
+                say(format!("step {n}: loss {loss}, gradient norm {norm}: step skipped, no update"));
+                metrics.write(serde_json::json!({"step": n, "bad_step": true, "loss": loss.to_string()}))?;
+                if consecutive_bad >= cfg.max_bad_steps {
+                    bar.finish_and_clear();
+                    let last = match latest_checkpoint(&out_dir) {
+                        Some(path) => {
+                            format!("the last checkpoint, {}, is unaffected (--resume latest)", path.display())
+                        }
+                        None => "no checkpoint was written yet".to_string(),
+                    };
+                    return Err(format!(
+                        "{consecutive_bad} consecutive steps had a non-finite loss or gradient: stopping at step {n}; {last}"
+                    ));
+                }
+            }
+        }
         let samples_per_s = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!(
-            "epoch {}/{} loss {loss:.4} {samples_per_s:.0} samples/s",
+            "epoch {}/{} loss {:.4} {samples_per_s:.0} samples/s",
             batch.epoch + 1,
-            cfg.epochs
+            cfg.epochs,
+            shown.loss
         ));
         bar.inc(1);
-        let stopping = interrupt.load(Ordering::SeqCst);
-        // The last step and a stop are logged too, so a short run still has a loss curve.
-        if state.step.is_multiple_of(cfg.log_every_n_steps.max(1)) || state.step == total_steps || stopping {
+        if log {
+            let masked = if matches!(cfg.masking, Masking::None) { 0.0 } else { step.masked_fraction()? };
             metrics.write(serde_json::json!({
-                "step": state.step, "epoch": batch.epoch, "loss": loss, "lr": lr, "grad_norm": norm,
+                "step": state.step, "epoch": batch.epoch, "loss": shown.loss, "lr": lr, "grad_norm": shown.norm,
                 "logit_scale": step.params.get("logit_scale")?[0].exp(), "masked_fraction": masked,
                 "samples_per_s": samples_per_s, "time_s": elapsed_before + start.elapsed().as_secs_f64(),
             }))?;
             window = (Instant::now(), 0);
         }
-        let epoch_done = batch.after.epoch > batch.epoch;
         let last = epoch_done && batch.after.epoch == cfg.epochs;
         if epoch_done {
             let finished = batch.epoch + 1;
@@ -563,7 +582,8 @@ mod tests {
         let images: Vec<f32> = (0..(n * size) as u32).map(|i| rng.uniform(i) * 2.0 - 1.0).collect();
         let text: Vec<u32> = (0..(n * ctx) as u32).map(|i| if i as usize % ctx < 5 { 1 + i % 97 } else { 0 }).collect();
         let masks = keep.map_or(StepMasks::All, StepMasks::Lists);
-        let loss = step.forward_backward(&images, &text, masks).unwrap().loss;
+        step.forward_backward(&images, &text, masks).unwrap();
+        let loss = step.loss().unwrap();
         (loss, step.grads)
     }
 

@@ -64,6 +64,20 @@ pub enum MaskRatio {
     Dynamic { min: f32, max: f32 },
 }
 
+impl Masking {
+    /// The most of `l` patches an image keeps under this rule: the GPU step sizes the image
+    /// sequence with it, so no host read of the counts sits inside a step (images that keep
+    /// fewer are padded, and their padding is masked in attention).
+    pub fn max_kept(&self, l: usize) -> usize {
+        match self {
+            Masking::None => l,
+            Masking::Flip { ratio } => l - masked_count(*ratio, l).min(l),
+            Masking::Pgs(cfg) if cfg.mode == PgsMode::Reference => reference_keep_cap(cfg.ratio.min(), l).min(l),
+            Masking::Pgs(cfg) => l - masked_count(cfg.ratio.min(), l).min(l),
+        }
+    }
+}
+
 impl MaskRatio {
     /// The smallest ratio this rule allows (the `reference` mode's r_min).
     pub fn min(&self) -> f32 {
@@ -388,17 +402,26 @@ fn complement(masked: &[usize], l: usize) -> Vec<u32> {
     (0..l as u32).filter(|&j| !is_masked[j as usize]).collect()
 }
 
+/// An error naming the first non-finite pixel of `images` [N, 3, H, W]: the masks' only input
+/// from the host (a GPU step checks it there, before the upload, rather than read flags back).
+pub fn check_finite_pixels(shape: ImageBatchShape, images: &[f32]) -> Result<()> {
+    match images.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => {
+            let (n, rest) = (i / shape.image_len(), i % shape.image_len());
+            let (c, y, x) =
+                (rest / (shape.height * shape.width), rest / shape.width % shape.height, rest % shape.width);
+            Err(Error::InvalidArgument(format!(
+                "image {n} has a non-finite pixel ({}) at channel {c}, y {y}, x {x}",
+                images[i]
+            )))
+        }
+    }
+}
+
 fn check_inputs(request: &MaskRequest, images: &[f32], tokens: Option<PatchTokens>) -> Result<PatchGrid> {
     let grid = check_arguments(request, images.len(), tokens.map(|t| (t.tokens.len(), t.dim)))?;
-    let shape = request.shape;
-    if let Some(i) = images.iter().position(|v| !v.is_finite()) {
-        let (n, rest) = (i / shape.image_len(), i % shape.image_len());
-        let (c, y, x) = (rest / (shape.height * shape.width), rest / shape.width % shape.height, rest % shape.width);
-        return Err(Error::InvalidArgument(format!(
-            "image {n} has a non-finite pixel ({}) at channel {c}, y {y}, x {x}",
-            images[i]
-        )));
-    }
+    check_finite_pixels(request.shape, images)?;
     if let Some(t) = tokens
         && let Some(i) = t.tokens.iter().position(|v| !v.is_finite())
     {
