@@ -236,19 +236,22 @@ fn linear_forward_and_backward_match_the_cpu_with_every_epilogue() {
     }
 }
 
-#[test]
-fn attention_forward_and_backward_match_the_cpu_causal_and_with_lengths() {
-    let gpu_device = common::gpu();
-    // 257 (ViT-L/14's sequence) is in the softmax's one-pass range, 300 past it (its multi-pass
-    // path).
-    let cases = [
+/// (causal, lengths, seq) of the attention tests: 257 (ViT-L/14's sequence) is in the softmax's
+/// one-pass range, 300 past it (its multi-pass path).
+fn attention_cases() -> [(bool, Option<Vec<u32>>, usize); 5] {
+    [
         (true, None, 16),
         (false, Some(vec![17u32, 5, 1]), 17),
         (false, None, 33),
         (true, None, 257),
         (false, Some(vec![300, 120, 1]), 300),
-    ];
-    for (causal, lengths, seq) in cases {
+    ]
+}
+
+#[test]
+fn attention_forward_and_backward_match_the_cpu_causal_and_with_lengths() {
+    let gpu_device = common::gpu();
+    for (causal, lengths, seq) in attention_cases() {
         let s = AttentionShape { batch: 3, seq, heads: 2, head_dim: 16, causal };
         let d = s.heads * s.head_dim;
         let (n, probs) = (s.batch * seq * d, s.probs_len());
@@ -556,16 +559,7 @@ fn attention_case<T: Activation>(
 #[test]
 fn attention_in_bf16_matches_the_cpu() {
     let gpu = common::gpu();
-    // 257 (ViT-L/14's sequence) is in the softmax's one-pass range, 300 past it (its multi-pass
-    // path).
-    let cases = [
-        (true, None, 16),
-        (false, Some(vec![17u32, 5, 1]), 17),
-        (false, None, 33),
-        (true, None, 257),
-        (false, Some(vec![300, 120, 1]), 300),
-    ];
-    for (causal, lengths, seq) in cases {
+    for (causal, lengths, seq) in attention_cases() {
         let s = AttentionShape { batch: 3, seq, heads: 2, head_dim: 16, causal };
         let n = s.batch * seq * s.heads * s.head_dim;
         // q, k, v in [-1, 1), as after a LayerNorm and a projection: scores of a few units.

@@ -57,18 +57,20 @@ unsafe fn broadcast<T: Element>(b: Global<T>, n: u32, period: u32, mut f: impl F
     });
 }
 
+/// out[i] = value(i) + b[i mod period] over the broadcast, the REPEATS loads of value issued
+/// before the stores.
+///
 /// # Safety
-/// `out` and `a` hold n elements, `b` holds period ≥ 1, period divides n.
+/// `out` holds n elements, `value` reads elements below n, `b` holds period ≥ 1, period divides n.
 #[inline(always)]
-unsafe fn add<T: Element>(out: GlobalMut<T>, a: Global<T>, b: Global<T>, n: u32, period: u32) {
+unsafe fn broadcast_add<T: Element>(out: GlobalMut<T>, value: impl Fn(usize) -> T, b: Global<T>, n: u32, period: u32) {
     // SAFETY: b holds period ≥ 1, period divides n; every i < n (r < n / period, e < period).
     unsafe {
         broadcast(b, n, period, |at, v| {
-            // The loads first, in flight together.
             let mut values = [T::ZERO; REPEATS];
             unrolled::<REPEATS>(|k| {
                 if let Some(i) = at[k] {
-                    values[k] = a.load(i);
+                    values[k] = value(i);
                 }
             });
             unrolled::<REPEATS>(|k| {
@@ -81,26 +83,19 @@ unsafe fn add<T: Element>(out: GlobalMut<T>, a: Global<T>, b: Global<T>, n: u32,
 }
 
 /// # Safety
+/// `out` and `a` hold n elements, `b` holds period ≥ 1, period divides n.
+#[inline(always)]
+unsafe fn add<T: Element>(out: GlobalMut<T>, a: Global<T>, b: Global<T>, n: u32, period: u32) {
+    // SAFETY: the caller's contract; i < n.
+    unsafe { broadcast_add(out, |i| a.load(i), b, n, period) }
+}
+
+/// # Safety
 /// `x` holds n elements, `b` holds period ≥ 1, period divides n.
 #[inline(always)]
 unsafe fn add_assign<T: Element>(x: GlobalMut<T>, b: Global<T>, n: u32, period: u32) {
-    // SAFETY: as in `add`.
-    unsafe {
-        broadcast(b, n, period, |at, v| {
-            // The loads first, in flight together.
-            let mut values = [T::ZERO; REPEATS];
-            unrolled::<REPEATS>(|k| {
-                if let Some(i) = at[k] {
-                    values[k] = x.load(i);
-                }
-            });
-            unrolled::<REPEATS>(|k| {
-                if let Some(i) = at[k] {
-                    x.store(i, T::from_f32(values[k].to_f32() + v));
-                }
-            });
-        })
-    }
+    // SAFETY: the caller's contract; i < n.
+    unsafe { broadcast_add(x, |i| x.load(i), b, n, period) }
 }
 
 /// # Safety
