@@ -12,6 +12,10 @@ use rayon::prelude::*;
 use cudarc::driver::LaunchConfig;
 
 use clip_pgs_kernels::attention as kernel;
+use clip_pgs_kernels::element::Bf16;
+use clip_pgs_kernels::flash_attention as flash;
+use clip_pgs_kernels::hw::{Global, GlobalMut, Kernel};
+use half::bf16;
 
 use super::check::OpCheck;
 use super::dtype::Activation;
@@ -49,14 +53,20 @@ fn head(qkv: &[f32], s: AttentionShape, part: usize, h: usize) -> MatRef<'_> {
 }
 
 fn check(op: &OpCheck, s: AttentionShape, qkv: usize, out: usize, probs: usize) -> Result<()> {
-    let AttentionShape { batch: b, seq, heads, head_dim, .. } = s;
+    check_io(op, s, qkv, out)?;
+    let AttentionShape { batch: b, seq, heads, .. } = s;
+    op.size("probs", probs, s.probs_len(), || format!("[B {b}, H {heads}, S {seq}, S {seq}]"))
+}
+
+/// qkv [B, S, 3D] and out (or dout) [B, S, D].
+fn check_io(op: &OpCheck, s: AttentionShape, qkv: usize, out: usize) -> Result<()> {
+    let AttentionShape { batch: b, seq, head_dim, .. } = s;
     if seq == 0 || head_dim == 0 {
         return Err(op.invalid(format!("empty sequences or heads: S = {seq}, head_dim = {head_dim}")));
     }
     let d = s.width();
     op.size("qkv", qkv, b * seq * 3 * d, || format!("[B {b}, S {seq}, 3·D {}]", 3 * d))?;
-    op.size("out", out, b * seq * d, || format!("[B {b}, S {seq}, D {d}]"))?;
-    op.size("probs", probs, s.probs_len(), || format!("[B {b}, H {heads}, S {seq}, S {seq}]"))
+    op.size("out", out, b * seq * d, || format!("[B {b}, S {seq}, D {d}]"))
 }
 
 /// out [B, S, D] and probs [B, H, S, S]. `lengths[b]` valid keys of sequence b (None: all).
@@ -292,6 +302,72 @@ fn gpu_backward<T: Activation>(
 
 fn scale(s: AttentionShape) -> f32 {
     1.0 / (s.head_dim as f32).sqrt()
+}
+
+/// The flash forward's parameter tuple (`kernels/src/flash_attention.rs`).
+type FlashForward = Kernel<(GlobalMut<Bf16>, GlobalMut<f32>, Global<Bf16>, Global<u32>, u32, u32, u32, f32)>;
+
+/// The head dims the flash kernels cover, with their entry points.
+fn flash_forward_kernel(head_dim: usize) -> Option<FlashForward> {
+    match head_dim {
+        32 => Some(flash::flash_attention_forward_d32),
+        64 => Some(flash::flash_attention_forward_d64),
+        128 => Some(flash::flash_attention_forward_d128),
+        _ => None,
+    }
+}
+
+/// Whether the flash kernels cover this shape (head dims 32, 64 and 128); the unfused
+/// [`attention_forward`]/[`attention_backward`] cover any.
+pub fn flash_covers(s: AttentionShape) -> bool {
+    flash_forward_kernel(s.head_dim).is_some()
+}
+
+/// The address of a view's first element (device address on CUDA, host address on emu).
+fn address<T>(v: &View<T>) -> usize {
+    match v {
+        View::Cpu(x) | View::Emu(x) => x.as_ptr() as usize,
+        View::Cuda(r) => r.address as usize,
+    }
+}
+
+/// Flash attention on a GPU device (`kernels/src/flash_attention.rs`): out [B, S, D] and the
+/// log-sum-exp of the scaled scores lse [B, H, S] (f32, for the backward pass) from bf16 qkv
+/// [B, S, 3D], without the [B, H, S, S] probabilities; the same masks as [`attention_forward`]
+/// (`lengths[b]` valid tokens, causal). Rows of a sequence past its length get 0 in out and lse
+/// (the unfused path computes them: they attend to the valid keys, and nothing reads them).
+/// qkv and out must start 16-byte aligned; head dims 32, 64, 128 ([`flash_covers`]).
+pub fn flash_attention_forward(
+    device: &Device,
+    out: ViewMut<bf16>,
+    lse: ViewMut<f32>,
+    qkv: View<bf16>,
+    lengths: Option<View<u32>>,
+    s: AttentionShape,
+) -> Result<()> {
+    let op = OpCheck::new("flash_attention_forward", device);
+    check_io(&op, s, qkv.len(), out.len())?;
+    let rows = s.batch * s.heads * s.seq;
+    op.size("lse", lse.len(), rows, || format!("[B {}, H {}, S {}]", s.batch, s.heads, s.seq))?;
+    if let Some(l) = &lengths {
+        op.size("lengths", l.len(), s.batch, || format!("[B {}]", s.batch))?;
+    }
+    let kernel = flash_forward_kernel(s.head_dim).ok_or_else(|| {
+        op.invalid(format!("head dim {}: the flash kernels cover 32, 64 and 128 (attention_forward any)", s.head_dim))
+    })?;
+    let (out, lse, qkv) = (op.gpu_mut("out", out)?, op.gpu_mut("lse", lse)?, op.gpu("qkv", qkv)?);
+    let lengths = lengths.map(|l| op.gpu("lengths", l)).transpose()?;
+    if address(&qkv) % 16 != 0 || address(&out.as_view()) % 16 != 0 {
+        return Err(op.invalid("qkv and out must start 16-byte aligned (cp.async and vector stores)"));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (s.seq.div_ceil(flash::TILE) as u32, s.heads as u32, s.batch as u32),
+        block_dim: (flash::THREADS, 1, 1),
+        shared_mem_bytes: flash::shared_bytes(s.head_dim),
+    };
+    let args = (out, lse, qkv, lengths, s.seq as u32, s.heads as u32, s.causal as u32, scale(s));
+    // SAFETY: sizes checked above; grid, block and shared memory as the kernel requires.
+    unsafe { device.launch(&kernel, cfg, args) }
 }
 
 #[cfg(test)]

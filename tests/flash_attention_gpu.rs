@@ -1,0 +1,137 @@
+//! The flash attention kernel (`kernels/src/flash_attention.rs`, launched by
+//! `flash_attention_forward` in `host/src/ops/attention.rs`) against the CPU attention, on the
+//! emulator in `cargo test` (which also reports any race, out-of-bounds access or uninitialized
+//! shared read as an error) and on CUDA with `CLIP_PGS_TEST_DEVICE=cuda`: sequence lengths from
+//! 1 to 257 around the 64-row tiles, ragged PGS lengths with an image that keeps only CLS, causal
+//! on and off, head dims 32, 64 and 128.
+
+mod common;
+
+use clip_pgs_host::ops::attention::{AttentionShape, attention_forward, flash_attention_forward};
+use clip_pgs_host::{Buffer, Device, bf16};
+use clip_pgs_kernels::philox::Philox;
+
+/// Values in [-1, 1) rounded to bf16 (so that the CPU reference sees what the kernel sees), as q,
+/// k, v after a LayerNorm and a projection.
+fn qkv_values(n: usize, seed: u64) -> Vec<f32> {
+    let rng = Philox::new(seed, 3, 0);
+    (0..n as u32).map(|i| bf16::from_f32(rng.uniform(i) * 2.0 - 1.0).to_f32()).collect()
+}
+
+/// The CPU attention's out [B, S, D] (f32 reference).
+fn reference_out(qkv: &[f32], lengths: Option<&[u32]>, s: AttentionShape) -> Vec<f32> {
+    let mut out = Buffer::Cpu(vec![0.0; s.batch * s.seq * s.heads * s.head_dim]);
+    let mut probs = Buffer::Cpu(vec![0.0; s.probs_len()]);
+    let (qkv, lengths) = (Buffer::Cpu(qkv.to_vec()), lengths.map(|l| Buffer::Cpu(l.to_vec())));
+    let lengths = lengths.as_ref().map(|l| l.view());
+    attention_forward(&Device::Cpu, out.view_mut(), probs.view_mut(), qkv.view(), lengths, s).unwrap();
+    out.to_vec().unwrap()
+}
+
+/// log Σ_visible exp(q·k/√D) of every (sequence, head, query) in f64 (0 for padding rows).
+fn reference_lse(qkv: &[f32], lengths: Option<&[u32]>, s: AttentionShape) -> Vec<f32> {
+    let (w, hd) = (s.heads * s.head_dim, s.head_dim);
+    let mut lse = vec![0.0f32; s.batch * s.heads * s.seq];
+    for b in 0..s.batch {
+        let len = lengths.map_or(s.seq, |l| l[b] as usize);
+        for h in 0..s.heads {
+            for i in 0..len {
+                let at =
+                    |part: usize, row: usize, d: usize| qkv[(b * s.seq + row) * 3 * w + part * w + h * hd + d] as f64;
+                let keys = if s.causal { i + 1 } else { len };
+                let scores: Vec<f64> = (0..keys)
+                    .map(|j| (0..hd).map(|d| at(0, i, d) * at(1, j, d)).sum::<f64>() / (hd as f64).sqrt())
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                lse[(b * s.heads + h) * s.seq + i] =
+                    (max + scores.iter().map(|x| (x - max).exp()).sum::<f64>().ln()) as f32;
+            }
+        }
+    }
+    lse
+}
+
+/// The flash kernel's out (widened) and lse on `device`.
+fn flash(device: &Device, qkv: &[f32], lengths: Option<&[u32]>, s: AttentionShape) -> (Vec<f32>, Vec<f32>) {
+    let qkv: Vec<bf16> = qkv.iter().map(|&x| bf16::from_f32(x)).collect();
+    let qkv = device.upload(&qkv).unwrap();
+    // Garbage where the kernel must write: every element of out and lse is its output.
+    let n = s.batch * s.seq * s.heads * s.head_dim;
+    let mut out = device.upload(&vec![bf16::NAN; n]).unwrap();
+    let mut lse = device.upload(&vec![f32::NAN; s.batch * s.heads * s.seq]).unwrap();
+    let lengths = lengths.map(|l| device.upload(l).unwrap());
+    let lengths = lengths.as_ref().map(|l| l.view());
+    flash_attention_forward(device, out.view_mut(), lse.view_mut(), qkv.view(), lengths, s).unwrap();
+    (out.to_vec().unwrap().iter().map(|x| x.to_f32()).collect(), lse.to_vec().unwrap())
+}
+
+/// (batch, S, heads, causal, lengths).
+type Case = (usize, usize, usize, bool, Option<Vec<u32>>);
+
+#[test]
+fn flash_forward_matches_the_cpu_attention() {
+    let gpu = common::gpu();
+    // One tile and the tile edges (1, 63, 64, 65), PGS ragged
+    // lengths at ViT-B/16's 197 and its dynamic 99 with an image that keeps only CLS, the text
+    // tower's 77 causal with padded captions, and 257 (ViT-L/14) across five tiles.
+    let cases: [Case; 8] = [
+        (1, 1, 1, false, None),
+        (2, 63, 2, true, None),
+        (1, 64, 1, false, None),
+        (2, 65, 1, true, Some(vec![65, 30])),
+        (3, 99, 1, false, Some(vec![99, 1, 50])),
+        (2, 77, 2, true, Some(vec![77, 13])),
+        (2, 197, 1, false, Some(vec![197, 70])),
+        (1, 257, 1, true, None),
+    ];
+    for head_dim in [32, 64, 128] {
+        for (batch, seq, heads, causal, lengths) in &cases {
+            if head_dim != 64 && *seq > 100 {
+                continue; // the long sequences once, at ViT's head dim (the emulator is slow)
+            }
+            let s = AttentionShape { batch: *batch, seq: *seq, heads: *heads, head_dim, causal: *causal };
+            let lengths = lengths.as_deref();
+            let qkv = qkv_values(s.batch * s.seq * 3 * s.heads * head_dim, *seq as u64);
+            let (out, lse) = flash(&gpu, &qkv, lengths, s);
+            let (want_out, want_lse) = (reference_out(&qkv, lengths, s), reference_lse(&qkv, lengths, s));
+            let at = format!("D {head_dim}, B {batch}, S {seq}, H {heads}, causal {causal}, lengths {lengths:?}");
+            let w = s.heads * head_dim;
+            for b in 0..s.batch {
+                let len = lengths.map_or(s.seq, |l| l[b] as usize);
+                for i in 0..s.seq {
+                    for c in 0..w {
+                        let (got, want) = (out[(b * s.seq + i) * w + c], want_out[(b * s.seq + i) * w + c]);
+                        // Valid rows: P rounded to bf16 for the P·V mma (≤ 2⁻⁸ relative per
+                        // probability, random in sign) and out stored in bf16 (2⁻⁹ of |o| ≤ 1):
+                        // 1e-2, where a wrong mask, tile or scale is off by O(0.1). Padding rows
+                        // are 0.
+                        let want = if i < len { want } else { 0.0 };
+                        assert!((got - want).abs() <= 1e-2, "{at}: out[{b}, {i}, {c}] = {got}, want {want}");
+                    }
+                }
+                for h in 0..s.heads {
+                    for i in 0..s.seq {
+                        let k = (b * s.heads + h) * s.seq + i;
+                        // Exact bf16 products summed in f32 by the mma: agreement to rounding.
+                        assert!(
+                            (lse[k] - want_lse[k]).abs() <= 1e-4 * want_lse[k].abs().max(1.0),
+                            "{at}: lse[{k}] = {}, want {}",
+                            lse[k],
+                            want_lse[k]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn flash_refuses_head_dims_it_does_not_cover() {
+    let gpu = common::gpu();
+    let s = AttentionShape { batch: 1, seq: 4, heads: 1, head_dim: 16, causal: false };
+    let qkv = gpu.upload(&vec![bf16::ZERO; 4 * 48]).unwrap();
+    let (mut out, mut lse) = (gpu.upload(&[bf16::ZERO; 4 * 16]).unwrap(), gpu.upload(&[0.0f32; 4]).unwrap());
+    let e = flash_attention_forward(&gpu, out.view_mut(), lse.view_mut(), qkv.view(), None, s).unwrap_err();
+    assert!(e.to_string().contains("head dim 16: the flash kernels cover 32, 64 and 128"), "{e}");
+}
