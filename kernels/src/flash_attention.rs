@@ -38,7 +38,9 @@
 //! Memory traffic, analytic minimum of a query tile with q valid queries visiting key tiles of k_i
 //! valid keys: 2·D·(q + 2·Σ k_i) bytes read (Q once, K and V once per query tile), 2·D·q + 4·64
 //! written (O and lse); qkv rows are whole sectors (2·D bytes at 64-byte-aligned columns), so
-//! every access uses all of its sectors. Work: 4·D per visible (query, key) pair, plus the masked
+//! every access uses all of its sectors. On the emulator's counters (`tests/flash_attention_gpu.rs`,
+//! D = 64): 1.008× the minimum at S = 197 with PGS lengths 197, 99, 1; 1.009× for the text
+//! tower's causal 77 (the rest: the lengths' sector per block, lse rows across sectors). Work: 4·D per visible (query, key) pair, plus the masked
 //! part of the diagonal and last tiles.
 
 use crate::element::Bf16;
