@@ -7,7 +7,10 @@
 
 mod common;
 
-use clip_pgs_host::ops::attention::{AttentionShape, attention_forward, flash_attention_forward};
+use clip_pgs_host::ops::attention::{
+    AttentionShape, attention_backward, attention_forward, flash_attention_backward, flash_attention_forward,
+    flash_backward_scratch_len,
+};
 use clip_pgs_host::{Buffer, Device, bf16};
 use clip_pgs_kernels::philox::Philox;
 
@@ -173,5 +176,76 @@ fn flash_forward_moves_at_most_1_1_times_its_minimum() {
         println!("{s:?} lengths {lengths:?}: {moved} bytes moved, minimum {min}: {ratio:.3}×");
         assert!(ratio <= 1.1, "{s:?}: {moved} bytes moved, {ratio:.3}× the minimum {min}");
         assert!(ratio >= 1.0, "{s:?}: {moved} bytes moved, below the minimum {min}: the count is wrong");
+    }
+}
+
+/// dqkv of the CPU attention's backward (f32 reference).
+fn reference_dqkv(qkv: &[f32], dout: &[f32], lengths: Option<&[u32]>, s: AttentionShape) -> Vec<f32> {
+    let mut out = Buffer::Cpu(vec![0.0; dout.len()]);
+    let mut probs = Buffer::Cpu(vec![0.0; s.probs_len()]);
+    let (qkv_b, lengths_b) = (Buffer::Cpu(qkv.to_vec()), lengths.map(|l| Buffer::Cpu(l.to_vec())));
+    let lengths_v = lengths_b.as_ref().map(|l| l.view());
+    attention_forward(&Device::Cpu, out.view_mut(), probs.view_mut(), qkv_b.view(), lengths_v, s).unwrap();
+    let (mut dqkv, mut scratch) = (Buffer::Cpu(vec![0.0; qkv.len()]), Buffer::Cpu(vec![0.0; s.probs_len()]));
+    let dout = Buffer::Cpu(dout.to_vec());
+    attention_backward(&Device::Cpu, dqkv.view_mut(), scratch.view_mut(), dout.view(), qkv_b.view(), probs.view(), s)
+        .unwrap();
+    dqkv.to_vec().unwrap()
+}
+
+/// The flash kernels' dqkv (widened) on `device`, forward first for out and lse.
+fn flash_dqkv(device: &Device, qkv: &[f32], dout: &[f32], lengths: Option<&[u32]>, s: AttentionShape) -> Vec<f32> {
+    let up = |x: &[f32]| device.upload(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()).unwrap();
+    let (qkv_b, dout_b) = (up(qkv), up(dout));
+    let mut out = up(&vec![0.0; dout.len()]);
+    let mut lse = device.upload(&vec![0.0f32; s.batch * s.heads * s.seq]).unwrap();
+    let lengths = lengths.map(|l| device.upload(l).unwrap());
+    let lengths = lengths.as_ref().map(|l| l.view());
+    flash_attention_forward(device, out.view_mut(), lse.view_mut(), qkv_b.view(), lengths, s).unwrap();
+    // Garbage where the kernels must write.
+    let mut dqkv = device.upload(&vec![bf16::NAN; qkv.len()]).unwrap();
+    let mut scratch = device.upload(&vec![f32::NAN; flash_backward_scratch_len(s)]).unwrap();
+    let (d, q, o, l) = (dout_b.view(), qkv_b.view(), out.view(), lse.view());
+    flash_attention_backward(device, dqkv.view_mut(), scratch.view_mut(), d, q, o, l, lengths, s).unwrap();
+    dqkv.to_vec().unwrap().iter().map(|x| x.to_f32()).collect()
+}
+
+#[test]
+fn flash_backward_matches_the_cpu_attention() {
+    let gpu = common::gpu();
+    let cases: [Case; 6] = [
+        (1, 1, 1, false, None),
+        (2, 65, 2, true, None),
+        (3, 99, 1, false, Some(vec![99, 1, 50])),
+        (2, 77, 1, true, Some(vec![77, 13])),
+        (2, 130, 1, false, Some(vec![130, 64])),
+        (1, 257, 1, true, None),
+    ];
+    for head_dim in [32, 64, 128] {
+        for (batch, seq, heads, causal, lengths) in &cases {
+            if head_dim != 64 && *seq > 100 {
+                continue;
+            }
+            let s = AttentionShape { batch: *batch, seq: *seq, heads: *heads, head_dim, causal: *causal };
+            let lengths = lengths.as_deref();
+            let w = s.heads * head_dim;
+            let qkv = qkv_values(s.batch * s.seq * 3 * w, *seq as u64);
+            // dout 0 in padding rows, as in the model (nothing reads those rows of out).
+            let mut dout = qkv_values(s.batch * s.seq * w, 100 + *seq as u64);
+            for (row, chunk) in dout.chunks_mut(w).enumerate() {
+                if row % s.seq >= lengths.map_or(s.seq, |l| l[row / s.seq] as usize) {
+                    chunk.fill(0.0);
+                }
+            }
+            let got = flash_dqkv(&gpu, &qkv, &dout, lengths, s);
+            let want = reference_dqkv(&qkv, &dout, lengths, s);
+            let at = format!("D {head_dim}, B {batch}, S {seq}, H {heads}, causal {causal}, lengths {lengths:?}");
+            // P and dS rounded to bf16 for their mma, dqkv stored in bf16: 2e-2 of the largest
+            // gradient, where a wrong mask, scale or transpose is off by O(1) of it.
+            let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-3);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 2e-2 * scale, "{at}: dqkv[{i}] = {g}, want {w} (largest {scale})");
+            }
+        }
     }
 }

@@ -43,13 +43,33 @@
 //! tower's causal 77 (the rest: the lengths' sector per block, lse rows across sectors). Work: 4·D per visible (query, key) pair, plus the masked
 //! part of the diagonal and last tiles.
 
+//!
+//! Backward (FlashAttention-2's, probabilities recomputed from lse), three launches:
+//! 1. `flash_attention_backward_dot`: δ_i = Σ_d dO_id·O_id per row and head (a warp each), and
+//!    the head's columns of the f32 dQ accumulator zeroed;
+//! 2. `flash_attention_backward_dNN`: one block per (64-key tile, head, sequence) owns its dK and
+//!    dV (no atomics); warp w owns keys 16w … 16w + 15. It loads K and V once, then per query
+//!    tile (causal: from the key tile on; none past the length) loads Q, dO, lse and δ and
+//!    computes, in the transposed orientation so that the warp's rows are its keys: Sᵀ = K·Qᵀ and
+//!    dPᵀ = V·dOᵀ, Pᵀ = exp(scale·Sᵀ − lse) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale, dV += Pᵀ·dO
+//!    and dK += dSᵀ·Q (P and dS as bf16 A fragments straight from the accumulators, Q and dO by
+//!    `ldmatrix.trans`); dSᵀ goes to shared memory, and dQ += dS·K (dS by `ldmatrix.trans` of
+//!    dSᵀ, warp w: queries 16w …, the head dims in two halves) is added to the accumulator by f32
+//!    atomics;
+//! 3. `flash_attention_backward_dq`: the accumulator rounded into dqkv's q columns.
+//!
+//! dQ by atomics rather than a separate pass over query tiles: the pass would read K and V once
+//! per query tile again and recompute S and dP (4 of the backward's 5 GEMMs' inputs, 2 of its 5
+//! products); the atomics add 4·D bytes per (query, key tile) in L2 read-modify-writes.
+
 use crate::element::Bf16;
 use crate::hw::{
     Global, GlobalMut, Shared, block_stride, block_x, block_y, block_z, cp_async_16, cp_async_commit, cp_async_wait,
-    dynamic_shared, ex2_approx, lane, lane_here, ldmatrix, lg2_approx, mma_bf16_m16n8k16, shfl_xor, sync_threads,
-    sync_warp, unrolled, warp,
+    dynamic_shared, ex2_approx, grid_stride, lane, lane_here, lane_stride, ldmatrix, lg2_approx, mma_bf16_m16n8k16,
+    shfl_xor, sync_threads, sync_warp, unrolled, warp, warp_rows,
 };
 use crate::kernel;
+use crate::reduce::warp_reduce;
 
 /// Threads per block (4 warps of 16 queries).
 pub const THREADS: u32 = 128;
@@ -63,6 +83,11 @@ const KT: usize = TILE / 16;
 /// Dynamic shared memory of a launch for head dim `d`: the Q, K and V tiles.
 pub const fn shared_bytes(d: usize) -> u32 {
     (3 * TILE * d * 2) as u32
+}
+
+/// The backward's: K, V, Q and dO tiles, dSᵀ (64 × 64 bf16), lse and δ of the query tile (f32).
+pub const fn backward_shared_bytes(d: usize) -> u32 {
+    (4 * TILE * d * 2 + TILE * TILE * 2 + 2 * TILE * 4) as u32
 }
 
 /// 8 bf16: one 16-byte chunk of a tile row (a cp.async, a vector store).
@@ -117,6 +142,14 @@ impl<const DK: usize> Tile<DK> {
                 }
             }
         });
+    }
+
+    /// The A fragment of the transposed tile: rows c0 … c0 + 15 of the transpose (columns of the
+    /// tile), k-step r0 … r0 + 15 (rows of the tile). dQ: A = dS from dSᵀ.
+    #[inline(always)]
+    unsafe fn a_trans(self, c0: usize, r0: usize) -> [u32; 4] {
+        let (i, r) = (lane_here() / 8, lane_here() % 8);
+        ldmatrix::<4, true>(unsafe { self.s.offset(Self::at(r0 + 8 * (i / 2) + r, c0 / 8 + i % 2)) })
     }
 
     /// The A fragment (16 × 16) of rows r0 …, k-step kk (columns 16kk …).
@@ -270,39 +303,15 @@ unsafe fn forward<const DK: usize>(
             k0 += TILE;
         }
 
-        // ℓ of the whole row, then O/ℓ into this warp's rows of the Q tile (only it read them)
-        // and out with 16-byte stores; the lse by the lanes of column pair 0.
+        // ℓ of the whole row, then O/ℓ (0 in padding rows) by way of this warp's rows of the Q
+        // tile; the lse by the lanes of column pair 0.
         unrolled::<2>(|r| {
             l[r] += shfl_xor(u32::MAX, l[r], 1);
             l[r] += shfl_xor(u32::MAX, l[r], 2);
         });
-        let staged = q_s.s.cast::<u32>();
-        sync_warp(u32::MAX); // the warp's lanes are done reading its Q rows
-        unrolled::<DK>(|dp| {
-            unrolled::<2>(|n| {
-                unrolled::<2>(|r| {
-                    let (row, v) = (rows0 + g + 8 * r, o[dp][n]);
-                    let at = Tile::<DK>::at(row, 2 * dp + n) + 2 * t;
-                    staged.store(at / 2, bf16x2(v[2 * r] / l[r], v[2 * r + 1] / l[r]));
-                })
-            })
-        });
-        sync_warp(u32::MAX);
-        let (chunks, out_chunks) = (Tile::<DK>::CHUNKS, out.cast::<Chunk>());
-        let mut c = lane();
-        while c < 16 * chunks {
-            let (row, chunk) = (rows0 + c / chunks, c % chunks);
-            let i = q0 + row;
-            if i < seq {
-                let at = ((head.row0 + i) * head.width + head.col) / 8 + chunk;
-                if i < len {
-                    out_chunks.store(at, staged.cast::<Chunk>().load(Tile::<DK>::at(row, chunk) / 8));
-                } else {
-                    out_chunks.store(at, Chunk([0; 4]));
-                }
-            }
-            c += 32;
-        }
+        let inv = [0, 1].map(|r| if query(2 * r) < len { 1.0 / l[r] } else { 0.0 });
+        let first = (head.row0 + q0 + rows0) * head.width + head.col;
+        store_rows(q_s, rows0, &o, inv, out, first, head.width, seq.saturating_sub(q0 + rows0));
         if t == 0 {
             unrolled::<2>(|r| {
                 let i = query(2 * r);
@@ -311,6 +320,46 @@ unsafe fn forward<const DK: usize>(
                     lse.store(head.lse0 + i, v);
                 }
             });
+        }
+    }
+}
+
+/// Writes a warp's 16 × D accumulator (the rows of its m16n8 tiles, row half r scaled by
+/// `mul[r]`) as bf16: staged in the warp's rows `rows0 …` of `tile`, then 16-byte stores of its
+/// first `rows` rows (≤ 16) to `dst`, row i at element `first + i·stride`. The caller's barrier
+/// has ended every other warp's reads of those tile rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_rows<const DK: usize>(
+    tile: Tile<DK>,
+    rows0: usize,
+    acc: &[[[f32; 4]; 2]; DK],
+    mul: [f32; 2],
+    dst: GlobalMut<Bf16>,
+    first: usize,
+    stride: usize,
+    rows: usize,
+) {
+    let (g, t) = (lane() / 4, lane() % 4);
+    let staged = tile.s.cast::<u32>();
+    sync_warp(u32::MAX); // the warp's lanes are done reading these rows
+    // SAFETY: tile rows of this warp; dst rows below `rows` (the caller's contract).
+    unsafe {
+        each_score::<DK>(|dp, n, i| {
+            if i % 2 == 0 {
+                let (r, v) = (i / 2, acc[dp][n]);
+                let at = Tile::<DK>::at(rows0 + g + 8 * r, 2 * dp + n) + 2 * t;
+                staged.store(at / 2, bf16x2(v[i] * mul[r], v[i + 1] * mul[r]));
+            }
+        });
+        sync_warp(u32::MAX);
+        let chunks = Tile::<DK>::CHUNKS;
+        let mut c = lane();
+        while c < rows.min(16) * chunks {
+            let (row, chunk) = (c / chunks, c % chunks);
+            let v = staged.cast::<Chunk>().load(Tile::<DK>::at(rows0 + row, chunk) / 8);
+            dst.cast::<Chunk>().store((first + row * stride) / 8 + chunk, v);
+            c += 32;
         }
     }
 }
@@ -334,6 +383,237 @@ unsafe fn write_padding<const DK: usize>(out: GlobalMut<Bf16>, lse: GlobalMut<f3
     });
     // SAFETY: as above.
     block_stride(rows, |i| unsafe { lse.store(head.lse0 + q0 + i, 0.0) });
+}
+
+/// dq and the backward's row statistics, one warp per (token, head): δ = Σ dO∘O over the head's
+/// D columns into `delta` [B, H, S], and the head's columns of the dQ accumulator dq [B, S, W]
+/// (f32) zeroed for the atomics of [`backward`]. Padding rows get δ = 0.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_dot(
+    delta: GlobalMut<f32>,
+    dq: GlobalMut<f32>,
+    out: Global<Bf16>,
+    dout: Global<Bf16>,
+    lengths: Global<u32>,
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    d: usize,
+) {
+    let width = heads * d;
+    warp_rows(batch * seq * heads, |row| {
+        let (token, h) = (row / heads, row % heads);
+        let (b, i) = (token / seq, token % seq);
+        let at = token * width + h * d;
+        // SAFETY: row < B·S·H; the buffers' sizes are the caller's contract.
+        unsafe {
+            let len = if lengths.is_null() { seq } else { (lengths.load(b) as usize).clamp(1, seq) };
+            let mut sum = 0.0;
+            if i < len {
+                let (o, g) = (out.offset(at).cast::<u32>(), dout.offset(at).cast::<u32>());
+                lane_stride(d / 2, |c| {
+                    let (o, g) = (o.load(c), g.load(c));
+                    sum += Bf16(o as u16).to_f32() * Bf16(g as u16).to_f32()
+                        + Bf16((o >> 16) as u16).to_f32() * Bf16((g >> 16) as u16).to_f32();
+                });
+            }
+            let sum = warp_reduce(sum, |a, b| a + b);
+            lane_stride(d, |c| dq.store(at + c, 0.0));
+            if lane() == 0 {
+                delta.store((b * heads + h) * seq + i, sum);
+            }
+        }
+    });
+}
+
+/// The backward pass of one block, head dim 16·DK (HALF = DK/2): the block owns key tile
+/// `block_x`, so dK and dV are its own (no atomics); dQ is added to the f32 accumulator by atomics.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward<const DK: usize, const HALF: usize>(
+    dqkv: GlobalMut<Bf16>,
+    dq: GlobalMut<f32>,
+    qkv: Global<Bf16>,
+    dout: Global<Bf16>,
+    lse: Global<f32>,
+    delta: Global<f32>,
+    lengths: Global<u32>,
+    seq: u32,
+    heads: u32,
+    causal: u32,
+    scale: f32,
+) {
+    const { assert!(2 * HALF == DK) };
+    let (seq, heads, causal) = (seq as usize, heads as usize, causal != 0);
+    let (k0, h, b) = (TILE * block_x(), block_y(), block_z());
+    // SAFETY: the caller's contract (buffer sizes, grid, shared memory).
+    unsafe {
+        let len = if lengths.is_null() { seq } else { (lengths.load(b) as usize).clamp(1, seq) };
+        let d = 16 * DK;
+        let head = Head { seq, len, row0: b * seq, width: heads * d, col: h * d, lse0: (b * heads + h) * seq };
+        let tiles = dynamic_shared::<Bf16>();
+        let (k_s, v_s) = (Tile::<DK>::nth(tiles, 0), Tile::<DK>::nth(tiles, 1));
+        let (q_s, o_s) = (Tile::<DK>::nth(tiles, 2), Tile::<DK>::nth(tiles, 3));
+        let ds_s = Tile::<KT> { s: tiles.offset(4 * TILE * 16 * DK) };
+        let stats = tiles.cast::<f32>().offset((4 * TILE * 16 * DK + TILE * TILE) / 2);
+        let keys0 = 16 * warp();
+        let (g, t) = (lane() / 4, lane() % 4);
+        let key = |i: usize| k0 + keys0 + g + 8 * (i / 2);
+        let (mut dk, mut dv) = ([[[0.0f32; 4]; 2]; DK], [[[0.0f32; 4]; 2]; DK]);
+        if k0 < len {
+            k_s.load(head.qkv(qkv, 1, k0), 3 * head.width, head.valid(k0));
+            v_s.load(head.qkv(qkv, 2, k0), 3 * head.width, head.valid(k0));
+            cp_async_commit();
+        }
+        let scale2 = scale * core::f32::consts::LOG2_E;
+        // Causal: queries before the tile see none of its keys. A tile past the length has no
+        // work: its dK and dV rows are written 0.
+        let mut q0 = if k0 >= len {
+            len
+        } else if causal {
+            k0
+        } else {
+            0
+        };
+        while q0 < len {
+            sync_threads(); // every warp is done with the previous Q, dO, dS and statistics
+            let valid = head.valid(q0);
+            q_s.load(head.qkv(qkv, 0, q0), 3 * head.width, valid);
+            o_s.load(dout.offset((head.row0 + q0) * head.width + head.col), head.width, valid);
+            cp_async_commit();
+            block_stride(TILE, |i| {
+                let (lse_i, delta_i) =
+                    if i < valid { (lse.load(head.lse0 + q0 + i), delta.load(head.lse0 + q0 + i)) } else { (0.0, 0.0) };
+                stats.store(i, lse_i * core::f32::consts::LOG2_E);
+                stats.store(TILE + i, delta_i);
+            });
+            cp_async_wait::<0>();
+            sync_threads();
+
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: the warp's 16 keys × the tile's 64 queries.
+            let (mut s, mut dp) = ([[[0.0f32; 4]; 2]; KT], [[[0.0f32; 4]; 2]; KT]);
+            unrolled::<DK>(|kd| {
+                let (kf, vf) = (k_s.a(keys0, kd), v_s.a(keys0, kd));
+                unrolled::<KT>(|qq| {
+                    let qf = q_s.b_rows(16 * qq, kd);
+                    s[qq][0] = mma_bf16_m16n8k16(kf, [qf[0], qf[1]], s[qq][0]);
+                    s[qq][1] = mma_bf16_m16n8k16(kf, [qf[2], qf[3]], s[qq][1]);
+                    let of = o_s.b_rows(16 * qq, kd);
+                    dp[qq][0] = mma_bf16_m16n8k16(vf, [of[0], of[1]], dp[qq][0]);
+                    dp[qq][1] = mma_bf16_m16n8k16(vf, [of[2], of[3]], dp[qq][1]);
+                })
+            });
+            // Pᵀ = 2^(S·scale·log₂e − lse·log₂e) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale.
+            each_score::<KT>(|qq, n, i| {
+                let c = 16 * qq + 8 * n + 2 * t + i % 2;
+                let (query, key) = (q0 + c, key(i));
+                let visible = query < len && key < len && (!causal || key <= query);
+                let p = if visible { ex2_approx(s[qq][n][i] * scale2 - stats.load(c)) } else { 0.0 };
+                s[qq][n][i] = p;
+                dp[qq][n][i] = p * (dp[qq][n][i] - stats.load(TILE + c)) * scale;
+            });
+
+            // dV += Pᵀ·dO and dK += dSᵀ·Q over the tile's queries; dSᵀ to shared for dQ.
+            unrolled::<KT>(|qq| {
+                let pack = |x: [[f32; 4]; 2]| {
+                    [
+                        bf16x2(x[0][0], x[0][1]),
+                        bf16x2(x[0][2], x[0][3]),
+                        bf16x2(x[1][0], x[1][1]),
+                        bf16x2(x[1][2], x[1][3]),
+                    ]
+                };
+                let (p, ds) = (pack(s[qq]), pack(dp[qq]));
+                unrolled::<DK>(|dd| {
+                    let of = o_s.b_cols(16 * qq, dd);
+                    dv[dd][0] = mma_bf16_m16n8k16(p, [of[0], of[1]], dv[dd][0]);
+                    dv[dd][1] = mma_bf16_m16n8k16(p, [of[2], of[3]], dv[dd][1]);
+                    let qf = q_s.b_cols(16 * qq, dd);
+                    dk[dd][0] = mma_bf16_m16n8k16(ds, [qf[0], qf[1]], dk[dd][0]);
+                    dk[dd][1] = mma_bf16_m16n8k16(ds, [qf[2], qf[3]], dk[dd][1]);
+                });
+                let staged = ds_s.s.cast::<u32>();
+                unrolled::<2>(|n| {
+                    unrolled::<2>(|r| {
+                        let at = Tile::<KT>::at(keys0 + g + 8 * r, 2 * qq + n) + 2 * t;
+                        staged.store(at / 2, ds[2 * n + r]);
+                    })
+                });
+            });
+            sync_threads();
+
+            // dQ += dS·K: warp w takes queries 16w …, the head dims in two halves (registers).
+            let rows0 = 16 * warp();
+            let mut half = 0;
+            while half < 2 {
+                let mut acc = [[[0.0f32; 4]; 2]; HALF];
+                unrolled::<KT>(|kk| {
+                    let a = ds_s.a_trans(rows0, 16 * kk);
+                    unrolled::<HALF>(|dd| {
+                        let kf = k_s.b_cols(16 * kk, half * HALF + dd);
+                        acc[dd][0] = mma_bf16_m16n8k16(a, [kf[0], kf[1]], acc[dd][0]);
+                        acc[dd][1] = mma_bf16_m16n8k16(a, [kf[2], kf[3]], acc[dd][1]);
+                    })
+                });
+                each_score::<HALF>(|dd, n, i| {
+                    let query = q0 + rows0 + g + 8 * (i / 2);
+                    if query < len {
+                        let col = 16 * (half * HALF + dd) + 8 * n + 2 * t + i % 2;
+                        dq.atomic_add((head.row0 + query) * head.width + head.col + col, acc[dd][n][i]);
+                    }
+                });
+                half += 1;
+            }
+            q0 += TILE;
+        }
+
+        // dK and dV of the warp's 16 keys (0 for keys past the length) by way of its K and V
+        // rows; every warp is done reading K and V after the barrier.
+        sync_threads();
+        let rows = seq.saturating_sub(k0 + keys0);
+        let first = (head.row0 + k0 + keys0) * 3 * head.width + head.col;
+        store_rows(k_s, keys0, &dk, [1.0; 2], dqkv, first + head.width, 3 * head.width, rows);
+        store_rows(v_s, keys0, &dv, [1.0; 2], dqkv, first + 2 * head.width, 3 * head.width, rows);
+    }
+}
+
+kernel! {
+    /// The backward's pre-pass: δ [B, H, S] = Σ_d dO∘O per row and head (0 in padding rows), and
+    /// the dQ accumulator dq [B, S, H·D] (f32) zeroed.
+    ///
+    /// # Safety
+    /// delta holds B·H·S values, dq, out and dout B·S·H·D, lengths (unless null) B; D even.
+    pub fn flash_attention_backward_dot(
+        delta: GlobalMut<f32>,
+        dq: GlobalMut<f32>,
+        out: Global<Bf16>,
+        dout: Global<Bf16>,
+        lengths: Global<u32>,
+        batch: u32,
+        seq: u32,
+        heads: u32,
+        head_dim: u32,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            backward_dot(delta, dq, out, dout, lengths, batch as usize, seq as usize, heads as usize, head_dim as usize)
+        }
+    }
+}
+
+kernel! {
+    /// The q part of dqkv [B, S, 3·W] (bf16) from the dQ accumulator dq [B, S, W] (f32).
+    ///
+    /// # Safety
+    /// dqkv holds rows·3·width values, dq rows·width.
+    pub fn flash_attention_backward_dq(dqkv: GlobalMut<Bf16>, dq: Global<f32>, rows: u32, width: u32) {
+        let width = width as usize;
+        // SAFETY: i < rows·width.
+        grid_stride(rows as usize * width, |i| unsafe {
+            dqkv.store(i / width * 3 * width + i % width, Bf16::from_f32(dq.load(i)))
+        });
+    }
 }
 
 macro_rules! forward_entries {
@@ -366,3 +646,41 @@ macro_rules! forward_entries {
 }
 
 forward_entries!(flash_attention_forward_d32: 2, flash_attention_forward_d64: 4, flash_attention_forward_d128: 8);
+
+macro_rules! backward_entries {
+    ($($name:ident: $dk:literal, $half:literal),*) => {$(
+        kernel! {
+            /// dK and dV into dqkv [B, S, 3·H·D] (bf16; its q part is left to
+            /// `flash_attention_backward_dq`) and dQ added to dq [B, S, H·D] (f32, zeroed by
+            /// `flash_attention_backward_dot`, which also made delta), from qkv, dout [B, S, H·D]
+            /// and the forward's lse [B, H, S]; D = 16·DK. Masks as the forward's.
+            ///
+            /// # Safety
+            /// The buffers hold those sizes; qkv, dqkv and dout 16-byte aligned; grid (⌈S/64⌉,
+            /// H, B) of `THREADS` threads with `backward_shared_bytes(D)` bytes of dynamic shared
+            /// memory.
+            pub fn $name(
+                dqkv: GlobalMut<Bf16>,
+                dq: GlobalMut<f32>,
+                qkv: Global<Bf16>,
+                dout: Global<Bf16>,
+                lse: Global<f32>,
+                delta: Global<f32>,
+                lengths: Global<u32>,
+                seq: u32,
+                heads: u32,
+                causal: u32,
+                scale: f32,
+            ) {
+                // SAFETY: the caller's contract.
+                unsafe { backward::<$dk, $half>(dqkv, dq, qkv, dout, lse, delta, lengths, seq, heads, causal, scale) }
+            }
+        }
+    )*};
+}
+
+backward_entries!(
+    flash_attention_backward_d32: 2, 1,
+    flash_attention_backward_d64: 4, 2,
+    flash_attention_backward_d128: 8, 4
+);

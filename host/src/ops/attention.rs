@@ -23,6 +23,7 @@ use super::matmul::{Batch, Mat, MatRef, cpu_matmul, gpu_matmul};
 use crate::cublaslt::Epilogue as Lt;
 use crate::device::Device;
 use crate::error::Result;
+use crate::launch::grid_stride_config;
 use crate::view::{View, ViewMut};
 
 #[derive(Clone, Copy, Debug)]
@@ -323,6 +324,35 @@ pub fn flash_covers(s: AttentionShape) -> bool {
     flash_forward_kernel(s.head_dim).is_some()
 }
 
+/// The flash backward's parameter tuple.
+type FlashBackward = Kernel<(
+    GlobalMut<Bf16>,
+    GlobalMut<f32>,
+    Global<Bf16>,
+    Global<Bf16>,
+    Global<f32>,
+    Global<f32>,
+    Global<u32>,
+    u32,
+    u32,
+    u32,
+    f32,
+)>;
+
+fn flash_backward_kernel(head_dim: usize) -> Option<FlashBackward> {
+    match head_dim {
+        32 => Some(flash::flash_attention_backward_d32),
+        64 => Some(flash::flash_attention_backward_d64),
+        128 => Some(flash::flash_attention_backward_d128),
+        _ => None,
+    }
+}
+
+/// f32 scratch of [`flash_attention_backward`]: the dQ accumulator [B, S, D] and δ [B, H, S].
+pub fn flash_backward_scratch_len(s: AttentionShape) -> usize {
+    s.batch * s.seq * (s.width() + s.heads)
+}
+
 /// The address of a view's first element (device address on CUDA, host address on emu).
 fn address<T>(v: &View<T>) -> usize {
     match v {
@@ -368,6 +398,68 @@ pub fn flash_attention_forward(
     let args = (out, lse, qkv, lengths, s.seq as u32, s.heads as u32, s.causal as u32, scale(s));
     // SAFETY: sizes checked above; grid, block and shared memory as the kernel requires.
     unsafe { device.launch(&kernel, cfg, args) }
+}
+
+/// The backward of [`flash_attention_forward`] on a GPU device: dqkv [B, S, 3D] (bf16,
+/// overwritten) from dout [B, S, D], qkv, the forward's out and lse, recomputing the
+/// probabilities tile by tile; `scratch` holds [`flash_backward_scratch_len`] f32. Three launches:
+/// δ = rowsum(dO∘O) with the dQ accumulator zeroed, the tile kernel (dK, dV per key tile, dQ by
+/// f32 atomics), dQ rounded into dqkv. Rows of dout past a sequence's length must be 0 (as the
+/// model's are: nothing reads those rows of out), for the unfused path's gradient to be the same.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_backward(
+    device: &Device,
+    mut dqkv: ViewMut<bf16>,
+    scratch: ViewMut<f32>,
+    dout: View<bf16>,
+    qkv: View<bf16>,
+    out: View<bf16>,
+    lse: View<f32>,
+    lengths: Option<View<u32>>,
+    s: AttentionShape,
+) -> Result<()> {
+    let op = OpCheck::new("flash_attention_backward", device);
+    check_io(&op, s, qkv.len(), dout.len())?;
+    op.size("out", out.len(), dout.len(), || "dout's size".into())?;
+    op.size("dqkv", dqkv.len(), qkv.len(), || "qkv's size".into())?;
+    op.size("lse", lse.len(), s.batch * s.heads * s.seq, || format!("[B {}, H {}, S {}]", s.batch, s.heads, s.seq))?;
+    op.size("scratch", scratch.len(), flash_backward_scratch_len(s), || "flash_backward_scratch_len".into())?;
+    if let Some(l) = &lengths {
+        op.size("lengths", l.len(), s.batch, || format!("[B {}]", s.batch))?;
+    }
+    let kernel = flash_backward_kernel(s.head_dim).ok_or_else(|| {
+        op.invalid(format!("head dim {}: the flash kernels cover 32, 64 and 128 (attention_backward any)", s.head_dim))
+    })?;
+    let (dqkv_view, dout, qkv, out) =
+        (op.gpu_mut("dqkv", dqkv.reborrow())?, op.gpu("dout", dout)?, op.gpu("qkv", qkv)?, op.gpu("out", out)?);
+    if [address(&qkv), address(&dout), address(&dqkv_view.as_view())].iter().any(|a| a % 16 != 0) {
+        return Err(op.invalid("qkv, dqkv and dout must start 16-byte aligned (cp.async and vector stores)"));
+    }
+    let (lse, lengths) = (op.gpu("lse", lse)?, lengths.map(|l| op.gpu("lengths", l)).transpose()?);
+    let (mut dq, mut delta) = op.gpu_mut("scratch", scratch)?.split_at(s.batch * s.seq * s.width());
+    let rows = s.batch * s.seq * s.heads;
+    let warps = (flash::THREADS / 32) as usize;
+    let dot = LaunchConfig {
+        grid_dim: (rows.div_ceil(warps).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (flash::THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (b, seq, h, d) = (s.batch as u32, s.seq as u32, s.heads as u32, s.head_dim as u32);
+    let args = (delta.reborrow(), dq.reborrow(), out, dout, lengths, b, seq, h, d);
+    // SAFETY: sizes checked above.
+    unsafe { device.launch(&flash::flash_attention_backward_dot, dot, args)? };
+    let cfg = LaunchConfig {
+        grid_dim: (s.seq.div_ceil(flash::TILE) as u32, h, b),
+        block_dim: (flash::THREADS, 1, 1),
+        shared_mem_bytes: flash::backward_shared_bytes(s.head_dim),
+    };
+    let args = (dqkv_view, dq.reborrow(), qkv, dout, lse, delta.as_view(), lengths, seq, h, s.causal as u32, scale(s));
+    // SAFETY: sizes and alignment checked above; grid, block and shared memory as the kernel requires.
+    unsafe { device.launch(&kernel, cfg, args)? };
+    let n = s.batch * s.seq * s.width();
+    let args = (dqkv.reborrow(), dq.as_view(), (s.batch * s.seq) as u32, s.width() as u32);
+    // SAFETY: dqkv holds B·S·3D values and dq B·S·D.
+    unsafe { device.launch(&flash::flash_attention_backward_dq, grid_stride_config(n, flash::THREADS), args) }
 }
 
 #[cfg(test)]
