@@ -30,8 +30,10 @@
 //! shared memory instead of read.
 //!
 //! Shared memory: the Q, K and V tiles, 64 × D bf16 each (3·128·D bytes: 12, 24, 48 KiB for D =
-//! 32, 64, 128). Registers (ptxas, sm_80 / sm_90): 126 / 130, 151 / 150, 192 / 204 for D = 32,
-//! 64, 128, no spills: O is D/2 f32 per thread, S 32. Each row's 16-byte chunks are swizzled (chunk c of row r at c ⊕ (r mod 8), for
+//! 32, 64, 128). Registers (ptxas, sm_80 / sm_90): 120 / 130, 158 / 156, 191 / 186 for D = 32,
+//! 64, 128, no spills: O is D/2 f32 per thread, S 32. The backward's: K, V, Q, dO (64 × D each),
+//! dSᵀ (64 × 64) and the tile's lse and δ, 4·128·D + 8704 bytes (above 48 KiB at D = 128: the
+//! launch raises the limit); registers 240 / 174, 255 / 255, 113 / 78, no spills. Each row's 16-byte chunks are swizzled (chunk c of row r at c ⊕ (r mod 8), for
 //! D = 32 at c ⊕ (⌊r/2⌋ mod 4)) so that the 8 rows an `ldmatrix` phase reads, and the 8 chunks
 //! of a cp.async phase, fall on distinct banks.
 //!

@@ -18,9 +18,9 @@ use clip_pgs_kernels::hw::{Global, GlobalMut, Kernel};
 use half::bf16;
 
 use super::check::OpCheck;
-use super::dtype::Activation;
+use super::dtype::{Activation, Float};
 use super::matmul::{Batch, Mat, MatRef, cpu_matmul, gpu_matmul};
-use crate::cublaslt::Epilogue as Lt;
+use crate::cublaslt::{DataType, Epilogue as Lt};
 use crate::device::Device;
 use crate::error::Result;
 use crate::launch::grid_stride_config;
@@ -460,6 +460,85 @@ pub fn flash_attention_backward(
     let args = (dqkv.reborrow(), dq.as_view(), (s.batch * s.seq) as u32, s.width() as u32);
     // SAFETY: dqkv holds B·S·3D values and dq B·S·D.
     unsafe { device.launch(&flash::flash_attention_backward_dq, grid_stride_config(n, flash::THREADS), args) }
+}
+
+/// Which attention a GPU training step runs: the flash kernels (bf16 on a GPU device, head dims
+/// 32, 64, 128) or the unfused cuBLASLt + softmax path (any type and head dim; the test oracle).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    Unfused,
+    Flash,
+}
+
+impl AttentionKernel {
+    /// Flash where it applies, else unfused (the CPU device: its reference). The environment
+    /// variable `CLIP_PGS_ATTENTION` chooses explicitly: `unfused`, or `flash`, which is an
+    /// error where the flash kernels do not apply.
+    pub fn select<T: Float>(device: &Device, s: AttentionShape) -> Result<AttentionKernel> {
+        let applies = !matches!(device, Device::Cpu) && T::DATA_TYPE == DataType::Bf16 && flash_covers(s);
+        match std::env::var("CLIP_PGS_ATTENTION").as_deref() {
+            Ok("unfused") => Ok(AttentionKernel::Unfused),
+            Ok("flash") if !applies => Err(crate::error::Error::InvalidArgument(format!(
+                "CLIP_PGS_ATTENTION=flash: the flash kernels run bf16 on a GPU device with head dims 32, 64 \
+                 and 128; this is {} on {device} with head dim {}",
+                T::NAME,
+                s.head_dim
+            ))),
+            Ok("flash" | "auto") | Err(_) => {
+                Ok(if applies { AttentionKernel::Flash } else { AttentionKernel::Unfused })
+            }
+            Ok(other) => Err(crate::error::Error::InvalidArgument(format!(
+                "CLIP_PGS_ATTENTION={other}: expected flash, unfused or auto"
+            ))),
+        }
+    }
+}
+
+/// The model's attention forward: out, and what backward needs — probs for the unfused path, lse
+/// for flash ([`AttentionKernel::select`]); the other is left untouched.
+pub fn model_attention_forward<T: Activation>(
+    device: &Device,
+    out: ViewMut<T>,
+    probs: ViewMut<T>,
+    lse: ViewMut<f32>,
+    qkv: View<T>,
+    lengths: Option<View<u32>>,
+    s: AttentionShape,
+) -> Result<()> {
+    match AttentionKernel::select::<T>(device, s)? {
+        AttentionKernel::Unfused => attention_forward(device, out, probs, qkv, lengths, s),
+        AttentionKernel::Flash => {
+            let (out, qkv) = (T::bf16_view_mut(out).expect("bf16"), T::bf16_view(qkv).expect("bf16"));
+            flash_attention_forward(device, out, lse, qkv, lengths, s)
+        }
+    }
+}
+
+/// The backward of [`model_attention_forward`] (the same kernel choice); flash takes its f32
+/// scratch from the device's.
+#[allow(clippy::too_many_arguments)]
+pub fn model_attention_backward<T: Activation>(
+    device: &Device,
+    dqkv: ViewMut<T>,
+    scratch: ViewMut<T>,
+    dout: View<T>,
+    qkv: View<T>,
+    saved: (View<T>, View<T>, View<f32>),
+    lengths: Option<View<u32>>,
+    s: AttentionShape,
+) -> Result<()> {
+    let (probs, out, lse) = saved;
+    match AttentionKernel::select::<T>(device, s)? {
+        AttentionKernel::Unfused => attention_backward(device, dqkv, scratch, dout, qkv, probs, s),
+        AttentionKernel::Flash => {
+            let dqkv = T::bf16_view_mut(dqkv).expect("bf16");
+            let (dout, qkv, out) =
+                (T::bf16_view(dout).expect("bf16"), T::bf16_view(qkv).expect("bf16"), T::bf16_view(out).expect("bf16"));
+            device.with_scratch(flash_backward_scratch_len(s), |scratch| {
+                flash_attention_backward(device, dqkv, scratch, dout, qkv, out, lse, lengths, s)
+            })
+        }
+    }
 }
 
 #[cfg(test)]
