@@ -540,23 +540,13 @@ mod tests {
 
     /// A test-tiny step on random images and captions; returns the loss and the gradients.
     fn grads(accum: usize, checkpointing: bool, keep: Option<&[Vec<usize>]>, seed: u64) -> (f32, Vec<f32>) {
-        let (loss, grads) = grads_on::<f32>(Device::Cpu, accum, checkpointing, keep, seed);
+        let (loss, grads) = grads_on::<f32>("test-tiny", Device::Cpu, accum, checkpointing, keep, seed);
         (loss, grads.to_host().unwrap())
     }
 
-    /// `grads` on `device` with activations in T; the gradients as the model state they are.
+    /// `grads` of the model config `model` on `device` with activations in T; the gradients as
+    /// the model state they are.
     fn grads_on<T: Precision>(
-        device: Device,
-        accum: usize,
-        checkpointing: bool,
-        keep: Option<&[Vec<usize>]>,
-        seed: u64,
-    ) -> (f32, Params) {
-        grads_of::<T>("test-tiny", device, accum, checkpointing, keep, seed)
-    }
-
-    /// `grads_on` for the model config `model`.
-    fn grads_of<T: Precision>(
         model: &str,
         device: Device,
         accum: usize,
@@ -590,11 +580,11 @@ mod tests {
         use clip_pgs_host::DevicePreference;
         let emu = || Device::select(DevicePreference::Emu).unwrap().device;
         let keep: Vec<Vec<usize>> = (0..8).map(|b| (0..16).filter(|j| (j + b) % 3 != 0).collect()).collect();
-        let (cpu_loss, cpu) = grads_on::<f32>(Device::Cpu, 2, true, Some(&keep), 5);
+        let (cpu_loss, cpu) = grads_on::<f32>("test-tiny", Device::Cpu, 2, true, Some(&keep), 5);
         let cpu = cpu.named().unwrap();
         for (dtype, (loss, gpu), bound) in [
-            ("f32", grads_on::<f32>(emu(), 2, true, Some(&keep), 5), 1e-4f32),
-            ("bf16", grads_on::<clip_pgs_host::bf16>(emu(), 2, true, Some(&keep), 5), 1e-1),
+            ("f32", grads_on::<f32>("test-tiny", emu(), 2, true, Some(&keep), 5), 1e-4f32),
+            ("bf16", grads_on::<clip_pgs_host::bf16>("test-tiny", emu(), 2, true, Some(&keep), 5), 1e-1),
         ] {
             assert!((loss - cpu_loss).abs() <= bound * cpu_loss, "{dtype}: loss {loss} vs {cpu_loss}");
             for ((name, _, want), (_, _, got)) in cpu.iter().zip(gpu.named().unwrap()) {
@@ -618,11 +608,11 @@ mod tests {
         let l = ClipConfig::load("shapes-tiny").unwrap().patches();
         let mut keep: Vec<Vec<usize>> = (0..8).map(|b| (0..l).filter(|j| (j + b) % (b + 2) != 0).collect()).collect();
         keep[3] = vec![5];
-        let (cpu_loss, cpu) = grads_of::<f32>("shapes-tiny", Device::Cpu, 1, true, Some(&keep), 5);
+        let (cpu_loss, cpu) = grads_on::<f32>("shapes-tiny", Device::Cpu, 1, true, Some(&keep), 5);
         let emu = EmuRuntime::new(Options::default());
         emu.keep_reports();
         let (loss, gpu) =
-            grads_of::<clip_pgs_host::bf16>("shapes-tiny", Device::Emu(emu.clone()), 1, true, Some(&keep), 5);
+            grads_on::<clip_pgs_host::bf16>("shapes-tiny", Device::Emu(emu.clone()), 1, true, Some(&keep), 5);
         let kernels: Vec<&str> = emu.take_reports().iter().map(|r| r.kernel).collect();
         for k in ["flash_attention_forward_d32", "flash_attention_backward_d32"] {
             assert!(kernels.contains(&k), "{k} did not run");
