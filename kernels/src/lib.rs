@@ -23,6 +23,7 @@ pub mod edge_map;
 pub mod element;
 pub mod elementwise;
 pub mod embedding;
+pub mod flash_attention;
 pub mod gather;
 pub mod gelu;
 pub mod hw;

@@ -10,7 +10,7 @@
 //! kept for backward, or with gradient checkpointing only each block's input (the rest is
 //! recomputed block by block in backward, into one block's worth of arena).
 
-use clip_pgs_host::ops::attention::{AttentionShape, attention_backward, attention_forward};
+use clip_pgs_host::ops::attention::{AttentionShape, model_attention_backward, model_attention_forward};
 use clip_pgs_host::ops::clip_loss::{ClipLossOut, clip_loss, clip_loss_workspace};
 use clip_pgs_host::ops::elementwise::{add, add_assign, fill};
 use clip_pgs_host::ops::embedding::{embedding_backward, embedding_forward};
@@ -124,6 +124,8 @@ struct BlockActs {
     ln1: NormActs,
     qkv: Span,
     probs: Span,
+    /// The flash attention's log-sum-exp [B, H, S] (f32 arena), saved instead of probs.
+    lse: Span,
     attn: Span,
     mid: Span,
     ln2: NormActs,
@@ -139,9 +141,10 @@ struct Carver {
 }
 
 impl Carver {
+    /// Spans start at multiples of 8 elements, as `SpanAllocator`'s.
     fn take(&mut self, max: usize, len: usize) -> Span {
         let span = Span::new(self.offset, len);
-        self.offset += max;
+        self.offset += max.next_multiple_of(8);
         span
     }
 
@@ -237,6 +240,7 @@ impl TowerPlan {
             ln1: norm(c),
             qkv: c.take(rows_max * 3 * w, rows * 3 * w),
             probs: c.take(probs_max, batch * self.heads * seq * seq),
+            lse: c.take_stat(self.batch * self.heads * self.seq, batch * self.heads * seq),
             attn: c.take(rows_max * w, rows * w),
             mid: c.take(rows_max * w, rows * w),
             ln2: norm(c),
@@ -711,7 +715,8 @@ impl<T: Precision> Pass<'_, T> {
         )?;
         {
             let ([qkv], [out, probs]) = f.acts.split([a.qkv], [a.attn, a.probs])?;
-            attention_forward(self.device, out, probs, qkv, lengths, t.attention(n, seq))?;
+            let ([], [lse]) = f.stats.split([], [a.lse])?;
+            model_attention_forward(self.device, out, probs, lse, qkv, lengths, t.attention(n, seq))?;
         }
         self.linear(
             f,
@@ -745,6 +750,7 @@ impl<T: Precision> Pass<'_, T> {
     }
 
     /// dx: the gradient at block i's output in, at its input out (the tower's `dx` span).
+    #[allow(clippy::too_many_arguments)]
     fn block_backward(
         &self,
         t: &TowerPlan,
@@ -753,6 +759,7 @@ impl<T: Precision> Pass<'_, T> {
         bw: &BlockWeights,
         i: usize,
         Seqs { n, len: seq }: Seqs,
+        lengths: Option<View<u32>>,
     ) -> Result<()> {
         let (a, rows, w, m) = (t.block(i, n, seq), n * seq, t.width, t.mlp);
         let (dx, d_w, d_fc) = (t.dx.prefix(rows * w), t.d_w.prefix(rows * w), t.d_fc.prefix(rows * m));
@@ -777,9 +784,11 @@ impl<T: Precision> Pass<'_, T> {
         self.linear_backward(f, g, d_w, dx, a.attn, out_proj, None, LinearShape { rows, inputs: w, outputs: w })?;
         {
             let shape = t.attention(n, seq);
-            let ([dout, qkv, probs], [dqkv, scratch]) =
-                f.acts.split([d_w, a.qkv, a.probs], [dqkv, t.d_scores.prefix(shape.probs_len())])?;
-            attention_backward(self.device, dqkv, scratch, dout, qkv, probs, shape)?;
+            let ([dout, qkv, probs, out], [dqkv, scratch]) =
+                f.acts.split([d_w, a.qkv, a.probs, a.attn], [dqkv, t.d_scores.prefix(shape.probs_len())])?;
+            let [lse] = f.stats.views([a.lse])?;
+            let saved = (probs, out, lse);
+            model_attention_backward(self.device, dqkv, scratch, dout, qkv, saved, lengths, shape)?;
         }
         let in_proj = (bw.in_proj_weight, bw.in_proj_bias);
         self.linear_backward(f, g, d_w, dqkv, a.ln1.y, in_proj, None, LinearShape { rows, inputs: w, outputs: 3 * w })?;
@@ -816,7 +825,7 @@ impl<T: Precision> Pass<'_, T> {
             if t.blocks == 1 && i + 1 < t.layers {
                 self.block_forward(t, f, bw, i, seqs, lengths)?;
             }
-            self.block_backward(t, f, g, bw, i, seqs)?;
+            self.block_backward(t, f, g, bw, i, seqs, lengths)?;
         }
         Ok(())
     }

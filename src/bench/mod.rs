@@ -1,6 +1,8 @@
-//! `clip-pgs bench`: `pgs` (the PGS pipeline: CUDA timings, or the emulator's traffic counters)
-//! and `step` (training steps: CPU and CUDA timings, or the emulator's traffic per kernel).
+//! `clip-pgs bench`: `pgs` (the PGS pipeline: CUDA timings, or the emulator's traffic counters),
+//! `step` (training steps: CPU and CUDA timings, or the emulator's traffic per kernel) and
+//! `attention` (the flash attention kernels on the model's shapes, beside the unfused path).
 
+mod attention;
 mod pgs;
 mod step;
 mod step_traffic;
@@ -28,12 +30,17 @@ enum BenchWhat {
     /// Training steps of a CLIP config in this process: one JSON line with the median step time
     /// and the peak memory (tools/bench_train_step.sh interleaves it with PyTorch).
     Step(step::StepBench),
+    /// The flash attention kernels, forward and backward, on ViT-B/16's and the text tower's
+    /// shapes (PGS lengths, causal), beside the unfused path: one JSON line per case
+    /// (tools/bench_attention.sh sets PyTorch's SDPA beside it).
+    Attention(attention::AttentionBench),
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), Box<dyn Error>> {
     match &args.what {
         BenchWhat::Pgs(args) => pgs::run(args),
         BenchWhat::Step(args) => step::run(args),
+        BenchWhat::Attention(args) => attention::run(args),
     }
 }
 

@@ -12,13 +12,18 @@ use rayon::prelude::*;
 use cudarc::driver::LaunchConfig;
 
 use clip_pgs_kernels::attention as kernel;
+use clip_pgs_kernels::element::Bf16;
+use clip_pgs_kernels::flash_attention as flash;
+use clip_pgs_kernels::hw::{Global, GlobalMut, Kernel};
+use half::bf16;
 
 use super::check::OpCheck;
-use super::dtype::Activation;
+use super::dtype::{Activation, Float};
 use super::matmul::{Batch, Mat, MatRef, cpu_matmul, gpu_matmul};
-use crate::cublaslt::Epilogue as Lt;
+use crate::cublaslt::{DataType, Epilogue as Lt};
 use crate::device::Device;
 use crate::error::Result;
+use crate::launch::grid_stride_config;
 use crate::view::{View, ViewMut};
 
 #[derive(Clone, Copy, Debug)]
@@ -49,14 +54,20 @@ fn head(qkv: &[f32], s: AttentionShape, part: usize, h: usize) -> MatRef<'_> {
 }
 
 fn check(op: &OpCheck, s: AttentionShape, qkv: usize, out: usize, probs: usize) -> Result<()> {
-    let AttentionShape { batch: b, seq, heads, head_dim, .. } = s;
+    check_io(op, s, qkv, out)?;
+    let AttentionShape { batch: b, seq, heads, .. } = s;
+    op.size("probs", probs, s.probs_len(), || format!("[B {b}, H {heads}, S {seq}, S {seq}]"))
+}
+
+/// qkv [B, S, 3D] and out (or dout) [B, S, D].
+fn check_io(op: &OpCheck, s: AttentionShape, qkv: usize, out: usize) -> Result<()> {
+    let AttentionShape { batch: b, seq, head_dim, .. } = s;
     if seq == 0 || head_dim == 0 {
         return Err(op.invalid(format!("empty sequences or heads: S = {seq}, head_dim = {head_dim}")));
     }
     let d = s.width();
     op.size("qkv", qkv, b * seq * 3 * d, || format!("[B {b}, S {seq}, 3·D {}]", 3 * d))?;
-    op.size("out", out, b * seq * d, || format!("[B {b}, S {seq}, D {d}]"))?;
-    op.size("probs", probs, s.probs_len(), || format!("[B {b}, H {heads}, S {seq}, S {seq}]"))
+    op.size("out", out, b * seq * d, || format!("[B {b}, S {seq}, D {d}]"))
 }
 
 /// out [B, S, D] and probs [B, H, S, S]. `lengths[b]` valid keys of sequence b (None: all).
@@ -292,6 +303,242 @@ fn gpu_backward<T: Activation>(
 
 fn scale(s: AttentionShape) -> f32 {
     1.0 / (s.head_dim as f32).sqrt()
+}
+
+/// The flash forward's parameter tuple (`kernels/src/flash_attention.rs`).
+type FlashForward = Kernel<(GlobalMut<Bf16>, GlobalMut<f32>, Global<Bf16>, Global<u32>, u32, u32, u32, f32)>;
+
+/// The head dims the flash kernels cover, with their entry points.
+fn flash_forward_kernel(head_dim: usize) -> Option<FlashForward> {
+    match head_dim {
+        32 => Some(flash::flash_attention_forward_d32),
+        64 => Some(flash::flash_attention_forward_d64),
+        128 => Some(flash::flash_attention_forward_d128),
+        _ => None,
+    }
+}
+
+/// Whether the flash kernels cover this shape (head dims 32, 64 and 128); the unfused
+/// [`attention_forward`]/[`attention_backward`] cover any.
+pub fn flash_covers(s: AttentionShape) -> bool {
+    flash_forward_kernel(s.head_dim).is_some()
+}
+
+/// The flash backward's parameter tuple.
+type FlashBackward = Kernel<(
+    GlobalMut<Bf16>,
+    GlobalMut<f32>,
+    Global<Bf16>,
+    Global<Bf16>,
+    Global<f32>,
+    Global<f32>,
+    Global<u32>,
+    u32,
+    u32,
+    u32,
+    f32,
+)>;
+
+fn flash_backward_kernel(head_dim: usize) -> Option<FlashBackward> {
+    match head_dim {
+        32 => Some(flash::flash_attention_backward_d32),
+        64 => Some(flash::flash_attention_backward_d64),
+        128 => Some(flash::flash_attention_backward_d128),
+        _ => None,
+    }
+}
+
+/// f32 scratch of [`flash_attention_backward`]: the dQ accumulator [B, S, D] and δ [B, H, S].
+pub fn flash_backward_scratch_len(s: AttentionShape) -> usize {
+    s.batch * s.seq * (s.width() + s.heads)
+}
+
+/// The address of a view's first element (device address on CUDA, host address on emu).
+fn address<T>(v: &View<T>) -> usize {
+    match v {
+        View::Cpu(x) | View::Emu(x) => x.as_ptr() as usize,
+        View::Cuda(r) => r.address as usize,
+    }
+}
+
+/// Flash attention on a GPU device (`kernels/src/flash_attention.rs`): out [B, S, D] and the
+/// log-sum-exp of the scaled scores lse [B, H, S] (f32, for the backward pass) from bf16 qkv
+/// [B, S, 3D], without the [B, H, S, S] probabilities; the same masks as [`attention_forward`]
+/// (`lengths[b]` valid tokens, causal). Rows of a sequence past its length get 0 in out and lse
+/// (the unfused path computes them: they attend to the valid keys, and nothing reads them).
+/// qkv and out must start 16-byte aligned; head dims 32, 64, 128 ([`flash_covers`]).
+pub fn flash_attention_forward(
+    device: &Device,
+    out: ViewMut<bf16>,
+    lse: ViewMut<f32>,
+    qkv: View<bf16>,
+    lengths: Option<View<u32>>,
+    s: AttentionShape,
+) -> Result<()> {
+    let op = OpCheck::new("flash_attention_forward", device);
+    check_io(&op, s, qkv.len(), out.len())?;
+    let rows = s.batch * s.heads * s.seq;
+    op.size("lse", lse.len(), rows, || format!("[B {}, H {}, S {}]", s.batch, s.heads, s.seq))?;
+    if let Some(l) = &lengths {
+        op.size("lengths", l.len(), s.batch, || format!("[B {}]", s.batch))?;
+    }
+    let kernel = flash_forward_kernel(s.head_dim).ok_or_else(|| {
+        op.invalid(format!("head dim {}: the flash kernels cover 32, 64 and 128 (attention_forward any)", s.head_dim))
+    })?;
+    let (out, lse, qkv) = (op.gpu_mut("out", out)?, op.gpu_mut("lse", lse)?, op.gpu("qkv", qkv)?);
+    let lengths = lengths.map(|l| op.gpu("lengths", l)).transpose()?;
+    if address(&qkv) % 16 != 0 || address(&out.as_view()) % 16 != 0 {
+        return Err(op.invalid("qkv and out must start 16-byte aligned (cp.async and vector stores)"));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (s.seq.div_ceil(flash::TILE) as u32, s.heads as u32, s.batch as u32),
+        block_dim: (flash::THREADS, 1, 1),
+        shared_mem_bytes: flash::shared_bytes(s.head_dim),
+    };
+    let args = (out, lse, qkv, lengths, s.seq as u32, s.heads as u32, s.causal as u32, scale(s));
+    // SAFETY: sizes checked above; grid, block and shared memory as the kernel requires.
+    unsafe { device.launch(&kernel, cfg, args) }
+}
+
+/// The backward of [`flash_attention_forward`] on a GPU device: dqkv [B, S, 3D] (bf16,
+/// overwritten) from dout [B, S, D], qkv, the forward's out and lse, recomputing the
+/// probabilities tile by tile; `scratch` holds [`flash_backward_scratch_len`] f32. Three launches:
+/// δ = rowsum(dO∘O) with the dQ accumulator zeroed, the tile kernel (dK, dV per key tile, dQ by
+/// f32 atomics), dQ rounded into dqkv. Rows of dout past a sequence's length must be 0 (as the
+/// model's are: nothing reads those rows of out), for the unfused path's gradient to be the same.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_backward(
+    device: &Device,
+    mut dqkv: ViewMut<bf16>,
+    scratch: ViewMut<f32>,
+    dout: View<bf16>,
+    qkv: View<bf16>,
+    out: View<bf16>,
+    lse: View<f32>,
+    lengths: Option<View<u32>>,
+    s: AttentionShape,
+) -> Result<()> {
+    let op = OpCheck::new("flash_attention_backward", device);
+    check_io(&op, s, qkv.len(), dout.len())?;
+    op.size("out", out.len(), dout.len(), || "dout's size".into())?;
+    op.size("dqkv", dqkv.len(), qkv.len(), || "qkv's size".into())?;
+    op.size("lse", lse.len(), s.batch * s.heads * s.seq, || format!("[B {}, H {}, S {}]", s.batch, s.heads, s.seq))?;
+    op.size("scratch", scratch.len(), flash_backward_scratch_len(s), || "flash_backward_scratch_len".into())?;
+    if let Some(l) = &lengths {
+        op.size("lengths", l.len(), s.batch, || format!("[B {}]", s.batch))?;
+    }
+    let kernel = flash_backward_kernel(s.head_dim).ok_or_else(|| {
+        op.invalid(format!("head dim {}: the flash kernels cover 32, 64 and 128 (attention_backward any)", s.head_dim))
+    })?;
+    let (dqkv_view, dout, qkv, out) =
+        (op.gpu_mut("dqkv", dqkv.reborrow())?, op.gpu("dout", dout)?, op.gpu("qkv", qkv)?, op.gpu("out", out)?);
+    if [address(&qkv), address(&dout), address(&dqkv_view.as_view())].iter().any(|a| a % 16 != 0) {
+        return Err(op.invalid("qkv, dqkv and dout must start 16-byte aligned (cp.async and vector stores)"));
+    }
+    let (lse, lengths) = (op.gpu("lse", lse)?, lengths.map(|l| op.gpu("lengths", l)).transpose()?);
+    let (mut dq, mut delta) = op.gpu_mut("scratch", scratch)?.split_at(s.batch * s.seq * s.width());
+    let rows = s.batch * s.seq * s.heads;
+    let warps = (flash::THREADS / 32) as usize;
+    let dot = LaunchConfig {
+        grid_dim: (rows.div_ceil(warps).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (flash::THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (b, seq, h, d) = (s.batch as u32, s.seq as u32, s.heads as u32, s.head_dim as u32);
+    let args = (delta.reborrow(), dq.reborrow(), out, dout, lengths, b, seq, h, d);
+    // SAFETY: sizes checked above.
+    unsafe { device.launch(&flash::flash_attention_backward_dot, dot, args)? };
+    let cfg = LaunchConfig {
+        grid_dim: (s.seq.div_ceil(flash::TILE) as u32, h, b),
+        block_dim: (flash::THREADS, 1, 1),
+        shared_mem_bytes: flash::backward_shared_bytes(s.head_dim),
+    };
+    let args = (dqkv_view, dq.reborrow(), qkv, dout, lse, delta.as_view(), lengths, seq, h, s.causal as u32, scale(s));
+    // SAFETY: sizes and alignment checked above; grid, block and shared memory as the kernel requires.
+    unsafe { device.launch(&kernel, cfg, args)? };
+    let n = s.batch * s.seq * s.width();
+    let args = (dqkv.reborrow(), dq.as_view(), (s.batch * s.seq) as u32, s.width() as u32);
+    // SAFETY: dqkv holds B·S·3D values and dq B·S·D.
+    unsafe { device.launch(&flash::flash_attention_backward_dq, grid_stride_config(n, flash::THREADS), args) }
+}
+
+/// Which attention a GPU training step runs: the flash kernels (bf16 on a GPU device, head dims
+/// 32, 64, 128) or the unfused cuBLASLt + softmax path (any type and head dim; the test oracle).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    Unfused,
+    Flash,
+}
+
+impl AttentionKernel {
+    /// Flash where it applies, else unfused (the CPU device: its reference). The environment
+    /// variable `CLIP_PGS_ATTENTION` chooses explicitly: `unfused`, or `flash`, which is an
+    /// error where the flash kernels do not apply.
+    pub fn select<T: Float>(device: &Device, s: AttentionShape) -> Result<AttentionKernel> {
+        let applies = !matches!(device, Device::Cpu) && T::DATA_TYPE == DataType::Bf16 && flash_covers(s);
+        match std::env::var("CLIP_PGS_ATTENTION").as_deref() {
+            Ok("unfused") => Ok(AttentionKernel::Unfused),
+            Ok("flash") if !applies => Err(crate::error::Error::InvalidArgument(format!(
+                "CLIP_PGS_ATTENTION=flash: the flash kernels run bf16 on a GPU device with head dims 32, 64 \
+                 and 128; this is {} on {device} with head dim {}",
+                T::NAME,
+                s.head_dim
+            ))),
+            Ok("flash" | "auto") | Err(_) => {
+                Ok(if applies { AttentionKernel::Flash } else { AttentionKernel::Unfused })
+            }
+            Ok(other) => Err(crate::error::Error::InvalidArgument(format!(
+                "CLIP_PGS_ATTENTION={other}: expected flash, unfused or auto"
+            ))),
+        }
+    }
+}
+
+/// The model's attention forward: out, and what backward needs — probs for the unfused path, lse
+/// for flash ([`AttentionKernel::select`]); the other is left untouched.
+pub fn model_attention_forward<T: Activation>(
+    device: &Device,
+    out: ViewMut<T>,
+    probs: ViewMut<T>,
+    lse: ViewMut<f32>,
+    qkv: View<T>,
+    lengths: Option<View<u32>>,
+    s: AttentionShape,
+) -> Result<()> {
+    match AttentionKernel::select::<T>(device, s)? {
+        AttentionKernel::Unfused => attention_forward(device, out, probs, qkv, lengths, s),
+        AttentionKernel::Flash => {
+            let (out, qkv) = (T::bf16_view_mut(out).expect("bf16"), T::bf16_view(qkv).expect("bf16"));
+            flash_attention_forward(device, out, lse, qkv, lengths, s)
+        }
+    }
+}
+
+/// The backward of [`model_attention_forward`] (the same kernel choice); flash takes its f32
+/// scratch from the device's.
+#[allow(clippy::too_many_arguments)]
+pub fn model_attention_backward<T: Activation>(
+    device: &Device,
+    dqkv: ViewMut<T>,
+    scratch: ViewMut<T>,
+    dout: View<T>,
+    qkv: View<T>,
+    saved: (View<T>, View<T>, View<f32>),
+    lengths: Option<View<u32>>,
+    s: AttentionShape,
+) -> Result<()> {
+    let (probs, out, lse) = saved;
+    match AttentionKernel::select::<T>(device, s)? {
+        AttentionKernel::Unfused => attention_backward(device, dqkv, scratch, dout, qkv, probs, s),
+        AttentionKernel::Flash => {
+            let dqkv = T::bf16_view_mut(dqkv).expect("bf16");
+            let (dout, qkv, out) =
+                (T::bf16_view(dout).expect("bf16"), T::bf16_view(qkv).expect("bf16"), T::bf16_view(out).expect("bf16"));
+            device.with_scratch(flash_backward_scratch_len(s), |scratch| {
+                flash_attention_backward(device, dqkv, scratch, dout, qkv, out, lse, lengths, s)
+            })
+        }
+    }
 }
 
 #[cfg(test)]

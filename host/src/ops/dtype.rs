@@ -17,6 +17,7 @@ use clip_pgs_kernels::hw::{Global, GlobalMut, Kernel};
 use super::edge_map::ImageElement;
 use crate::cublaslt::DataType;
 use crate::launch::KernelElement;
+use crate::view::{View, ViewMut};
 
 /// A stored element type computed in f32: f32 or bf16.
 pub trait Float: KernelElement + DeviceRepr + ValidAsZeroBits + Default + PartialEq + std::fmt::Debug {
@@ -32,6 +33,10 @@ pub trait Float: KernelElement + DeviceRepr + ValidAsZeroBits + Default + Partia
     fn as_f32(values: &[Self]) -> Option<&[f32]>;
     /// `as_f32` of values to write.
     fn as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]>;
+    /// The view as bf16 when it is bf16 (the flash attention kernels' type), None for f32.
+    fn bf16_view(v: View<'_, Self>) -> Option<View<'_, half::bf16>>;
+    /// `bf16_view` of a view to write.
+    fn bf16_view_mut(v: ViewMut<'_, Self>) -> Option<ViewMut<'_, half::bf16>>;
 }
 
 impl Float for f32 {
@@ -48,6 +53,12 @@ impl Float for f32 {
     }
     fn as_f32_mut(values: &mut [f32]) -> Option<&mut [f32]> {
         Some(values)
+    }
+    fn bf16_view(_: View<'_, f32>) -> Option<View<'_, half::bf16>> {
+        None
+    }
+    fn bf16_view_mut(_: ViewMut<'_, f32>) -> Option<ViewMut<'_, half::bf16>> {
+        None
     }
 }
 
@@ -66,6 +77,12 @@ impl Float for half::bf16 {
     }
     fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
         None
+    }
+    fn bf16_view(v: View<'_, Self>) -> Option<View<'_, half::bf16>> {
+        Some(v)
+    }
+    fn bf16_view_mut(v: ViewMut<'_, Self>) -> Option<ViewMut<'_, half::bf16>> {
+        Some(v)
     }
 }
 

@@ -451,3 +451,40 @@ fn reading_a_cp_async_destination_before_its_wait_is_reported() {
     assert_eq!(f.kind, FaultKind::AsyncCopyPending { byte_offset: 4 }, "{f}");
     assert_eq!(run(1).unwrap()[3], 13.0);
 }
+
+kernel! {
+    /// Every lane fills 8 bf16 of shared memory, then the warp runs `ldmatrix.x4` with lane l
+    /// naming row l, 16-byte aligned, shifted by `flag` bytes (misaligned unless 0) — and a
+    /// `cp.async` to a destination shifted by `flag` bytes, for `flag` ≥ 100 (100: aligned).
+    fn tensor_misaligned(input: Global<f32>, output: GlobalMut<f32>, flag: u32) {
+        use crate::element::Bf16;
+        unsafe {
+            let s = dynamic_shared::<Bf16>();
+            let t = thread_x();
+            if flag >= 100 {
+                crate::hw::cp_async_16(dynamic_shared::<f32>(), 4 * t + (flag as usize - 100), input, 0);
+                crate::hw::cp_async_commit();
+                crate::hw::cp_async_wait::<0>();
+            } else {
+                for i in 0..8 {
+                    s.store(8 * t + i, Bf16::from_f32(input.load(t)));
+                }
+                sync_warp(u32::MAX);
+                let regs = crate::hw::ldmatrix::<4, false>(s.cast::<u8>().offset(16 * t + flag as usize).cast::<Bf16>());
+                output.store(t, regs[0] as f32);
+            }
+        }
+    }
+}
+
+#[test]
+fn misaligned_tensor_core_addresses_are_reported() {
+    for f in fault(run(&tensor_misaligned, 32, 1024, 2)) {
+        assert_eq!(f.kind, FaultKind::Misaligned { space: Space::Shared, byte_offset: 2, align: 16 }, "{f}");
+    }
+    assert!(ok(run(&tensor_misaligned, 32, 1024, 0)).iter().all(|v| v.is_finite()));
+    for f in fault(run(&tensor_misaligned, 32, 1024, 101)) {
+        assert!(matches!(f.kind, FaultKind::Misaligned { space: Space::Shared, align: 16, .. }), "{f}");
+    }
+    ok(run(&tensor_misaligned, 32, 1024, 100));
+}

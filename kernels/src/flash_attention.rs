@@ -1,0 +1,692 @@
+//! Masked flash attention on tensor cores (FlashAttention-2's online softmax), bf16 in and out,
+//! f32 accumulation: the attention core of both towers without the [B, H, S, S] scores.
+//!
+//! Input: the model's fused projection qkv [B, S, 3W] (q, k, v, head h in columns h·D..(h+1)·D of
+//! each, W = H·D), read in place: a head's Q, K or V tile is 64 rows of D contiguous bf16 at row
+//! stride 3W, so no transpose runs before or after. Sequence b has `lengths[b]` valid tokens
+//! (PGS keeps a different number per image; null: all S) and the text tower is causal.
+//!
+//! One block of 4 warps per (64-query tile, head, sequence); warp w owns queries 16w … 16w + 15.
+//! The block loads its Q tile (cp.async) once, then walks the key tiles 0 … ⌈k_end / 64⌉ − 1, k_end = the sequence's length, or
+//! for a causal query tile min(length, last query + 1):
+//! 1. K and V tiles into shared memory by cp.async, in two commit groups, so that V is still in
+//!    flight while the scores are computed;
+//! 2. S = Q·Kᵀ (16 × 64 per warp: 8 n-tiles of `mma.m16n8k16`, Q and K read by `ldmatrix`: Q's
+//!    fragments are re-read from shared memory per key tile, not held, which leaves the registers
+//!    to O — 64 per thread at D = 128 — and S), scaled by
+//!    1/√D·log₂e and masked (key ≥ length, or after the query when causal) to −∞;
+//! 3. online softmax per row, base 2: m' = max(m, rowmax S), P = 2^(S − m'), ℓ ← ℓ·2^(m − m') +
+//!    Σ P, O ← O·2^(m − m') (the lane keeps its partial ℓ; the 4 lanes of a row add theirs at the
+//!    end);
+//! 4. O += P·V, P taken from the scores' accumulator registers as bf16 A fragments (the m16n8
+//!    accumulator layout of two adjacent n-tiles is the A layout of one k-step), V by
+//!    `ldmatrix.trans`.
+//!
+//! At the end O/ℓ is staged in the warp's rows of the Q tile and written with 16-byte stores, and
+//! the log-sum-exp of the scaled scores, (m + log₂ ℓ)·ln 2, is written to lse [B, H, S] (f32) for
+//! the backward pass. Query tiles at or past a sequence's length do no attention: they write
+//! zeros to their rows of out and lse (the padding rows of the following GEMMs must be finite);
+//! key tiles past k_end are never loaded; the rows of a partial tile past the length are zero-filled in
+//! shared memory instead of read.
+//!
+//! Shared memory: the Q, K and V tiles, 64 × D bf16 each (3·128·D bytes: 12, 24, 48 KiB for D =
+//! 32, 64, 128). Registers (ptxas, sm_80 / sm_90): 120 / 130, 158 / 156, 191 / 186 for D = 32,
+//! 64, 128, no spills: O is D/2 f32 per thread, S 32. The backward's: K, V, Q, dO (64 × D each),
+//! dSᵀ (64 × 64) and the tile's lse and δ, 4·128·D + 8704 bytes (above 48 KiB at D = 128: the
+//! launch raises the limit); registers 240 / 174, 255 / 255, 113 / 78, no spills. Each row's 16-byte chunks are swizzled (chunk c of row r at c ⊕ (r mod 8), for
+//! D = 32 at c ⊕ (⌊r/2⌋ mod 4)) so that the 8 rows an `ldmatrix` phase reads, and the 8 chunks
+//! of a cp.async phase, fall on distinct banks.
+//!
+//! Memory traffic, analytic minimum of a query tile with q valid queries visiting key tiles of k_i
+//! valid keys: 2·D·(q + 2·Σ k_i) bytes read (Q once, K and V once per query tile), 2·D·q + 4·64
+//! written (O and lse); qkv rows are whole sectors (2·D bytes at 64-byte-aligned columns), so
+//! every access uses all of its sectors. On the emulator's counters (`tests/flash_attention_gpu.rs`,
+//! D = 64): 1.008× the minimum at S = 197 with PGS lengths 197, 99, 1; 1.009× for the text
+//! tower's causal 77 (the rest: the lengths' sector per block, lse rows across sectors). Work: 4·D per visible (query, key) pair, plus the masked
+//! part of the diagonal and last tiles.
+
+//!
+//! Backward (FlashAttention-2's, probabilities recomputed from lse), three launches:
+//! 1. `flash_attention_backward_dot`: δ_i = Σ_d dO_id·O_id per row and head (a warp each), and
+//!    the head's columns of the f32 dQ accumulator zeroed;
+//! 2. `flash_attention_backward_dNN`: one block per (64-key tile, head, sequence) owns its dK and
+//!    dV (no atomics); warp w owns keys 16w … 16w + 15. It loads K and V once, then per query
+//!    tile (causal: from the key tile on; none past the length) loads Q, dO, lse and δ and
+//!    computes, in the transposed orientation so that the warp's rows are its keys: Sᵀ = K·Qᵀ and
+//!    dPᵀ = V·dOᵀ, Pᵀ = exp(scale·Sᵀ − lse) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale, dV += Pᵀ·dO
+//!    and dK += dSᵀ·Q (P and dS as bf16 A fragments straight from the accumulators, Q and dO by
+//!    `ldmatrix.trans`); dSᵀ goes to shared memory, and dQ += dS·K (dS by `ldmatrix.trans` of
+//!    dSᵀ, warp w: queries 16w …, the head dims in two halves) is added to the accumulator by f32
+//!    atomics;
+//! 3. `flash_attention_backward_dq`: the accumulator rounded into dqkv's q columns.
+//!
+//! dQ by atomics rather than a separate pass over query tiles: the pass would read K and V once
+//! per query tile again and recompute S and dP (4 of the backward's 5 GEMMs' inputs, 2 of its 5
+//! products); the atomics add 4·D bytes per (query, key tile) in L2 read-modify-writes. On the
+//! emulator's counters the three launches move 1.24× their analytic minimum (ViT-B/16 S = 197,
+//! PGS lengths, D = 64): each atomic instruction covers half of the sectors it touches (a lane
+//! holds alternate column pairs of the accumulator), the next step being to stage dQ in shared
+//! memory for whole-sector atomics.
+
+use crate::element::Bf16;
+use crate::hw::{
+    Global, GlobalMut, Shared, block_stride, block_x, block_y, block_z, cp_async_16, cp_async_commit, cp_async_wait,
+    dynamic_shared, ex2_approx, grid_stride, lane, lane_here, lane_stride, ldmatrix, lg2_approx, mma_bf16_m16n8k16,
+    shfl_xor, sync_threads, sync_warp, unrolled, warp, warp_rows,
+};
+use crate::kernel;
+use crate::reduce::warp_reduce;
+
+/// Threads per block (4 warps of 16 queries).
+pub const THREADS: u32 = 128;
+
+/// Queries per block, keys per tile.
+pub const TILE: usize = 64;
+
+/// 16-key steps of a key tile (mma k-steps of P·V).
+const KT: usize = TILE / 16;
+
+/// Dynamic shared memory of a launch for head dim `d`: the Q, K and V tiles.
+pub const fn shared_bytes(d: usize) -> u32 {
+    (3 * TILE * d * 2) as u32
+}
+
+/// The backward's: K, V, Q and dO tiles, dSᵀ (64 × 64 bf16), lse and δ of the query tile (f32).
+pub const fn backward_shared_bytes(d: usize) -> u32 {
+    (4 * TILE * d * 2 + TILE * TILE * 2 + 2 * TILE * 4) as u32
+}
+
+/// 8 bf16: one 16-byte chunk of a tile row (a cp.async, a vector store).
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+struct Chunk([u32; 4]);
+
+/// Two bf16 as one fragment register, the first in the low half.
+#[inline(always)]
+fn bf16x2(lo: f32, hi: f32) -> u32 {
+    Bf16::from_f32(lo).0 as u32 | (Bf16::from_f32(hi).0 as u32) << 16
+}
+
+/// A [64, D = 16·DK] bf16 tile in shared memory, 16-byte chunks swizzled per row. The fragment
+/// loads take the lane from `lane_here`, so that each swizzled address is computed where it is
+/// used: hoisted out of the key loop, one per (fragment, k-step) held 80 registers at D = 128 and
+/// spilled on sm_90.
+#[derive(Clone, Copy)]
+struct Tile<const DK: usize> {
+    s: Shared<Bf16>,
+}
+
+impl<const DK: usize> Tile<DK> {
+    /// 16-byte chunks per row.
+    const CHUNKS: usize = 2 * DK;
+
+    /// Tile `n` of the block's shared memory.
+    unsafe fn nth(all: Shared<Bf16>, n: usize) -> Self {
+        Tile { s: unsafe { all.offset(n * TILE * 16 * DK) } }
+    }
+
+    /// Element index of chunk `c` of row `r`.
+    #[inline(always)]
+    fn at(r: usize, c: usize) -> usize {
+        let group = if Self::CHUNKS < 8 { Self::CHUNKS } else { 8 };
+        r * 16 * DK + 8 * (c ^ (r / (8 / group) % group))
+    }
+
+    /// Rows 0 … `valid` − 1 from `src` (row i at element i·`stride`) by cp.async; rows past
+    /// `valid` zero-filled. The caller commits and waits.
+    #[inline(always)]
+    unsafe fn load(self, src: Global<Bf16>, stride: usize, valid: usize) {
+        block_stride(TILE * Self::CHUNKS, |i| {
+            let (r, c) = (i / Self::CHUNKS, i % Self::CHUNKS);
+            // SAFETY: rows below `valid` are inside qkv (the caller's contract); the tile holds
+            // TILE rows.
+            unsafe {
+                if r < valid {
+                    cp_async_16(self.s, Self::at(r, c), src, r * stride + 8 * c);
+                } else {
+                    self.s.cast::<Chunk>().store(Self::at(r, c) / 8, Chunk([0; 4]));
+                }
+            }
+        });
+    }
+
+    /// The A fragment of the transposed tile: rows c0 … c0 + 15 of the transpose (columns of the
+    /// tile), k-step r0 … r0 + 15 (rows of the tile). dQ: A = dS from dSᵀ.
+    #[inline(always)]
+    unsafe fn a_trans(self, c0: usize, r0: usize) -> [u32; 4] {
+        let (i, r) = (lane_here() / 8, lane_here() % 8);
+        ldmatrix::<4, true>(unsafe { self.s.offset(Self::at(r0 + 8 * (i / 2) + r, c0 / 8 + i % 2)) })
+    }
+
+    /// The A fragment (16 × 16) of rows r0 …, k-step kk (columns 16kk …).
+    #[inline(always)]
+    unsafe fn a(self, r0: usize, kk: usize) -> [u32; 4] {
+        let (i, r) = (lane_here() / 8, lane_here() % 8);
+        ldmatrix::<4, false>(unsafe { self.s.offset(Self::at(r0 + r + 8 * (i % 2), 2 * kk + i / 2)) })
+    }
+
+    /// Rows r0 … r0 + 15 as the B fragments (k = columns 16kk …, n = rows) of the two n-tiles
+    /// r0 … and r0 + 8 …: [b0, b1] of each. Scores: B = Kᵀ.
+    #[inline(always)]
+    unsafe fn b_rows(self, r0: usize, kk: usize) -> [u32; 4] {
+        let (i, r) = (lane_here() / 8, lane_here() % 8);
+        ldmatrix::<4, false>(unsafe { self.s.offset(Self::at(r0 + r + 8 * (i / 2), 2 * kk + i % 2)) })
+    }
+
+    /// Rows r0 … r0 + 15 as the B fragments (k = rows, n = columns) of the two n-tiles of
+    /// columns 16dp …: [b0, b1] of each, transposed by `ldmatrix.trans`. P·V: B = V.
+    #[inline(always)]
+    unsafe fn b_cols(self, r0: usize, dp: usize) -> [u32; 4] {
+        let (i, r) = (lane_here() / 8, lane_here() % 8);
+        ldmatrix::<4, true>(unsafe { self.s.offset(Self::at(r0 + r + 8 * (i % 2), 2 * dp + i / 2)) })
+    }
+}
+
+/// Where a block's sequence and head lie in qkv, out and lse.
+#[derive(Clone, Copy)]
+struct Head {
+    seq: usize,
+    /// The sequence's valid tokens.
+    len: usize,
+    /// Its first row in qkv and out.
+    row0: usize,
+    /// W = H·D.
+    width: usize,
+    /// The head's first column in each of q, k, v and out: h·D.
+    col: usize,
+    /// Its first row in lse: (b·H + h)·S.
+    lse0: usize,
+}
+
+impl Head {
+    /// Part p (0 q, 1 k, 2 v) from row `row` on.
+    unsafe fn qkv(self, qkv: Global<Bf16>, p: usize, row: usize) -> Global<Bf16> {
+        unsafe { qkv.offset((self.row0 + row) * 3 * self.width + p * self.width + self.col) }
+    }
+
+    /// Valid rows of the tile from `row`.
+    fn valid(self, row: usize) -> usize {
+        self.len.saturating_sub(row).min(TILE)
+    }
+}
+
+/// The forward pass of one block, head dim 16·DK.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn forward<const DK: usize>(
+    out: GlobalMut<Bf16>,
+    lse: GlobalMut<f32>,
+    qkv: Global<Bf16>,
+    lengths: Global<u32>,
+    seq: u32,
+    heads: u32,
+    causal: u32,
+    scale: f32,
+) {
+    let (seq, heads, causal) = (seq as usize, heads as usize, causal != 0);
+    let (q0, h, b) = (TILE * block_x(), block_y(), block_z());
+    // SAFETY: the caller's contract (buffer sizes, grid, shared memory).
+    unsafe {
+        let len = if lengths.is_null() { seq } else { (lengths.load(b) as usize).clamp(1, seq) };
+        let d = 16 * DK;
+        let head = Head { seq, len, row0: b * seq, width: heads * d, col: h * d, lse0: (b * heads + h) * seq };
+        let tiles = dynamic_shared::<Bf16>();
+        let (q_s, k_s, v_s) = (Tile::<DK>::nth(tiles, 0), Tile::<DK>::nth(tiles, 1), Tile::<DK>::nth(tiles, 2));
+        if q0 >= len {
+            write_padding::<DK>(out, lse, head, q0);
+            return;
+        }
+        q_s.load(head.qkv(qkv, 0, q0), 3 * head.width, head.valid(q0));
+        cp_async_commit();
+        cp_async_wait::<0>();
+        sync_threads();
+        let rows0 = 16 * warp();
+
+        let (g, t) = (lane() / 4, lane() % 4);
+        let query = |i: usize| q0 + rows0 + g + 8 * (i / 2);
+        let k_end = if causal { len.min(q0 + TILE) } else { len };
+        let scale2 = scale * core::f32::consts::LOG2_E;
+        let mut o = [[[0.0f32; 4]; 2]; DK];
+        let (mut m, mut l) = ([f32::NEG_INFINITY; 2], [0.0f32; 2]);
+        let mut k0 = 0;
+        while k0 < k_end {
+            sync_threads(); // every warp is done with the previous K and V tiles
+            let valid = head.valid(k0);
+            k_s.load(head.qkv(qkv, 1, k0), 3 * head.width, valid);
+            cp_async_commit();
+            v_s.load(head.qkv(qkv, 2, k0), 3 * head.width, valid);
+            cp_async_commit();
+            cp_async_wait::<1>();
+            sync_threads();
+
+            // S = Q·Kᵀ, s[kk][n]: keys 16kk + 8n …, scaled to base 2 and masked.
+            let mut s = [[[0.0f32; 4]; 2]; KT];
+            unrolled::<DK>(|dk| {
+                let q = q_s.a(rows0, dk);
+                unrolled::<KT>(|kk| {
+                    let kf = k_s.b_rows(16 * kk, dk);
+                    s[kk][0] = mma_bf16_m16n8k16(q, [kf[0], kf[1]], s[kk][0]);
+                    s[kk][1] = mma_bf16_m16n8k16(q, [kf[2], kf[3]], s[kk][1]);
+                })
+            });
+            let mut max = m;
+            each_score::<KT>(|kk, n, i| {
+                let key = k0 + 16 * kk + 8 * n + 2 * t + i % 2;
+                let visible = key < len && (!causal || key <= query(i));
+                let x = &mut s[kk][n][i];
+                *x = if visible { *x * scale2 } else { f32::NEG_INFINITY };
+                max[i / 2] = max[i / 2].max(*x);
+            });
+            // Online softmax: the row's 4 lanes agree on the new maximum, rescale ℓ and O.
+            let mut factor = [1.0f32; 2];
+            unrolled::<2>(|r| {
+                max[r] = max[r].max(shfl_xor(u32::MAX, max[r], 1));
+                max[r] = max[r].max(shfl_xor(u32::MAX, max[r], 2));
+                if max[r] != m[r] {
+                    factor[r] = ex2_approx(m[r] - max[r]);
+                }
+                l[r] *= factor[r];
+            });
+            m = max;
+            each_score::<KT>(|kk, n, i| {
+                s[kk][n][i] = ex2_approx(s[kk][n][i] - m[i / 2]);
+                l[i / 2] += s[kk][n][i];
+            });
+            each_score::<DK>(|dp, n, i| o[dp][n][i] *= factor[i / 2]);
+
+            // O += P·V: P's k-step kk is the accumulator pair s[kk] as bf16.
+            cp_async_wait::<0>();
+            sync_threads();
+            unrolled::<KT>(|kk| {
+                let [lo, hi] = s[kk];
+                let p = [bf16x2(lo[0], lo[1]), bf16x2(lo[2], lo[3]), bf16x2(hi[0], hi[1]), bf16x2(hi[2], hi[3])];
+                unrolled::<DK>(|dp| {
+                    let vf = v_s.b_cols(16 * kk, dp);
+                    o[dp][0] = mma_bf16_m16n8k16(p, [vf[0], vf[1]], o[dp][0]);
+                    o[dp][1] = mma_bf16_m16n8k16(p, [vf[2], vf[3]], o[dp][1]);
+                })
+            });
+            k0 += TILE;
+        }
+
+        // ℓ of the whole row, then O/ℓ (0 in padding rows) by way of this warp's rows of the Q
+        // tile; the lse by the lanes of column pair 0.
+        unrolled::<2>(|r| {
+            l[r] += shfl_xor(u32::MAX, l[r], 1);
+            l[r] += shfl_xor(u32::MAX, l[r], 2);
+        });
+        let inv = [0, 1].map(|r| if query(2 * r) < len { 1.0 / l[r] } else { 0.0 });
+        let first = (head.row0 + q0 + rows0) * head.width + head.col;
+        store_rows(q_s, rows0, &o, inv, out, first, head.width, seq.saturating_sub(q0 + rows0));
+        if t == 0 {
+            unrolled::<2>(|r| {
+                let i = query(2 * r);
+                if i < seq {
+                    let v = if i < len { (m[r] + lg2_approx(l[r])) * core::f32::consts::LN_2 } else { 0.0 };
+                    lse.store(head.lse0 + i, v);
+                }
+            });
+        }
+    }
+}
+
+/// Writes a warp's 16 × D accumulator (the rows of its m16n8 tiles, row half r scaled by
+/// `mul[r]`) as bf16: staged in the warp's rows `rows0 …` of `tile`, then 16-byte stores of its
+/// first `rows` rows (≤ 16) to `dst`, row i at element `first + i·stride`. The caller's barrier
+/// has ended every other warp's reads of those tile rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_rows<const DK: usize>(
+    tile: Tile<DK>,
+    rows0: usize,
+    acc: &[[[f32; 4]; 2]; DK],
+    mul: [f32; 2],
+    dst: GlobalMut<Bf16>,
+    first: usize,
+    stride: usize,
+    rows: usize,
+) {
+    let (g, t) = (lane() / 4, lane() % 4);
+    let staged = tile.s.cast::<u32>();
+    sync_warp(u32::MAX); // the warp's lanes are done reading these rows
+    // SAFETY: tile rows of this warp; dst rows below `rows` (the caller's contract).
+    unsafe {
+        each_score::<DK>(|dp, n, i| {
+            if i % 2 == 0 {
+                let (r, v) = (i / 2, acc[dp][n]);
+                let at = Tile::<DK>::at(rows0 + g + 8 * r, 2 * dp + n) + 2 * t;
+                staged.store(at / 2, bf16x2(v[i] * mul[r], v[i + 1] * mul[r]));
+            }
+        });
+        sync_warp(u32::MAX);
+        let chunks = Tile::<DK>::CHUNKS;
+        let mut c = lane();
+        while c < rows.min(16) * chunks {
+            let (row, chunk) = (c / chunks, c % chunks);
+            let v = staged.cast::<Chunk>().load(Tile::<DK>::at(rows0 + row, chunk) / 8);
+            dst.cast::<Chunk>().store((first + row * stride) / 8 + chunk, v);
+            c += 32;
+        }
+    }
+}
+
+/// Calls `f(k, n, i)` for every element of an accumulator array [[[f32; 4]; 2]; K] (pairs of
+/// m16n8 tiles).
+#[inline(always)]
+fn each_score<const K: usize>(mut f: impl FnMut(usize, usize, usize)) {
+    unrolled::<K>(|k| unrolled::<2>(|n| unrolled::<4>(|i| f(k, n, i))));
+}
+
+/// A query tile past the sequence's length: zeros in its rows of out and lse.
+#[inline(always)]
+unsafe fn write_padding<const DK: usize>(out: GlobalMut<Bf16>, lse: GlobalMut<f32>, head: Head, q0: usize) {
+    let rows = head.seq.min(q0 + TILE) - q0;
+    let chunks = Tile::<DK>::CHUNKS;
+    block_stride(rows * chunks, |c| {
+        let (i, chunk) = (q0 + c / chunks, c % chunks);
+        // SAFETY: row i < S of this sequence and head (the caller's contract).
+        unsafe { out.cast::<Chunk>().store(((head.row0 + i) * head.width + head.col) / 8 + chunk, Chunk([0; 4])) };
+    });
+    // SAFETY: as above.
+    block_stride(rows, |i| unsafe { lse.store(head.lse0 + q0 + i, 0.0) });
+}
+
+/// dq and the backward's row statistics, one warp per (token, head): δ = Σ dO∘O over the head's
+/// D columns into `delta` [B, H, S], and the head's columns of the dQ accumulator dq [B, S, W]
+/// (f32) zeroed for the atomics of [`backward`]. Padding rows get δ = 0.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_dot(
+    delta: GlobalMut<f32>,
+    dq: GlobalMut<f32>,
+    out: Global<Bf16>,
+    dout: Global<Bf16>,
+    lengths: Global<u32>,
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    d: usize,
+) {
+    let width = heads * d;
+    warp_rows(batch * seq * heads, |row| {
+        let (token, h) = (row / heads, row % heads);
+        let (b, i) = (token / seq, token % seq);
+        let at = token * width + h * d;
+        // SAFETY: row < B·S·H; the buffers' sizes are the caller's contract.
+        unsafe {
+            let len = if lengths.is_null() { seq } else { (lengths.load(b) as usize).clamp(1, seq) };
+            let mut sum = 0.0;
+            if i < len {
+                let (o, g) = (out.offset(at).cast::<u32>(), dout.offset(at).cast::<u32>());
+                lane_stride(d / 2, |c| {
+                    let (o, g) = (o.load(c), g.load(c));
+                    sum += Bf16(o as u16).to_f32() * Bf16(g as u16).to_f32()
+                        + Bf16((o >> 16) as u16).to_f32() * Bf16((g >> 16) as u16).to_f32();
+                });
+            }
+            let sum = warp_reduce(sum, |a, b| a + b);
+            lane_stride(d, |c| dq.store(at + c, 0.0));
+            if lane() == 0 {
+                delta.store((b * heads + h) * seq + i, sum);
+            }
+        }
+    });
+}
+
+/// The backward pass of one block, head dim 16·DK (HALF = DK/2): the block owns key tile
+/// `block_x`, so dK and dV are its own (no atomics); dQ is added to the f32 accumulator by atomics.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward<const DK: usize, const HALF: usize>(
+    dqkv: GlobalMut<Bf16>,
+    dq: GlobalMut<f32>,
+    qkv: Global<Bf16>,
+    dout: Global<Bf16>,
+    lse: Global<f32>,
+    delta: Global<f32>,
+    lengths: Global<u32>,
+    seq: u32,
+    heads: u32,
+    causal: u32,
+    scale: f32,
+) {
+    const { assert!(2 * HALF == DK) };
+    let (seq, heads, causal) = (seq as usize, heads as usize, causal != 0);
+    let (k0, h, b) = (TILE * block_x(), block_y(), block_z());
+    // SAFETY: the caller's contract (buffer sizes, grid, shared memory).
+    unsafe {
+        let len = if lengths.is_null() { seq } else { (lengths.load(b) as usize).clamp(1, seq) };
+        let d = 16 * DK;
+        let head = Head { seq, len, row0: b * seq, width: heads * d, col: h * d, lse0: (b * heads + h) * seq };
+        let tiles = dynamic_shared::<Bf16>();
+        let (k_s, v_s) = (Tile::<DK>::nth(tiles, 0), Tile::<DK>::nth(tiles, 1));
+        let (q_s, o_s) = (Tile::<DK>::nth(tiles, 2), Tile::<DK>::nth(tiles, 3));
+        let ds_s = Tile::<KT> { s: tiles.offset(4 * TILE * 16 * DK) };
+        let stats = tiles.cast::<f32>().offset((4 * TILE * 16 * DK + TILE * TILE) / 2);
+        let keys0 = 16 * warp();
+        let (g, t) = (lane() / 4, lane() % 4);
+        let key = |i: usize| k0 + keys0 + g + 8 * (i / 2);
+        let (mut dk, mut dv) = ([[[0.0f32; 4]; 2]; DK], [[[0.0f32; 4]; 2]; DK]);
+        if k0 < len {
+            k_s.load(head.qkv(qkv, 1, k0), 3 * head.width, head.valid(k0));
+            v_s.load(head.qkv(qkv, 2, k0), 3 * head.width, head.valid(k0));
+            cp_async_commit();
+        }
+        let scale2 = scale * core::f32::consts::LOG2_E;
+        // Causal: queries before the tile see none of its keys. A tile past the length has no
+        // work: its dK and dV rows are written 0.
+        let mut q0 = if k0 >= len {
+            len
+        } else if causal {
+            k0
+        } else {
+            0
+        };
+        while q0 < len {
+            sync_threads(); // every warp is done with the previous Q, dO, dS and statistics
+            let valid = head.valid(q0);
+            q_s.load(head.qkv(qkv, 0, q0), 3 * head.width, valid);
+            o_s.load(dout.offset((head.row0 + q0) * head.width + head.col), head.width, valid);
+            cp_async_commit();
+            block_stride(TILE, |i| {
+                let (lse_i, delta_i) =
+                    if i < valid { (lse.load(head.lse0 + q0 + i), delta.load(head.lse0 + q0 + i)) } else { (0.0, 0.0) };
+                stats.store(i, lse_i * core::f32::consts::LOG2_E);
+                stats.store(TILE + i, delta_i);
+            });
+            cp_async_wait::<0>();
+            sync_threads();
+
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: the warp's 16 keys × the tile's 64 queries.
+            let (mut s, mut dp) = ([[[0.0f32; 4]; 2]; KT], [[[0.0f32; 4]; 2]; KT]);
+            unrolled::<DK>(|kd| {
+                let (kf, vf) = (k_s.a(keys0, kd), v_s.a(keys0, kd));
+                unrolled::<KT>(|qq| {
+                    let qf = q_s.b_rows(16 * qq, kd);
+                    s[qq][0] = mma_bf16_m16n8k16(kf, [qf[0], qf[1]], s[qq][0]);
+                    s[qq][1] = mma_bf16_m16n8k16(kf, [qf[2], qf[3]], s[qq][1]);
+                    let of = o_s.b_rows(16 * qq, kd);
+                    dp[qq][0] = mma_bf16_m16n8k16(vf, [of[0], of[1]], dp[qq][0]);
+                    dp[qq][1] = mma_bf16_m16n8k16(vf, [of[2], of[3]], dp[qq][1]);
+                })
+            });
+            // Pᵀ = 2^(S·scale·log₂e − lse·log₂e) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale.
+            each_score::<KT>(|qq, n, i| {
+                let c = 16 * qq + 8 * n + 2 * t + i % 2;
+                let (query, key) = (q0 + c, key(i));
+                let visible = query < len && key < len && (!causal || key <= query);
+                let p = if visible { ex2_approx(s[qq][n][i] * scale2 - stats.load(c)) } else { 0.0 };
+                s[qq][n][i] = p;
+                dp[qq][n][i] = p * (dp[qq][n][i] - stats.load(TILE + c)) * scale;
+            });
+
+            // dV += Pᵀ·dO and dK += dSᵀ·Q over the tile's queries; dSᵀ to shared for dQ.
+            unrolled::<KT>(|qq| {
+                let pack = |x: [[f32; 4]; 2]| {
+                    [
+                        bf16x2(x[0][0], x[0][1]),
+                        bf16x2(x[0][2], x[0][3]),
+                        bf16x2(x[1][0], x[1][1]),
+                        bf16x2(x[1][2], x[1][3]),
+                    ]
+                };
+                let (p, ds) = (pack(s[qq]), pack(dp[qq]));
+                unrolled::<DK>(|dd| {
+                    let of = o_s.b_cols(16 * qq, dd);
+                    dv[dd][0] = mma_bf16_m16n8k16(p, [of[0], of[1]], dv[dd][0]);
+                    dv[dd][1] = mma_bf16_m16n8k16(p, [of[2], of[3]], dv[dd][1]);
+                    let qf = q_s.b_cols(16 * qq, dd);
+                    dk[dd][0] = mma_bf16_m16n8k16(ds, [qf[0], qf[1]], dk[dd][0]);
+                    dk[dd][1] = mma_bf16_m16n8k16(ds, [qf[2], qf[3]], dk[dd][1]);
+                });
+                let staged = ds_s.s.cast::<u32>();
+                unrolled::<2>(|n| {
+                    unrolled::<2>(|r| {
+                        let at = Tile::<KT>::at(keys0 + g + 8 * r, 2 * qq + n) + 2 * t;
+                        staged.store(at / 2, ds[2 * n + r]);
+                    })
+                });
+            });
+            sync_threads();
+
+            // dQ += dS·K: warp w takes queries 16w …, the head dims in two halves (registers).
+            let rows0 = 16 * warp();
+            let mut half = 0;
+            while half < 2 {
+                let mut acc = [[[0.0f32; 4]; 2]; HALF];
+                unrolled::<KT>(|kk| {
+                    let a = ds_s.a_trans(rows0, 16 * kk);
+                    unrolled::<HALF>(|dd| {
+                        let kf = k_s.b_cols(16 * kk, half * HALF + dd);
+                        acc[dd][0] = mma_bf16_m16n8k16(a, [kf[0], kf[1]], acc[dd][0]);
+                        acc[dd][1] = mma_bf16_m16n8k16(a, [kf[2], kf[3]], acc[dd][1]);
+                    })
+                });
+                each_score::<HALF>(|dd, n, i| {
+                    let query = q0 + rows0 + g + 8 * (i / 2);
+                    if query < len {
+                        let col = 16 * (half * HALF + dd) + 8 * n + 2 * t + i % 2;
+                        dq.atomic_add((head.row0 + query) * head.width + head.col + col, acc[dd][n][i]);
+                    }
+                });
+                half += 1;
+            }
+            q0 += TILE;
+        }
+
+        // dK and dV of the warp's 16 keys (0 for keys past the length) by way of its K and V
+        // rows; every warp is done reading K and V after the barrier.
+        sync_threads();
+        let rows = seq.saturating_sub(k0 + keys0);
+        let first = (head.row0 + k0 + keys0) * 3 * head.width + head.col;
+        store_rows(k_s, keys0, &dk, [1.0; 2], dqkv, first + head.width, 3 * head.width, rows);
+        store_rows(v_s, keys0, &dv, [1.0; 2], dqkv, first + 2 * head.width, 3 * head.width, rows);
+    }
+}
+
+kernel! {
+    /// The backward's pre-pass: δ [B, H, S] = Σ_d dO∘O per row and head (0 in padding rows), and
+    /// the dQ accumulator dq [B, S, H·D] (f32) zeroed.
+    ///
+    /// # Safety
+    /// delta holds B·H·S values, dq, out and dout B·S·H·D, lengths (unless null) B; D even.
+    pub fn flash_attention_backward_dot(
+        delta: GlobalMut<f32>,
+        dq: GlobalMut<f32>,
+        out: Global<Bf16>,
+        dout: Global<Bf16>,
+        lengths: Global<u32>,
+        batch: u32,
+        seq: u32,
+        heads: u32,
+        head_dim: u32,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            backward_dot(delta, dq, out, dout, lengths, batch as usize, seq as usize, heads as usize, head_dim as usize)
+        }
+    }
+}
+
+kernel! {
+    /// The q part of dqkv [B, S, 3·W] (bf16) from the dQ accumulator dq [B, S, W] (f32).
+    ///
+    /// # Safety
+    /// dqkv holds rows·3·width values, dq rows·width.
+    pub fn flash_attention_backward_dq(dqkv: GlobalMut<Bf16>, dq: Global<f32>, rows: u32, width: u32) {
+        let width = width as usize;
+        // SAFETY: i < rows·width.
+        grid_stride(rows as usize * width, |i| unsafe {
+            dqkv.store(i / width * 3 * width + i % width, Bf16::from_f32(dq.load(i)))
+        });
+    }
+}
+
+macro_rules! forward_entries {
+    ($($name:ident: $dk:literal),*) => {$(
+        kernel! {
+            /// out [B, S, H·D] and lse [B, H, S] from qkv [B, S, 3·H·D] (bf16), D = 16·DK:
+            /// softmax(scale·QKᵀ masked)·V per sequence and head. `lengths[b]` (clamped to
+            /// 1..=S; null: S) valid tokens of sequence b; `causal` != 0 masks keys after the
+            /// query.
+            ///
+            /// # Safety
+            /// The buffers hold B·S·3·H·D, B·S·H·D, B·H·S and B elements; qkv and out 16-byte
+            /// aligned; grid (⌈S/64⌉, H, B) of `THREADS` threads with `shared_bytes(D)` bytes of
+            /// dynamic shared memory.
+            pub fn $name(
+                out: GlobalMut<Bf16>,
+                lse: GlobalMut<f32>,
+                qkv: Global<Bf16>,
+                lengths: Global<u32>,
+                seq: u32,
+                heads: u32,
+                causal: u32,
+                scale: f32,
+            ) {
+                // SAFETY: the caller's contract.
+                unsafe { forward::<$dk>(out, lse, qkv, lengths, seq, heads, causal, scale) }
+            }
+        }
+    )*};
+}
+
+forward_entries!(flash_attention_forward_d32: 2, flash_attention_forward_d64: 4, flash_attention_forward_d128: 8);
+
+macro_rules! backward_entries {
+    ($($name:ident: $dk:literal, $half:literal),*) => {$(
+        kernel! {
+            /// dK and dV into dqkv [B, S, 3·H·D] (bf16; its q part is left to
+            /// `flash_attention_backward_dq`) and dQ added to dq [B, S, H·D] (f32, zeroed by
+            /// `flash_attention_backward_dot`, which also made delta), from qkv, dout [B, S, H·D]
+            /// and the forward's lse [B, H, S]; D = 16·DK. Masks as the forward's.
+            ///
+            /// # Safety
+            /// The buffers hold those sizes; qkv, dqkv and dout 16-byte aligned; grid (⌈S/64⌉,
+            /// H, B) of `THREADS` threads with `backward_shared_bytes(D)` bytes of dynamic shared
+            /// memory.
+            pub fn $name(
+                dqkv: GlobalMut<Bf16>,
+                dq: GlobalMut<f32>,
+                qkv: Global<Bf16>,
+                dout: Global<Bf16>,
+                lse: Global<f32>,
+                delta: Global<f32>,
+                lengths: Global<u32>,
+                seq: u32,
+                heads: u32,
+                causal: u32,
+                scale: f32,
+            ) {
+                // SAFETY: the caller's contract.
+                unsafe { backward::<$dk, $half>(dqkv, dq, qkv, dout, lse, delta, lengths, seq, heads, causal, scale) }
+            }
+        }
+    )*};
+}
+
+backward_entries!(
+    flash_attention_backward_d32: 2, 1,
+    flash_attention_backward_d64: 4, 2,
+    flash_attention_backward_d128: 8, 4
+);

@@ -1,0 +1,306 @@
+//! The flash attention kernel (`kernels/src/flash_attention.rs`, launched by
+//! `flash_attention_forward` in `host/src/ops/attention.rs`) against the CPU attention, on the
+//! emulator in `cargo test` (which also reports any race, out-of-bounds access or uninitialized
+//! shared read as an error) and on CUDA with `CLIP_PGS_TEST_DEVICE=cuda`: sequence lengths from
+//! 1 to 257 around the 64-row tiles, ragged PGS lengths with an image that keeps only CLS, causal
+//! on and off, head dims 32, 64 and 128.
+
+mod common;
+
+use clip_pgs_host::ops::attention::{
+    AttentionShape, attention_backward, attention_forward, flash_attention_backward, flash_attention_forward,
+    flash_backward_scratch_len,
+};
+use clip_pgs_host::{Buffer, Device, bf16};
+use clip_pgs_kernels::philox::Philox;
+
+/// Values in [-1, 1) rounded to bf16 (so that the CPU reference sees what the kernel sees), as q,
+/// k, v after a LayerNorm and a projection.
+fn qkv_values(n: usize, seed: u64) -> Vec<f32> {
+    let rng = Philox::new(seed, 3, 0);
+    (0..n as u32).map(|i| bf16::from_f32(rng.uniform(i) * 2.0 - 1.0).to_f32()).collect()
+}
+
+/// The CPU attention's out [B, S, D] (f32 reference).
+fn reference_out(qkv: &[f32], lengths: Option<&[u32]>, s: AttentionShape) -> Vec<f32> {
+    let mut out = Buffer::Cpu(vec![0.0; s.batch * s.seq * s.heads * s.head_dim]);
+    let mut probs = Buffer::Cpu(vec![0.0; s.probs_len()]);
+    let (qkv, lengths) = (Buffer::Cpu(qkv.to_vec()), lengths.map(|l| Buffer::Cpu(l.to_vec())));
+    let lengths = lengths.as_ref().map(|l| l.view());
+    attention_forward(&Device::Cpu, out.view_mut(), probs.view_mut(), qkv.view(), lengths, s).unwrap();
+    out.to_vec().unwrap()
+}
+
+/// log Σ_visible exp(q·k/√D) of every (sequence, head, query) in f64 (0 for padding rows).
+fn reference_lse(qkv: &[f32], lengths: Option<&[u32]>, s: AttentionShape) -> Vec<f32> {
+    let (w, hd) = (s.heads * s.head_dim, s.head_dim);
+    let mut lse = vec![0.0f32; s.batch * s.heads * s.seq];
+    for b in 0..s.batch {
+        let len = lengths.map_or(s.seq, |l| l[b] as usize);
+        for h in 0..s.heads {
+            for i in 0..len {
+                let at =
+                    |part: usize, row: usize, d: usize| qkv[(b * s.seq + row) * 3 * w + part * w + h * hd + d] as f64;
+                let keys = if s.causal { i + 1 } else { len };
+                let scores: Vec<f64> = (0..keys)
+                    .map(|j| (0..hd).map(|d| at(0, i, d) * at(1, j, d)).sum::<f64>() / (hd as f64).sqrt())
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                lse[(b * s.heads + h) * s.seq + i] =
+                    (max + scores.iter().map(|x| (x - max).exp()).sum::<f64>().ln()) as f32;
+            }
+        }
+    }
+    lse
+}
+
+/// The flash kernel's out (widened) and lse on `device`.
+fn flash(device: &Device, qkv: &[f32], lengths: Option<&[u32]>, s: AttentionShape) -> (Vec<f32>, Vec<f32>) {
+    let qkv: Vec<bf16> = qkv.iter().map(|&x| bf16::from_f32(x)).collect();
+    let qkv = device.upload(&qkv).unwrap();
+    // Garbage where the kernel must write: every element of out and lse is its output.
+    let n = s.batch * s.seq * s.heads * s.head_dim;
+    let mut out = device.upload(&vec![bf16::NAN; n]).unwrap();
+    let mut lse = device.upload(&vec![f32::NAN; s.batch * s.heads * s.seq]).unwrap();
+    let lengths = lengths.map(|l| device.upload(l).unwrap());
+    let lengths = lengths.as_ref().map(|l| l.view());
+    flash_attention_forward(device, out.view_mut(), lse.view_mut(), qkv.view(), lengths, s).unwrap();
+    (out.to_vec().unwrap().iter().map(|x| x.to_f32()).collect(), lse.to_vec().unwrap())
+}
+
+/// (batch, S, heads, causal, lengths).
+type Case = (usize, usize, usize, bool, Option<Vec<u32>>);
+
+#[test]
+fn flash_forward_matches_the_cpu_attention() {
+    let gpu = common::gpu();
+    // One tile and the tile edges (1, 63, 64, 65), PGS ragged
+    // lengths at ViT-B/16's 197 and its dynamic 99 with an image that keeps only CLS, the text
+    // tower's 77 causal with padded captions, and 257 (ViT-L/14) across five tiles.
+    let cases: [Case; 8] = [
+        (1, 1, 1, false, None),
+        (2, 63, 2, true, None),
+        (1, 64, 1, false, None),
+        (2, 65, 1, true, Some(vec![65, 30])),
+        (3, 99, 1, false, Some(vec![99, 1, 50])),
+        (2, 77, 2, true, Some(vec![77, 13])),
+        (2, 197, 1, false, Some(vec![197, 70])),
+        (1, 257, 1, true, None),
+    ];
+    for head_dim in [32, 64, 128] {
+        for (batch, seq, heads, causal, lengths) in &cases {
+            if head_dim != 64 && *seq > 100 {
+                continue; // the long sequences once, at ViT's head dim (the emulator is slow)
+            }
+            let s = AttentionShape { batch: *batch, seq: *seq, heads: *heads, head_dim, causal: *causal };
+            let lengths = lengths.as_deref();
+            let qkv = qkv_values(s.batch * s.seq * 3 * s.heads * head_dim, *seq as u64);
+            let (out, lse) = flash(&gpu, &qkv, lengths, s);
+            let (want_out, want_lse) = (reference_out(&qkv, lengths, s), reference_lse(&qkv, lengths, s));
+            let at = format!("D {head_dim}, B {batch}, S {seq}, H {heads}, causal {causal}, lengths {lengths:?}");
+            let w = s.heads * head_dim;
+            for b in 0..s.batch {
+                let len = lengths.map_or(s.seq, |l| l[b] as usize);
+                for i in 0..s.seq {
+                    for c in 0..w {
+                        let (got, want) = (out[(b * s.seq + i) * w + c], want_out[(b * s.seq + i) * w + c]);
+                        // Valid rows: P rounded to bf16 for the P·V mma (≤ 2⁻⁸ relative per
+                        // probability, random in sign) and out stored in bf16 (2⁻⁹ of |o| ≤ 1):
+                        // 1e-2, where a wrong mask, tile or scale is off by O(0.1). Padding rows
+                        // are 0.
+                        let want = if i < len { want } else { 0.0 };
+                        assert!((got - want).abs() <= 1e-2, "{at}: out[{b}, {i}, {c}] = {got}, want {want}");
+                    }
+                }
+                for h in 0..s.heads {
+                    for i in 0..s.seq {
+                        let k = (b * s.heads + h) * s.seq + i;
+                        // Exact bf16 products summed in f32 by the mma: agreement to rounding.
+                        assert!(
+                            (lse[k] - want_lse[k]).abs() <= 1e-4 * want_lse[k].abs().max(1.0),
+                            "{at}: lse[{k}] = {}, want {}",
+                            lse[k],
+                            want_lse[k]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn flash_refuses_head_dims_it_does_not_cover() {
+    let gpu = common::gpu();
+    let s = AttentionShape { batch: 1, seq: 4, heads: 1, head_dim: 16, causal: false };
+    let qkv = gpu.upload(&vec![bf16::ZERO; 4 * 48]).unwrap();
+    let (mut out, mut lse) = (gpu.upload(&[bf16::ZERO; 4 * 16]).unwrap(), gpu.upload(&[0.0f32; 4]).unwrap());
+    let e = flash_attention_forward(&gpu, out.view_mut(), lse.view_mut(), qkv.view(), None, s).unwrap_err();
+    assert!(e.to_string().contains("head dim 16: the flash kernels cover 32, 64 and 128"), "{e}");
+}
+
+/// Bytes the forward must move: per (sequence, head, query tile with q valid queries), Q's q rows
+/// and K's and V's valid rows of every key tile it visits, 2·D bytes each; out and lse written
+/// once, padding rows included.
+fn forward_min_bytes(lengths: &[u32], s: AttentionShape) -> u64 {
+    let tile = clip_pgs_kernels::flash_attention::TILE;
+    let row = 2 * s.head_dim as u64;
+    let mut bytes = (s.batch * s.seq * s.heads) as u64 * (row + 4);
+    for &len in lengths {
+        let len = len as usize;
+        for q0 in (0..len).step_by(tile) {
+            let k_end = if s.causal { len.min(q0 + tile) } else { len };
+            bytes += s.heads as u64 * row * ((len - q0).min(tile) + 2 * k_end) as u64;
+        }
+    }
+    bytes
+}
+
+#[test]
+fn flash_forward_moves_at_most_1_1_times_its_minimum() {
+    use clip_pgs_host::emu::EmuRuntime;
+    use clip_pgs_kernels::hw::emu::Options;
+    let emu = EmuRuntime::new(Options { counters: true, ..Options::default() });
+    let device = Device::Emu(emu.clone());
+    // ViT-B/16 with PGS's ragged lengths (one image keeping only CLS), the text tower's causal 77.
+    for (s, lengths) in [
+        (AttentionShape { batch: 3, seq: 197, heads: 2, head_dim: 64, causal: false }, vec![197u32, 99, 1]),
+        (AttentionShape { batch: 2, seq: 77, heads: 2, head_dim: 64, causal: true }, vec![77, 77]),
+    ] {
+        emu.keep_reports();
+        flash(&device, &qkv_values(s.batch * s.seq * 3 * s.heads * s.head_dim, 9), Some(&lengths), s);
+        let reports = emu.take_reports();
+        let moved: u64 = reports.iter().map(|r| r.traffic.sector_bytes()).sum();
+        let min = forward_min_bytes(&lengths, s);
+        let ratio = moved as f64 / min as f64;
+        println!("{s:?} lengths {lengths:?}: {moved} bytes moved, minimum {min}: {ratio:.3}×");
+        assert!(ratio <= 1.1, "{s:?}: {moved} bytes moved, {ratio:.3}× the minimum {min}");
+        assert!(ratio >= 1.0, "{s:?}: {moved} bytes moved, below the minimum {min}: the count is wrong");
+    }
+}
+
+/// dqkv of the CPU attention's backward (f32 reference).
+fn reference_dqkv(qkv: &[f32], dout: &[f32], lengths: Option<&[u32]>, s: AttentionShape) -> Vec<f32> {
+    let mut out = Buffer::Cpu(vec![0.0; dout.len()]);
+    let mut probs = Buffer::Cpu(vec![0.0; s.probs_len()]);
+    let (qkv_b, lengths_b) = (Buffer::Cpu(qkv.to_vec()), lengths.map(|l| Buffer::Cpu(l.to_vec())));
+    let lengths_v = lengths_b.as_ref().map(|l| l.view());
+    attention_forward(&Device::Cpu, out.view_mut(), probs.view_mut(), qkv_b.view(), lengths_v, s).unwrap();
+    let (mut dqkv, mut scratch) = (Buffer::Cpu(vec![0.0; qkv.len()]), Buffer::Cpu(vec![0.0; s.probs_len()]));
+    let dout = Buffer::Cpu(dout.to_vec());
+    attention_backward(&Device::Cpu, dqkv.view_mut(), scratch.view_mut(), dout.view(), qkv_b.view(), probs.view(), s)
+        .unwrap();
+    dqkv.to_vec().unwrap()
+}
+
+/// The flash kernels' dqkv (widened) on `device`, forward first for out and lse.
+fn flash_dqkv(device: &Device, qkv: &[f32], dout: &[f32], lengths: Option<&[u32]>, s: AttentionShape) -> Vec<f32> {
+    let up = |x: &[f32]| device.upload(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()).unwrap();
+    let (qkv_b, dout_b) = (up(qkv), up(dout));
+    let mut out = up(&vec![0.0; dout.len()]);
+    let mut lse = device.upload(&vec![0.0f32; s.batch * s.heads * s.seq]).unwrap();
+    let lengths = lengths.map(|l| device.upload(l).unwrap());
+    let lengths = lengths.as_ref().map(|l| l.view());
+    flash_attention_forward(device, out.view_mut(), lse.view_mut(), qkv_b.view(), lengths, s).unwrap();
+    // Garbage where the kernels must write.
+    let mut dqkv = device.upload(&vec![bf16::NAN; qkv.len()]).unwrap();
+    let mut scratch = device.upload(&vec![f32::NAN; flash_backward_scratch_len(s)]).unwrap();
+    let (d, q, o, l) = (dout_b.view(), qkv_b.view(), out.view(), lse.view());
+    flash_attention_backward(device, dqkv.view_mut(), scratch.view_mut(), d, q, o, l, lengths, s).unwrap();
+    dqkv.to_vec().unwrap().iter().map(|x| x.to_f32()).collect()
+}
+
+#[test]
+fn flash_backward_matches_the_cpu_attention() {
+    let gpu = common::gpu();
+    let cases: [Case; 6] = [
+        (1, 1, 1, false, None),
+        (2, 65, 2, true, None),
+        (3, 99, 1, false, Some(vec![99, 1, 50])),
+        (2, 77, 1, true, Some(vec![77, 13])),
+        (2, 130, 1, false, Some(vec![130, 64])),
+        (1, 257, 1, true, None),
+    ];
+    for head_dim in [32, 64, 128] {
+        for (batch, seq, heads, causal, lengths) in &cases {
+            if head_dim != 64 && *seq > 100 {
+                continue;
+            }
+            let s = AttentionShape { batch: *batch, seq: *seq, heads: *heads, head_dim, causal: *causal };
+            let lengths = lengths.as_deref();
+            let w = s.heads * head_dim;
+            let qkv = qkv_values(s.batch * s.seq * 3 * w, *seq as u64);
+            // dout 0 in padding rows, as in the model (nothing reads those rows of out).
+            let mut dout = qkv_values(s.batch * s.seq * w, 100 + *seq as u64);
+            for (row, chunk) in dout.chunks_mut(w).enumerate() {
+                if row % s.seq >= lengths.map_or(s.seq, |l| l[row / s.seq] as usize) {
+                    chunk.fill(0.0);
+                }
+            }
+            let got = flash_dqkv(&gpu, &qkv, &dout, lengths, s);
+            let want = reference_dqkv(&qkv, &dout, lengths, s);
+            let at = format!("D {head_dim}, B {batch}, S {seq}, H {heads}, causal {causal}, lengths {lengths:?}");
+            // P and dS rounded to bf16 for their mma, dqkv stored in bf16: 2e-2 of the largest
+            // gradient, where a wrong mask, scale or transpose is off by O(1) of it.
+            let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-3);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 2e-2 * scale, "{at}: dqkv[{i}] = {g}, want {w} (largest {scale})");
+            }
+        }
+    }
+}
+
+/// Bytes the backward must move, its dQ by atomics: per (sequence, head, key tile with k valid
+/// keys) K and V once, and per query tile it visits (q valid queries) Q and dO (2·D bytes a row),
+/// lse and δ (8 bytes) and the dQ atomics (4·D bytes a row); dK and dV written once (padding rows
+/// included); the δ pre-pass reads O and dO of the valid rows and writes δ and the zeroed dQ
+/// accumulator; the last pass reads the accumulator and writes dQ in bf16.
+fn backward_min_bytes(lengths: &[u32], s: AttentionShape) -> u64 {
+    let tile = clip_pgs_kernels::flash_attention::TILE;
+    let (d, heads) = (s.head_dim as u64, s.heads as u64);
+    let rows = (s.batch * s.seq) as u64;
+    let mut bytes = heads * rows * (4 * d + (4 + 4 * d) + (4 * d + 2 * d));
+    for &len in lengths {
+        let len = len as usize;
+        bytes += heads * 4 * d * len as u64; // O and dO of the valid rows
+        for k0 in (0..len).step_by(tile) {
+            bytes += heads * 4 * d * (len - k0).min(tile) as u64;
+            let q_start = if s.causal { k0 } else { 0 };
+            bytes += heads * (4 * d + 8 + 4 * d) * (len - q_start) as u64;
+        }
+    }
+    bytes
+}
+
+/// Measured 1.243× (ViT-B/16 S = 197, PGS lengths, D = 64): above the forward's 1.01× because
+/// each dQ atomic instruction covers 8 rows × 4 lanes' alternate columns (the mma accumulator
+/// layout), half of each sector it touches (the tile kernel uses 74 % of its sector bytes), and
+/// the δ pre-pass reads rows of 128 bytes at a warp each (88 %). Bound 1.3.
+#[test]
+fn flash_backward_traffic_against_its_minimum() {
+    use clip_pgs_host::emu::EmuRuntime;
+    use clip_pgs_kernels::hw::emu::Options;
+    let emu = EmuRuntime::new(Options { counters: true, ..Options::default() });
+    let device = Device::Emu(emu.clone());
+    let (s, lengths) =
+        (AttentionShape { batch: 3, seq: 197, heads: 2, head_dim: 64, causal: false }, vec![197u32, 99, 1]);
+    let n = s.batch * s.seq * s.heads * s.head_dim;
+    let (qkv, dout) = (qkv_values(3 * n, 9), qkv_values(n, 10));
+    emu.keep_reports();
+    flash_dqkv(&device, &qkv, &dout, Some(&lengths), s);
+    let reports = emu.take_reports();
+    let backward: Vec<_> = reports.iter().filter(|r| r.kernel.starts_with("flash_attention_backward")).collect();
+    for r in &backward {
+        println!(
+            "{}: {} bytes, {:.0}% of sector bytes used",
+            r.kernel,
+            r.traffic.sector_bytes(),
+            100.0 * r.traffic.sector_efficiency()
+        );
+    }
+    let moved: u64 = backward.iter().map(|r| r.traffic.sector_bytes()).sum();
+    let min = backward_min_bytes(&lengths, s);
+    let ratio = moved as f64 / min as f64;
+    println!("backward: {moved} bytes moved, minimum {min}: {ratio:.3}×");
+    assert!((1.0..=1.3).contains(&ratio), "{moved} bytes moved, {ratio:.3}× the minimum {min}");
+}
