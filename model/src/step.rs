@@ -12,12 +12,13 @@ use clip_pgs_host::ops::cast::cast;
 use clip_pgs_host::ops::elementwise::fill;
 use clip_pgs_host::ops::pgs::gpu::mask_gpu;
 use clip_pgs_host::ops::pgs::{MaskRequest, Masking, PatchTokens, PgsMode, REFERENCE_EPOCHS, mask_cpu};
-use clip_pgs_host::{Buffer, Device, Result as HostResult};
+use clip_pgs_host::{Buffer, Device};
 
 use clip_pgs_kernels::select::paper_candidate_count;
 
 use crate::clip::{Clip, Keep, Output, Pass, Workspace};
 use crate::config::ClipConfig;
+use crate::distributed::DataParallel;
 use crate::optimizer::Optimizer;
 use crate::params::{Layout, Params};
 use crate::precision::{Dtype, Precision};
@@ -56,6 +57,9 @@ pub struct TrainStep<T = f32> {
     /// written), so the next backward need not clear them.
     last_norm: f32,
     grads_zero: bool,
+    /// Other ranks to train with (None: one process): the loss over every rank's features, the
+    /// gradients averaged over ranks.
+    pub data_parallel: Option<DataParallel>,
 }
 
 fn err(e: clip_pgs_host::Error) -> String {
@@ -102,6 +106,7 @@ impl<T: Precision> TrainStep<T> {
             accum: accum.max(1),
             last_norm: f32::NAN,
             grads_zero: true,
+            data_parallel: None,
         })
     }
 
@@ -135,7 +140,11 @@ impl<T: Precision> TrainStep<T> {
                 masks.masked_fraction()
             }
         };
-        let loss = self.loss_and_grads(n).map_err(err)?;
+        let loss = self.loss_and_grads(n)?;
+        // Every rank has the same loss (the ranks' mean): all average their gradients, or none.
+        if let Some(dp) = self.data_parallel.as_ref().filter(|_| loss.is_finite()) {
+            dp.average_gradients(&mut self.grads.data)?;
+        }
         Ok(StepLoss { loss, masked_fraction })
     }
 
@@ -145,7 +154,7 @@ impl<T: Precision> TrainStep<T> {
         (Pass { device: &self.device, clip: &self.clip, params: &self.params.data, weights }, &mut self.workspace)
     }
 
-    fn loss_and_grads(&mut self, n: usize) -> HostResult<f32> {
+    fn loss_and_grads(&mut self, n: usize) -> Result<f32, String> {
         let weights = T::weights(&self.params.data, self.copy.as_ref());
         let pass = Pass { device: &self.device, clip: &self.clip, params: &self.params.data, weights };
         let ws = &mut self.workspace;
@@ -153,22 +162,28 @@ impl<T: Precision> TrainStep<T> {
         let ranges = (0..n).step_by(micro).map(|s| (s, micro.min(n - s)));
         let single = n <= micro;
         for (s, len) in ranges.clone() {
-            ws.encode(&pass, s, len)?;
+            ws.encode(&pass, s, len).map_err(err)?;
         }
-        let loss = ws.loss(&pass)?;
+        let loss = match &self.data_parallel {
+            None => ws.loss(&pass).map_err(err)?,
+            Some(dp) => {
+                let dim = self.clip.cfg.embed_dim;
+                ws.loss_on_host(&pass, |image, text, scale| dp.loss(image, text, scale, dim))?
+            }
+        };
         let g = &mut self.grads.data;
         if !std::mem::replace(&mut self.grads_zero, false) {
-            fill(&self.device, g.view_mut(), 0.0)?;
+            fill(&self.device, g.view_mut(), 0.0).map_err(err)?;
         }
         if !loss.is_finite() {
             return Ok(loss);
         }
-        ws.logit_scale_backward(&pass, g)?;
+        ws.logit_scale_backward(&pass, g).map_err(err)?;
         for (s, len) in ranges {
             if !single {
-                ws.encode(&pass, s, len)?;
+                ws.encode(&pass, s, len).map_err(err)?;
             }
-            ws.backward(&pass, g, s, len)?;
+            ws.backward(&pass, g, s, len).map_err(err)?;
         }
         Ok(loss)
     }
