@@ -231,8 +231,7 @@ fn default_model(data: &str) -> &'static str {
 /// rank ends them all: the others would wait for it in the next collective).
 pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
     let world = distributed::connect()?;
-    let dp =
-        DataParallel { world: world.clone(), gather_with_grad: args.gather_with_grad, local_loss: args.local_loss };
+    let dp = DataParallel::new(world.clone(), args.gather_with_grad, args.local_loss);
     if world.size() == 1 {
         return run_as(args, dp);
     }
@@ -246,7 +245,8 @@ pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
     }
 }
 
-fn run_as(args: &TrainArgs, dp: DataParallel) -> Result<(), Box<dyn Error>> {
+#[cfg_attr(not(feature = "nccl"), allow(unused_mut))]
+fn run_as(args: &TrainArgs, mut dp: DataParallel) -> Result<(), Box<dyn Error>> {
     let lead = dp.rank() == 0;
     // `auto` trains on a GPU when one answers (the CUDA path: the Rust kernels and cuBLASLt),
     // else on the CPU and says why; `emu` runs the same GPU path on the SIMT emulator (slow: for
@@ -254,6 +254,12 @@ fn run_as(args: &TrainArgs, dp: DataParallel) -> Result<(), Box<dyn Error>> {
     let selection = Device::select(args.device)?;
     if lead {
         outln!("device: {selection}");
+    }
+    #[cfg(feature = "nccl")]
+    if let (Device::Cuda(rt), true) = (&selection.device, dp.ranks() > 1) {
+        let nccl = distributed::nccl::Nccl::new(dp.world.as_ref(), rt.stream.clone())?;
+        dp.nccl = Some(Arc::new(nccl));
+        outln!("rank {}: gradients all-reduced by NCCL on the GPU", dp.rank());
     }
     let masking = masking(args)?;
     let model = args.model.clone().unwrap_or_else(|| default_model(&args.data).to_string());

@@ -12,6 +12,8 @@
 pub mod loss;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 use std::sync::Arc;
 
@@ -73,12 +75,22 @@ pub struct DataParallel {
     pub gather_with_grad: bool,
     /// `--local-loss`: each rank scores only its own samples against every rank's.
     pub local_loss: bool,
+    /// The GPUs' own collective for the gradients of a `cuda` device (None: through the host).
+    #[cfg(feature = "nccl")]
+    pub nccl: Option<Arc<nccl::Nccl>>,
 }
 
 impl DataParallel {
     /// One process, no communication.
     pub fn single() -> DataParallel {
-        DataParallel { world: Arc::new(Solo), gather_with_grad: false, local_loss: false }
+        DataParallel::new(Arc::new(Solo), false, false)
+    }
+
+    pub fn new(world: Arc<dyn Collective>, gather_with_grad: bool, local_loss: bool) -> DataParallel {
+        #[cfg(feature = "nccl")]
+        return DataParallel { world, gather_with_grad, local_loss, nccl: None };
+        #[cfg(not(feature = "nccl"))]
+        DataParallel { world, gather_with_grad, local_loss }
     }
 
     pub fn rank(&self) -> usize {
@@ -100,7 +112,7 @@ impl DataParallel {
     }
 
     /// DDP's gradient all-reduce: the mean of every rank's gradients, on every rank. A GPU
-    /// buffer goes through the host.
+    /// buffer goes through NCCL where there is one, else through the host.
     pub fn average_gradients(&self, grads: &mut Buffer<f32>) -> Result<(), String> {
         let scale = 1.0 / self.ranks() as f32;
         let average = |g: &mut [f32]| {
@@ -109,6 +121,8 @@ impl DataParallel {
         };
         match grads {
             Buffer::Cpu(g) | Buffer::Emu(g) => average(g),
+            #[cfg(feature = "nccl")]
+            Buffer::Cuda(g) if self.nccl.is_some() => self.nccl.as_ref().map_or(Ok(()), |n| n.all_reduce_mean(g))?,
             Buffer::Cuda(_) => {
                 let mut host = grads.to_vec().map_err(|e| e.to_string())?;
                 average(&mut host);

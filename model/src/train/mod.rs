@@ -315,6 +315,8 @@ fn train_in<T: Precision>(
     if lead {
         std::fs::create_dir_all(out_dir.join("checkpoints")).map_err(|e| format!("{}: {e}", out_dir.display()))?;
     }
+    // The folder is settled (or rank 0 refused it and ended the job) before any rank loads data.
+    dp.world.barrier();
     let tokenizer = ClipTokenizer::new().map_err(|e| e.to_string())?;
     let adamw = AdamW { lr: cfg.lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps };
     // On a GPU, measure before allocating: a run that cannot fit says which batch would.
