@@ -311,9 +311,10 @@ fn run_as(args: &TrainArgs, mut dp: DataParallel) -> Result<(), Box<dyn Error>> 
         }
         errln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)");
     })?;
+    let ranks = dp.ranks();
     let summary = train_data_parallel(&cfg, selection.device, interrupt, dp)?;
     if lead {
-        report(&cfg, &summary)?;
+        report(&cfg, &summary, ranks)?;
     }
     if summary.interrupted { Err(Interrupted.into()) } else { Ok(()) }
 }
@@ -330,14 +331,14 @@ impl std::fmt::Display for Interrupted {
 
 impl Error for Interrupted {}
 
-/// The summary table, the plots and the mask grid.
-fn report(cfg: &TrainConfig, s: &TrainSummary) -> Result<(), Box<dyn Error>> {
+/// The summary table, the plots and the mask grid (samples/s over all `ranks`).
+fn report(cfg: &TrainConfig, s: &TrainSummary, ranks: usize) -> Result<(), Box<dyn Error>> {
     outln!(
         "\n{} {} steps in {:.1} s ({:.0} samples/s), final loss {:.4}, {} corrupt samples skipped{}",
         if s.interrupted { "interrupted after" } else { "trained" },
         s.steps,
         s.wall_s,
-        (s.steps * cfg.batch_size) as f64 / s.wall_s.max(1e-9),
+        (s.steps * cfg.batch_size * ranks) as f64 / s.wall_s.max(1e-9),
         s.final_loss,
         s.samples_skipped,
         if s.bad_steps > 0 { format!(", {} non-finite steps skipped", s.bad_steps) } else { String::new() }

@@ -194,3 +194,45 @@ fn a_rank_killed_mid_run_ends_the_other_and_the_last_checkpoint_stays_whole() {
     let latest = latest_checkpoint(&run).unwrap();
     checkpoint::load_training(&latest).unwrap_or_else(|e| panic!("the last checkpoint is broken: {e}"));
 }
+
+/// A CSV of 48 rows, every fifth image corrupt: the ranks' shares hold different numbers of usable
+/// samples, so one rank's share of an epoch runs out first and the other drops its batch of that
+/// epoch; the corrupt samples of both ranks are counted.
+#[test]
+fn ranks_with_corrupt_samples_stay_in_step_and_count_them_together() {
+    let logs = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut rows = String::from("filepath\ttitle\n");
+    for i in 0..48 {
+        let file = data.path().join(format!("{i}.png"));
+        if i % 5 == 0 {
+            std::fs::write(&file, b"\x89PNG\r\n\x1a\nbroken").unwrap();
+        } else {
+            let colour = if i % 2 == 0 { [220, 30, 30] } else { [30, 60, 220] };
+            image::RgbImage::from_pixel(40, 40, image::Rgb(colour)).save(&file).unwrap();
+        }
+        rows += &format!("{i}.png\ta {} square\n", if i % 2 == 0 { "red" } else { "blue" });
+    }
+    std::fs::write(data.path().join("data.tsv"), rows).unwrap();
+    let csv = format!("csv:{}", data.path().join("data.tsv").display());
+    let mut args = train_args(logs.path(), "csv", 4, &["--gather-with-grad", "--device", "cpu"]);
+    let at = |args: &[String], flag: &str| args.iter().position(|a| a == flag).unwrap() + 1;
+    let (d, n, e) = (at(&args, "--data"), at(&args, "--train-num-samples"), at(&args, "--epochs"));
+    (args[d], args[n], args[e]) = (csv, "48".into(), "3".into());
+    let out = succeeded("csv", mpirun(2, &args).output().unwrap());
+    // 48 samples make 6 global batches of 8 per epoch; the 10 corrupt ones cost each epoch 1–2.
+    let summary = out.lines().find(|l| l.starts_with("trained ")).unwrap_or_else(|| panic!("{out}"));
+    let steps: usize = summary.split_whitespace().nth(1).unwrap().parse().unwrap();
+    eprintln!("{summary}");
+    assert!((12..18).contains(&steps), "{summary}");
+    let skipped: usize =
+        summary.split(", ").find_map(|p| p.strip_suffix(" corrupt samples skipped")).unwrap().parse().unwrap();
+    let metrics = std::fs::read_to_string(logs.path().join("csv/metrics.jsonl")).unwrap();
+    let counted: u64 = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["count"].as_u64())
+        .sum();
+    assert_eq!(counted as usize, skipped, "{metrics}");
+    assert!(skipped >= 3 * 6, "each epoch meets most of the 10 corrupt samples: {summary}");
+}

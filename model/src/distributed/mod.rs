@@ -177,16 +177,3 @@ fn from_launcher((who, size): (&str, usize)) -> Result<Arc<dyn Collective>, Stri
          `cargo build --release --features mpi` (needs libopenmpi-dev and libclang-dev)"
     ))
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gradients_of_one_rank_are_their_own_average() {
-        let dp = DataParallel::single();
-        let mut g = Buffer::Cpu(vec![1.0, -2.5, 3.0]);
-        dp.average_gradients(&mut g).unwrap();
-        assert_eq!(g.to_vec().unwrap(), [1.0, -2.5, 3.0]);
-    }
-}

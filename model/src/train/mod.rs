@@ -700,6 +700,28 @@ mod tests {
         }
     }
 
+    /// A checkpoint's data positions: resumed on as many ranks as wrote it, or at an epoch's end
+    /// on any number; inside an epoch on another number of ranks, an error that says what works.
+    #[test]
+    fn rank_positions_resume_on_as_many_ranks_or_at_an_epoch_end() {
+        let state = |cursor, cursors: Vec<usize>| TrainState {
+            step: 7,
+            epoch: 1,
+            cursor,
+            seed: 0,
+            samples_skipped: 0,
+            bad_steps: 0,
+            elapsed_s: 0.0,
+            cursors,
+        };
+        assert_eq!(rank_cursors(&state(32, vec![32, 36]), 2).unwrap(), [32, 36]);
+        assert_eq!(rank_cursors(&state(0, vec![0, 0]), 4).unwrap(), [0; 4]);
+        // Written before data-parallel training (no `cursors`): one rank's position.
+        assert_eq!(rank_cursors(&state(64, vec![]), 1).unwrap(), [64]);
+        let e = rank_cursors(&state(32, vec![32, 36]), 3).unwrap_err();
+        assert!(e.contains("written by 2 ranks inside an epoch: resume it on 2 ranks"), "{e}");
+    }
+
     /// `--accum-freq 4` recomputes each micro-batch's forward for its backward: the loss and the
     /// gradients are those of one batch (up to the order of the gradient sums).
     #[test]
