@@ -16,11 +16,12 @@ use clip_pgs_host::{Device, DevicePreference};
 use clip_pgs_model::clip::{Clip, Pass, Workspace};
 use clip_pgs_model::config::ClipConfig;
 use clip_pgs_model::data::{self, SourceOptions, Split};
+use clip_pgs_model::distributed::{self, DataParallel};
 use clip_pgs_model::precision::Dtype;
 use clip_pgs_model::tokenizer::ClipTokenizer;
 use clip_pgs_model::train::eval::{CHUNK, Encoder, EvalSet, evaluate};
 use clip_pgs_model::train::plot::{Series, line_chart, stacked_line_charts};
-use clip_pgs_model::train::{TrainConfig, TrainSummary, describe_masking, headline, train};
+use clip_pgs_model::train::{TrainConfig, TrainSummary, describe_masking, headline, train_data_parallel};
 use clip_pgs_model::{errln, outln};
 use image::RgbImage;
 
@@ -178,6 +179,14 @@ pub struct TrainArgs {
     /// Consecutive non-finite losses that stop the run.
     #[arg(long, default_value_t = 5, value_parser = at_least::<usize>(1))]
     max_bad_steps: usize,
+    /// Data-parallel runs (under mpirun/srun): the gathered features carry their gradients back
+    /// to the rank they came from, so N ranks of batch b train as one process of batch N·b.
+    #[arg(long)]
+    gather_with_grad: bool,
+    /// Data-parallel runs: each rank scores only its own samples against every rank's (a
+    /// b × N·b loss instead of N·b × N·b).
+    #[arg(long)]
+    local_loss: bool,
     #[command(flatten)]
     data_args: DataArgs,
     /// Test hook, not for real runs: replace the loss of these steps (0-based, comma-separated)
@@ -218,12 +227,40 @@ fn default_model(data: &str) -> &'static str {
     if data.starts_with("fashion-mnist") { "fmnist-tiny" } else { "shapes-tiny" }
 }
 
+/// Training as one process, or as one rank of those mpirun or srun started (then an error on one
+/// rank ends them all: the others would wait for it in the next collective).
 pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
+    let world = distributed::connect()?;
+    let dp = DataParallel::new(world.clone(), args.gather_with_grad, args.local_loss);
+    if world.size() == 1 {
+        return run_as(args, dp);
+    }
+    outln!("rank {} of {}, engine: {}", world.rank(), world.size(), world.engine());
+    match run_as(args, dp) {
+        Err(e) if !e.is::<Interrupted>() => {
+            errln!("error on rank {} of {}: {e}; ending every rank", world.rank(), world.size());
+            world.abort(1)
+        }
+        result => result,
+    }
+}
+
+#[cfg_attr(not(feature = "nccl"), allow(unused_mut))]
+fn run_as(args: &TrainArgs, mut dp: DataParallel) -> Result<(), Box<dyn Error>> {
+    let lead = dp.rank() == 0;
     // `auto` trains on a GPU when one answers (the CUDA path: the Rust kernels and cuBLASLt),
     // else on the CPU and says why; `emu` runs the same GPU path on the SIMT emulator (slow: for
     // checking it without a GPU).
     let selection = Device::select(args.device)?;
-    outln!("device: {selection}");
+    if lead {
+        outln!("device: {selection}");
+    }
+    #[cfg(feature = "nccl")]
+    if let (Device::Cuda(rt), true) = (&selection.device, dp.ranks() > 1) {
+        let nccl = distributed::nccl::Nccl::new(dp.world.as_ref(), rt.stream.clone())?;
+        dp.nccl = Some(Arc::new(nccl));
+        outln!("rank {}: gradients all-reduced by NCCL on the GPU", dp.rank());
+    }
     let masking = masking(args)?;
     let model = args.model.clone().unwrap_or_else(|| default_model(&args.data).to_string());
     let name = args.name.clone().unwrap_or_else(|| {
@@ -274,8 +311,11 @@ pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
         }
         errln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)");
     })?;
-    let summary = train(&cfg, selection.device, interrupt)?;
-    report(&cfg, &summary)?;
+    let ranks = dp.ranks();
+    let summary = train_data_parallel(&cfg, selection.device, interrupt, dp)?;
+    if lead {
+        report(&cfg, &summary, ranks)?;
+    }
     if summary.interrupted { Err(Interrupted.into()) } else { Ok(()) }
 }
 
@@ -291,14 +331,14 @@ impl std::fmt::Display for Interrupted {
 
 impl Error for Interrupted {}
 
-/// The summary table, the plots and the mask grid.
-fn report(cfg: &TrainConfig, s: &TrainSummary) -> Result<(), Box<dyn Error>> {
+/// The summary table, the plots and the mask grid (samples/s over all `ranks`).
+fn report(cfg: &TrainConfig, s: &TrainSummary, ranks: usize) -> Result<(), Box<dyn Error>> {
     outln!(
         "\n{} {} steps in {:.1} s ({:.0} samples/s), final loss {:.4}, {} corrupt samples skipped{}",
         if s.interrupted { "interrupted after" } else { "trained" },
         s.steps,
         s.wall_s,
-        (s.steps * cfg.batch_size) as f64 / s.wall_s.max(1e-9),
+        (s.steps * cfg.batch_size * ranks) as f64 / s.wall_s.max(1e-9),
         s.final_loss,
         s.samples_skipped,
         if s.bad_steps > 0 { format!(", {} non-finite steps skipped", s.bad_steps) } else { String::new() }

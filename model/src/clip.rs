@@ -369,6 +369,15 @@ pub struct Output {
     pub loss: f32,
 }
 
+/// A contrastive loss computed on the host (data-parallel training: `distributed/loss.rs`): the
+/// loss and the gradients of the loaded batch's features and of the log logit scale.
+pub struct HostLoss {
+    pub loss: f32,
+    pub d_image: Vec<f32>,
+    pub d_text: Vec<f32>,
+    pub d_logit_scale: f32,
+}
+
 /// A span of a T buffer on the host, widened to f32.
 fn read_f32<T: Precision>(buffer: &Buffer<T>, span: Span) -> Result<Vec<f32>> {
     let mut values = vec![T::default(); span.len];
@@ -979,6 +988,29 @@ impl<T: Precision> Workspace<T> {
         let mut loss = [0.0f32];
         self.stats.read(self.loss.loss, &mut loss)?;
         Ok(loss[0])
+    }
+
+    /// As `loss`, with the loss computed by `f` on the host from the loaded batch's features
+    /// ([n, E] each, f32) and the log logit scale; its gradients go where `loss` puts its own.
+    pub fn loss_on_host(
+        &mut self,
+        pass: &Pass<T>,
+        f: impl FnOnce(&[f32], &[f32], f32) -> Result<HostLoss, String>,
+    ) -> Result<f32, String> {
+        let (n, e, lp) = (self.n, pass.clip.cfg.embed_dim, &self.loss);
+        let err = |e: clip_pgs_host::Error| e.to_string();
+        let image = read_f32(&self.acts, lp.image.prefix(n * e)).map_err(err)?;
+        let text = read_f32(&self.acts, lp.text.prefix(n * e)).map_err(err)?;
+        let mut scale = [0.0f32];
+        pass.params.read(pass.clip.weights.logit_scale, &mut scale).map_err(err)?;
+        let out = f(&image, &text, scale[0])?;
+        let mut staging = vec![T::default(); n * e];
+        for (span, d) in [(lp.d_image, &out.d_image), (lp.d_text, &out.d_text)] {
+            self.acts.write(span.prefix(n * e), T::stage(d, &mut staging)).map_err(err)?;
+        }
+        self.stats.write(lp.loss, &[out.loss]).map_err(err)?;
+        self.stats.write(lp.d_logit_scale, &[out.d_logit_scale]).map_err(err)?;
+        Ok(out.loss)
     }
 
     /// Adds the logit scale's gradient from the last `loss` to `g`.

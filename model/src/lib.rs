@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod golden;
 pub mod init;
 pub mod optimizer;

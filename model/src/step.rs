@@ -14,12 +14,13 @@ use clip_pgs_host::ops::pgs::gpu::mask_gpu;
 use clip_pgs_host::ops::pgs::{
     MaskRequest, Masking, PatchTokens, PgsMode, REFERENCE_EPOCHS, check_finite_pixels, mask_cpu,
 };
-use clip_pgs_host::{Buffer, Device, Result as HostResult};
+use clip_pgs_host::{Buffer, Device};
 
 use clip_pgs_kernels::select::paper_candidate_count;
 
 use crate::clip::{Clip, Keep, Output, Pass, Workspace};
 use crate::config::ClipConfig;
+use crate::distributed::DataParallel;
 use crate::optimizer::Optimizer;
 use crate::params::{Layout, Params};
 use crate::precision::{Dtype, Precision};
@@ -50,6 +51,9 @@ pub struct TrainStep<T = f32> {
     /// The gradients are zero (consumed by the last update, or never written), so the next
     /// backward need not clear them.
     grads_zero: bool,
+    /// Other ranks to train with (None: one process): the loss over every rank's features, the
+    /// gradients averaged over ranks.
+    pub data_parallel: Option<DataParallel>,
 }
 
 fn err(e: clip_pgs_host::Error) -> String {
@@ -85,7 +89,18 @@ impl<T: Precision> TrainStep<T> {
             }
         };
         let workspace = Workspace::new(&clip, &device, batch, batch.div_ceil(accum.max(1))).map_err(err)?;
-        Ok(TrainStep { device, clip, params, copy, grads, optimizer, workspace, accum: accum.max(1), grads_zero: true })
+        Ok(TrainStep {
+            device,
+            clip,
+            params,
+            copy,
+            grads,
+            optimizer,
+            workspace,
+            accum: accum.max(1),
+            grads_zero: true,
+            data_parallel: None,
+        })
     }
 
     /// The loss and the gradients (in `grads`) of one batch, left on the device: no host read
@@ -120,7 +135,13 @@ impl<T: Precision> TrainStep<T> {
                 self.workspace.set_keep(&self.clip, Keep::Masks(&masks))?;
             }
         }
-        self.loss_and_grads(n).map_err(err)
+        self.loss_and_grads(n)?;
+        // Every rank averages its gradients; a non-finite loss (the ranks' mean, the same on every
+        // rank) makes every rank's device skip the update.
+        if let Some(dp) = self.data_parallel.as_ref() {
+            dp.average_gradients(&mut self.grads.data)?;
+        }
+        Ok(())
     }
 
     /// The loss of the last `forward_backward` (a host read: waits for the device).
@@ -139,7 +160,7 @@ impl<T: Precision> TrainStep<T> {
         (Pass { device: &self.device, clip: &self.clip, params: &self.params.data, weights }, &mut self.workspace)
     }
 
-    fn loss_and_grads(&mut self, n: usize) -> HostResult<()> {
+    fn loss_and_grads(&mut self, n: usize) -> Result<(), String> {
         let weights = T::weights(&self.params.data, self.copy.as_ref());
         let pass = Pass { device: &self.device, clip: &self.clip, params: &self.params.data, weights };
         let ws = &mut self.workspace;
@@ -147,19 +168,25 @@ impl<T: Precision> TrainStep<T> {
         let ranges = (0..n).step_by(micro).map(|s| (s, micro.min(n - s)));
         let single = n <= micro;
         for (s, len) in ranges.clone() {
-            ws.encode(&pass, s, len)?;
+            ws.encode(&pass, s, len).map_err(err)?;
         }
-        ws.loss(&pass)?;
+        match &self.data_parallel {
+            None => ws.loss(&pass).map_err(err)?,
+            Some(dp) => {
+                let dim = self.clip.cfg.embed_dim;
+                ws.loss_on_host(&pass, |image, text, scale| dp.loss(image, text, scale, dim))?;
+            }
+        }
         let g = &mut self.grads.data;
         if !std::mem::replace(&mut self.grads_zero, false) {
-            fill(&self.device, g.view_mut(), 0.0)?;
+            fill(&self.device, g.view_mut(), 0.0).map_err(err)?;
         }
-        ws.logit_scale_backward(&pass, g)?;
+        ws.logit_scale_backward(&pass, g).map_err(err)?;
         for (s, len) in ranges {
             if !single {
-                ws.encode(&pass, s, len)?;
+                ws.encode(&pass, s, len).map_err(err)?;
             }
-            ws.backward(&pass, g, s, len)?;
+            ws.backward(&pass, g, s, len).map_err(err)?;
         }
         Ok(())
     }

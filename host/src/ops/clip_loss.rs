@@ -11,7 +11,7 @@ use super::dtype::Activation;
 use super::matmul::{Batch, Mat, gpu_matmul};
 use crate::cublaslt::Epilogue as Lt;
 use crate::device::Device;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::launch::grid_stride_config;
 use crate::view::{View, ViewMut};
 
@@ -78,10 +78,78 @@ pub fn clip_loss<T: Activation>(
     }
     let (image, text, logit_scale) =
         (op.cpu_f32("image", image)?, op.cpu_f32("text", text)?, op.cpu("logit_scale", logit_scale)?);
-    let (loss_out, logits) = (op.cpu_mut("loss", out.loss)?, op.cpu_mut("logits", out.logits)?);
-    let (d_img, d_txt) = (op.cpu_f32_mut("d_image", out.d_image)?, op.cpu_f32_mut("d_text", out.d_text)?);
-    let d_logit_scale = op.cpu_mut("d_logit_scale", out.d_logit_scale)?;
-    let workspace = op.cpu_mut("workspace", workspace)?;
+    let out = HostLossOut {
+        loss: &mut op.cpu_mut("loss", out.loss)?[0],
+        logits: op.cpu_mut("logits", out.logits)?,
+        d_image: op.cpu_f32_mut("d_image", out.d_image)?,
+        d_text: op.cpu_f32_mut("d_text", out.d_text)?,
+        d_logit_scale: &mut op.cpu_mut("d_logit_scale", out.d_logit_scale)?[0],
+    };
+    cpu_clip_loss(out, image, text, logit_scale[0], op.cpu_mut("workspace", workspace)?, e, 0..b);
+    Ok(())
+}
+
+/// What the CPU loss writes, in host memory.
+pub struct HostLossOut<'a> {
+    pub loss: &'a mut f32,
+    /// [B, B].
+    pub logits: &'a mut [f32],
+    /// [B, E] each.
+    pub d_image: &'a mut [f32],
+    pub d_text: &'a mut [f32],
+    pub d_logit_scale: &'a mut f32,
+}
+
+/// open_clip's loss with `local_loss` (data-parallel training, on the host): only the samples
+/// `local` of the gathered batch (one rank's) are scored, each image against every text and each
+/// text against every image; the loss is their mean, and the gradients reach every sample's
+/// features. `local` = 0..B is the whole batch's loss.
+pub fn clip_loss_local(
+    out: HostLossOut,
+    image: &[f32],
+    text: &[f32],
+    logit_scale: f32,
+    workspace: &mut [f32],
+    dim: usize,
+    local: std::ops::Range<usize>,
+) -> Result<()> {
+    let b = image.len() / dim.max(1);
+    let check = |name: &str, len: usize, want: usize| {
+        if len == want {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "clip_loss_local: {name} has {len} values, [B {b}, E {dim}] needs {want}"
+            )))
+        }
+    };
+    check("image", image.len(), b * dim)?;
+    check("text", text.len(), b * dim)?;
+    check("d_image", out.d_image.len(), b * dim)?;
+    check("d_text", out.d_text.len(), b * dim)?;
+    check("logits", out.logits.len(), b * b)?;
+    check("workspace", workspace.len(), clip_loss_workspace(b, dim))?;
+    if local.is_empty() || local.end > b {
+        return Err(Error::InvalidArgument(format!(
+            "clip_loss_local: samples {local:?} are not within a batch of {b}"
+        )));
+    }
+    cpu_clip_loss(out, image, text, logit_scale, workspace, dim, local);
+    Ok(())
+}
+
+/// The CPU reference over checked sizes: rows and columns `local` of the logits scored.
+fn cpu_clip_loss(
+    out: HostLossOut,
+    image: &[f32],
+    text: &[f32],
+    logit_scale: f32,
+    workspace: &mut [f32],
+    e: usize,
+    local: std::ops::Range<usize>,
+) {
+    let b = image.len() / e;
+    let HostLossOut { loss: loss_out, logits, d_image: d_img, d_text: d_txt, d_logit_scale } = out;
     let (img, rest) = workspace.split_at_mut(b * e);
     let (txt, rest) = rest.split_at_mut(b * e);
     let (img_norm, rest) = rest.split_at_mut(b);
@@ -89,31 +157,32 @@ pub fn clip_loss<T: Activation>(
     let dlogits = &mut rest[..b * b];
     normalize(img, img_norm, image, e);
     normalize(txt, txt_norm, text, e);
-    let scale = logit_scale[0].exp();
+    let scale = logit_scale.exp();
     for i in 0..b {
         for j in 0..b {
             let dot: f32 = img[i * e..(i + 1) * e].iter().zip(&txt[j * e..(j + 1) * e]).map(|(a, b)| a * b).sum();
             logits[i * b + j] = scale * dot;
         }
     }
-    // Softmax over rows (image→text) and over columns (text→image); dL/dlogits = (P_row + P_colᵀ
-    // − 2I) / (2B).
+    // Softmax over the scored rows (image→text) and columns (text→image); dL/dlogits = (P_row +
+    // P_colᵀ − 2I) / (2n) on them, n the samples scored.
     dlogits.fill(0.0);
     let mut loss = 0.0f32;
+    let scored = (2 * local.len()) as f32;
     for transpose in [false, true] {
-        for i in 0..b {
+        for i in local.clone() {
             let at = |j: usize| if transpose { j * b + i } else { i * b + j };
             let max = (0..b).map(|j| logits[at(j)]).fold(f32::NEG_INFINITY, f32::max);
             let total: f32 = (0..b).map(|j| (logits[at(j)] - max).exp()).sum();
-            loss += (max + total.ln() - logits[at(i)]) / (2 * b) as f32;
+            loss += (max + total.ln() - logits[at(i)]) / scored;
             for j in 0..b {
                 let p = (logits[at(j)] - max).exp() / total;
-                dlogits[at(j)] += (p - if i == j { 1.0 } else { 0.0 }) / (2 * b) as f32;
+                dlogits[at(j)] += (p - if i == j { 1.0 } else { 0.0 }) / scored;
             }
         }
     }
-    loss_out[0] = loss;
-    d_logit_scale[0] = dlogits.iter().zip(logits.iter()).map(|(g, l)| g * l).sum();
+    *loss_out = loss;
+    *d_logit_scale = dlogits.iter().zip(logits.iter()).map(|(g, l)| g * l).sum();
     // Through the product, then through the normalization: dx = (dn − n·(n·dn)) / ‖x‖.
     d_img.fill(0.0);
     d_txt.fill(0.0);
@@ -134,7 +203,6 @@ pub fn clip_loss<T: Activation>(
     };
     through_norm(d_img, img, img_norm);
     through_norm(d_txt, txt, txt_norm);
-    Ok(())
 }
 
 /// The GPU path (`kernels/src/clip_loss.rs` describes the passes).
@@ -231,6 +299,63 @@ mod tests {
         assert_gradient("d_image", &d_img, &img, |x| run(x, &txt, s, b, e).0);
         assert_gradient("d_text", &d_txt, &txt, |x| run(&img, x, s, b, e).0);
         assert_gradient("d_logit_scale", &[d_s], &[s], |x| run(&img, &txt, x[0], b, e).0);
+    }
+
+    /// (loss, d_image, d_text, d_logit_scale) of `clip_loss_local`.
+    fn run_local(
+        img: &[f32],
+        txt: &[f32],
+        s: f32,
+        e: usize,
+        local: std::ops::Range<usize>,
+    ) -> (f32, Vec<f32>, Vec<f32>, f32) {
+        let b = img.len() / e;
+        let (mut loss, mut ds, mut logits) = (0.0, 0.0, vec![0.0; b * b]);
+        let (mut di, mut dt, mut ws) = (vec![0.0; b * e], vec![0.0; b * e], vec![0.0; clip_loss_workspace(b, e)]);
+        let out = HostLossOut {
+            loss: &mut loss,
+            logits: &mut logits,
+            d_image: &mut di,
+            d_text: &mut dt,
+            d_logit_scale: &mut ds,
+        };
+        clip_loss_local(out, img, txt, s, &mut ws, e, local).unwrap();
+        (loss, di, dt, ds)
+    }
+
+    /// open_clip's `local_loss`: each part's loss has the finite-difference gradients, and the
+    /// parts' mean is the whole batch's loss and gradients (what N ranks average).
+    #[test]
+    fn local_losses_average_to_the_whole_batch_loss() {
+        let (b, e, s) = (6, 3, 0.7f32);
+        let (img, txt) = (values(b * e, 1), values(b * e, 2));
+        let whole = run(&img, &txt, s, b, e);
+        let (a, c) = (run_local(&img, &txt, s, e, 0..3), run_local(&img, &txt, s, e, 3..6));
+        assert!(((a.0 + c.0) / 2.0 - whole.0).abs() <= 1e-6 * whole.0, "{} {} vs {}", a.0, c.0, whole.0);
+        assert!(((a.3 + c.3) / 2.0 - whole.3).abs() <= 1e-6);
+        for (parts, all) in [((&a.1, &c.1), &whole.1), ((&a.2, &c.2), &whole.2)] {
+            for ((x, y), w) in parts.0.iter().zip(parts.1).zip(all) {
+                assert!(((x + y) / 2.0 - w).abs() <= 1e-6, "{x} + {y} vs {w}");
+            }
+        }
+        assert_gradient("d_image", &a.1, &img, |x| run_local(x, &txt, s, e, 0..3).0);
+        assert_gradient("d_text", &c.2, &txt, |x| run_local(&img, x, s, e, 3..6).0);
+        let bad = clip_loss_local(
+            HostLossOut {
+                loss: &mut 0.0,
+                logits: &mut [0.0; 36],
+                d_image: &mut [0.0; 18],
+                d_text: &mut [0.0; 18],
+                d_logit_scale: &mut 0.0,
+            },
+            &img,
+            &txt,
+            s,
+            &mut vec![0.0; clip_loss_workspace(b, e)],
+            e,
+            4..9,
+        );
+        assert!(bad.unwrap_err().to_string().contains("samples 4..9 are not within a batch of 6"));
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct LoaderConfig {
     pub image_size: u32,
     pub seed: u64,
     pub workers: usize,
+    /// This process's rank of `ranks` (data-parallel training: each reads its own share).
+    pub rank: usize,
+    pub ranks: usize,
 }
 
 /// A batch ready for the model.
@@ -54,6 +57,13 @@ pub fn order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
         order.swap(i, j);
     }
     order
+}
+
+/// Rank `rank` of `ranks`' share of an epoch's order: its block of `batch` in every global batch
+/// of `ranks`·`batch`, so the shares are disjoint and the ranks' batches, in rank order, are the
+/// one-process batches of `ranks`·`batch`. A rank replaces a corrupt sample from its own share.
+pub fn rank_share(order: &[usize], batch: usize, rank: usize, ranks: usize) -> Vec<usize> {
+    order.chunks(batch).skip(rank).step_by(ranks).flatten().copied().collect()
 }
 
 /// Sample `i` decoded and preprocessed: (normalized, picture, caption, label).
@@ -147,7 +157,7 @@ fn produce(
     let mut position = start;
     while position.epoch < epochs {
         let (epoch, from) = (position.epoch, position.cursor);
-        let epoch_order = order(source.len(), cfg.seed, epoch);
+        let epoch_order = rank_share(&order(source.len(), cfg.seed, epoch), cfg.batch_size, cfg.rank, cfg.ranks);
         let mut batches = 0;
         while position.epoch == epoch {
             match pool.install(|| fill(source, &epoch_order, position, &cfg)) {
@@ -204,7 +214,7 @@ mod tests {
     #[test]
     fn skips_corrupt_samples_and_resumes_at_the_saved_position() {
         let source: Arc<dyn Source> = Arc::new(Flaky(Shapes::new(Split::Train, 0)));
-        let cfg = LoaderConfig { batch_size: 8, image_size: 32, seed: 5, workers: 2 };
+        let cfg = LoaderConfig { batch_size: 8, image_size: 32, seed: 5, workers: 2, rank: 0, ranks: 1 };
         let all: Vec<LoadedBatch> = {
             let p = Prefetcher::start(source.clone(), cfg, Position::default(), 2);
             std::iter::from_fn(|| p.next_batch()).map(|b| b.unwrap()).collect()
@@ -226,6 +236,22 @@ mod tests {
         }
     }
 
+    /// Two ranks' shares: disjoint, together the epoch, and each global batch of 2·4 is rank 0's
+    /// batch then rank 1's.
+    #[test]
+    fn rank_shares_split_each_global_batch() {
+        let epoch = order(37, 3, 1);
+        let (a, b) = (rank_share(&epoch, 4, 0, 2), rank_share(&epoch, 4, 1, 2));
+        let mut both: Vec<usize> = a.iter().chain(&b).copied().collect();
+        both.sort();
+        assert_eq!(both, (0..37).collect::<Vec<_>>());
+        for (step, global) in epoch.chunks(8).enumerate().take(4) {
+            assert_eq!(global[..4], a[4 * step..4 * step + 4]);
+            assert_eq!(global[4..], b[4 * step..4 * step + 4]);
+        }
+        assert_eq!(rank_share(&epoch, 4, 0, 1), epoch);
+    }
+
     #[test]
     fn an_epoch_without_a_batch_is_an_error() {
         struct Broken;
@@ -240,7 +266,7 @@ mod tests {
                 Err("corrupt".into())
             }
         }
-        let cfg = LoaderConfig { batch_size: 4, image_size: 16, seed: 0, workers: 1 };
+        let cfg = LoaderConfig { batch_size: 4, image_size: 16, seed: 0, workers: 1, rank: 0, ranks: 1 };
         let p = Prefetcher::start(Arc::new(Broken), cfg, Position::default(), 3);
         let e = p.next_batch().unwrap().err().unwrap();
         assert!(e.contains("broken") && e.contains("no batch"), "{e}");

@@ -32,6 +32,7 @@ use crate::checkpoint;
 use crate::config::ClipConfig;
 use crate::data::loader::{LoadedBatch, LoaderConfig, Position, Prefetcher};
 use crate::data::{Sample, Source, SourceOptions, Split};
+use crate::distributed::DataParallel;
 use crate::optimizer::Optimizer;
 use crate::outln;
 use crate::params::Params;
@@ -100,6 +101,9 @@ pub struct TrainState {
     pub samples_skipped: usize,
     pub bad_steps: usize,
     pub elapsed_s: f64,
+    /// Every rank's position in its share of the epoch (data-parallel; `cursor` is rank 0's).
+    #[serde(default)]
+    pub cursors: Vec<usize>,
 }
 
 /// The result of a run.
@@ -214,8 +218,8 @@ pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
         .map(|(_, p)| p)
 }
 
-/// Appends JSON lines to metrics.jsonl.
-struct Metrics(std::fs::File);
+/// Appends JSON lines to metrics.jsonl (rank 0 does; the other ranks' records go nowhere).
+struct Metrics(Option<std::fs::File>);
 
 impl Metrics {
     /// Opens `path` for appending. A process killed mid-write leaves a torn last line: the next
@@ -227,21 +231,34 @@ impl Metrics {
         if torn {
             file.write_all(b"\n").map_err(fail)?;
         }
-        Ok(Metrics(file))
+        Ok(Metrics(Some(file)))
     }
 
     /// One record in one write, so that a kill tears at most the line being written.
     fn write(&mut self, record: serde_json::Value) -> Result<(), String> {
-        self.0.write_all(format!("{record}\n").as_bytes()).map_err(|e| format!("writing metrics.jsonl: {e}"))
+        let Some(file) = &mut self.0 else { return Ok(()) };
+        file.write_all(format!("{record}\n").as_bytes()).map_err(|e| format!("writing metrics.jsonl: {e}"))
     }
 }
 
 /// Runs training on `device` to the end (or until `interrupt` is set: then a checkpoint is
 /// written).
 pub fn train(cfg: &TrainConfig, device: Device, interrupt: Arc<AtomicBool>) -> Result<TrainSummary, String> {
+    train_data_parallel(cfg, device, interrupt, DataParallel::single())
+}
+
+/// `train` as one of `dp`'s ranks: each rank trains on its share of every batch of
+/// `cfg.batch_size` per rank; rank 0 alone writes checkpoints, metrics and the model, and
+/// evaluates.
+pub fn train_data_parallel(
+    cfg: &TrainConfig,
+    device: Device,
+    interrupt: Arc<AtomicBool>,
+    dp: DataParallel,
+) -> Result<TrainSummary, String> {
     match cfg.dtype {
-        Dtype::F32 => train_in::<f32>(cfg, device, interrupt),
-        Dtype::Bf16 => train_in::<clip_pgs_host::bf16>(cfg, device, interrupt),
+        Dtype::F32 => train_in::<f32>(cfg, device, interrupt, dp),
+        Dtype::Bf16 => train_in::<clip_pgs_host::bf16>(cfg, device, interrupt, dp),
     }
 }
 
@@ -249,8 +266,11 @@ fn train_in<T: Precision>(
     cfg: &TrainConfig,
     device: Device,
     interrupt: Arc<AtomicBool>,
+    dp: DataParallel,
 ) -> Result<TrainSummary, String> {
     cfg.validate()?;
+    let (rank, ranks) = (dp.rank(), dp.ranks());
+    let lead = rank == 0;
     if cfg.dtype != Dtype::F32 && matches!(device, Device::Cpu) {
         return Err(format!("--dtype {} runs on the GPU devices (cuda, emu); the cpu device trains in f32", cfg.dtype));
     }
@@ -270,16 +290,21 @@ fn train_in<T: Precision>(
         }
         None => None,
     };
-    let steps_per_epoch = train_source.len() / cfg.batch_size;
+    let steps_per_epoch = train_source.len() / (cfg.batch_size * ranks);
     if steps_per_epoch == 0 {
-        return Err(format!("{} holds fewer samples than one batch of {}", train_source.describe(), cfg.batch_size));
+        let per_rank = if ranks > 1 { format!(" ({ranks} ranks × {})", cfg.batch_size) } else { String::new() };
+        return Err(format!(
+            "{} holds fewer samples than one batch of {}{per_rank}",
+            train_source.describe(),
+            cfg.batch_size * ranks
+        ));
     }
     let total_steps = steps_per_epoch * cfg.epochs;
     let out_dir = cfg.out_dir();
     // A second run of the same name would append to the first one's metrics and resume from its
     // checkpoints: an existing run folder is only continued (--resume) or replaced (--overwrite).
     let occupied = std::fs::read_dir(&out_dir).is_ok_and(|mut d| d.next().is_some());
-    if occupied && cfg.resume.is_none() {
+    if lead && occupied && cfg.resume.is_none() {
         if !cfg.overwrite {
             return Err(format!(
                 "{} already holds a run: pass --resume latest to continue it, --overwrite to replace it, or \
@@ -289,7 +314,11 @@ fn train_in<T: Precision>(
         }
         std::fs::remove_dir_all(&out_dir).map_err(|e| format!("--overwrite: removing {}: {e}", out_dir.display()))?;
     }
-    std::fs::create_dir_all(out_dir.join("checkpoints")).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    if lead {
+        std::fs::create_dir_all(out_dir.join("checkpoints")).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    }
+    // The folder is settled (or rank 0 refused it and ended the job) before any rank loads data.
+    dp.world.barrier();
     let tokenizer = ClipTokenizer::new().map_err(|e| e.to_string())?;
     let adamw = AdamW { lr: cfg.lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps };
     // On a GPU, measure before allocating: a run that cannot fit says which batch would.
@@ -306,8 +335,16 @@ fn train_in<T: Precision>(
     }
     let mut params = Params::init(&model_cfg, cfg.seed, &device)?;
     let mut optimizer = Optimizer::new(&params.layout, &device, adamw, cfg.wd)?;
-    let mut state =
-        TrainState { step: 0, epoch: 0, cursor: 0, seed: cfg.seed, samples_skipped: 0, bad_steps: 0, elapsed_s: 0.0 };
+    let mut state = TrainState {
+        step: 0,
+        epoch: 0,
+        cursor: 0,
+        seed: cfg.seed,
+        samples_skipped: 0,
+        bad_steps: 0,
+        elapsed_s: 0.0,
+        cursors: vec![0; ranks],
+    };
     if let Some(resume) = &cfg.resume {
         let path = match resume.as_str() {
             "latest" => latest_checkpoint(&out_dir).ok_or_else(|| {
@@ -315,6 +352,8 @@ fn train_in<T: Precision>(
             })?,
             p => PathBuf::from(p),
         };
+        // Every rank resumes from rank 0's choice.
+        let path = PathBuf::from(dp.broadcast_string(&path.to_string_lossy()));
         let ckpt = checkpoint::load_training(&path)?;
         if ckpt.config != model_cfg {
             return Err(format!(
@@ -340,45 +379,58 @@ fn train_in<T: Precision>(
                 state.step
             ));
         }
+        state.cursors = rank_cursors(&state, ranks).map_err(|e| format!("{}: {e}", path.display()))?;
         params = ckpt.params.copy_to(&device)?;
         let (m, v, step) = ckpt.moments;
         (optimizer.m, optimizer.v) = (m.copy_to(&device)?, v.copy_to(&device)?);
         optimizer.set_steps(step)?;
-        outln!("resuming from {} at step {}, epoch {}", path.display(), state.step, state.epoch + 1);
+        if lead {
+            outln!("resuming from {} at step {}, epoch {}", path.display(), state.step, state.epoch + 1);
+        }
     }
-    let eval_set = eval_source.as_ref().map(|s| EvalSet::load(s.as_ref(), cfg.eval_samples, image_size));
-    let mut metrics = Metrics::open(&out_dir.join("metrics.jsonl"))?;
-    outln!("data: {}", train_source.describe());
+    // Rank 0 evaluates and writes; the others train.
+    let eval_set =
+        eval_source.as_ref().filter(|_| lead).map(|s| EvalSet::load(s.as_ref(), cfg.eval_samples, image_size));
+    let mut metrics = if lead { Metrics::open(&out_dir.join("metrics.jsonl"))? } else { Metrics(None) };
+    let say = |msg: String| {
+        if lead {
+            outln!("{msg}")
+        }
+    };
+    say(format!("data: {}", train_source.describe()));
     if let (Some(s), Some(set)) = (&eval_source, &eval_set) {
-        outln!("eval: {} ({} used, {} skipped)", s.describe(), set.len(), set.skipped);
+        say(format!("eval: {} ({} used, {} skipped)", s.describe(), set.len(), set.skipped));
     }
-    outln!(
+    say(format!(
         "model: {} ({} parameters), masking: {}, {} epochs × {} steps of {}",
         cfg.model,
         params.layout.len(),
         describe_masking(&cfg.masking),
         cfg.epochs,
         steps_per_epoch,
-        cfg.batch_size
-    );
-    let loader_cfg = LoaderConfig { batch_size: cfg.batch_size, image_size, seed: cfg.seed, workers: cfg.workers };
+        cfg.batch_size * ranks
+    ));
+    let loader_cfg =
+        LoaderConfig { batch_size: cfg.batch_size, image_size, seed: cfg.seed, workers: cfg.workers, rank, ranks };
     let source: Arc<dyn Source> = Arc::from(train_source);
-    let prefetcher =
-        Prefetcher::start(source, loader_cfg, Position { epoch: state.epoch, cursor: state.cursor }, cfg.epochs);
+    let start_at = Position { epoch: state.epoch, cursor: state.cursors[rank] };
+    let prefetcher = Prefetcher::start(source, loader_cfg, start_at, cfg.epochs);
     // The bar is for a person watching: not drawn into a pipe or a log file.
     let terminal = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
-    let bar = if cfg.progress && terminal { ProgressBar::new(total_steps as u64) } else { ProgressBar::hidden() };
+    let bar =
+        if cfg.progress && terminal && lead { ProgressBar::new(total_steps as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
             .map_err(|e| e.to_string())?,
     );
     bar.set_position(state.step as u64);
     // Every message goes to stdout (a log keeps it), the bar only to a terminal's stderr.
-    let say = |msg: String| bar.suspend(|| outln!("{msg}"));
+    let say = |msg: String| bar.suspend(|| say(msg));
     let ctx = model_cfg.text_cfg.context_length;
     let mut step: TrainStep<T> =
         TrainStep::new(device, &model_cfg, params, optimizer, cfg.batch_size, cfg.accum_freq, cfg.grad_checkpointing)?;
     step.clip.gelu = cfg.gelu;
+    step.data_parallel = (ranks > 1).then(|| dp.clone());
     let (start, elapsed_before) = (Instant::now(), state.elapsed_s);
     let mut losses = Vec::new();
     let mut last_eval = BTreeMap::new();
@@ -389,22 +441,28 @@ fn train_in<T: Precision>(
     // The last applied step's values, for the progress line and the metrics.
     let mut shown = StepRecord { step: 0, loss: f32::NAN, norm: f32::NAN };
     let save = |step: &TrainStep<T>, state: &TrainState, path: &Path| -> Result<(), String> {
+        if !lead {
+            return Ok(());
+        }
         let json = serde_json::to_string(state).map_err(|e| e.to_string())?;
         checkpoint::save_training(path, &config_json, &step.params, &step.optimizer, &json)
     };
     let image_shape = |n| ImageBatchShape { n, height: image_size as usize, width: image_size as usize };
-    while let Some(batch) = prefetcher.next_batch() {
-        let batch: LoadedBatch = batch?;
-        if !batch.skipped.is_empty() {
-            state.samples_skipped += batch.skipped.len();
-            say(format!("skipped {} corrupt samples: {}", batch.skipped.len(), batch.skipped[0]));
-            metrics.write(serde_json::json!({"step": state.step, "skipped": batch.skipped}))?;
+    while let (Some(batch), skipped) = next_batch(&prefetcher, &dp, cfg.epochs)? {
+        if skipped > 0 {
+            state.samples_skipped += skipped;
+            let first = batch.skipped.first().map_or(String::new(), |s| format!(": {s}"));
+            say(format!("skipped {skipped} corrupt samples{first}"));
+            metrics.write(serde_json::json!({"step": state.step, "skipped": batch.skipped, "count": skipped}))?;
         }
         let mut text = Vec::with_capacity(cfg.batch_size * ctx);
         for caption in &batch.captions {
             text.extend(tokenizer.tokenize(caption, ctx).map_err(|e| e.to_string())?);
         }
-        let at = MaskStep { seed: cfg.seed, step: state.step as u32, epoch: batch.epoch, epochs: cfg.epochs };
+        // The masks' draws are keyed by the image's index in the batch: each rank keys its own
+        // (rank 0 as one process), so that the ranks' images do not share draws.
+        let seed = cfg.seed.wrapping_add((rank as u64) << 32);
+        let at = MaskStep { seed, step: state.step as u32, epoch: batch.epoch, epochs: cfg.epochs };
         let masks = match cfg.masking {
             Masking::None => StepMasks::All,
             masking => {
@@ -422,10 +480,17 @@ fn train_in<T: Precision>(
         step.update(lr, cfg.grad_clip_norm)?;
         history.record(&step, state.step)?;
         state.step += 1;
-        window.1 += cfg.batch_size;
-        (state.epoch, state.cursor) = (batch.after.epoch, batch.after.cursor);
-        let stopping = interrupt.load(Ordering::SeqCst);
-        let epoch_done = batch.after.epoch > batch.epoch;
+        window.1 += cfg.batch_size * ranks;
+        // Where every rank is, and whether any was interrupted: the ranks stop and end epochs
+        // together.
+        let mut all = vec![0u64; 3 * ranks];
+        let mine = [batch.after.epoch as u64, batch.after.cursor as u64, interrupt.load(Ordering::SeqCst) as u64];
+        dp.world.all_gather_u64(&mine, &mut all);
+        state.epoch = all.chunks(3).map(|r| r[0] as usize).max().unwrap_or(batch.after.epoch);
+        let epoch_done = state.epoch > batch.epoch;
+        state.cursors = all.chunks(3).map(|r| if epoch_done { 0 } else { r[1] as usize }).collect();
+        state.cursor = state.cursors[0];
+        let stopping = all.chunks(3).any(|r| r[2] != 0);
         // The last step and a stop are logged too, so a short run still has a loss curve.
         let log = state.step.is_multiple_of(cfg.log_every_n_steps.max(1)) || state.step == total_steps || stopping;
         // The values come back from the device here only: at a log line, a checkpoint, or when
@@ -474,7 +539,7 @@ fn train_in<T: Precision>(
             }))?;
             window = (Instant::now(), 0);
         }
-        let last = epoch_done && batch.after.epoch == cfg.epochs;
+        let last = epoch_done && state.epoch == cfg.epochs;
         if epoch_done {
             let finished = batch.epoch + 1;
             if let Some(set) = &eval_set
@@ -509,7 +574,7 @@ fn train_in<T: Precision>(
     }
     bar.finish_and_clear();
     let wall_s = elapsed_before + start.elapsed().as_secs_f64();
-    if !interrupted {
+    if !interrupted && lead {
         checkpoint::save(&out_dir.join("model.safetensors"), &config_json, &step.params)?;
     }
     Ok(TrainSummary {
@@ -523,6 +588,48 @@ fn train_in<T: Precision>(
         interrupted,
         out_dir,
     })
+}
+
+/// The next batch every rank has, and the corrupt samples all ranks skipped filling theirs. A
+/// rank whose share of an epoch ran out first (corrupt samples) is ahead: the others drop their
+/// batches of the epoch it left until they reach it. None when every rank is done.
+fn next_batch(
+    prefetcher: &Prefetcher,
+    dp: &DataParallel,
+    epochs: usize,
+) -> Result<(Option<LoadedBatch>, usize), String> {
+    let mut batch = prefetcher.next_batch().transpose()?;
+    let mut all = vec![0u64; 2 * dp.ranks()];
+    loop {
+        let epoch = batch.as_ref().map_or(epochs, |b| b.epoch) as u64;
+        let skipped = batch.as_ref().map_or(0, |b| b.skipped.len()) as u64;
+        dp.world.all_gather_u64(&[epoch, skipped], &mut all);
+        let latest = all.chunks(2).map(|r| r[0]).max().unwrap_or(epoch);
+        if all.chunks(2).all(|r| r[0] == latest) {
+            let skipped = all.chunks(2).map(|r| r[1] as usize).sum();
+            return Ok((batch.filter(|_| latest < epochs as u64), skipped));
+        }
+        if epoch < latest {
+            batch = prefetcher.next_batch().transpose()?;
+        }
+    }
+}
+
+/// Where each of `ranks` ranks resumes in its share of the checkpoint's epoch: the checkpoint's
+/// positions when it was written by as many ranks; at an epoch's end, any number of ranks starts
+/// the next epoch.
+fn rank_cursors(state: &TrainState, ranks: usize) -> Result<Vec<usize>, String> {
+    let written = if state.cursors.is_empty() { vec![state.cursor] } else { state.cursors.clone() };
+    match (written.len() == ranks, written.iter().all(|&c| c == 0)) {
+        (true, _) => Ok(written),
+        (false, true) => Ok(vec![0; ranks]),
+        (false, false) => Err(format!(
+            "written by {} ranks inside an epoch: resume it on {} ranks, or on {ranks} from a checkpoint written at \
+             the end of an epoch",
+            written.len(),
+            written.len()
+        )),
+    }
 }
 
 pub fn describe_masking(m: &Masking) -> String {
@@ -645,6 +752,28 @@ mod tests {
             let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
             assert!(worst <= bound * scale, "{name}: max difference {worst} of the scale {scale}");
         }
+    }
+
+    /// A checkpoint's data positions: resumed on as many ranks as wrote it, or at an epoch's end
+    /// on any number; inside an epoch on another number of ranks, an error that says what works.
+    #[test]
+    fn rank_positions_resume_on_as_many_ranks_or_at_an_epoch_end() {
+        let state = |cursor, cursors: Vec<usize>| TrainState {
+            step: 7,
+            epoch: 1,
+            cursor,
+            seed: 0,
+            samples_skipped: 0,
+            bad_steps: 0,
+            elapsed_s: 0.0,
+            cursors,
+        };
+        assert_eq!(rank_cursors(&state(32, vec![32, 36]), 2).unwrap(), [32, 36]);
+        assert_eq!(rank_cursors(&state(0, vec![0, 0]), 4).unwrap(), [0; 4]);
+        // Written before data-parallel training (no `cursors`): one rank's position.
+        assert_eq!(rank_cursors(&state(64, vec![]), 1).unwrap(), [64]);
+        let e = rank_cursors(&state(32, vec![32, 36]), 3).unwrap_err();
+        assert!(e.contains("written by 2 ranks inside an epoch: resume it on 2 ranks"), "{e}");
     }
 
     /// `--accum-freq 4` recomputes each micro-batch's forward for its backward: the loss and the

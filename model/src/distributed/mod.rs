@@ -1,0 +1,179 @@
+//! Data-parallel training across processes, as open_clip runs it under torchrun: every rank holds
+//! the whole model, trains on its own share of each batch (`data::loader::rank_share`), gathers
+//! every rank's features for the contrastive loss (`loss.rs`: `--gather-with-grad`,
+//! `--local-loss`) and averages the gradients before AdamW, so that the ranks' parameters stay
+//! identical and N ranks with batch b follow one process with batch N·b.
+//!
+//! The processes talk through one collective interface ([`Collective`]), implemented by MPI
+//! (`mpi.rs`, cargo feature `mpi`): the launcher (`mpirun`, `srun`) starts the processes and
+//! MPI's environment says who they are. A process not started by a launcher is a world of one
+//! ([`Solo`]) and needs no MPI library.
+
+pub mod loss;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+
+use std::sync::Arc;
+
+use clip_pgs_host::Buffer;
+
+/// The collective operations the trainer needs, over host memory. Every rank calls each one in
+/// the same order with the same lengths (the trainer's steps are the same on every rank).
+pub trait Collective: Send + Sync {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// The engine, for the start-up line ("mpi (Open MPI v4.1.4 …)").
+    fn engine(&self) -> String;
+    /// Element-wise sum over ranks, in place.
+    fn all_reduce_sum(&self, values: &mut [f32]);
+    /// Every rank's `local` (of the same length) into `all`, in rank order.
+    fn all_gather(&self, local: &[f32], all: &mut [f32]);
+    /// As `all_gather`, for counters and positions.
+    fn all_gather_u64(&self, local: &[u64], all: &mut [u64]);
+    /// Rank `root`'s `values` into every rank's.
+    fn broadcast(&self, values: &mut [u8], root: usize);
+    fn barrier(&self);
+    /// Ends every rank's process (a rank that failed: the others must not wait for it forever).
+    fn abort(&self, code: i32) -> !;
+}
+
+/// A world of one process: every collective is the identity.
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn engine(&self) -> String {
+        "none (one process)".into()
+    }
+    fn all_reduce_sum(&self, _: &mut [f32]) {}
+    fn all_gather(&self, local: &[f32], all: &mut [f32]) {
+        all.copy_from_slice(local);
+    }
+    fn all_gather_u64(&self, local: &[u64], all: &mut [u64]) {
+        all.copy_from_slice(local);
+    }
+    fn broadcast(&self, _: &mut [u8], _: usize) {}
+    fn barrier(&self) {}
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+/// A run's ranks and open_clip's distributed-loss flags.
+#[derive(Clone)]
+pub struct DataParallel {
+    pub world: Arc<dyn Collective>,
+    /// `--gather-with-grad`: the gathered features carry gradients back to the rank they came
+    /// from (without it, only a rank's own features get its loss's gradient, as in open_clip).
+    pub gather_with_grad: bool,
+    /// `--local-loss`: each rank scores only its own samples against every rank's.
+    pub local_loss: bool,
+    /// The GPUs' own collective for the gradients of a `cuda` device (None: through the host).
+    #[cfg(feature = "nccl")]
+    pub nccl: Option<Arc<nccl::Nccl>>,
+}
+
+impl DataParallel {
+    /// One process, no communication.
+    pub fn single() -> DataParallel {
+        DataParallel::new(Arc::new(Solo), false, false)
+    }
+
+    pub fn new(world: Arc<dyn Collective>, gather_with_grad: bool, local_loss: bool) -> DataParallel {
+        #[cfg(feature = "nccl")]
+        return DataParallel { world, gather_with_grad, local_loss, nccl: None };
+        #[cfg(not(feature = "nccl"))]
+        DataParallel { world, gather_with_grad, local_loss }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.world.rank()
+    }
+
+    pub fn ranks(&self) -> usize {
+        self.world.size()
+    }
+
+    /// Rank 0's `s` on every rank.
+    pub fn broadcast_string(&self, s: &str) -> String {
+        let mut len = (s.len() as u64).to_le_bytes();
+        self.world.broadcast(&mut len, 0);
+        let mut bytes = s.as_bytes().to_vec();
+        bytes.resize(u64::from_le_bytes(len) as usize, 0);
+        self.world.broadcast(&mut bytes, 0);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// DDP's gradient all-reduce: the mean of every rank's gradients, on every rank. A GPU
+    /// buffer goes through NCCL where there is one, else through the host.
+    pub fn average_gradients(&self, grads: &mut Buffer<f32>) -> Result<(), String> {
+        let scale = 1.0 / self.ranks() as f32;
+        let average = |g: &mut [f32]| {
+            self.world.all_reduce_sum(g);
+            g.iter_mut().for_each(|v| *v *= scale);
+        };
+        match grads {
+            Buffer::Cpu(g) | Buffer::Emu(g) => average(g),
+            #[cfg(feature = "nccl")]
+            Buffer::Cuda(g) if self.nccl.is_some() => self.nccl.as_ref().map_or(Ok(()), |n| n.all_reduce_mean(g))?,
+            Buffer::Cuda(_) => {
+                let mut host = grads.to_vec().map_err(|e| e.to_string())?;
+                average(&mut host);
+                grads.write(clip_pgs_host::Span::new(0, host.len()), &host).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Who started this process, from the launcher's environment: the world size MPI will report,
+/// or None for a process started on its own.
+pub fn launched_by() -> Option<(&'static str, usize)> {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
+    [
+        ("mpirun", "OMPI_COMM_WORLD_SIZE"),
+        ("a PMI launcher (mpiexec, srun)", "PMI_SIZE"),
+        ("srun", "SLURM_STEP_NUM_TASKS"),
+    ]
+    .into_iter()
+    .find_map(|(who, name)| Some((who, var(name)?)))
+    .or_else(|| std::env::var("PMIX_RANK").is_ok().then_some(("a PMIx launcher (srun --mpi=pmix)", 0)))
+}
+
+/// The collective this process trains with: MPI when a launcher started it, else one process.
+/// torchrun's variables (WORLD_SIZE > 1 with no MPI launcher) are refused: its rendezvous is not
+/// MPI's.
+pub fn connect() -> Result<Arc<dyn Collective>, String> {
+    let torchrun = std::env::var("WORLD_SIZE").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 1);
+    match (launched_by(), torchrun) {
+        (None, Some(n)) => Err(format!(
+            "WORLD_SIZE={n} (torchrun?): clip-pgs starts its ranks through MPI: launch with `mpirun -np {n} \
+             clip-pgs train …` or `srun --mpi=pmix -n {n} clip-pgs train …`"
+        )),
+        (None, None) => Ok(Arc::new(Solo)),
+        (Some(launcher), _) => from_launcher(launcher),
+    }
+}
+
+#[cfg(feature = "mpi")]
+fn from_launcher(_: (&str, usize)) -> Result<Arc<dyn Collective>, String> {
+    Ok(Arc::new(mpi::Mpi::init()?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn from_launcher((who, size): (&str, usize)) -> Result<Arc<dyn Collective>, String> {
+    if size == 1 {
+        return Ok(Arc::new(Solo));
+    }
+    Err(format!(
+        "started by {who} as one of {size} processes, but this clip-pgs was built without MPI: build it with \
+         `cargo build --release --features mpi` (needs libopenmpi-dev and libclang-dev)"
+    ))
+}
