@@ -179,6 +179,10 @@ pub struct TrainArgs {
     /// Consecutive non-finite losses that stop the run.
     #[arg(long, default_value_t = 5, value_parser = at_least::<usize>(1))]
     max_bad_steps: usize,
+    /// Run every step's launches one by one (GPU devices): by default the second step of a
+    /// shape is captured into a CUDA graph (recorded on emu) and later steps replay it.
+    #[arg(long)]
+    no_graph: bool,
     /// Data-parallel runs (under mpirun/srun): the gathered features carry their gradients back
     /// to the rank they came from, so N ranks of batch b train as one process of batch N·b.
     #[arg(long)]
@@ -299,6 +303,7 @@ fn run_as(args: &TrainArgs, mut dp: DataParallel) -> Result<(), Box<dyn Error>> 
         overwrite: args.overwrite,
         progress: !args.no_progress,
         max_bad_steps: args.max_bad_steps,
+        graph: !args.no_graph,
         test_nonfinite_steps: args.test_nonfinite_loss_at.clone(),
     };
     cfg.validate()?;

@@ -26,6 +26,7 @@ use clip_pgs_host::ops::linear::{
 };
 use clip_pgs_host::ops::matmul::{Mat, matmul};
 use clip_pgs_host::{Buffer, Device};
+use clip_pgs_kernels::adamw::settings;
 use clip_pgs_kernels::philox::Philox;
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -77,14 +78,18 @@ fn a_tensor_on_another_device_is_named() {
     assert!(e.contains("add_assign: b is on the cpu device, the op runs on"), "{e}");
 }
 
-const HYPER: AdamW = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
+const HYPER: AdamW = AdamW { beta1: 0.9, beta2: 0.98, eps: 1e-6 };
+const LR: f32 = 1e-3;
 
 /// A step's settings on `device` (`adamw_settings`) from the loss and norm given, after
 /// `applied` updates; and the count after it.
 fn settings_on(device: &Device, loss: f32, norm: f32, applied: u32, max_norm: Option<f32>) -> (Buffer<f32>, u32) {
-    let (norm, loss) = (device.upload(&[norm]).unwrap(), device.upload(&[loss]).unwrap());
-    let (mut settings, mut steps) = (device.upload(&[f32::NAN; 4]).unwrap(), device.upload(&[applied]).unwrap());
-    adamw_settings(device, settings.view_mut(), steps.view_mut(), norm.view(), loss.view(), max_norm, &HYPER).unwrap();
+    let (norm, loss, lr) =
+        (device.upload(&[norm]).unwrap(), device.upload(&[loss]).unwrap(), device.upload(&[LR]).unwrap());
+    let mut settings = device.upload(&[f32::NAN; settings::LEN]).unwrap();
+    let mut steps = device.upload(&[applied]).unwrap();
+    let (out, count) = (settings.view_mut(), steps.view_mut());
+    adamw_settings(device, out, count, norm.view(), loss.view(), lr.view(), max_norm, &HYPER).unwrap();
     (settings, steps.to_vec().unwrap()[0])
 }
 
@@ -136,7 +141,8 @@ fn adamw_equals_the_cpu_bit_for_bit_with_and_without_clipping() {
         let finite = loss.is_finite() && norm.is_finite();
         assert_eq!(want[0] == state[0] && want[2] == state[2], !finite, "loss {loss}, norm {norm}");
         assert!(want[1].iter().all(|&g| g == 0.0), "the gradients are consumed");
-        assert_eq!(want[4][4], 6.0 + finite as u32 as f32, "applied updates");
+        assert_eq!(want[4][settings::LR], LR, "the learning rate, from device memory");
+        assert_eq!(want[4][settings::LEN], 6.0 + finite as u32 as f32, "applied updates");
     }
 }
 

@@ -72,7 +72,7 @@ fn a_steady_state_training_step_allocates_nothing() {
     let cfg = ClipConfig::load("test-tiny").unwrap();
     let device = Device::Cpu;
     let params = Params::init(&cfg, 1, &device).unwrap();
-    let adamw = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
+    let adamw = AdamW { beta1: 0.9, beta2: 0.98, eps: 1e-6 };
     let optimizer = Optimizer::new(&params.layout, &device, adamw, 0.1).unwrap();
     let (n, ctx, l) = (8, cfg.text_cfg.context_length, cfg.patches());
     let mut step: TrainStep = TrainStep::new(device, &cfg, params, optimizer, n, 2, false).unwrap();

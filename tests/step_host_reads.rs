@@ -25,7 +25,7 @@ fn a_training_step_makes_no_host_read() {
     let cfg = ClipConfig::load("test-tiny").unwrap();
     let device = common::gpu();
     let params = Params::init(&cfg, 1, &device).unwrap();
-    let adamw = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
+    let adamw = AdamW { beta1: 0.9, beta2: 0.98, eps: 1e-6 };
     let optimizer = Optimizer::new(&params.layout, &device, adamw, 0.1).unwrap();
     let (n, ctx, size) = (8, cfg.text_cfg.context_length, cfg.vision_cfg.image_size);
     let mut step: TrainStep<clip_pgs_host::bf16> =

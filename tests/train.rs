@@ -52,6 +52,7 @@ fn config(logs: &Path, name: &str) -> TrainConfig {
         overwrite: false,
         progress: false,
         max_bad_steps: 3,
+        graph: true,
         test_nonfinite_steps: Vec::new(),
     }
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
 use crate::error::{CudaContextExt, Result};
+use crate::graph::refuse_while_capturing;
 
 /// Host reads of GPU memory (cuda and emu buffers) since the process started.
 static DEVICE_READS: AtomicUsize = AtomicUsize::new(0);
@@ -49,6 +50,9 @@ impl<T: DeviceRepr + Clone + Default> Buffer<T> {
         if !matches!(self, Buffer::Cpu(_)) {
             DEVICE_READS.fetch_add(1, Ordering::SeqCst);
         }
+        if let Buffer::Emu(_) = self {
+            refuse_while_capturing(|| format!("reading {} values back to the host", span.len))?;
+        }
         match self {
             Buffer::Cpu(v) | Buffer::Emu(v) => {
                 out.clone_from_slice(&v[span.range()]);
@@ -68,6 +72,9 @@ impl<T: DeviceRepr + Clone + Default> Buffer<T> {
                 self.len()
             )));
         }
+        if let Buffer::Emu(_) = self {
+            refuse_while_capturing(|| format!("writing {} values from the host", data.len()))?;
+        }
         match self {
             Buffer::Cpu(v) | Buffer::Emu(v) => {
                 v[span.range()].clone_from_slice(data);
@@ -85,6 +92,9 @@ impl<T: DeviceRepr + Clone + Default> Buffer<T> {
         if !matches!(self, Buffer::Cpu(_)) {
             DEVICE_READS.fetch_add(1, Ordering::SeqCst);
         }
+        if let Buffer::Emu(v) = self {
+            refuse_while_capturing(|| format!("reading {} values back to the host", v.len()))?;
+        }
         match self {
             Buffer::Cpu(v) | Buffer::Emu(v) => Ok(v.clone()),
             Buffer::Cuda(s) => s.stream().clone_dtoh(s).during("copying a buffer to the host"),
@@ -93,6 +103,18 @@ impl<T: DeviceRepr + Clone + Default> Buffer<T> {
 }
 
 impl<T> Buffer<T> {
+    /// Where the buffer's memory starts (a device address on cuda): what a captured graph holds.
+    pub fn address(&self) -> u64 {
+        match self {
+            Buffer::Cpu(v) | Buffer::Emu(v) => v.as_ptr() as u64,
+            Buffer::Cuda(s) => {
+                use cudarc::driver::DevicePtr;
+                let (address, _sync) = s.device_ptr(s.stream());
+                address
+            }
+        }
+    }
+
     /// "cpu", "cuda" or "emu", for messages.
     pub fn device_name(&self) -> &'static str {
         match self {

@@ -14,6 +14,7 @@ use crate::buffer::Buffer;
 use crate::cuda::CudaRuntime;
 use crate::emu::EmuRuntime;
 use crate::error::{CudaContextExt, Error, Result};
+use crate::graph::Address;
 
 #[derive(Clone)]
 pub enum Device {
@@ -89,7 +90,10 @@ impl Device {
         match self {
             Device::Cpu => Ok(Buffer::Cpu(data.to_vec())),
             Device::Cuda(rt) => Ok(Buffer::Cuda(rt.stream.clone_htod(data).during("copying a buffer to the GPU")?)),
-            Device::Emu(_) => Ok(Buffer::Emu(data.to_vec())),
+            Device::Emu(_) => {
+                crate::graph::refuse_while_capturing(|| format!("uploading {} values", data.len()))?;
+                Ok(Buffer::Emu(data.to_vec()))
+            }
         }
     }
 
@@ -104,7 +108,10 @@ impl Device {
         match self {
             Device::Cpu => Ok(Buffer::Cpu(vec![T::default(); len])),
             Device::Cuda(rt) => Ok(Buffer::Cuda(rt.stream.alloc_zeros(len).during(format!("allocating {what}"))?)),
-            Device::Emu(_) => Ok(Buffer::Emu(vec![T::default(); len])),
+            Device::Emu(_) => {
+                crate::graph::refuse_while_capturing(|| format!("allocating {what}"))?;
+                Ok(Buffer::Emu(vec![T::default(); len]))
+            }
         }
     }
 
@@ -138,15 +145,28 @@ impl Device {
 
     /// dst ← src on this device (same length; a device-to-device copy on CUDA, queued on the
     /// stream).
-    pub fn copy<T: Copy>(&self, dst: crate::view::ViewMut<T>, src: crate::view::View<T>) -> Result<()> {
+    pub fn copy<T: Copy + Send + Sync + 'static>(
+        &self,
+        dst: crate::view::ViewMut<T>,
+        src: crate::view::View<T>,
+    ) -> Result<()> {
         use crate::view::{View, ViewMut};
         if dst.len() != src.len() {
             return Err(Error::InvalidArgument(format!("copying {} values into {}", src.len(), dst.len())));
         }
         match (self, dst, src) {
-            (Device::Cpu, ViewMut::Cpu(d), View::Cpu(s)) | (Device::Emu(_), ViewMut::Emu(d), View::Emu(s)) => {
+            (Device::Cpu, ViewMut::Cpu(d), View::Cpu(s)) => {
                 d.copy_from_slice(s);
                 Ok(())
+            }
+            (Device::Emu(rt), ViewMut::Emu(d), View::Emu(s)) => {
+                let (d, s) = (Address::of_mut(d), Address::of(s));
+                rt.run_or_record(Box::new(move |_| {
+                    // SAFETY: run now, or replayed from a graph whose caller keeps both buffers
+                    // where they were (`Graph::replay`); distinct (one was borrowed mutably).
+                    unsafe { d.slice_mut().copy_from_slice(s.slice()) };
+                    Ok(())
+                }))
             }
             (Device::Cuda(rt), ViewMut::Cuda(d), View::Cuda(s)) => {
                 let bytes = s.len * std::mem::size_of::<T>();
@@ -167,13 +187,20 @@ impl Device {
     /// grown when a larger one is asked for (so a steady-state step allocates nothing). For ops
     /// whose library call overwrites what the op accumulates (cuBLASLt's BGRADB).
     pub fn with_scratch<R>(&self, len: usize, f: impl FnOnce(crate::view::ViewMut<f32>) -> Result<R>) -> Result<R> {
-        let slot = match self {
+        let (slot, frozen) = match self {
             Device::Cpu => return Err(Error::InvalidArgument("the cpu device keeps no scratch memory".into())),
-            Device::Cuda(rt) => &rt.scratch,
-            Device::Emu(rt) => &rt.scratch,
+            Device::Cuda(rt) => (&rt.scratch, &rt.scratch_frozen),
+            Device::Emu(rt) => (&rt.scratch, &rt.scratch_frozen),
         };
         let mut slot = slot.lock().expect("scratch lock");
         if slot.as_ref().is_none_or(|b| b.len() < len) {
+            // A captured graph holds the scratch memory's address: it must not move.
+            if frozen.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(Error::Capture(format!(
+                    "{len} floats of scratch memory asked for, more than the {} a captured graph holds",
+                    slot.as_ref().map_or(0, |b| b.len())
+                )));
+            }
             *slot = Some(self.alloc_zeros(len, "scratch memory")?);
         }
         let buffer = slot.as_mut().expect("allocated above");

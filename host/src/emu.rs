@@ -3,6 +3,7 @@
 //! host memory. It is for checking kernels — logic, indexing, barriers, races, traffic — not for
 //! speed: a kernel runs orders of magnitude slower than on a GPU, and slower than the CPU device.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::LaunchConfig;
@@ -12,6 +13,7 @@ use clip_pgs_kernels::hw::emu::{self, LaunchReport, Limits, Options, SM90};
 
 use crate::buffer::Buffer;
 use crate::error::{Error, Result};
+use crate::graph::Recorded;
 use crate::launch::{EmuBuffers, KernelArgs, check_limits, emu_config};
 
 pub struct EmuRuntime {
@@ -24,6 +26,10 @@ pub struct EmuRuntime {
     pub(crate) scratch: Mutex<Option<Buffer<f32>>>,
     /// cuBLASLt calls so far, when kept (with the launch reports).
     gemms: Mutex<Option<Vec<GemmRecord>>>,
+    /// The work recorded since `Device::begin_capture`, while capturing.
+    recording: Mutex<Option<Vec<Recorded>>>,
+    /// Set once a graph holds the scratch memory's address: it may no longer move.
+    pub(crate) scratch_frozen: AtomicBool,
 }
 
 /// One cuBLASLt matmul the emulator's interpreter ran: its work and the bytes it must move.
@@ -44,7 +50,35 @@ impl EmuRuntime {
             reports: Mutex::new(None),
             scratch: Mutex::new(None),
             gemms: Mutex::new(None),
+            recording: Mutex::new(None),
+            scratch_frozen: AtomicBool::new(false),
         })
+    }
+
+    pub(crate) fn begin_recording(&self) -> Result<()> {
+        let mut recording = self.recording.lock().expect("recording lock");
+        if recording.is_some() {
+            return Err(Error::Capture("the emulator is already capturing (on another thread)".into()));
+        }
+        *recording = Some(Vec::new());
+        Ok(())
+    }
+
+    pub(crate) fn end_recording(&self) -> Result<Vec<Recorded>> {
+        self.scratch_frozen.store(true, Ordering::SeqCst);
+        let work = self.recording.lock().expect("recording lock").take();
+        work.ok_or_else(|| Error::Capture("no capture was started on the emulator".into()))
+    }
+
+    /// Runs `work` now, or records it for the graph when capturing.
+    pub(crate) fn run_or_record(&self, mut work: Recorded) -> Result<()> {
+        match self.recording.lock().expect("recording lock").as_mut() {
+            Some(recording) => {
+                recording.push(work);
+                Ok(())
+            }
+            None => work(self),
+        }
     }
 
     /// Starts keeping every launch's report (with its traffic when `options.counters`) and every
@@ -81,13 +115,16 @@ impl EmuRuntime {
         check_limits(kernel.name(), &cfg, &self.limits, "emu (sm_90 limits)")?;
         let mut buffers = EmuBuffers::default();
         let params = args.emulated(&mut buffers)?;
-        // SAFETY: the views point into buffers borrowed by `args` for this call.
-        let report =
-            unsafe { emu::launch(kernel, emu_config(&cfg), params, &buffers.bytes(), self.limits, self.options) }
+        let (kernel, cfg, bytes) = (*kernel, emu_config(&cfg), buffers.bytes());
+        self.run_or_record(Box::new(move |rt: &EmuRuntime| {
+            // SAFETY: the views point into buffers borrowed by `args` for this call, or, replayed
+            // from a graph, into buffers the replay's caller keeps where they were.
+            let report = unsafe { emu::launch(&kernel, cfg, params, &bytes, rt.limits, rt.options) }
                 .map_err(|fault| Error::KernelFault(Box::new(fault)))?;
-        if let Some(reports) = self.reports.lock().expect("reports lock").as_mut() {
-            reports.push(report);
-        }
-        Ok(())
+            if let Some(reports) = rt.reports.lock().expect("reports lock").as_mut() {
+                reports.push(report);
+            }
+            Ok(())
+        }))
     }
 }

@@ -14,6 +14,9 @@ pub enum Error {
     WrongDevice(String),
     /// The op has no implementation on this device yet; the text names both.
     Unsupported(String),
+    /// Work a captured graph cannot hold (a host read or write of device memory, an allocation)
+    /// was asked for while capturing one; the text names it.
+    Capture(String),
     /// An emulated kernel faulted (out of bounds, race, deadlock, …): the emulator's report.
     KernelFault(Box<clip_pgs_kernels::hw::emu::Fault>),
 }
@@ -28,6 +31,7 @@ impl fmt::Display for Error {
             Error::Cuda { during, error } => write!(f, "CUDA error while {during}: {error}"),
             Error::WrongDevice(m) => write!(f, "wrong device: {m}"),
             Error::Unsupported(m) => write!(f, "not supported: {m}"),
+            Error::Capture(m) => write!(f, "not allowed while capturing a graph: {m}"),
             Error::KernelFault(fault) => write!(f, "kernel fault in emulation: {fault}"),
         }
     }

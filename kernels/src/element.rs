@@ -26,6 +26,17 @@ impl Bf16 {
     }
 }
 
+/// Four f32 as one 16-byte aligned unit: one 128-bit access (`ld/st.global.v4.f32`) instead of
+/// four, for the same bytes, in memory-bound kernels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C, align(16))]
+pub struct F32x4(pub [f32; 4]);
+
+/// Four bf16 as one 8-byte aligned unit (one 64-bit access).
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C, align(8))]
+pub struct Bf16x4(pub [Bf16; 4]);
+
 /// A value a kernel loads and computes with in f32, and stores back rounded.
 pub trait Element: Copy {
     const ZERO: Self;

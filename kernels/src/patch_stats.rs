@@ -98,6 +98,7 @@ use crate::hw::{
     thread_x,
 };
 use crate::kernel;
+use crate::mask_clock::MaskClock;
 use crate::math::sqrt;
 
 /// Analytic minimum of global traffic of `pgs_standardize_patches`: the images read once, P̂
@@ -372,7 +373,8 @@ unsafe fn similarity<T: Element>(
 macro_rules! similarity_entry {
     ($name:ident, $t:ty) => {
         kernel! {
-            /// S [N, R, L] = α·cos(T) + (1 − α)·cos(P̂) of the given rows against every patch.
+            /// S [N, R, L] = α·cos(T) + (1 − α)·cos(P̂) of the given rows against every patch, α from
+            /// the mask clock (`clock`, mask_clock::LEN words).
             pub fn $name(
                 hat: Global<f32>,
                 hat_norms: Global<f32>,
@@ -384,9 +386,11 @@ macro_rules! similarity_entry {
                 patches: u32,
                 n: u32,
                 dim: u32,
-                alpha: f32,
+                clock: Global<u32>,
             ) {
+                // SAFETY: the clock holds mask_clock::LEN words; the rest as `similarity`.
                 unsafe {
+                    let alpha = MaskClock::load(clock).alpha;
                     similarity(
                         hat,
                         hat_norms,

@@ -1,7 +1,8 @@
 //! PGS candidate generation and selection (pgs-spec.md steps 2 and 5), pure helpers shared by the
 //! CPU reference and the GPU kernels.
 //!
-//! Random draws come from Philox keyed by the seed, with stream (step, image): draws 0..L are the
+//! Random draws come from Philox keyed by the seed, with stream (step, image) — the kernels read
+//! seed and step from the mask clock (`mask_clock.rs`) in device memory: draws 0..L are the
 //! per-patch uniforms of the first decision (Gumbel noise in `paper`, candidate noise in
 //! `reference`, FLIP's order in `flip`), draws L..2L the second (tie-breaking jitter in `paper`,
 //! priorities in `reference`).
@@ -123,6 +124,7 @@ pub const fn shared_bytes(patches: usize) -> usize {
 
 use crate::hw::{Global, GlobalMut, Shared, block_stride, block_x, dynamic_shared, sync_threads, thread_x};
 use crate::kernel;
+use crate::mask_clock::MaskClock;
 use crate::philox::Philox;
 
 /// Analytic minimum of global traffic of `pgs_candidates`: E read, the candidates written.
@@ -166,18 +168,20 @@ kernel! {
     /// `reference` (reference = 1): the n_c largest u + 1e6·E, ties to the higher index.
     ///
     /// # Safety
-    /// `edges` [N, L]; `candidates` [N, n_c]; `shared_bytes(L)` bytes of dynamic shared memory.
+    /// `edges` [N, L]; `candidates` [N, n_c]; `clock` mask_clock::LEN words; `shared_bytes(L)` bytes
+    /// of dynamic shared memory.
     pub fn pgs_candidates(
         edges: Global<f32>,
         candidates: GlobalMut<u32>,
-        seed: u64,
-        step: u32,
+        clock: Global<u32>,
         patches: u32,
         n_c: u32,
         reference: u32,
     ) {
         let (l, n_c) = (patches as usize, n_c as usize);
-        let rng = Philox::new(seed, step, block_x() as u32);
+        // SAFETY: the clock holds mask_clock::LEN words.
+        let at = unsafe { MaskClock::load(clock) };
+        let rng = Philox::new(at.seed, at.step, block_x() as u32);
         unsafe {
             let key = dynamic_shared::<f32>();
             let e = edges.offset(block_x() * l);
@@ -207,7 +211,8 @@ kernel! {
     ///
     /// # Safety
     /// `s_raw`, `s_balanced` [N, n_c, L] (the same buffer without OTN); `edges` [N, L];
-    /// `candidates` [N, n_c]; `kept` [N, L]; `kept_len` [N]; `shared_bytes(L)` of shared memory.
+    /// `candidates` [N, n_c]; `kept` [N, L]; `kept_len` [N]; `clock` mask_clock::LEN words;
+    /// `shared_bytes(L)` of shared memory.
     pub fn pgs_select_paper(
         s_raw: Global<f32>,
         s_balanced: Global<f32>,
@@ -215,8 +220,7 @@ kernel! {
         candidates: Global<u32>,
         kept: GlobalMut<u32>,
         kept_len: GlobalMut<u32>,
-        seed: u64,
-        step: u32,
+        clock: Global<u32>,
         patches: u32,
         n_c: u32,
         dynamic: u32,
@@ -225,7 +229,9 @@ kernel! {
         k_max: u32,
     ) {
         let (l, n_c) = (patches as usize, n_c as usize);
-        let rng = Philox::new(seed, step, block_x() as u32);
+        // SAFETY: the clock holds mask_clock::LEN words.
+        let at = unsafe { MaskClock::load(clock) };
+        let rng = Philox::new(at.seed, at.step, block_x() as u32);
         unsafe {
             let score = dynamic_shared::<f32>();
             let jitter = score.offset(l).cast::<u32>();
@@ -270,10 +276,13 @@ kernel! {
     /// FLIP: the k_mask patches with the largest Philox uniforms (ties to the lower index) masked.
     ///
     /// # Safety
-    /// `kept` [N, L]; `kept_len` [N]; `shared_bytes(L)` bytes of dynamic shared memory.
-    pub fn pgs_select_flip(kept: GlobalMut<u32>, kept_len: GlobalMut<u32>, seed: u64, step: u32, patches: u32, k_mask: u32) {
+    /// `kept` [N, L]; `kept_len` [N]; `clock` mask_clock::LEN words; `shared_bytes(L)` bytes of
+    /// dynamic shared memory.
+    pub fn pgs_select_flip(kept: GlobalMut<u32>, kept_len: GlobalMut<u32>, clock: Global<u32>, patches: u32, k_mask: u32) {
         let l = patches as usize;
-        let rng = Philox::new(seed, step, block_x() as u32);
+        // SAFETY: the clock holds mask_clock::LEN words.
+        let at = unsafe { MaskClock::load(clock) };
+        let rng = Philox::new(at.seed, at.step, block_x() as u32);
         unsafe {
             let draw = dynamic_shared::<f32>();
             let masked = draw.offset(l).cast::<u32>();
@@ -336,22 +345,23 @@ kernel! {
     ///
     /// # Safety
     /// `flags` [N, L]; `counts`, `edge_sums` [N] for all `n_images`; `kept` [N, L]; `kept_len`
-    /// [N]; `shared_bytes(L)` bytes of dynamic shared memory.
+    /// [N]; `clock` mask_clock::LEN words; `shared_bytes(L)` bytes of dynamic shared memory.
     pub fn pgs_reference_keep(
         flags: Global<u32>,
         counts: Global<u32>,
         edge_sums: Global<f32>,
         kept: GlobalMut<u32>,
         kept_len: GlobalMut<u32>,
-        seed: u64,
-        step: u32,
+        clock: Global<u32>,
         n_images: u32,
         patches: u32,
         cap: u32,
         use_ed: u32,
     ) {
         let l = patches as usize;
-        let rng = Philox::new(seed, step, block_x() as u32);
+        // SAFETY: the clock holds mask_clock::LEN words.
+        let at = unsafe { MaskClock::load(clock) };
+        let rng = Philox::new(at.seed, at.step, block_x() as u32);
         unsafe {
             let priority = dynamic_shared::<f32>();
             let masked = priority.offset(l).cast::<u32>();

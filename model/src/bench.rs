@@ -47,14 +47,15 @@ impl<T: Precision> StepWorkload<T> {
         let rng = Philox::new(1, 0, 0);
         let images =
             (0..batch * 3 * cfg.vision_cfg.image_size.pow(2)).map(|i| standard_normal(&rng, i as u32)).collect();
-        let adamw = AdamW { lr: 5e-4, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
+        let adamw = AdamW { beta1: 0.9, beta2: 0.98, eps: 1e-6 };
         let params = Params::init(&cfg, 0, &device)?;
         let optimizer = Optimizer::new(&params.layout, &device, adamw, 0.2)?;
         let step: TrainStep<T> = TrainStep::new(device, &cfg, params, optimizer, batch, 1, false)?;
         Ok(StepWorkload { cfg, batch, step, masking, steps: 0, images, text })
     }
 
-    /// One training step (the trainer's step function), with no host read.
+    /// One training step (the trainer's: on a GPU device captured into a graph at the second
+    /// step and replayed from the third), with no host read.
     pub fn step(&mut self) -> Result<(), String> {
         let v = &self.cfg.vision_cfg;
         let masks = match self.masking {
@@ -67,9 +68,7 @@ impl<T: Precision> StepWorkload<T> {
             }),
         };
         self.steps += 1;
-        self.step.forward_backward(&self.images, &self.text, masks)?;
-        self.step.grad_norm()?;
-        self.step.update(5e-4, None)
+        self.step.step(&self.images, &self.text, masks, 5e-4, None)
     }
 
     /// The last step's loss (a host read: waits for the device).

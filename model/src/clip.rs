@@ -514,6 +514,11 @@ impl<T: Precision> Workspace<T> {
         Plan { image, text, loss, index, acts: a.len, stats: st.len, u32s: ia.len }
     }
 
+    /// The addresses of the arenas (what a captured step holds).
+    pub fn addresses(&self) -> [u64; 3] {
+        [self.acts.address(), self.stats.address(), self.u32s.address()]
+    }
+
     /// Bytes of both arenas.
     pub fn bytes(&self) -> usize {
         std::mem::size_of::<T>() * self.acts.len() + 4 * (self.stats.len() + self.u32s.len())

@@ -111,8 +111,7 @@ impl Golden {
     fn check_in<T: Precision>(&self, device: &Device) -> Result<(String, bool), String> {
         let device = device.clone();
         let (tol, grad_tol) = T::PARITY_BOUNDS;
-        let adamw =
-            AdamW { lr: self.optim.lr, beta1: self.optim.betas[0], beta2: self.optim.betas[1], eps: self.optim.eps };
+        let adamw = AdamW { beta1: self.optim.betas[0], beta2: self.optim.betas[1], eps: self.optim.eps };
         let optimizer = Optimizer::new(&self.params.layout, &device, adamw, self.optim.weight_decay)?;
         let n = self.text.len() / self.config.text_cfg.context_length;
         let params = self.params.copy_to(&device)?;

@@ -27,6 +27,8 @@ pub struct Optimizer {
     norm: Buffer<f32>,
     /// The last step's decision and factors (`adamw_settings`), on the device.
     settings: Buffer<f32>,
+    /// The learning rate of the next update, in device memory (`set_lr`).
+    lr: Buffer<f32>,
 }
 
 fn err(e: clip_pgs_host::Error) -> String {
@@ -39,7 +41,8 @@ impl Optimizer {
         let steps = device.alloc_zeros(1, "the optimizer's step count").map_err(err)?;
         let norm = device.alloc_zeros(1, "the gradient norm").map_err(err)?;
         let settings = device.alloc_zeros(settings::LEN, "the optimizer's settings").map_err(err)?;
-        Ok(Optimizer { adamw, weight_decay, m, v, steps, norm, settings })
+        let lr = device.alloc_zeros(1, "the learning rate").map_err(err)?;
+        Ok(Optimizer { adamw, weight_decay, m, v, steps, norm, settings, lr })
     }
 
     /// The updates applied so far (a host read: waits for the device).
@@ -52,6 +55,18 @@ impl Optimizer {
     /// Sets the count of applied updates (a resumed run's).
     pub fn set_steps(&mut self, steps: u32) -> Result<(), String> {
         self.steps.write(Span::new(0, 1), &[steps]).map_err(err)
+    }
+
+    /// Writes the learning rate of the next update into device memory (a host write, before the
+    /// step: the update reads it there, also when it replays a captured step).
+    pub fn set_lr(&mut self, lr: f32) -> Result<(), String> {
+        self.lr.write(Span::new(0, 1), &[lr]).map_err(err)
+    }
+
+    /// The addresses of the buffers an update uses (what a captured step holds).
+    pub fn addresses(&self) -> [u64; 6] {
+        let (m, v) = (self.m.data.address(), self.v.data.address());
+        [m, v, self.steps.address(), self.norm.address(), self.settings.address(), self.lr.address()]
     }
 
     /// The global L2 norm of `grads`, kept on the device for the update.
@@ -85,7 +100,7 @@ impl Optimizer {
         mut copy: Option<&mut Buffer<bf16>>,
     ) -> Result<(), String> {
         let (settings, steps, norm) = (self.settings.view_mut(), self.steps.view_mut(), self.norm.view());
-        adamw_settings(device, settings, steps, norm, loss, max_norm, &self.adamw).map_err(err)?;
+        adamw_settings(device, settings, steps, norm, loss, self.lr.view(), max_norm, &self.adamw).map_err(err)?;
         let layout = params.layout.clone();
         for (span, weight_decay) in [(layout.decay, self.weight_decay), (layout.no_decay, 0.0)] {
             let ([], [g]) = grads.data.split([], [span]).map_err(err)?;

@@ -10,11 +10,11 @@
 
 use clip_pgs_host::ops::cast::cast;
 use clip_pgs_host::ops::elementwise::fill;
-use clip_pgs_host::ops::pgs::gpu::mask_gpu;
+use clip_pgs_host::ops::pgs::gpu::MaskWork;
 use clip_pgs_host::ops::pgs::{
     MaskRequest, Masking, PatchTokens, PgsMode, REFERENCE_EPOCHS, check_finite_pixels, mask_cpu,
 };
-use clip_pgs_host::{Buffer, Device};
+use clip_pgs_host::{Buffer, Device, Graph};
 
 use clip_pgs_kernels::select::paper_candidate_count;
 
@@ -54,6 +54,27 @@ pub struct TrainStep<T = f32> {
     /// Other ranks to train with (None: one process): the loss over every rank's features, the
     /// gradients averaged over ranks.
     pub data_parallel: Option<DataParallel>,
+    /// The GPU masks' working buffers, kept from step to step (a captured step holds them).
+    mask_work: Option<MaskWork>,
+    /// Whether `step` captures the device work of a step into a graph and replays it (GPU
+    /// devices, one process; on by default there).
+    pub capture: bool,
+    /// The captured step and the shape it was captured for.
+    graph: Option<(GraphKey, Graph)>,
+    /// The shape of the last step `step` ran uncaptured: the next one of that shape is captured.
+    warm: Option<GraphKey>,
+}
+
+/// What a captured step's work depends on besides device memory: the batch and mask shapes, the
+/// clipping norm, and the addresses of every buffer it uses (replacing one, e.g. the parameters,
+/// makes the next step capture again).
+#[derive(Clone, PartialEq)]
+struct GraphKey {
+    images: usize,
+    masking: Option<Masking>,
+    tokens: bool,
+    max_norm: Option<f32>,
+    addresses: Vec<u64>,
 }
 
 fn err(e: clip_pgs_host::Error) -> String {
@@ -89,6 +110,7 @@ impl<T: Precision> TrainStep<T> {
             }
         };
         let workspace = Workspace::new(&clip, &device, batch, batch.div_ceil(accum.max(1))).map_err(err)?;
+        let device_kind = device.clone();
         Ok(TrainStep {
             device,
             clip,
@@ -100,6 +122,10 @@ impl<T: Precision> TrainStep<T> {
             accum: accum.max(1),
             grads_zero: true,
             data_parallel: None,
+            mask_work: None,
+            capture: !matches!(device_kind, Device::Cpu),
+            graph: None,
+            warm: None,
         })
     }
 
@@ -107,7 +133,108 @@ impl<T: Precision> TrainStep<T> {
     /// (`loss`, `masked_fraction` read them). A non-finite loss gives non-finite gradients, and
     /// the update then skips the step on the device.
     pub fn forward_backward(&mut self, images: &[f32], text: &[u32], masks: StepMasks) -> Result<(), String> {
+        let n = self.load(images, text, &masks)?;
+        self.forward_backward_loaded(n, images, masks)
+    }
+
+    /// One whole step: `forward_backward`, `grad_norm` and `update` at `lr`. With `capture` (GPU
+    /// devices, one process, masks made on the device or none) the first step of a shape runs
+    /// as they do and warms every cache (cuBLASLt's algorithms, scratch memory); the second is
+    /// captured into a graph, and every later step of that shape replays it: the host only writes
+    /// the batch, the learning rate and the masks' clock, then launches the graph once.
+    pub fn step(
+        &mut self,
+        images: &[f32],
+        text: &[u32],
+        masks: StepMasks,
+        lr: f32,
+        max_norm: Option<f32>,
+    ) -> Result<(), String> {
+        let key = self.graph_key(&masks, images.len(), max_norm);
+        let n = self.load(images, text, &masks)?;
+        self.optimizer.set_lr(lr)?;
+        let Some(key) = key else {
+            return self.forward_backward_norm_update(n, images, masks, max_norm);
+        };
+        if self.graph.as_ref().is_none_or(|(captured, _)| *captured != key) {
+            self.graph = None;
+            if self.warm.as_ref() != Some(&key) {
+                self.warm = Some(key);
+                return self.forward_backward_norm_update(n, images, masks, max_norm);
+            }
+            self.device.begin_capture().map_err(err)?;
+            let captured = self.forward_backward_norm_update(n, images, masks, max_norm);
+            let graph = self.device.end_capture().map_err(err);
+            captured?;
+            self.graph = Some((key, graph?));
+        }
+        let (_, graph) = self.graph.as_mut().expect("captured above");
+        // SAFETY: the key holds the address of every buffer the captured work uses, and they are
+        // the same now: this step owns them (the runtime's scratch memory is frozen by capture).
+        unsafe { graph.replay() }.map_err(err)?;
+        self.grads_zero = true;
+        Ok(())
+    }
+
+    /// Pieces of work in the captured step (emu; None on CUDA or before a capture).
+    pub fn captured_work(&self) -> Option<usize> {
+        self.graph.as_ref().and_then(|(_, g)| g.recorded())
+    }
+
+    fn forward_backward_norm_update(
+        &mut self,
+        n: usize,
+        images: &[f32],
+        masks: StepMasks,
+        max_norm: Option<f32>,
+    ) -> Result<(), String> {
+        self.forward_backward_loaded(n, images, masks)?;
+        self.grad_norm()?;
+        self.apply_update(max_norm)
+    }
+
+    /// The key of a step that can be captured (None: it runs uncaptured).
+    fn graph_key(&self, masks: &StepMasks, images: usize, max_norm: Option<f32>) -> Option<GraphKey> {
+        if !self.capture || matches!(self.device, Device::Cpu) || self.data_parallel.is_some() {
+            return None;
+        }
+        let (masking, tokens) = match masks {
+            StepMasks::All => (None, false),
+            StepMasks::Lists(_) => return None,
+            StepMasks::Make(request) => (Some(request.masking), needs_tokens(request)),
+        };
+        let copy = self.copy.as_ref().map(Buffer::address);
+        let addresses = [self.params.data.address(), self.grads.data.address()]
+            .into_iter()
+            .chain(copy)
+            .chain(self.optimizer.addresses())
+            .chain(self.workspace.addresses())
+            .collect();
+        Some(GraphKey { images, masking, tokens, max_norm, addresses })
+    }
+
+    /// Writes the batch into the arenas and, for masks made on a GPU device, makes their buffers
+    /// (once per shape) and writes their clock: every host write of a step.
+    fn load(&mut self, images: &[f32], text: &[u32], masks: &StepMasks) -> Result<usize, String> {
         let n = self.workspace.load(&self.clip, images, text)?;
+        if let StepMasks::Make(request) = masks
+            && !matches!(self.device, Device::Cpu)
+        {
+            // The pixels are checked here, on the host, so no flags come back from the GPU.
+            check_finite_pixels(request.shape, images).map_err(err)?;
+            let dim = needs_tokens(request).then_some(self.clip.cfg.vision_cfg.width);
+            if !self.mask_work.as_ref().is_some_and(|w| w.fits(request, dim)) {
+                // A captured step holds the old buffers' addresses.
+                self.graph = None;
+                self.mask_work = Some(MaskWork::new(&self.device, request, dim).map_err(err)?);
+            }
+            self.mask_work.as_mut().expect("made above").set_clock(&request.at).map_err(err)?;
+        }
+        Ok(n)
+    }
+
+    /// `forward_backward` after `load`.
+    fn forward_backward_loaded(&mut self, n: usize, images: &[f32], masks: StepMasks) -> Result<(), String> {
         let (pass, workspace) = self.pass_and_workspace();
         workspace.embed_patches(&pass).map_err(err)?;
         match masks {
@@ -118,13 +245,12 @@ impl<T: Precision> TrainStep<T> {
                 self.workspace.set_keep(&self.clip, Keep::Lists(lists))?;
             }
             StepMasks::Make(request) if !matches!(self.device, Device::Cpu) => {
-                // The pixels are checked here, on the host, so no flags come back from the GPU.
-                check_finite_pixels(request.shape, images).map_err(err)?;
                 let (images, tokens) = self.workspace.mask_inputs(&self.clip).map_err(err)?;
                 let tokens = needs_tokens(&request).then_some((tokens, self.clip.cfg.vision_cfg.width));
-                let masks = mask_gpu(&self.device, &request, images, tokens).map_err(err)?;
+                let work = self.mask_work.as_mut().expect("`load` made the mask buffers");
+                work.launch(&self.device, images, tokens, &mut None).map_err(err)?;
                 let max_kept = request.masking.max_kept(self.clip.cfg.patches());
-                self.workspace.set_keep_on_device(&self.clip, &self.device, &masks, max_kept).map_err(err)?;
+                self.workspace.set_keep_on_device(&self.clip, &self.device, work.masks(), max_kept).map_err(err)?;
             }
             StepMasks::Make(request) => {
                 let tokens =
@@ -205,7 +331,12 @@ impl<T: Precision> TrainStep<T> {
     /// AdamW at learning rate `lr` with the norm from `grad_norm`, clipping to `max_norm`; the
     /// device skips it when the loss or the norm is not finite. The gradients are consumed.
     pub fn update(&mut self, lr: f32, max_norm: Option<f32>) -> Result<(), String> {
-        self.optimizer.adamw.lr = lr;
+        self.optimizer.set_lr(lr)?;
+        self.apply_update(max_norm)
+    }
+
+    /// `update` at the learning rate already in device memory (`Optimizer::set_lr`).
+    fn apply_update(&mut self, max_norm: Option<f32>) -> Result<(), String> {
         let copy = self.copy.as_mut().and_then(T::as_bf16);
         let loss = self.workspace.loss_view().map_err(err)?;
         self.optimizer.update(&self.device, &mut self.params, &mut self.grads, loss, max_norm, copy)?;

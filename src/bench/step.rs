@@ -34,9 +34,13 @@ pub struct StepBench {
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub(super) steps: usize,
-    /// Untimed steps first.
-    #[arg(long, default_value_t = 1)]
+    /// Untimed steps first (on a GPU the first warms the caches and the second is captured
+    /// into a CUDA graph that the timed steps replay).
+    #[arg(long, default_value_t = 2)]
     pub(super) warmup: usize,
+    /// Time steps launched kernel by kernel, not replayed from a CUDA graph.
+    #[arg(long)]
+    pub(super) no_graph: bool,
     /// Patches masked before the image tower: none, flip or pgs (paper mode, token similarity on).
     #[arg(long, value_enum, default_value_t = MaskMethod::None)]
     pub(super) mask: MaskMethod,
@@ -124,6 +128,7 @@ fn cuda_steps<T: Precision>(args: &StepBench, rt: &CudaRuntime, device: Device) 
         .map_err(|e| {
             format!("bench step on {device}: building the {} workload at batch {}: {e}", args.model, args.batch)
         })?;
+    workload.step.capture = !args.no_graph;
     let in_step = |i: usize, e: String| format!("bench step on {device}: step {i}: {e}");
     for i in 0..args.warmup {
         workload.step().map_err(|e| in_step(i, e))?;
@@ -162,6 +167,7 @@ fn cuda_steps<T: Precision>(args: &StepBench, rt: &CudaRuntime, device: Device) 
             "precision": format!("{} activations and weights, f32 master weights and accumulation", T::DTYPE),
             "steps": args.steps,
             "warmup": args.warmup,
+            "cuda_graph": workload.step.capture,
             "median_s": median,
             "min_s": min,
             "max_s": max,

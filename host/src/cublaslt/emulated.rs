@@ -12,6 +12,7 @@ use clip_pgs_kernels::gelu::{gelu_tanh, gelu_tanh_grad};
 
 use super::{Epilogue, Layout, Matmul, Op};
 use crate::error::{Error, Result};
+use crate::graph::{Address, Recorded};
 use crate::ops::dtype::Float;
 use crate::ops::matmul::{Mat, cpu_matmul};
 use crate::view::{View, ViewMut};
@@ -48,27 +49,59 @@ fn widened<T: Float>(data: &[T]) -> Cow<'_, [f32]> {
     }
 }
 
+/// The epilogue's vectors, as addresses of emu memory.
+enum Vectors<E> {
+    None,
+    Bias(Address<E>),
+    GeluAuxBias { bias: Address<E>, aux: Address<E>, ld: usize },
+    DGelu { aux: Address<E>, ld: usize },
+    BGradB(Address<E>),
+}
+
+/// `mm` over emu memory, as work to run now or to record into a graph.
 pub(super) fn matmul<AB: Float, D: Float>(
     mm: &Matmul,
     a: View<AB>,
     b: View<AB>,
     d: ViewMut<D>,
     epilogue: Epilogue<D>,
-) -> Result<()> {
+) -> Result<Recorded> {
+    let (a, b, d) = (Address::of(host(a, "A")?), Address::of(host(b, "B")?), Address::of_mut(host_mut(d, "D")?));
+    let vectors = match epilogue {
+        Epilogue::Default => Vectors::None,
+        Epilogue::Bias(v) => Vectors::Bias(Address::of(host(v, "the bias")?)),
+        Epilogue::GeluAuxBias { bias, aux, ld } => Vectors::GeluAuxBias {
+            bias: Address::of(host(bias, "the bias")?),
+            aux: Address::of_mut(host_mut(aux, "the GELU aux")?),
+            ld,
+        },
+        Epilogue::DGelu { aux, ld } => Vectors::DGelu { aux: Address::of(host(aux, "the GELU aux")?), ld },
+        Epilogue::BGradB(v) => Vectors::BGradB(Address::of_mut(host_mut(v, "the bias gradient")?)),
+    };
+    let mm = *mm;
+    // SAFETY: run now, or replayed from a graph whose caller keeps the buffers where they were;
+    // D and the written vector are distinct from the rest (borrowed mutably above).
+    Ok(Box::new(move |_| unsafe { run(&mm, a.slice(), b.slice(), d.slice_mut(), &vectors) }))
+}
+
+/// # Safety
+/// The vectors' memory is live and distinct from `d` and each other.
+unsafe fn run<AB: Float, D: Float>(mm: &Matmul, a: &[AB], b: &[AB], d: &mut [D], vectors: &Vectors<D>) -> Result<()> {
     let (m, n, k) = mm.shape()?;
-    let (a, b, d) = (host(a, "A")?, host(b, "B")?, host_mut(d, "D")?);
     let (a, b) = (widened(a), widened(b));
-    // The epilogue's vectors, on the host (`super::matmul` allows epilogues on one matrix only).
+    // SAFETY: the caller's contract.
     let (mut bias, mut aux_in, mut aux_out, mut bias_grad) = (None, None, None, None);
-    match epilogue {
-        Epilogue::Default => {}
-        Epilogue::Bias(v) => bias = Some(host(v, "the bias")?),
-        Epilogue::GeluAuxBias { bias: v, aux, ld } => {
-            bias = Some(host(v, "the bias")?);
-            aux_out = Some((host_mut(aux, "the GELU aux")?, ld));
+    unsafe {
+        match *vectors {
+            Vectors::None => {}
+            Vectors::Bias(v) => bias = Some(v.slice()),
+            Vectors::GeluAuxBias { bias: v, aux, ld } => {
+                bias = Some(v.slice());
+                aux_out = Some((aux.slice_mut(), ld));
+            }
+            Vectors::DGelu { aux, ld } => aux_in = Some((aux.slice(), ld)),
+            Vectors::BGradB(v) => bias_grad = Some(v.slice_mut()),
         }
-        Epilogue::DGelu { aux, ld } => aux_in = Some((host(aux, "the GELU aux")?, ld)),
-        Epilogue::BGradB(v) => bias_grad = Some(host_mut(v, "the bias gradient")?),
     }
     let mut product = vec![0.0f32; m * n];
     for batch in 0..mm.d.batch {

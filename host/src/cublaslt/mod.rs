@@ -236,12 +236,16 @@ pub fn matmul<AB: Float, D: Float>(
             // A and B in their element type, D and the epilogue's vectors in D's.
             let (ab_bytes, d_bytes) = (size_of::<AB>(), size_of::<D>());
             let bytes = batch * (m * k + k * n) * ab_bytes + (batch * reads_d * m * n + vectors) * d_bytes;
-            rt.record_gemm(GemmRecord {
+            let record = GemmRecord {
                 epilogue: epilogue.name(),
                 flops: 2 * (m * n * k * batch) as u64,
                 min_bytes: bytes as u64,
-            });
-            emulated::matmul(mm, a, b, d, epilogue)
+            };
+            let mut work = emulated::matmul(mm, a, b, d, epilogue)?;
+            rt.run_or_record(Box::new(move |rt| {
+                rt.record_gemm(record);
+                work(rt)
+            }))
         }
         Device::Cuda(rt) => rt.cublaslt()?.matmul(mm, a, b, d, epilogue),
     }

@@ -22,7 +22,6 @@ use crate::view::{View, ViewMut};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {
-    pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
@@ -75,40 +74,44 @@ pub fn grad_norm(device: &Device, out: ViewMut<f32>, grads: View<f32>) -> Result
 /// Decides one step (`kernels/src/adamw.rs`'s `adamw_settings_f32`): it updates when `loss`
 /// [1] and `norm` [1] (from `grad_norm`) are finite, and then `steps` [1], the updates applied,
 /// grows by one; `out` [settings::LEN] gets the decision, the clipping factor (gradients above
-/// `max_norm` are scaled to it) and the bias corrections for that count. On the device, so that
-/// no host read sits inside a training step.
+/// `max_norm` are scaled to it), the bias corrections for that count and the learning rate `lr`
+/// [1]. On the device, so that no host read sits inside a training step, and the host's values
+/// (`lr`) are read from device memory, so that a captured step replays with the current ones.
+#[allow(clippy::too_many_arguments)]
 pub fn adamw_settings(
     device: &Device,
     out: ViewMut<f32>,
     steps: ViewMut<u32>,
     norm: View<f32>,
     loss: View<f32>,
+    lr: View<f32>,
     max_norm: Option<f32>,
     hyper: &AdamW,
 ) -> Result<()> {
     let op = OpCheck::new("adamw_settings", device);
-    op.size("out", out.len(), settings::LEN, || "[4]".into())?;
-    for (name, len) in [("steps", steps.len()), ("norm", norm.len()), ("loss", loss.len())] {
+    op.size("out", out.len(), settings::LEN, || format!("[{}]", settings::LEN))?;
+    for (name, len) in [("steps", steps.len()), ("norm", norm.len()), ("loss", loss.len()), ("lr", lr.len())] {
         op.size(name, len, 1, || "[1]".into())?;
     }
     let (max_norm, beta1, beta2) = (max_norm.unwrap_or(f32::INFINITY), hyper.beta1, hyper.beta2);
     if !matches!(device, Device::Cpu) {
         let (out, steps) = (op.gpu_mut("out", out)?, op.gpu_mut("steps", steps)?);
-        let (norm, loss) = (op.gpu("norm", norm)?, op.gpu("loss", loss)?);
+        let (norm, loss, lr) = (op.gpu("norm", norm)?, op.gpu("loss", loss)?, op.gpu("lr", lr)?);
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: out holds LEN floats, steps, norm and loss one value each (checked above).
+        // SAFETY: out holds LEN floats, steps, norm, loss and lr one value each (checked above).
         return unsafe {
-            device.launch(&kernel::adamw_settings_f32, cfg, (out, steps, norm, loss, max_norm, beta1, beta2))
+            device.launch(&kernel::adamw_settings_f32, cfg, (out, steps, norm, loss, lr, max_norm, beta1, beta2))
         };
     }
     let (out, steps) = (op.cpu_mut("out", out)?, op.cpu_mut("steps", steps)?);
-    let (norm, loss) = (op.cpu("norm", norm)?[0], op.cpu("loss", loss)?[0]);
+    let (norm, loss, lr) = (op.cpu("norm", norm)?[0], op.cpu("loss", loss)?[0], op.cpu("lr", lr)?[0]);
     let apply = norm.is_finite() && loss.is_finite();
     steps[0] += apply as u32;
     out[settings::APPLY] = apply as u32 as f32;
     out[settings::CLIP] = if norm > max_norm { max_norm / norm } else { 1.0 };
     out[settings::BIAS1] = 1.0 - powi(beta1, steps[0]);
     out[settings::BIAS2_SQRT] = (1.0 - powi(beta2, steps[0])).sqrt();
+    out[settings::LR] = lr;
     Ok(())
 }
 
@@ -138,17 +141,16 @@ pub fn adamw_update(
     {
         op.size(name, len, n, || "params' size".into())?;
     }
-    op.size("settings", step.len(), settings::LEN, || "[4]".into())?;
+    op.size("settings", step.len(), settings::LEN, || format!("[{}]", settings::LEN))?;
     if n > u32::MAX as usize {
         return Err(op.invalid(format!("{n} parameters, more than a kernel indexes (2³² − 1)")));
     }
-    let decay = 1.0 - hyper.lr * weight_decay;
-    let AdamW { lr, beta1, beta2, eps } = *hyper;
+    let AdamW { beta1, beta2, eps } = *hyper;
     if !matches!(device, Device::Cpu) {
         let (p, g) = (op.gpu_mut("params", params)?, op.gpu_mut("grads", grads)?);
         let (m, v, step) = (op.gpu_mut("m", m)?, op.gpu_mut("v", v)?, op.gpu("settings", step)?);
         let copy = params_bf16.map(|c| op.gpu_mut("params_bf16", c)).transpose()?;
-        let args = (p, g, m, v, copy, step, n as u32, lr, beta1, beta2, eps, decay);
+        let args = (p, g, m, v, copy, step, n as u32, beta1, beta2, eps, weight_decay);
         let cfg = grid_stride_config(n, kernel::THREADS);
         // SAFETY: the four buffers and the copy (unless None, a null pointer the kernel does not
         // write) hold n values and settings LEN (checked above).
@@ -166,7 +168,8 @@ pub fn adamw_update(
         g.fill(0.0);
         return Ok(());
     }
-    let (scale, bias2_sqrt) = (step[settings::CLIP], step[settings::BIAS2_SQRT]);
+    let (scale, bias2_sqrt, lr) = (step[settings::CLIP], step[settings::BIAS2_SQRT], step[settings::LR]);
+    let decay = 1.0 - lr * weight_decay;
     let step_size = lr / step[settings::BIAS1];
     // Chunks of plain loops: rayon's element-wise zip of four slices compiles to a loop 4× slower.
     const CHUNK: usize = 1 << 14;
@@ -191,7 +194,7 @@ mod tests {
     use crate::buffer::Buffer;
 
     fn step(p: &[f32], g: &[f32], wd: f32, max_norm: Option<f32>) -> Vec<f32> {
-        let opt = AdamW { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+        let opt = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
         let dev = Device::Cpu;
         let (mut pb, mut gb, mut m, mut v, mut norm) = (
             Buffer::Cpu(p.to_vec()),
@@ -200,10 +203,15 @@ mod tests {
             Buffer::Cpu(vec![0.0; p.len()]),
             Buffer::Cpu(vec![0.0f32]),
         );
-        let (mut settings, mut steps, loss) =
-            (Buffer::Cpu(vec![0.0f32; 4]), Buffer::Cpu(vec![0u32]), Buffer::Cpu(vec![1.0f32]));
+        let (mut settings, mut steps, loss, lr) = (
+            Buffer::Cpu(vec![0.0f32; settings::LEN]),
+            Buffer::Cpu(vec![0u32]),
+            Buffer::Cpu(vec![1.0f32]),
+            Buffer::Cpu(vec![0.1f32]),
+        );
         grad_norm(&dev, norm.view_mut(), gb.view()).unwrap();
-        adamw_settings(&dev, settings.view_mut(), steps.view_mut(), norm.view(), loss.view(), max_norm, &opt).unwrap();
+        let (out, steps_view) = (settings.view_mut(), steps.view_mut());
+        adamw_settings(&dev, out, steps_view, norm.view(), loss.view(), lr.view(), max_norm, &opt).unwrap();
         let finite = g.iter().all(|g| g.is_finite());
         assert_eq!(steps.to_vec().unwrap(), vec![finite as u32], "an update counts only when it applies");
         let (pv, gv) = (pb.view_mut(), gb.view_mut());

@@ -15,7 +15,7 @@ use super::dtype::Float;
 use crate::buffer::Buffer;
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::view::View;
+use crate::view::{View, ViewMut};
 
 /// A batch of RGB images in [N, 3, H, W] layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,8 +78,19 @@ impl PatchGrid {
 type EdgeMapKernel<E> = Kernel<(Global<E>, GlobalMut<f32>, u32, u32, u32)>;
 type StandardizeKernel<E> = Kernel<(Global<E>, GlobalMut<f32>, GlobalMut<f32>, GlobalMut<u32>, u32, u32, u32)>;
 type TokenNormsKernel<E> = Kernel<(Global<E>, GlobalMut<f32>, GlobalMut<u32>, u32, u32)>;
-type SimilarityKernel<E> =
-    Kernel<(Global<f32>, Global<f32>, Global<E>, Global<f32>, Global<u32>, GlobalMut<f32>, u32, u32, u32, u32, f32)>;
+type SimilarityKernel<E> = Kernel<(
+    Global<f32>,
+    Global<f32>,
+    Global<E>,
+    Global<f32>,
+    Global<u32>,
+    GlobalMut<f32>,
+    u32,
+    u32,
+    u32,
+    u32,
+    Global<u32>,
+)>;
 type GatherKernel<E> =
     Kernel<(Global<E>, Global<E>, Global<u32>, Global<u32>, GlobalMut<E>, GlobalMut<u32>, u32, u32, u32)>;
 
@@ -210,15 +221,34 @@ pub(crate) fn edge_map_gpu<T: ImageElement>(
     shape: ImageBatchShape,
     grid: PatchGrid,
 ) -> Result<Buffer<f32>> {
-    let smem = shared_bytes(shape.width, grid.patch, grid.len());
     let mut edges = device.alloc_zeros::<f32>(shape.n * grid.len(), "the edge map")?;
+    edge_map_gpu_into(device, images, shape, grid, edges.view_mut())?;
+    Ok(edges)
+}
+
+/// `edge_map_gpu` into `edges` [N, L] (the caller's buffer: nothing allocated).
+pub(crate) fn edge_map_gpu_into<T: ImageElement>(
+    device: &Device,
+    images: View<T>,
+    shape: ImageBatchShape,
+    grid: PatchGrid,
+    edges: ViewMut<f32>,
+) -> Result<()> {
+    if edges.len() != shape.n * grid.len() {
+        return Err(Error::InvalidArgument(format!(
+            "edge map of {} values for {} images of {} patches",
+            edges.len(),
+            shape.n,
+            grid.len()
+        )));
+    }
+    let smem = shared_bytes(shape.width, grid.patch, grid.len());
     let cfg =
         LaunchConfig { grid_dim: (shape.n as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     let (h, w, p) = (shape.height as u32, shape.width as u32, grid.patch as u32);
-    // SAFETY: check_args verified the image buffer holds n·3·h·w elements; `edges` holds n·L,
-    // and smem is what the kernel's layout needs (shared_bytes).
-    unsafe { device.launch(&T::EDGE_MAP, cfg, (images, &mut edges, h, w, p)) }?;
-    Ok(edges)
+    // SAFETY: the callers checked that the image buffer holds n·3·h·w elements; `edges` holds
+    // n·L (above), and smem is what the kernel's layout needs (shared_bytes).
+    unsafe { device.launch(&T::EDGE_MAP, cfg, (images, edges, h, w, p)) }
 }
 
 #[cfg(test)]

@@ -86,6 +86,8 @@ pub struct TrainConfig {
     pub progress: bool,
     /// Consecutive non-finite losses that stop the run.
     pub max_bad_steps: usize,
+    /// Capture a step into a graph and replay it (GPU devices, one process: `TrainStep::step`).
+    pub graph: bool,
     /// Test hook (the CLI's hidden `--test-nonfinite-loss-at`): these steps' losses are replaced by
     /// NaN, so the tests can drive the non-finite-loss path. Empty in every real run.
     pub test_nonfinite_steps: Vec<usize>,
@@ -320,7 +322,7 @@ fn train_in<T: Precision>(
     // The folder is settled (or rank 0 refused it and ended the job) before any rank loads data.
     dp.world.barrier();
     let tokenizer = ClipTokenizer::new().map_err(|e| e.to_string())?;
-    let adamw = AdamW { lr: cfg.lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps };
+    let adamw = AdamW { beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps };
     // On a GPU, measure before allocating: a run that cannot fit says which batch would.
     if let Some((free, _)) = device.memory_info().map_err(|e| e.to_string())? {
         crate::step::check_fits(
@@ -431,6 +433,7 @@ fn train_in<T: Precision>(
         TrainStep::new(device, &model_cfg, params, optimizer, cfg.batch_size, cfg.accum_freq, cfg.grad_checkpointing)?;
     step.clip.gelu = cfg.gelu;
     step.data_parallel = (ranks > 1).then(|| dp.clone());
+    step.capture &= cfg.graph;
     let (start, elapsed_before) = (Instant::now(), state.elapsed_s);
     let mut losses = Vec::new();
     let mut last_eval = BTreeMap::new();
@@ -471,13 +474,15 @@ fn train_in<T: Precision>(
             }
         };
         let lr = schedule::cosine_lr(cfg.lr, cfg.warmup, total_steps, state.step);
-        step.forward_backward(&batch.images, &text, masks)?;
-        if cfg.test_nonfinite_steps.contains(&state.step) {
-            step.poison_loss()?;
-        }
-        step.grad_norm()?;
         // Decided on the device: a step with a non-finite loss or norm changes nothing.
-        step.update(lr, cfg.grad_clip_norm)?;
+        if cfg.test_nonfinite_steps.contains(&state.step) {
+            step.forward_backward(&batch.images, &text, masks)?;
+            step.poison_loss()?;
+            step.grad_norm()?;
+            step.update(lr, cfg.grad_clip_norm)?;
+        } else {
+            step.step(&batch.images, &text, masks, lr, cfg.grad_clip_norm)?;
+        }
         history.record(&step, state.step)?;
         state.step += 1;
         window.1 += cfg.batch_size * ranks;
@@ -682,7 +687,7 @@ mod tests {
     ) -> (f32, Params) {
         let cfg = ClipConfig::load(model).unwrap();
         let params = Params::init(&cfg, seed, &device).unwrap();
-        let adamw = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6 };
+        let adamw = AdamW { beta1: 0.9, beta2: 0.98, eps: 1e-6 };
         let optimizer = Optimizer::new(&params.layout, &device, adamw, 0.1).unwrap();
         let (n, ctx) = (8, cfg.text_cfg.context_length);
         let mut step: TrainStep<T> = TrainStep::new(device, &cfg, params, optimizer, n, accum, checkpointing).unwrap();

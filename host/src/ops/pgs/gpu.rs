@@ -22,13 +22,15 @@ use clip_pgs_kernels::sinkhorn::{
 };
 use clip_pgs_kernels::{edge_map as edge_kernels, patch_stats, select, sinkhorn};
 
-use super::{ImageMask, MaskRatio, MaskRequest, Masking, Masks, PgsMode, REFERENCE_EPOCHS};
+use clip_pgs_kernels::mask_clock::{self, MaskClock};
+
+use super::{ImageMask, MaskRatio, MaskRequest, MaskStep, Masking, Masks, PgsMode, REFERENCE_EPOCHS};
 use crate::buffer::Buffer;
 use crate::device::Device;
 use crate::error::{CudaContextExt, Error, Result};
 use crate::launch::KernelArgs;
-use crate::ops::edge_map::{ImageElement, edge_map_gpu};
-use crate::view::View;
+use crate::ops::edge_map::{ImageElement, PatchGrid, edge_map_gpu_into};
+use crate::view::{Span, View};
 
 /// Masks still on the GPU device; `to_masks` waits for them.
 pub struct DeviceMasks {
@@ -115,7 +117,7 @@ fn launch<P: Copy + Send + Sync + 'static>(
 }
 
 /// The masks of a batch on a GPU device. Arguments as `mask_cpu`, as views on the device;
-/// `tokens` [N, L, D]. The working buffers are allocated per call.
+/// `tokens` [N, L, D]. The working buffers are allocated per call (`MaskWork` keeps them).
 pub fn mask_gpu<T: ImageElement>(
     device: &Device,
     request: &MaskRequest,
@@ -133,189 +135,283 @@ pub fn mask_gpu_timed<T: ImageElement>(
     tokens: Option<(View<T>, usize)>,
     timeline: &mut Option<Timeline>,
 ) -> Result<DeviceMasks> {
-    let grid = super::check_arguments(request, images.len(), tokens.map(|(t, d)| (t.len(), d)))?;
-    let MaskRequest { shape, patch, ref masking, ref at } = *request;
-    let (n, l) = (shape.n, grid.len());
-    let alloc = |len: usize, what: &str| device.alloc_zeros::<u32>(len, what);
-    let mut kept = alloc(n * l, "kept patches")?;
-    let mut kept_len = alloc(n, "kept counts")?;
-    let (seed, step) = (at.seed, at.step);
-    let (n32, l32) = (n as u32, l as u32);
+    let mut work = MaskWork::new(device, request, tokens.map(|(_, dim)| dim))?;
+    work.set_clock(&request.at)?;
+    work.launch(device, images, tokens, timeline)?;
+    Ok(work.masks)
+}
 
-    let cfg = match masking {
-        Masking::None => {
-            let all: Vec<u32> = (0..n).flat_map(|_| 0..l32).collect();
-            let kept = device.upload(&all)?;
-            let kept_len = device.upload(&vec![l32; n])?;
-            return Ok(DeviceMasks { patches: l, images: n, kept, kept_len, candidates: None, nonfinite: vec![] });
-        }
-        Masking::Flip { ratio } => {
-            let k_mask = masked_count(*ratio, l) as u32;
-            let cfg = per_image(n, select::THREADS, select::shared_bytes(l));
-            launch(device, timeline, &pgs_select_flip, cfg, (&mut kept, &mut kept_len, seed, step, l32, k_mask))?;
-            return Ok(DeviceMasks { patches: l, images: n, kept, kept_len, candidates: None, nonfinite: vec![] });
-        }
-        Masking::Pgs(cfg) => *cfg,
-    };
+/// The pipeline for batches of one shape and masking rule, with every working buffer allocated
+/// once: repeated batches allocate nothing, and a captured training step (a CUDA graph) replays
+/// the same launches on the same buffers. What changes from step to step — the draws' seed and
+/// step, α — the kernels read from the mask clock in device memory (`set_clock`, a host write
+/// before the launches).
+pub struct MaskWork {
+    request: MaskRequest,
+    /// D of the patch tokens the similarity reads (None: pixels only, α = 0).
+    token_dim: Option<usize>,
+    clock: Buffer<u32>,
+    masks: DeviceMasks,
+    /// Standardized patches [N, L, 3p²] and their norms; the tokens' norms.
+    hat: Buffer<f32>,
+    hat_norms: Buffer<f32>,
+    token_norms: Buffer<f32>,
+    edges: Buffer<f32>,
+    /// The similarity [N, rows, L] and (paper, OTN) its balanced copy.
+    similarity: Buffer<f32>,
+    balanced: Buffer<f32>,
+    iterations: Buffer<u32>,
+    /// The reference mode's Sinkhorn scratch and sums, flags, counts and edge sums.
+    scratch: Buffer<f32>,
+    sums: Buffer<f32>,
+    flags: Buffer<u32>,
+    counts: Buffer<u32>,
+    edge_sums: Buffer<f32>,
+}
 
-    // Standardized patches, their norms, and the non-finite flags.
-    let values = 3 * patch * patch;
-    let f32s = |len: usize, what: &str| device.alloc_zeros::<f32>(len, what);
-    let mut hat = f32s(n * l * values, "standardized patches")?;
-    let mut hat_norms = f32s(n * l, "patch norms")?;
-    let mut pixel_flags = alloc(n * l, "non-finite flags")?;
-    let (h32, w32, p32) = (shape.height as u32, shape.width as u32, patch as u32);
-    let standardize_cfg =
-        blocks((grid.rows, n, 1), patch_stats::THREADS, patch_stats::standardize_shared_bytes(shape.width, patch));
-    let args = (images, &mut hat, &mut hat_norms, &mut pixel_flags, h32, w32, p32);
-    launch(device, timeline, &T::STANDARDIZE_PATCHES, standardize_cfg, args)?;
-    let mut nonfinite = vec![(pixel_flags, "pixels")];
-    let token_norms = match tokens {
-        Some((t, dim)) => {
-            let mut norms = f32s(n * l, "token norms")?;
-            let mut flags = alloc(n * l, "non-finite token flags")?;
+impl MaskWork {
+    /// The buffers for `request`'s shape and masking, with patch tokens of `token_dim` values
+    /// (None: the similarity reads pixels only), and its clock.
+    pub fn new(device: &Device, request: &MaskRequest, token_dim: Option<usize>) -> Result<MaskWork> {
+        let l = PatchGrid::new(request.shape.height, request.shape.width, request.patch)?.len();
+        let n = request.shape.n;
+        super::check_arguments(request, request.shape.len(), token_dim.map(|d| (n * l * d, d)))?;
+        let u32s = |len: usize, what: &str| device.alloc_zeros::<u32>(len, what);
+        let f32s = |len: usize, what: &str| device.alloc_zeros::<f32>(len, what);
+        let (kept, kept_len) = match request.masking {
+            // Every patch kept, written once.
+            Masking::None => {
+                let all: Vec<u32> = (0..n).flat_map(|_| 0..l as u32).collect();
+                (device.upload(&all)?, device.upload(&vec![l as u32; n])?)
+            }
+            _ => (u32s(n * l, "kept patches")?, u32s(n, "kept counts")?),
+        };
+        let pgs = match request.masking {
+            Masking::Pgs(cfg) => Some(cfg),
+            _ => None,
+        };
+        // Buffers a mode does not use are one element (never read).
+        let sized = |used: bool, len: usize| if used { len } else { 1 };
+        let values = 3 * request.patch * request.patch;
+        let n_c = match pgs.map(|c| c.mode) {
+            Some(PgsMode::Paper) => paper_candidate_count(l),
+            Some(PgsMode::Reference) => reference_candidate_count(l),
+            None => 0,
+        };
+        let paper = pgs.is_some_and(|c| c.mode == PgsMode::Paper);
+        let reference = pgs.is_some_and(|c| c.mode == PgsMode::Reference);
+        let otn = pgs.is_some_and(|c| c.use_otn);
+        let rows = if paper { n_c } else { l };
+        let mut nonfinite = vec![];
+        if pgs.is_some() {
+            nonfinite.push((u32s(n * l, "non-finite flags")?, "pixels"));
+            if token_dim.is_some() {
+                nonfinite.push((u32s(n * l, "non-finite token flags")?, "patch tokens"));
+            }
+        }
+        let candidates = pgs.map(|_| u32s(n * n_c, "candidates").map(|c| (c, n_c))).transpose()?;
+        Ok(MaskWork {
+            request: *request,
+            token_dim,
+            clock: u32s(mask_clock::LEN, "the mask clock")?,
+            masks: DeviceMasks { patches: l, images: n, kept, kept_len, candidates, nonfinite },
+            hat: f32s(sized(pgs.is_some(), n * l * values), "standardized patches")?,
+            hat_norms: f32s(sized(pgs.is_some(), n * l), "patch norms")?,
+            token_norms: f32s(sized(token_dim.is_some() && pgs.is_some(), n * l), "token norms")?,
+            edges: f32s(sized(pgs.is_some(), n * l), "edge map")?,
+            similarity: f32s(sized(pgs.is_some(), n * rows * l), "similarity")?,
+            balanced: f32s(sized(paper && otn, n * n_c * l), "balanced similarity")?,
+            iterations: u32s(sized(paper && otn, n), "Sinkhorn iterations")?,
+            scratch: f32s(sized(reference && otn, n * l * l), "Sinkhorn scratch")?,
+            sums: f32s(sized(reference && otn, n * (2 * l + 1)), "Sinkhorn sums")?,
+            flags: u32s(sized(reference, n * l), "reference flags")?,
+            counts: u32s(sized(reference, n), "reference counts")?,
+            edge_sums: f32s(sized(reference, n), "edge sums")?,
+        })
+    }
+
+    /// Whether these buffers serve `request` with tokens of `token_dim` (the step aside).
+    pub fn fits(&self, request: &MaskRequest, token_dim: Option<usize>) -> bool {
+        let r = &self.request;
+        (r.shape, r.patch, r.masking, self.token_dim) == (request.shape, request.patch, request.masking, token_dim)
+    }
+
+    /// The masks of the last launch, on the device.
+    pub fn masks(&self) -> &DeviceMasks {
+        &self.masks
+    }
+
+    /// Writes the draws' seed and step and α of `at` into the clock (a host write: before the
+    /// launches, outside a captured step).
+    pub fn set_clock(&mut self, at: &MaskStep) -> Result<()> {
+        let alpha_epochs = match self.request.masking {
+            Masking::Pgs(cfg) if cfg.mode == PgsMode::Reference => REFERENCE_EPOCHS,
+            _ => at.epochs,
+        };
+        let alpha = if alpha_epochs == 0 { 0.0 } else { at.epoch as f32 / alpha_epochs as f32 };
+        let clock = MaskClock { seed: at.seed, step: at.step, alpha };
+        self.clock.write(Span::new(0, mask_clock::LEN), &clock.words())?;
+        self.request.at = *at;
+        Ok(())
+    }
+
+    /// Launches the pipeline for `images` [N, 3, H, W] and `tokens` (as `new` was told), at the
+    /// clock's step, into `masks()`; nothing is allocated or read back.
+    pub fn launch<T: ImageElement>(
+        &mut self,
+        device: &Device,
+        images: View<T>,
+        tokens: Option<(View<T>, usize)>,
+        timeline: &mut Option<Timeline>,
+    ) -> Result<()> {
+        if tokens.map(|(_, dim)| dim) != self.token_dim {
+            return Err(Error::InvalidArgument(format!(
+                "the mask buffers were made for patch tokens of {:?} values, the launch gives {:?}",
+                self.token_dim,
+                tokens.map(|(_, dim)| dim)
+            )));
+        }
+        let grid = super::check_arguments(&self.request, images.len(), tokens.map(|(t, d)| (t.len(), d)))?;
+        let MaskRequest { shape, patch, masking, .. } = self.request;
+        let (n, l) = (shape.n, grid.len());
+        let (n32, l32) = (n as u32, l as u32);
+        let w = self;
+        let (kept, kept_len) = (&mut w.masks.kept, &mut w.masks.kept_len);
+        let cfg = match masking {
+            Masking::None => return Ok(()),
+            Masking::Flip { ratio } => {
+                let k_mask = masked_count(ratio, l) as u32;
+                let cfg = per_image(n, select::THREADS, select::shared_bytes(l));
+                let args = (kept, kept_len, &w.clock, l32, k_mask);
+                return launch(device, timeline, &pgs_select_flip, cfg, args);
+            }
+            Masking::Pgs(cfg) => cfg,
+        };
+
+        // Standardized patches, their norms, and the non-finite flags.
+        let values = 3 * patch * patch;
+        let (h32, w32, p32) = (shape.height as u32, shape.width as u32, patch as u32);
+        let standardize_cfg =
+            blocks((grid.rows, n, 1), patch_stats::THREADS, patch_stats::standardize_shared_bytes(shape.width, patch));
+        let [pixel_flags, token_flags @ ..] = &mut w.masks.nonfinite[..] else {
+            unreachable!("PGS keeps the pixels' flags")
+        };
+        let args = (images, &mut w.hat, &mut w.hat_norms, &mut pixel_flags.0, h32, w32, p32);
+        launch(device, timeline, &T::STANDARDIZE_PATCHES, standardize_cfg, args)?;
+        if let (Some((t, dim)), [(flags, _)]) = (tokens, token_flags) {
             let rows = (n * l).div_ceil(patch_stats::THREADS as usize);
             let norms_cfg = blocks((rows, 1, 1), patch_stats::THREADS, patch_stats::token_norms_shared_bytes());
-            launch(
-                device,
-                timeline,
-                &T::TOKEN_NORMS,
-                norms_cfg,
-                (t, &mut norms, &mut flags, (n * l) as u32, dim as u32),
-            )?;
-            nonfinite.push((flags, "patch tokens"));
-            Some(norms)
+            let args = (t, &mut w.token_norms, flags, (n * l) as u32, dim as u32);
+            launch(device, timeline, &T::TOKEN_NORMS, norms_cfg, args)?;
         }
-        None => None,
-    };
 
-    let (n_c, alpha) = match cfg.mode {
-        PgsMode::Paper => (paper_candidate_count(l), at.epoch as f32 / at.epochs as f32),
-        PgsMode::Reference => (reference_candidate_count(l), at.epoch as f32 / REFERENCE_EPOCHS as f32),
-    };
-    let n_c32 = n_c as u32;
-    let mut candidates = alloc(n * n_c, "candidates")?;
-    let mut edges = f32s(n * l, "edge map")?;
-    if cfg.use_ed {
+        let (candidates, n_c) = w.masks.candidates.as_mut().expect("PGS keeps candidates");
+        let (n_c, n_c32) = (*n_c, *n_c as u32);
+        if cfg.use_ed {
+            match cfg.mode {
+                PgsMode::Paper => {
+                    edge_map_gpu_into(device, images, shape, grid, w.edges.view_mut())?;
+                    mark(device, timeline, "pgs_edge_map")?;
+                }
+                PgsMode::Reference => {
+                    let cfg = per_image(n, edge_kernels::THREADS, reference_grid_shared_bytes(l));
+                    let (rows, cols) = (grid.rows as u32, grid.cols as u32);
+                    let args = (&w.hat, &mut w.edges, rows, cols, values as u32);
+                    launch(device, timeline, &pgs_reference_edge_grid, cfg, args)?;
+                }
+            }
+        }
+        let reference = (cfg.mode == PgsMode::Reference) as u32;
+        launch(
+            device,
+            timeline,
+            &pgs_candidates,
+            per_image(n, select::THREADS, select::shared_bytes(l)),
+            (&w.edges, &mut *candidates, &w.clock, l32, n_c32, reference),
+        )?;
+
+        // Similarity: candidate rows (paper) or all rows (reference).
+        let rows = if cfg.mode == PgsMode::Paper { n_c } else { l };
+        let dim = tokens.map_or(0, |(_, d)| d as u32);
+        let similarity_grid = (l.div_ceil(patch_stats::THREADS as usize), rows.div_ceil(patch_stats::ROWS), n);
+        let similarity_cfg = blocks(similarity_grid, patch_stats::THREADS, patch_stats::similarity_shared_bytes());
+        launch(
+            device,
+            timeline,
+            &T::SIMILARITY,
+            similarity_cfg,
+            (
+                &w.hat,
+                &w.hat_norms,
+                tokens.map(|(t, _)| t),
+                tokens.map(|_| &w.token_norms),
+                (cfg.mode == PgsMode::Paper).then_some(&*candidates),
+                &mut w.similarity,
+                rows as u32,
+                l32,
+                values as u32,
+                dim,
+                &w.clock,
+            ),
+        )?;
+
         match cfg.mode {
             PgsMode::Paper => {
-                edges = edge_map_gpu(device, images, shape, grid)?;
-                mark(device, timeline, "pgs_edge_map")?;
-            }
-            PgsMode::Reference => {
-                let cfg = per_image(n, edge_kernels::THREADS, reference_grid_shared_bytes(l));
-                let (rows, cols) = (grid.rows as u32, grid.cols as u32);
-                launch(device, timeline, &pgs_reference_edge_grid, cfg, (&hat, &mut edges, rows, cols, values as u32))?;
-            }
-        }
-    }
-    let reference = (cfg.mode == PgsMode::Reference) as u32;
-    launch(
-        device,
-        timeline,
-        &pgs_candidates,
-        per_image(n, select::THREADS, select::shared_bytes(l)),
-        (&edges, &mut candidates, seed, step, l32, n_c32, reference),
-    )?;
-
-    // Similarity: candidate rows (paper) or all rows (reference).
-    let rows = if cfg.mode == PgsMode::Paper { n_c } else { l };
-    let mut s = f32s(n * rows * l, "similarity")?;
-    let dim = tokens.map_or(0, |(_, d)| d as u32);
-    let similarity_grid = (l.div_ceil(patch_stats::THREADS as usize), rows.div_ceil(patch_stats::ROWS), n);
-    let similarity_cfg = blocks(similarity_grid, patch_stats::THREADS, patch_stats::similarity_shared_bytes());
-    launch(
-        device,
-        timeline,
-        &T::SIMILARITY,
-        similarity_cfg,
-        (
-            &hat,
-            &hat_norms,
-            tokens.map(|(t, _)| t),
-            token_norms.as_ref(),
-            (cfg.mode == PgsMode::Paper).then_some(&candidates),
-            &mut s,
-            rows as u32,
-            l32,
-            values as u32,
-            dim,
-            alpha,
-        ),
-    )?;
-
-    match cfg.mode {
-        PgsMode::Paper => {
-            let balanced = if cfg.use_otn {
-                let mut balanced = f32s(n * n_c * l, "balanced similarity")?;
-                let mut iterations = alloc(n, "Sinkhorn iterations")?;
-                let cfg = per_image(n, sinkhorn::THREADS, log_shared_bytes(n_c, l));
-                let (eps, max_it, tol) = (EPSILON, MAX_ITERATIONS as u32, TOLERANCE);
+                if cfg.use_otn {
+                    let cfg = per_image(n, sinkhorn::THREADS, log_shared_bytes(n_c, l));
+                    let (eps, max_it, tol) = (EPSILON, MAX_ITERATIONS as u32, TOLERANCE);
+                    let args = (&w.similarity, &mut w.balanced, &mut w.iterations, n_c32, l32, eps, max_it, tol);
+                    launch(device, timeline, &pgs_sinkhorn_log, cfg, args)?;
+                }
+                let floor = |r: f32| masked_count(r, l) as u32;
+                let (dynamic, k_fixed, k_min, k_max) = match cfg.ratio {
+                    MaskRatio::Fixed(r) => (0u32, floor(r), 0, 0),
+                    MaskRatio::Dynamic { min, max } => (1, 0, floor(min), floor(max)),
+                };
                 launch(
                     device,
                     timeline,
-                    &pgs_sinkhorn_log,
-                    cfg,
-                    (&s, &mut balanced, &mut iterations, n_c32, l32, eps, max_it, tol),
-                )?;
-                Some(balanced)
-            } else {
-                None
-            };
-            let floor = |r: f32| masked_count(r, l) as u32;
-            let (dynamic, k_fixed, k_min, k_max) = match cfg.ratio {
-                MaskRatio::Fixed(r) => (0u32, floor(r), 0, 0),
-                MaskRatio::Dynamic { min, max } => (1, 0, floor(min), floor(max)),
-            };
-            launch(
-                device,
-                timeline,
-                &pgs_select_paper,
-                per_image(n, select::THREADS, select::shared_bytes(l)),
-                (
-                    &s,
-                    balanced.as_ref().unwrap_or(&s),
-                    &edges,
-                    &candidates,
-                    &mut kept,
-                    &mut kept_len,
-                    seed,
-                    step,
-                    l32,
-                    n_c32,
-                    dynamic,
-                    k_fixed,
-                    k_min,
-                    k_max,
-                ),
-            )?;
-        }
-        PgsMode::Reference => {
-            if cfg.use_otn {
-                let mut scratch = f32s(n * l * l, "Sinkhorn scratch")?;
-                let mut sums = f32s(n * (2 * l + 1), "Sinkhorn sums")?;
-                let cfg = per_image(n, sinkhorn::THREADS, 0);
-                launch(device, timeline, &pgs_sinkhorn_knopp_signed, cfg, (&mut s, &mut scratch, &mut sums, l32))?;
+                    &pgs_select_paper,
+                    per_image(n, select::THREADS, select::shared_bytes(l)),
+                    (
+                        &w.similarity,
+                        if cfg.use_otn { &w.balanced } else { &w.similarity },
+                        &w.edges,
+                        &*candidates,
+                        kept,
+                        kept_len,
+                        &w.clock,
+                        l32,
+                        n_c32,
+                        dynamic,
+                        k_fixed,
+                        k_min,
+                        k_max,
+                    ),
+                )
             }
-            let mut flags = alloc(n * l, "reference flags")?;
-            let mut counts = alloc(n, "reference counts")?;
-            let mut edge_sums = f32s(n, "edge sums")?;
-            launch(
-                device,
-                timeline,
-                &pgs_reference_flags,
-                per_image(n, select::THREADS, 0),
-                (&s, &candidates, &edges, &mut flags, &mut counts, &mut edge_sums, l32, n_c32),
-            )?;
-            let cap = reference_keep_cap(cfg.ratio.min(), l) as u32;
-            launch(
-                device,
-                timeline,
-                &pgs_reference_keep,
-                per_image(n, select::THREADS, select::shared_bytes(l)),
-                (&flags, &counts, &edge_sums, &mut kept, &mut kept_len, seed, step, n32, l32, cap, cfg.use_ed as u32),
-            )?;
+            PgsMode::Reference => {
+                if cfg.use_otn {
+                    let cfg = per_image(n, sinkhorn::THREADS, 0);
+                    let args = (&mut w.similarity, &mut w.scratch, &mut w.sums, l32);
+                    launch(device, timeline, &pgs_sinkhorn_knopp_signed, cfg, args)?;
+                }
+                launch(
+                    device,
+                    timeline,
+                    &pgs_reference_flags,
+                    per_image(n, select::THREADS, 0),
+                    (&w.similarity, &*candidates, &w.edges, &mut w.flags, &mut w.counts, &mut w.edge_sums, l32, n_c32),
+                )?;
+                let cap = reference_keep_cap(cfg.ratio.min(), l) as u32;
+                launch(
+                    device,
+                    timeline,
+                    &pgs_reference_keep,
+                    per_image(n, select::THREADS, select::shared_bytes(l)),
+                    (&w.flags, &w.counts, &w.edge_sums, kept, kept_len, &w.clock, n32, l32, cap, cfg.use_ed as u32),
+                )
+            }
         }
     }
-    Ok(DeviceMasks { patches: l, images: n, kept, kept_len, candidates: Some((candidates, n_c)), nonfinite })
 }

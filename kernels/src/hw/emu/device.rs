@@ -214,8 +214,10 @@ macro_rules! global_view {
             #[track_caller]
             pub unsafe fn load(self, i: usize) -> T {
                 self.check(Location::caller(), false, i);
-                // SAFETY: i < len, checked above.
-                unsafe { self.ptr.add(i).read() }
+                // SAFETY: i < len, checked above. Unaligned: the emulator checks alignment against
+                // the view's offset in its launch argument (as a GPU allocation, 256-byte
+                // aligned), while the host memory behind it is only the element's.
+                unsafe { self.ptr.add(i).read_unaligned() }
             }
 
             /// The view from element `n` on (empty when `n` is past the end).
@@ -285,8 +287,8 @@ impl<T: Copy> GlobalMut<T> {
     #[track_caller]
     pub unsafe fn store(self, i: usize, v: T) {
         self.check(Location::caller(), true, i);
-        // SAFETY: i < len, checked above.
-        unsafe { self.ptr.add(i).write(v) }
+        // SAFETY: i < len, checked above; unaligned as in `load`.
+        unsafe { self.ptr.add(i).write_unaligned(v) }
     }
 }
 

@@ -39,6 +39,15 @@ pub struct Kernel<P> {
     body: fn(P),
 }
 
+// Not derived: that would ask P to be Clone.
+impl<P> Clone for Kernel<P> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<P> Copy for Kernel<P> {}
+
 impl<P> Kernel<P> {
     pub const fn new(name: &'static str, body: fn(P)) -> Self {
         Kernel { name, body }
