@@ -431,7 +431,7 @@ fn mask_grid(cfg: &TrainConfig, path: &Path) -> Result<bool, Box<dyn Error>> {
         return Ok(false);
     }
     let shape = ImageBatchShape { n: set.len(), height: size, width: size };
-    let at = MaskStep { seed: cfg.seed, step: 0, epoch: 0, epochs: cfg.epochs };
+    let at = MaskStep { seed: cfg.seed, step: 0, first: 0, epoch: 0, epochs: cfg.epochs };
     let request = MaskRequest { shape, patch: model.vision_cfg.patch_size, masking: cfg.masking, at };
     let masks = mask_cpu(&request, &set.images, None)?;
     let panels = set

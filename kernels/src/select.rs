@@ -1,7 +1,9 @@
 //! PGS candidate generation and selection (pgs-spec.md steps 2 and 5), pure helpers shared by the
 //! CPU reference and the GPU kernels.
 //!
-//! Random draws come from Philox keyed by the seed, with stream (step, image): draws 0..L are the
+//! Random draws come from Philox keyed by the seed, with stream (step, image), the image counted
+//! from `first` (the batch's first image in the global batch of data-parallel ranks, so that a
+//! rank draws what one process of the global batch would): draws 0..L are the
 //! per-patch uniforms of the first decision (Gumbel noise in `paper`, candidate noise in
 //! `reference`, FLIP's order in `flip`), draws L..2L the second (tie-breaking jitter in `paper`,
 //! priorities in `reference`).
@@ -172,12 +174,13 @@ kernel! {
         candidates: GlobalMut<u32>,
         seed: u64,
         step: u32,
+        first: u32,
         patches: u32,
         n_c: u32,
         reference: u32,
     ) {
         let (l, n_c) = (patches as usize, n_c as usize);
-        let rng = Philox::new(seed, step, block_x() as u32);
+        let rng = Philox::new(seed, step, first.wrapping_add(block_x() as u32));
         unsafe {
             let key = dynamic_shared::<f32>();
             let e = edges.offset(block_x() * l);
@@ -217,6 +220,7 @@ kernel! {
         kept_len: GlobalMut<u32>,
         seed: u64,
         step: u32,
+        first: u32,
         patches: u32,
         n_c: u32,
         dynamic: u32,
@@ -225,7 +229,7 @@ kernel! {
         k_max: u32,
     ) {
         let (l, n_c) = (patches as usize, n_c as usize);
-        let rng = Philox::new(seed, step, block_x() as u32);
+        let rng = Philox::new(seed, step, first.wrapping_add(block_x() as u32));
         unsafe {
             let score = dynamic_shared::<f32>();
             let jitter = score.offset(l).cast::<u32>();
@@ -271,9 +275,17 @@ kernel! {
     ///
     /// # Safety
     /// `kept` [N, L]; `kept_len` [N]; `shared_bytes(L)` bytes of dynamic shared memory.
-    pub fn pgs_select_flip(kept: GlobalMut<u32>, kept_len: GlobalMut<u32>, seed: u64, step: u32, patches: u32, k_mask: u32) {
+    pub fn pgs_select_flip(
+        kept: GlobalMut<u32>,
+        kept_len: GlobalMut<u32>,
+        seed: u64,
+        step: u32,
+        first: u32,
+        patches: u32,
+        k_mask: u32,
+    ) {
         let l = patches as usize;
-        let rng = Philox::new(seed, step, block_x() as u32);
+        let rng = Philox::new(seed, step, first.wrapping_add(block_x() as u32));
         unsafe {
             let draw = dynamic_shared::<f32>();
             let masked = draw.offset(l).cast::<u32>();
@@ -345,13 +357,14 @@ kernel! {
         kept_len: GlobalMut<u32>,
         seed: u64,
         step: u32,
+        first: u32,
         n_images: u32,
         patches: u32,
         cap: u32,
         use_ed: u32,
     ) {
         let l = patches as usize;
-        let rng = Philox::new(seed, step, block_x() as u32);
+        let rng = Philox::new(seed, step, first.wrapping_add(block_x() as u32));
         unsafe {
             let priority = dynamic_shared::<f32>();
             let masked = priority.offset(l).cast::<u32>();

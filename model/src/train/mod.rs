@@ -469,10 +469,10 @@ fn train_in<T: Precision>(
         for caption in &batch.captions {
             text.extend(tokenizer.tokenize(caption, ctx).map_err(|e| e.to_string())?);
         }
-        // The masks' draws are keyed by the image's index in the batch: each rank keys its own
-        // (rank 0 as one process), so that the ranks' images do not share draws.
-        let seed = cfg.seed.wrapping_add((rank as u64) << 32);
-        let at = MaskStep { seed, step: state.step as u32, epoch: batch.epoch, epochs: cfg.epochs };
+        // The masks' draws are keyed by the image's index in the global batch: N ranks of b
+        // draw what one process of N·b does.
+        let first = (rank * cfg.batch_size) as u32;
+        let at = MaskStep { seed: cfg.seed, step: state.step as u32, first, epoch: batch.epoch, epochs: cfg.epochs };
         let masks = match cfg.masking {
             Masking::None => StepMasks::All,
             masking => {

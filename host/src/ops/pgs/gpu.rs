@@ -139,7 +139,7 @@ pub fn mask_gpu_timed<T: ImageElement>(
     let alloc = |len: usize, what: &str| device.alloc_zeros::<u32>(len, what);
     let mut kept = alloc(n * l, "kept patches")?;
     let mut kept_len = alloc(n, "kept counts")?;
-    let (seed, step) = (at.seed, at.step);
+    let (seed, step, first) = (at.seed, at.step, at.first);
     let (n32, l32) = (n as u32, l as u32);
 
     let cfg = match masking {
@@ -152,7 +152,13 @@ pub fn mask_gpu_timed<T: ImageElement>(
         Masking::Flip { ratio } => {
             let k_mask = masked_count(*ratio, l) as u32;
             let cfg = per_image(n, select::THREADS, select::shared_bytes(l));
-            launch(device, timeline, &pgs_select_flip, cfg, (&mut kept, &mut kept_len, seed, step, l32, k_mask))?;
+            launch(
+                device,
+                timeline,
+                &pgs_select_flip,
+                cfg,
+                (&mut kept, &mut kept_len, seed, step, first, l32, k_mask),
+            )?;
             return Ok(DeviceMasks { patches: l, images: n, kept, kept_len, candidates: None, nonfinite: vec![] });
         }
         Masking::Pgs(cfg) => *cfg,
@@ -215,7 +221,7 @@ pub fn mask_gpu_timed<T: ImageElement>(
         timeline,
         &pgs_candidates,
         per_image(n, select::THREADS, select::shared_bytes(l)),
-        (&edges, &mut candidates, seed, step, l32, n_c32, reference),
+        (&edges, &mut candidates, seed, step, first, l32, n_c32, reference),
     )?;
 
     // Similarity: candidate rows (paper) or all rows (reference).
@@ -281,6 +287,7 @@ pub fn mask_gpu_timed<T: ImageElement>(
                     &mut kept_len,
                     seed,
                     step,
+                    first,
                     l32,
                     n_c32,
                     dynamic,
@@ -313,7 +320,20 @@ pub fn mask_gpu_timed<T: ImageElement>(
                 timeline,
                 &pgs_reference_keep,
                 per_image(n, select::THREADS, select::shared_bytes(l)),
-                (&flags, &counts, &edge_sums, &mut kept, &mut kept_len, seed, step, n32, l32, cap, cfg.use_ed as u32),
+                (
+                    &flags,
+                    &counts,
+                    &edge_sums,
+                    &mut kept,
+                    &mut kept_len,
+                    seed,
+                    step,
+                    first,
+                    n32,
+                    l32,
+                    cap,
+                    cfg.use_ed as u32,
+                ),
             )?;
         }
     }
