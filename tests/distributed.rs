@@ -3,7 +3,8 @@
 //! `--gather-with-grad`, with and without `--local-loss`, without masks and with FLIP and PGS
 //! masks, on the CPU and on the GPU path (the emulator; on 2 GPUs with NCCL, ignored without
 //! them); a 2-rank run resumed from its checkpoint is the uninterrupted one bit for bit, on
-//! `shapes` and on webdataset read by shard; a rank killed mid-run ends the other.
+//! `shapes` and on webdataset read by shard; a rank killed mid-run ends the other, and so does a
+//! rank that hangs, after the collective timeout.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -275,6 +276,36 @@ fn a_rank_killed_mid_run_ends_the_other_and_the_last_checkpoint_stays_whole() {
     assert!(rank_pid(&marker, 0).is_none(), "rank 0 is still running");
     let latest = latest_checkpoint(&run).unwrap();
     checkpoint::load_training(&latest).unwrap_or_else(|e| panic!("the last checkpoint is broken: {e}"));
+}
+
+/// A rank that hangs (alive, never reaching the next collective): the other gives up waiting in
+/// that collective after `--collective-timeout`, says which, and the job ends.
+#[test]
+fn a_hung_rank_ends_the_job_after_the_collective_timeout() {
+    let logs = tempfile::tempdir().unwrap();
+    let flags = ["--device", "cpu", "--collective-timeout", "2", "--test-hang-rank", "1"];
+    let mut child = mpirun(2, &train_args(logs.path(), "hung", 16, &flags))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            // SIGTERM: mpirun passes it on to the ranks.
+            Command::new("kill").arg(child.id().to_string()).status().unwrap();
+            panic!("the job still runs 60 s after it started with a hung rank");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
+    eprintln!("mpirun exited {status} {:.1} s after it started", started.elapsed().as_secs_f64());
+    assert!(!status.success(), "{stderr}");
+    let said = "error on rank 0 of 2: barrier did not complete within 2 s (--collective-timeout)";
+    assert!(stderr.contains(said), "{stderr}");
 }
 
 /// A CSV of 48 rows, every fifth image corrupt: the ranks' shares hold different numbers of usable
