@@ -204,6 +204,7 @@ fn two_ranks_read_webdataset_by_shard_and_resume_exactly() {
     let flags = ["--gather-with-grad", "--device", "cpu"];
     let out = succeeded("whole", mpirun(2, &with_data("whole", &flags)).output().unwrap());
     assert!(out.contains("the 2 ranks read by shard"), "{out}");
+    eprintln!("{}", out.lines().find(|l| l.starts_with("model: ")).unwrap_or_default());
     let whole = losses(&logs.path().join("whole"));
     // 80 samples: an epoch has at most 10 steps of 2 × 4, fewer when the deal is uneven.
     assert!((2..=20).contains(&whole.len()), "{whole:?}");
