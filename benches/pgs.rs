@@ -22,7 +22,7 @@ fn photos(n: usize) -> Vec<f32> {
 fn pgs_batch_64(c: &mut Criterion) {
     let shape = ImageBatchShape { n: 64, height: 224, width: 224 };
     let images = photos(shape.n);
-    let at = MaskStep { seed: 0, step: 0, epoch: 0, epochs: 32 };
+    let at = MaskStep { seed: 0, step: 0, first: 0, epoch: 0, epochs: 32 };
     let pgs = |mode, ratio| Masking::Pgs(PgsConfig { mode, ratio, use_ed: true, use_otn: true });
     let mut group = c.benchmark_group("pgs_cpu_64x224x224_patch16");
     group.sample_size(10);

@@ -76,7 +76,7 @@ pub fn run(args: &MaskArgs) -> Result<(), Box<dyn Error>> {
     let picture = load_image(&args.image, args.size)?;
     let size = args.size as usize;
     let shape = ImageBatchShape { n: 1, height: size, width: size };
-    let step = MaskStep { seed: args.seed, step: 0, epoch: 0, epochs: 1 };
+    let step = MaskStep { seed: args.seed, step: 0, first: 0, epoch: 0, epochs: 1 };
     let methods =
         if args.grid { vec![Method::None, Method::Flip, Method::Paper, Method::Reference] } else { vec![args.mode] };
     let mut panels = Vec::new();

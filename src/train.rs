@@ -7,6 +7,7 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use clip_pgs_host::ops::edge_map::ImageBatchShape;
@@ -16,6 +17,7 @@ use clip_pgs_host::{Device, DevicePreference};
 use clip_pgs_model::clip::{Clip, Pass, Workspace};
 use clip_pgs_model::config::ClipConfig;
 use clip_pgs_model::data::{self, SourceOptions, Split};
+use clip_pgs_model::distributed::watchdog::Watched;
 use clip_pgs_model::distributed::{self, DataParallel};
 use clip_pgs_model::precision::Dtype;
 use clip_pgs_model::tokenizer::ClipTokenizer;
@@ -191,12 +193,21 @@ pub struct TrainArgs {
     /// b × N·b loss instead of N·b × N·b).
     #[arg(long)]
     local_loss: bool,
+    /// Data-parallel runs: seconds a rank waits in one collective before it gives up and ends the
+    /// job (another rank hangs); 0 waits forever. PyTorch's default, 30 minutes: rank 0 evaluates
+    /// and writes checkpoints while the others wait.
+    #[arg(long, default_value_t = 1800, value_parser = at_least::<u64>(0))]
+    collective_timeout: u64,
     #[command(flatten)]
     data_args: DataArgs,
     /// Test hook, not for real runs: replace the loss of these steps (0-based, comma-separated)
     /// by NaN, so that tests can drive the non-finite-loss path through the binary.
     #[arg(long, hide = true, value_delimiter = ',')]
     test_nonfinite_loss_at: Vec<usize>,
+    /// Test hook, not for real runs: this rank sleeps (10 minutes) instead of training, so that
+    /// tests can drive the collective timeout with a rank that hangs.
+    #[arg(long, hide = true)]
+    test_hang_rank: Option<usize>,
 }
 
 fn masking(args: &TrainArgs) -> Result<Masking, String> {
@@ -234,12 +245,18 @@ fn default_model(data: &str) -> &'static str {
 /// Training as one process, or as one rank of those mpirun or srun started (then an error on one
 /// rank ends them all: the others would wait for it in the next collective).
 pub fn run(args: &TrainArgs) -> Result<(), Box<dyn Error>> {
-    let world = distributed::connect()?;
-    let dp = DataParallel::new(world.clone(), args.gather_with_grad, args.local_loss);
+    let mut world = distributed::connect()?;
     if world.size() == 1 {
-        return run_as(args, dp);
+        return run_as(args, DataParallel::new(world, args.gather_with_grad, args.local_loss));
     }
+    if args.collective_timeout > 0 {
+        world = Arc::new(Watched::new(world, Duration::from_secs(args.collective_timeout)));
+    }
+    let dp = DataParallel::new(world.clone(), args.gather_with_grad, args.local_loss);
     outln!("rank {} of {}, engine: {}", world.rank(), world.size(), world.engine());
+    if args.test_hang_rank == Some(world.rank()) {
+        std::thread::sleep(Duration::from_secs(600));
+    }
     match run_as(args, dp) {
         Err(e) if !e.is::<Interrupted>() => {
             errln!("error on rank {} of {}: {e}; ending every rank", world.rank(), world.size());
@@ -436,7 +453,7 @@ fn mask_grid(cfg: &TrainConfig, path: &Path) -> Result<bool, Box<dyn Error>> {
         return Ok(false);
     }
     let shape = ImageBatchShape { n: set.len(), height: size, width: size };
-    let at = MaskStep { seed: cfg.seed, step: 0, epoch: 0, epochs: cfg.epochs };
+    let at = MaskStep { seed: cfg.seed, step: 0, first: 0, epoch: 0, epochs: cfg.epochs };
     let request = MaskRequest { shape, patch: model.vision_cfg.patch_size, masking: cfg.masking, at };
     let masks = mask_cpu(&request, &set.images, None)?;
     let panels = set

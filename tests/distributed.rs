@@ -1,8 +1,10 @@
 //! Data-parallel training under `mpirun` (built with `--features mpi`; `.ci/run` installs Open MPI
 //! and runs these): 2 ranks of batch 16 train as 1 process of batch 32, with open_clip's
-//! `--gather-with-grad`, with and without `--local-loss`, on the CPU and on the GPU path (the
-//! emulator; on 2 GPUs with NCCL, ignored without them); a 2-rank run resumed from its checkpoint
-//! is the uninterrupted one bit for bit; a rank killed mid-run ends the other.
+//! `--gather-with-grad`, with and without `--local-loss`, without masks and with FLIP and PGS
+//! masks, on the CPU and on the GPU path (the emulator; on 2 GPUs with NCCL, ignored without
+//! them); a 2-rank run resumed from its checkpoint is the uninterrupted one bit for bit, on
+//! `shapes` and on webdataset read by shard; a rank killed mid-run ends the other, and so does a
+//! rank that hangs, after the collective timeout.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,17 +14,26 @@ use std::time::{Duration, Instant};
 use clip_pgs_model::checkpoint;
 use clip_pgs_model::train::latest_checkpoint;
 
-/// test-tiny on 160 shapes: 5 steps of 32 per epoch, 2 epochs; a metrics record per step.
+/// test-tiny on 160 shapes without masks: 5 steps of 32 per epoch, 2 epochs; a metrics record
+/// per step. A flag in `extra` replaces its default here.
 fn train_args(logs: &Path, name: &str, batch: usize, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> =
-        ["train", "--model", "test-tiny", "--data", "shapes", "--mask", "none"].into_iter().map(String::from).collect();
-    args.extend(["--logs".into(), logs.display().to_string(), "--name".into(), name.into()]);
-    args.extend(["--batch-size".into(), batch.to_string()]);
-    for a in ["--train-num-samples", "160", "--epochs", "2", "--eval-samples", "16", "--zeroshot-frequency", "0"] {
-        args.push(a.into());
-    }
-    for a in ["--log-every-n-steps", "1", "--workers", "1", "--warmup", "2", "--seed", "1"] {
-        args.push(a.into());
+    let mut args: Vec<String> = vec!["train".into(), "--logs".into(), logs.display().to_string()];
+    args.extend(["--name".into(), name.into(), "--batch-size".into(), batch.to_string()]);
+    let defaults = [
+        ("--model", "test-tiny"),
+        ("--data", "shapes"),
+        ("--mask", "none"),
+        ("--train-num-samples", "160"),
+        ("--epochs", "2"),
+        ("--eval-samples", "16"),
+        ("--zeroshot-frequency", "0"),
+        ("--log-every-n-steps", "1"),
+        ("--workers", "1"),
+        ("--warmup", "2"),
+        ("--seed", "1"),
+    ];
+    for (flag, value) in defaults.into_iter().filter(|(flag, _)| !extra.contains(flag)) {
+        args.extend([flag.to_string(), value.to_string()]);
     }
     args.extend(extra.iter().map(|a| a.to_string()));
     args
@@ -86,7 +97,7 @@ fn two_ranks_train_as_one_process(extra: &[&str], modes: &[(&str, &[&str])]) {
         let flags: Vec<&str> = flags.iter().chain(extra).copied().collect();
         let out = succeeded(name, mpirun(2, &train_args(logs.path(), name, 16, &flags)).output().unwrap());
         assert!(out.contains("rank 0 of 2, engine: mpi") && out.contains("rank 1 of 2"), "{out}");
-        assert!(out.contains("5 steps of 32"), "{out}");
+        assert!(out.contains(" steps of 32"), "{out}");
         let got = losses(&logs.path().join(name));
         assert_eq!(got.len(), 10, "{name}: {got:?}");
         for ((step, want), (_, have)) in reference.iter().zip(&got) {
@@ -107,6 +118,18 @@ const LOCAL: (&str, &[&str]) = ("local", &["--gather-with-grad", "--local-loss"]
 #[test]
 fn two_ranks_of_16_train_as_one_process_of_32() {
     two_ranks_train_as_one_process(&["--device", "cpu"], &[GATHER, LOCAL]);
+}
+
+/// FLIP and PGS masks are drawn per image of the global batch: rank 1's image i has the draws of
+/// the one-process batch's image 16 + i, so masked training matches too. PGS over one epoch of 10
+/// steps: from the second, its similarity also weighs the patch tokens, which differ between the
+/// runs in the last bits (summation order), enough to flip a near tie in the selection (measured:
+/// the loss 1.8e-5 apart at the first step of epoch 2).
+#[test]
+fn with_flip_and_pgs_masks_two_ranks_train_as_one_process() {
+    two_ranks_train_as_one_process(&["--device", "cpu", "--mask", "flip"], &[GATHER]);
+    let pgs = ["--device", "cpu", "--mask", "pgs", "--train-num-samples", "320", "--epochs", "1"];
+    two_ranks_train_as_one_process(&pgs, &[GATHER]);
 }
 
 /// The GPU path on the emulator: features read from and gradients written to the device arenas,
@@ -141,6 +164,67 @@ fn a_two_rank_run_resumed_from_its_checkpoint_is_the_uninterrupted_run() {
     let (_, a) = checkpoint::load(&logs.path().join("whole/model.safetensors"), None).unwrap();
     let (_, b) = checkpoint::load(&logs.path().join("resumed/model.safetensors"), None).unwrap();
     assert!(a == b, "the resumed run's final model differs");
+}
+
+/// Webdataset shards of `sizes` samples (a red or blue square, its caption) in `dir`; the pattern.
+fn wds_shards(dir: &Path, sizes: &[usize]) -> String {
+    for (s, &n) in sizes.iter().enumerate() {
+        let mut tar = tar::Builder::new(std::fs::File::create(dir.join(format!("shard-{s}.tar"))).unwrap());
+        for j in 0..n {
+            let (colour, name) = if (s + j) % 2 == 0 { ([220, 30, 30], "red") } else { ([30, 60, 220], "blue") };
+            let mut png = Vec::new();
+            let square = image::RgbImage::from_pixel(24, 24, image::Rgb(colour));
+            square.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+            let caption = format!("a {name} square, shard {s} sample {j}").into_bytes();
+            for (ext, bytes) in [("png", png), ("txt", caption)] {
+                let mut header = tar::Header::new_gnu();
+                header.set_size(bytes.len() as u64);
+                header.set_mode(0o644);
+                header.set_cksum();
+                tar.append_data(&mut header, format!("{s}-{j}.{ext}"), bytes.as_slice()).unwrap();
+            }
+        }
+        tar.finish().unwrap();
+    }
+    format!("wds:{}/shard-{{0..{}}}.tar", dir.display(), sizes.len() - 1)
+}
+
+/// webdataset on 2 ranks, read by shard: 5 shards of unequal sizes dealt anew each epoch, the
+/// ranks take the same steps (the smaller share's), and a run resumed from its first epoch's
+/// checkpoint is the uninterrupted one bit for bit.
+#[test]
+fn two_ranks_read_webdataset_by_shard_and_resume_exactly() {
+    let logs = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let shards = wds_shards(data.path(), &[20, 12, 16, 24, 8]);
+    let with_data = |name: &str, extra: &[&str]| {
+        let extra: Vec<&str> = ["--data", shards.as_str()].iter().chain(extra).copied().collect();
+        train_args(logs.path(), name, 4, &extra)
+    };
+    let flags = ["--gather-with-grad", "--device", "cpu"];
+    let out = succeeded("whole", mpirun(2, &with_data("whole", &flags)).output().unwrap());
+    assert!(out.contains("the 2 ranks read by shard"), "{out}");
+    eprintln!("{}", out.lines().find(|l| l.starts_with("model: ")).unwrap_or_default());
+    let whole = losses(&logs.path().join("whole"));
+    // 80 samples: an epoch has at most 10 steps of 2 × 4, fewer when the deal is uneven.
+    assert!((2..=20).contains(&whole.len()), "{whole:?}");
+    let epoch_1 = logs.path().join("whole/checkpoints/epoch_1.safetensors");
+    let resume = ["--gather-with-grad", "--device", "cpu", "--resume", epoch_1.to_str().unwrap()];
+    let out = succeeded("resumed", mpirun(2, &with_data("resumed", &resume)).output().unwrap());
+    assert!(out.contains("resuming from"), "{out}");
+    let resumed = losses(&logs.path().join("resumed"));
+    assert!(!resumed.is_empty() && resumed.len() < whole.len(), "{resumed:?}");
+    for (step, loss) in &resumed {
+        assert_eq!(loss.to_bits(), whole[step].to_bits(), "step {step}: {loss} vs {}", whole[step]);
+    }
+    let (_, a) = checkpoint::load(&logs.path().join("whole/model.safetensors"), None).unwrap();
+    let (_, b) = checkpoint::load(&logs.path().join("resumed/model.safetensors"), None).unwrap();
+    assert!(a == b, "the resumed run's final model differs");
+    // 6 ranks for 5 shards: an error before training.
+    let out = mpirun(6, &with_data("six", &flags)).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("5 shards with samples for 6 ranks"), "{text}");
 }
 
 /// The process ids of this run's rank `rank` (found by the marker its environment carries).
@@ -193,6 +277,36 @@ fn a_rank_killed_mid_run_ends_the_other_and_the_last_checkpoint_stays_whole() {
     assert!(rank_pid(&marker, 0).is_none(), "rank 0 is still running");
     let latest = latest_checkpoint(&run).unwrap();
     checkpoint::load_training(&latest).unwrap_or_else(|e| panic!("the last checkpoint is broken: {e}"));
+}
+
+/// A rank that hangs (alive, never reaching the next collective): the other gives up waiting in
+/// that collective after `--collective-timeout`, says which, and the job ends.
+#[test]
+fn a_hung_rank_ends_the_job_after_the_collective_timeout() {
+    let logs = tempfile::tempdir().unwrap();
+    let flags = ["--device", "cpu", "--collective-timeout", "2", "--test-hang-rank", "1"];
+    let mut child = mpirun(2, &train_args(logs.path(), "hung", 16, &flags))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            // SIGTERM: mpirun passes it on to the ranks.
+            Command::new("kill").arg(child.id().to_string()).status().unwrap();
+            panic!("the job still runs 60 s after it started with a hung rank");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
+    eprintln!("mpirun exited {status} {:.1} s after it started", started.elapsed().as_secs_f64());
+    assert!(!status.success(), "{stderr}");
+    let said = "error on rank 0 of 2: barrier did not complete within 2 s (--collective-timeout)";
+    assert!(stderr.contains(said), "{stderr}");
 }
 
 /// A CSV of 48 rows, every fifth image corrupt: the ranks' shares hold different numbers of usable

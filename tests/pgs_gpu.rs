@@ -37,7 +37,8 @@ fn compare<T: clip_pgs_host::ops::edge_map::ImageElement>(
     dim: usize,
     what: &str,
 ) {
-    let at = MaskStep { seed: 42, step: 7, epoch: if tokens.is_some() { 5 } else { 0 }, epochs: 32 };
+    // A batch that starts at image 3 of the global batch: the kernels count images from there.
+    let at = MaskStep { seed: 42, step: 7, first: 3, epoch: if tokens.is_some() { 5 } else { 0 }, epochs: 32 };
     let gpu_images = gpu.upload(images).unwrap();
     let gpu_tokens = tokens.map(|t| gpu.upload(t).unwrap());
     let cpu_images = Buffer::Cpu(images.to_vec());
@@ -87,7 +88,7 @@ fn gpu_gather_equals_cpu_gather() {
         use_ed: true,
         use_otn: true,
     });
-    let at = MaskStep { seed: 1, step: 0, epoch: 0, epochs: 1 };
+    let at = MaskStep { seed: 1, step: 0, first: 0, epoch: 0, epochs: 1 };
     let (dim, l) = (24, 196);
     let x = tokens_for(shape, l, dim);
     let cls: Vec<f32> = (0..dim).map(|d| d as f32).collect();
@@ -123,7 +124,7 @@ fn gpu_reports_non_finite_pixels_as_an_error() {
     let (mut images, shape) = photo_batch(64);
     images[shape.image_len() + 100] = f32::NAN;
     let masking = Masking::Pgs(PgsConfig::default());
-    let at = MaskStep { seed: 0, step: 0, epoch: 0, epochs: 1 };
+    let at = MaskStep { seed: 0, step: 0, first: 0, epoch: 0, epochs: 1 };
     let request = MaskRequest { shape, patch: 16, masking, at };
     let masks = pgs_mask(&gpu, &request, &gpu.upload(&images).unwrap(), None).unwrap();
     let error = masks.to_masks().expect_err("NaN pixels must be an error").to_string();

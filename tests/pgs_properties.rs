@@ -17,7 +17,7 @@ use common::photo_batch;
 const L: usize = 196;
 
 fn step(seed: u64) -> MaskStep {
-    MaskStep { seed, step: 3, epoch: 0, epochs: 32 }
+    MaskStep { seed, step: 3, first: 0, epoch: 0, epochs: 32 }
 }
 
 fn pgs(mode: PgsMode, ratio: MaskRatio) -> Masking {
@@ -163,6 +163,28 @@ fn without_otn_the_mask_is_the_spec_formula_without_that_step() {
         let masked = top_k(&mu, Some(&jitter), 98);
         let kept: Vec<u32> = (0..L as u32).filter(|j| !masked.contains(&(*j as usize))).collect();
         assert_eq!(got.images[n].kept, kept, "image {n}");
+    }
+}
+
+/// A data-parallel rank masks its part of the global batch: images k.. of a batch drawn from
+/// `first` = k get the masks the whole batch gives them, for every method but `reference`
+/// (whose keep count is a minimum over the batch); drawn from 0, they do not.
+#[test]
+fn a_batch_part_drawn_from_its_offset_gets_the_whole_batch_masks() {
+    let (images, shape) = photo_batch(224);
+    let k = shape.n / 2;
+    let tail = ImageBatchShape { n: shape.n - k, ..shape };
+    let reference = |m: &Masking| matches!(m, Masking::Pgs(PgsConfig { mode: PgsMode::Reference, .. }));
+    for masking in all_maskings().into_iter().filter(|m| !reference(m)) {
+        let whole = masks(masking, 1);
+        let part = |first: u32| {
+            let request = MaskRequest { shape: tail, patch: 16, masking, at: MaskStep { first, ..step(1) } };
+            mask_cpu(&request, &images[k * shape.image_len()..], None).unwrap().images
+        };
+        assert_eq!(part(k as u32), whole.images[k..], "{masking:?}");
+        if masking != Masking::None {
+            assert_ne!(part(0), whole.images[k..], "{masking:?}");
+        }
     }
 }
 

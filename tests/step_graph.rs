@@ -47,7 +47,7 @@ fn train<T: Precision>(
             patch: cfg.vision_cfg.patch_size,
             masking,
             // α = epoch / 4 grows at step 3.
-            at: MaskStep { seed: 3, step: number as u32, epoch: 1 + number / 3, epochs: 4 },
+            at: MaskStep { seed: 3, step: number as u32, first: 0, epoch: 1 + number / 3, epochs: 4 },
         };
         let lr = 1e-3 / (1 + number) as f32;
         step.step(&images, &text, StepMasks::Make(request), lr, Some(1.0)).unwrap();

@@ -45,7 +45,7 @@ fn a_training_step_makes_no_host_read() {
             shape: ImageBatchShape { n, height: size, width: size },
             patch: cfg.vision_cfg.patch_size,
             masking,
-            at: MaskStep { seed: 3, step: number as u32, epoch: 1, epochs: 4 },
+            at: MaskStep { seed: 3, step: number as u32, first: 0, epoch: 1, epochs: 4 },
         };
         step.forward_backward(&images, &text, StepMasks::Make(request)).unwrap();
         step.grad_norm().unwrap();

@@ -1,5 +1,5 @@
-//! The per-step values of the mask kernels — the Philox seed and step of the draws, and α, the
-//! weight of token similarity — read from device memory rather than passed as launch parameters,
+//! The per-step values of the mask kernels — the Philox seed and step of the draws, the first
+//! image's number in the global batch, and α, the weight of token similarity — read from device memory rather than passed as launch parameters,
 //! so that a captured training step (a CUDA graph, whose launch parameters are frozen at capture)
 //! draws new masks at every replay: the host writes the four words before each step.
 
@@ -11,22 +11,25 @@ pub const SEED_HI: usize = 1;
 pub const STEP: usize = 2;
 /// α's f32 bits.
 pub const ALPHA: usize = 3;
-pub const LEN: usize = 4;
+/// The batch's first image in the global batch (data-parallel ranks), the draws' image offset.
+pub const FIRST: usize = 4;
+pub const LEN: usize = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MaskClock {
     pub seed: u64,
     pub step: u32,
     pub alpha: f32,
+    pub first: u32,
 }
 
 impl MaskClock {
     /// The buffer's words.
     pub fn words(&self) -> [u32; LEN] {
-        [self.seed as u32, (self.seed >> 32) as u32, self.step, self.alpha.to_bits()]
+        [self.seed as u32, (self.seed >> 32) as u32, self.step, self.alpha.to_bits(), self.first]
     }
 
-    /// The clock in `clock` (every thread reads the same four words: one broadcast each).
+    /// The clock in `clock` (every thread reads the same words: one broadcast each).
     ///
     /// # Safety
     /// `clock` holds LEN words.
@@ -34,7 +37,8 @@ impl MaskClock {
         // SAFETY: the caller's contract.
         unsafe {
             let seed = clock.load(SEED_LO) as u64 | (clock.load(SEED_HI) as u64) << 32;
-            MaskClock { seed, step: clock.load(STEP), alpha: f32::from_bits(clock.load(ALPHA)) }
+            let alpha = f32::from_bits(clock.load(ALPHA));
+            MaskClock { seed, step: clock.load(STEP), alpha, first: clock.load(FIRST) }
         }
     }
 }

@@ -1,8 +1,10 @@
 //! PGS candidate generation and selection (pgs-spec.md steps 2 and 5), pure helpers shared by the
 //! CPU reference and the GPU kernels.
 //!
-//! Random draws come from Philox keyed by the seed, with stream (step, image) — the kernels read
-//! seed and step from the mask clock (`mask_clock.rs`) in device memory: draws 0..L are the
+//! Random draws come from Philox keyed by the seed, with stream (step, image), the image counted
+//! from `first` (the batch's first image in the global batch of data-parallel ranks, so that a
+//! rank draws what one process of the global batch would) — the kernels read seed, step and first
+//! from the mask clock (`mask_clock.rs`) in device memory: draws 0..L are the
 //! per-patch uniforms of the first decision (Gumbel noise in `paper`, candidate noise in
 //! `reference`, FLIP's order in `flip`), draws L..2L the second (tie-breaking jitter in `paper`,
 //! priorities in `reference`).
@@ -181,7 +183,7 @@ kernel! {
         let (l, n_c) = (patches as usize, n_c as usize);
         // SAFETY: the clock holds mask_clock::LEN words.
         let at = unsafe { MaskClock::load(clock) };
-        let rng = Philox::new(at.seed, at.step, block_x() as u32);
+        let rng = Philox::new(at.seed, at.step, at.first.wrapping_add(block_x() as u32));
         unsafe {
             let key = dynamic_shared::<f32>();
             let e = edges.offset(block_x() * l);
@@ -231,7 +233,7 @@ kernel! {
         let (l, n_c) = (patches as usize, n_c as usize);
         // SAFETY: the clock holds mask_clock::LEN words.
         let at = unsafe { MaskClock::load(clock) };
-        let rng = Philox::new(at.seed, at.step, block_x() as u32);
+        let rng = Philox::new(at.seed, at.step, at.first.wrapping_add(block_x() as u32));
         unsafe {
             let score = dynamic_shared::<f32>();
             let jitter = score.offset(l).cast::<u32>();
@@ -282,7 +284,7 @@ kernel! {
         let l = patches as usize;
         // SAFETY: the clock holds mask_clock::LEN words.
         let at = unsafe { MaskClock::load(clock) };
-        let rng = Philox::new(at.seed, at.step, block_x() as u32);
+        let rng = Philox::new(at.seed, at.step, at.first.wrapping_add(block_x() as u32));
         unsafe {
             let draw = dynamic_shared::<f32>();
             let masked = draw.offset(l).cast::<u32>();
@@ -361,7 +363,7 @@ kernel! {
         let l = patches as usize;
         // SAFETY: the clock holds mask_clock::LEN words.
         let at = unsafe { MaskClock::load(clock) };
-        let rng = Philox::new(at.seed, at.step, block_x() as u32);
+        let rng = Philox::new(at.seed, at.step, at.first.wrapping_add(block_x() as u32));
         unsafe {
             let priority = dynamic_shared::<f32>();
             let masked = priority.offset(l).cast::<u32>();

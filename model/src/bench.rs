@@ -64,7 +64,7 @@ impl<T: Precision> StepWorkload<T> {
                 shape: ImageBatchShape { n: self.batch, height: v.image_size, width: v.image_size },
                 patch: v.patch_size,
                 masking,
-                at: MaskStep { seed: 0, step: self.steps, epoch: 1, epochs: 32 },
+                at: MaskStep { seed: 0, step: self.steps, first: 0, epoch: 1, epochs: 32 },
             }),
         };
         self.steps += 1;

@@ -110,7 +110,7 @@ fn bench<T: ImageElement>(
     let elem = std::mem::size_of::<T>();
     let mut json_runs = Vec::new();
     for (name, masking, epoch) in runs {
-        let at = MaskStep { seed: 0, step: 0, epoch, epochs: 32 };
+        let at = MaskStep { seed: 0, step: 0, first: 0, epoch, epochs: 32 };
         let tokens = (epoch > 0).then_some((&tokens, args.dim));
         let mut totals = Vec::new();
         let mut stages: Vec<(&'static str, Vec<f64>)> = Vec::new();
@@ -214,7 +214,7 @@ fn traffic<T: ImageElement>(args: &PgsBench, convert: impl Fn(f32) -> T) -> Resu
     emu.keep_reports();
     let (mut rows, mut conflicts) = (Vec::new(), Vec::new());
     for (run, masking, epoch) in pgs_runs() {
-        let at = MaskStep { seed: 0, step: 0, epoch, epochs: 32 };
+        let at = MaskStep { seed: 0, step: 0, first: 0, epoch, epochs: 32 };
         let request = MaskRequest { shape, patch: p, masking, at };
         let masks = mask_gpu(&device, &request, images.view(), (epoch > 0).then_some((patch_tokens.view(), dim)))?;
         let kept: Vec<usize> = masks.to_masks()?.images.iter().map(|m| m.kept.len()).collect();

@@ -1,4 +1,5 @@
-//! The loader: epochs as seeded permutations of a source, batches decoded and preprocessed
+//! The loader: each epoch this rank's share of a source in its seeded order (`share.rs`), batches
+//! decoded and preprocessed
 //! (open_clip's transform: resize, centre crop, CLIP mean/std) by a worker pool, prefetched on a
 //! background thread so the trainer does not wait for data. A corrupt sample is skipped, counted
 //! and replaced by the next one in the order; the data position after each batch travels with it,
@@ -8,11 +9,11 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
-use clip_pgs_kernels::philox::Philox;
 use image::{DynamicImage, RgbImage};
 use rayon::prelude::*;
 
 use super::Source;
+use super::share::Shares;
 use crate::preprocess::{normalize, resize_center_crop};
 
 /// Where the next batch starts: epoch and index into that epoch's order.
@@ -28,7 +29,8 @@ pub struct LoaderConfig {
     pub image_size: u32,
     pub seed: u64,
     pub workers: usize,
-    /// This process's rank of `ranks` (data-parallel training: each reads its own share).
+    /// This process's rank of `ranks` (data-parallel training: each reads its own share,
+    /// `share.rs`).
     pub rank: usize,
     pub ranks: usize,
 }
@@ -46,24 +48,6 @@ pub struct LoadedBatch {
     pub after: Position,
     /// Samples skipped while filling it: "index: reason".
     pub skipped: Vec<String>,
-}
-
-/// Epoch `epoch`'s order: a Fisher–Yates shuffle of 0..len drawn from (seed, epoch).
-pub fn order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let rng = Philox::new(seed, 0x0de7, epoch as u32);
-    let mut order: Vec<usize> = (0..len).collect();
-    for i in (1..len).rev() {
-        let j = ((rng.uniform(i as u32) * (i + 1) as f32) as usize).min(i);
-        order.swap(i, j);
-    }
-    order
-}
-
-/// Rank `rank` of `ranks`' share of an epoch's order: its block of `batch` in every global batch
-/// of `ranks`·`batch`, so the shares are disjoint and the ranks' batches, in rank order, are the
-/// one-process batches of `ranks`·`batch`. A rank replaces a corrupt sample from its own share.
-pub fn rank_share(order: &[usize], batch: usize, rank: usize, ranks: usize) -> Vec<usize> {
-    order.chunks(batch).skip(rank).step_by(ranks).flatten().copied().collect()
 }
 
 /// Sample `i` decoded and preprocessed: (normalized, picture, caption, label).
@@ -154,10 +138,17 @@ fn produce(
             return;
         }
     };
+    let shares = match Shares::new(source, &cfg) {
+        Ok(shares) => shares,
+        Err(e) => {
+            let _ = tx.send(Err(e));
+            return;
+        }
+    };
     let mut position = start;
     while position.epoch < epochs {
         let (epoch, from) = (position.epoch, position.cursor);
-        let epoch_order = rank_share(&order(source.len(), cfg.seed, epoch), cfg.batch_size, cfg.rank, cfg.ranks);
+        let epoch_order = shares.epoch(epoch);
         let mut batches = 0;
         while position.epoch == epoch {
             match pool.install(|| fill(source, &epoch_order, position, &cfg)) {
@@ -186,16 +177,6 @@ fn produce(
 mod tests {
     use super::*;
     use crate::data::{Sample, Split, shapes::Shapes};
-
-    #[test]
-    fn orders_are_permutations_that_change_per_epoch() {
-        let (a, b) = (order(1000, 1, 0), order(1000, 1, 1));
-        let mut sorted = a.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
-        assert_ne!(a, b);
-        assert_eq!(a, order(1000, 1, 0));
-    }
 
     /// Every third sample is corrupt.
     struct Flaky(Shapes);
@@ -236,20 +217,44 @@ mod tests {
         }
     }
 
-    /// Two ranks' shares: disjoint, together the epoch, and each global batch of 2·4 is rank 0's
-    /// batch then rank 1's.
-    #[test]
-    fn rank_shares_split_each_global_batch() {
-        let epoch = order(37, 3, 1);
-        let (a, b) = (rank_share(&epoch, 4, 0, 2), rank_share(&epoch, 4, 1, 2));
-        let mut both: Vec<usize> = a.iter().chain(&b).copied().collect();
-        both.sort();
-        assert_eq!(both, (0..37).collect::<Vec<_>>());
-        for (step, global) in epoch.chunks(8).enumerate().take(4) {
-            assert_eq!(global[..4], a[4 * step..4 * step + 4]);
-            assert_eq!(global[4..], b[4 * step..4 * step + 4]);
+    /// 60 shapes in 4 shards of unequal sizes, every seventh sample corrupt.
+    struct Sharded(Shapes);
+    impl Source for Sharded {
+        fn describe(&self) -> String {
+            "sharded".into()
         }
-        assert_eq!(rank_share(&epoch, 4, 0, 1), epoch);
+        fn len(&self) -> usize {
+            60
+        }
+        fn get(&self, i: usize) -> Result<Sample, String> {
+            if i.is_multiple_of(7) { Err("corrupt".into()) } else { self.0.get(i) }
+        }
+        fn shards(&self) -> Option<Vec<std::ops::Range<usize>>> {
+            Some(vec![0..20, 20..27, 27..45, 45..60])
+        }
+    }
+
+    /// Rank 1 of 2 reading by shard, resumed after a batch inside an epoch, reads what the
+    /// uninterrupted run read after it; 5 ranks are too many for 4 shards.
+    #[test]
+    fn a_rank_reading_by_shard_resumes_at_its_saved_position() {
+        let source: Arc<dyn Source> = Arc::new(Sharded(Shapes::new(Split::Train, 0)));
+        let cfg = LoaderConfig { batch_size: 4, image_size: 16, seed: 3, workers: 2, rank: 1, ranks: 2 };
+        let all: Vec<LoadedBatch> = {
+            let p = Prefetcher::start(source.clone(), cfg, Position::default(), 3);
+            std::iter::from_fn(|| p.next_batch()).map(|b| b.unwrap()).collect()
+        };
+        let inside = all.iter().position(|b| b.epoch == 1 && b.after.epoch == 1 && b.after.cursor > 0).unwrap();
+        let p = Prefetcher::start(source.clone(), cfg, all[inside].after, 3);
+        let rest: Vec<LoadedBatch> = std::iter::from_fn(|| p.next_batch()).map(|b| b.unwrap()).collect();
+        assert_eq!(rest.len(), all.len() - inside - 1);
+        for (a, b) in rest.iter().zip(&all[inside + 1..]) {
+            assert_eq!((&a.captions, a.after), (&b.captions, b.after));
+            assert_eq!(a.images, b.images);
+        }
+        let p = Prefetcher::start(source, LoaderConfig { ranks: 5, ..cfg }, Position::default(), 3);
+        let e = p.next_batch().unwrap().err().unwrap();
+        assert!(e.contains("4 shards with samples for 5 ranks"), "{e}");
     }
 
     #[test]

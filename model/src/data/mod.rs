@@ -5,7 +5,8 @@
 //! - `wds:SHARDS` (webdataset tar shards with brace expansion, `wds.rs`).
 //!
 //! Every source is indexable (sample i of n), so an epoch's order is a seeded permutation, the
-//! data position is one integer, and resuming reproduces the uninterrupted run. Decoding happens
+//! data position is one integer, and resuming reproduces the uninterrupted run; data-parallel
+//! ranks divide each epoch by sample or, for `wds`, by shard (`share.rs`). Decoding happens
 //! in `get`, in the loader's workers (`loader.rs`); a corrupt sample is an `Err`, skipped and
 //! counted there, never a panic.
 
@@ -13,7 +14,10 @@ pub mod csv;
 pub mod fashion_mnist;
 pub mod loader;
 pub mod shapes;
+pub mod share;
 pub mod wds;
+
+use std::ops::Range;
 
 use image::RgbImage;
 
@@ -84,6 +88,11 @@ pub trait Source: Send + Sync {
     /// the source knows what its images compose (`shapes`).
     fn hard_negatives(&self, _i: usize) -> Vec<(&'static str, String)> {
         Vec::new()
+    }
+    /// The samples of each shard, for a source stored in shards that data-parallel ranks read
+    /// whole (`wds`; `share.rs`); None: the ranks split it by sample.
+    fn shards(&self) -> Option<Vec<Range<usize>>> {
+        None
     }
 }
 

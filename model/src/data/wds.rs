@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::Path;
 
 use super::{Sample, Source};
@@ -264,6 +265,22 @@ impl Source for WdsSource {
         self.samples.len()
     }
 
+    /// The samples lie shard after shard (`open` appends each shard's).
+    fn shards(&self) -> Option<Vec<Range<usize>>> {
+        let mut counts = vec![0; self.shards.len()];
+        self.samples.iter().for_each(|e| counts[e.shard] += 1);
+        let mut end = 0;
+        Some(
+            counts
+                .into_iter()
+                .map(|n| {
+                    end += n;
+                    end - n..end
+                })
+                .collect(),
+        )
+    }
+
     fn get(&self, i: usize) -> Result<Sample, String> {
         let entry = self.samples.get(i).ok_or_else(|| format!("wds: sample {i} out of range ({})", self.len()))?;
         let shard = &self.shards[entry.shard];
@@ -355,6 +372,7 @@ mod tests {
         assert_eq!(ds.len(), 6);
         assert_eq!(ds.skipped(), 2);
         assert_eq!(ds.describe(), "wds (2 shards, 6 samples, 2 skipped)");
+        assert_eq!(ds.shards(), Some(vec![0..3, 3..6]));
         for s in 0..2 {
             for j in 0..3 {
                 let sample = ds.get(3 * s + j).unwrap();

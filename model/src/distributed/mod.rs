@@ -7,13 +7,15 @@
 //! The processes talk through one collective interface ([`Collective`]), implemented by MPI
 //! (`mpi.rs`, cargo feature `mpi`): the launcher (`mpirun`, `srun`) starts the processes and
 //! MPI's environment says who they are. A process not started by a launcher is a world of one
-//! ([`Solo`]) and needs no MPI library.
+//! ([`Solo`]) and needs no MPI library. Every collective of a job is bounded in time
+//! (`watchdog.rs`): a rank that hangs ends the job.
 
 pub mod loss;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod watchdog;
 
 use std::sync::Arc;
 

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint;
 use crate::config::ClipConfig;
 use crate::data::loader::{LoadedBatch, LoaderConfig, Position, Prefetcher};
+use crate::data::share::Shares;
 use crate::data::{Sample, Source, SourceOptions, Split};
 use crate::distributed::DataParallel;
 use crate::optimizer::Optimizer;
@@ -138,6 +139,11 @@ impl Source for Limited {
     }
     fn classes(&self) -> Option<&crate::data::Classes> {
         self.0.classes()
+    }
+    /// The shards cut at the limit.
+    fn shards(&self) -> Option<Vec<std::ops::Range<usize>>> {
+        let end = self.len();
+        Some(self.0.shards()?.into_iter().map(|r| r.start.min(end)..r.end.min(end)).collect())
     }
 }
 
@@ -292,16 +298,12 @@ fn train_in<T: Precision>(
         }
         None => None,
     };
-    let steps_per_epoch = train_source.len() / (cfg.batch_size * ranks);
-    if steps_per_epoch == 0 {
-        let per_rank = if ranks > 1 { format!(" ({ranks} ranks × {})", cfg.batch_size) } else { String::new() };
-        return Err(format!(
-            "{} holds fewer samples than one batch of {}{per_rank}",
-            train_source.describe(),
-            cfg.batch_size * ranks
-        ));
-    }
-    let total_steps = steps_per_epoch * cfg.epochs;
+    let loader_cfg =
+        LoaderConfig { batch_size: cfg.batch_size, image_size, seed: cfg.seed, workers: cfg.workers, rank, ranks };
+    // Every rank takes each epoch's steps (by shard: as many as the smallest share allows).
+    let shares = Shares::new(train_source.as_ref(), &loader_cfg)?;
+    let epoch_steps = (0..cfg.epochs).map(|e| shares.steps(e)).collect::<Result<Vec<usize>, String>>()?;
+    let total_steps: usize = epoch_steps.iter().sum();
     let out_dir = cfg.out_dir();
     // A second run of the same name would append to the first one's metrics and resume from its
     // checkpoints: an existing run folder is only continued (--resume) or replaced (--overwrite).
@@ -403,17 +405,25 @@ fn train_in<T: Precision>(
     if let (Some(s), Some(set)) = (&eval_source, &eval_set) {
         say(format!("eval: {} ({} used, {} skipped)", s.describe(), set.len(), set.skipped));
     }
+    let (fewest, most) = (epoch_steps.iter().min(), epoch_steps.iter().max());
+    let steps = match (fewest, most) {
+        (Some(a), Some(b)) if a != b => format!(", {total_steps} steps ({a} to {b} per epoch)"),
+        _ => format!(" × {} steps", total_steps / cfg.epochs),
+    };
     say(format!(
-        "model: {} ({} parameters), masking: {}, {} epochs × {} steps of {}",
+        "model: {} ({} parameters), masking: {}, {} epochs{steps} of {}",
         cfg.model,
         params.layout.len(),
         describe_masking(&cfg.masking),
         cfg.epochs,
-        steps_per_epoch,
         cfg.batch_size * ranks
     ));
-    let loader_cfg =
-        LoaderConfig { batch_size: cfg.batch_size, image_size, seed: cfg.seed, workers: cfg.workers, rank, ranks };
+    if shares.by_shard() && ranks > 1 {
+        say(format!(
+            "data: the {ranks} ranks read by shard: each epoch deals the shards in turn, and every rank reads as \
+             many samples as the smallest share holds"
+        ));
+    }
     let source: Arc<dyn Source> = Arc::from(train_source);
     let start_at = Position { epoch: state.epoch, cursor: state.cursors[rank] };
     let prefetcher = Prefetcher::start(source, loader_cfg, start_at, cfg.epochs);
@@ -462,10 +472,10 @@ fn train_in<T: Precision>(
         for caption in &batch.captions {
             text.extend(tokenizer.tokenize(caption, ctx).map_err(|e| e.to_string())?);
         }
-        // The masks' draws are keyed by the image's index in the batch: each rank keys its own
-        // (rank 0 as one process), so that the ranks' images do not share draws.
-        let seed = cfg.seed.wrapping_add((rank as u64) << 32);
-        let at = MaskStep { seed, step: state.step as u32, epoch: batch.epoch, epochs: cfg.epochs };
+        // The masks' draws are keyed by the image's index in the global batch: N ranks of b
+        // draw what one process of N·b does.
+        let first = (rank * cfg.batch_size) as u32;
+        let at = MaskStep { seed: cfg.seed, step: state.step as u32, first, epoch: batch.epoch, epochs: cfg.epochs };
         let masks = match cfg.masking {
             Masking::None => StepMasks::All,
             masking => {
@@ -779,6 +789,28 @@ mod tests {
         assert_eq!(rank_cursors(&state(64, vec![]), 1).unwrap(), [64]);
         let e = rank_cursors(&state(32, vec![32, 36]), 3).unwrap_err();
         assert!(e.contains("written by 2 ranks inside an epoch: resume it on 2 ranks"), "{e}");
+    }
+
+    /// `--train-num-samples` of a source read by shard cuts its shards at the limit.
+    #[test]
+    fn a_limited_source_cuts_its_shards() {
+        struct Sharded;
+        impl Source for Sharded {
+            fn describe(&self) -> String {
+                "sharded".into()
+            }
+            fn len(&self) -> usize {
+                30
+            }
+            fn get(&self, _: usize) -> Result<Sample, String> {
+                Err("not read".into())
+            }
+            fn shards(&self) -> Option<Vec<std::ops::Range<usize>>> {
+                Some(vec![0..10, 10..20, 20..30])
+            }
+        }
+        assert_eq!(Limited(Box::new(Sharded), 15).shards(), Some(vec![0..10, 10..15, 15..15]));
+        assert_eq!(Limited(Box::new(Sharded), 99).shards(), Some(vec![0..10, 10..20, 20..30]));
     }
 
     /// `--accum-freq 4` recomputes each micro-batch's forward for its backward: the loss and the

@@ -241,7 +241,7 @@ impl MaskWork {
         &self.masks
     }
 
-    /// Writes the draws' seed and step and α of `at` into the clock (a host write: before the
+    /// Writes the draws' seed, step and first image and α of `at` into the clock (a host write: before the
     /// launches, outside a captured step).
     pub fn set_clock(&mut self, at: &MaskStep) -> Result<()> {
         let alpha_epochs = match self.request.masking {
@@ -249,7 +249,7 @@ impl MaskWork {
             _ => at.epochs,
         };
         let alpha = if alpha_epochs == 0 { 0.0 } else { at.epoch as f32 / alpha_epochs as f32 };
-        let clock = MaskClock { seed: at.seed, step: at.step, alpha };
+        let clock = MaskClock { seed: at.seed, step: at.step, alpha, first: at.first };
         self.clock.write(Span::new(0, mask_clock::LEN), &clock.words())?;
         self.request.at = *at;
         Ok(())

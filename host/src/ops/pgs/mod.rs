@@ -124,19 +124,22 @@ impl fmt::Display for PgsMode {
     }
 }
 
-/// Where in training the masks are drawn: the seed and step key the random draws, the epoch sets
-/// the token/pixel weight α = epoch / epochs (`paper`) or epoch / 32 (`reference`).
+/// Where in training the masks are drawn: the seed, step and image key the random draws, the
+/// epoch sets the token/pixel weight α = epoch / epochs (`paper`) or epoch / 32 (`reference`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaskStep {
     pub seed: u64,
     pub step: u32,
+    /// The batch's first image in the global batch (data-parallel rank r of batch b: r·b), so
+    /// that N ranks draw the masks of one process of N·b; 0 in one process.
+    pub first: u32,
     pub epoch: usize,
     pub epochs: usize,
 }
 
 impl MaskStep {
     fn rng(&self, image: usize) -> Philox {
-        Philox::new(self.seed, self.step, image as u32)
+        Philox::new(self.seed, self.step, self.first.wrapping_add(image as u32))
     }
 }
 
