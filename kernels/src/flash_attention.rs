@@ -33,9 +33,10 @@
 //! 32, 64, 128). Registers (ptxas, sm_80 / sm_90): 120 / 130, 158 / 156, 191 / 186 for D = 32,
 //! 64, 128, no spills: O is D/2 f32 per thread, S 32. The backward's: K, V, Q, dO (64 × D each),
 //! dSᵀ (64 × 64) and the tile's lse and δ, 4·128·D + 8704 bytes (above 48 KiB at D = 128: the
-//! launch raises the limit); registers 240 / 174, 255 / 255, 113 / 78, no spills. Each row's 16-byte chunks are swizzled (chunk c of row r at c ⊕ (r mod 8), for
-//! D = 32 at c ⊕ (⌊r/2⌋ mod 4)) so that the 8 rows an `ldmatrix` phase reads, and the 8 chunks
-//! of a cp.async phase, fall on distinct banks.
+//! launch raises the limit), its Q and dO tiles reused as the f32 dQ staging tile (64 × D);
+//! registers 240 / 174, 247 / 255, 112 / 146, no spills. Each row's 16-byte chunks are swizzled
+//! (chunk c of row r at c ⊕ (r mod 8), for D = 32 at c ⊕ (⌊r/2⌋ mod 4)) so that the 8 rows an
+//! `ldmatrix` phase reads, and the 8 chunks of a cp.async phase, fall on distinct banks.
 //!
 //! Memory traffic, analytic minimum of a query tile with q valid queries visiting key tiles of k_i
 //! valid keys: 2·D·(q + 2·Σ k_i) bytes read (Q once, K and V once per query tile), 2·D·q + 4·64
@@ -56,17 +57,23 @@
 //!    dPᵀ = V·dOᵀ, Pᵀ = exp(scale·Sᵀ − lse) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale, dV += Pᵀ·dO
 //!    and dK += dSᵀ·Q (P and dS as bf16 A fragments straight from the accumulators, Q and dO by
 //!    `ldmatrix.trans`); dSᵀ goes to shared memory, and dQ += dS·K (dS by `ldmatrix.trans` of
-//!    dSᵀ, warp w: queries 16w …, the head dims in two halves) is added to the accumulator by f32
-//!    atomics;
+//!    dSᵀ, warp w: queries 16w …, the head dims in two halves) is staged as f32 in the warp's rows
+//!    of the Q and dO tiles, then added to the accumulator by f32 atomics whose 32 lanes take 32
+//!    consecutive columns of a row (4 whole sectors an instruction);
 //! 3. `flash_attention_backward_dq`: the accumulator rounded into dqkv's q columns.
 //!
 //! dQ by atomics rather than a separate pass over query tiles: the pass would read K and V once
 //! per query tile again and recompute S and dP (4 of the backward's 5 GEMMs' inputs, 2 of its 5
-//! products); the atomics add 4·D bytes per (query, key tile) in L2 read-modify-writes. On the
-//! emulator's counters the three launches move 1.24× their analytic minimum (ViT-B/16 S = 197,
-//! PGS lengths, D = 64): each atomic instruction covers half of the sectors it touches (a lane
-//! holds alternate column pairs of the accumulator), the next step being to stage dQ in shared
-//! memory for whole-sector atomics.
+//! products); the atomics add 4·D bytes per (query, key tile) in L2 read-modify-writes, and the
+//! accumulator costs 8·D bytes a row (zeroed, read back). Counted for ViT-B/16 S = 197, PGS
+//! lengths 197, 99, 1, H = 2, D = 64 (`tests/flash_attention_gpu.rs`): the atomic design's analytic
+//! minimum is 2 394 408 bytes, and the three launches move 2 471 552 on the emulator's counters
+//! (1.032×; the rest is the pre-pass's one sector per row and head for its length load and δ
+//! store); a separate dQ pass's minimum by the same count is 1 946 040 (0.81×: no accumulator;
+//! K and V re-read per query tile cost what the atomics did), for 7 GEMMs instead of 5. Staging
+//! took the atomics from half of each sector they touch (a lane's accumulator holds alternate
+//! column pairs: 1.243× the minimum) to whole sectors; whether the pass's 19 % fewer bytes beat
+//! its 40 % more tensor-core work is a question for GPU timings (`clip-pgs bench attention`).
 
 use crate::element::Bf16;
 use crate::hw::{
@@ -100,6 +107,19 @@ pub const fn backward_shared_bytes(d: usize) -> u32 {
 #[derive(Clone, Copy)]
 #[repr(C, align(16))]
 struct Chunk([u32; 4]);
+
+/// Two f32 of an accumulator row (columns 2t, 2t + 1): one 8-byte shared store.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Pair([f32; 2]);
+
+/// Element index of (row r, column c) in the backward's f32 dQ staging tile [64, D] (over the Q
+/// and dO tiles): 16-byte chunks swizzled by 2·(r mod 4), so that the accumulator's pair stores
+/// (rows g, chunks 2n + ⌊t/2⌋) and a row's 32-column reads fall on distinct banks.
+#[inline(always)]
+fn dq_at<const DK: usize>(r: usize, c: usize) -> usize {
+    r * 16 * DK + 4 * ((c / 4) ^ (2 * (r % 4))) + c % 4
+}
 
 /// Two bf16 as one fragment register, the first in the low half.
 #[inline(always)]
@@ -463,6 +483,7 @@ unsafe fn backward<const DK: usize, const HALF: usize>(
         let (q_s, o_s) = (Tile::<DK>::nth(tiles, 2), Tile::<DK>::nth(tiles, 3));
         let ds_s = Tile::<KT> { s: tiles.offset(4 * TILE * 16 * DK) };
         let stats = tiles.cast::<f32>().offset((4 * TILE * 16 * DK + TILE * TILE) / 2);
+        let dq_s = q_s.s.cast::<f32>();
         let keys0 = 16 * warp();
         let (g, t) = (lane() / 4, lane() % 4);
         let key = |i: usize| k0 + keys0 + g + 8 * (i / 2);
@@ -549,7 +570,10 @@ unsafe fn backward<const DK: usize, const HALF: usize>(
             });
             sync_threads();
 
-            // dQ += dS·K: warp w takes queries 16w …, the head dims in two halves (registers).
+            // dQ += dS·K: warp w takes queries 16w …, the head dims in two halves (registers),
+            // staged as f32 in its rows of the Q and dO tiles (free since the barrier) so that
+            // each atomic instruction adds 32 consecutive columns of a row: whole sectors. The
+            // staging addresses take the lane from `lane_here`, as the tiles' loads do.
             let rows0 = 16 * warp();
             let mut half = 0;
             while half < 2 {
@@ -563,13 +587,23 @@ unsafe fn backward<const DK: usize, const HALF: usize>(
                     })
                 });
                 each_score::<HALF>(|dd, n, i| {
-                    let query = q0 + rows0 + g + 8 * (i / 2);
-                    if query < len {
-                        let col = 16 * (half * HALF + dd) + 8 * n + 2 * t + i % 2;
-                        dq.atomic_add((head.row0 + query) * head.width + head.col + col, acc[dd][n][i]);
+                    if i % 2 == 0 {
+                        let (g, t) = (lane_here() / 4, lane_here() % 4);
+                        let col = 16 * (half * HALF + dd) + 8 * n + 2 * t;
+                        let pair = Pair([acc[dd][n][i], acc[dd][n][i + 1]]);
+                        dq_s.cast::<Pair>().store(dq_at::<DK>(rows0 + g + 8 * (i / 2), col) / 2, pair);
                     }
                 });
                 half += 1;
+            }
+            sync_warp(u32::MAX);
+            let rows = len.saturating_sub(q0 + rows0).min(16);
+            let mut e = lane_here();
+            while e < rows * d {
+                let (r, col) = (rows0 + e / d, e % d);
+                let at = (head.row0 + q0 + r) * head.width + head.col + col;
+                dq.atomic_add(at, dq_s.load(dq_at::<DK>(r, col)));
+                e += 32;
             }
             q0 += TILE;
         }

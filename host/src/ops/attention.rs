@@ -475,13 +475,21 @@ impl AttentionKernel {
     /// variable `CLIP_PGS_ATTENTION` chooses explicitly: `unfused`, or `flash`, which is an
     /// error where the flash kernels do not apply.
     pub fn select<T: Float>(device: &Device, s: AttentionShape) -> Result<AttentionKernel> {
-        let applies = !matches!(device, Device::Cpu) && T::DATA_TYPE == DataType::Bf16 && flash_covers(s);
+        Self::select_on::<T>(!matches!(device, Device::Cpu), s)
+    }
+
+    /// [`AttentionKernel::select`] on a GPU device (`gpu`: CUDA or emu) or the CPU, before a
+    /// device is at hand: the model's arenas hold the [B, H, S, S] probabilities only for the
+    /// unfused path.
+    pub fn select_on<T: Float>(gpu: bool, s: AttentionShape) -> Result<AttentionKernel> {
+        let applies = gpu && T::DATA_TYPE == DataType::Bf16 && flash_covers(s);
         match std::env::var("CLIP_PGS_ATTENTION").as_deref() {
             Ok("unfused") => Ok(AttentionKernel::Unfused),
             Ok("flash") if !applies => Err(crate::error::Error::InvalidArgument(format!(
                 "CLIP_PGS_ATTENTION=flash: the flash kernels run bf16 on a GPU device with head dims 32, 64 \
-                 and 128; this is {} on {device} with head dim {}",
+                 and 128; this is {} on {} device with head dim {}",
                 T::NAME,
+                if gpu { "a GPU" } else { "the CPU" },
                 s.head_dim
             ))),
             Ok("flash" | "auto") | Err(_) => {
