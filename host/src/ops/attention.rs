@@ -379,17 +379,17 @@ impl<'a> Sequences<'a> {
     }
 
     /// Checked on `op`'s device: the kernels' `lengths` and `offsets` (one of them or neither).
-    fn kernel_args(self, op: &OpCheck, s: AttentionShape) -> Result<(Option<View<'a, u32>>, Option<View<'a, u32>>)> {
+    fn kernel_args(self, op: &OpCheck, s: AttentionShape) -> Result<[Option<View<'a, u32>>; 2]> {
         match self {
             Sequences::Padded(lengths) => {
                 if let Some(l) = &lengths {
                     op.size("lengths", l.len(), s.batch, || format!("[B {}]", s.batch))?;
                 }
-                Ok((lengths.map(|l| op.gpu("lengths", l)).transpose()?, None))
+                Ok([lengths.map(|l| op.gpu("lengths", l)).transpose()?, None])
             }
             Sequences::Packed(offsets) => {
                 op.size("offsets", offsets.len(), s.batch + 1, || format!("[B + 1 = {}]", s.batch + 1))?;
-                Ok((None, Some(op.gpu("offsets", offsets)?)))
+                Ok([None, Some(op.gpu("offsets", offsets)?)])
             }
         }
     }
@@ -426,7 +426,7 @@ pub fn flash_attention_forward(
         op.invalid(format!("head dim {}: the flash kernels cover 32, 64 and 128 (attention_forward any)", s.head_dim))
     })?;
     let (out, lse, qkv) = (op.gpu_mut("out", out)?, op.gpu_mut("lse", lse)?, op.gpu("qkv", qkv)?);
-    let (lengths, offsets) = sequences.kernel_args(&op, s)?;
+    let [lengths, offsets] = sequences.kernel_args(&op, s)?;
     if address(&qkv) % 16 != 0 || address(&out.as_view()) % 16 != 0 {
         return Err(op.invalid("qkv and out must start 16-byte aligned (cp.async and vector stores)"));
     }
@@ -473,7 +473,7 @@ pub fn flash_attention_backward(
     if [address(&qkv), address(&dout), address(&dqkv_view.as_view())].iter().any(|a| a % 16 != 0) {
         return Err(op.invalid("qkv, dqkv and dout must start 16-byte aligned (cp.async and vector stores)"));
     }
-    let (lse, (lengths, offsets)) = (op.gpu("lse", lse)?, sequences.kernel_args(&op, s)?);
+    let (lse, [lengths, offsets]) = (op.gpu("lse", lse)?, sequences.kernel_args(&op, s)?);
     let (mut dq, mut delta) = op.gpu_mut("scratch", scratch)?.split_at(s.batch * s.seq * s.width());
     let warps = (flash::THREADS / 32) as usize;
     let (b, seq, h, d) = (s.batch as u32, s.seq as u32, s.heads as u32, s.head_dim as u32);
