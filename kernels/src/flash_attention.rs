@@ -773,3 +773,113 @@ backward_entries!(
     flash_attention_backward_d64: 4, 2,
     flash_attention_backward_d128: 8, 4
 );
+
+/// EXPERIMENT (not kept): dQ by a separate pass over query tiles.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_dq_pass<const DK: usize>(
+    dqkv: GlobalMut<Bf16>,
+    qkv: Global<Bf16>,
+    dout: Global<Bf16>,
+    lse: Global<f32>,
+    delta: Global<f32>,
+    sequences: (Global<u32>, Global<u32>),
+    seq: u32,
+    heads: u32,
+    causal: u32,
+    scale: f32,
+) {
+    let (seq, heads, causal) = (seq as usize, heads as usize, causal != 0);
+    let (q0, h, b) = (TILE * block_x(), block_y(), block_z());
+    unsafe {
+        let head = Head::new(Sequence::of(sequences.0, sequences.1, b, seq), h, heads, 16 * DK);
+        let len = head.len;
+        let tiles = dynamic_shared::<Bf16>();
+        let (q_s, o_s) = (Tile::<DK>::nth(tiles, 0), Tile::<DK>::nth(tiles, 1));
+        let (k_s, v_s) = (Tile::<DK>::nth(tiles, 2), Tile::<DK>::nth(tiles, 3));
+        if q0 >= len {
+            return;
+        }
+        q_s.load(head.qkv(qkv, 0, q0), 3 * head.width, head.valid(q0));
+        o_s.load(dout.offset((head.row0 + q0) * head.width + head.col), head.width, head.valid(q0));
+        cp_async_commit();
+        cp_async_wait::<0>();
+        sync_threads();
+        let rows0 = 16 * warp();
+        let (g, t) = (lane() / 4, lane() % 4);
+        let query = |i: usize| q0 + rows0 + g + 8 * (i / 2);
+        let (mut l2, mut dl) = ([0.0f32; 2], [0.0f32; 2]);
+        unrolled::<2>(|r| {
+            let i = query(2 * r);
+            if i < len {
+                l2[r] = lse.load(head.lse0 + i) * core::f32::consts::LOG2_E;
+                dl[r] = delta.load(head.lse0 + i);
+            }
+        });
+        let k_end = if causal { len.min(q0 + TILE) } else { len };
+        let scale2 = scale * core::f32::consts::LOG2_E;
+        let mut acc = [[[0.0f32; 4]; 2]; DK];
+        let mut k0 = 0;
+        while k0 < k_end {
+            sync_threads();
+            let valid = head.valid(k0);
+            k_s.load(head.qkv(qkv, 1, k0), 3 * head.width, valid);
+            v_s.load(head.qkv(qkv, 2, k0), 3 * head.width, valid);
+            cp_async_commit();
+            cp_async_wait::<0>();
+            sync_threads();
+            let (mut s, mut dp) = ([[[0.0f32; 4]; 2]; KT], [[[0.0f32; 4]; 2]; KT]);
+            unrolled::<DK>(|dk| {
+                let (qf, of) = (q_s.a(rows0, dk), o_s.a(rows0, dk));
+                unrolled::<KT>(|kk| {
+                    let kf = k_s.b_rows(16 * kk, dk);
+                    s[kk][0] = mma_bf16_m16n8k16(qf, [kf[0], kf[1]], s[kk][0]);
+                    s[kk][1] = mma_bf16_m16n8k16(qf, [kf[2], kf[3]], s[kk][1]);
+                    let vf = v_s.b_rows(16 * kk, dk);
+                    dp[kk][0] = mma_bf16_m16n8k16(of, [vf[0], vf[1]], dp[kk][0]);
+                    dp[kk][1] = mma_bf16_m16n8k16(of, [vf[2], vf[3]], dp[kk][1]);
+                })
+            });
+            each_score::<KT>(|kk, n, i| {
+                let key = k0 + 16 * kk + 8 * n + 2 * t + i % 2;
+                let visible = query(i) < len && key < len && (!causal || key <= query(i));
+                let p = if visible { ex2_approx(s[kk][n][i] * scale2 - l2[i / 2]) } else { 0.0 };
+                dp[kk][n][i] = p * (dp[kk][n][i] - dl[i / 2]) * scale;
+            });
+            unrolled::<KT>(|kk| {
+                let [lo, hi] = dp[kk];
+                let a = [bf16x2(lo[0], lo[1]), bf16x2(lo[2], lo[3]), bf16x2(hi[0], hi[1]), bf16x2(hi[2], hi[3])];
+                unrolled::<DK>(|dd| {
+                    let kf = k_s.b_cols(16 * kk, dd);
+                    acc[dd][0] = mma_bf16_m16n8k16(a, [kf[0], kf[1]], acc[dd][0]);
+                    acc[dd][1] = mma_bf16_m16n8k16(a, [kf[2], kf[3]], acc[dd][1]);
+                })
+            });
+            k0 += TILE;
+        }
+        let first = (head.row0 + q0 + rows0) * 3 * head.width + head.col;
+        store_rows(q_s, rows0, &acc, [1.0; 2], dqkv, first, 3 * head.width, len.saturating_sub(q0 + rows0));
+    }
+}
+
+kernel! {
+    /// EXPERIMENT.
+    ///
+    /// # Safety
+    /// Experiment.
+    pub fn flash_attention_dq_pass_d64(
+        dqkv: GlobalMut<Bf16>,
+        qkv: Global<Bf16>,
+        dout: Global<Bf16>,
+        lse: Global<f32>,
+        delta: Global<f32>,
+        lengths: Global<u32>,
+        offsets: Global<u32>,
+        seq: u32,
+        heads: u32,
+        causal: u32,
+        scale: f32,
+    ) {
+        unsafe { backward_dq_pass::<4>(dqkv, qkv, dout, lse, delta, (lengths, offsets), seq, heads, causal, scale) }
+    }
+}
