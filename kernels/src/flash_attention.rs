@@ -69,15 +69,16 @@
 //! dQ by atomics rather than a separate pass over query tiles: the pass would read K and V once
 //! per query tile again and recompute S and dP (4 of the backward's 5 GEMMs' inputs, 2 of its 5
 //! products); the atomics add 4·D bytes per (query, key tile) in L2 read-modify-writes, and the
-//! accumulator costs 8·D bytes a row (zeroed, read back). Counted for ViT-B/16 S = 197, PGS
-//! lengths 197, 99, 1, H = 2, D = 64 (`tests/flash_attention_gpu.rs`): the atomic design's analytic
-//! minimum is 2 394 408 bytes, and the three launches move 2 471 744 on the emulator's counters
-//! (1.032×; the rest is the pre-pass's one sector per row and head for its length load and δ
-//! store); a separate dQ pass's minimum by the same count is 1 946 040 (0.81×: no accumulator;
-//! K and V re-read per query tile cost what the atomics did), for 7 GEMMs instead of 5. Staging
-//! took the atomics from half of each sector they touch (a lane's accumulator holds alternate
-//! column pairs: 1.243× the minimum) to whole sectors; whether the pass's 19 % fewer bytes beat
-//! its 40 % more tensor-core work is a question for GPU timings (`clip-pgs bench attention`).
+//! accumulator costs 8·D bytes a row (zeroed, read back). Counted on the emulator for ViT-B/16
+//! S = 197, PGS lengths 197, 99, 1, H = 2, D = 64 (`tests/flash_attention_gpu.rs`; the pass as an
+//! experimental kernel, commit e9caaf9, reverted): the atomic design's analytic minimum is
+//! 2 394 408 bytes and its three launches move 2 471 744 (1.032×; the rest is the pre-pass's one
+//! sector per row and head for its δ store); the pass design's minimum is 1 946 040 and it moved
+//! 1 954 624 (dQ's padding rows not written), 0.79× the atomics' bytes, for 7 GEMMs instead of 5.
+//! Staging took the atomics from half of each sector they touch (a lane's accumulator holds
+//! alternate column pairs: 1.243× the minimum) to whole sectors; whether the pass's 21 % fewer
+//! bytes beat its 40 % more tensor-core work is a question for GPU timings (`clip-pgs bench
+//! attention`).
 
 use crate::element::Bf16;
 use crate::hw::{
