@@ -4,7 +4,11 @@
 //! Input: the model's fused projection qkv [B, S, 3W] (q, k, v, head h in columns h·D..(h+1)·D of
 //! each, W = H·D), read in place: a head's Q, K or V tile is 64 rows of D contiguous bf16 at row
 //! stride 3W, so no transpose runs before or after. Sequence b has `lengths[b]` valid tokens
-//! (PGS keeps a different number per image; null: all S) and the text tower is causal.
+//! (PGS keeps a different number per image; null: all S) and the text tower is causal. Or the
+//! sequences are packed (FlashAttention's varlen: `offsets`, B + 1 cumulative row offsets, each
+//! sequence at most S rows, qkv [Σ lengths, 3W]): no padding rows, so neither work nor memory for
+//! them; lse and δ then hold [H, length] per sequence from offsets[b]·H (padded: [B, H, S], the
+//! same formula with S rows a sequence). Blocks of query or key tiles past a sequence's rows exit.
 //!
 //! One block of 4 warps per (64-query tile, head, sequence); warp w owns queries 16w … 16w + 15.
 //! The block loads its Q tile (cp.async) once, then walks the key tiles 0 … ⌈k_end / 64⌉ − 1, k_end = the sequence's length, or
@@ -30,12 +34,13 @@
 //! shared memory instead of read.
 //!
 //! Shared memory: the Q, K and V tiles, 64 × D bf16 each (3·128·D bytes: 12, 24, 48 KiB for D =
-//! 32, 64, 128). Registers (ptxas, sm_80 / sm_90): 120 / 130, 158 / 156, 191 / 186 for D = 32,
+//! 32, 64, 128). Registers (ptxas, sm_80 / sm_90): 128 / 126, 163 / 147, 191 / 185 for D = 32,
 //! 64, 128, no spills: O is D/2 f32 per thread, S 32. The backward's: K, V, Q, dO (64 × D each),
 //! dSᵀ (64 × 64) and the tile's lse and δ, 4·128·D + 8704 bytes (above 48 KiB at D = 128: the
-//! launch raises the limit); registers 240 / 174, 255 / 255, 113 / 78, no spills. Each row's 16-byte chunks are swizzled (chunk c of row r at c ⊕ (r mod 8), for
-//! D = 32 at c ⊕ (⌊r/2⌋ mod 4)) so that the 8 rows an `ldmatrix` phase reads, and the 8 chunks
-//! of a cp.async phase, fall on distinct banks.
+//! launch raises the limit), its Q and dO tiles reused as the f32 dQ staging tile (64 × D);
+//! registers 244 / 178, 253 / 255, 112 / 142, no spills. Each row's 16-byte chunks are swizzled
+//! (chunk c of row r at c ⊕ (r mod 8), for D = 32 at c ⊕ (⌊r/2⌋ mod 4)) so that the 8 rows an
+//! `ldmatrix` phase reads, and the 8 chunks of a cp.async phase, fall on distinct banks.
 //!
 //! Memory traffic, analytic minimum of a query tile with q valid queries visiting key tiles of k_i
 //! valid keys: 2·D·(q + 2·Σ k_i) bytes read (Q once, K and V once per query tile), 2·D·q + 4·64
@@ -56,17 +61,24 @@
 //!    dPᵀ = V·dOᵀ, Pᵀ = exp(scale·Sᵀ − lse) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale, dV += Pᵀ·dO
 //!    and dK += dSᵀ·Q (P and dS as bf16 A fragments straight from the accumulators, Q and dO by
 //!    `ldmatrix.trans`); dSᵀ goes to shared memory, and dQ += dS·K (dS by `ldmatrix.trans` of
-//!    dSᵀ, warp w: queries 16w …, the head dims in two halves) is added to the accumulator by f32
-//!    atomics;
+//!    dSᵀ, warp w: queries 16w …, the head dims in two halves) is staged as f32 in the warp's rows
+//!    of the Q and dO tiles, then added to the accumulator by f32 atomics whose 32 lanes take 32
+//!    consecutive columns of a row (4 whole sectors an instruction);
 //! 3. `flash_attention_backward_dq`: the accumulator rounded into dqkv's q columns.
 //!
 //! dQ by atomics rather than a separate pass over query tiles: the pass would read K and V once
 //! per query tile again and recompute S and dP (4 of the backward's 5 GEMMs' inputs, 2 of its 5
-//! products); the atomics add 4·D bytes per (query, key tile) in L2 read-modify-writes. On the
-//! emulator's counters the three launches move 1.24× their analytic minimum (ViT-B/16 S = 197,
-//! PGS lengths, D = 64): each atomic instruction covers half of the sectors it touches (a lane
-//! holds alternate column pairs of the accumulator), the next step being to stage dQ in shared
-//! memory for whole-sector atomics.
+//! products); the atomics add 4·D bytes per (query, key tile) in L2 read-modify-writes, and the
+//! accumulator costs 8·D bytes a row (zeroed, read back). Counted on the emulator for ViT-B/16
+//! S = 197, PGS lengths 197, 99, 1, H = 2, D = 64 (`tests/flash_attention_gpu.rs`; the pass as an
+//! experimental kernel, commit e9caaf9, reverted): the atomic design's analytic minimum is
+//! 2 394 408 bytes and its three launches move 2 471 744 (1.032×; the rest is the pre-pass's one
+//! sector per row and head for its δ store); the pass design's minimum is 1 946 040 and it moved
+//! 1 954 624 (dQ's padding rows not written), 0.79× the atomics' bytes, for 7 GEMMs instead of 5.
+//! Staging took the atomics from half of each sector they touch (a lane's accumulator holds
+//! alternate column pairs: 1.243× the minimum) to whole sectors; whether the pass's 21 % fewer
+//! bytes beat its 40 % more tensor-core work is a question for GPU timings (`clip-pgs bench
+//! attention`).
 
 use crate::element::Bf16;
 use crate::hw::{
@@ -100,6 +112,19 @@ pub const fn backward_shared_bytes(d: usize) -> u32 {
 #[derive(Clone, Copy)]
 #[repr(C, align(16))]
 struct Chunk([u32; 4]);
+
+/// Two f32 of an accumulator row (columns 2t, 2t + 1): one 8-byte shared store.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Pair([f32; 2]);
+
+/// Element index of (row r, column c) in the backward's f32 dQ staging tile [64, D] (over the Q
+/// and dO tiles): 16-byte chunks swizzled by 2·(r mod 4), so that the accumulator's pair stores
+/// (rows g, chunks 2n + ⌊t/2⌋) and a row's 32-column reads fall on distinct banks.
+#[inline(always)]
+fn dq_at<const DK: usize>(r: usize, c: usize) -> usize {
+    r * 16 * DK + 4 * ((c / 4) ^ (2 * (r % 4))) + c % 4
+}
 
 /// Two bf16 as one fragment register, the first in the low half.
 #[inline(always)]
@@ -182,10 +207,46 @@ impl<const DK: usize> Tile<DK> {
     }
 }
 
+/// Where sequence b lies in qkv and out: rows row0 … row0 + rows − 1, the first `len` valid.
+#[derive(Clone, Copy)]
+struct Sequence {
+    row0: usize,
+    rows: usize,
+    len: usize,
+}
+
+impl Sequence {
+    /// Packed (`offsets` non-null, B + 1 ascending row offsets): rows offsets[b] … offsets[b + 1]
+    /// − 1, all valid, at most S. Padded: rows b·S …, S of them, `lengths[b]` valid (clamped to
+    /// 1..=S; null: S), the rest padding.
+    /// # Safety
+    /// offsets (unless null) holds B + 1 values, lengths (unless null) B.
+    unsafe fn of(lengths: Global<u32>, offsets: Global<u32>, b: usize, seq: usize) -> Sequence {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if !offsets.is_null() {
+                let row0 = offsets.load(b) as usize;
+                let len = (offsets.load(b + 1) as usize).saturating_sub(row0).min(seq);
+                Sequence { row0, rows: len, len }
+            } else {
+                let len = if lengths.is_null() { seq } else { (lengths.load(b) as usize).clamp(1, seq) };
+                Sequence { row0: b * seq, rows: seq, len }
+            }
+        }
+    }
+
+    /// Head h's first value in lse and δ: the sequence's are [H, rows] from row0·H ([B, H, S]
+    /// when padded).
+    fn lse0(self, h: usize, heads: usize) -> usize {
+        self.row0 * heads + h * self.rows
+    }
+}
+
 /// Where a block's sequence and head lie in qkv, out and lse.
 #[derive(Clone, Copy)]
 struct Head {
-    seq: usize,
+    /// The sequence's rows; those from `len` on are padding.
+    rows: usize,
     /// The sequence's valid tokens.
     len: usize,
     /// Its first row in qkv and out.
@@ -194,11 +255,17 @@ struct Head {
     width: usize,
     /// The head's first column in each of q, k, v and out: h·D.
     col: usize,
-    /// Its first row in lse: (b·H + h)·S.
+    /// Its first value in lse.
     lse0: usize,
 }
 
 impl Head {
+    /// Head h (of `heads`, dim d) of sequence `sq`.
+    fn new(sq: Sequence, h: usize, heads: usize, d: usize) -> Head {
+        let (rows, len, row0) = (sq.rows, sq.len, sq.row0);
+        Head { rows, len, row0, width: heads * d, col: h * d, lse0: sq.lse0(h, heads) }
+    }
+
     /// Part p (0 q, 1 k, 2 v) from row `row` on.
     unsafe fn qkv(self, qkv: Global<Bf16>, p: usize, row: usize) -> Global<Bf16> {
         unsafe { qkv.offset((self.row0 + row) * 3 * self.width + p * self.width + self.col) }
@@ -217,7 +284,7 @@ unsafe fn forward<const DK: usize>(
     out: GlobalMut<Bf16>,
     lse: GlobalMut<f32>,
     qkv: Global<Bf16>,
-    lengths: Global<u32>,
+    (lengths, offsets): (Global<u32>, Global<u32>),
     seq: u32,
     heads: u32,
     causal: u32,
@@ -227,9 +294,8 @@ unsafe fn forward<const DK: usize>(
     let (q0, h, b) = (TILE * block_x(), block_y(), block_z());
     // SAFETY: the caller's contract (buffer sizes, grid, shared memory).
     unsafe {
-        let len = if lengths.is_null() { seq } else { (lengths.load(b) as usize).clamp(1, seq) };
-        let d = 16 * DK;
-        let head = Head { seq, len, row0: b * seq, width: heads * d, col: h * d, lse0: (b * heads + h) * seq };
+        let head = Head::new(Sequence::of(lengths, offsets, b, seq), h, heads, 16 * DK);
+        let len = head.len;
         let tiles = dynamic_shared::<Bf16>();
         let (q_s, k_s, v_s) = (Tile::<DK>::nth(tiles, 0), Tile::<DK>::nth(tiles, 1), Tile::<DK>::nth(tiles, 2));
         if q0 >= len {
@@ -317,11 +383,11 @@ unsafe fn forward<const DK: usize>(
         });
         let inv = [0, 1].map(|r| if query(2 * r) < len { 1.0 / l[r] } else { 0.0 });
         let first = (head.row0 + q0 + rows0) * head.width + head.col;
-        store_rows(q_s, rows0, &o, inv, out, first, head.width, seq.saturating_sub(q0 + rows0));
+        store_rows(q_s, rows0, &o, inv, out, first, head.width, head.rows.saturating_sub(q0 + rows0));
         if t == 0 {
             unrolled::<2>(|r| {
                 let i = query(2 * r);
-                if i < seq {
+                if i < head.rows {
                     let v = if i < len { (m[r] + lg2_approx(l[r])) * core::f32::consts::LN_2 } else { 0.0 };
                     lse.store(head.lse0 + i, v);
                 }
@@ -380,7 +446,7 @@ fn each_score<const K: usize>(mut f: impl FnMut(usize, usize, usize)) {
 /// A query tile past the sequence's length: zeros in its rows of out and lse.
 #[inline(always)]
 unsafe fn write_padding<const DK: usize>(out: GlobalMut<Bf16>, lse: GlobalMut<f32>, head: Head, q0: usize) {
-    let rows = head.seq.min(q0 + TILE) - q0;
+    let rows = head.rows.min(q0 + TILE).saturating_sub(q0);
     let chunks = Tile::<DK>::CHUNKS;
     block_stride(rows * chunks, |c| {
         let (i, chunk) = (q0 + c / chunks, c % chunks);
@@ -392,31 +458,29 @@ unsafe fn write_padding<const DK: usize>(out: GlobalMut<Bf16>, lse: GlobalMut<f3
 }
 
 /// dq and the backward's row statistics, one warp per (token, head): δ = Σ dO∘O over the head's
-/// D columns into `delta` [B, H, S], and the head's columns of the dQ accumulator dq [B, S, W]
-/// (f32) zeroed for the atomics of [`backward`]. Padding rows get δ = 0.
+/// D columns into `delta` (lse's layout), and the head's columns of the dQ accumulator dq (out's
+/// layout, f32) zeroed for the atomics of [`backward`]. Padding rows get δ = 0. Sequence
+/// `block_y`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn backward_dot(
     delta: GlobalMut<f32>,
     dq: GlobalMut<f32>,
-    out: Global<Bf16>,
-    dout: Global<Bf16>,
-    lengths: Global<u32>,
-    batch: usize,
+    (out, dout): (Global<Bf16>, Global<Bf16>),
+    (lengths, offsets): (Global<u32>, Global<u32>),
     seq: usize,
     heads: usize,
     d: usize,
 ) {
     let width = heads * d;
-    warp_rows(batch * seq * heads, |row| {
-        let (token, h) = (row / heads, row % heads);
-        let (b, i) = (token / seq, token % seq);
-        let at = token * width + h * d;
-        // SAFETY: row < B·S·H; the buffers' sizes are the caller's contract.
+    // SAFETY: the caller's contract.
+    let sq = unsafe { Sequence::of(lengths, offsets, block_y(), seq) };
+    warp_rows(sq.rows * heads, |row| {
+        let (i, h) = (row / heads, row % heads);
+        let at = (sq.row0 + i) * width + h * d;
+        // SAFETY: row i of the sequence; the buffers' sizes are the caller's contract.
         unsafe {
-            let len = if lengths.is_null() { seq } else { (lengths.load(b) as usize).clamp(1, seq) };
             let mut sum = 0.0;
-            if i < len {
+            if i < sq.len {
                 let (o, g) = (out.offset(at).cast::<u32>(), dout.offset(at).cast::<u32>());
                 lane_stride(d / 2, |c| {
                     let (o, g) = (o.load(c), g.load(c));
@@ -427,7 +491,7 @@ unsafe fn backward_dot(
             let sum = warp_reduce(sum, |a, b| a + b);
             lane_stride(d, |c| dq.store(at + c, 0.0));
             if lane() == 0 {
-                delta.store((b * heads + h) * seq + i, sum);
+                delta.store(sq.lse0(h, heads) + i, sum);
             }
         }
     });
@@ -444,7 +508,7 @@ unsafe fn backward<const DK: usize, const HALF: usize>(
     dout: Global<Bf16>,
     lse: Global<f32>,
     delta: Global<f32>,
-    lengths: Global<u32>,
+    (lengths, offsets): (Global<u32>, Global<u32>),
     seq: u32,
     heads: u32,
     causal: u32,
@@ -455,14 +519,15 @@ unsafe fn backward<const DK: usize, const HALF: usize>(
     let (k0, h, b) = (TILE * block_x(), block_y(), block_z());
     // SAFETY: the caller's contract (buffer sizes, grid, shared memory).
     unsafe {
-        let len = if lengths.is_null() { seq } else { (lengths.load(b) as usize).clamp(1, seq) };
         let d = 16 * DK;
-        let head = Head { seq, len, row0: b * seq, width: heads * d, col: h * d, lse0: (b * heads + h) * seq };
+        let head = Head::new(Sequence::of(lengths, offsets, b, seq), h, heads, d);
+        let len = head.len;
         let tiles = dynamic_shared::<Bf16>();
         let (k_s, v_s) = (Tile::<DK>::nth(tiles, 0), Tile::<DK>::nth(tiles, 1));
         let (q_s, o_s) = (Tile::<DK>::nth(tiles, 2), Tile::<DK>::nth(tiles, 3));
         let ds_s = Tile::<KT> { s: tiles.offset(4 * TILE * 16 * DK) };
         let stats = tiles.cast::<f32>().offset((4 * TILE * 16 * DK + TILE * TILE) / 2);
+        let dq_s = q_s.s.cast::<f32>();
         let keys0 = 16 * warp();
         let (g, t) = (lane() / 4, lane() % 4);
         let key = |i: usize| k0 + keys0 + g + 8 * (i / 2);
@@ -549,7 +614,10 @@ unsafe fn backward<const DK: usize, const HALF: usize>(
             });
             sync_threads();
 
-            // dQ += dS·K: warp w takes queries 16w …, the head dims in two halves (registers).
+            // dQ += dS·K: warp w takes queries 16w …, the head dims in two halves (registers),
+            // staged as f32 in its rows of the Q and dO tiles (free since the barrier) so that
+            // each atomic instruction adds 32 consecutive columns of a row: whole sectors. The
+            // staging addresses take the lane from `lane_here`, as the tiles' loads do.
             let rows0 = 16 * warp();
             let mut half = 0;
             while half < 2 {
@@ -563,13 +631,23 @@ unsafe fn backward<const DK: usize, const HALF: usize>(
                     })
                 });
                 each_score::<HALF>(|dd, n, i| {
-                    let query = q0 + rows0 + g + 8 * (i / 2);
-                    if query < len {
-                        let col = 16 * (half * HALF + dd) + 8 * n + 2 * t + i % 2;
-                        dq.atomic_add((head.row0 + query) * head.width + head.col + col, acc[dd][n][i]);
+                    if i % 2 == 0 {
+                        let (g, t) = (lane_here() / 4, lane_here() % 4);
+                        let col = 16 * (half * HALF + dd) + 8 * n + 2 * t;
+                        let pair = Pair([acc[dd][n][i], acc[dd][n][i + 1]]);
+                        dq_s.cast::<Pair>().store(dq_at::<DK>(rows0 + g + 8 * (i / 2), col) / 2, pair);
                     }
                 });
                 half += 1;
+            }
+            sync_warp(u32::MAX);
+            let rows = len.saturating_sub(q0 + rows0).min(16);
+            let mut e = lane_here();
+            while e < rows * d {
+                let (r, col) = (rows0 + e / d, e % d);
+                let at = (head.row0 + q0 + r) * head.width + head.col + col;
+                dq.atomic_add(at, dq_s.load(dq_at::<DK>(r, col)));
+                e += 32;
             }
             q0 += TILE;
         }
@@ -577,7 +655,7 @@ unsafe fn backward<const DK: usize, const HALF: usize>(
         // dK and dV of the warp's 16 keys (0 for keys past the length) by way of its K and V
         // rows; every warp is done reading K and V after the barrier.
         sync_threads();
-        let rows = seq.saturating_sub(k0 + keys0);
+        let rows = head.rows.saturating_sub(k0 + keys0);
         let first = (head.row0 + k0 + keys0) * 3 * head.width + head.col;
         store_rows(k_s, keys0, &dk, [1.0; 2], dqkv, first + head.width, 3 * head.width, rows);
         store_rows(v_s, keys0, &dv, [1.0; 2], dqkv, first + 2 * head.width, 3 * head.width, rows);
@@ -585,31 +663,31 @@ unsafe fn backward<const DK: usize, const HALF: usize>(
 }
 
 kernel! {
-    /// The backward's pre-pass: δ [B, H, S] = Σ_d dO∘O per row and head (0 in padding rows), and
-    /// the dQ accumulator dq [B, S, H·D] (f32) zeroed.
+    /// The backward's pre-pass: δ (lse's layout) = Σ_d dO∘O per row and head (0 in padding
+    /// rows), and the dQ accumulator dq (out's layout, f32) zeroed. Sequences as the forward's.
     ///
     /// # Safety
-    /// delta holds B·H·S values, dq, out and dout B·S·H·D, lengths (unless null) B; D even.
+    /// delta holds lse's values, dq, out and dout out's, lengths and offsets (unless null) B and
+    /// B + 1; D even; grid (any, B).
     pub fn flash_attention_backward_dot(
         delta: GlobalMut<f32>,
         dq: GlobalMut<f32>,
         out: Global<Bf16>,
         dout: Global<Bf16>,
         lengths: Global<u32>,
-        batch: u32,
+        offsets: Global<u32>,
         seq: u32,
         heads: u32,
         head_dim: u32,
     ) {
+        let (seq, heads, d) = (seq as usize, heads as usize, head_dim as usize);
         // SAFETY: the caller's contract.
-        unsafe {
-            backward_dot(delta, dq, out, dout, lengths, batch as usize, seq as usize, heads as usize, head_dim as usize)
-        }
+        unsafe { backward_dot(delta, dq, (out, dout), (lengths, offsets), seq, heads, d) }
     }
 }
 
 kernel! {
-    /// The q part of dqkv [B, S, 3·W] (bf16) from the dQ accumulator dq [B, S, W] (f32).
+    /// The q part of dqkv [rows, 3·W] (bf16) from the dQ accumulator dq [rows, W] (f32).
     ///
     /// # Safety
     /// dqkv holds rows·3·width values, dq rows·width.
@@ -625,27 +703,31 @@ kernel! {
 macro_rules! forward_entries {
     ($($name:ident: $dk:literal),*) => {$(
         kernel! {
-            /// out [B, S, H·D] and lse [B, H, S] from qkv [B, S, 3·H·D] (bf16), D = 16·DK:
-            /// softmax(scale·QKᵀ masked)·V per sequence and head. `lengths[b]` (clamped to
-            /// 1..=S; null: S) valid tokens of sequence b; `causal` != 0 masks keys after the
+            /// out [rows, H·D] and lse from qkv [rows, 3·H·D] (bf16), D = 16·DK:
+            /// softmax(scale·QKᵀ masked)·V per sequence and head. Padded (`offsets` null): B
+            /// sequences of S rows, `lengths[b]` (clamped to 1..=S; null: S) valid in sequence
+            /// b, lse [B, H, S]; packed: sequence b is rows offsets[b] … offsets[b + 1] − 1 (at
+            /// most S), lse [H, its rows] from offsets[b]·H. `causal` != 0 masks keys after the
             /// query.
             ///
             /// # Safety
-            /// The buffers hold B·S·3·H·D, B·S·H·D, B·H·S and B elements; qkv and out 16-byte
-            /// aligned; grid (⌈S/64⌉, H, B) of `THREADS` threads with `shared_bytes(D)` bytes of
-            /// dynamic shared memory.
+            /// The buffers hold rows·3·H·D, rows·H·D, rows·H, B (lengths) and B + 1 (offsets)
+            /// elements, rows = B·S padded, offsets[B] packed; qkv and out 16-byte aligned; grid
+            /// (⌈S/64⌉, H, B) of `THREADS` threads with `shared_bytes(D)` bytes of dynamic
+            /// shared memory.
             pub fn $name(
                 out: GlobalMut<Bf16>,
                 lse: GlobalMut<f32>,
                 qkv: Global<Bf16>,
                 lengths: Global<u32>,
+                offsets: Global<u32>,
                 seq: u32,
                 heads: u32,
                 causal: u32,
                 scale: f32,
             ) {
                 // SAFETY: the caller's contract.
-                unsafe { forward::<$dk>(out, lse, qkv, lengths, seq, heads, causal, scale) }
+                unsafe { forward::<$dk>(out, lse, qkv, (lengths, offsets), seq, heads, causal, scale) }
             }
         }
     )*};
@@ -656,10 +738,10 @@ forward_entries!(flash_attention_forward_d32: 2, flash_attention_forward_d64: 4,
 macro_rules! backward_entries {
     ($($name:ident: $dk:literal, $half:literal),*) => {$(
         kernel! {
-            /// dK and dV into dqkv [B, S, 3·H·D] (bf16; its q part is left to
-            /// `flash_attention_backward_dq`) and dQ added to dq [B, S, H·D] (f32, zeroed by
-            /// `flash_attention_backward_dot`, which also made delta), from qkv, dout [B, S, H·D]
-            /// and the forward's lse [B, H, S]; D = 16·DK. Masks as the forward's.
+            /// dK and dV into dqkv [rows, 3·H·D] (bf16; its q part is left to
+            /// `flash_attention_backward_dq`) and dQ added to dq [rows, H·D] (f32, zeroed by
+            /// `flash_attention_backward_dot`, which also made delta), from qkv, dout [rows, H·D]
+            /// and the forward's lse; D = 16·DK. Sequences and masks as the forward's.
             ///
             /// # Safety
             /// The buffers hold those sizes; qkv, dqkv and dout 16-byte aligned; grid (⌈S/64⌉,
@@ -673,13 +755,15 @@ macro_rules! backward_entries {
                 lse: Global<f32>,
                 delta: Global<f32>,
                 lengths: Global<u32>,
+                offsets: Global<u32>,
                 seq: u32,
                 heads: u32,
                 causal: u32,
                 scale: f32,
             ) {
+                let sequences = (lengths, offsets);
                 // SAFETY: the caller's contract.
-                unsafe { backward::<$dk, $half>(dqkv, dq, qkv, dout, lse, delta, lengths, seq, heads, causal, scale) }
+                unsafe { backward::<$dk, $half>(dqkv, dq, qkv, dout, lse, delta, sequences, seq, heads, causal, scale) }
             }
         }
     )*};

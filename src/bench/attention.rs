@@ -18,8 +18,8 @@ use clap::Args;
 use super::median;
 use clip_pgs_host::emu::EmuRuntime;
 use clip_pgs_host::ops::attention::{
-    AttentionShape, attention_backward, attention_forward, flash_attention_backward, flash_attention_forward,
-    flash_backward_scratch_len,
+    AttentionShape, Sequences, attention_backward, attention_forward, flash_attention_backward,
+    flash_attention_forward, flash_backward_scratch_len,
 };
 use clip_pgs_host::{Buffer, Device, DevicePreference, bf16};
 use clip_pgs_kernels::hw::emu::Options;
@@ -116,7 +116,8 @@ impl Inputs {
         let lengths = self.lengths.as_ref().map(|l| l.view());
         match (flash, backward) {
             (true, false) => {
-                flash_attention_forward(device, self.out.view_mut(), self.lse.view_mut(), self.qkv.view(), lengths, s)
+                let seqs = Sequences::Padded(lengths);
+                flash_attention_forward(device, self.out.view_mut(), self.lse.view_mut(), self.qkv.view(), seqs, s)
             }
             (true, true) => flash_attention_backward(
                 device,
@@ -126,7 +127,7 @@ impl Inputs {
                 self.qkv.view(),
                 self.out.view(),
                 self.lse.view(),
-                lengths,
+                Sequences::Padded(lengths),
                 s,
             ),
             (false, false) => {

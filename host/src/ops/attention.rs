@@ -54,20 +54,20 @@ fn head(qkv: &[f32], s: AttentionShape, part: usize, h: usize) -> MatRef<'_> {
 }
 
 fn check(op: &OpCheck, s: AttentionShape, qkv: usize, out: usize, probs: usize) -> Result<()> {
-    check_io(op, s, qkv, out)?;
+    check_io(op, s, s.batch * s.seq, qkv, out)?;
     let AttentionShape { batch: b, seq, heads, .. } = s;
     op.size("probs", probs, s.probs_len(), || format!("[B {b}, H {heads}, S {seq}, S {seq}]"))
 }
 
-/// qkv [B, S, 3D] and out (or dout) [B, S, D].
-fn check_io(op: &OpCheck, s: AttentionShape, qkv: usize, out: usize) -> Result<()> {
+/// qkv [rows, 3D] and out (or dout) [rows, D]; rows = B·S unless packed.
+fn check_io(op: &OpCheck, s: AttentionShape, rows: usize, qkv: usize, out: usize) -> Result<()> {
     let AttentionShape { batch: b, seq, head_dim, .. } = s;
     if seq == 0 || head_dim == 0 {
         return Err(op.invalid(format!("empty sequences or heads: S = {seq}, head_dim = {head_dim}")));
     }
     let d = s.width();
-    op.size("qkv", qkv, b * seq * 3 * d, || format!("[B {b}, S {seq}, 3·D {}]", 3 * d))?;
-    op.size("out", out, b * seq * d, || format!("[B {b}, S {seq}, D {d}]"))
+    op.size("qkv", qkv, rows * 3 * d, || format!("[rows {rows} (B {b}, S {seq}), 3·D {}]", 3 * d))?;
+    op.size("out", out, rows * d, || format!("[rows {rows}, D {d}]"))
 }
 
 /// out [B, S, D] and probs [B, H, S, S]. `lengths[b]` valid keys of sequence b (None: all).
@@ -306,7 +306,8 @@ fn scale(s: AttentionShape) -> f32 {
 }
 
 /// The flash forward's parameter tuple (`kernels/src/flash_attention.rs`).
-type FlashForward = Kernel<(GlobalMut<Bf16>, GlobalMut<f32>, Global<Bf16>, Global<u32>, u32, u32, u32, f32)>;
+type FlashForward =
+    Kernel<(GlobalMut<Bf16>, GlobalMut<f32>, Global<Bf16>, Global<u32>, Global<u32>, u32, u32, u32, f32)>;
 
 /// The head dims the flash kernels cover, with their entry points.
 fn flash_forward_kernel(head_dim: usize) -> Option<FlashForward> {
@@ -333,6 +334,7 @@ type FlashBackward = Kernel<(
     Global<f32>,
     Global<f32>,
     Global<u32>,
+    Global<u32>,
     u32,
     u32,
     u32,
@@ -348,9 +350,49 @@ fn flash_backward_kernel(head_dim: usize) -> Option<FlashBackward> {
     }
 }
 
-/// f32 scratch of [`flash_attention_backward`]: the dQ accumulator [B, S, D] and δ [B, H, S].
+/// f32 scratch of [`flash_attention_backward`]: the dQ accumulator [B, S, D] and δ [B, H, S]
+/// (packed sequences, at most B·S rows, use their first rows of each).
 pub fn flash_backward_scratch_len(s: AttentionShape) -> usize {
     s.batch * s.seq * (s.width() + s.heads)
+}
+
+/// How the sequences of a flash launch lie in qkv, out and lse.
+#[derive(Clone, Copy)]
+pub enum Sequences<'a> {
+    /// B sequences of S rows, `lengths[b]` of sequence b's valid (None: all S), the rest padding
+    /// (out's and lse's padding rows get 0); lse [B, H, S].
+    Padded(Option<View<'a, u32>>),
+    /// Back to back (FlashAttention's varlen, `cu_seqlens`): sequence b is rows offsets[b] …
+    /// offsets[b + 1] − 1, B + 1 ascending offsets from 0 to the buffers' rows, each length at
+    /// most S (S sizes the grid); no padding, so no work on it. lse [H, its rows] per sequence
+    /// from offsets[b]·H.
+    Packed(View<'a, u32>),
+}
+
+impl<'a> Sequences<'a> {
+    /// Rows of qkv [rows, 3D], out [rows, D] and lse (·H): B·S padded; packed, what qkv holds.
+    fn rows(&self, s: AttentionShape, qkv: usize) -> usize {
+        match self {
+            Sequences::Padded(_) => s.batch * s.seq,
+            Sequences::Packed(_) => qkv / (3 * s.width()),
+        }
+    }
+
+    /// Checked on `op`'s device: the kernels' `lengths` and `offsets` (one of them or neither).
+    fn kernel_args(self, op: &OpCheck, s: AttentionShape) -> Result<[Option<View<'a, u32>>; 2]> {
+        match self {
+            Sequences::Padded(lengths) => {
+                if let Some(l) = &lengths {
+                    op.size("lengths", l.len(), s.batch, || format!("[B {}]", s.batch))?;
+                }
+                Ok([lengths.map(|l| op.gpu("lengths", l)).transpose()?, None])
+            }
+            Sequences::Packed(offsets) => {
+                op.size("offsets", offsets.len(), s.batch + 1, || format!("[B + 1 = {}]", s.batch + 1))?;
+                Ok([None, Some(op.gpu("offsets", offsets)?)])
+            }
+        }
+    }
 }
 
 /// The address of a view's first element (device address on CUDA, host address on emu).
@@ -364,29 +406,27 @@ fn address<T>(v: &View<T>) -> usize {
 /// Flash attention on a GPU device (`kernels/src/flash_attention.rs`): out [B, S, D] and the
 /// log-sum-exp of the scaled scores lse [B, H, S] (f32, for the backward pass) from bf16 qkv
 /// [B, S, 3D], without the [B, H, S, S] probabilities; the same masks as [`attention_forward`]
-/// (`lengths[b]` valid tokens, causal). Rows of a sequence past its length get 0 in out and lse
-/// (the unfused path computes them: they attend to the valid keys, and nothing reads them).
-/// qkv and out must start 16-byte aligned; head dims 32, 64, 128 ([`flash_covers`]).
+/// (`lengths[b]` valid tokens, causal), or packed sequences ([`Sequences`]). Rows of a sequence
+/// past its length get 0 in out and lse (the unfused path computes them: they attend to the
+/// valid keys, and nothing reads them). qkv and out must start 16-byte aligned; head dims 32,
+/// 64, 128 ([`flash_covers`]).
 pub fn flash_attention_forward(
     device: &Device,
     out: ViewMut<bf16>,
     lse: ViewMut<f32>,
     qkv: View<bf16>,
-    lengths: Option<View<u32>>,
+    sequences: Sequences,
     s: AttentionShape,
 ) -> Result<()> {
     let op = OpCheck::new("flash_attention_forward", device);
-    check_io(&op, s, qkv.len(), out.len())?;
-    let rows = s.batch * s.heads * s.seq;
-    op.size("lse", lse.len(), rows, || format!("[B {}, H {}, S {}]", s.batch, s.heads, s.seq))?;
-    if let Some(l) = &lengths {
-        op.size("lengths", l.len(), s.batch, || format!("[B {}]", s.batch))?;
-    }
+    let rows = sequences.rows(s, qkv.len());
+    check_io(&op, s, rows, qkv.len(), out.len())?;
+    op.size("lse", lse.len(), rows * s.heads, || format!("[rows {rows}, H {}]", s.heads))?;
     let kernel = flash_forward_kernel(s.head_dim).ok_or_else(|| {
         op.invalid(format!("head dim {}: the flash kernels cover 32, 64 and 128 (attention_forward any)", s.head_dim))
     })?;
     let (out, lse, qkv) = (op.gpu_mut("out", out)?, op.gpu_mut("lse", lse)?, op.gpu("qkv", qkv)?);
-    let lengths = lengths.map(|l| op.gpu("lengths", l)).transpose()?;
+    let [lengths, offsets] = sequences.kernel_args(&op, s)?;
     if address(&qkv) % 16 != 0 || address(&out.as_view()) % 16 != 0 {
         return Err(op.invalid("qkv and out must start 16-byte aligned (cp.async and vector stores)"));
     }
@@ -395,7 +435,7 @@ pub fn flash_attention_forward(
         block_dim: (flash::THREADS, 1, 1),
         shared_mem_bytes: flash::shared_bytes(s.head_dim),
     };
-    let args = (out, lse, qkv, lengths, s.seq as u32, s.heads as u32, s.causal as u32, scale(s));
+    let args = (out, lse, qkv, lengths, offsets, s.seq as u32, s.heads as u32, s.causal as u32, scale(s));
     // SAFETY: sizes checked above; grid, block and shared memory as the kernel requires.
     unsafe { device.launch(&kernel, cfg, args) }
 }
@@ -415,18 +455,16 @@ pub fn flash_attention_backward(
     qkv: View<bf16>,
     out: View<bf16>,
     lse: View<f32>,
-    lengths: Option<View<u32>>,
+    sequences: Sequences,
     s: AttentionShape,
 ) -> Result<()> {
     let op = OpCheck::new("flash_attention_backward", device);
-    check_io(&op, s, qkv.len(), dout.len())?;
+    let rows = sequences.rows(s, qkv.len());
+    check_io(&op, s, rows, qkv.len(), dout.len())?;
     op.size("out", out.len(), dout.len(), || "dout's size".into())?;
     op.size("dqkv", dqkv.len(), qkv.len(), || "qkv's size".into())?;
-    op.size("lse", lse.len(), s.batch * s.heads * s.seq, || format!("[B {}, H {}, S {}]", s.batch, s.heads, s.seq))?;
+    op.size("lse", lse.len(), rows * s.heads, || format!("[rows {rows}, H {}]", s.heads))?;
     op.size("scratch", scratch.len(), flash_backward_scratch_len(s), || "flash_backward_scratch_len".into())?;
-    if let Some(l) = &lengths {
-        op.size("lengths", l.len(), s.batch, || format!("[B {}]", s.batch))?;
-    }
     let kernel = flash_backward_kernel(s.head_dim).ok_or_else(|| {
         op.invalid(format!("head dim {}: the flash kernels cover 32, 64 and 128 (attention_backward any)", s.head_dim))
     })?;
@@ -435,17 +473,17 @@ pub fn flash_attention_backward(
     if [address(&qkv), address(&dout), address(&dqkv_view.as_view())].iter().any(|a| a % 16 != 0) {
         return Err(op.invalid("qkv, dqkv and dout must start 16-byte aligned (cp.async and vector stores)"));
     }
-    let (lse, lengths) = (op.gpu("lse", lse)?, lengths.map(|l| op.gpu("lengths", l)).transpose()?);
+    let (lse, [lengths, offsets]) = (op.gpu("lse", lse)?, sequences.kernel_args(&op, s)?);
     let (mut dq, mut delta) = op.gpu_mut("scratch", scratch)?.split_at(s.batch * s.seq * s.width());
-    let rows = s.batch * s.seq * s.heads;
     let warps = (flash::THREADS / 32) as usize;
+    let (b, seq, h, d) = (s.batch as u32, s.seq as u32, s.heads as u32, s.head_dim as u32);
+    // One row of blocks per sequence, a warp per (row, head).
     let dot = LaunchConfig {
-        grid_dim: (rows.div_ceil(warps).clamp(1, 1 << 16) as u32, 1, 1),
+        grid_dim: ((s.seq * s.heads).div_ceil(warps).clamp(1, 1 << 16) as u32, b, 1),
         block_dim: (flash::THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (b, seq, h, d) = (s.batch as u32, s.seq as u32, s.heads as u32, s.head_dim as u32);
-    let args = (delta.reborrow(), dq.reborrow(), out, dout, lengths, b, seq, h, d);
+    let args = (delta.reborrow(), dq.reborrow(), out, dout, lengths, offsets, seq, h, d);
     // SAFETY: sizes checked above.
     unsafe { device.launch(&flash::flash_attention_backward_dot, dot, args)? };
     let cfg = LaunchConfig {
@@ -453,11 +491,12 @@ pub fn flash_attention_backward(
         block_dim: (flash::THREADS, 1, 1),
         shared_mem_bytes: flash::backward_shared_bytes(s.head_dim),
     };
-    let args = (dqkv_view, dq.reborrow(), qkv, dout, lse, delta.as_view(), lengths, seq, h, s.causal as u32, scale(s));
+    let (dq_all, delta) = (dq.reborrow(), delta.as_view());
+    let args = (dqkv_view, dq_all, qkv, dout, lse, delta, lengths, offsets, seq, h, s.causal as u32, scale(s));
     // SAFETY: sizes and alignment checked above; grid, block and shared memory as the kernel requires.
     unsafe { device.launch(&kernel, cfg, args)? };
-    let n = s.batch * s.seq * s.width();
-    let args = (dqkv.reborrow(), dq.as_view(), (s.batch * s.seq) as u32, s.width() as u32);
+    let n = rows * s.width();
+    let args = (dqkv.reborrow(), dq.as_view(), rows as u32, s.width() as u32);
     // SAFETY: dqkv holds B·S·3D values and dq B·S·D.
     unsafe { device.launch(&flash::flash_attention_backward_dq, grid_stride_config(n, flash::THREADS), args) }
 }
@@ -475,13 +514,21 @@ impl AttentionKernel {
     /// variable `CLIP_PGS_ATTENTION` chooses explicitly: `unfused`, or `flash`, which is an
     /// error where the flash kernels do not apply.
     pub fn select<T: Float>(device: &Device, s: AttentionShape) -> Result<AttentionKernel> {
-        let applies = !matches!(device, Device::Cpu) && T::DATA_TYPE == DataType::Bf16 && flash_covers(s);
+        Self::select_on::<T>(!matches!(device, Device::Cpu), s)
+    }
+
+    /// [`AttentionKernel::select`] on a GPU device (`gpu`: CUDA or emu) or the CPU, before a
+    /// device is at hand: the model's arenas hold the [B, H, S, S] probabilities only for the
+    /// unfused path.
+    pub fn select_on<T: Float>(gpu: bool, s: AttentionShape) -> Result<AttentionKernel> {
+        let applies = gpu && T::DATA_TYPE == DataType::Bf16 && flash_covers(s);
         match std::env::var("CLIP_PGS_ATTENTION").as_deref() {
             Ok("unfused") => Ok(AttentionKernel::Unfused),
             Ok("flash") if !applies => Err(crate::error::Error::InvalidArgument(format!(
                 "CLIP_PGS_ATTENTION=flash: the flash kernels run bf16 on a GPU device with head dims 32, 64 \
-                 and 128; this is {} on {device} with head dim {}",
+                 and 128; this is {} on {} device with head dim {}",
                 T::NAME,
+                if gpu { "a GPU" } else { "the CPU" },
                 s.head_dim
             ))),
             Ok("flash" | "auto") | Err(_) => {
@@ -509,7 +556,7 @@ pub fn model_attention_forward<T: Activation>(
         AttentionKernel::Unfused => attention_forward(device, out, probs, qkv, lengths, s),
         AttentionKernel::Flash => {
             let (out, qkv) = (T::bf16_view_mut(out).expect("bf16"), T::bf16_view(qkv).expect("bf16"));
-            flash_attention_forward(device, out, lse, qkv, lengths, s)
+            flash_attention_forward(device, out, lse, qkv, Sequences::Padded(lengths), s)
         }
     }
 }
@@ -535,7 +582,7 @@ pub fn model_attention_backward<T: Activation>(
             let (dout, qkv, out) =
                 (T::bf16_view(dout).expect("bf16"), T::bf16_view(qkv).expect("bf16"), T::bf16_view(out).expect("bf16"));
             device.with_scratch(flash_backward_scratch_len(s), |scratch| {
-                flash_attention_backward(device, dqkv, scratch, dout, qkv, out, lse, lengths, s)
+                flash_attention_backward(device, dqkv, scratch, dout, qkv, out, lse, Sequences::Padded(lengths), s)
             })
         }
     }
