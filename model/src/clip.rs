@@ -382,12 +382,12 @@ pub struct HostLoss {
 /// gradients go, for a loss computed elsewhere on the device (data-parallel training:
 /// `distributed/device_loss.rs`).
 pub struct LossIo<'a, T> {
-    pub image: View<'a, T>,
-    pub text: View<'a, T>,
+    /// Image, then text.
+    pub features: [View<'a, T>; 2],
     pub logit_scale: View<'a, f32>,
     pub loss: ViewMut<'a, f32>,
-    pub d_image: ViewMut<'a, T>,
-    pub d_text: ViewMut<'a, T>,
+    /// Image, then text.
+    pub d_features: [ViewMut<'a, T>; 2],
     pub d_logit_scale: ViewMut<'a, f32>,
 }
 
@@ -1039,13 +1039,13 @@ impl<T: Precision> Workspace<T> {
     ) -> Result<(), String> {
         let (n, e, lp) = (self.n, pass.clip.cfg.embed_dim, &self.loss);
         let err = |e: clip_pgs_host::Error| e.to_string();
-        let ([image, text], [d_image, d_text]) = self
+        let (features, d_features) = self
             .acts
             .split([lp.image.prefix(n * e), lp.text.prefix(n * e)], [lp.d_image.prefix(n * e), lp.d_text.prefix(n * e)])
             .map_err(err)?;
         let ([], [loss, d_logit_scale]) = self.stats.split([], [lp.loss, lp.d_logit_scale]).map_err(err)?;
         let [logit_scale] = pass.params.views([pass.clip.weights.logit_scale]).map_err(err)?;
-        f(LossIo { image, text, logit_scale, loss, d_image, d_text, d_logit_scale })
+        f(LossIo { features, logit_scale, loss, d_features, d_logit_scale })
     }
 
     /// Adds the logit scale's gradient from the last `loss` to `g`.

@@ -310,7 +310,7 @@ impl<T: Precision> TrainStep<T> {
             }
             Some(dp) => {
                 let (n, dim) = (ws.n, self.clip.cfg.embed_dim);
-                if !self.gathered.as_ref().is_some_and(|g| g.fits(n, dim)) {
+                if !self.gathered.as_ref().is_some_and(|g| g.fits(dp.ranks(), n, dim)) {
                     self.gathered = Some(DeviceLoss::new(&self.device, dp.ranks(), n, dim)?);
                 }
                 let gathered = self.gathered.as_mut().expect("allocated above");

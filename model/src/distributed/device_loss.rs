@@ -18,6 +18,7 @@ use crate::precision::Precision;
 
 /// The device buffers of the gathered loss, for `ranks` ranks of `batch` samples of `dim`.
 pub struct DeviceLoss {
+    ranks: usize,
     batch: usize,
     dim: usize,
     /// This rank's features in f32 [batch, dim], what it sends.
@@ -39,6 +40,7 @@ impl DeviceLoss {
         let mut stats = SpanAllocator::default();
         let spans = [stats.take(all * all), stats.take(clip_loss_workspace(all, dim))];
         Ok(DeviceLoss {
+            ranks,
             batch,
             dim,
             local: zeros(batch * dim)?,
@@ -50,9 +52,9 @@ impl DeviceLoss {
         })
     }
 
-    /// Whether these buffers are sized for `batch` samples of `dim` per rank.
-    pub fn fits(&self, batch: usize, dim: usize) -> bool {
-        (self.batch, self.dim) == (batch, dim)
+    /// Whether these buffers are sized for `ranks` ranks of `batch` samples of `dim`.
+    pub fn fits(&self, ranks: usize, batch: usize, dim: usize) -> bool {
+        (self.ranks, self.batch, self.dim) == (ranks, batch, dim)
     }
 
     /// The loss of `io`'s features with every rank's, its gradients written where `io` says: the
@@ -60,9 +62,9 @@ impl DeviceLoss {
     /// and the ranks' mean loss.
     pub fn run<T: Precision>(&mut self, dp: &DataParallel, device: &Device, io: LossIo<T>) -> Result<(), String> {
         let err = |e: clip_pgs_host::Error| e.to_string();
-        let (b, e, all) = (self.batch, self.dim, dp.ranks() * self.batch);
-        let LossIo { image, text, logit_scale, loss, d_image, d_text, d_logit_scale } = io;
-        for (features, gathered) in [image, text].into_iter().zip(&mut self.features) {
+        let (b, e, all) = (self.batch, self.dim, self.ranks * self.batch);
+        let LossIo { features, logit_scale, loss, d_features, d_logit_scale } = io;
+        for (features, gathered) in features.into_iter().zip(&mut self.features) {
             T::widen(device, self.local.view_mut(), features).map_err(err)?;
             dp.all_gather(&self.local, gathered)?;
         }
@@ -85,7 +87,7 @@ impl DeviceLoss {
         dp.average(&mut self.loss)?;
         device.copy(loss, self.loss.view()).map_err(err)?;
         let mine = Span::new(dp.rank() * b * e, b * e);
-        for (d, grad) in [d_image, d_text].into_iter().zip(&self.grads) {
+        for (d, grad) in d_features.into_iter().zip(&self.grads) {
             T::narrow(device, d, grad.views([mine]).map_err(err)?[0]).map_err(err)?;
         }
         Ok(())

@@ -1,8 +1,9 @@
 //! Data-parallel training across processes, as open_clip runs it under torchrun: every rank holds
 //! the whole model, trains on its own share of each batch (`data::loader::rank_share`), gathers
-//! every rank's features for the contrastive loss (`loss.rs`: `--gather-with-grad`,
-//! `--local-loss`) and averages the gradients before AdamW, so that the ranks' parameters stay
-//! identical and N ranks with batch b follow one process with batch N·b.
+//! every rank's features for the contrastive loss (`loss.rs` on the host, `device_loss.rs` on a
+//! GPU device: `--gather-with-grad`, `--local-loss`) and averages the gradients before AdamW, so
+//! that the ranks' parameters stay identical and N ranks with batch b follow one process with
+//! batch N·b.
 //!
 //! The processes talk through one collective interface ([`Collective`]), implemented by MPI
 //! (`mpi.rs`, cargo feature `mpi`): the launcher (`mpirun`, `srun`) starts the processes and
