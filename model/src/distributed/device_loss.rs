@@ -4,9 +4,9 @@
 //! `--gather-with-grad` the gathered features' gradients are summed over ranks on the device, and
 //! the rank keeps the rows of its own samples. The loss is the same on every rank; the value
 //! logged is still the ranks' mean (`loss.rs`'s). Nothing is read back to the host except where
-//! a collective itself goes through it (`DataParallel::all_gather`: cuda without NCCL). The
-//! gathered batch is f32 whatever the activations' type: the loss is computed in f32 either way,
-//! and the collectives are f32's.
+//! the collectives themselves go through it (cuda without NCCL: `DataParallel::in_host_memory`).
+//! The gathered batch is f32 whatever the activations' type: the loss is computed in f32 either
+//! way, and the collectives are f32's.
 
 use clip_pgs_host::ops::clip_loss::{ClipLossOut, clip_loss, clip_loss_workspace};
 use clip_pgs_host::view::SpanAllocator;
