@@ -132,11 +132,13 @@ fn with_flip_and_pgs_masks_two_ranks_train_as_one_process() {
     two_ranks_train_as_one_process(&pgs, &[GATHER]);
 }
 
-/// The GPU path on the emulator: features read from and gradients written to the device arenas,
-/// gradients averaged through host copies (MPI), f32 to compare with the 1e-5 bound.
+/// The GPU path on the emulator, f32 to compare with the 1e-5 bound: with `--gather-with-grad`
+/// the loss on the device over the features gathered by MPI in the emulator's memory; with
+/// `--local-loss` on the host, the features read from and the gradients written to the device
+/// arenas. Gradients averaged by MPI in the emulator's memory.
 #[test]
 fn on_the_emulator_two_ranks_train_as_one_process() {
-    two_ranks_train_as_one_process(&["--device", "emu", "--dtype", "f32"], &[GATHER]);
+    two_ranks_train_as_one_process(&["--device", "emu", "--dtype", "f32"], &[GATHER, LOCAL]);
 }
 
 /// On 2 GPUs, the gradients through NCCL: needs a machine with two, and `--features nccl`:

@@ -27,7 +27,7 @@ use clip_pgs_host::ops::pgs::gather::{GatherShape, KeptIndices, gather, gather_b
 use clip_pgs_host::ops::pgs::gpu::DeviceMasks;
 use clip_pgs_host::ops::rows::{eot_rows, gather_rows, scatter_rows};
 use clip_pgs_host::view::SpanAllocator;
-use clip_pgs_host::{Buffer, Device, Result, Span, View};
+use clip_pgs_host::{Buffer, Device, Result, Span, View, ViewMut};
 
 use crate::config::ClipConfig;
 use crate::params::{BlockWeights, Layout, NormWeights, Weights};
@@ -396,6 +396,19 @@ pub struct HostLoss {
     pub d_image: Vec<f32>,
     pub d_text: Vec<f32>,
     pub d_logit_scale: f32,
+}
+
+/// The loaded batch's features ([n, E] each), the log logit scale, and where their loss and
+/// gradients go, for a loss computed elsewhere on the device (data-parallel training:
+/// `distributed/device_loss.rs`).
+pub struct LossIo<'a, T> {
+    /// Image, then text.
+    pub features: [View<'a, T>; 2],
+    pub logit_scale: View<'a, f32>,
+    pub loss: ViewMut<'a, f32>,
+    /// Image, then text.
+    pub d_features: [ViewMut<'a, T>; 2],
+    pub d_logit_scale: ViewMut<'a, f32>,
 }
 
 /// A span of a T buffer on the host, widened to f32.
@@ -1046,6 +1059,23 @@ impl<T: Precision> Workspace<T> {
         self.stats.write(lp.loss, &[out.loss]).map_err(err)?;
         self.stats.write(lp.d_logit_scale, &[out.d_logit_scale]).map_err(err)?;
         Ok(out.loss)
+    }
+
+    /// As `loss`, with the loss computed by `f` on the device from the views it is given.
+    pub fn loss_with(
+        &mut self,
+        pass: &Pass<T>,
+        f: impl FnOnce(LossIo<'_, T>) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let (n, e, lp) = (self.n, pass.clip.cfg.embed_dim, &self.loss);
+        let err = |e: clip_pgs_host::Error| e.to_string();
+        let (features, d_features) = self
+            .acts
+            .split([lp.image.prefix(n * e), lp.text.prefix(n * e)], [lp.d_image.prefix(n * e), lp.d_text.prefix(n * e)])
+            .map_err(err)?;
+        let ([], [loss, d_logit_scale]) = self.stats.split([], [lp.loss, lp.d_logit_scale]).map_err(err)?;
+        let [logit_scale] = pass.params.views([pass.clip.weights.logit_scale]).map_err(err)?;
+        f(LossIo { features, logit_scale, loss, d_features, d_logit_scale })
     }
 
     /// Adds the logit scale's gradient from the last `loss` to `g`.

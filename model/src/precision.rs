@@ -7,8 +7,9 @@
 use std::fmt;
 use std::str::FromStr;
 
+use clip_pgs_host::ops::cast::cast;
 use clip_pgs_host::ops::dtype::{Activation, Float};
-use clip_pgs_host::{Buffer, bf16};
+use clip_pgs_host::{Buffer, Device, View, ViewMut, bf16};
 use serde::{Deserialize, Serialize};
 
 /// The activations' element type, as a flag.
@@ -52,6 +53,10 @@ pub trait Precision: Activation {
     fn as_bf16(copy: &mut Buffer<Self>) -> Option<&mut Buffer<bf16>>;
     /// Host f32 values in this type: f32 as they are; bf16 rounded into the start of `staging`.
     fn stage<'a>(values: &'a [f32], staging: &'a mut [Self]) -> &'a [Self];
+    /// dst ← src in f32, on the device (f32: a copy).
+    fn widen(device: &Device, dst: ViewMut<f32>, src: View<Self>) -> clip_pgs_host::Result<()>;
+    /// dst ← src in this type, on the device (f32: a copy; bf16 rounds).
+    fn narrow(device: &Device, dst: ViewMut<Self>, src: View<f32>) -> clip_pgs_host::Result<()>;
 }
 
 impl Precision for f32 {
@@ -65,6 +70,12 @@ impl Precision for f32 {
     }
     fn stage<'a>(values: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
         values
+    }
+    fn widen(device: &Device, dst: ViewMut<f32>, src: View<f32>) -> clip_pgs_host::Result<()> {
+        device.copy(dst, src)
+    }
+    fn narrow(device: &Device, dst: ViewMut<f32>, src: View<f32>) -> clip_pgs_host::Result<()> {
+        device.copy(dst, src)
     }
 }
 
@@ -82,5 +93,11 @@ impl Precision for bf16 {
         let staging = &mut staging[..values.len()];
         staging.iter_mut().zip(values).for_each(|(s, &v)| *s = Float::from_f32(v));
         staging
+    }
+    fn widen(device: &Device, dst: ViewMut<f32>, src: View<bf16>) -> clip_pgs_host::Result<()> {
+        cast(device, dst, src)
+    }
+    fn narrow(device: &Device, dst: ViewMut<bf16>, src: View<f32>) -> clip_pgs_host::Result<()> {
+        cast(device, dst, src)
     }
 }

@@ -21,6 +21,7 @@ use clip_pgs_kernels::select::paper_candidate_count;
 use crate::clip::{Clip, Keep, Output, Pass, Workspace};
 use crate::config::ClipConfig;
 use crate::distributed::DataParallel;
+use crate::distributed::device_loss::DeviceLoss;
 use crate::optimizer::Optimizer;
 use crate::params::{Layout, Params};
 use crate::precision::{Dtype, Precision};
@@ -54,6 +55,8 @@ pub struct TrainStep<T = f32> {
     /// Other ranks to train with (None: one process): the loss over every rank's features, the
     /// gradients averaged over ranks.
     pub data_parallel: Option<DataParallel>,
+    /// The gathered loss's device buffers of a data-parallel step on a GPU device.
+    gathered: Option<DeviceLoss>,
     /// The GPU masks' working buffers, kept from step to step (a captured step holds them).
     mask_work: Option<MaskWork>,
     /// Whether `step` captures the device work of a step into a graph and replays it (GPU
@@ -122,6 +125,7 @@ impl<T: Precision> TrainStep<T> {
             accum: accum.max(1),
             grads_zero: true,
             data_parallel: None,
+            gathered: None,
             mask_work: None,
             capture: !matches!(device_kind, Device::Cpu),
             graph: None,
@@ -265,7 +269,7 @@ impl<T: Precision> TrainStep<T> {
         // Every rank averages its gradients; a non-finite loss (the ranks' mean, the same on every
         // rank) makes every rank's device skip the update.
         if let Some(dp) = self.data_parallel.as_ref() {
-            dp.average_gradients(&mut self.grads.data)?;
+            dp.average(&mut self.grads.data)?;
         }
         Ok(())
     }
@@ -298,9 +302,19 @@ impl<T: Precision> TrainStep<T> {
         }
         match &self.data_parallel {
             None => ws.loss(&pass).map_err(err)?,
-            Some(dp) => {
+            // The cpu device's loss, and --local-loss's (the device kernels score every row),
+            // run on the host; a GPU device's full loss over the gathered batch on the device.
+            Some(dp) if dp.local_loss || matches!(self.device, Device::Cpu) => {
                 let dim = self.clip.cfg.embed_dim;
                 ws.loss_on_host(&pass, |image, text, scale| dp.loss(image, text, scale, dim))?;
+            }
+            Some(dp) => {
+                let (n, dim) = (ws.n, self.clip.cfg.embed_dim);
+                if !self.gathered.as_ref().is_some_and(|g| g.fits(dp.ranks(), n, dim)) {
+                    self.gathered = Some(DeviceLoss::new(&self.device, dp.ranks(), n, dim)?);
+                }
+                let gathered = self.gathered.as_mut().expect("allocated above");
+                ws.loss_with(&pass, |io| gathered.run(dp, &self.device, io))?;
             }
         }
         let g = &mut self.grads.data;

@@ -4,8 +4,9 @@
 //! samples against all of them, and with `--gather-with-grad` the gathered features' gradients
 //! are summed back over ranks (the backward of `torch.distributed.nn.all_gather`) before a rank
 //! keeps the rows of its own samples. With the gradient average that follows
-//! (`DataParallel::average_gradients`, DDP's), N ranks with batch b get the loss and gradients
-//! of one process with batch N·b.
+//! (`DataParallel::average`, DDP's), N ranks with batch b get the loss and gradients of one
+//! process with batch N·b. The GPU devices compute the loss without `--local-loss` on the device
+//! instead (`device_loss.rs`).
 
 use clip_pgs_host::ops::clip_loss::{HostLossOut, clip_loss_local, clip_loss_workspace};
 

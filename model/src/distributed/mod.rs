@@ -1,8 +1,9 @@
 //! Data-parallel training across processes, as open_clip runs it under torchrun: every rank holds
 //! the whole model, trains on its own share of each batch (`data::loader::rank_share`), gathers
-//! every rank's features for the contrastive loss (`loss.rs`: `--gather-with-grad`,
-//! `--local-loss`) and averages the gradients before AdamW, so that the ranks' parameters stay
-//! identical and N ranks with batch b follow one process with batch N·b.
+//! every rank's features for the contrastive loss (`loss.rs` on the host, `device_loss.rs` on a
+//! GPU device: `--gather-with-grad`, `--local-loss`) and averages the gradients before AdamW, so
+//! that the ranks' parameters stay identical and N ranks with batch b follow one process with
+//! batch N·b.
 //!
 //! The processes talk through one collective interface ([`Collective`]), implemented by MPI
 //! (`mpi.rs`, cargo feature `mpi`): the launcher (`mpirun`, `srun`) starts the processes and
@@ -10,6 +11,7 @@
 //! ([`Solo`]) and needs no MPI library. Every collective of a job is bounded in time
 //! (`watchdog.rs`): a rank that hangs ends the job.
 
+pub mod device_loss;
 pub mod loss;
 #[cfg(feature = "mpi")]
 pub mod mpi;
@@ -113,22 +115,56 @@ impl DataParallel {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
-    /// DDP's gradient all-reduce: the mean of every rank's gradients, on every rank. A GPU
-    /// buffer goes through NCCL where there is one, else through the host.
-    pub fn average_gradients(&self, grads: &mut Buffer<f32>) -> Result<(), String> {
+    /// The mean over ranks of a device buffer, on every rank: DDP's gradient all-reduce, and the
+    /// logged loss.
+    pub fn average(&self, values: &mut Buffer<f32>) -> Result<(), String> {
+        #[cfg(feature = "nccl")]
+        if let (Buffer::Cuda(v), Some(nccl)) = (&mut *values, &self.nccl) {
+            return nccl.all_reduce_mean(v);
+        }
         let scale = 1.0 / self.ranks() as f32;
-        let average = |g: &mut [f32]| {
-            self.world.all_reduce_sum(g);
-            g.iter_mut().for_each(|v| *v *= scale);
-        };
-        match grads {
-            Buffer::Cpu(g) | Buffer::Emu(g) => average(g),
-            #[cfg(feature = "nccl")]
-            Buffer::Cuda(g) if self.nccl.is_some() => self.nccl.as_ref().map_or(Ok(()), |n| n.all_reduce_mean(g))?,
+        self.in_host_memory(values, |v| {
+            self.world.all_reduce_sum(v);
+            v.iter_mut().for_each(|v| *v *= scale);
+        })
+    }
+
+    /// The sum over ranks of a device buffer, on every rank (`--gather-with-grad`'s backward).
+    pub fn all_reduce_sum(&self, values: &mut Buffer<f32>) -> Result<(), String> {
+        #[cfg(feature = "nccl")]
+        if let (Buffer::Cuda(v), Some(nccl)) = (&mut *values, &self.nccl) {
+            return nccl.all_reduce_sum(v);
+        }
+        self.in_host_memory(values, |v| self.world.all_reduce_sum(v))
+    }
+
+    /// Every rank's device buffer `local` (of the same length) into `all`, in rank order.
+    pub fn all_gather(&self, local: &Buffer<f32>, all: &mut Buffer<f32>) -> Result<(), String> {
+        #[cfg(feature = "nccl")]
+        if let (Buffer::Cuda(l), Buffer::Cuda(a), Some(nccl)) = (local, &mut *all, &self.nccl) {
+            return nccl.all_gather(l, a);
+        }
+        let staged;
+        let local = match local {
+            Buffer::Cpu(l) | Buffer::Emu(l) => l.as_slice(),
             Buffer::Cuda(_) => {
-                let mut host = grads.to_vec().map_err(|e| e.to_string())?;
-                average(&mut host);
-                grads.write(clip_pgs_host::Span::new(0, host.len()), &host).map_err(|e| e.to_string())?;
+                staged = local.to_vec().map_err(|e| e.to_string())?;
+                staged.as_slice()
+            }
+        };
+        self.in_host_memory(all, |a| self.world.all_gather(local, a))
+    }
+
+    /// Where the MPI collectives meet a device buffer: the cpu's and the emulator's memory is the
+    /// host's, so they run on it in place; a cuda buffer without NCCL goes through a host copy
+    /// (a read that waits for the GPU, and a write back).
+    fn in_host_memory(&self, values: &mut Buffer<f32>, f: impl FnOnce(&mut [f32])) -> Result<(), String> {
+        match values {
+            Buffer::Cpu(v) | Buffer::Emu(v) => f(v),
+            Buffer::Cuda(_) => {
+                let mut host = values.to_vec().map_err(|e| e.to_string())?;
+                f(&mut host);
+                values.write(clip_pgs_host::Span::new(0, host.len()), &host).map_err(|e| e.to_string())?;
             }
         }
         Ok(())

@@ -1,6 +1,7 @@
-//! NCCL for device buffers (cargo feature `nccl`): on `--device cuda` the gradient all-reduce runs
-//! between the GPUs (NVLink, InfiniBand) instead of through host memory and MPI. MPI starts the
-//! ranks and carries NCCL's unique id from rank 0 to the others, as llm.c does.
+//! NCCL for device buffers (cargo feature `nccl`): on `--device cuda` the gradient all-reduce and
+//! the contrastive loss's collectives run between the GPUs (NVLink, InfiniBand) instead of
+//! through host memory and MPI. MPI starts the ranks and carries NCCL's unique id from rank 0 to
+//! the others, as llm.c does.
 
 use std::sync::Arc;
 
@@ -32,6 +33,21 @@ impl Nccl {
 
     /// The mean over ranks of `values`, in place, queued on the communicator's stream.
     pub fn all_reduce_mean(&self, values: &mut CudaSlice<f32>) -> Result<(), String> {
-        self.0.all_reduce_in_place(values, &ReduceOp::Avg).map(|_| ()).map_err(|e| format!("NCCL all-reduce: {e:?}"))
+        self.all_reduce(values, ReduceOp::Avg)
+    }
+
+    /// The sum over ranks of `values`, in place, queued on the communicator's stream.
+    pub fn all_reduce_sum(&self, values: &mut CudaSlice<f32>) -> Result<(), String> {
+        self.all_reduce(values, ReduceOp::Sum)
+    }
+
+    fn all_reduce(&self, values: &mut CudaSlice<f32>, op: ReduceOp) -> Result<(), String> {
+        self.0.all_reduce_in_place(values, &op).map(|_| ()).map_err(|e| format!("NCCL all-reduce: {e:?}"))
+    }
+
+    /// Every rank's `local` (of the same length) into `all`, in rank order, queued on the
+    /// communicator's stream.
+    pub fn all_gather(&self, local: &CudaSlice<f32>, all: &mut CudaSlice<f32>) -> Result<(), String> {
+        self.0.all_gather(local, all).map(|_| ()).map_err(|e| format!("NCCL all-gather: {e:?}"))
     }
 }
