@@ -1,7 +1,7 @@
 //! The CUDA device: one context, one stream, and the kernels of the embedded PTX module.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
@@ -46,8 +46,8 @@ pub struct CudaRuntime {
     cublaslt: Mutex<Option<Arc<CublasLt>>>,
     /// Ops' scratch memory (`Device::with_scratch`).
     pub(crate) scratch: Mutex<Option<Buffer<f32>>>,
-    /// Set once a graph holds the scratch memory's address: it may no longer move.
-    pub(crate) scratch_frozen: AtomicBool,
+    /// Captured graphs alive: while one holds the scratch memory's address, it may not move.
+    pub(crate) graphs_alive: Arc<AtomicUsize>,
 }
 
 impl CudaRuntime {
@@ -87,13 +87,8 @@ impl CudaRuntime {
             limits,
             cublaslt: Mutex::new(None),
             scratch: Mutex::new(None),
-            scratch_frozen: AtomicBool::new(false),
+            graphs_alive: Arc::new(AtomicUsize::new(0)),
         }))
-    }
-
-    /// A captured graph now holds the scratch memory's address (`Device::with_scratch`).
-    pub(crate) fn freeze_scratch(&self) {
-        self.scratch_frozen.store(true, Ordering::SeqCst);
     }
 
     /// cuBLASLt on this GPU's stream (opened on first use).

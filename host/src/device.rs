@@ -187,15 +187,15 @@ impl Device {
     /// grown when a larger one is asked for (so a steady-state step allocates nothing). For ops
     /// whose library call overwrites what the op accumulates (cuBLASLt's BGRADB).
     pub fn with_scratch<R>(&self, len: usize, f: impl FnOnce(crate::view::ViewMut<f32>) -> Result<R>) -> Result<R> {
-        let (slot, frozen) = match self {
+        let (slot, graphs) = match self {
             Device::Cpu => return Err(Error::InvalidArgument("the cpu device keeps no scratch memory".into())),
-            Device::Cuda(rt) => (&rt.scratch, &rt.scratch_frozen),
-            Device::Emu(rt) => (&rt.scratch, &rt.scratch_frozen),
+            Device::Cuda(rt) => (&rt.scratch, &rt.graphs_alive),
+            Device::Emu(rt) => (&rt.scratch, &rt.graphs_alive),
         };
         let mut slot = slot.lock().expect("scratch lock");
         if slot.as_ref().is_none_or(|b| b.len() < len) {
             // A captured graph holds the scratch memory's address: it must not move.
-            if frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            if graphs.load(std::sync::atomic::Ordering::SeqCst) > 0 {
                 return Err(Error::Capture(format!(
                     "{len} floats of scratch memory asked for, more than the {} a captured graph holds",
                     slot.as_ref().map_or(0, |b| b.len())

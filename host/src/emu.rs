@@ -3,7 +3,7 @@
 //! host memory. It is for checking kernels — logic, indexing, barriers, races, traffic — not for
 //! speed: a kernel runs orders of magnitude slower than on a GPU, and slower than the CPU device.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::LaunchConfig;
@@ -28,8 +28,8 @@ pub struct EmuRuntime {
     gemms: Mutex<Option<Vec<GemmRecord>>>,
     /// The work recorded since `Device::begin_capture`, while capturing.
     recording: Mutex<Option<Vec<Recorded>>>,
-    /// Set once a graph holds the scratch memory's address: it may no longer move.
-    pub(crate) scratch_frozen: AtomicBool,
+    /// Captured graphs alive: while one holds the scratch memory's address, it may not move.
+    pub(crate) graphs_alive: Arc<AtomicUsize>,
 }
 
 /// One cuBLASLt matmul the emulator's interpreter ran: its work and the bytes it must move.
@@ -51,7 +51,7 @@ impl EmuRuntime {
             scratch: Mutex::new(None),
             gemms: Mutex::new(None),
             recording: Mutex::new(None),
-            scratch_frozen: AtomicBool::new(false),
+            graphs_alive: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -65,7 +65,6 @@ impl EmuRuntime {
     }
 
     pub(crate) fn end_recording(&self) -> Result<Vec<Recorded>> {
-        self.scratch_frozen.store(true, Ordering::SeqCst);
         let work = self.recording.lock().expect("recording lock").take();
         work.ok_or_else(|| Error::Capture("no capture was started on the emulator".into()))
     }

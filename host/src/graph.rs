@@ -11,6 +11,7 @@
 
 use std::cell::Cell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cudarc::driver::CudaGraph;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -78,7 +79,27 @@ impl<T> Address<T> {
 }
 
 /// Device work captured once, replayed by `replay`.
-pub struct Graph(Captured);
+pub struct Graph {
+    captured: Captured,
+    _scratch: ScratchHold,
+}
+
+/// Counts a graph in its runtime's graphs alive while it exists: the scratch memory it may use
+/// (`Device::with_scratch`) does not move until every graph is dropped.
+struct ScratchHold(Arc<AtomicUsize>);
+
+impl ScratchHold {
+    fn new(graphs_alive: &Arc<AtomicUsize>) -> ScratchHold {
+        graphs_alive.fetch_add(1, Ordering::SeqCst);
+        ScratchHold(graphs_alive.clone())
+    }
+}
+
+impl Drop for ScratchHold {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 // SAFETY: CUDA graph objects may be used from any thread when calls on one are serialized
 // (CUDA's "graph thread safety"): `replay` takes `&mut self`, and Graph is not Sync.
@@ -116,15 +137,14 @@ impl Device {
             Device::Cpu => Err(Error::InvalidArgument("graph capture is for the GPU devices (cuda, emu)".into())),
             Device::Cuda(rt) => {
                 let graph = rt.stream.end_capture(CUgraphInstantiate_flags(0)).during("ending a graph capture")?;
-                rt.freeze_scratch();
-                graph
-                    .map(|g| Graph(Captured::Cuda(g)))
-                    .ok_or_else(|| Error::Capture("the capture recorded no work".into()))
+                let graph = graph.ok_or_else(|| Error::Capture("the capture recorded no work".into()))?;
+                Ok(Graph { captured: Captured::Cuda(graph), _scratch: ScratchHold::new(&rt.graphs_alive) })
             }
             Device::Emu(rt) => {
                 CAPTURING.set(false);
                 let work = rt.end_recording()?;
-                Ok(Graph(Captured::Emu { runtime: rt.clone(), work }))
+                let scratch = ScratchHold::new(&rt.graphs_alive);
+                Ok(Graph { captured: Captured::Emu { runtime: rt.clone(), work }, _scratch: scratch })
             }
         }
     }
@@ -137,7 +157,7 @@ impl Graph {
     /// Every buffer the captured work used is still allocated where it was (a graph holds
     /// addresses, not buffers), and holds what the work expects.
     pub unsafe fn replay(&mut self) -> Result<()> {
-        match &mut self.0 {
+        match &mut self.captured {
             Captured::Cuda(graph) => graph.launch().during("launching a captured graph"),
             Captured::Emu { runtime, work } => work.iter_mut().try_for_each(|w| w(runtime)),
         }
@@ -145,7 +165,7 @@ impl Graph {
 
     /// The pieces of work recorded (launches, matmuls, copies), on `emu`; None on CUDA.
     pub fn recorded(&self) -> Option<usize> {
-        match &self.0 {
+        match &self.captured {
             Captured::Cuda(_) => None,
             Captured::Emu { work, .. } => Some(work.len()),
         }
@@ -186,5 +206,18 @@ mod tests {
         // SAFETY: x and y are where they were at capture.
         unsafe { graph.replay() }.unwrap();
         assert_eq!(x.to_vec().unwrap(), [2.0; 5], "the fill, then the copy, replayed in order");
+    }
+
+    #[test]
+    fn scratch_memory_stays_put_while_a_graph_lives() {
+        let emu = Device::Emu(EmuRuntime::new(Options::default()));
+        emu.with_scratch(8, |_| Ok(())).unwrap();
+        emu.begin_capture().unwrap();
+        emu.with_scratch(8, |_| Ok(())).unwrap();
+        let graph = emu.end_capture().unwrap();
+        let e = emu.with_scratch(16, |_| Ok(())).unwrap_err().to_string();
+        assert!(e.contains("16 floats of scratch memory asked for, more than the 8 a captured graph holds"), "{e}");
+        drop(graph);
+        emu.with_scratch(16, |_| Ok(())).unwrap();
     }
 }

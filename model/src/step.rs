@@ -174,7 +174,8 @@ impl<T: Precision> TrainStep<T> {
         }
         let (_, graph) = self.graph.as_mut().expect("captured above");
         // SAFETY: the key holds the address of every buffer the captured work uses, and they are
-        // the same now: this step owns them (the runtime's scratch memory is frozen by capture).
+        // the same now: this step owns them (and the runtime's scratch memory does not move
+        // while a graph lives).
         unsafe { graph.replay() }.map_err(err)?;
         self.grads_zero = true;
         Ok(())
