@@ -205,11 +205,10 @@ kernel! {
             };
             // 16-byte alignment: the f32 arrays at element 0 of a 4-group, the copy at an 8-byte
             // boundary (element offsets within a 32-byte sector).
-            let at = |offset: usize, per_group: usize| offset % per_group;
             let aligned = [g.sector_offset(), m.sector_offset(), v.sector_offset(), p.sector_offset()]
                 .iter()
-                .all(|&o| at(o, 4) == 0)
-                && (!with_copy || at(copy.sector_offset(), 4) == 0);
+                .all(|&o| o % 4 == 0)
+                && (!with_copy || copy.sector_offset() % 4 == 0);
             let groups = if aligned { n / 4 } else { 0 };
             let (p4, g4, m4, v4) = (p.cast::<F32x4>(), g.cast::<F32x4>(), m.cast::<F32x4>(), v.cast::<F32x4>());
             let copy4 = copy.cast::<Bf16x4>();

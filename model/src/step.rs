@@ -113,7 +113,7 @@ impl<T: Precision> TrainStep<T> {
             }
         };
         let workspace = Workspace::new(&clip, &device, batch, batch.div_ceil(accum.max(1))).map_err(err)?;
-        let device_kind = device.clone();
+        let capture = !matches!(device, Device::Cpu);
         Ok(TrainStep {
             device,
             clip,
@@ -127,7 +127,7 @@ impl<T: Precision> TrainStep<T> {
             data_parallel: None,
             gathered: None,
             mask_work: None,
-            capture: !matches!(device_kind, Device::Cpu),
+            capture,
             graph: None,
             warm: None,
         })
