@@ -98,9 +98,10 @@ pub const TILE: usize = 64;
 /// 16-key steps of a key tile (mma k-steps of P·V).
 const KT: usize = TILE / 16;
 
-/// Dynamic shared memory of a launch for head dim `d`: the Q, K and V tiles.
-pub const fn shared_bytes(d: usize) -> u32 {
-    (3 * TILE * d * 2) as u32
+/// Dynamic shared memory of a forward launch for head dim `d` holding `key_tiles` K and V tiles
+/// at once (resident: ⌈S/64⌉; else 1): the Q tile and those.
+pub const fn shared_bytes(d: usize, key_tiles: usize) -> u32 {
+    ((1 + 2 * key_tiles) * TILE * d * 2) as u32
 }
 
 /// The backward's: K, V, Q and dO tiles, dSᵀ (64 × 64 bf16), lse and δ of the query tile (f32).
@@ -277,7 +278,8 @@ impl Head {
     }
 }
 
-/// The forward pass of one block, head dim 16·DK.
+/// The forward pass of one block, head dim 16·DK: resident, every query tile of its sequence with
+/// key tile j kept in slot j once loaded; else query tile `block_x`, every key tile in slot 0.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn forward<const DK: usize>(
@@ -287,111 +289,130 @@ unsafe fn forward<const DK: usize>(
     (lengths, offsets): (Global<u32>, Global<u32>),
     seq: u32,
     heads: u32,
-    causal: u32,
+    (causal, resident): (u32, u32),
     scale: f32,
 ) {
-    let (seq, heads, causal) = (seq as usize, heads as usize, causal != 0);
-    let (q0, h, b) = (TILE * block_x(), block_y(), block_z());
+    let (seq, heads, causal, resident) = (seq as usize, heads as usize, causal != 0, resident != 0);
+    let (h, b) = (block_y(), block_z());
     // SAFETY: the caller's contract (buffer sizes, grid, shared memory).
     unsafe {
         let head = Head::new(Sequence::of(lengths, offsets, b, seq), h, heads, 16 * DK);
         let len = head.len;
         let tiles = dynamic_shared::<Bf16>();
-        let (q_s, k_s, v_s) = (Tile::<DK>::nth(tiles, 0), Tile::<DK>::nth(tiles, 1), Tile::<DK>::nth(tiles, 2));
-        if q0 >= len {
-            write_padding::<DK>(out, lse, head, q0);
-            return;
-        }
-        q_s.load(head.qkv(qkv, 0, q0), 3 * head.width, head.valid(q0));
-        cp_async_commit();
-        cp_async_wait::<0>();
-        sync_threads();
+        let q_s = Tile::<DK>::nth(tiles, 0);
+        // Key tile j's K and V: slots 1 + 2j and 2 + 2j when resident, else 1 and 2 for every j.
+        let kv = |j: usize| {
+            let slot = if resident { j } else { 0 };
+            (Tile::<DK>::nth(tiles, 1 + 2 * slot), Tile::<DK>::nth(tiles, 2 + 2 * slot))
+        };
+        let (mut q0, q_last) = if resident { (0, head.rows) } else { (TILE * block_x(), TILE * block_x() + 1) };
+        let mut loaded = 0; // key tiles resident in their slots
         let rows0 = 16 * warp();
-
         let (g, t) = (lane() / 4, lane() % 4);
-        let query = |i: usize| q0 + rows0 + g + 8 * (i / 2);
-        let k_end = if causal { len.min(q0 + TILE) } else { len };
         let scale2 = scale * core::f32::consts::LOG2_E;
-        let mut o = [[[0.0f32; 4]; 2]; DK];
-        let (mut m, mut l) = ([f32::NEG_INFINITY; 2], [0.0f32; 2]);
-        let mut k0 = 0;
-        while k0 < k_end {
-            sync_threads(); // every warp is done with the previous K and V tiles
-            let valid = head.valid(k0);
-            k_s.load(head.qkv(qkv, 1, k0), 3 * head.width, valid);
+        while q0 < q_last {
+            if q0 >= len {
+                write_padding::<DK>(out, lse, head, q0);
+                q0 += TILE;
+                continue;
+            }
+            sync_threads(); // every warp is done with the previous query tile's Q rows (its O)
+            q_s.load(head.qkv(qkv, 0, q0), 3 * head.width, head.valid(q0));
             cp_async_commit();
-            v_s.load(head.qkv(qkv, 2, k0), 3 * head.width, valid);
-            cp_async_commit();
-            cp_async_wait::<1>();
-            sync_threads();
-
-            // S = Q·Kᵀ, s[kk][n]: keys 16kk + 8n …, scaled to base 2 and masked.
-            let mut s = [[[0.0f32; 4]; 2]; KT];
-            unrolled::<DK>(|dk| {
-                let q = q_s.a(rows0, dk);
-                unrolled::<KT>(|kk| {
-                    let kf = k_s.b_rows(16 * kk, dk);
-                    s[kk][0] = mma_bf16_m16n8k16(q, [kf[0], kf[1]], s[kk][0]);
-                    s[kk][1] = mma_bf16_m16n8k16(q, [kf[2], kf[3]], s[kk][1]);
-                })
-            });
-            let mut max = m;
-            each_score::<KT>(|kk, n, i| {
-                let key = k0 + 16 * kk + 8 * n + 2 * t + i % 2;
-                let visible = key < len && (!causal || key <= query(i));
-                let x = &mut s[kk][n][i];
-                *x = if visible { *x * scale2 } else { f32::NEG_INFINITY };
-                max[i / 2] = max[i / 2].max(*x);
-            });
-            // Online softmax: the row's 4 lanes agree on the new maximum, rescale ℓ and O.
-            let mut factor = [1.0f32; 2];
-            unrolled::<2>(|r| {
-                max[r] = max[r].max(shfl_xor(u32::MAX, max[r], 1));
-                max[r] = max[r].max(shfl_xor(u32::MAX, max[r], 2));
-                if max[r] != m[r] {
-                    factor[r] = ex2_approx(m[r] - max[r]);
-                }
-                l[r] *= factor[r];
-            });
-            m = max;
-            each_score::<KT>(|kk, n, i| {
-                s[kk][n][i] = ex2_approx(s[kk][n][i] - m[i / 2]);
-                l[i / 2] += s[kk][n][i];
-            });
-            each_score::<DK>(|dp, n, i| o[dp][n][i] *= factor[i / 2]);
-
-            // O += P·V: P's k-step kk is the accumulator pair s[kk] as bf16.
             cp_async_wait::<0>();
             sync_threads();
-            unrolled::<KT>(|kk| {
-                let [lo, hi] = s[kk];
-                let p = [bf16x2(lo[0], lo[1]), bf16x2(lo[2], lo[3]), bf16x2(hi[0], hi[1]), bf16x2(hi[2], hi[3])];
-                unrolled::<DK>(|dp| {
-                    let vf = v_s.b_cols(16 * kk, dp);
-                    o[dp][0] = mma_bf16_m16n8k16(p, [vf[0], vf[1]], o[dp][0]);
-                    o[dp][1] = mma_bf16_m16n8k16(p, [vf[2], vf[3]], o[dp][1]);
-                })
-            });
-            k0 += TILE;
-        }
 
-        // ℓ of the whole row, then O/ℓ (0 in padding rows) by way of this warp's rows of the Q
-        // tile; the lse by the lanes of column pair 0.
-        unrolled::<2>(|r| {
-            l[r] += shfl_xor(u32::MAX, l[r], 1);
-            l[r] += shfl_xor(u32::MAX, l[r], 2);
-        });
-        let inv = [0, 1].map(|r| if query(2 * r) < len { 1.0 / l[r] } else { 0.0 });
-        let first = (head.row0 + q0 + rows0) * head.width + head.col;
-        store_rows(q_s, rows0, &o, inv, out, first, head.width, head.rows.saturating_sub(q0 + rows0));
-        if t == 0 {
-            unrolled::<2>(|r| {
-                let i = query(2 * r);
-                if i < head.rows {
-                    let v = if i < len { (m[r] + lg2_approx(l[r])) * core::f32::consts::LN_2 } else { 0.0 };
-                    lse.store(head.lse0 + i, v);
+            let query = |i: usize| q0 + rows0 + g + 8 * (i / 2);
+            let k_end = if causal { len.min(q0 + TILE) } else { len };
+            let mut o = [[[0.0f32; 4]; 2]; DK];
+            let (mut m, mut l) = ([f32::NEG_INFINITY; 2], [0.0f32; 2]);
+            let mut k0 = 0;
+            while k0 < k_end {
+                let (k_s, v_s) = kv(k0 / TILE);
+                let fresh = !resident || k0 / TILE >= loaded;
+                if fresh {
+                    sync_threads(); // not resident: every warp is done with the previous key tile
+                    let valid = head.valid(k0);
+                    k_s.load(head.qkv(qkv, 1, k0), 3 * head.width, valid);
+                    cp_async_commit();
+                    v_s.load(head.qkv(qkv, 2, k0), 3 * head.width, valid);
+                    cp_async_commit();
+                    cp_async_wait::<1>();
+                    sync_threads();
+                    loaded = k0 / TILE + 1;
                 }
+
+                // S = Q·Kᵀ, s[kk][n]: keys 16kk + 8n …, scaled to base 2 and masked.
+                let mut s = [[[0.0f32; 4]; 2]; KT];
+                unrolled::<DK>(|dk| {
+                    let q = q_s.a(rows0, dk);
+                    unrolled::<KT>(|kk| {
+                        let kf = k_s.b_rows(16 * kk, dk);
+                        s[kk][0] = mma_bf16_m16n8k16(q, [kf[0], kf[1]], s[kk][0]);
+                        s[kk][1] = mma_bf16_m16n8k16(q, [kf[2], kf[3]], s[kk][1]);
+                    })
+                });
+                let mut max = m;
+                each_score::<KT>(|kk, n, i| {
+                    let key = k0 + 16 * kk + 8 * n + 2 * t + i % 2;
+                    let visible = key < len && (!causal || key <= query(i));
+                    let x = &mut s[kk][n][i];
+                    *x = if visible { *x * scale2 } else { f32::NEG_INFINITY };
+                    max[i / 2] = max[i / 2].max(*x);
+                });
+                // Online softmax: the row's 4 lanes agree on the new maximum, rescale ℓ and O.
+                let mut factor = [1.0f32; 2];
+                unrolled::<2>(|r| {
+                    max[r] = max[r].max(shfl_xor(u32::MAX, max[r], 1));
+                    max[r] = max[r].max(shfl_xor(u32::MAX, max[r], 2));
+                    if max[r] != m[r] {
+                        factor[r] = ex2_approx(m[r] - max[r]);
+                    }
+                    l[r] *= factor[r];
+                });
+                m = max;
+                each_score::<KT>(|kk, n, i| {
+                    s[kk][n][i] = ex2_approx(s[kk][n][i] - m[i / 2]);
+                    l[i / 2] += s[kk][n][i];
+                });
+                each_score::<DK>(|dp, n, i| o[dp][n][i] *= factor[i / 2]);
+
+                // O += P·V: P's k-step kk is the accumulator pair s[kk] as bf16.
+                if fresh {
+                    cp_async_wait::<0>();
+                    sync_threads();
+                }
+                unrolled::<KT>(|kk| {
+                    let [lo, hi] = s[kk];
+                    let p = [bf16x2(lo[0], lo[1]), bf16x2(lo[2], lo[3]), bf16x2(hi[0], hi[1]), bf16x2(hi[2], hi[3])];
+                    unrolled::<DK>(|dp| {
+                        let vf = v_s.b_cols(16 * kk, dp);
+                        o[dp][0] = mma_bf16_m16n8k16(p, [vf[0], vf[1]], o[dp][0]);
+                        o[dp][1] = mma_bf16_m16n8k16(p, [vf[2], vf[3]], o[dp][1]);
+                    })
+                });
+                k0 += TILE;
+            }
+
+            // ℓ of the whole row, then O/ℓ (0 in padding rows) by way of this warp's rows of the Q
+            // tile (only this warp reads them); the lse by the lanes of column pair 0.
+            unrolled::<2>(|r| {
+                l[r] += shfl_xor(u32::MAX, l[r], 1);
+                l[r] += shfl_xor(u32::MAX, l[r], 2);
             });
+            let inv = [0, 1].map(|r| if query(2 * r) < len { 1.0 / l[r] } else { 0.0 });
+            let first = (head.row0 + q0 + rows0) * head.width + head.col;
+            store_rows(q_s, rows0, &o, inv, out, first, head.width, head.rows.saturating_sub(q0 + rows0));
+            if t == 0 {
+                unrolled::<2>(|r| {
+                    let i = query(2 * r);
+                    if i < head.rows {
+                        let v = if i < len { (m[r] + lg2_approx(l[r])) * core::f32::consts::LN_2 } else { 0.0 };
+                        lse.store(head.lse0 + i, v);
+                    }
+                });
+            }
+            q0 += TILE;
         }
     }
 }
@@ -708,12 +729,14 @@ macro_rules! forward_entries {
             /// sequences of S rows, `lengths[b]` (clamped to 1..=S; null: S) valid in sequence
             /// b, lse [B, H, S]; packed: sequence b is rows offsets[b] … offsets[b + 1] − 1 (at
             /// most S), lse [H, its rows] from offsets[b]·H. `causal` != 0 masks keys after the
-            /// query.
+            /// query. `resident` != 0: a block per (head, sequence) keeps the sequence's K and V
+            /// in shared memory; else a block per (query tile, head, sequence).
             ///
             /// # Safety
             /// The buffers hold rows·3·H·D, rows·H·D, rows·H, B (lengths) and B + 1 (offsets)
             /// elements, rows = B·S padded, offsets[B] packed; qkv and out 16-byte aligned; grid
-            /// (⌈S/64⌉, H, B) of `THREADS` threads with `shared_bytes(D)` bytes of dynamic
+            /// (1, H, B) resident, else (⌈S/64⌉, H, B), of `THREADS` threads with
+            /// `shared_bytes(D, ⌈S/64⌉)` resident, else `shared_bytes(D, 1)`, bytes of dynamic
             /// shared memory.
             pub fn $name(
                 out: GlobalMut<Bf16>,
@@ -724,10 +747,12 @@ macro_rules! forward_entries {
                 seq: u32,
                 heads: u32,
                 causal: u32,
+                resident: u32,
                 scale: f32,
             ) {
+                let (sequences, flags) = ((lengths, offsets), (causal, resident));
                 // SAFETY: the caller's contract.
-                unsafe { forward::<$dk>(out, lse, qkv, (lengths, offsets), seq, heads, causal, scale) }
+                unsafe { forward::<$dk>(out, lse, qkv, sequences, seq, heads, flags, scale) }
             }
         }
     )*};

@@ -307,7 +307,7 @@ fn scale(s: AttentionShape) -> f32 {
 
 /// The flash forward's parameter tuple (`kernels/src/flash_attention.rs`).
 type FlashForward =
-    Kernel<(GlobalMut<Bf16>, GlobalMut<f32>, Global<Bf16>, Global<u32>, Global<u32>, u32, u32, u32, f32)>;
+    Kernel<(GlobalMut<Bf16>, GlobalMut<f32>, Global<Bf16>, Global<u32>, Global<u32>, u32, u32, u32, u32, f32)>;
 
 /// The head dims the flash kernels cover, with their entry points.
 fn flash_forward_kernel(head_dim: usize) -> Option<FlashForward> {
@@ -403,13 +403,35 @@ fn address<T>(v: &View<T>) -> usize {
     }
 }
 
+/// How the flash forward's blocks split the work (`kernels/src/flash_attention.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashGrid {
+    /// A block per (head, sequence), the sequence's K and V resident in shared memory: each read
+    /// once. Shared memory `flash::shared_bytes(D, ⌈S/64⌉)`.
+    Resident,
+    /// A block per (64-query tile, head, sequence): K and V read once per query tile, in 3·128·D
+    /// bytes of shared memory whatever S.
+    PerQueryTile,
+}
+
+impl FlashGrid {
+    /// Resident where its shared memory fits the device's per-block limit.
+    pub fn for_shape(device: &Device, s: AttentionShape) -> FlashGrid {
+        let resident = flash::shared_bytes(s.head_dim, s.seq.div_ceil(flash::TILE)) as usize;
+        match device.max_shared_bytes() {
+            Some(limit) if resident <= limit => FlashGrid::Resident,
+            _ => FlashGrid::PerQueryTile,
+        }
+    }
+}
+
 /// Flash attention on a GPU device (`kernels/src/flash_attention.rs`): out [B, S, D] and the
 /// log-sum-exp of the scaled scores lse [B, H, S] (f32, for the backward pass) from bf16 qkv
 /// [B, S, 3D], without the [B, H, S, S] probabilities; the same masks as [`attention_forward`]
 /// (`lengths[b]` valid tokens, causal), or packed sequences ([`Sequences`]). Rows of a sequence
 /// past its length get 0 in out and lse (the unfused path computes them: they attend to the
 /// valid keys, and nothing reads them). qkv and out must start 16-byte aligned; head dims 32,
-/// 64, 128 ([`flash_covers`]).
+/// 64, 128 ([`flash_covers`]). The grid is [`FlashGrid::for_shape`]'s.
 pub fn flash_attention_forward(
     device: &Device,
     out: ViewMut<bf16>,
@@ -417,6 +439,20 @@ pub fn flash_attention_forward(
     qkv: View<bf16>,
     sequences: Sequences,
     s: AttentionShape,
+) -> Result<()> {
+    flash_attention_forward_on(device, out, lse, qkv, sequences, s, FlashGrid::for_shape(device, s))
+}
+
+/// [`flash_attention_forward`] on the grid `grid` (resident beyond the device's shared memory
+/// is refused).
+pub fn flash_attention_forward_on(
+    device: &Device,
+    out: ViewMut<bf16>,
+    lse: ViewMut<f32>,
+    qkv: View<bf16>,
+    sequences: Sequences,
+    s: AttentionShape,
+    grid: FlashGrid,
 ) -> Result<()> {
     let op = OpCheck::new("flash_attention_forward", device);
     let rows = sequences.rows(s, qkv.len());
@@ -430,13 +466,21 @@ pub fn flash_attention_forward(
     if address(&qkv) % 16 != 0 || address(&out.as_view()) % 16 != 0 {
         return Err(op.invalid("qkv and out must start 16-byte aligned (cp.async and vector stores)"));
     }
-    let cfg = LaunchConfig {
-        grid_dim: (s.seq.div_ceil(flash::TILE) as u32, s.heads as u32, s.batch as u32),
-        block_dim: (flash::THREADS, 1, 1),
-        shared_mem_bytes: flash::shared_bytes(s.head_dim),
+    let tiles = s.seq.div_ceil(flash::TILE);
+    let (query_blocks, key_tiles) = match grid {
+        FlashGrid::Resident => (1, tiles),
+        FlashGrid::PerQueryTile => (tiles, 1),
     };
-    let args = (out, lse, qkv, lengths, offsets, s.seq as u32, s.heads as u32, s.causal as u32, scale(s));
-    // SAFETY: sizes checked above; grid, block and shared memory as the kernel requires.
+    let cfg = LaunchConfig {
+        grid_dim: (query_blocks as u32, s.heads as u32, s.batch as u32),
+        block_dim: (flash::THREADS, 1, 1),
+        shared_mem_bytes: flash::shared_bytes(s.head_dim, key_tiles),
+    };
+    let resident = grid == FlashGrid::Resident;
+    let (seq, heads, causal) = (s.seq as u32, s.heads as u32, s.causal as u32);
+    let args = (out, lse, qkv, lengths, offsets, seq, heads, causal, resident as u32, scale(s));
+    // SAFETY: sizes checked above; grid, block and shared memory as the kernel requires for
+    // `resident` (a launch beyond the device's limits is refused before it runs).
     unsafe { device.launch(&kernel, cfg, args) }
 }
 
