@@ -105,6 +105,14 @@ fn flash(device: &Device, qkv: &[f32], layout: Layout, s: AttentionShape, grid: 
 /// (batch, S, heads, causal, lengths).
 type Case = (usize, usize, usize, bool, Option<Vec<u32>>);
 
+/// The forward's grids at a head dim: both, or per query tile alone at 128.
+fn grids(head_dim: usize) -> &'static [FlashGrid] {
+    match head_dim {
+        128 => &[FlashGrid::PerQueryTile],
+        _ => &[FlashGrid::Resident, FlashGrid::PerQueryTile],
+    }
+}
+
 #[test]
 fn flash_forward_matches_the_cpu_attention() {
     let gpu = common::gpu();
@@ -130,10 +138,7 @@ fn flash_forward_matches_the_cpu_attention() {
             let lengths = lengths.as_deref();
             let qkv = qkv_values(s.batch * s.seq * 3 * s.heads * head_dim, *seq as u64);
             let (want_out, want_lse) = (reference_out(&qkv, lengths, s), reference_lse(&qkv, lengths, s));
-            // Up to 64 rows both grids are one block with one K and V slot: the same launch.
-            let grids: &[_] =
-                if *seq > 64 { &[FlashGrid::Resident, FlashGrid::PerQueryTile] } else { &[FlashGrid::Resident] };
-            for &grid in grids {
+            for &grid in grids(head_dim) {
                 let (out, lse) = flash(&gpu, &qkv, Layout::Padded(lengths), s, grid);
                 let at = format!(
                     "{grid:?}, D {head_dim}, B {batch}, S {seq}, H {heads}, causal {causal}, lengths {lengths:?}"
@@ -182,23 +187,29 @@ fn flash_refuses_head_dims_it_does_not_cover() {
 }
 
 /// The grid `flash_attention_forward` picks: resident while Q and the ⌈S/64⌉ K and V tiles fit the
-/// device's 227 KiB (the emulator's H100 limit), 64-row tiles of 2·D bytes: at D = 128 up to S =
-/// 384 (13 tiles of 16 KiB); a resident launch beyond it is refused, not run.
+/// device's 227 KiB (the emulator's H100 limit), 64-row tiles of 2·D bytes: at D = 64 up to S =
+/// 832 (27 tiles of 8 KiB); per query tile at D = 128, which the resident kernels do not cover. A
+/// resident launch beyond either is refused, not run.
 #[test]
 fn flash_grid_is_resident_where_its_shared_memory_fits() {
     let device = Device::Emu(clip_pgs_host::emu::EmuRuntime::new(Default::default()));
-    let shape = |seq| AttentionShape { batch: 1, seq, heads: 1, head_dim: 128, causal: false };
-    assert_eq!(FlashGrid::for_shape(&device, shape(197)), FlashGrid::Resident);
-    assert_eq!(FlashGrid::for_shape(&device, shape(384)), FlashGrid::Resident);
-    assert_eq!(FlashGrid::for_shape(&device, shape(385)), FlashGrid::PerQueryTile);
-    let s = shape(385);
-    let qkv = device.upload(&vec![bf16::ZERO; s.seq * 3 * s.head_dim]).unwrap();
-    let mut out = device.upload(&vec![bf16::ZERO; s.seq * s.head_dim]).unwrap();
-    let mut lse = device.upload(&vec![0.0f32; s.seq]).unwrap();
-    let seqs = Sequences::Padded(None);
-    let (o, l) = (out.view_mut(), lse.view_mut());
-    let e = flash_attention_forward_on(&device, o, l, qkv.view(), seqs, s, FlashGrid::Resident).unwrap_err();
-    assert!(e.to_string().contains("bytes of shared memory per block exceed the limit"), "{e}");
+    let shape = |seq, head_dim| AttentionShape { batch: 1, seq, heads: 1, head_dim, causal: false };
+    assert_eq!(FlashGrid::for_shape(&device, shape(197, 64)), FlashGrid::Resident);
+    assert_eq!(FlashGrid::for_shape(&device, shape(832, 64)), FlashGrid::Resident);
+    assert_eq!(FlashGrid::for_shape(&device, shape(833, 64)), FlashGrid::PerQueryTile);
+    assert_eq!(FlashGrid::for_shape(&device, shape(64, 128)), FlashGrid::PerQueryTile);
+    for (s, why) in [
+        (shape(833, 64), "bytes of shared memory per block exceed the limit"),
+        (shape(64, 128), "head dim 128: the resident flash grid covers 32 and 64"),
+    ] {
+        let qkv = device.upload(&vec![bf16::ZERO; s.seq * 3 * s.head_dim]).unwrap();
+        let mut out = device.upload(&vec![bf16::ZERO; s.seq * s.head_dim]).unwrap();
+        let mut lse = device.upload(&vec![0.0f32; s.seq]).unwrap();
+        let seqs = Sequences::Padded(None);
+        let (o, l) = (out.view_mut(), lse.view_mut());
+        let e = flash_attention_forward_on(&device, o, l, qkv.view(), seqs, s, FlashGrid::Resident).unwrap_err();
+        assert!(e.to_string().contains(why), "{e}");
+    }
 }
 
 /// Bytes the forward must move: out and lse written once, padding rows included (packed sequences
@@ -364,10 +375,8 @@ fn packed_sequences_match_the_cpu_attention() {
         let want_dqkv = reference_dqkv(&qkv, &dout, padded, s);
         let (packed_qkv, packed_dout) = (pack(&qkv, 3 * w, lengths, s.seq), pack(&dout, w, lengths, s.seq));
         let layout = Layout::Packed(lengths);
-        let (out, lse) = flash(&gpu, &packed_qkv, layout, s, FlashGrid::Resident);
-        // The same tiles in the same order: the fallback grid's results are the same bits.
-        let fallback = flash(&gpu, &packed_qkv, layout, s, FlashGrid::PerQueryTile);
-        assert!(fallback == (out.clone(), lse.clone()), "{s:?} {lengths:?}: the per-query-tile grid differs");
+        let forwards: Vec<_> =
+            grids(s.head_dim).iter().map(|&grid| (grid, flash(&gpu, &packed_qkv, layout, s, grid))).collect();
         let dqkv = flash_dqkv(&gpu, &packed_qkv, &packed_dout, layout, s);
         let at = format!("D {head_dim}, S {seq}, H {heads}, causal {causal}, lengths {lengths:?}");
         // Tolerances as the padded tests'.
@@ -377,17 +386,21 @@ fn packed_sequences_match_the_cpu_attention() {
             let len = len as usize;
             for i in 0..len {
                 let (p, r) = (row + i, b * s.seq + i);
-                for c in 0..w {
-                    let (got, want) = (out[p * w + c], want_out[r * w + c]);
-                    assert!((got - want).abs() <= 1e-2, "{at}: out of sequence {b} row {i} [{c}] = {got}, want {want}");
+                for (grid, (out, lse)) in &forwards {
+                    for c in 0..w {
+                        let (got, want) = (out[p * w + c], want_out[r * w + c]);
+                        let ok = (got - want).abs() <= 1e-2;
+                        assert!(ok, "{grid:?} {at}: out of sequence {b} row {i} [{c}] = {got}, want {want}");
+                    }
+                    for h in 0..s.heads {
+                        let (got, want) = (lse[row * s.heads + h * len + i], want_lse[(b * s.heads + h) * s.seq + i]);
+                        let ok = (got - want).abs() <= 1e-4 * want.abs().max(1.0);
+                        assert!(ok, "{grid:?} {at}: lse of {b} head {h} row {i}");
+                    }
                 }
                 for c in 0..3 * w {
                     let (got, want) = (dqkv[p * 3 * w + c], want_dqkv[r * 3 * w + c]);
                     assert!((got - want).abs() <= 2e-2 * scale, "{at}: dqkv of {b} row {i} [{c}] = {got}, want {want}");
-                }
-                for h in 0..s.heads {
-                    let (got, want) = (lse[row * s.heads + h * len + i], want_lse[(b * s.heads + h) * s.seq + i]);
-                    assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{at}: lse of {b} head {h} row {i}");
                 }
             }
             row += len;

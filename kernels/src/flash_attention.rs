@@ -278,60 +278,97 @@ impl Head {
     }
 }
 
-/// The forward pass of one block, head dim 16·DK: resident, every query tile of its sequence with
-/// key tile j kept in slot j once loaded; else query tile `block_x`, every key tile in slot 0.
+/// The forward pass of one block, head dim 16·DK. RESIDENT: query tiles 0, 1, … of its sequence
+/// in turn, key tile j kept in slot j once loaded; else query tile `block_x` alone, every key tile
+/// in slot 0. A constant, so that the per-query-tile kernels have no loop over query tiles to hold
+/// registers across (they are today's kernels).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn forward<const DK: usize>(
+unsafe fn forward<const DK: usize, const RESIDENT: bool>(
     out: GlobalMut<Bf16>,
     lse: GlobalMut<f32>,
     qkv: Global<Bf16>,
     (lengths, offsets): (Global<u32>, Global<u32>),
     seq: u32,
     heads: u32,
-    (causal, resident): (u32, u32),
+    causal: u32,
     scale: f32,
 ) {
-    let (seq, heads, causal, resident) = (seq as usize, heads as usize, causal != 0, resident != 0);
+    let (seq, heads, causal) = (seq as usize, heads as usize, causal != 0);
     let (h, b) = (block_y(), block_z());
     // SAFETY: the caller's contract (buffer sizes, grid, shared memory).
     unsafe {
         let head = Head::new(Sequence::of(lengths, offsets, b, seq), h, heads, 16 * DK);
-        let len = head.len;
-        let tiles = dynamic_shared::<Bf16>();
-        let q_s = Tile::<DK>::nth(tiles, 0);
-        // Key tile j's K and V: slots 1 + 2j and 2 + 2j when resident, else 1 and 2 for every j.
-        let kv = |j: usize| {
-            let slot = if resident { j } else { 0 };
-            (Tile::<DK>::nth(tiles, 1 + 2 * slot), Tile::<DK>::nth(tiles, 2 + 2 * slot))
-        };
-        let (mut q0, q_last) = if resident { (0, head.rows) } else { (TILE * block_x(), TILE * block_x() + 1) };
-        let mut loaded = 0; // key tiles resident in their slots
-        let rows0 = 16 * warp();
-        let (g, t) = (lane() / 4, lane() % 4);
-        let scale2 = scale * core::f32::consts::LOG2_E;
-        while q0 < q_last {
-            if q0 >= len {
+        let block = Forward::<DK> { out, lse, qkv, head, tiles: dynamic_shared::<Bf16>(), causal, scale };
+        if RESIDENT {
+            let (mut q0, mut loaded) = (0, 0);
+            while q0 < head.len {
+                block.query_tile::<true>(q0, &mut loaded);
+                q0 += TILE;
+            }
+            while q0 < head.rows {
                 write_padding::<DK>(out, lse, head, q0);
                 q0 += TILE;
-                continue;
             }
-            sync_threads(); // every warp is done with the previous query tile's Q rows (its O)
+        } else if TILE * block_x() < head.len {
+            block.query_tile::<false>(TILE * block_x(), &mut 0);
+        } else {
+            write_padding::<DK>(out, lse, head, TILE * block_x());
+        }
+    }
+}
+
+/// What a forward block works on: its outputs, qkv, its sequence and head, its shared memory.
+#[derive(Clone, Copy)]
+struct Forward<const DK: usize> {
+    out: GlobalMut<Bf16>,
+    lse: GlobalMut<f32>,
+    qkv: Global<Bf16>,
+    head: Head,
+    tiles: Shared<Bf16>,
+    causal: bool,
+    scale: f32,
+}
+
+impl<const DK: usize> Forward<DK> {
+    /// Query tile q0 (below the length) against its key tiles: `loaded` of them are already in
+    /// their slots when RESIDENT (key tile j in slot j, Q in slot 0 before them), the rest are
+    /// loaded; else every key tile is loaded into the one slot.
+    #[inline(always)]
+    unsafe fn query_tile<const RESIDENT: bool>(self, q0: usize, loaded: &mut usize) {
+        let Forward { out, lse, qkv, head, tiles, causal, scale } = self;
+        let len = head.len;
+        // SAFETY: the caller's contract (buffer sizes, grid, shared memory).
+        unsafe {
+            // Key tile j's K and V: slots 1 + 2j and 2 + 2j resident, else 1 and 2 for every j.
+            let q_s = Tile::<DK>::nth(tiles, 0);
+            let kv = |j: usize| {
+                let slot = if RESIDENT { j } else { 0 };
+                (Tile::<DK>::nth(tiles, 1 + 2 * slot), Tile::<DK>::nth(tiles, 2 + 2 * slot))
+            };
+            if RESIDENT {
+                sync_threads(); // every warp is done with the previous query tile's Q rows (its O)
+            }
             q_s.load(head.qkv(qkv, 0, q0), 3 * head.width, head.valid(q0));
             cp_async_commit();
             cp_async_wait::<0>();
             sync_threads();
+            let rows0 = 16 * warp();
 
+            let (g, t) = (lane() / 4, lane() % 4);
             let query = |i: usize| q0 + rows0 + g + 8 * (i / 2);
             let k_end = if causal { len.min(q0 + TILE) } else { len };
+            let scale2 = scale * core::f32::consts::LOG2_E;
             let mut o = [[[0.0f32; 4]; 2]; DK];
             let (mut m, mut l) = ([f32::NEG_INFINITY; 2], [0.0f32; 2]);
             let mut k0 = 0;
             while k0 < k_end {
                 let (k_s, v_s) = kv(k0 / TILE);
-                let fresh = !resident || k0 / TILE >= loaded;
+                // Resident: a key tile is loaded by the first query tile that needs it (causal: the
+                // diagonal's; else query tile 0), into a slot no warp reads yet.
+                let fresh = !RESIDENT || k0 / TILE >= *loaded;
                 if fresh {
-                    sync_threads(); // not resident: every warp is done with the previous key tile
+                    sync_threads(); // not resident: every warp is done with the previous K and V tiles
                     let valid = head.valid(k0);
                     k_s.load(head.qkv(qkv, 1, k0), 3 * head.width, valid);
                     cp_async_commit();
@@ -339,7 +376,7 @@ unsafe fn forward<const DK: usize>(
                     cp_async_commit();
                     cp_async_wait::<1>();
                     sync_threads();
-                    loaded = k0 / TILE + 1;
+                    *loaded = k0 / TILE + 1;
                 }
 
                 // S = Q·Kᵀ, s[kk][n]: keys 16kk + 8n …, scaled to base 2 and masked.
@@ -395,7 +432,7 @@ unsafe fn forward<const DK: usize>(
             }
 
             // ℓ of the whole row, then O/ℓ (0 in padding rows) by way of this warp's rows of the Q
-            // tile (only this warp reads them); the lse by the lanes of column pair 0.
+            // tile; the lse by the lanes of column pair 0.
             unrolled::<2>(|r| {
                 l[r] += shfl_xor(u32::MAX, l[r], 1);
                 l[r] += shfl_xor(u32::MAX, l[r], 2);
@@ -412,7 +449,6 @@ unsafe fn forward<const DK: usize>(
                     }
                 });
             }
-            q0 += TILE;
         }
     }
 }
@@ -722,15 +758,16 @@ kernel! {
 }
 
 macro_rules! forward_entries {
-    ($($name:ident: $dk:literal),*) => {$(
+    ($($name:ident: $dk:literal, $resident:literal),*) => {$(
         kernel! {
             /// out [rows, H·D] and lse from qkv [rows, 3·H·D] (bf16), D = 16·DK:
             /// softmax(scale·QKᵀ masked)·V per sequence and head. Padded (`offsets` null): B
             /// sequences of S rows, `lengths[b]` (clamped to 1..=S; null: S) valid in sequence
             /// b, lse [B, H, S]; packed: sequence b is rows offsets[b] … offsets[b + 1] − 1 (at
             /// most S), lse [H, its rows] from offsets[b]·H. `causal` != 0 masks keys after the
-            /// query. `resident` != 0: a block per (head, sequence) keeps the sequence's K and V
-            /// in shared memory; else a block per (query tile, head, sequence).
+            /// query. Resident kernels (`flash_attention_forward_dNN`): a block per (head,
+            /// sequence) keeps the sequence's K and V in shared memory; per query tile
+            /// (`flash_attention_forward_tiles_dNN`): a block per (query tile, head, sequence).
             ///
             /// # Safety
             /// The buffers hold rows·3·H·D, rows·H·D, rows·H, B (lengths) and B + 1 (offsets)
@@ -747,18 +784,22 @@ macro_rules! forward_entries {
                 seq: u32,
                 heads: u32,
                 causal: u32,
-                resident: u32,
                 scale: f32,
             ) {
-                let (sequences, flags) = ((lengths, offsets), (causal, resident));
                 // SAFETY: the caller's contract.
-                unsafe { forward::<$dk>(out, lse, qkv, sequences, seq, heads, flags, scale) }
+                unsafe { forward::<$dk, $resident>(out, lse, qkv, (lengths, offsets), seq, heads, causal, scale) }
             }
         }
     )*};
 }
 
-forward_entries!(flash_attention_forward_d32: 2, flash_attention_forward_d64: 4, flash_attention_forward_d128: 8);
+forward_entries!(
+    flash_attention_forward_d32: 2, true,
+    flash_attention_forward_d64: 4, true,
+    flash_attention_forward_tiles_d32: 2, false,
+    flash_attention_forward_tiles_d64: 4, false,
+    flash_attention_forward_tiles_d128: 8, false
+);
 
 macro_rules! backward_entries {
     ($($name:ident: $dk:literal, $half:literal),*) => {$(
