@@ -10,9 +10,22 @@
 //! them; lse and δ then hold [H, length] per sequence from offsets[b]·H (padded: [B, H, S], the
 //! same formula with S rows a sequence). Blocks of query or key tiles past a sequence's rows exit.
 //!
-//! One block of 4 warps per (64-query tile, head, sequence); warp w owns queries 16w … 16w + 15.
-//! The block loads its Q tile (cp.async) once, then walks the key tiles 0 … ⌈k_end / 64⌉ − 1, k_end = the sequence's length, or
-//! for a causal query tile min(length, last query + 1):
+//! Two grids of blocks of 4 warps, from one kernel body (`RESIDENT`, a constant); warp w owns
+//! queries 16w … 16w + 15 of the block's query tile:
+//! - resident (`flash_attention_forward_d32`, `_d64`): one block per (head, sequence) walks the
+//!   sequence's query tiles 0 … ⌈length / 64⌉ − 1 in turn, the sequence's K and V resident in
+//!   shared memory: key tile j lives in slot j, loaded the first time a query tile needs it
+//!   (causal: query tile j; else all during query tile 0) and never again, so K and V are read
+//!   once per (sequence, head). Each query tile starts after a barrier (every warp has written its
+//!   previous O out of the Q tile) and loads its Q tile.
+//! - per query tile (`flash_attention_forward_tiles_d32`, `_d64`, `_d128`), the fallback where
+//!   the resident shared memory exceeds the device's per-block limit (long sequences) and at D =
+//!   128 (its resident kernel spilled on sm_90): one block per (64-query tile, head, sequence),
+//!   every key tile loaded into one slot, so K and V are read once per query tile.
+//!
+//! A query tile loads its Q tile (cp.async) once, then walks the key tiles 0 … ⌈k_end / 64⌉ − 1,
+//! k_end = the sequence's length, or for a causal query tile min(length, last query + 1); a key
+//! tile that is not yet in its slot goes through step 1:
 //! 1. K and V tiles into shared memory by cp.async, in two commit groups, so that V is still in
 //!    flight while the scores are computed;
 //! 2. S = Q·Kᵀ (16 × 64 per warp: 8 n-tiles of `mma.m16n8k16`, Q and K read by `ldmatrix`: Q's
@@ -33,23 +46,31 @@
 //! key tiles past k_end are never loaded; the rows of a partial tile past the length are zero-filled in
 //! shared memory instead of read.
 //!
-//! Shared memory: the Q, K and V tiles, 64 × D bf16 each (3·128·D bytes: 12, 24, 48 KiB for D =
-//! 32, 64, 128). Registers (ptxas, sm_80 / sm_90): 128 / 126, 163 / 147, 191 / 185 for D = 32,
-//! 64, 128, no spills: O is D/2 f32 per thread, S 32. The backward's: K, V, Q, dO (64 × D each),
+//! Shared memory: the Q tile and the K and V slots, 64 × D bf16 each, 128·D·(1 + 2·⌈S/64⌉) bytes
+//! resident (72 KiB at ViT-B/16's S = 197 and D = 64, 40 KiB at S = 77 or 99), 3·128·D per
+//! query tile (12, 24, 48 KiB for D = 32, 64, 128). Registers (ptxas, sm_80 / sm_90), no spills:
+//! resident 164 / 167, 182 / 226 for D = 32, 64; per query tile 128 / 122, 163 / 148, 201 / 193
+//! for D = 32, 64, 128 (O is D/2 f32 per thread, S 32; the loop over query tiles holds its
+//! invariants across it, which is why the per-query-tile kernels do not have one). Parallelism:
+//! B·H resident blocks (ViT-B/16 at batch 256: 3072) against an H100's 132 SMs; 226 registers
+//! allow 2 blocks (8 warps) an SM on sm_90, the 72 KiB of S = 197 would allow 3: about 12 waves,
+//! each block's query tiles in series. The backward's: K, V, Q, dO (64 × D each),
 //! dSᵀ (64 × 64) and the tile's lse and δ, 4·128·D + 8704 bytes (above 48 KiB at D = 128: the
 //! launch raises the limit), its Q and dO tiles reused as the f32 dQ staging tile (64 × D);
 //! registers 244 / 178, 253 / 255, 112 / 142, no spills. Each row's 16-byte chunks are swizzled
 //! (chunk c of row r at c ⊕ (r mod 8), for D = 32 at c ⊕ (⌊r/2⌋ mod 4)) so that the 8 rows an
 //! `ldmatrix` phase reads, and the 8 chunks of a cp.async phase, fall on distinct banks.
 //!
-//! Memory traffic, analytic minimum of a query tile with q valid queries visiting key tiles of k_i
-//! valid keys: 2·D·(q + 2·Σ k_i) bytes read (Q once, K and V once per query tile), 2·D·q + 4·64
-//! written (O and lse); qkv rows are whole sectors (2·D bytes at 64-byte-aligned columns), so
-//! every access uses all of its sectors. On the emulator's counters (`tests/flash_attention_gpu.rs`,
-//! D = 64): 1.008× the minimum at S = 197 with PGS lengths 197, 99, 1; 1.009× for the text
-//! tower's causal 77 (the rest: the lengths' sector per block, lse rows across sectors). Work: 4·D per visible (query, key) pair, plus the masked
-//! part of the diagonal and last tiles.
-
+//! Memory traffic, analytic minimum: 2·D·(q + 2·k) bytes read per (sequence, head), q = k = the
+//! length when resident (Q, K and V once); per query tile, q valid queries visiting key tiles of
+//! k_i valid keys, 2·D·(q + 2·Σ k_i) (K and V once per query tile); 2·D + 4 bytes written a row
+//! (O and lse, padding rows included); qkv rows are whole sectors (2·D bytes at 64-byte-aligned
+//! columns), so every access uses all of its sectors. On the emulator's counters
+//! (`tests/flash_attention_gpu.rs`, D = 64, H = 2), resident: 1.009× its minimum at S = 197 with
+//! PGS lengths 197, 99, 1 (1.011× packed), 1.009× for the text tower's causal 77 (the rest: the
+//! lengths' sector per block, lse rows across sectors); per query tile: 1.008×, 1.012×, 1.009×
+//! its own minimum, which is 1.94×, 2.18× and 1.43× the resident bytes. Work: 4·D per visible
+//! (query, key) pair, plus the masked part of the diagonal and last tiles.
 //!
 //! Backward (FlashAttention-2's, probabilities recomputed from lse), three launches:
 //! 1. `flash_attention_backward_dot`: δ_i = Σ_d dO_id·O_id per row and head (a warp each), and
