@@ -302,7 +302,7 @@ impl Head {
 /// The forward pass of one block, head dim 16·DK. RESIDENT: query tiles 0, 1, … of its sequence
 /// in turn, key tile j kept in slot j once loaded; else query tile `block_x` alone, every key tile
 /// in slot 0. A constant, so that the per-query-tile kernels have no loop over query tiles to hold
-/// registers across (they are today's kernels).
+/// registers across (they keep the registers of a single-grid kernel).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn forward<const DK: usize, const RESIDENT: bool>(
@@ -327,6 +327,7 @@ unsafe fn forward<const DK: usize, const RESIDENT: bool>(
                 block.query_tile::<true>(q0, &mut loaded);
                 q0 += TILE;
             }
+            // The query tiles past the length: zeros in their rows.
             while q0 < head.rows {
                 write_padding::<DK>(out, lse, head, q0);
                 q0 += TILE;
