@@ -4,7 +4,8 @@
 //! shared read as an error) and on CUDA with `CLIP_PGS_TEST_DEVICE=cuda`: sequence lengths from
 //! 1 to 257 around the 64-row tiles, ragged PGS lengths with an image that keeps only CLS, causal
 //! on and off, head dims 32, 64 and 128; sequences padded to S with lengths, or packed back to
-//! back with offsets (varlen).
+//! back with offsets (varlen); the forward on both of its grids (K and V resident per sequence,
+//! and the per-query-tile fallback), each against its own traffic minimum.
 
 mod common;
 
