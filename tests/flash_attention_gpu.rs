@@ -4,13 +4,14 @@
 //! shared read as an error) and on CUDA with `CLIP_PGS_TEST_DEVICE=cuda`: sequence lengths from
 //! 1 to 257 around the 64-row tiles, ragged PGS lengths with an image that keeps only CLS, causal
 //! on and off, head dims 32, 64 and 128; sequences padded to S with lengths, or packed back to
-//! back with offsets (varlen).
+//! back with offsets (varlen); the forward on both of its grids (K and V resident per sequence,
+//! and the per-query-tile fallback), each against its own traffic minimum.
 
 mod common;
 
 use clip_pgs_host::ops::attention::{
-    AttentionShape, Sequences, attention_backward, attention_forward, flash_attention_backward,
-    flash_attention_forward, flash_backward_scratch_len,
+    AttentionShape, FlashGrid, Sequences, attention_backward, attention_forward, flash_attention_backward,
+    flash_attention_forward, flash_attention_forward_on, flash_backward_scratch_len,
 };
 use clip_pgs_host::{Buffer, Device, bf16};
 use clip_pgs_kernels::philox::Philox;
@@ -88,8 +89,8 @@ impl Layout<'_> {
     }
 }
 
-/// The flash kernel's out (widened) and lse on `device`, qkv laid out as `layout` says.
-fn flash(device: &Device, qkv: &[f32], layout: Layout, s: AttentionShape) -> (Vec<f32>, Vec<f32>) {
+/// The flash kernel's out (widened) and lse on `device` and `grid`, qkv laid out as `layout` says.
+fn flash(device: &Device, qkv: &[f32], layout: Layout, s: AttentionShape, grid: FlashGrid) -> (Vec<f32>, Vec<f32>) {
     let qkv: Vec<bf16> = qkv.iter().map(|&x| bf16::from_f32(x)).collect();
     let qkv = device.upload(&qkv).unwrap();
     // Garbage where the kernel must write: every element of out and lse is its output.
@@ -98,12 +99,20 @@ fn flash(device: &Device, qkv: &[f32], layout: Layout, s: AttentionShape) -> (Ve
     let mut lse = device.upload(&vec![f32::NAN; rows * s.heads]).unwrap();
     let uploaded = layout.upload(device);
     let seqs = layout.sequences(&uploaded);
-    flash_attention_forward(device, out.view_mut(), lse.view_mut(), qkv.view(), seqs, s).unwrap();
+    flash_attention_forward_on(device, out.view_mut(), lse.view_mut(), qkv.view(), seqs, s, grid).unwrap();
     (out.to_vec().unwrap().iter().map(|x| x.to_f32()).collect(), lse.to_vec().unwrap())
 }
 
 /// (batch, S, heads, causal, lengths).
 type Case = (usize, usize, usize, bool, Option<Vec<u32>>);
+
+/// The forward's grids at a head dim: both, or per query tile alone at 128.
+fn grids(head_dim: usize) -> &'static [FlashGrid] {
+    match head_dim {
+        128 => &[FlashGrid::PerQueryTile],
+        _ => &[FlashGrid::Resident, FlashGrid::PerQueryTile],
+    }
+}
 
 #[test]
 fn flash_forward_matches_the_cpu_attention() {
@@ -129,33 +138,37 @@ fn flash_forward_matches_the_cpu_attention() {
             let s = AttentionShape { batch: *batch, seq: *seq, heads: *heads, head_dim, causal: *causal };
             let lengths = lengths.as_deref();
             let qkv = qkv_values(s.batch * s.seq * 3 * s.heads * head_dim, *seq as u64);
-            let (out, lse) = flash(&gpu, &qkv, Layout::Padded(lengths), s);
             let (want_out, want_lse) = (reference_out(&qkv, lengths, s), reference_lse(&qkv, lengths, s));
-            let at = format!("D {head_dim}, B {batch}, S {seq}, H {heads}, causal {causal}, lengths {lengths:?}");
-            let w = s.heads * head_dim;
-            for b in 0..s.batch {
-                let len = lengths.map_or(s.seq, |l| l[b] as usize);
-                for i in 0..s.seq {
-                    for c in 0..w {
-                        let (got, want) = (out[(b * s.seq + i) * w + c], want_out[(b * s.seq + i) * w + c]);
-                        // Valid rows: P rounded to bf16 for the P·V mma (≤ 2⁻⁸ relative per
-                        // probability, random in sign) and out stored in bf16 (2⁻⁹ of |o| ≤ 1):
-                        // 1e-2, where a wrong mask, tile or scale is off by O(0.1). Padding rows
-                        // are 0.
-                        let want = if i < len { want } else { 0.0 };
-                        assert!((got - want).abs() <= 1e-2, "{at}: out[{b}, {i}, {c}] = {got}, want {want}");
-                    }
-                }
-                for h in 0..s.heads {
+            for &grid in grids(head_dim) {
+                let (out, lse) = flash(&gpu, &qkv, Layout::Padded(lengths), s, grid);
+                let at = format!(
+                    "{grid:?}, D {head_dim}, B {batch}, S {seq}, H {heads}, causal {causal}, lengths {lengths:?}"
+                );
+                let w = s.heads * head_dim;
+                for b in 0..s.batch {
+                    let len = lengths.map_or(s.seq, |l| l[b] as usize);
                     for i in 0..s.seq {
-                        let k = (b * s.heads + h) * s.seq + i;
-                        // Exact bf16 products summed in f32 by the mma: agreement to rounding.
-                        assert!(
-                            (lse[k] - want_lse[k]).abs() <= 1e-4 * want_lse[k].abs().max(1.0),
-                            "{at}: lse[{k}] = {}, want {}",
-                            lse[k],
-                            want_lse[k]
-                        );
+                        for c in 0..w {
+                            let (got, want) = (out[(b * s.seq + i) * w + c], want_out[(b * s.seq + i) * w + c]);
+                            // Valid rows: P rounded to bf16 for the P·V mma (≤ 2⁻⁸ relative per
+                            // probability, random in sign) and out stored in bf16 (2⁻⁹ of |o| ≤ 1):
+                            // 1e-2, where a wrong mask, tile or scale is off by O(0.1). Padding rows
+                            // are 0.
+                            let want = if i < len { want } else { 0.0 };
+                            assert!((got - want).abs() <= 1e-2, "{at}: out[{b}, {i}, {c}] = {got}, want {want}");
+                        }
+                    }
+                    for h in 0..s.heads {
+                        for i in 0..s.seq {
+                            let k = (b * s.heads + h) * s.seq + i;
+                            // Exact bf16 products summed in f32 by the mma: agreement to rounding.
+                            assert!(
+                                (lse[k] - want_lse[k]).abs() <= 1e-4 * want_lse[k].abs().max(1.0),
+                                "{at}: lse[{k}] = {}, want {}",
+                                lse[k],
+                                want_lse[k]
+                            );
+                        }
                     }
                 }
             }
@@ -174,20 +187,50 @@ fn flash_refuses_head_dims_it_does_not_cover() {
     assert!(e.to_string().contains("head dim 16: the flash kernels cover 32, 64 and 128"), "{e}");
 }
 
-/// Bytes the forward must move: per (sequence, head, query tile with q valid queries), Q's q rows
-/// and K's and V's valid rows of every key tile it visits, 2·D bytes each; out and lse written
-/// once, padding rows included (packed sequences have none).
-fn forward_min_bytes(lengths: &[u32], s: AttentionShape, packed: bool) -> u64 {
+/// The grid `flash_attention_forward` picks: resident while Q and the ⌈S/64⌉ K and V tiles fit the
+/// device's 227 KiB (the emulator's H100 limit), 64-row tiles of 2·D bytes: at D = 64 up to S =
+/// 832 (27 tiles of 8 KiB); per query tile at D = 128, which the resident kernels do not cover. A
+/// resident launch beyond either is refused, not run.
+#[test]
+fn flash_grid_is_resident_where_its_shared_memory_fits() {
+    let device = Device::Emu(clip_pgs_host::emu::EmuRuntime::new(Default::default()));
+    let shape = |seq, head_dim| AttentionShape { batch: 1, seq, heads: 1, head_dim, causal: false };
+    assert_eq!(FlashGrid::for_shape(&device, shape(197, 64)), FlashGrid::Resident);
+    assert_eq!(FlashGrid::for_shape(&device, shape(832, 64)), FlashGrid::Resident);
+    assert_eq!(FlashGrid::for_shape(&device, shape(833, 64)), FlashGrid::PerQueryTile);
+    assert_eq!(FlashGrid::for_shape(&device, shape(64, 128)), FlashGrid::PerQueryTile);
+    for (s, why) in [
+        (shape(833, 64), "bytes of shared memory per block exceed the limit"),
+        (shape(64, 128), "head dim 128: the resident flash grid covers 32 and 64"),
+    ] {
+        let qkv = device.upload(&vec![bf16::ZERO; s.seq * 3 * s.head_dim]).unwrap();
+        let mut out = device.upload(&vec![bf16::ZERO; s.seq * s.head_dim]).unwrap();
+        let mut lse = device.upload(&vec![0.0f32; s.seq]).unwrap();
+        let seqs = Sequences::Padded(None);
+        let (o, l) = (out.view_mut(), lse.view_mut());
+        let e = flash_attention_forward_on(&device, o, l, qkv.view(), seqs, s, FlashGrid::Resident).unwrap_err();
+        assert!(e.to_string().contains(why), "{e}");
+    }
+}
+
+/// Bytes the forward must move: out and lse written once, padding rows included (packed sequences
+/// have none); Q's valid rows read once, 2·D bytes each; K's and V's valid rows once per
+/// (sequence, head) on the resident grid, and on the per-query-tile grid once per query tile
+/// that visits them (causal: the key tiles up to the query tile's).
+fn forward_min_bytes(lengths: &[u32], s: AttentionShape, packed: bool, grid: FlashGrid) -> u64 {
     let tile = clip_pgs_kernels::flash_attention::TILE;
     let row = 2 * s.head_dim as u64;
     let rows = if packed { lengths.iter().sum::<u32>() as usize } else { s.batch * s.seq };
     let mut bytes = (rows * s.heads) as u64 * (row + 4);
     for &len in lengths {
         let len = len as usize;
-        for q0 in (0..len).step_by(tile) {
-            let k_end = if s.causal { len.min(q0 + tile) } else { len };
-            bytes += s.heads as u64 * row * ((len - q0).min(tile) + 2 * k_end) as u64;
-        }
+        let kv_rows = match grid {
+            FlashGrid::Resident => len,
+            FlashGrid::PerQueryTile => {
+                (0..len).step_by(tile).map(|q0| if s.causal { len.min(q0 + tile) } else { len }).sum()
+            }
+        };
+        bytes += s.heads as u64 * row * (len + 2 * kv_rows) as u64;
     }
     bytes
 }
@@ -199,25 +242,32 @@ fn flash_forward_moves_at_most_1_1_times_its_minimum() {
     let emu = EmuRuntime::new(Options { counters: true, ..Options::default() });
     let device = Device::Emu(emu.clone());
     // ViT-B/16 with PGS's ragged lengths (one image keeping only CLS), padded and packed (no
-    // padding rows to write), the text tower's causal 77.
-    for (s, lengths, packed) in [
-        (AttentionShape { batch: 3, seq: 197, heads: 2, head_dim: 64, causal: false }, vec![197u32, 99, 1], false),
-        (AttentionShape { batch: 3, seq: 197, heads: 2, head_dim: 64, causal: false }, vec![197u32, 99, 1], true),
-        (AttentionShape { batch: 2, seq: 77, heads: 2, head_dim: 64, causal: true }, vec![77, 77], false),
-    ] {
+    // padding rows to write), the text tower's causal 77; each on both grids, against the grid's
+    // own minimum (the fallback's also against the resident one: what residency saves).
+    let vit = AttentionShape { batch: 3, seq: 197, heads: 2, head_dim: 64, causal: false };
+    let text = AttentionShape { batch: 2, seq: 77, heads: 2, head_dim: 64, causal: true };
+    for (s, lengths, packed) in
+        [(vit, vec![197u32, 99, 1], false), (vit, vec![197u32, 99, 1], true), (text, vec![77, 77], false)]
+    {
         let (rows, layout) = match packed {
             true => (lengths.iter().sum::<u32>() as usize, Layout::Packed(&lengths)),
             false => (s.batch * s.seq, Layout::Padded(Some(&lengths))),
         };
-        emu.keep_reports();
-        flash(&device, &qkv_values(rows * 3 * s.heads * s.head_dim, 9), layout, s);
-        let reports = emu.take_reports();
-        let moved: u64 = reports.iter().map(|r| r.traffic.sector_bytes()).sum();
-        let min = forward_min_bytes(&lengths, s, packed);
-        let ratio = moved as f64 / min as f64;
-        println!("{s:?} lengths {lengths:?} packed {packed}: {moved} bytes moved, minimum {min}: {ratio:.3}×");
-        assert!(ratio <= 1.1, "{s:?}: {moved} bytes moved, {ratio:.3}× the minimum {min}");
-        assert!(ratio >= 1.0, "{s:?}: {moved} bytes moved, below the minimum {min}: the count is wrong");
+        for grid in [FlashGrid::Resident, FlashGrid::PerQueryTile] {
+            emu.keep_reports();
+            flash(&device, &qkv_values(rows * 3 * s.heads * s.head_dim, 9), layout, s, grid);
+            let reports = emu.take_reports();
+            let moved: u64 = reports.iter().map(|r| r.traffic.sector_bytes()).sum();
+            let min = forward_min_bytes(&lengths, s, packed, grid);
+            let resident_min = forward_min_bytes(&lengths, s, packed, FlashGrid::Resident);
+            let (ratio, vs_resident) = (moved as f64 / min as f64, moved as f64 / resident_min as f64);
+            println!(
+                "{grid:?} {s:?} lengths {lengths:?} packed {packed}: {moved} bytes moved, minimum {min}: {ratio:.3}× \
+                 ({vs_resident:.3}× the resident minimum)"
+            );
+            assert!(ratio <= 1.1, "{grid:?} {s:?}: {moved} bytes moved, {ratio:.3}× the minimum {min}");
+            assert!(ratio >= 1.0, "{grid:?} {s:?}: {moved} bytes moved, below the minimum {min}: the count is wrong");
+        }
     }
 }
 
@@ -326,7 +376,8 @@ fn packed_sequences_match_the_cpu_attention() {
         let want_dqkv = reference_dqkv(&qkv, &dout, padded, s);
         let (packed_qkv, packed_dout) = (pack(&qkv, 3 * w, lengths, s.seq), pack(&dout, w, lengths, s.seq));
         let layout = Layout::Packed(lengths);
-        let (out, lse) = flash(&gpu, &packed_qkv, layout, s);
+        let forwards: Vec<_> =
+            grids(s.head_dim).iter().map(|&grid| (grid, flash(&gpu, &packed_qkv, layout, s, grid))).collect();
         let dqkv = flash_dqkv(&gpu, &packed_qkv, &packed_dout, layout, s);
         let at = format!("D {head_dim}, S {seq}, H {heads}, causal {causal}, lengths {lengths:?}");
         // Tolerances as the padded tests'.
@@ -336,17 +387,21 @@ fn packed_sequences_match_the_cpu_attention() {
             let len = len as usize;
             for i in 0..len {
                 let (p, r) = (row + i, b * s.seq + i);
-                for c in 0..w {
-                    let (got, want) = (out[p * w + c], want_out[r * w + c]);
-                    assert!((got - want).abs() <= 1e-2, "{at}: out of sequence {b} row {i} [{c}] = {got}, want {want}");
+                for (grid, (out, lse)) in &forwards {
+                    for c in 0..w {
+                        let (got, want) = (out[p * w + c], want_out[r * w + c]);
+                        let ok = (got - want).abs() <= 1e-2;
+                        assert!(ok, "{grid:?} {at}: out of sequence {b} row {i} [{c}] = {got}, want {want}");
+                    }
+                    for h in 0..s.heads {
+                        let (got, want) = (lse[row * s.heads + h * len + i], want_lse[(b * s.heads + h) * s.seq + i]);
+                        let ok = (got - want).abs() <= 1e-4 * want.abs().max(1.0);
+                        assert!(ok, "{grid:?} {at}: lse of {b} head {h} row {i}");
+                    }
                 }
                 for c in 0..3 * w {
                     let (got, want) = (dqkv[p * 3 * w + c], want_dqkv[r * 3 * w + c]);
                     assert!((got - want).abs() <= 2e-2 * scale, "{at}: dqkv of {b} row {i} [{c}] = {got}, want {want}");
-                }
-                for h in 0..s.heads {
-                    let (got, want) = (lse[row * s.heads + h * len + i], want_lse[(b * s.heads + h) * s.seq + i]);
-                    assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{at}: lse of {b} head {h} row {i}");
                 }
             }
             row += len;

@@ -10,9 +10,22 @@
 //! them; lse and δ then hold [H, length] per sequence from offsets[b]·H (padded: [B, H, S], the
 //! same formula with S rows a sequence). Blocks of query or key tiles past a sequence's rows exit.
 //!
-//! One block of 4 warps per (64-query tile, head, sequence); warp w owns queries 16w … 16w + 15.
-//! The block loads its Q tile (cp.async) once, then walks the key tiles 0 … ⌈k_end / 64⌉ − 1, k_end = the sequence's length, or
-//! for a causal query tile min(length, last query + 1):
+//! Two grids of blocks of 4 warps, from one kernel body (`RESIDENT`, a constant); warp w owns
+//! queries 16w … 16w + 15 of the block's query tile:
+//! - resident (`flash_attention_forward_d32`, `_d64`): one block per (head, sequence) walks the
+//!   sequence's query tiles 0 … ⌈length / 64⌉ − 1 in turn, the sequence's K and V resident in
+//!   shared memory: key tile j lives in slot j, loaded the first time a query tile needs it
+//!   (causal: query tile j; else all during query tile 0) and never again, so K and V are read
+//!   once per (sequence, head). Each query tile starts after a barrier (every warp has written its
+//!   previous O out of the Q tile) and loads its Q tile.
+//! - per query tile (`flash_attention_forward_tiles_d32`, `_d64`, `_d128`), the fallback where
+//!   the resident shared memory exceeds the device's per-block limit (long sequences) and at D =
+//!   128 (its resident kernel spilled on sm_90): one block per (64-query tile, head, sequence),
+//!   every key tile loaded into one slot, so K and V are read once per query tile.
+//!
+//! A query tile loads its Q tile (cp.async) once, then walks the key tiles 0 … ⌈k_end / 64⌉ − 1,
+//! k_end = the sequence's length, or for a causal query tile min(length, last query + 1); a key
+//! tile that is not yet in its slot goes through step 1:
 //! 1. K and V tiles into shared memory by cp.async, in two commit groups, so that V is still in
 //!    flight while the scores are computed;
 //! 2. S = Q·Kᵀ (16 × 64 per warp: 8 n-tiles of `mma.m16n8k16`, Q and K read by `ldmatrix`: Q's
@@ -33,23 +46,31 @@
 //! key tiles past k_end are never loaded; the rows of a partial tile past the length are zero-filled in
 //! shared memory instead of read.
 //!
-//! Shared memory: the Q, K and V tiles, 64 × D bf16 each (3·128·D bytes: 12, 24, 48 KiB for D =
-//! 32, 64, 128). Registers (ptxas, sm_80 / sm_90): 128 / 126, 163 / 147, 191 / 185 for D = 32,
-//! 64, 128, no spills: O is D/2 f32 per thread, S 32. The backward's: K, V, Q, dO (64 × D each),
+//! Shared memory: the Q tile and the K and V slots, 64 × D bf16 each, 128·D·(1 + 2·⌈S/64⌉) bytes
+//! resident (72 KiB at ViT-B/16's S = 197 and D = 64, 40 KiB at S = 77 or 99), 3·128·D per
+//! query tile (12, 24, 48 KiB for D = 32, 64, 128). Registers (ptxas, sm_80 / sm_90), no spills:
+//! resident 164 / 167, 182 / 226 for D = 32, 64; per query tile 128 / 122, 163 / 148, 201 / 193
+//! for D = 32, 64, 128 (O is D/2 f32 per thread, S 32; the loop over query tiles holds its
+//! invariants across it, which is why the per-query-tile kernels do not have one). Parallelism:
+//! B·H resident blocks (ViT-B/16 at batch 256: 3072) against an H100's 132 SMs; 226 registers
+//! allow 2 blocks (8 warps) an SM on sm_90, the 72 KiB of S = 197 would allow 3: about 12 waves,
+//! each block's query tiles in series. The backward's: K, V, Q, dO (64 × D each),
 //! dSᵀ (64 × 64) and the tile's lse and δ, 4·128·D + 8704 bytes (above 48 KiB at D = 128: the
 //! launch raises the limit), its Q and dO tiles reused as the f32 dQ staging tile (64 × D);
 //! registers 244 / 178, 253 / 255, 112 / 142, no spills. Each row's 16-byte chunks are swizzled
 //! (chunk c of row r at c ⊕ (r mod 8), for D = 32 at c ⊕ (⌊r/2⌋ mod 4)) so that the 8 rows an
 //! `ldmatrix` phase reads, and the 8 chunks of a cp.async phase, fall on distinct banks.
 //!
-//! Memory traffic, analytic minimum of a query tile with q valid queries visiting key tiles of k_i
-//! valid keys: 2·D·(q + 2·Σ k_i) bytes read (Q once, K and V once per query tile), 2·D·q + 4·64
-//! written (O and lse); qkv rows are whole sectors (2·D bytes at 64-byte-aligned columns), so
-//! every access uses all of its sectors. On the emulator's counters (`tests/flash_attention_gpu.rs`,
-//! D = 64): 1.008× the minimum at S = 197 with PGS lengths 197, 99, 1; 1.009× for the text
-//! tower's causal 77 (the rest: the lengths' sector per block, lse rows across sectors). Work: 4·D per visible (query, key) pair, plus the masked
-//! part of the diagonal and last tiles.
-
+//! Memory traffic, analytic minimum: 2·D·(q + 2·k) bytes read per (sequence, head), q = k = the
+//! length when resident (Q, K and V once); per query tile, q valid queries visiting key tiles of
+//! k_i valid keys, 2·D·(q + 2·Σ k_i) (K and V once per query tile); 2·D + 4 bytes written a row
+//! (O and lse, padding rows included); qkv rows are whole sectors (2·D bytes at 64-byte-aligned
+//! columns), so every access uses all of its sectors. On the emulator's counters
+//! (`tests/flash_attention_gpu.rs`, D = 64, H = 2), resident: 1.009× its minimum at S = 197 with
+//! PGS lengths 197, 99, 1 (1.011× packed), 1.009× for the text tower's causal 77 (the rest: the
+//! lengths' sector per block, lse rows across sectors); per query tile: 1.008×, 1.012×, 1.009×
+//! its own minimum, which is 1.94×, 2.18× and 1.43× the resident bytes. Work: 4·D per visible
+//! (query, key) pair, plus the masked part of the diagonal and last tiles.
 //!
 //! Backward (FlashAttention-2's, probabilities recomputed from lse), three launches:
 //! 1. `flash_attention_backward_dot`: δ_i = Σ_d dO_id·O_id per row and head (a warp each), and
@@ -98,9 +119,10 @@ pub const TILE: usize = 64;
 /// 16-key steps of a key tile (mma k-steps of P·V).
 const KT: usize = TILE / 16;
 
-/// Dynamic shared memory of a launch for head dim `d`: the Q, K and V tiles.
-pub const fn shared_bytes(d: usize) -> u32 {
-    (3 * TILE * d * 2) as u32
+/// Dynamic shared memory of a forward launch for head dim `d` holding `key_tiles` K and V tiles
+/// at once (resident: ⌈S/64⌉; else 1): the Q tile and those.
+pub const fn shared_bytes(d: usize, key_tiles: usize) -> u32 {
+    ((1 + 2 * key_tiles) * TILE * d * 2) as u32
 }
 
 /// The backward's: K, V, Q and dO tiles, dSᵀ (64 × 64 bf16), lse and δ of the query tile (f32).
@@ -277,10 +299,13 @@ impl Head {
     }
 }
 
-/// The forward pass of one block, head dim 16·DK.
+/// The forward pass of one block, head dim 16·DK. RESIDENT: query tiles 0, 1, … of its sequence
+/// in turn, key tile j kept in slot j once loaded; else query tile `block_x` alone, every key tile
+/// in slot 0. A constant, so that the per-query-tile kernels have no loop over query tiles to hold
+/// registers across (they keep the registers of a single-grid kernel).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn forward<const DK: usize>(
+unsafe fn forward<const DK: usize, const RESIDENT: bool>(
     out: GlobalMut<Bf16>,
     lse: GlobalMut<f32>,
     qkv: Global<Bf16>,
@@ -291,107 +316,161 @@ unsafe fn forward<const DK: usize>(
     scale: f32,
 ) {
     let (seq, heads, causal) = (seq as usize, heads as usize, causal != 0);
-    let (q0, h, b) = (TILE * block_x(), block_y(), block_z());
+    let (h, b) = (block_y(), block_z());
     // SAFETY: the caller's contract (buffer sizes, grid, shared memory).
     unsafe {
         let head = Head::new(Sequence::of(lengths, offsets, b, seq), h, heads, 16 * DK);
-        let len = head.len;
-        let tiles = dynamic_shared::<Bf16>();
-        let (q_s, k_s, v_s) = (Tile::<DK>::nth(tiles, 0), Tile::<DK>::nth(tiles, 1), Tile::<DK>::nth(tiles, 2));
-        if q0 >= len {
-            write_padding::<DK>(out, lse, head, q0);
-            return;
+        let block = Forward::<DK> { out, lse, qkv, head, tiles: dynamic_shared::<Bf16>(), causal, scale };
+        if RESIDENT {
+            let (mut q0, mut loaded) = (0, 0);
+            while q0 < head.len {
+                block.query_tile::<true>(q0, &mut loaded);
+                q0 += TILE;
+            }
+            // The query tiles past the length: zeros in their rows.
+            while q0 < head.rows {
+                write_padding::<DK>(out, lse, head, q0);
+                q0 += TILE;
+            }
+        } else if TILE * block_x() < head.len {
+            block.query_tile::<false>(TILE * block_x(), &mut 0);
+        } else {
+            write_padding::<DK>(out, lse, head, TILE * block_x());
         }
-        q_s.load(head.qkv(qkv, 0, q0), 3 * head.width, head.valid(q0));
-        cp_async_commit();
-        cp_async_wait::<0>();
-        sync_threads();
-        let rows0 = 16 * warp();
+    }
+}
 
-        let (g, t) = (lane() / 4, lane() % 4);
-        let query = |i: usize| q0 + rows0 + g + 8 * (i / 2);
-        let k_end = if causal { len.min(q0 + TILE) } else { len };
-        let scale2 = scale * core::f32::consts::LOG2_E;
-        let mut o = [[[0.0f32; 4]; 2]; DK];
-        let (mut m, mut l) = ([f32::NEG_INFINITY; 2], [0.0f32; 2]);
-        let mut k0 = 0;
-        while k0 < k_end {
-            sync_threads(); // every warp is done with the previous K and V tiles
-            let valid = head.valid(k0);
-            k_s.load(head.qkv(qkv, 1, k0), 3 * head.width, valid);
+/// What a forward block works on: its outputs, qkv, its sequence and head, its shared memory.
+#[derive(Clone, Copy)]
+struct Forward<const DK: usize> {
+    out: GlobalMut<Bf16>,
+    lse: GlobalMut<f32>,
+    qkv: Global<Bf16>,
+    head: Head,
+    tiles: Shared<Bf16>,
+    causal: bool,
+    scale: f32,
+}
+
+impl<const DK: usize> Forward<DK> {
+    /// Query tile q0 (below the length) against its key tiles: `loaded` of them are already in
+    /// their slots when RESIDENT (key tile j in slot j, Q in slot 0 before them), the rest are
+    /// loaded; else every key tile is loaded into the one slot.
+    #[inline(always)]
+    unsafe fn query_tile<const RESIDENT: bool>(self, q0: usize, loaded: &mut usize) {
+        let Forward { out, lse, qkv, head, tiles, causal, scale } = self;
+        let len = head.len;
+        // SAFETY: the caller's contract (buffer sizes, grid, shared memory).
+        unsafe {
+            // Key tile j's K and V: slots 1 + 2j and 2 + 2j resident, else 1 and 2 for every j.
+            let q_s = Tile::<DK>::nth(tiles, 0);
+            let kv = |j: usize| {
+                let slot = if RESIDENT { j } else { 0 };
+                (Tile::<DK>::nth(tiles, 1 + 2 * slot), Tile::<DK>::nth(tiles, 2 + 2 * slot))
+            };
+            if RESIDENT {
+                sync_threads(); // every warp is done with the previous query tile's Q rows (its O)
+            }
+            q_s.load(head.qkv(qkv, 0, q0), 3 * head.width, head.valid(q0));
             cp_async_commit();
-            v_s.load(head.qkv(qkv, 2, k0), 3 * head.width, valid);
-            cp_async_commit();
-            cp_async_wait::<1>();
-            sync_threads();
-
-            // S = Q·Kᵀ, s[kk][n]: keys 16kk + 8n …, scaled to base 2 and masked.
-            let mut s = [[[0.0f32; 4]; 2]; KT];
-            unrolled::<DK>(|dk| {
-                let q = q_s.a(rows0, dk);
-                unrolled::<KT>(|kk| {
-                    let kf = k_s.b_rows(16 * kk, dk);
-                    s[kk][0] = mma_bf16_m16n8k16(q, [kf[0], kf[1]], s[kk][0]);
-                    s[kk][1] = mma_bf16_m16n8k16(q, [kf[2], kf[3]], s[kk][1]);
-                })
-            });
-            let mut max = m;
-            each_score::<KT>(|kk, n, i| {
-                let key = k0 + 16 * kk + 8 * n + 2 * t + i % 2;
-                let visible = key < len && (!causal || key <= query(i));
-                let x = &mut s[kk][n][i];
-                *x = if visible { *x * scale2 } else { f32::NEG_INFINITY };
-                max[i / 2] = max[i / 2].max(*x);
-            });
-            // Online softmax: the row's 4 lanes agree on the new maximum, rescale ℓ and O.
-            let mut factor = [1.0f32; 2];
-            unrolled::<2>(|r| {
-                max[r] = max[r].max(shfl_xor(u32::MAX, max[r], 1));
-                max[r] = max[r].max(shfl_xor(u32::MAX, max[r], 2));
-                if max[r] != m[r] {
-                    factor[r] = ex2_approx(m[r] - max[r]);
-                }
-                l[r] *= factor[r];
-            });
-            m = max;
-            each_score::<KT>(|kk, n, i| {
-                s[kk][n][i] = ex2_approx(s[kk][n][i] - m[i / 2]);
-                l[i / 2] += s[kk][n][i];
-            });
-            each_score::<DK>(|dp, n, i| o[dp][n][i] *= factor[i / 2]);
-
-            // O += P·V: P's k-step kk is the accumulator pair s[kk] as bf16.
             cp_async_wait::<0>();
             sync_threads();
-            unrolled::<KT>(|kk| {
-                let [lo, hi] = s[kk];
-                let p = [bf16x2(lo[0], lo[1]), bf16x2(lo[2], lo[3]), bf16x2(hi[0], hi[1]), bf16x2(hi[2], hi[3])];
-                unrolled::<DK>(|dp| {
-                    let vf = v_s.b_cols(16 * kk, dp);
-                    o[dp][0] = mma_bf16_m16n8k16(p, [vf[0], vf[1]], o[dp][0]);
-                    o[dp][1] = mma_bf16_m16n8k16(p, [vf[2], vf[3]], o[dp][1]);
-                })
-            });
-            k0 += TILE;
-        }
+            let rows0 = 16 * warp();
 
-        // ℓ of the whole row, then O/ℓ (0 in padding rows) by way of this warp's rows of the Q
-        // tile; the lse by the lanes of column pair 0.
-        unrolled::<2>(|r| {
-            l[r] += shfl_xor(u32::MAX, l[r], 1);
-            l[r] += shfl_xor(u32::MAX, l[r], 2);
-        });
-        let inv = [0, 1].map(|r| if query(2 * r) < len { 1.0 / l[r] } else { 0.0 });
-        let first = (head.row0 + q0 + rows0) * head.width + head.col;
-        store_rows(q_s, rows0, &o, inv, out, first, head.width, head.rows.saturating_sub(q0 + rows0));
-        if t == 0 {
-            unrolled::<2>(|r| {
-                let i = query(2 * r);
-                if i < head.rows {
-                    let v = if i < len { (m[r] + lg2_approx(l[r])) * core::f32::consts::LN_2 } else { 0.0 };
-                    lse.store(head.lse0 + i, v);
+            let (g, t) = (lane() / 4, lane() % 4);
+            let query = |i: usize| q0 + rows0 + g + 8 * (i / 2);
+            let k_end = if causal { len.min(q0 + TILE) } else { len };
+            let scale2 = scale * core::f32::consts::LOG2_E;
+            let mut o = [[[0.0f32; 4]; 2]; DK];
+            let (mut m, mut l) = ([f32::NEG_INFINITY; 2], [0.0f32; 2]);
+            let mut k0 = 0;
+            while k0 < k_end {
+                let (k_s, v_s) = kv(k0 / TILE);
+                // Resident: a key tile is loaded by the first query tile that needs it (causal: the
+                // diagonal's; else query tile 0), into a slot no warp reads yet.
+                let fresh = !RESIDENT || k0 / TILE >= *loaded;
+                if fresh {
+                    sync_threads(); // not resident: every warp is done with the previous K and V tiles
+                    let valid = head.valid(k0);
+                    k_s.load(head.qkv(qkv, 1, k0), 3 * head.width, valid);
+                    cp_async_commit();
+                    v_s.load(head.qkv(qkv, 2, k0), 3 * head.width, valid);
+                    cp_async_commit();
+                    cp_async_wait::<1>();
+                    sync_threads();
+                    *loaded = k0 / TILE + 1;
                 }
+
+                // S = Q·Kᵀ, s[kk][n]: keys 16kk + 8n …, scaled to base 2 and masked.
+                let mut s = [[[0.0f32; 4]; 2]; KT];
+                unrolled::<DK>(|dk| {
+                    let q = q_s.a(rows0, dk);
+                    unrolled::<KT>(|kk| {
+                        let kf = k_s.b_rows(16 * kk, dk);
+                        s[kk][0] = mma_bf16_m16n8k16(q, [kf[0], kf[1]], s[kk][0]);
+                        s[kk][1] = mma_bf16_m16n8k16(q, [kf[2], kf[3]], s[kk][1]);
+                    })
+                });
+                let mut max = m;
+                each_score::<KT>(|kk, n, i| {
+                    let key = k0 + 16 * kk + 8 * n + 2 * t + i % 2;
+                    let visible = key < len && (!causal || key <= query(i));
+                    let x = &mut s[kk][n][i];
+                    *x = if visible { *x * scale2 } else { f32::NEG_INFINITY };
+                    max[i / 2] = max[i / 2].max(*x);
+                });
+                // Online softmax: the row's 4 lanes agree on the new maximum, rescale ℓ and O.
+                let mut factor = [1.0f32; 2];
+                unrolled::<2>(|r| {
+                    max[r] = max[r].max(shfl_xor(u32::MAX, max[r], 1));
+                    max[r] = max[r].max(shfl_xor(u32::MAX, max[r], 2));
+                    if max[r] != m[r] {
+                        factor[r] = ex2_approx(m[r] - max[r]);
+                    }
+                    l[r] *= factor[r];
+                });
+                m = max;
+                each_score::<KT>(|kk, n, i| {
+                    s[kk][n][i] = ex2_approx(s[kk][n][i] - m[i / 2]);
+                    l[i / 2] += s[kk][n][i];
+                });
+                each_score::<DK>(|dp, n, i| o[dp][n][i] *= factor[i / 2]);
+
+                // O += P·V: P's k-step kk is the accumulator pair s[kk] as bf16.
+                if fresh {
+                    cp_async_wait::<0>();
+                    sync_threads();
+                }
+                unrolled::<KT>(|kk| {
+                    let [lo, hi] = s[kk];
+                    let p = [bf16x2(lo[0], lo[1]), bf16x2(lo[2], lo[3]), bf16x2(hi[0], hi[1]), bf16x2(hi[2], hi[3])];
+                    unrolled::<DK>(|dp| {
+                        let vf = v_s.b_cols(16 * kk, dp);
+                        o[dp][0] = mma_bf16_m16n8k16(p, [vf[0], vf[1]], o[dp][0]);
+                        o[dp][1] = mma_bf16_m16n8k16(p, [vf[2], vf[3]], o[dp][1]);
+                    })
+                });
+                k0 += TILE;
+            }
+
+            // ℓ of the whole row, then O/ℓ (0 in padding rows) by way of this warp's rows of the Q
+            // tile; the lse by the lanes of column pair 0.
+            unrolled::<2>(|r| {
+                l[r] += shfl_xor(u32::MAX, l[r], 1);
+                l[r] += shfl_xor(u32::MAX, l[r], 2);
             });
+            let inv = [0, 1].map(|r| if query(2 * r) < len { 1.0 / l[r] } else { 0.0 });
+            let first = (head.row0 + q0 + rows0) * head.width + head.col;
+            store_rows(q_s, rows0, &o, inv, out, first, head.width, head.rows.saturating_sub(q0 + rows0));
+            if t == 0 {
+                unrolled::<2>(|r| {
+                    let i = query(2 * r);
+                    if i < head.rows {
+                        let v = if i < len { (m[r] + lg2_approx(l[r])) * core::f32::consts::LN_2 } else { 0.0 };
+                        lse.store(head.lse0 + i, v);
+                    }
+                });
+            }
         }
     }
 }
@@ -701,19 +780,22 @@ kernel! {
 }
 
 macro_rules! forward_entries {
-    ($($name:ident: $dk:literal),*) => {$(
+    ($($name:ident: $dk:literal, $resident:literal),*) => {$(
         kernel! {
             /// out [rows, H·D] and lse from qkv [rows, 3·H·D] (bf16), D = 16·DK:
             /// softmax(scale·QKᵀ masked)·V per sequence and head. Padded (`offsets` null): B
             /// sequences of S rows, `lengths[b]` (clamped to 1..=S; null: S) valid in sequence
             /// b, lse [B, H, S]; packed: sequence b is rows offsets[b] … offsets[b + 1] − 1 (at
             /// most S), lse [H, its rows] from offsets[b]·H. `causal` != 0 masks keys after the
-            /// query.
+            /// query. Resident kernels (`flash_attention_forward_dNN`): a block per (head,
+            /// sequence) keeps the sequence's K and V in shared memory; per query tile
+            /// (`flash_attention_forward_tiles_dNN`): a block per (query tile, head, sequence).
             ///
             /// # Safety
             /// The buffers hold rows·3·H·D, rows·H·D, rows·H, B (lengths) and B + 1 (offsets)
             /// elements, rows = B·S padded, offsets[B] packed; qkv and out 16-byte aligned; grid
-            /// (⌈S/64⌉, H, B) of `THREADS` threads with `shared_bytes(D)` bytes of dynamic
+            /// (1, H, B) resident, else (⌈S/64⌉, H, B), of `THREADS` threads with
+            /// `shared_bytes(D, ⌈S/64⌉)` resident, else `shared_bytes(D, 1)`, bytes of dynamic
             /// shared memory.
             pub fn $name(
                 out: GlobalMut<Bf16>,
@@ -727,13 +809,19 @@ macro_rules! forward_entries {
                 scale: f32,
             ) {
                 // SAFETY: the caller's contract.
-                unsafe { forward::<$dk>(out, lse, qkv, (lengths, offsets), seq, heads, causal, scale) }
+                unsafe { forward::<$dk, $resident>(out, lse, qkv, (lengths, offsets), seq, heads, causal, scale) }
             }
         }
     )*};
 }
 
-forward_entries!(flash_attention_forward_d32: 2, flash_attention_forward_d64: 4, flash_attention_forward_d128: 8);
+forward_entries!(
+    flash_attention_forward_d32: 2, true,
+    flash_attention_forward_d64: 4, true,
+    flash_attention_forward_tiles_d32: 2, false,
+    flash_attention_forward_tiles_d64: 4, false,
+    flash_attention_forward_tiles_d128: 8, false
+);
 
 macro_rules! backward_entries {
     ($($name:ident: $dk:literal, $half:literal),*) => {$(

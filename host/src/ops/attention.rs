@@ -309,12 +309,15 @@ fn scale(s: AttentionShape) -> f32 {
 type FlashForward =
     Kernel<(GlobalMut<Bf16>, GlobalMut<f32>, Global<Bf16>, Global<u32>, Global<u32>, u32, u32, u32, f32)>;
 
-/// The head dims the flash kernels cover, with their entry points.
-fn flash_forward_kernel(head_dim: usize) -> Option<FlashForward> {
-    match head_dim {
-        32 => Some(flash::flash_attention_forward_d32),
-        64 => Some(flash::flash_attention_forward_d64),
-        128 => Some(flash::flash_attention_forward_d128),
+/// The head dims the flash kernels cover, with their entry points on `grid` (resident: head dims
+/// 32 and 64; at 128 its kernel would spill on sm_90).
+fn flash_forward_kernel(head_dim: usize, grid: FlashGrid) -> Option<FlashForward> {
+    match (head_dim, grid) {
+        (32, FlashGrid::Resident) => Some(flash::flash_attention_forward_d32),
+        (64, FlashGrid::Resident) => Some(flash::flash_attention_forward_d64),
+        (32, FlashGrid::PerQueryTile) => Some(flash::flash_attention_forward_tiles_d32),
+        (64, FlashGrid::PerQueryTile) => Some(flash::flash_attention_forward_tiles_d64),
+        (128, FlashGrid::PerQueryTile) => Some(flash::flash_attention_forward_tiles_d128),
         _ => None,
     }
 }
@@ -322,7 +325,7 @@ fn flash_forward_kernel(head_dim: usize) -> Option<FlashForward> {
 /// Whether the flash kernels cover this shape (head dims 32, 64 and 128); the unfused
 /// [`attention_forward`]/[`attention_backward`] cover any.
 pub fn flash_covers(s: AttentionShape) -> bool {
-    flash_forward_kernel(s.head_dim).is_some()
+    flash_forward_kernel(s.head_dim, FlashGrid::PerQueryTile).is_some()
 }
 
 /// The flash backward's parameter tuple.
@@ -403,13 +406,37 @@ fn address<T>(v: &View<T>) -> usize {
     }
 }
 
+/// How the flash forward's blocks split the work (`kernels/src/flash_attention.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashGrid {
+    /// A block per (head, sequence), the sequence's K and V resident in shared memory: each read
+    /// once. Shared memory `flash::shared_bytes(D, ⌈S/64⌉)`; head dims 32 and 64.
+    Resident,
+    /// A block per (64-query tile, head, sequence): K and V read once per query tile, in 3·128·D
+    /// bytes of shared memory whatever S.
+    PerQueryTile,
+}
+
+impl FlashGrid {
+    /// Resident where it covers the head dim and its shared memory fits the device's per-block
+    /// limit.
+    pub fn for_shape(device: &Device, s: AttentionShape) -> FlashGrid {
+        let bytes = flash::shared_bytes(s.head_dim, s.seq.div_ceil(flash::TILE)) as usize;
+        let fits = device.max_shared_bytes().is_some_and(|limit| bytes <= limit);
+        match fits && flash_forward_kernel(s.head_dim, FlashGrid::Resident).is_some() {
+            true => FlashGrid::Resident,
+            false => FlashGrid::PerQueryTile,
+        }
+    }
+}
+
 /// Flash attention on a GPU device (`kernels/src/flash_attention.rs`): out [B, S, D] and the
 /// log-sum-exp of the scaled scores lse [B, H, S] (f32, for the backward pass) from bf16 qkv
 /// [B, S, 3D], without the [B, H, S, S] probabilities; the same masks as [`attention_forward`]
 /// (`lengths[b]` valid tokens, causal), or packed sequences ([`Sequences`]). Rows of a sequence
 /// past its length get 0 in out and lse (the unfused path computes them: they attend to the
 /// valid keys, and nothing reads them). qkv and out must start 16-byte aligned; head dims 32,
-/// 64, 128 ([`flash_covers`]).
+/// 64, 128 ([`flash_covers`]). The grid is [`FlashGrid::for_shape`]'s.
 pub fn flash_attention_forward(
     device: &Device,
     out: ViewMut<bf16>,
@@ -418,25 +445,49 @@ pub fn flash_attention_forward(
     sequences: Sequences,
     s: AttentionShape,
 ) -> Result<()> {
+    flash_attention_forward_on(device, out, lse, qkv, sequences, s, FlashGrid::for_shape(device, s))
+}
+
+/// [`flash_attention_forward`] on the grid `grid` (resident beyond the device's shared memory, or
+/// at a head dim it does not cover, is refused).
+pub fn flash_attention_forward_on(
+    device: &Device,
+    out: ViewMut<bf16>,
+    lse: ViewMut<f32>,
+    qkv: View<bf16>,
+    sequences: Sequences,
+    s: AttentionShape,
+    grid: FlashGrid,
+) -> Result<()> {
     let op = OpCheck::new("flash_attention_forward", device);
     let rows = sequences.rows(s, qkv.len());
     check_io(&op, s, rows, qkv.len(), out.len())?;
     op.size("lse", lse.len(), rows * s.heads, || format!("[rows {rows}, H {}]", s.heads))?;
-    let kernel = flash_forward_kernel(s.head_dim).ok_or_else(|| {
-        op.invalid(format!("head dim {}: the flash kernels cover 32, 64 and 128 (attention_forward any)", s.head_dim))
+    let kernel = flash_forward_kernel(s.head_dim, grid).ok_or_else(|| match grid {
+        FlashGrid::PerQueryTile => op.invalid(format!(
+            "head dim {}: the flash kernels cover 32, 64 and 128 (attention_forward any)",
+            s.head_dim
+        )),
+        FlashGrid::Resident => op.invalid(format!("head dim {}: the resident flash grid covers 32 and 64", s.head_dim)),
     })?;
     let (out, lse, qkv) = (op.gpu_mut("out", out)?, op.gpu_mut("lse", lse)?, op.gpu("qkv", qkv)?);
     let [lengths, offsets] = sequences.kernel_args(&op, s)?;
     if address(&qkv) % 16 != 0 || address(&out.as_view()) % 16 != 0 {
         return Err(op.invalid("qkv and out must start 16-byte aligned (cp.async and vector stores)"));
     }
+    let tiles = s.seq.div_ceil(flash::TILE);
+    let (query_blocks, key_tiles) = match grid {
+        FlashGrid::Resident => (1, tiles),
+        FlashGrid::PerQueryTile => (tiles, 1),
+    };
     let cfg = LaunchConfig {
-        grid_dim: (s.seq.div_ceil(flash::TILE) as u32, s.heads as u32, s.batch as u32),
+        grid_dim: (query_blocks as u32, s.heads as u32, s.batch as u32),
         block_dim: (flash::THREADS, 1, 1),
-        shared_mem_bytes: flash::shared_bytes(s.head_dim),
+        shared_mem_bytes: flash::shared_bytes(s.head_dim, key_tiles),
     };
     let args = (out, lse, qkv, lengths, offsets, s.seq as u32, s.heads as u32, s.causal as u32, scale(s));
-    // SAFETY: sizes checked above; grid, block and shared memory as the kernel requires.
+    // SAFETY: sizes checked above; grid, block and shared memory as `grid`'s kernel requires (a
+    // launch beyond the device's limits is refused before it runs).
     unsafe { device.launch(&kernel, cfg, args) }
 }
 
