@@ -13,9 +13,10 @@
 //!   16-byte vectors l, l + 32, … (4 f32 or 8 bf16 each) in registers (an array of
 //!   [`ROW_VALUES`] values, fully unrolled: rows up to [`MAX_REGISTER_DIM`] = 1024 values); each
 //!   load instruction of the warp reads 32 consecutive vectors (512 bytes). γ and β are staged
-//!   lane-of-vector major ([`param_slot`]), so the warp reads them without bank conflicts. Rows
-//!   that are not a whole number of vectors, or views not on a vector boundary, take the same
-//!   code with single elements: lane l holds l, l + 32, …. One read of the row (the fused
+//!   lane-of-vector major ([`param_slot`]), so the warp reads them without bank conflicts (the
+//!   staging stores, once per block, may conflict up to L-way instead). Rows that are not a
+//!   whole number of vectors, or views not on a vector boundary, take the same code with single
+//!   elements: lane l holds l, l + 32, …. One read of the row (the fused
 //!   variant computes sum = a + b here, rounds and writes it, and keeps the stored value: the
 //!   residual stream as the next layer reads it) sums it; a warp butterfly gives the mean; the
 //!   registers give Σ (x − mean)², the biased variance; rstd = 1/sqrt(var + eps), with the
@@ -125,7 +126,8 @@ unsafe fn stage_params<T: Element>(gamma: Global<T>, beta: Option<Global<T>>, di
 
 /// Where γ's element i lies in shared memory for rows read in packs of L = `lanes`: lane j of
 /// every pack together (j·dim/L + i/L), so that the lanes of a warp, reading lane j of
-/// consecutive packs, read consecutive words (no bank conflicts); i itself for L = 1.
+/// consecutive packs, read consecutive words (no bank conflicts; the staging stores, once per
+/// block, may conflict instead); i itself for L = 1.
 #[inline(always)]
 fn param_slot(lanes: usize, i: usize, dim: usize) -> usize {
     i % lanes * (dim / lanes) + i / lanes
