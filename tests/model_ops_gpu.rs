@@ -408,6 +408,52 @@ fn gelu_in_bf16_is_the_cpu_result_rounded_once() {
     }
 }
 
+/// GELU on the emulator's counters, T = f32 and bf16, n = 300 001 (vectors and a tail): each
+/// view's sectors once, in one warp request per 32 vectors of 16 bytes (and one for the tail),
+/// at most a third of the ⌈n / 32⌉ a view of the scalar loop issued; the CPU's results.
+fn gelu_in_vectors<T: Activation>() {
+    use clip_pgs_host::emu::EmuRuntime;
+    use clip_pgs_kernels::hw::emu::Options;
+    let emu = EmuRuntime::new(Options { counters: true, ..Options::default() });
+    let device = Device::Emu(emu.clone());
+    let n = 300_001;
+    let (x, dy) = (exact(n, 8), exact(n, 9));
+    emu.keep_reports();
+    let got = gelu_ops::<T>(&device, &x, &dy);
+    let reports = emu.take_reports();
+    let want = gelu_ops::<f32>(&Device::Cpu, &x, &dy);
+    let names = ["gelu", "gelu_backward", "gelu_backward_in_place"];
+    for (name, (w, g)) in names.iter().zip(want.iter().zip(&got)) {
+        let differ = common::held::<T>(w).iter().zip(g).filter(|(w, g)| w.to_bits() != g.to_bits()).count();
+        assert_eq!(differ, 0, "{name} {}: {differ} of {n} values differ from the CPU's", T::NAME);
+    }
+    let gelus: Vec<_> = reports.iter().filter(|r| r.kernel.starts_with("gelu")).collect();
+    assert_eq!(gelus.len(), 3, "{:?}", reports.iter().map(|r| r.kernel).collect::<Vec<_>>());
+    // Views: y and x; dx, dy and x; dx (read and written) and x.
+    for (name, (report, views)) in names.iter().zip(gelus.iter().zip([2u64, 3, 3])) {
+        let t = &report.traffic;
+        let size = std::mem::size_of::<T>();
+        let vector_requests = views * ((n / T::LANES).div_ceil(32) + 1) as u64;
+        let scalar_requests = views * n.div_ceil(32) as u64;
+        let sectors = views * ((n * size).div_ceil(32) + 1) as u64;
+        println!(
+            "{name} {}: {} requests (scalar loop {scalar_requests}), {} sector bytes",
+            T::NAME,
+            t.global_requests(),
+            t.sector_bytes()
+        );
+        assert!(t.global_requests() <= vector_requests, "{name} {}: {} requests", T::NAME, t.global_requests());
+        assert!(3 * t.global_requests() <= scalar_requests, "{name} {}", T::NAME);
+        assert!(t.sectors() <= sectors, "{name} {}: {} sectors, at most {sectors}", T::NAME, t.sectors());
+    }
+}
+
+#[test]
+fn gelu_moves_each_view_once_in_16_byte_vectors() {
+    gelu_in_vectors::<f32>();
+    gelu_in_vectors::<bf16>();
+}
+
 #[test]
 fn adamw_writes_the_bf16_copy_of_the_updated_weights_in_the_same_pass() {
     let gpu = common::gpu();

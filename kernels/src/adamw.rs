@@ -21,6 +21,7 @@
 use crate::element::{Bf16, Bf16x4, F32x4};
 use crate::hw::{Global, GlobalMut, block_stride, block_x, grid_stride, thread_x};
 use crate::kernel;
+use crate::map::starts_pack;
 use crate::math::{powi, sqrt};
 use crate::reduce::block_reduce;
 
@@ -38,7 +39,7 @@ kernel! {
     pub fn grad_norm_parts_f32(parts: GlobalMut<f32>, g: Global<f32>, n: u32) {
         let n = n as usize;
         // Four gradients per 128-bit load when g is 16-byte aligned, then the last n mod 4.
-        let groups = if g.sector_offset() % 4 == 0 { n / 4 } else { 0 };
+        let groups = if starts_pack::<F32x4>(g.sector_offset()) { n / 4 } else { 0 };
         let g4 = g.cast::<F32x4>();
         let mut sum = 0.0f32;
         grid_stride(groups, |j| {
@@ -203,12 +204,11 @@ kernel! {
                     copy.store(i, Bf16::from_f32(pi));
                 }
             };
-            // 16-byte alignment: the f32 arrays at element 0 of a 4-group, the copy at an 8-byte
-            // boundary (element offsets within a 32-byte sector).
+            // The f32 arrays at a 16-byte boundary, the copy at an 8-byte one.
             let aligned = [g.sector_offset(), m.sector_offset(), v.sector_offset(), p.sector_offset()]
                 .iter()
-                .all(|&o| o % 4 == 0)
-                && (!with_copy || copy.sector_offset() % 4 == 0);
+                .all(|&o| starts_pack::<F32x4>(o))
+                && (!with_copy || starts_pack::<Bf16x4>(copy.sector_offset()));
             let groups = if aligned { n / 4 } else { 0 };
             let (p4, g4, m4, v4) = (p.cast::<F32x4>(), g.cast::<F32x4>(), m.cast::<F32x4>(), v.cast::<F32x4>());
             let copy4 = copy.cast::<Bf16x4>();

@@ -10,13 +10,18 @@
 //! - Forward (`layernorm_forward_*`, `add_layernorm_forward_*`): one warp per row, 8 warps per
 //!   block, rows grid-strided over the warps ([`warp_rows`]). The block first copies γ and β,
 //!   widened to f32, into shared memory (one read of each per block). Lane l holds the row's
-//!   elements l, l + 32, … in registers (an array of [`ROW_VALUES`], fully unrolled: rows up to
-//!   [`MAX_REGISTER_DIM`] = 1024 values); each load instruction of the warp reads 32 consecutive
-//!   elements. One read of the row (the fused variant computes sum = a + b here, rounds and
-//!   writes it, and keeps the stored value: the residual stream as the next layer reads it) sums
-//!   it; a warp butterfly gives the mean; the registers give Σ (x − mean)², the biased variance;
-//!   rstd = 1/sqrt(var + eps), with the correctly rounded `math::sqrt`; then y = (x − mean)·rstd·γ
-//!   + β is written once. Lane 0 writes the row's mean and rstd for backward.
+//!   16-byte vectors l, l + 32, … (4 f32 or 8 bf16 each) in registers (an array of
+//!   [`ROW_VALUES`] values, fully unrolled: rows up to [`MAX_REGISTER_DIM`] = 1024 values); each
+//!   load instruction of the warp reads 32 consecutive vectors (512 bytes). γ and β are staged
+//!   lane-of-vector major ([`param_slot`]), so the warp reads them without bank conflicts (the
+//!   staging stores, once per block, may conflict up to L-way instead). Rows that are not a
+//!   whole number of vectors, or views not on a vector boundary, take the same code with single
+//!   elements: lane l holds l, l + 32, …. One read of the row (the fused
+//!   variant computes sum = a + b here, rounds and writes it, and keeps the stored value: the
+//!   residual stream as the next layer reads it) sums it; a warp butterfly gives the mean; the
+//!   registers give Σ (x − mean)², the biased variance; rstd = 1/sqrt(var + eps), with the
+//!   correctly rounded `math::sqrt`; then y = (x − mean)·rstd·γ + β is written once. Lane 0
+//!   writes the row's mean and rstd for backward.
 //! - Backward dx (`layernorm_backward_*`): one warp per row likewise, γ in shared memory, mean
 //!   and rstd read once per row (one broadcast load each). One read of dy and x keeps g = dy·γ
 //!   and x − mean in registers and sums g and g·x̂; then dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) is
@@ -34,13 +39,15 @@
 //!   768), each looping over all rows; a row-split with a deterministic second pass would fill
 //!   the GPU, left for when the profile asks for it.
 //!
-//! Every path adds in the order the earlier multi-pass kernels did (lane partials in row order,
-//! the same butterfly): the f32 results are the same bits.
+//! Each lane adds its values in row order, then the same butterfly; the vector path's lanes hold
+//! other elements than the single-element and multi-pass paths', so its sums round differently
+//! (within the tests' tolerance of the CPU).
 //!
 //! Memory traffic, n = rows·dim, s = bytes per element (4 f32, 2 bf16). The analytic minimum,
 //! then what the kernels move beyond it, and the ratio measured at ViT-B/16, batch 8, PGS masks,
 //! f32 (`clip-pgs bench step --device emu`; bf16 within 0.03× of it; the earlier multi-pass
-//! kernels in brackets):
+//! kernels in brackets). The rows move in 16-byte vectors, the same sectors in a quarter (f32)
+//! or an eighth (bf16) of the warp requests single elements need:
 //! - forward: x read, y written, 2sn bytes, mean and rstd written, 8·rows; plus γ and β once per
 //!   block of 8 rows (2s·dim per 16s·dim): 1.13× (3.00×: x read three times, γ and β per row).
 //! - fused add: a and b read, sum and y written, 4sn; plus γ, β per block: 1.07× (2.0×: the sum
@@ -54,15 +61,16 @@
 //!   sector for 4 bytes per row and warp). Backward in all: 5sn (6sn) against a minimum of 3sn
 //!   (4sn), the price of the separate deterministic column reduction.
 //!
-//! Registers (sm_90, ptxas): forward 64, fused add 121–124, backward 127–128, dγ/dβ 32; no
-//! spills, no local memory (the row arrays are indexed by constants only).
+//! Registers (sm_90, ptxas, f32/bf16): forward 72/64, fused add 114/139, backward 158/128, dγ/dβ
+//! 32; no spills, no local memory (the row arrays are indexed by constants only).
 
-use crate::element::{Bf16, Element};
+use crate::element::{Bf16, Element, MAX_LANES, Pack};
 use crate::hw::{
     Global, GlobalMut, Shared, WARP, block_stride, block_x, lane, lane_here, lane_stride, sync_threads, thread_x,
     unrolled, warp_rows,
 };
 use crate::kernel;
+use crate::map::starts_pack;
 use crate::math::sqrt;
 use crate::reduce::warp_reduce;
 
@@ -96,49 +104,115 @@ fn add(a: f32, b: f32) -> f32 {
 }
 
 /// Copies γ and (if given) β, widened to f32, into the block's shared memory: γ at 0.., β at
-/// MAX_REGISTER_DIM... Every thread of the block calls it (a barrier).
+/// MAX_REGISTER_DIM.., element i at [`param_slot`]. Every thread of the block calls it (a
+/// barrier).
 ///
 /// # Safety
-/// `gamma` and `beta` hold dim ≤ MAX_REGISTER_DIM elements.
+/// `gamma` and `beta` hold dim ≤ MAX_REGISTER_DIM elements; `lanes` divides dim.
 #[inline(always)]
-unsafe fn stage_params<T: Element>(gamma: Global<T>, beta: Option<Global<T>>, dim: usize) -> Shared<f32> {
+unsafe fn stage_params<T: Element>(gamma: Global<T>, beta: Option<Global<T>>, dim: usize, lanes: usize) -> Shared<f32> {
     let params = layernorm_gamma_beta();
     // SAFETY: i < dim ≤ MAX_REGISTER_DIM: inside γ, β and the shared array's halves.
     block_stride(dim, |i| unsafe {
-        params.store(i, gamma.load(i).to_f32());
+        let slot = param_slot(lanes, i, dim);
+        params.store(slot, gamma.load(i).to_f32());
         if let Some(beta) = beta {
-            params.store(MAX_REGISTER_DIM + i, beta.load(i).to_f32());
+            params.store(MAX_REGISTER_DIM + slot, beta.load(i).to_f32());
         }
     });
     sync_threads();
     params
 }
 
-/// Calls `f(k, i)` for this lane's elements i = lane + 32·k < dim, k < ROW_VALUES, unrolled
-/// ([`unrolled`]) so that arrays indexed by k stay in registers. The bound is tested as
-/// 32·k < dim − lane, one register against constants, with the lane read afresh
-/// ([`lane_here`]): the 32 tests are made where they are used, not held across the row loop
+/// Where γ's element i lies in shared memory for rows read in packs of L = `lanes`: lane j of
+/// every pack together (j·dim/L + i/L), so that the lanes of a warp, reading lane j of
+/// consecutive packs, read consecutive words (no bank conflicts; the staging stores, once per
+/// block, may conflict instead); i itself for L = 1.
+#[inline(always)]
+fn param_slot(lanes: usize, i: usize, dim: usize) -> usize {
+    i % lanes * (dim / lanes) + i / lanes
+}
+
+/// Calls `f(k, i)` for this lane's elements of a row read in packs of L = `lanes` (a constant
+/// dividing dim): pack p = lane + 32·q holds elements i = p·L + j < dim, held at k = q·L + j <
+/// ROW_VALUES (for L = 1, i = lane + 32·k). Unrolled ([`unrolled`]) so that arrays indexed by k stay in registers. The
+/// bound is tested as 32·q·L < dim − lane·L, one register against constants, with the lane read
+/// afresh ([`lane_here`]): the tests are made where they are used, not held across the row loop
 /// (149 registers instead of 127 in the backward kernel).
 #[inline(always)]
-fn lane_values(dim: usize, mut f: impl FnMut(usize, usize)) {
+fn lane_values(lanes: usize, dim: usize, mut f: impl FnMut(usize, usize)) {
     let lane = lane_here();
-    let left = dim.saturating_sub(lane) as u32;
+    let left = dim.saturating_sub(lane * lanes) as u32;
     unrolled::<ROW_VALUES>(|k| {
-        if ((k * WARP) as u32) < left {
-            f(k, lane + k * WARP);
+        let (q, j) = (k / lanes, k % lanes);
+        if ((q * WARP * lanes) as u32) < left {
+            f(k, (lane + q * WARP) * lanes + j);
         }
     });
 }
 
-/// The rest of the forward pass over one row held in registers (`v`, this lane's values;
-/// `partial`, their sum in order): the variance, rstd, y and the statistics.
+/// v[k] = x[base + i] widened, for this lane's (k, i) of [`lane_values`]: one P access per pack.
 ///
 /// # Safety
-/// `y` holds rows·dim elements, `mean` and `rstd` rows; `params` holds γ and β (stage_params);
-/// row < rows; dim ≤ MAX_REGISTER_DIM. The whole warp calls it (shuffles).
+/// `x` holds base + dim elements; P's lanes divide dim and base; x starts on a P boundary.
+#[inline(always)]
+unsafe fn load_values<T: Element, P: Pack<Element = T>>(
+    x: Global<T>,
+    base: usize,
+    dim: usize,
+    v: &mut [f32; ROW_VALUES],
+) {
+    let packs = x.cast::<P>();
+    lane_values(P::LANES, dim, |k, i| {
+        if k % P::LANES == 0 {
+            // SAFETY: base + i < base + dim, the first element of a pack.
+            let pack = unsafe { packs.load((base + i) / P::LANES) };
+            unrolled::<MAX_LANES>(|j| {
+                if j < P::LANES {
+                    v[k + j] = pack.lane(j).to_f32();
+                }
+            });
+        }
+    });
+}
+
+/// y[base + i] = value(k, i) rounded to T, for this lane's (k, i) of [`lane_values`]: one P access
+/// per pack.
+///
+/// # Safety
+/// As `load_values`, for y.
+#[inline(always)]
+unsafe fn store_values<T: Element, P: Pack<Element = T>>(
+    y: GlobalMut<T>,
+    base: usize,
+    dim: usize,
+    mut value: impl FnMut(usize, usize) -> f32,
+) {
+    let packs = y.cast::<P>();
+    lane_values(P::LANES, dim, |k, i| {
+        if k % P::LANES == 0 {
+            let mut pack = P::splat(T::ZERO);
+            unrolled::<MAX_LANES>(|j| {
+                if j < P::LANES {
+                    pack.set_lane(j, T::from_f32(value(k + j, i + j)));
+                }
+            });
+            // SAFETY: base + i < base + dim, the first element of a pack.
+            unsafe { packs.store((base + i) / P::LANES, pack) };
+        }
+    });
+}
+
+/// The rest of the forward pass over one row held in registers (`v`, this lane's values in packs
+/// P; `partial`, their sum in order): the variance, rstd, y and the statistics.
+///
+/// # Safety
+/// `y` holds rows·dim elements, `mean` and `rstd` rows; `params` holds γ and β (stage_params
+/// for P); row < rows; dim ≤ MAX_REGISTER_DIM; y as `store_values` needs for P. The whole warp
+/// calls it (shuffles).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn normalize_registers<T: Element>(
+unsafe fn normalize_registers<T: Element, P: Pack<Element = T>>(
     y: GlobalMut<T>,
     mean: GlobalMut<f32>,
     rstd: GlobalMut<f32>,
@@ -150,18 +224,19 @@ unsafe fn normalize_registers<T: Element>(
 ) {
     let mu = warp_reduce(partial, add) / dim as f32;
     let mut q = 0.0f32;
-    lane_values(dim, |k, _| {
+    lane_values(P::LANES, dim, |k, _| {
         let d = v[k] - mu;
         q += d * d;
     });
     let var = warp_reduce(q, add) / dim as f32;
     let s = 1.0 / sqrt(var + EPS);
-    let base = row * dim;
-    // SAFETY: base + i < rows·dim; i < dim ≤ MAX_REGISTER_DIM inside both halves of params.
-    lane_values(dim, |k, i| unsafe {
-        let value = (v[k] - mu) * s * params.load(i) + params.load(MAX_REGISTER_DIM + i);
-        y.store(base + i, T::from_f32(value))
-    });
+    // SAFETY: the row lies inside y; slots < dim ≤ MAX_REGISTER_DIM, inside both halves of params.
+    unsafe {
+        store_values::<T, P>(y, row * dim, dim, |k, i| {
+            let slot = param_slot(P::LANES, i, dim);
+            (v[k] - mu) * s * params.load(slot) + params.load(MAX_REGISTER_DIM + slot)
+        })
+    };
     if lane() == 0 {
         // SAFETY: row < rows.
         unsafe {
@@ -213,6 +288,44 @@ unsafe fn normalize_row<T: Element>(
     }
 }
 
+/// Whether rows of dim elements of views starting `offsets` elements into their sectors go in
+/// T's 16-byte vectors: dim a whole number of them, every view on a vector boundary.
+#[inline(always)]
+fn in_vectors<T: Element, const N: usize>(dim: usize, offsets: [usize; N]) -> bool {
+    dim.is_multiple_of(<T::Vector as Pack>::LANES) && offsets.iter().all(|&o| starts_pack::<T::Vector>(o))
+}
+
+/// `forward` over rows held in registers, read and written in packs P.
+///
+/// # Safety
+/// `forward`'s contract; dim ≤ MAX_REGISTER_DIM; P's lanes divide dim, x and y start on a P
+/// boundary.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn forward_registers<T: Element, P: Pack<Element = T>>(
+    y: GlobalMut<T>,
+    mean: GlobalMut<f32>,
+    rstd: GlobalMut<f32>,
+    x: Global<T>,
+    gamma: Global<T>,
+    beta: Global<T>,
+    rows: u32,
+    dim: usize,
+) {
+    // SAFETY: gamma and beta hold dim ≤ MAX_REGISTER_DIM elements, P's lanes divide dim.
+    let params = unsafe { stage_params(gamma, Some(beta), dim, P::LANES) };
+    warp_rows(rows as usize, |row| {
+        // All loads first, then the sum (in the same order): the loads are in flight together.
+        let mut v = [0.0f32; ROW_VALUES];
+        // SAFETY: row < rows: the row lies inside x, the caller's sizes.
+        unsafe { load_values::<T, P>(x, row * dim, dim, &mut v) };
+        let mut partial = 0.0f32;
+        lane_values(P::LANES, dim, |k, _| partial += v[k]);
+        // SAFETY: the caller's sizes; row < rows; the whole warp takes the row.
+        unsafe { normalize_registers::<T, P>(y, mean, rstd, params, row, dim, &v, partial) };
+    });
+}
+
 /// y = LayerNorm(x)·γ + β over rows of dim values; each row's mean and rstd saved.
 ///
 /// # Safety
@@ -232,19 +345,14 @@ unsafe fn forward<T: Element>(
 ) {
     let dim = dim as usize;
     if dim <= MAX_REGISTER_DIM {
-        // SAFETY: gamma and beta hold dim ≤ MAX_REGISTER_DIM elements.
-        let params = unsafe { stage_params(gamma, Some(beta), dim) };
-        warp_rows(rows as usize, |row| {
-            let base = row * dim;
-            // All loads first, then the sum (in the same order): the loads are in flight together.
-            let mut v = [0.0f32; ROW_VALUES];
-            // SAFETY: row < rows and i < dim: base + i < rows·dim, the caller's sizes.
-            lane_values(dim, |k, i| v[k] = unsafe { x.load(base + i) }.to_f32());
-            let mut partial = 0.0f32;
-            lane_values(dim, |k, _| partial += v[k]);
-            // SAFETY: the caller's sizes; row < rows; the whole warp takes the row.
-            unsafe { normalize_registers(y, mean, rstd, params, row, dim, &v, partial) };
-        });
+        // SAFETY: the caller's contract; vectors where in_vectors allows them.
+        unsafe {
+            if in_vectors::<T, 2>(dim, [y.sector_offset(), x.sector_offset()]) {
+                forward_registers::<T, T::Vector>(y, mean, rstd, x, gamma, beta, rows, dim)
+            } else {
+                forward_registers::<T, T>(y, mean, rstd, x, gamma, beta, rows, dim)
+            }
+        }
         return;
     }
     warp_rows(rows as usize, |row| {
@@ -255,6 +363,49 @@ unsafe fn forward<T: Element>(
         lane_stride(dim, |i| partial += x(i));
         // SAFETY: the caller's sizes; row < rows; the whole warp takes the row.
         unsafe { normalize_row(y, mean, rstd, gamma, beta, row, dim, partial, x) };
+    });
+}
+
+/// `add_forward` over rows held in registers, read and written in packs P.
+///
+/// # Safety
+/// `add_forward`'s contract; dim ≤ MAX_REGISTER_DIM; P's lanes divide dim, sum, y, a and b
+/// start on a P boundary.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn add_forward_registers<T: Element, P: Pack<Element = T>>(
+    sum: GlobalMut<T>,
+    y: GlobalMut<T>,
+    mean: GlobalMut<f32>,
+    rstd: GlobalMut<f32>,
+    a: Global<T>,
+    b: Global<T>,
+    gamma: Global<T>,
+    beta: Global<T>,
+    rows: u32,
+    dim: usize,
+) {
+    // SAFETY: gamma and beta hold dim ≤ MAX_REGISTER_DIM elements, P's lanes divide dim.
+    let params = unsafe { stage_params(gamma, Some(beta), dim, P::LANES) };
+    warp_rows(rows as usize, |row| {
+        let base = row * dim;
+        // All loads first (in flight together), then the sums rounded to T (the residual stream
+        // as stored) and the row sum, then the stores.
+        let (mut v, mut w) = ([0.0f32; ROW_VALUES], [0.0f32; ROW_VALUES]);
+        // SAFETY: row < rows: the row lies inside a, b and sum, the caller's sizes.
+        unsafe {
+            load_values::<T, P>(a, base, dim, &mut v);
+            load_values::<T, P>(b, base, dim, &mut w);
+        }
+        let mut partial = 0.0f32;
+        lane_values(P::LANES, dim, |k, _| {
+            v[k] = T::from_f32(v[k] + w[k]).to_f32();
+            partial += v[k];
+        });
+        // SAFETY: as above; v holds T values, stored exactly.
+        unsafe { store_values::<T, P>(sum, base, dim, |k, _| v[k]) };
+        // SAFETY: the caller's sizes; row < rows; the whole warp takes the row.
+        unsafe { normalize_registers::<T, P>(y, mean, rstd, params, row, dim, &v, partial) };
     });
 }
 
@@ -279,6 +430,18 @@ unsafe fn add_forward<T: Element>(
     dim: u32,
 ) {
     let dim = dim as usize;
+    if dim <= MAX_REGISTER_DIM {
+        let offsets = [sum.sector_offset(), y.sector_offset(), a.sector_offset(), b.sector_offset()];
+        // SAFETY: the caller's contract; vectors where in_vectors allows them.
+        unsafe {
+            if in_vectors::<T, 4>(dim, offsets) {
+                add_forward_registers::<T, T::Vector>(sum, y, mean, rstd, a, b, gamma, beta, rows, dim)
+            } else {
+                add_forward_registers::<T, T>(sum, y, mean, rstd, a, b, gamma, beta, rows, dim)
+            }
+        }
+        return;
+    }
     // sum[at] = a + b rounded to T (the sum of the loaded a and b); returns the stored value,
     // widened.
     // SAFETY: every call passes at = row·dim + i < rows·dim (row < rows, i < dim).
@@ -287,25 +450,6 @@ unsafe fn add_forward<T: Element>(
         sum.store(at, v);
         v.to_f32()
     };
-    if dim <= MAX_REGISTER_DIM {
-        // SAFETY: gamma and beta hold dim ≤ MAX_REGISTER_DIM elements.
-        let params = unsafe { stage_params(gamma, Some(beta), dim) };
-        warp_rows(rows as usize, |row| {
-            let base = row * dim;
-            // All loads first (in flight together), then the sums, stores and the row sum.
-            let (mut v, mut w) = ([0.0f32; ROW_VALUES], [0.0f32; ROW_VALUES]);
-            // SAFETY: base + i < rows·dim, the caller's sizes.
-            lane_values(dim, |k, i| unsafe { (v[k], w[k]) = (a.load(base + i).to_f32(), b.load(base + i).to_f32()) });
-            let mut partial = 0.0f32;
-            lane_values(dim, |k, i| {
-                v[k] = residual(base + i, v[k], w[k]);
-                partial += v[k];
-            });
-            // SAFETY: the caller's sizes; row < rows; the whole warp takes the row.
-            unsafe { normalize_registers(y, mean, rstd, params, row, dim, &v, partial) };
-        });
-        return;
-    }
     warp_rows(rows as usize, |row| {
         let base = row * dim;
         let mut partial = 0.0f32;
@@ -317,6 +461,63 @@ unsafe fn add_forward<T: Element>(
         let x = |i: usize| unsafe { sum.load(base + i) }.to_f32();
         // SAFETY: the caller's sizes; row < rows; the whole warp takes the row.
         unsafe { normalize_row(y, mean, rstd, gamma, beta, row, dim, partial, x) };
+    });
+}
+
+/// `backward` over rows held in registers, read and written in packs P.
+///
+/// # Safety
+/// `backward`'s contract; dim ≤ MAX_REGISTER_DIM; P's lanes divide dim, dx, dy and x start on a
+/// P boundary.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_registers<T: Element, P: Pack<Element = T>>(
+    dx: GlobalMut<T>,
+    dy: Global<T>,
+    x: Global<T>,
+    mean: Global<f32>,
+    rstd: Global<f32>,
+    gamma: Global<T>,
+    rows: u32,
+    dim: usize,
+    accumulate: u32,
+) {
+    // SAFETY: gamma holds dim ≤ MAX_REGISTER_DIM elements, P's lanes divide dim; no β.
+    let params = unsafe { stage_params(gamma, None, dim, P::LANES) };
+    warp_rows(rows as usize, |row| {
+        let base = row * dim;
+        // SAFETY: row < rows, the length of mean and rstd.
+        let (mu, s) = unsafe { (mean.load(row), rstd.load(row)) };
+        // All loads first (in flight together); g = dy·γ and x − mean then replace them.
+        let (mut g, mut xm) = ([0.0f32; ROW_VALUES], [0.0f32; ROW_VALUES]);
+        // SAFETY: row < rows: the row lies inside dy and x, the caller's sizes.
+        unsafe {
+            load_values::<T, P>(dy, base, dim, &mut g);
+            load_values::<T, P>(x, base, dim, &mut xm);
+        }
+        let (mut sum_g, mut sum_gx) = (0.0f32, 0.0f32);
+        lane_values(P::LANES, dim, |k, i| {
+            // SAFETY: slots < dim ≤ MAX_REGISTER_DIM, inside params' γ.
+            g[k] *= unsafe { params.load(param_slot(P::LANES, i, dim)) };
+            xm[k] -= mu;
+            sum_g += g[k];
+            sum_gx += g[k] * xm[k] * s;
+        });
+        let mean_g = warp_reduce(sum_g, add) / dim as f32;
+        let mean_gx = warp_reduce(sum_gx, add) / dim as f32;
+        // d (in xm), then with `accumulate` the old dx (in g, loads in flight together). The
+        // arithmetic runs on every k (values past dim are never stored): no selects.
+        unrolled::<ROW_VALUES>(|k| {
+            let xhat = xm[k] * s;
+            xm[k] = s * (g[k] - mean_g - xhat * mean_gx);
+        });
+        if accumulate != 0 {
+            // SAFETY: as above, for dx.
+            unsafe { load_values::<T, P>(dx.read_only(), base, dim, &mut g) };
+            unrolled::<ROW_VALUES>(|k| xm[k] += g[k]);
+        }
+        // SAFETY: as above.
+        unsafe { store_values::<T, P>(dx, base, dim, |k, _| xm[k]) };
     });
 }
 
@@ -341,40 +542,14 @@ unsafe fn backward<T: Element>(
 ) {
     let dim = dim as usize;
     if dim <= MAX_REGISTER_DIM {
-        // SAFETY: gamma holds dim ≤ MAX_REGISTER_DIM elements; no β.
-        let params = unsafe { stage_params(gamma, None, dim) };
-        warp_rows(rows as usize, |row| {
-            let base = row * dim;
-            // SAFETY: row < rows, the length of mean and rstd.
-            let (mu, s) = unsafe { (mean.load(row), rstd.load(row)) };
-            // All loads first (in flight together); g = dy·γ and x − mean then replace them.
-            let (mut g, mut xm) = ([0.0f32; ROW_VALUES], [0.0f32; ROW_VALUES]);
-            // SAFETY: base + i < rows·dim, the caller's sizes.
-            lane_values(dim, |k, i| unsafe { (g[k], xm[k]) = (dy.load(base + i).to_f32(), x.load(base + i).to_f32()) });
-            let (mut sum_g, mut sum_gx) = (0.0f32, 0.0f32);
-            lane_values(dim, |k, i| {
-                // SAFETY: i < dim ≤ MAX_REGISTER_DIM, inside params' γ.
-                g[k] *= unsafe { params.load(i) };
-                xm[k] -= mu;
-                sum_g += g[k];
-                sum_gx += g[k] * xm[k] * s;
-            });
-            let mean_g = warp_reduce(sum_g, add) / dim as f32;
-            let mean_gx = warp_reduce(sum_gx, add) / dim as f32;
-            // d (in xm), then with `accumulate` the old dx (in g, loads in flight together). The
-            // arithmetic runs on every k (values past dim are never stored): no selects.
-            unrolled::<ROW_VALUES>(|k| {
-                let xhat = xm[k] * s;
-                xm[k] = s * (g[k] - mean_g - xhat * mean_gx);
-            });
-            if accumulate != 0 {
-                // SAFETY: as above.
-                lane_values(dim, |k, i| g[k] = unsafe { dx.load(base + i) }.to_f32());
-                unrolled::<ROW_VALUES>(|k| xm[k] += g[k]);
+        // SAFETY: the caller's contract; vectors where in_vectors allows them.
+        unsafe {
+            if in_vectors::<T, 3>(dim, [dx.sector_offset(), dy.sector_offset(), x.sector_offset()]) {
+                backward_registers::<T, T::Vector>(dx, dy, x, mean, rstd, gamma, rows, dim, accumulate)
+            } else {
+                backward_registers::<T, T>(dx, dy, x, mean, rstd, gamma, rows, dim, accumulate)
             }
-            // SAFETY: as above.
-            lane_values(dim, |k, i| unsafe { dx.store(base + i, T::from_f32(xm[k])) });
-        });
+        }
         return;
     }
     // The new dx from its increment d: written, or added to the old value.

@@ -28,6 +28,7 @@ pub mod gather;
 pub mod gelu;
 pub mod hw;
 pub mod layernorm;
+pub mod map;
 pub mod mask_clock;
 pub mod math;
 pub mod mma_tile;

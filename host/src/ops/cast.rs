@@ -2,8 +2,9 @@
 //! the f32 master weights at the start of a bf16 run (AdamW keeps it current afterwards), and
 //! conversions in tests. bf16 values round to nearest even; widening is exact.
 
-use clip_pgs_kernels::cast::{THREADS, cast_bf16_f32, cast_f32_bf16};
+use clip_pgs_kernels::cast::{LANES, THREADS, cast_bf16_f32, cast_f32_bf16};
 use clip_pgs_kernels::hw::{Global, GlobalMut, Kernel};
+use clip_pgs_kernels::map::threads;
 
 use super::check::OpCheck;
 use super::dtype::Float;
@@ -38,7 +39,7 @@ pub fn cast<S: Cast<D>, D: Float>(device: &Device, dst: ViewMut<D>, src: View<S>
     if !matches!(device, Device::Cpu) {
         let args = (op.gpu_mut("dst", dst)?, op.gpu("src", src)?, n);
         // SAFETY: dst and src hold n values (checked above).
-        return unsafe { device.launch(&S::KERNEL, grid_stride_config(n as usize, THREADS), args) };
+        return unsafe { device.launch(&S::KERNEL, grid_stride_config(threads(n as usize, LANES), THREADS), args) };
     }
     let (dst, src) = (op.cpu_f32_mut("dst", dst)?, op.cpu_f32("src", src)?);
     dst.copy_from_slice(src);

@@ -11,7 +11,7 @@
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 
 use clip_pgs_kernels as kernels;
-use clip_pgs_kernels::element::Bf16;
+use clip_pgs_kernels::element::{Bf16, Element, Pack};
 use clip_pgs_kernels::hw::{Global, GlobalMut, Kernel};
 
 use super::edge_map::ImageElement;
@@ -25,6 +25,9 @@ pub trait Float: KernelElement + DeviceRepr + ValidAsZeroBits + Default + Partia
     const NAME: &'static str;
     /// Its cuBLASLt data type.
     const DATA_TYPE: DataType;
+    /// Elements per 16-byte vector of the kernels (`Element::Vector`): what a thread of a
+    /// vectorized kernel takes per step.
+    const LANES: usize;
     /// Exact.
     fn to_f32(self) -> f32;
     /// The nearest value, ties to even (exact for f32).
@@ -42,6 +45,7 @@ pub trait Float: KernelElement + DeviceRepr + ValidAsZeroBits + Default + Partia
 impl Float for f32 {
     const NAME: &'static str = "f32";
     const DATA_TYPE: DataType = DataType::F32;
+    const LANES: usize = <<f32 as Element>::Vector as Pack>::LANES;
     fn to_f32(self) -> f32 {
         self
     }
@@ -65,6 +69,7 @@ impl Float for f32 {
 impl Float for half::bf16 {
     const NAME: &'static str = "bf16";
     const DATA_TYPE: DataType = DataType::Bf16;
+    const LANES: usize = <<Bf16 as Element>::Vector as Pack>::LANES;
     fn to_f32(self) -> f32 {
         half::bf16::to_f32(self)
     }

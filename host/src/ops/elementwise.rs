@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use clip_pgs_kernels::elementwise::{THREADS, broadcast_threads};
+use clip_pgs_kernels::map::threads;
 
 use super::check::OpCheck;
 use super::dtype::Activation;
@@ -36,7 +37,7 @@ pub fn add<T: Activation>(device: &Device, out: ViewMut<T>, a: View<T>, b: View<
     let (n, period) = (a.len() as u32, b.len() as u32);
     if !matches!(device, Device::Cpu) {
         let args = (op.gpu_mut("out", out)?, op.gpu("a", a)?, op.gpu("b", b)?, n, period);
-        let cfg = grid_stride_config(broadcast_threads(n as usize, period as usize), THREADS);
+        let cfg = grid_stride_config(broadcast_threads(n as usize, period as usize, T::LANES), THREADS);
         // SAFETY: out and a hold n values, b holds period, which divides n (checked above).
         return unsafe { device.launch(&T::ADD, cfg, args) };
     }
@@ -54,7 +55,7 @@ pub fn add_assign<T: Activation>(device: &Device, x: ViewMut<T>, b: View<T>) -> 
     let (n, period) = (x.len() as u32, b.len() as u32);
     if !matches!(device, Device::Cpu) {
         let args = (op.gpu_mut("x", x)?, op.gpu("b", b)?, n, period);
-        let cfg = grid_stride_config(broadcast_threads(n as usize, period as usize), THREADS);
+        let cfg = grid_stride_config(broadcast_threads(n as usize, period as usize, T::LANES), THREADS);
         // SAFETY: x holds n values, b holds period, which divides n (checked above).
         return unsafe { device.launch(&T::ADD_ASSIGN, cfg, args) };
     }
@@ -71,7 +72,11 @@ pub fn fill<T: Activation>(device: &Device, x: ViewMut<T>, value: f32) -> Result
         let n = x.len() as u32;
         // SAFETY: x holds n values.
         return unsafe {
-            device.launch(&T::FILL, grid_stride_config(n as usize, THREADS), (op.gpu_mut("x", x)?, n, value))
+            device.launch(
+                &T::FILL,
+                grid_stride_config(threads(n as usize, T::LANES), THREADS),
+                (op.gpu_mut("x", x)?, n, value),
+            )
         };
     }
     op.cpu_f32_mut("x", x)?.par_chunks_mut(1 << 16).for_each(|x| x.fill(value));
@@ -89,7 +94,11 @@ pub fn clamp<T: Activation>(device: &Device, x: ViewMut<T>, lo: f32, hi: f32) ->
         let n = x.len() as u32;
         // SAFETY: x holds n values.
         return unsafe {
-            device.launch(&T::CLAMP, grid_stride_config(n as usize, THREADS), (op.gpu_mut("x", x)?, n, lo, hi))
+            device.launch(
+                &T::CLAMP,
+                grid_stride_config(threads(n as usize, T::LANES), THREADS),
+                (op.gpu_mut("x", x)?, n, lo, hi),
+            )
         };
     }
     op.cpu_f32_mut("x", x)?.iter_mut().for_each(|x| *x = x.clamp(lo, hi));

@@ -14,6 +14,7 @@ use std::str::FromStr;
 use rayon::prelude::*;
 
 use clip_pgs_kernels::gelu::{THREADS, gelu, gelu_grad, gelu_tanh, gelu_tanh_grad};
+use clip_pgs_kernels::map::threads;
 
 use super::check::OpCheck;
 use super::dtype::Activation;
@@ -135,7 +136,11 @@ pub fn gelu_forward<T: Activation>(device: &Device, y: ViewMut<T>, x: View<T>) -
     if !matches!(device, Device::Cpu) {
         // SAFETY: y and x hold n values.
         return unsafe {
-            device.launch(&T::GELU, grid_stride_config(n as usize, THREADS), (op.gpu_mut("y", y)?, op.gpu("x", x)?, n))
+            device.launch(
+                &T::GELU,
+                grid_stride_config(threads(n as usize, T::LANES), THREADS),
+                (op.gpu_mut("y", y)?, op.gpu("x", x)?, n),
+            )
         };
     }
     cpu_gelu(op.cpu_f32_mut("y", y)?, op.cpu_f32("x", x)?, GeluForm::Erf);
@@ -151,7 +156,9 @@ pub fn gelu_backward<T: Activation>(device: &Device, dx: ViewMut<T>, dy: View<T>
     if !matches!(device, Device::Cpu) {
         let args = (op.gpu_mut("dx", dx)?, op.gpu("dy", dy)?, op.gpu("x", x)?, n);
         // SAFETY: dx, dy and x hold n values.
-        return unsafe { device.launch(&T::GELU_BACKWARD, grid_stride_config(n as usize, THREADS), args) };
+        return unsafe {
+            device.launch(&T::GELU_BACKWARD, grid_stride_config(threads(n as usize, T::LANES), THREADS), args)
+        };
     }
     cpu_gelu_backward(op.cpu_f32_mut("dx", dx)?, Some(op.cpu_f32("dy", dy)?), op.cpu_f32("x", x)?, GeluForm::Erf);
     Ok(())
@@ -166,7 +173,9 @@ pub fn gelu_backward_in_place<T: Activation>(device: &Device, dx: ViewMut<T>, x:
     if !matches!(device, Device::Cpu) {
         let args = (op.gpu_mut("dx", dx)?, None::<View<T>>, op.gpu("x", x)?, n);
         // SAFETY: dx and x hold n values; the null dy makes the kernel read dx.
-        return unsafe { device.launch(&T::GELU_BACKWARD, grid_stride_config(n as usize, THREADS), args) };
+        return unsafe {
+            device.launch(&T::GELU_BACKWARD, grid_stride_config(threads(n as usize, T::LANES), THREADS), args)
+        };
     }
     cpu_gelu_backward(op.cpu_f32_mut("dx", dx)?, None, op.cpu_f32("x", x)?, GeluForm::Erf);
     Ok(())

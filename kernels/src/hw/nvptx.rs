@@ -222,6 +222,12 @@ impl<T: Copy> GlobalMut<T> {
     pub fn is_null(self) -> bool {
         self.ptr.is_null()
     }
+
+    /// The same memory, read-only.
+    #[inline(always)]
+    pub fn read_only(self) -> Global<T> {
+        Global { ptr: self.ptr }
+    }
 }
 
 impl GlobalMut<f32> {

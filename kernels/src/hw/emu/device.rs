@@ -282,6 +282,11 @@ impl<T: Copy> GlobalMut<T> {
         self.ptr.is_null()
     }
 
+    /// The same memory, read-only.
+    pub fn read_only(self) -> Global<T> {
+        Global { ptr: self.ptr, len: self.len, start: self.start, buffer: self.buffer }
+    }
+
     /// # Safety
     /// As on the GPU; here an index past the end is reported, not performed.
     #[track_caller]
