@@ -132,6 +132,16 @@ impl Device {
         }
     }
 
+    /// The most shared memory a block may use (static plus dynamic, the opt-in maximum) on a GPU
+    /// device; None on the CPU.
+    pub fn max_shared_bytes(&self) -> Option<usize> {
+        match self {
+            Device::Cpu => None,
+            Device::Cuda(rt) => Some(rt.limits.max_shared_bytes),
+            Device::Emu(rt) => Some(rt.limits.max_shared_bytes),
+        }
+    }
+
     /// (free, total) bytes of device memory on CUDA; None on the host devices.
     pub fn memory_info(&self) -> Result<Option<(usize, usize)>> {
         match self {

@@ -103,9 +103,28 @@ pub const fn shared_bytes(d: usize) -> u32 {
     (3 * TILE * d * 2) as u32
 }
 
-/// The backward's: K, V, Q and dO tiles, dSᵀ (64 × 64 bf16), lse and δ of the query tile (f32).
+/// A backward query tile's slot, in rows of D bf16: its Q tile, its dO tile, its (lse·log₂e, δ)
+/// pairs (64 × 8 bytes in 8 rows: D ≥ 32), and on the resident path its f32 dQ [64, D]. Every
+/// part starts at a multiple of 8 rows, so that the tiles' swizzle is the same in every slot.
+const SLOT_O: usize = TILE;
+const SLOT_STATS: usize = 2 * TILE;
+const SLOT_DQ: usize = 2 * TILE + 8;
+const SLOT_ROWS: usize = SLOT_DQ + 2 * TILE;
+
+/// The backward's with `slots` query slots: K and V tiles, dSᵀ (64 × 64 bf16), then the slots
+/// (`dq`: with their dQ).
+const fn backward_layout_bytes(d: usize, slots: usize, dq: bool) -> usize {
+    2 * TILE * d * 2 + TILE * TILE * 2 + slots * (if dq { SLOT_ROWS } else { SLOT_DQ }) * d * 2
+}
+
+/// The fallback backward's (one slot, reloaded per query tile).
 pub const fn backward_shared_bytes(d: usize) -> u32 {
-    (4 * TILE * d * 2 + TILE * TILE * 2 + 2 * TILE * 4) as u32
+    backward_layout_bytes(d, 1, false) as u32
+}
+
+/// The resident backward's for sequences of at most `seq` rows: ⌈S/64⌉ slots and their dQ.
+pub const fn resident_backward_shared_bytes(d: usize, seq: usize) -> usize {
+    backward_layout_bytes(d, seq.div_ceil(TILE), true)
 }
 
 /// 8 bf16: one 16-byte chunk of a tile row (a cp.async, a vector store).
@@ -457,10 +476,14 @@ unsafe fn write_padding<const DK: usize>(out: GlobalMut<Bf16>, lse: GlobalMut<f3
     block_stride(rows, |i| unsafe { lse.store(head.lse0 + q0 + i, 0.0) });
 }
 
-/// dq and the backward's row statistics, one warp per (token, head): δ = Σ dO∘O over the head's
-/// D columns into `delta` (lse's layout), and the head's columns of the dQ accumulator dq (out's
-/// layout, f32) zeroed for the atomics of [`backward`]. Padding rows get δ = 0. Sequence
-/// `block_y`.
+/// Rows of one head a warp of the δ pre-pass takes: their δ are one 32-byte store, and the
+/// sequence's length is loaded once for them.
+pub const DOT_ROWS: usize = 8;
+
+/// δ and the fallback's dQ accumulator, one warp per DOT_ROWS rows of a head: δ = Σ dO∘O over
+/// the head's D columns into `delta` (lse's layout), and, unless dq is null (the resident
+/// backward), the head's columns of the dQ accumulator dq (out's layout, f32) zeroed for the
+/// fallback's atomics in [`backward`]. Padding rows get δ = 0. Sequence `block_y`.
 #[inline(always)]
 unsafe fn backward_dot(
     delta: GlobalMut<f32>,
@@ -474,34 +497,51 @@ unsafe fn backward_dot(
     let width = heads * d;
     // SAFETY: the caller's contract.
     let sq = unsafe { Sequence::of(lengths, offsets, block_y(), seq) };
-    warp_rows(sq.rows * heads, |row| {
-        let (i, h) = (row / heads, row % heads);
-        let at = (sq.row0 + i) * width + h * d;
-        // SAFETY: row i of the sequence; the buffers' sizes are the caller's contract.
-        unsafe {
-            let mut sum = 0.0;
-            if i < sq.len {
-                let (o, g) = (out.offset(at).cast::<u32>(), dout.offset(at).cast::<u32>());
-                lane_stride(d / 2, |c| {
-                    let (o, g) = (o.load(c), g.load(c));
-                    sum += Bf16(o as u16).to_f32() * Bf16(g as u16).to_f32()
-                        + Bf16((o >> 16) as u16).to_f32() * Bf16((g >> 16) as u16).to_f32();
-                });
+    let groups = sq.rows.div_ceil(DOT_ROWS);
+    warp_rows(groups * heads, |group| {
+        let (h, i0) = (group / groups, DOT_ROWS * (group % groups));
+        let mut mine = 0.0; // lane r: δ of row i0 + r
+        unrolled::<DOT_ROWS>(|r| {
+            let i = i0 + r;
+            if i < sq.rows {
+                let at = (sq.row0 + i) * width + h * d;
+                // SAFETY: row i of the sequence; the buffers' sizes are the caller's contract.
+                unsafe {
+                    let mut sum = 0.0;
+                    if i < sq.len {
+                        let (o, g) = (out.offset(at).cast::<u32>(), dout.offset(at).cast::<u32>());
+                        lane_stride(d / 2, |c| {
+                            let (o, g) = (o.load(c), g.load(c));
+                            sum += Bf16(o as u16).to_f32() * Bf16(g as u16).to_f32()
+                                + Bf16((o >> 16) as u16).to_f32() * Bf16((g >> 16) as u16).to_f32();
+                        });
+                    }
+                    let sum = warp_reduce(sum, |a, b| a + b);
+                    if lane() == r {
+                        mine = sum;
+                    }
+                    if !dq.is_null() {
+                        lane_stride(d, |c| dq.store(at + c, 0.0));
+                    }
+                }
             }
-            let sum = warp_reduce(sum, |a, b| a + b);
-            lane_stride(d, |c| dq.store(at + c, 0.0));
-            if lane() == 0 {
-                delta.store(sq.lse0(h, heads) + i, sum);
-            }
+        });
+        if lane() < DOT_ROWS && i0 + lane() < sq.rows {
+            // SAFETY: as above.
+            unsafe { delta.store(sq.lse0(h, heads) + i0 + lane(), mine) };
         }
     });
 }
 
-/// The backward pass of one block, head dim 16·DK (HALF = DK/2): the block owns key tile
-/// `block_x`, so dK and dV are its own (no atomics); dQ is added to the f32 accumulator by atomics.
+/// The backward of one block, head dim 16·DK (HALF = DK/2). Fallback (`RESIDENT` false): the
+/// block owns key tile `block_x`, loads each query tile it visits into slot 0 and adds dQ to the
+/// f32 accumulator `dq` by atomics. Resident: the block owns the whole (sequence, head), walks
+/// its key tiles in turn, keeps query tile i's Q, dO, lse and δ in slot i from their first load
+/// (key tile 0 visits every query tile) and dQ in shared memory (`dq` unused), written to dqkv's
+/// q columns at the end. dK and dV are the block's own either way (no atomics).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn backward<const DK: usize, const HALF: usize>(
+unsafe fn backward<const DK: usize, const HALF: usize, const RESIDENT: bool>(
     dqkv: GlobalMut<Bf16>,
     dq: GlobalMut<f32>,
     qkv: Global<Bf16>,
@@ -516,7 +556,7 @@ unsafe fn backward<const DK: usize, const HALF: usize>(
 ) {
     const { assert!(2 * HALF == DK) };
     let (seq, heads, causal) = (seq as usize, heads as usize, causal != 0);
-    let (k0, h, b) = (TILE * block_x(), block_y(), block_z());
+    let (h, b) = (block_y(), block_z());
     // SAFETY: the caller's contract (buffer sizes, grid, shared memory).
     unsafe {
         let d = 16 * DK;
@@ -524,151 +564,232 @@ unsafe fn backward<const DK: usize, const HALF: usize>(
         let len = head.len;
         let tiles = dynamic_shared::<Bf16>();
         let (k_s, v_s) = (Tile::<DK>::nth(tiles, 0), Tile::<DK>::nth(tiles, 1));
-        let (q_s, o_s) = (Tile::<DK>::nth(tiles, 2), Tile::<DK>::nth(tiles, 3));
-        let ds_s = Tile::<KT> { s: tiles.offset(4 * TILE * 16 * DK) };
-        let stats = tiles.cast::<f32>().offset((4 * TILE * 16 * DK + TILE * TILE) / 2);
-        let dq_s = q_s.s.cast::<f32>();
+        let ds_s = Tile::<KT> { s: tiles.offset(2 * TILE * 16 * DK) };
+        // Query tile i in slot i (slot 0 when not resident), rows SLOT_ROWS·i … of the slots.
+        let slots = ds_s.s.offset(TILE * TILE);
         let keys0 = 16 * warp();
-        let (g, t) = (lane() / 4, lane() % 4);
-        let key = |i: usize| k0 + keys0 + g + 8 * (i / 2);
-        let (mut dk, mut dv) = ([[[0.0f32; 4]; 2]; DK], [[[0.0f32; 4]; 2]; DK]);
-        if k0 < len {
-            k_s.load(head.qkv(qkv, 1, k0), 3 * head.width, head.valid(k0));
-            v_s.load(head.qkv(qkv, 2, k0), 3 * head.width, head.valid(k0));
-            cp_async_commit();
-        }
         let scale2 = scale * core::f32::consts::LOG2_E;
-        // Causal: queries before the tile see none of its keys. A tile past the length has no
-        // work: its dK and dV rows are written 0.
-        let mut q0 = if k0 >= len {
-            len
-        } else if causal {
-            k0
-        } else {
-            0
-        };
-        while q0 < len {
-            sync_threads(); // every warp is done with the previous Q, dO, dS and statistics
-            let valid = head.valid(q0);
-            q_s.load(head.qkv(qkv, 0, q0), 3 * head.width, valid);
-            o_s.load(dout.offset((head.row0 + q0) * head.width + head.col), head.width, valid);
-            cp_async_commit();
-            block_stride(TILE, |i| {
-                let (lse_i, delta_i) =
-                    if i < valid { (lse.load(head.lse0 + q0 + i), delta.load(head.lse0 + q0 + i)) } else { (0.0, 0.0) };
-                stats.store(i, lse_i * core::f32::consts::LOG2_E);
-                stats.store(TILE + i, delta_i);
-            });
-            cp_async_wait::<0>();
-            sync_threads();
+        // Resident: every key tile of the sequence's rows (those past the length write dK = dV
+        // = 0); fallback: tile `block_x` only (a loop the compiler removes).
+        let key_tiles = if RESIDENT { head.rows.div_ceil(TILE) } else { 1 };
+        for kt in 0..key_tiles {
+            let k0 = TILE * if RESIDENT { kt } else { block_x() };
+            if RESIDENT {
+                sync_threads(); // every warp is done with the previous key tile's K and V rows
+            }
+            let (mut dk, mut dv) = ([[[0.0f32; 4]; 2]; DK], [[[0.0f32; 4]; 2]; DK]);
+            if k0 < len {
+                k_s.load(head.qkv(qkv, 1, k0), 3 * head.width, head.valid(k0));
+                v_s.load(head.qkv(qkv, 2, k0), 3 * head.width, head.valid(k0));
+                cp_async_commit();
+            }
+            // Causal: queries before the tile see none of its keys. A tile past the length has
+            // no work: its dK and dV rows are written 0.
+            let mut q0 = if k0 >= len {
+                len
+            } else if causal {
+                k0
+            } else {
+                0
+            };
+            while q0 < len {
+                // One base for the slot's parts: their addresses differ by constants, and the
+                // tiles' swizzle sees the same rows as in slot 0 (no registers per fragment).
+                let slot = slots.offset(if RESIDENT { q0 / TILE * SLOT_ROWS * 16 * DK } else { 0 });
+                let (q_s, o_s) = (Tile::<DK> { s: slot }, Tile::<DK> { s: slot.offset(SLOT_O * 16 * DK) });
+                let stats = slot.offset(SLOT_STATS * 16 * DK).cast::<Pair>();
+                sync_threads(); // every warp is done with the previous dSᵀ (fallback: Q, dO, statistics)
+                if !RESIDENT || k0 == 0 {
+                    let valid = head.valid(q0);
+                    q_s.load(head.qkv(qkv, 0, q0), 3 * head.width, valid);
+                    o_s.load(dout.offset((head.row0 + q0) * head.width + head.col), head.width, valid);
+                    cp_async_commit();
+                    block_stride(TILE, |i| {
+                        let at = head.lse0 + q0 + i;
+                        let (l, dl) = if i < valid { (lse.load(at), delta.load(at)) } else { (0.0, 0.0) };
+                        stats.store(i, Pair([l * core::f32::consts::LOG2_E, dl]));
+                    });
+                }
+                cp_async_wait::<0>();
+                sync_threads();
+                // dQ: the fallback stages this step's in the Q and dO tiles (free after the
+                // step's barrier) for the atomics; resident, added to the sequence's (set by key
+                // tile 0, the first to visit each query tile).
+                let dq_s =
+                    (slot.offset(if RESIDENT { SLOT_DQ * 16 * DK } else { 0 }).cast::<f32>(), RESIDENT && k0 > 0);
+                let at = Step { k0, q0, len, causal, scale, scale2 };
+                backward_step::<DK, HALF>(at, (k_s, v_s), (q_s, o_s), ds_s, stats, &mut dk, &mut dv, dq_s);
+                if !RESIDENT {
+                    // Each atomic instruction adds 32 consecutive columns of a row: whole sectors.
+                    sync_warp(u32::MAX);
+                    let rows0 = 16 * warp();
+                    let rows = len.saturating_sub(q0 + rows0).min(16);
+                    let mut e = lane_here();
+                    while e < rows * d {
+                        let (r, col) = (rows0 + e / d, e % d);
+                        let at = (head.row0 + q0 + r) * head.width + head.col + col;
+                        dq.atomic_add(at, dq_s.0.load(dq_at::<DK>(r, col)));
+                        e += 32;
+                    }
+                }
+                q0 += TILE;
+            }
 
-            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: the warp's 16 keys × the tile's 64 queries.
-            let (mut s, mut dp) = ([[[0.0f32; 4]; 2]; KT], [[[0.0f32; 4]; 2]; KT]);
-            unrolled::<DK>(|kd| {
-                let (kf, vf) = (k_s.a(keys0, kd), v_s.a(keys0, kd));
-                unrolled::<KT>(|qq| {
-                    let qf = q_s.b_rows(16 * qq, kd);
-                    s[qq][0] = mma_bf16_m16n8k16(kf, [qf[0], qf[1]], s[qq][0]);
-                    s[qq][1] = mma_bf16_m16n8k16(kf, [qf[2], qf[3]], s[qq][1]);
-                    let of = o_s.b_rows(16 * qq, kd);
-                    dp[qq][0] = mma_bf16_m16n8k16(vf, [of[0], of[1]], dp[qq][0]);
-                    dp[qq][1] = mma_bf16_m16n8k16(vf, [of[2], of[3]], dp[qq][1]);
+            // dK and dV of the warp's 16 keys (0 for keys past the length) by way of its K and V
+            // rows; every warp is done reading K and V after the barrier.
+            sync_threads();
+            let rows = head.rows.saturating_sub(k0 + keys0);
+            let first = (head.row0 + k0 + keys0) * 3 * head.width + head.col;
+            store_rows(k_s, keys0, &dk, [1.0; 2], dqkv, first + head.width, 3 * head.width, rows);
+            store_rows(v_s, keys0, &dv, [1.0; 2], dqkv, first + 2 * head.width, 3 * head.width, rows);
+        }
+        if RESIDENT {
+            // dQ as bf16 into dqkv's q columns, 16-byte stores; 0 in padding rows.
+            sync_threads();
+            let chunks = Tile::<DK>::CHUNKS;
+            block_stride(head.rows * chunks, |i| {
+                let (r, c) = (i / chunks, i % chunks);
+                let mut v = [0u32; 4];
+                if r < len {
+                    unrolled::<4>(|j| {
+                        let col = 8 * c + 2 * j;
+                        let dq_s = slots.offset((r / TILE * SLOT_ROWS + SLOT_DQ) * 16 * DK).cast::<f32>();
+                        let at = dq_at::<DK>(r % TILE, col);
+                        v[j] = bf16x2(dq_s.load(at), dq_s.load(at + 1));
+                    });
+                }
+                dqkv.cast::<Chunk>().store(((head.row0 + r) * 3 * head.width + head.col) / 8 + c, Chunk(v));
+            });
+        }
+    }
+}
+
+/// Where a backward step lies: key tile k0, query tile q0, the sequence's length, the mask and
+/// the scale (scale2 = scale·log₂e).
+#[derive(Clone, Copy)]
+struct Step {
+    k0: usize,
+    q0: usize,
+    len: usize,
+    causal: bool,
+    scale: f32,
+    scale2: f32,
+}
+
+/// One (key tile, query tile) step of the backward, shared by both paths: dK and dV of the
+/// warp's 16 keys updated, and dQ of the warp's 16 queries of the tile as f32 pairs into
+/// `dq_s` at rows 16·warp … (`dq_at`'s layout), added to what is there when `add`
+/// (resident: the warp owns those rows at every step, so no other warp touches them), stored
+/// otherwise. K, V, Q, dO and the tile's (lse·log₂e, δ) pairs are in shared memory (the
+/// caller's barrier); ends after a barrier that finishes every warp's reads of Q and dO.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_step<const DK: usize, const HALF: usize>(
+    at: Step,
+    (k_s, v_s): (Tile<DK>, Tile<DK>),
+    (q_s, o_s): (Tile<DK>, Tile<DK>),
+    ds_s: Tile<KT>,
+    stats: Shared<Pair>,
+    dk: &mut [[[f32; 4]; 2]; DK],
+    dv: &mut [[[f32; 4]; 2]; DK],
+    (dq_s, add): (Shared<f32>, bool),
+) {
+    let Step { k0, q0, len, causal, scale, scale2 } = at;
+    let keys0 = 16 * warp();
+    let (g, t) = (lane() / 4, lane() % 4);
+    let key = |i: usize| k0 + keys0 + g + 8 * (i / 2);
+    // SAFETY: tiles and statistics of the block's shared memory (the caller's contract).
+    unsafe {
+        // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: the warp's 16 keys × the tile's 64 queries.
+        let (mut s, mut dp) = ([[[0.0f32; 4]; 2]; KT], [[[0.0f32; 4]; 2]; KT]);
+        unrolled::<DK>(|kd| {
+            let (kf, vf) = (k_s.a(keys0, kd), v_s.a(keys0, kd));
+            unrolled::<KT>(|qq| {
+                let qf = q_s.b_rows(16 * qq, kd);
+                s[qq][0] = mma_bf16_m16n8k16(kf, [qf[0], qf[1]], s[qq][0]);
+                s[qq][1] = mma_bf16_m16n8k16(kf, [qf[2], qf[3]], s[qq][1]);
+                let of = o_s.b_rows(16 * qq, kd);
+                dp[qq][0] = mma_bf16_m16n8k16(vf, [of[0], of[1]], dp[qq][0]);
+                dp[qq][1] = mma_bf16_m16n8k16(vf, [of[2], of[3]], dp[qq][1]);
+            })
+        });
+        // Pᵀ = 2^(S·scale·log₂e − lse·log₂e) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale.
+        each_score::<KT>(|qq, n, i| {
+            let c = 16 * qq + 8 * n + 2 * t + i % 2;
+            let (query, key) = (q0 + c, key(i));
+            let visible = query < len && key < len && (!causal || key <= query);
+            let Pair([lse, delta]) = stats.load(c);
+            let p = if visible { ex2_approx(s[qq][n][i] * scale2 - lse) } else { 0.0 };
+            s[qq][n][i] = p;
+            dp[qq][n][i] = p * (dp[qq][n][i] - delta) * scale;
+        });
+
+        // dV += Pᵀ·dO and dK += dSᵀ·Q over the tile's queries; dSᵀ to shared for dQ.
+        unrolled::<KT>(|qq| {
+            let pack = |x: [[f32; 4]; 2]| {
+                [bf16x2(x[0][0], x[0][1]), bf16x2(x[0][2], x[0][3]), bf16x2(x[1][0], x[1][1]), bf16x2(x[1][2], x[1][3])]
+            };
+            let (p, ds) = (pack(s[qq]), pack(dp[qq]));
+            unrolled::<DK>(|dd| {
+                let of = o_s.b_cols(16 * qq, dd);
+                dv[dd][0] = mma_bf16_m16n8k16(p, [of[0], of[1]], dv[dd][0]);
+                dv[dd][1] = mma_bf16_m16n8k16(p, [of[2], of[3]], dv[dd][1]);
+                let qf = q_s.b_cols(16 * qq, dd);
+                dk[dd][0] = mma_bf16_m16n8k16(ds, [qf[0], qf[1]], dk[dd][0]);
+                dk[dd][1] = mma_bf16_m16n8k16(ds, [qf[2], qf[3]], dk[dd][1]);
+            });
+            let staged = ds_s.s.cast::<u32>();
+            unrolled::<2>(|n| {
+                unrolled::<2>(|r| {
+                    let at = Tile::<KT>::at(keys0 + g + 8 * r, 2 * qq + n) + 2 * t;
+                    staged.store(at / 2, ds[2 * n + r]);
                 })
             });
-            // Pᵀ = 2^(S·scale·log₂e − lse·log₂e) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale.
-            each_score::<KT>(|qq, n, i| {
-                let c = 16 * qq + 8 * n + 2 * t + i % 2;
-                let (query, key) = (q0 + c, key(i));
-                let visible = query < len && key < len && (!causal || key <= query);
-                let p = if visible { ex2_approx(s[qq][n][i] * scale2 - stats.load(c)) } else { 0.0 };
-                s[qq][n][i] = p;
-                dp[qq][n][i] = p * (dp[qq][n][i] - stats.load(TILE + c)) * scale;
-            });
-
-            // dV += Pᵀ·dO and dK += dSᵀ·Q over the tile's queries; dSᵀ to shared for dQ.
-            unrolled::<KT>(|qq| {
-                let pack = |x: [[f32; 4]; 2]| {
-                    [
-                        bf16x2(x[0][0], x[0][1]),
-                        bf16x2(x[0][2], x[0][3]),
-                        bf16x2(x[1][0], x[1][1]),
-                        bf16x2(x[1][2], x[1][3]),
-                    ]
-                };
-                let (p, ds) = (pack(s[qq]), pack(dp[qq]));
-                unrolled::<DK>(|dd| {
-                    let of = o_s.b_cols(16 * qq, dd);
-                    dv[dd][0] = mma_bf16_m16n8k16(p, [of[0], of[1]], dv[dd][0]);
-                    dv[dd][1] = mma_bf16_m16n8k16(p, [of[2], of[3]], dv[dd][1]);
-                    let qf = q_s.b_cols(16 * qq, dd);
-                    dk[dd][0] = mma_bf16_m16n8k16(ds, [qf[0], qf[1]], dk[dd][0]);
-                    dk[dd][1] = mma_bf16_m16n8k16(ds, [qf[2], qf[3]], dk[dd][1]);
-                });
-                let staged = ds_s.s.cast::<u32>();
-                unrolled::<2>(|n| {
-                    unrolled::<2>(|r| {
-                        let at = Tile::<KT>::at(keys0 + g + 8 * r, 2 * qq + n) + 2 * t;
-                        staged.store(at / 2, ds[2 * n + r]);
-                    })
-                });
-            });
-            sync_threads();
-
-            // dQ += dS·K: warp w takes queries 16w …, the head dims in two halves (registers),
-            // staged as f32 in its rows of the Q and dO tiles (free since the barrier) so that
-            // each atomic instruction adds 32 consecutive columns of a row: whole sectors. The
-            // staging addresses take the lane from `lane_here`, as the tiles' loads do.
-            let rows0 = 16 * warp();
-            let mut half = 0;
-            while half < 2 {
-                let mut acc = [[[0.0f32; 4]; 2]; HALF];
-                unrolled::<KT>(|kk| {
-                    let a = ds_s.a_trans(rows0, 16 * kk);
-                    unrolled::<HALF>(|dd| {
-                        let kf = k_s.b_cols(16 * kk, half * HALF + dd);
-                        acc[dd][0] = mma_bf16_m16n8k16(a, [kf[0], kf[1]], acc[dd][0]);
-                        acc[dd][1] = mma_bf16_m16n8k16(a, [kf[2], kf[3]], acc[dd][1]);
-                    })
-                });
-                each_score::<HALF>(|dd, n, i| {
-                    if i % 2 == 0 {
-                        let (g, t) = (lane_here() / 4, lane_here() % 4);
-                        let col = 16 * (half * HALF + dd) + 8 * n + 2 * t;
-                        let pair = Pair([acc[dd][n][i], acc[dd][n][i + 1]]);
-                        dq_s.cast::<Pair>().store(dq_at::<DK>(rows0 + g + 8 * (i / 2), col) / 2, pair);
-                    }
-                });
-                half += 1;
-            }
-            sync_warp(u32::MAX);
-            let rows = len.saturating_sub(q0 + rows0).min(16);
-            let mut e = lane_here();
-            while e < rows * d {
-                let (r, col) = (rows0 + e / d, e % d);
-                let at = (head.row0 + q0 + r) * head.width + head.col + col;
-                dq.atomic_add(at, dq_s.load(dq_at::<DK>(r, col)));
-                e += 32;
-            }
-            q0 += TILE;
-        }
-
-        // dK and dV of the warp's 16 keys (0 for keys past the length) by way of its K and V
-        // rows; every warp is done reading K and V after the barrier.
+        });
         sync_threads();
-        let rows = head.rows.saturating_sub(k0 + keys0);
-        let first = (head.row0 + k0 + keys0) * 3 * head.width + head.col;
-        store_rows(k_s, keys0, &dk, [1.0; 2], dqkv, first + head.width, 3 * head.width, rows);
-        store_rows(v_s, keys0, &dv, [1.0; 2], dqkv, first + 2 * head.width, 3 * head.width, rows);
+
+        // dQ = dS·K: warp w takes queries 16w …, the head dims in two halves (registers). The
+        // addresses take the lane from `lane_here`, as the tiles' loads do.
+        let rows0 = 16 * warp();
+        let mut half = 0;
+        while half < 2 {
+            let mut acc = [[[0.0f32; 4]; 2]; HALF];
+            unrolled::<KT>(|kk| {
+                let a = ds_s.a_trans(rows0, 16 * kk);
+                unrolled::<HALF>(|dd| {
+                    let kf = k_s.b_cols(16 * kk, half * HALF + dd);
+                    acc[dd][0] = mma_bf16_m16n8k16(a, [kf[0], kf[1]], acc[dd][0]);
+                    acc[dd][1] = mma_bf16_m16n8k16(a, [kf[2], kf[3]], acc[dd][1]);
+                })
+            });
+            each_score::<HALF>(|dd, n, i| {
+                if i % 2 == 0 {
+                    let (g, t) = (lane_here() / 4, lane_here() % 4);
+                    let col = 16 * (half * HALF + dd) + 8 * n + 2 * t;
+                    let at = dq_at::<DK>(rows0 + g + 8 * (i / 2), col) / 2;
+                    let (x, y) = (acc[dd][n][i], acc[dd][n][i + 1]);
+                    let pair = if add {
+                        let Pair([x0, y0]) = dq_s.cast::<Pair>().load(at);
+                        Pair([x0 + x, y0 + y])
+                    } else {
+                        Pair([x, y])
+                    };
+                    dq_s.cast::<Pair>().store(at, pair);
+                }
+            });
+            half += 1;
+        }
     }
 }
 
 kernel! {
     /// The backward's pre-pass: δ (lse's layout) = Σ_d dO∘O per row and head (0 in padding
-    /// rows), and the dQ accumulator dq (out's layout, f32) zeroed. Sequences as the forward's.
+    /// rows), and the dQ accumulator dq (out's layout, f32) zeroed unless null. Sequences as the
+    /// forward's.
     ///
     /// # Safety
-    /// delta holds lse's values, dq, out and dout out's, lengths and offsets (unless null) B and
-    /// B + 1; D even; grid (any, B).
+    /// delta holds lse's values, dq (unless null), out and dout out's, lengths and offsets
+    /// (unless null) B and B + 1; D even; grid (any, B) of whole warps.
     pub fn flash_attention_backward_dot(
         delta: GlobalMut<f32>,
         dq: GlobalMut<f32>,
@@ -736,12 +857,13 @@ macro_rules! forward_entries {
 forward_entries!(flash_attention_forward_d32: 2, flash_attention_forward_d64: 4, flash_attention_forward_d128: 8);
 
 macro_rules! backward_entries {
-    ($($name:ident: $dk:literal, $half:literal),*) => {$(
+    ($($name:ident, $resident:ident: $dk:literal, $half:literal),*) => {$(
         kernel! {
-            /// dK and dV into dqkv [rows, 3·H·D] (bf16; its q part is left to
-            /// `flash_attention_backward_dq`) and dQ added to dq [rows, H·D] (f32, zeroed by
-            /// `flash_attention_backward_dot`, which also made delta), from qkv, dout [rows, H·D]
-            /// and the forward's lse; D = 16·DK. Sequences and masks as the forward's.
+            /// The fallback backward, a block per (key tile, head, sequence): dK and dV into
+            /// dqkv [rows, 3·H·D] (bf16; its q part is left to `flash_attention_backward_dq`) and
+            /// dQ added to dq [rows, H·D] (f32, zeroed by `flash_attention_backward_dot`, which
+            /// also made delta), from qkv, dout [rows, H·D] and the forward's lse; D = 16·DK.
+            /// Sequences and masks as the forward's.
             ///
             /// # Safety
             /// The buffers hold those sizes; qkv, dqkv and dout 16-byte aligned; grid (⌈S/64⌉,
@@ -763,14 +885,47 @@ macro_rules! backward_entries {
             ) {
                 let sequences = (lengths, offsets);
                 // SAFETY: the caller's contract.
-                unsafe { backward::<$dk, $half>(dqkv, dq, qkv, dout, lse, delta, sequences, seq, heads, causal, scale) }
+                unsafe {
+                    backward::<$dk, $half, false>(dqkv, dq, qkv, dout, lse, delta, sequences, seq, heads, causal, scale)
+                }
+            }
+        }
+
+        kernel! {
+            /// The resident backward, a block per (head, sequence): all of dqkv [rows, 3·H·D]
+            /// (bf16) from qkv, dout [rows, H·D], the forward's lse and delta (from
+            /// `flash_attention_backward_dot`, dq null); `dq` is unused (the fallback's
+            /// parameters). D = 16·DK; sequences and masks as the forward's.
+            ///
+            /// # Safety
+            /// As the fallback's, but grid (1, H, B) with `resident_backward_shared_bytes(D, S)`
+            /// bytes of dynamic shared memory.
+            pub fn $resident(
+                dqkv: GlobalMut<Bf16>,
+                dq: GlobalMut<f32>,
+                qkv: Global<Bf16>,
+                dout: Global<Bf16>,
+                lse: Global<f32>,
+                delta: Global<f32>,
+                lengths: Global<u32>,
+                offsets: Global<u32>,
+                seq: u32,
+                heads: u32,
+                causal: u32,
+                scale: f32,
+            ) {
+                let sequences = (lengths, offsets);
+                // SAFETY: the caller's contract.
+                unsafe {
+                    backward::<$dk, $half, true>(dqkv, dq, qkv, dout, lse, delta, sequences, seq, heads, causal, scale)
+                }
             }
         }
     )*};
 }
 
 backward_entries!(
-    flash_attention_backward_d32: 2, 1,
-    flash_attention_backward_d64: 4, 2,
-    flash_attention_backward_d128: 8, 4
+    flash_attention_backward_d32, flash_attention_backward_resident_d32: 2, 1,
+    flash_attention_backward_d64, flash_attention_backward_resident_d64: 4, 2,
+    flash_attention_backward_d128, flash_attention_backward_resident_d128: 8, 4
 );
