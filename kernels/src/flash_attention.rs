@@ -36,9 +36,7 @@
 //! Shared memory: the Q, K and V tiles, 64 × D bf16 each (3·128·D bytes: 12, 24, 48 KiB for D =
 //! 32, 64, 128). Registers (ptxas, sm_80 / sm_90): 128 / 126, 163 / 147, 191 / 185 for D = 32,
 //! 64, 128, no spills: O is D/2 f32 per thread, S 32. The backward's: K, V, Q, dO (64 × D each),
-//! dSᵀ (64 × 64) and the tile's lse and δ, 4·128·D + 8704 bytes (above 48 KiB at D = 128: the
-//! launch raises the limit), its Q and dO tiles reused as the f32 dQ staging tile (64 × D);
-//! registers 244 / 178, 253 / 255, 112 / 142, no spills. Each row's 16-byte chunks are swizzled
+//! dSᵀ (64 × 64), lse and δ, and the resident path's slots (below). Each row's 16-byte chunks are swizzled
 //! (chunk c of row r at c ⊕ (r mod 8), for D = 32 at c ⊕ (⌊r/2⌋ mod 4)) so that the 8 rows an
 //! `ldmatrix` phase reads, and the 8 chunks of a cp.async phase, fall on distinct banks.
 //!
@@ -51,34 +49,53 @@
 //! part of the diagonal and last tiles.
 
 //!
-//! Backward (FlashAttention-2's, probabilities recomputed from lse), three launches:
-//! 1. `flash_attention_backward_dot`: δ_i = Σ_d dO_id·O_id per row and head (a warp each), and
-//!    the head's columns of the f32 dQ accumulator zeroed;
-//! 2. `flash_attention_backward_dNN`: one block per (64-key tile, head, sequence) owns its dK and
-//!    dV (no atomics); warp w owns keys 16w … 16w + 15. It loads K and V once, then per query
-//!    tile (causal: from the key tile on; none past the length) loads Q, dO, lse and δ and
-//!    computes, in the transposed orientation so that the warp's rows are its keys: Sᵀ = K·Qᵀ and
-//!    dPᵀ = V·dOᵀ, Pᵀ = exp(scale·Sᵀ − lse) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale, dV += Pᵀ·dO
-//!    and dK += dSᵀ·Q (P and dS as bf16 A fragments straight from the accumulators, Q and dO by
-//!    `ldmatrix.trans`); dSᵀ goes to shared memory, and dQ += dS·K (dS by `ldmatrix.trans` of
-//!    dSᵀ, warp w: queries 16w …, the head dims in two halves) is staged as f32 in the warp's rows
-//!    of the Q and dO tiles, then added to the accumulator by f32 atomics whose 32 lanes take 32
-//!    consecutive columns of a row (4 whole sectors an instruction);
-//! 3. `flash_attention_backward_dq`: the accumulator rounded into dqkv's q columns.
+//! Backward (FlashAttention-2's, probabilities recomputed from lse). A pre-pass,
+//! `flash_attention_backward_dot`, computes δ_i = Σ_d dO_id·O_id (a warp per 8 rows of a head:
+//! their δ one 32-byte store). Both paths then share one (key tile, query tile) step, in the
+//! transposed orientation so that warp w's rows are keys 16w … 16w + 15 of the key tile:
+//! Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, Pᵀ = exp(scale·Sᵀ − lse) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale,
+//! dV += Pᵀ·dO and dK += dSᵀ·Q (P and dS as bf16 A fragments straight from the accumulators, Q
+//! and dO by `ldmatrix.trans`); dSᵀ goes to shared memory, and dQ =
+//! dS·K (dS by `ldmatrix.trans` of dSᵀ, warp w: queries 16w …, the head dims in two halves) is
+//! written as f32 to the warp's rows of a shared dQ tile. A key tile's dK and dV stay in
+//! registers over the query tiles it sees (causal: from the key tile on; none past the length)
+//! and are written once, by way of the K and V tiles.
 //!
-//! dQ by atomics rather than a separate pass over query tiles: the pass would read K and V once
-//! per query tile again and recompute S and dP (4 of the backward's 5 GEMMs' inputs, 2 of its 5
-//! products); the atomics add 4·D bytes per (query, key tile) in L2 read-modify-writes, and the
-//! accumulator costs 8·D bytes a row (zeroed, read back). Counted on the emulator for ViT-B/16
-//! S = 197, PGS lengths 197, 99, 1, H = 2, D = 64 (`tests/flash_attention_gpu.rs`; the pass as an
-//! experimental kernel, commit e9caaf9, reverted): the atomic design's analytic minimum is
-//! 2 394 408 bytes and its three launches move 2 471 744 (1.032×; the rest is the pre-pass's one
-//! sector per row and head for its δ store); the pass design's minimum is 1 946 040 and it moved
-//! 1 954 624 (dQ's padding rows not written), 0.79× the atomics' bytes, for 7 GEMMs instead of 5.
-//! Staging took the atomics from half of each sector they touch (a lane's accumulator holds
-//! alternate column pairs: 1.243× the minimum) to whole sectors; whether the pass's 21 % fewer
-//! bytes beat its 40 % more tensor-core work is a question for GPU timings (`clip-pgs bench
-//! attention`).
+//! Resident (`flash_attention_backward_resident_dNN`, where its shared memory fits the device's
+//! per-block limit): one block per (head, sequence) walks the sequence's key tiles in turn.
+//! Query tile i has its own slot: its Q and dO tiles, its lse·log₂e and δ, and an f32 dQ tile
+//! [64, D] — loaded by cp.async when key tile 0 visits it (every query tile's first visit) and
+//! never again. Each step adds its dQ to the slot's: warp w computes the same query rows at
+//! every step, so it is a plain read-add-write by their owner (key tile 0's step stores). At
+//! the end dQ goes to dqkv's q columns as bf16 (16-byte stores). Q, dO, lse and δ are read once
+//! per (sequence, head) and dQ written once: no global accumulator, no atomics, no zeroing, no
+//! third launch. Shared memory: K, V, dSᵀ, then ⌈S/64⌉ slots of 264 rows of 2·D bytes (33 KiB
+//! at D = 64): 156 KiB for ViT-B/16's S = 197, 90 KiB for the text tower's 77; an H100's
+//! 227 KiB holds S ≤ 384 at D = 64, S ≤ 128 at D = 128, S ≤ 768 at D = 32. That is one block
+//! of 4 warps per SM and B·H blocks, fewer warps in flight than the fallback: whether that
+//! costs time is a question for GPU timings (`clip-pgs bench attention`).
+//!
+//! Fallback (`flash_attention_backward_dNN`: longer sequences, GPUs with less shared memory, or
+//! forced): one block per (64-key tile, head, sequence) with a single slot (41 KiB in all at D = 64)
+//! reloaded for every query tile it visits, so Q, dO, lse and δ are read once per key tile; the
+//! step's dQ is staged in the slot's Q and dO tiles and added to a global f32 accumulator
+//! (zeroed by the pre-pass) by f32 atomics whose 32 lanes take 32 consecutive columns of a row
+//! (4 whole sectors an instruction); `flash_attention_backward_dq` rounds it into dqkv.
+//!
+//! Registers (ptxas, sm_80 / sm_90), resident: 250 / 246, 255 (464 spill bytes) / 252, 180 / 142;
+//! fallback: 242 / 242, 255 / 250, 110 / 112 for D = 32, 64, 128.
+//!
+//! Memory traffic on the emulator's counters (`tests/flash_attention_gpu.rs`, D = 64, H = 2).
+//! Resident: analytic minimum Q, K, V, dO of the valid rows read once, lse and δ once, dQ, dK
+//! and dV written once as bf16 (padding rows included), the pre-pass's O and dO reads and δ
+//! writes: 919 560 bytes for ViT-B/16 S = 197 with PGS lengths 197, 99, 1; the two launches
+//! move 930 464 (1.012×; the rest: the lengths' sector per warp, δ rows across sectors); the
+//! text tower's causal 77 with lengths 77, 13: 1.012×. The fallback on the ViT shape: minimum
+//! 2 394 408 (Q, dO, lse, δ once per key tile, the atomics' 4·D bytes per (query, key tile),
+//! the accumulator's zeroing and read-back), moved 2 409 632 (1.006×), 2.6× the resident
+//! path's bytes. dQ by atomics rather than a separate pass over query tiles (commit e9caaf9,
+//! reverted: K and V read once per query tile again, S and dP recomputed, 7 GEMMs instead of 5)
+//! stays the fallback's choice.
 
 use crate::element::Bf16;
 use crate::hw::{
@@ -565,8 +582,12 @@ unsafe fn backward<const DK: usize, const HALF: usize, const RESIDENT: bool>(
         let tiles = dynamic_shared::<Bf16>();
         let (k_s, v_s) = (Tile::<DK>::nth(tiles, 0), Tile::<DK>::nth(tiles, 1));
         let ds_s = Tile::<KT> { s: tiles.offset(2 * TILE * 16 * DK) };
-        // Query tile i in slot i (slot 0 when not resident), rows SLOT_ROWS·i … of the slots.
+        // Query tile i in slot i (slot 0 when not resident): rows qr = SLOT_ROWS·i … of the slots,
+        // addressed from these bases.
         let slots = ds_s.s.offset(TILE * TILE);
+        let (q_s, o_s) = (Tile::<DK> { s: slots }, Tile::<DK> { s: slots.offset(SLOT_O * 16 * DK) });
+        let stats = slots.offset(SLOT_STATS * 16 * DK).cast::<Pair>();
+        let dq_s = slots.offset(if RESIDENT { SLOT_DQ * 16 * DK } else { 0 }).cast::<f32>();
         let keys0 = 16 * warp();
         let scale2 = scale * core::f32::consts::LOG2_E;
         // Resident: every key tile of the sequence's rows (those past the length write dK = dV
@@ -593,32 +614,29 @@ unsafe fn backward<const DK: usize, const HALF: usize, const RESIDENT: bool>(
                 0
             };
             while q0 < len {
-                // One base for the slot's parts: their addresses differ by constants, and the
-                // tiles' swizzle sees the same rows as in slot 0 (no registers per fragment).
-                let slot = slots.offset(if RESIDENT { q0 / TILE * SLOT_ROWS * 16 * DK } else { 0 });
-                let (q_s, o_s) = (Tile::<DK> { s: slot }, Tile::<DK> { s: slot.offset(SLOT_O * 16 * DK) });
-                let stats = slot.offset(SLOT_STATS * 16 * DK).cast::<Pair>();
+                let qr = if RESIDENT { q0 / TILE * SLOT_ROWS } else { 0 };
                 sync_threads(); // every warp is done with the previous dSᵀ (fallback: Q, dO, statistics)
                 if !RESIDENT || k0 == 0 {
                     let valid = head.valid(q0);
-                    q_s.load(head.qkv(qkv, 0, q0), 3 * head.width, valid);
-                    o_s.load(dout.offset((head.row0 + q0) * head.width + head.col), head.width, valid);
+                    let q_tile = Tile::<DK> { s: q_s.s.offset(qr * 16 * DK) };
+                    let o_tile = Tile::<DK> { s: o_s.s.offset(qr * 16 * DK) };
+                    q_tile.load(head.qkv(qkv, 0, q0), 3 * head.width, valid);
+                    o_tile.load(dout.offset((head.row0 + q0) * head.width + head.col), head.width, valid);
                     cp_async_commit();
                     block_stride(TILE, |i| {
                         let at = head.lse0 + q0 + i;
                         let (l, dl) = if i < valid { (lse.load(at), delta.load(at)) } else { (0.0, 0.0) };
-                        stats.store(i, Pair([l * core::f32::consts::LOG2_E, dl]));
+                        stats.store(qr * 4 * DK + i, Pair([l * core::f32::consts::LOG2_E, dl]));
                     });
                 }
                 cp_async_wait::<0>();
                 sync_threads();
                 // dQ: the fallback stages this step's in the Q and dO tiles (free after the
-                // step's barrier) for the atomics; resident, added to the sequence's (set by key
+                // step's barrier) for the atomics; resident, added to the slot's (stored by key
                 // tile 0, the first to visit each query tile).
-                let dq_s =
-                    (slot.offset(if RESIDENT { SLOT_DQ * 16 * DK } else { 0 }).cast::<f32>(), RESIDENT && k0 > 0);
-                let at = Step { k0, q0, len, causal, scale, scale2 };
-                backward_step::<DK, HALF>(at, (k_s, v_s), (q_s, o_s), ds_s, stats, &mut dk, &mut dv, dq_s);
+                let at = Step { k0, q0, qr, len, causal, scale, scale2 };
+                let dq_slot = (dq_s, RESIDENT && k0 > 0);
+                backward_step::<DK, HALF>(at, (k_s, v_s), (q_s, o_s), ds_s, stats, &mut dk, &mut dv, dq_slot);
                 if !RESIDENT {
                     // Each atomic instruction adds 32 consecutive columns of a row: whole sectors.
                     sync_warp(u32::MAX);
@@ -628,7 +646,7 @@ unsafe fn backward<const DK: usize, const HALF: usize, const RESIDENT: bool>(
                     while e < rows * d {
                         let (r, col) = (rows0 + e / d, e % d);
                         let at = (head.row0 + q0 + r) * head.width + head.col + col;
-                        dq.atomic_add(at, dq_s.0.load(dq_at::<DK>(r, col)));
+                        dq.atomic_add(at, dq_s.load(dq_at::<DK>(r, col)));
                         e += 32;
                     }
                 }
@@ -653,8 +671,7 @@ unsafe fn backward<const DK: usize, const HALF: usize, const RESIDENT: bool>(
                 if r < len {
                     unrolled::<4>(|j| {
                         let col = 8 * c + 2 * j;
-                        let dq_s = slots.offset((r / TILE * SLOT_ROWS + SLOT_DQ) * 16 * DK).cast::<f32>();
-                        let at = dq_at::<DK>(r % TILE, col);
+                        let at = r / TILE * SLOT_ROWS * 8 * DK + dq_at::<DK>(r % TILE, col);
                         v[j] = bf16x2(dq_s.load(at), dq_s.load(at + 1));
                     });
                 }
@@ -664,12 +681,13 @@ unsafe fn backward<const DK: usize, const HALF: usize, const RESIDENT: bool>(
     }
 }
 
-/// Where a backward step lies: key tile k0, query tile q0, the sequence's length, the mask and
-/// the scale (scale2 = scale·log₂e).
+/// Where a backward step lies: key tile k0, query tile q0 (its slot: rows qr … of the slots),
+/// the sequence's length, the mask and the scale (scale2 = scale·log₂e).
 #[derive(Clone, Copy)]
 struct Step {
     k0: usize,
     q0: usize,
+    qr: usize,
     len: usize,
     causal: bool,
     scale: f32,
@@ -678,9 +696,9 @@ struct Step {
 
 /// One (key tile, query tile) step of the backward, shared by both paths: dK and dV of the
 /// warp's 16 keys updated, and dQ of the warp's 16 queries of the tile as f32 pairs into
-/// `dq_s` at rows 16·warp … (`dq_at`'s layout), added to what is there when `add`
-/// (resident: the warp owns those rows at every step, so no other warp touches them), stored
-/// otherwise. K, V, Q, dO and the tile's (lse·log₂e, δ) pairs are in shared memory (the
+/// `dq_s` at the slot's rows 16·warp … (`dq_at`'s layout), added to what is there when `add`
+/// (resident: the warp owns those rows at every step, so no other warp touches them before
+/// the final write), stored otherwise. K, V, Q, dO and the tile's (lse·log₂e, δ) pairs are in shared memory (the
 /// caller's barrier); ends after a barrier that finishes every warp's reads of Q and dO.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -694,7 +712,7 @@ unsafe fn backward_step<const DK: usize, const HALF: usize>(
     dv: &mut [[[f32; 4]; 2]; DK],
     (dq_s, add): (Shared<f32>, bool),
 ) {
-    let Step { k0, q0, len, causal, scale, scale2 } = at;
+    let Step { k0, q0, qr, len, causal, scale, scale2 } = at;
     let keys0 = 16 * warp();
     let (g, t) = (lane() / 4, lane() % 4);
     let key = |i: usize| k0 + keys0 + g + 8 * (i / 2);
@@ -705,10 +723,10 @@ unsafe fn backward_step<const DK: usize, const HALF: usize>(
         unrolled::<DK>(|kd| {
             let (kf, vf) = (k_s.a(keys0, kd), v_s.a(keys0, kd));
             unrolled::<KT>(|qq| {
-                let qf = q_s.b_rows(16 * qq, kd);
+                let qf = q_s.b_rows(qr + 16 * qq, kd);
                 s[qq][0] = mma_bf16_m16n8k16(kf, [qf[0], qf[1]], s[qq][0]);
                 s[qq][1] = mma_bf16_m16n8k16(kf, [qf[2], qf[3]], s[qq][1]);
-                let of = o_s.b_rows(16 * qq, kd);
+                let of = o_s.b_rows(qr + 16 * qq, kd);
                 dp[qq][0] = mma_bf16_m16n8k16(vf, [of[0], of[1]], dp[qq][0]);
                 dp[qq][1] = mma_bf16_m16n8k16(vf, [of[2], of[3]], dp[qq][1]);
             })
@@ -718,7 +736,7 @@ unsafe fn backward_step<const DK: usize, const HALF: usize>(
             let c = 16 * qq + 8 * n + 2 * t + i % 2;
             let (query, key) = (q0 + c, key(i));
             let visible = query < len && key < len && (!causal || key <= query);
-            let Pair([lse, delta]) = stats.load(c);
+            let Pair([lse, delta]) = stats.load(qr * 4 * DK + c);
             let p = if visible { ex2_approx(s[qq][n][i] * scale2 - lse) } else { 0.0 };
             s[qq][n][i] = p;
             dp[qq][n][i] = p * (dp[qq][n][i] - delta) * scale;
@@ -731,10 +749,10 @@ unsafe fn backward_step<const DK: usize, const HALF: usize>(
             };
             let (p, ds) = (pack(s[qq]), pack(dp[qq]));
             unrolled::<DK>(|dd| {
-                let of = o_s.b_cols(16 * qq, dd);
+                let of = o_s.b_cols(qr + 16 * qq, dd);
                 dv[dd][0] = mma_bf16_m16n8k16(p, [of[0], of[1]], dv[dd][0]);
                 dv[dd][1] = mma_bf16_m16n8k16(p, [of[2], of[3]], dv[dd][1]);
-                let qf = q_s.b_cols(16 * qq, dd);
+                let qf = q_s.b_cols(qr + 16 * qq, dd);
                 dk[dd][0] = mma_bf16_m16n8k16(ds, [qf[0], qf[1]], dk[dd][0]);
                 dk[dd][1] = mma_bf16_m16n8k16(ds, [qf[2], qf[3]], dk[dd][1]);
             });
@@ -766,7 +784,7 @@ unsafe fn backward_step<const DK: usize, const HALF: usize>(
                 if i % 2 == 0 {
                     let (g, t) = (lane_here() / 4, lane_here() % 4);
                     let col = 16 * (half * HALF + dd) + 8 * n + 2 * t;
-                    let at = dq_at::<DK>(rows0 + g + 8 * (i / 2), col) / 2;
+                    let at = (qr * 8 * DK + dq_at::<DK>(rows0 + g + 8 * (i / 2), col)) / 2;
                     let (x, y) = (acc[dd][n][i], acc[dd][n][i + 1]);
                     let pair = if add {
                         let Pair([x0, y0]) = dq_s.cast::<Pair>().load(at);

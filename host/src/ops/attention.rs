@@ -370,7 +370,7 @@ pub enum FlashBackwardPath {
 
 impl FlashBackwardPath {
     /// Whether the resident kernel runs for shape `s` on `device`: it keeps ⌈S/64⌉ query tiles'
-    /// Q, dO, lse, δ and f32 dQ in shared memory (D = 64: 33 KiB a tile, S ≤ 320 on an H100;
+    /// Q, dO, lse, δ and f32 dQ in shared memory (D = 64: 33 KiB a tile, S ≤ 384 on an H100;
     /// D = 128: S ≤ 128; D = 32: S ≤ 768).
     pub fn resident(self, device: &Device, s: AttentionShape) -> bool {
         let bytes = flash::resident_backward_shared_bytes(s.head_dim, s.seq);
