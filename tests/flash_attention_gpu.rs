@@ -291,9 +291,9 @@ fn flash_backward_matches_the_cpu_attention() {
             // P and dS rounded to bf16 for their mma, dqkv stored in bf16: 2e-2 of the largest
             // gradient, where a wrong mask, scale or transpose is off by O(1) of it.
             let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-3);
-            // Auto: resident wherever these fit (all but D = 128 beyond 128 rows); the key-tile
-            // fallback forced at ViT's head dim and on the PGS and text shapes of the others.
-            let paths: &[_] = match head_dim == 64 || matches!(seq, 77 | 99) {
+            // Auto: resident where there is one and it fits (D = 32, and 128 up to 128 rows);
+            // there the key-tile fallback forced too.
+            let paths: &[_] = match FlashBackwardPath::Auto.resident(&gpu, s) {
                 true => &[FlashBackwardPath::Auto, FlashBackwardPath::KeyTiles],
                 false => &[FlashBackwardPath::Auto],
             };
@@ -408,10 +408,11 @@ fn resident_min_bytes(lengths: &[u32], s: AttentionShape) -> u64 {
     heads * rows * (6 * d + 4) + heads * valid * (8 * d + 8 + 4 * d)
 }
 
-/// The resident path measured 1.0xx× (ViT-B/16 S = 197 with PGS lengths, and the text tower's
-/// causal 77; D = 64): the rest is the δ pre-pass's one sector per (row, head) for its 4-byte
-/// length load and δ store. The fallback, forced on the ViT shape, 1.032×: its dQ atomics add 32
-/// consecutive columns of a row an instruction (staged in shared memory), whole sectors.
+/// The resident path (ViT-B/16's S = 197 with PGS lengths at D = 32, the text tower's causal 77
+/// at D = 128) and the fallback (the ViT shape at D = 64, which has no resident kernel; and
+/// forced at D = 32), each against its own minimum; the rest is the δ pre-pass's lengths load
+/// per warp and δ rows across sectors. The fallback's dQ atomics add 32 consecutive columns of
+/// a row an instruction (staged in shared memory), whole sectors.
 #[test]
 fn flash_backward_moves_at_most_1_1_times_its_minimum() {
     use clip_pgs_host::emu::EmuRuntime;
@@ -419,14 +420,16 @@ fn flash_backward_moves_at_most_1_1_times_its_minimum() {
     let emu = EmuRuntime::new(Options { counters: true, ..Options::default() });
     let device = Device::Emu(emu.clone());
     let vit = AttentionShape { batch: 3, seq: 197, heads: 2, head_dim: 64, causal: false };
-    let text = AttentionShape { batch: 2, seq: 77, heads: 2, head_dim: 64, causal: true };
-    for (s, lengths, path) in [
-        (vit, vec![197u32, 99, 1], FlashBackwardPath::Auto),
-        (text, vec![77, 13], FlashBackwardPath::Auto),
-        (vit, vec![197, 99, 1], FlashBackwardPath::KeyTiles),
+    let vit32 = AttentionShape { head_dim: 32, ..vit };
+    let text = AttentionShape { batch: 2, seq: 77, heads: 2, head_dim: 128, causal: true };
+    for (s, lengths, path, want_resident) in [
+        (vit32, vec![197u32, 99, 1], FlashBackwardPath::Auto, true),
+        (text, vec![77, 13], FlashBackwardPath::Auto, true),
+        (vit, vec![197, 99, 1], FlashBackwardPath::Auto, false),
+        (vit32, vec![197, 99, 1], FlashBackwardPath::KeyTiles, false),
     ] {
         let resident = path.resident(&device, s);
-        assert_eq!(resident, path == FlashBackwardPath::Auto, "{s:?}: {path:?} resident {resident}");
+        assert_eq!(resident, want_resident, "{s:?}: {path:?} resident {resident}");
         let n = s.batch * s.seq * s.heads * s.head_dim;
         let (qkv, mut dout) = (qkv_values(3 * n, 9), qkv_values(n, 10));
         let w = s.heads * s.head_dim;

@@ -61,41 +61,50 @@
 //! registers over the query tiles it sees (causal: from the key tile on; none past the length)
 //! and are written once, by way of the K and V tiles.
 //!
-//! Resident (`flash_attention_backward_resident_dNN`, where its shared memory fits the device's
-//! per-block limit): one block per (head, sequence) walks the sequence's key tiles in turn.
-//! Query tile i has its own slot: its Q and dO tiles, its lse·log₂e and δ, and an f32 dQ tile
-//! [64, D] — loaded by cp.async when key tile 0 visits it (every query tile's first visit) and
-//! never again. Each step adds its dQ to the slot's: warp w computes the same query rows at
-//! every step, so it is a plain read-add-write by their owner (key tile 0's step stores). At
-//! the end dQ goes to dqkv's q columns as bf16 (16-byte stores). Q, dO, lse and δ are read once
-//! per (sequence, head) and dQ written once: no global accumulator, no atomics, no zeroing, no
-//! third launch. Shared memory: K, V, dSᵀ, then ⌈S/64⌉ slots of 264 rows of 2·D bytes (33 KiB
-//! at D = 64): 156 KiB for ViT-B/16's S = 197, 90 KiB for the text tower's 77; an H100's
-//! 227 KiB holds S ≤ 384 at D = 64, S ≤ 128 at D = 128, S ≤ 768 at D = 32. That is one block
-//! of 4 warps per SM and B·H blocks, fewer warps in flight than the fallback: whether that
-//! costs time is a question for GPU timings (`clip-pgs bench attention`).
+//! Resident (`flash_attention_backward_resident_dNN`, D = 32 and 128, where its shared memory
+//! fits the device's per-block limit): one block per (head, sequence) walks the sequence's key
+//! tiles in turn. Query tile i has its own slot: its Q and dO tiles, its lse·log₂e and δ, and an
+//! f32 dQ tile [64, D] — loaded by cp.async when key tile 0 visits it (every query tile's first
+//! visit) and never again. Each step adds its dQ to the slot's: warp w computes the same query
+//! rows at every step, so it is a plain read-add-write by their owner (key tile 0's step
+//! stores). At the end dQ goes to dqkv's q columns as bf16 (16-byte stores). Q, dO, lse and δ
+//! are read once per (sequence, head) and dQ written once: no global accumulator, no atomics, no
+//! zeroing, no third launch. Shared memory: K, V, dSᵀ, then ⌈S/64⌉ slots of 264 rows of 2·D
+//! bytes; an H100's 227 KiB holds S ≤ 768 at D = 32, S ≤ 128 at D = 128 (S ≤ 384 at D = 64:
+//! 156 KiB for ViT-B/16's 197, 90 KiB for the text tower's 77). That is one block of 4 warps
+//! per SM and B·H blocks, fewer warps in flight than the fallback: whether that costs time is a
+//! question for GPU timings (`clip-pgs bench attention`).
 //!
-//! Fallback (`flash_attention_backward_dNN`: longer sequences, GPUs with less shared memory, or
-//! forced): one block per (64-key tile, head, sequence) with a single slot (41 KiB in all at D = 64)
-//! reloaded for every query tile it visits, so Q, dO, lse and δ are read once per key tile; the
-//! step's dQ is staged in the slot's Q and dO tiles and added to a global f32 accumulator
-//! (zeroed by the pre-pass) by f32 atomics whose 32 lanes take 32 consecutive columns of a row
-//! (4 whole sectors an instruction); `flash_attention_backward_dq` rounds it into dqkv.
+//! Not at D = 64 (yet): the resident kernel assembled there with 255 registers and 464 spill
+//! bytes on sm_80 (252, none, on sm_90) in every variant tried (slot addressed by a base pointer
+//! or a row offset, dQ zeroed per slot or stored by key tile 0, the scale applied after), while
+//! the fallback fits at 255 / 250; so ViT-B/16's D = 64 takes the fallback, and its step traffic
+//! is unchanged by this path. Measured before it was taken out (emulator, S = 197, PGS lengths
+//! 197, 99, 1, H = 2): 930 464 bytes against a minimum of 919 560 (1.012×), against the
+//! fallback's 2 409 632 (2.6×); the text tower's causal 77: 1.012×.
 //!
-//! Registers (ptxas, sm_80 / sm_90), resident: 250 / 246, 255 (464 spill bytes) / 252, 180 / 142;
-//! fallback: 242 / 242, 255 / 250, 110 / 112 for D = 32, 64, 128.
+//! Fallback (`flash_attention_backward_dNN`: D = 64, longer sequences, GPUs with less shared
+//! memory, or forced): one block per (64-key tile, head, sequence) with a single slot (41 KiB in
+//! all at D = 64) reloaded for every query tile it visits, so Q, dO, lse and δ are read once per
+//! key tile; the step's dQ is staged in the slot's Q and dO tiles and added to a global f32
+//! accumulator (zeroed by the pre-pass) by f32 atomics whose 32 lanes take 32 consecutive
+//! columns of a row (4 whole sectors an instruction); `flash_attention_backward_dq` rounds it
+//! into dqkv.
 //!
-//! Memory traffic on the emulator's counters (`tests/flash_attention_gpu.rs`, D = 64, H = 2).
-//! Resident: analytic minimum Q, K, V, dO of the valid rows read once, lse and δ once, dQ, dK
-//! and dV written once as bf16 (padding rows included), the pre-pass's O and dO reads and δ
-//! writes: 919 560 bytes for ViT-B/16 S = 197 with PGS lengths 197, 99, 1; the two launches
-//! move 930 464 (1.012×; the rest: the lengths' sector per warp, δ rows across sectors); the
-//! text tower's causal 77 with lengths 77, 13: 1.012×. The fallback on the ViT shape: minimum
-//! 2 394 408 (Q, dO, lse, δ once per key tile, the atomics' 4·D bytes per (query, key tile),
-//! the accumulator's zeroing and read-back), moved 2 409 632 (1.006×), 2.6× the resident
-//! path's bytes. dQ by atomics rather than a separate pass over query tiles (commit e9caaf9,
-//! reverted: K and V read once per query tile again, S and dP recomputed, 7 GEMMs instead of 5)
-//! stays the fallback's choice.
+//! Registers (ptxas, sm_80 / sm_90), no spills: resident 250 / 246 and 180 / 142 for D = 32 and
+//! 128; fallback 242 / 242, 255 / 250, 110 / 112 for D = 32, 64, 128; the pre-pass 40 / 39.
+//!
+//! Memory traffic on the emulator's counters (`tests/flash_attention_gpu.rs`, H = 2). Resident:
+//! analytic minimum Q, K, V, dO of the valid rows read once, lse and δ once, dQ, dK and dV
+//! written once as bf16 (padding rows included), the pre-pass's O and dO reads and δ writes;
+//! ViT-B/16's S = 197 with PGS lengths 197, 99, 1 at D = 32: minimum 464 520 bytes, the two
+//! launches move 475 424 (1.023×; the rest: the lengths' sector per warp, δ rows across
+//! sectors); the text tower's causal 77 (lengths 77, 13) at D = 128: 1.006×. Fallback, minimum
+//! with Q, dO, lse, δ once per key tile, the atomics' 4·D bytes per (query, key tile), the
+//! accumulator's zeroing and read-back: the ViT shape at D = 64, 2 394 408, moved 2 409 632
+//! (1.006×); at D = 32, forced, 1.013×. dQ by atomics rather than a separate pass over query
+//! tiles (commit e9caaf9, reverted: K and V read once per query tile again, S and dP
+//! recomputed, 7 GEMMs instead of 5) stays the fallback's choice.
 
 use crate::element::Bf16;
 use crate::hw::{
@@ -875,7 +884,7 @@ macro_rules! forward_entries {
 forward_entries!(flash_attention_forward_d32: 2, flash_attention_forward_d64: 4, flash_attention_forward_d128: 8);
 
 macro_rules! backward_entries {
-    ($($name:ident, $resident:ident: $dk:literal, $half:literal),*) => {$(
+    ($($name:ident: $dk:literal, $half:literal),*) => {$(
         kernel! {
             /// The fallback backward, a block per (key tile, head, sequence): dK and dV into
             /// dqkv [rows, 3·H·D] (bf16; its q part is left to `flash_attention_backward_dq`) and
@@ -908,7 +917,17 @@ macro_rules! backward_entries {
                 }
             }
         }
+    )*};
+}
 
+backward_entries!(
+    flash_attention_backward_d32: 2, 1,
+    flash_attention_backward_d64: 4, 2,
+    flash_attention_backward_d128: 8, 4
+);
+
+macro_rules! resident_entries {
+    ($($resident:ident: $dk:literal, $half:literal),*) => {$(
         kernel! {
             /// The resident backward, a block per (head, sequence): all of dqkv [rows, 3·H·D]
             /// (bf16) from qkv, dout [rows, H·D], the forward's lse and delta (from
@@ -942,8 +961,9 @@ macro_rules! backward_entries {
     )*};
 }
 
-backward_entries!(
-    flash_attention_backward_d32, flash_attention_backward_resident_d32: 2, 1,
-    flash_attention_backward_d64, flash_attention_backward_resident_d64: 4, 2,
-    flash_attention_backward_d128, flash_attention_backward_resident_d128: 8, 4
+// Not at D = 64: with the resident path's state its registers spill on sm_80 (472 bytes; 0 on
+// sm_90), so D = 64 takes the fallback.
+resident_entries!(
+    flash_attention_backward_resident_d32: 2, 1,
+    flash_attention_backward_resident_d128: 8, 4
 );

@@ -341,12 +341,14 @@ type FlashBackward = Kernel<(
     f32,
 )>;
 
-/// The flash backward's entry points of a head dim: (fallback, resident).
-fn flash_backward_kernels(head_dim: usize) -> Option<(FlashBackward, FlashBackward)> {
+/// The flash backward's entry points of a head dim: the fallback, and the resident kernel where
+/// there is one (not at D = 64, whose registers would spill on sm_80:
+/// `kernels/src/flash_attention.rs`).
+fn flash_backward_kernels(head_dim: usize) -> Option<(FlashBackward, Option<FlashBackward>)> {
     match head_dim {
-        32 => Some((flash::flash_attention_backward_d32, flash::flash_attention_backward_resident_d32)),
-        64 => Some((flash::flash_attention_backward_d64, flash::flash_attention_backward_resident_d64)),
-        128 => Some((flash::flash_attention_backward_d128, flash::flash_attention_backward_resident_d128)),
+        32 => Some((flash::flash_attention_backward_d32, Some(flash::flash_attention_backward_resident_d32))),
+        64 => Some((flash::flash_attention_backward_d64, None)),
+        128 => Some((flash::flash_attention_backward_d128, Some(flash::flash_attention_backward_resident_d128))),
         _ => None,
     }
 }
@@ -362,19 +364,21 @@ pub fn flash_backward_scratch_len(s: AttentionShape) -> usize {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashBackwardPath {
     /// Resident (a block per sequence and head, Q and dO read once, dQ in shared memory) where
-    /// its shared memory fits the device's per-block limit, else the key-tile fallback.
+    /// the head dim has it and its shared memory fits the device's per-block limit, else the
+    /// key-tile fallback.
     Auto,
     /// The fallback: a block per key tile, dQ added to an f32 accumulator by atomics.
     KeyTiles,
 }
 
 impl FlashBackwardPath {
-    /// Whether the resident kernel runs for shape `s` on `device`: it keeps ⌈S/64⌉ query tiles'
-    /// Q, dO, lse, δ and f32 dQ in shared memory (D = 64: 33 KiB a tile, S ≤ 384 on an H100;
-    /// D = 128: S ≤ 128; D = 32: S ≤ 768).
+    /// Whether the resident kernel runs for shape `s` on `device`: there is one for the head dim
+    /// (32 and 128), and its ⌈S/64⌉ query tiles' Q, dO, lse, δ and f32 dQ fit the device's shared
+    /// memory (on an H100: S ≤ 768 at D = 32, S ≤ 128 at D = 128).
     pub fn resident(self, device: &Device, s: AttentionShape) -> bool {
         let bytes = flash::resident_backward_shared_bytes(s.head_dim, s.seq);
-        self == FlashBackwardPath::Auto && device.max_shared_bytes().is_some_and(|max| bytes <= max)
+        let exists = flash_backward_kernels(s.head_dim).is_some_and(|(_, resident)| resident.is_some());
+        self == FlashBackwardPath::Auto && exists && device.max_shared_bytes().is_some_and(|max| bytes <= max)
     }
 }
 
@@ -490,7 +494,7 @@ pub fn flash_attention_backward(
     op.size("dqkv", dqkv.len(), qkv.len(), || "qkv's size".into())?;
     op.size("lse", lse.len(), rows * s.heads, || format!("[rows {rows}, H {}]", s.heads))?;
     op.size("scratch", scratch.len(), flash_backward_scratch_len(s), || "flash_backward_scratch_len".into())?;
-    let (tiles, resident) = flash_backward_kernels(s.head_dim).ok_or_else(|| {
+    let (tiles, resident_kernel) = flash_backward_kernels(s.head_dim).ok_or_else(|| {
         op.invalid(format!("head dim {}: the flash kernels cover 32, 64 and 128 (attention_backward any)", s.head_dim))
     })?;
     let (dqkv_view, dout, qkv, out) =
@@ -500,7 +504,7 @@ pub fn flash_attention_backward(
     }
     let (lse, [lengths, offsets]) = (op.gpu("lse", lse)?, sequences.kernel_args(&op, s)?);
     let (mut dq, mut delta) = op.gpu_mut("scratch", scratch)?.split_at(s.batch * s.seq * s.width());
-    let on_chip = path.resident(device, s);
+    let resident = resident_kernel.filter(|_| path.resident(device, s));
     let warps = (flash::THREADS / 32) as usize;
     let (b, seq, h, d) = (s.batch as u32, s.seq as u32, s.heads as u32, s.head_dim as u32);
     // One row of blocks per sequence, a warp per (head, DOT_ROWS rows).
@@ -509,12 +513,12 @@ pub fn flash_attention_backward(
         block_dim: (flash::THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let accumulator = (!on_chip).then(|| dq.reborrow());
+    let accumulator = resident.is_none().then(|| dq.reborrow());
     let args = (delta.reborrow(), accumulator, out, dout, lengths, offsets, seq, h, d);
     // SAFETY: sizes checked above.
     unsafe { device.launch(&flash::flash_attention_backward_dot, dot, args)? };
     let delta = delta.as_view();
-    if on_chip {
+    if let Some(resident) = resident {
         let cfg = LaunchConfig {
             grid_dim: (1, h, b),
             block_dim: (flash::THREADS, 1, 1),
