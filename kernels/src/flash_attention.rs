@@ -36,7 +36,7 @@
 //! Shared memory: the Q, K and V tiles, 64 × D bf16 each (3·128·D bytes: 12, 24, 48 KiB for D =
 //! 32, 64, 128). Registers (ptxas, sm_80 / sm_90): 128 / 126, 163 / 147, 191 / 185 for D = 32,
 //! 64, 128, no spills: O is D/2 f32 per thread, S 32. The backward's: K, V, Q, dO (64 × D each),
-//! dSᵀ (64 × 64), lse and δ, and the resident path's slots (below). Each row's 16-byte chunks are swizzled
+//! dSᵀ, lse, δ and the resident path's slots (below). Each row's 16-byte chunks are swizzled
 //! (chunk c of row r at c ⊕ (r mod 8), for D = 32 at c ⊕ (⌊r/2⌋ mod 4)) so that the 8 rows an
 //! `ldmatrix` phase reads, and the 8 chunks of a cp.async phase, fall on distinct banks.
 //!
