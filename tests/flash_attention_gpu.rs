@@ -10,8 +10,8 @@
 mod common;
 
 use clip_pgs_host::ops::attention::{
-    AttentionShape, FlashGrid, Sequences, attention_backward, attention_forward, flash_attention_backward,
-    flash_attention_forward, flash_attention_forward_on, flash_backward_scratch_len,
+    AttentionShape, FlashBackwardPath, FlashGrid, Sequences, attention_backward, attention_forward,
+    flash_attention_backward, flash_attention_forward, flash_attention_forward_on, flash_backward_scratch_len,
 };
 use clip_pgs_host::{Buffer, Device, bf16};
 use clip_pgs_kernels::philox::Philox;
@@ -285,8 +285,16 @@ fn reference_dqkv(qkv: &[f32], dout: &[f32], lengths: Option<&[u32]>, s: Attenti
     dqkv.to_vec().unwrap()
 }
 
-/// The flash kernels' dqkv (widened) on `device`, forward first for out and lse.
-fn flash_dqkv(device: &Device, qkv: &[f32], dout: &[f32], layout: Layout, s: AttentionShape) -> Vec<f32> {
+/// The flash kernels' dqkv (widened) on `device` by the backward `path`, forward first for out and
+/// lse.
+fn flash_dqkv(
+    device: &Device,
+    qkv: &[f32],
+    dout: &[f32],
+    layout: Layout,
+    s: AttentionShape,
+    path: FlashBackwardPath,
+) -> Vec<f32> {
     let up = |x: &[f32]| device.upload(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()).unwrap();
     let (qkv_b, dout_b) = (up(qkv), up(dout));
     let mut out = up(&vec![0.0; dout.len()]);
@@ -298,7 +306,7 @@ fn flash_dqkv(device: &Device, qkv: &[f32], dout: &[f32], layout: Layout, s: Att
     let mut dqkv = device.upload(&vec![bf16::NAN; qkv.len()]).unwrap();
     let mut scratch = device.upload(&vec![f32::NAN; flash_backward_scratch_len(s)]).unwrap();
     let (d, q, o, l) = (dout_b.view(), qkv_b.view(), out.view(), lse.view());
-    flash_attention_backward(device, dqkv.view_mut(), scratch.view_mut(), d, q, o, l, lengths, s).unwrap();
+    flash_attention_backward(device, dqkv.view_mut(), scratch.view_mut(), d, q, o, l, lengths, s, path).unwrap();
     dqkv.to_vec().unwrap().iter().map(|x| x.to_f32()).collect()
 }
 
@@ -329,14 +337,23 @@ fn flash_backward_matches_the_cpu_attention() {
                     chunk.fill(0.0);
                 }
             }
-            let got = flash_dqkv(&gpu, &qkv, &dout, Layout::Padded(lengths), s);
             let want = reference_dqkv(&qkv, &dout, lengths, s);
-            let at = format!("D {head_dim}, B {batch}, S {seq}, H {heads}, causal {causal}, lengths {lengths:?}");
             // P and dS rounded to bf16 for their mma, dqkv stored in bf16: 2e-2 of the largest
             // gradient, where a wrong mask, scale or transpose is off by O(1) of it.
             let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-3);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!((g - w).abs() <= 2e-2 * scale, "{at}: dqkv[{i}] = {g}, want {w} (largest {scale})");
+            // Auto: resident where there is one and it fits (D = 32, and 128 up to 128 rows);
+            // there the key-tile fallback forced too.
+            let paths: &[_] = match FlashBackwardPath::Auto.resident(&gpu, s) {
+                true => &[FlashBackwardPath::Auto, FlashBackwardPath::KeyTiles],
+                false => &[FlashBackwardPath::Auto],
+            };
+            for &path in paths {
+                let got = flash_dqkv(&gpu, &qkv, &dout, Layout::Padded(lengths), s, path);
+                let at = format!("D {head_dim}, B {batch}, S {seq}, H {heads}, causal {causal}, lengths {lengths:?}");
+                let at = format!("{at}, {path:?} (resident {})", path.resident(&gpu, s));
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() <= 2e-2 * scale, "{at}: dqkv[{i}] = {g}, want {w} (largest {scale})");
+                }
             }
         }
     }
@@ -378,7 +395,9 @@ fn packed_sequences_match_the_cpu_attention() {
         let layout = Layout::Packed(lengths);
         let forwards: Vec<_> =
             grids(s.head_dim).iter().map(|&grid| (grid, flash(&gpu, &packed_qkv, layout, s, grid))).collect();
-        let dqkv = flash_dqkv(&gpu, &packed_qkv, &packed_dout, layout, s);
+        // Both backward paths: the resident one walks the key tiles of each sequence's rows.
+        let paths = [FlashBackwardPath::Auto, FlashBackwardPath::KeyTiles];
+        let dqkv = paths.map(|path| flash_dqkv(&gpu, &packed_qkv, &packed_dout, layout, s, path));
         let at = format!("D {head_dim}, S {seq}, H {heads}, causal {causal}, lengths {lengths:?}");
         // Tolerances as the padded tests'.
         let scale = want_dqkv.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-3);
@@ -399,9 +418,12 @@ fn packed_sequences_match_the_cpu_attention() {
                         assert!(ok, "{grid:?} {at}: lse of {b} head {h} row {i}");
                     }
                 }
-                for c in 0..3 * w {
-                    let (got, want) = (dqkv[p * 3 * w + c], want_dqkv[r * 3 * w + c]);
-                    assert!((got - want).abs() <= 2e-2 * scale, "{at}: dqkv of {b} row {i} [{c}] = {got}, want {want}");
+                for (dqkv, path) in dqkv.iter().zip(paths) {
+                    for c in 0..3 * w {
+                        let (got, want) = (dqkv[p * 3 * w + c], want_dqkv[r * 3 * w + c]);
+                        let ok = (got - want).abs() <= 2e-2 * scale;
+                        assert!(ok, "{at}, {path:?}: dqkv of {b} row {i} [{c}] = {got}, want {want}");
+                    }
                 }
             }
             row += len;
@@ -409,12 +431,12 @@ fn packed_sequences_match_the_cpu_attention() {
     }
 }
 
-/// Bytes the backward must move, its dQ by atomics: per (sequence, head, key tile with k valid
-/// keys) K and V once, and per query tile it visits (q valid queries) Q and dO (2·D bytes a row),
-/// lse and δ (8 bytes) and the dQ atomics (4·D bytes a row); dK and dV written once (padding rows
-/// included); the δ pre-pass reads O and dO of the valid rows and writes δ and the zeroed dQ
-/// accumulator; the last pass reads the accumulator and writes dQ in bf16.
-fn backward_min_bytes(lengths: &[u32], s: AttentionShape) -> u64 {
+/// Bytes the key-tile fallback must move, its dQ by atomics: per (sequence, head, key tile with
+/// k valid keys) K and V once, and per query tile it visits (q valid queries) Q and dO (2·D bytes
+/// a row), lse and δ (8 bytes) and the dQ atomics (4·D bytes a row); dK and dV written once
+/// (padding rows included); the δ pre-pass reads O and dO of the valid rows and writes δ and the
+/// zeroed dQ accumulator; the last pass reads the accumulator and writes dQ in bf16.
+fn key_tiles_min_bytes(lengths: &[u32], s: AttentionShape) -> u64 {
     let tile = clip_pgs_kernels::flash_attention::TILE;
     let (d, heads) = (s.head_dim as u64, s.heads as u64);
     let rows = (s.batch * s.seq) as u64;
@@ -431,34 +453,65 @@ fn backward_min_bytes(lengths: &[u32], s: AttentionShape) -> u64 {
     bytes
 }
 
-/// Measured 1.032× (ViT-B/16 S = 197, PGS lengths, D = 64): the tile kernel's dQ atomics add 32
-/// consecutive columns of a row an instruction (staged in shared memory), whole sectors; the rest
-/// is the δ pre-pass's one sector per (row, head) for its 4-byte length load and δ store.
+/// Bytes the resident backward must move: per (sequence, head) Q, K, V and dO of the valid rows
+/// once (2·D bytes a row each) with their lse and δ (8 bytes); dQ, dK and dV written once as
+/// bf16 (padding rows included); the δ pre-pass reads O and dO of the valid rows and writes δ.
+fn resident_min_bytes(lengths: &[u32], s: AttentionShape) -> u64 {
+    let (d, heads) = (s.head_dim as u64, s.heads as u64);
+    let rows = (s.batch * s.seq) as u64;
+    let valid = lengths.iter().map(|&l| l as u64).sum::<u64>();
+    heads * rows * (6 * d + 4) + heads * valid * (8 * d + 8 + 4 * d)
+}
+
+/// The resident path (ViT-B/16's S = 197 with PGS lengths at D = 32, the text tower's causal 77
+/// at D = 128) and the fallback (the ViT shape at D = 64, which has no resident kernel; and
+/// forced at D = 32), each against its own minimum; the rest is the δ pre-pass's lengths load
+/// per warp and δ rows across sectors. The fallback's dQ atomics add 32 consecutive columns of
+/// a row an instruction (staged in shared memory), whole sectors.
 #[test]
 fn flash_backward_moves_at_most_1_1_times_its_minimum() {
     use clip_pgs_host::emu::EmuRuntime;
     use clip_pgs_kernels::hw::emu::Options;
     let emu = EmuRuntime::new(Options { counters: true, ..Options::default() });
     let device = Device::Emu(emu.clone());
-    let (s, lengths) =
-        (AttentionShape { batch: 3, seq: 197, heads: 2, head_dim: 64, causal: false }, vec![197u32, 99, 1]);
-    let n = s.batch * s.seq * s.heads * s.head_dim;
-    let (qkv, dout) = (qkv_values(3 * n, 9), qkv_values(n, 10));
-    emu.keep_reports();
-    flash_dqkv(&device, &qkv, &dout, Layout::Padded(Some(&lengths)), s);
-    let reports = emu.take_reports();
-    let backward: Vec<_> = reports.iter().filter(|r| r.kernel.starts_with("flash_attention_backward")).collect();
-    for r in &backward {
-        println!(
-            "{}: {} bytes, {:.0}% of sector bytes used",
-            r.kernel,
-            r.traffic.sector_bytes(),
-            100.0 * r.traffic.sector_efficiency()
-        );
+    let vit = AttentionShape { batch: 3, seq: 197, heads: 2, head_dim: 64, causal: false };
+    let vit32 = AttentionShape { head_dim: 32, ..vit };
+    let text = AttentionShape { batch: 2, seq: 77, heads: 2, head_dim: 128, causal: true };
+    for (s, lengths, path, want_resident) in [
+        (vit32, vec![197u32, 99, 1], FlashBackwardPath::Auto, true),
+        (text, vec![77, 13], FlashBackwardPath::Auto, true),
+        (vit, vec![197, 99, 1], FlashBackwardPath::Auto, false),
+        (vit32, vec![197, 99, 1], FlashBackwardPath::KeyTiles, false),
+    ] {
+        let resident = path.resident(&device, s);
+        assert_eq!(resident, want_resident, "{s:?}: {path:?} resident {resident}");
+        let n = s.batch * s.seq * s.heads * s.head_dim;
+        let (qkv, mut dout) = (qkv_values(3 * n, 9), qkv_values(n, 10));
+        let w = s.heads * s.head_dim;
+        for (row, chunk) in dout.chunks_mut(w).enumerate() {
+            if row % s.seq >= lengths[row / s.seq] as usize {
+                chunk.fill(0.0);
+            }
+        }
+        emu.keep_reports();
+        flash_dqkv(&device, &qkv, &dout, Layout::Padded(Some(&lengths)), s, path);
+        let reports = emu.take_reports();
+        let backward: Vec<_> = reports.iter().filter(|r| r.kernel.starts_with("flash_attention_backward")).collect();
+        for r in &backward {
+            println!(
+                "{}: {} bytes, {:.0}% of sector bytes used",
+                r.kernel,
+                r.traffic.sector_bytes(),
+                100.0 * r.traffic.sector_efficiency()
+            );
+        }
+        let moved: u64 = backward.iter().map(|r| r.traffic.sector_bytes()).sum();
+        let min = if resident { resident_min_bytes(&lengths, s) } else { key_tiles_min_bytes(&lengths, s) };
+        let ratio = moved as f64 / min as f64;
+        println!("{s:?} {path:?}: backward {moved} bytes moved, minimum {min}: {ratio:.3}×");
+        assert!((1.0..=1.1).contains(&ratio), "{s:?} {path:?}: {moved} bytes moved, {ratio:.3}× the minimum {min}");
     }
-    let moved: u64 = backward.iter().map(|r| r.traffic.sector_bytes()).sum();
-    let min = backward_min_bytes(&lengths, s);
-    let ratio = moved as f64 / min as f64;
-    println!("backward: {moved} bytes moved, minimum {min}: {ratio:.3}×");
-    assert!((1.0..=1.1).contains(&ratio), "{moved} bytes moved, {ratio:.3}× the minimum {min}");
+    // D = 128 beyond two query tiles does not fit: the fallback.
+    let long = AttentionShape { batch: 1, seq: 130, heads: 1, head_dim: 128, causal: false };
+    assert!(!FlashBackwardPath::Auto.resident(&device, long));
 }

@@ -54,10 +54,8 @@
 //! invariants across it, which is why the per-query-tile kernels do not have one). Parallelism:
 //! B·H resident blocks (ViT-B/16 at batch 256: 3072) against an H100's 132 SMs; 226 registers
 //! allow 2 blocks (8 warps) an SM on sm_90, the 72 KiB of S = 197 would allow 3: about 12 waves,
-//! each block's query tiles in series. The backward's: K, V, Q, dO (64 × D each),
-//! dSᵀ (64 × 64) and the tile's lse and δ, 4·128·D + 8704 bytes (above 48 KiB at D = 128: the
-//! launch raises the limit), its Q and dO tiles reused as the f32 dQ staging tile (64 × D);
-//! registers 244 / 178, 253 / 255, 112 / 142, no spills. Each row's 16-byte chunks are swizzled
+//! each block's query tiles in series. The backward's: K, V, Q, dO (64 × D each), dSᵀ, lse, δ
+//! and the resident path's slots (below). Each row's 16-byte chunks are swizzled
 //! (chunk c of row r at c ⊕ (r mod 8), for D = 32 at c ⊕ (⌊r/2⌋ mod 4)) so that the 8 rows an
 //! `ldmatrix` phase reads, and the 8 chunks of a cp.async phase, fall on distinct banks.
 //!
@@ -72,34 +70,62 @@
 //! its own minimum, which is 1.94×, 2.18× and 1.43× the resident bytes. Work: 4·D per visible
 //! (query, key) pair, plus the masked part of the diagonal and last tiles.
 //!
-//! Backward (FlashAttention-2's, probabilities recomputed from lse), three launches:
-//! 1. `flash_attention_backward_dot`: δ_i = Σ_d dO_id·O_id per row and head (a warp each), and
-//!    the head's columns of the f32 dQ accumulator zeroed;
-//! 2. `flash_attention_backward_dNN`: one block per (64-key tile, head, sequence) owns its dK and
-//!    dV (no atomics); warp w owns keys 16w … 16w + 15. It loads K and V once, then per query
-//!    tile (causal: from the key tile on; none past the length) loads Q, dO, lse and δ and
-//!    computes, in the transposed orientation so that the warp's rows are its keys: Sᵀ = K·Qᵀ and
-//!    dPᵀ = V·dOᵀ, Pᵀ = exp(scale·Sᵀ − lse) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale, dV += Pᵀ·dO
-//!    and dK += dSᵀ·Q (P and dS as bf16 A fragments straight from the accumulators, Q and dO by
-//!    `ldmatrix.trans`); dSᵀ goes to shared memory, and dQ += dS·K (dS by `ldmatrix.trans` of
-//!    dSᵀ, warp w: queries 16w …, the head dims in two halves) is staged as f32 in the warp's rows
-//!    of the Q and dO tiles, then added to the accumulator by f32 atomics whose 32 lanes take 32
-//!    consecutive columns of a row (4 whole sectors an instruction);
-//! 3. `flash_attention_backward_dq`: the accumulator rounded into dqkv's q columns.
+//! Backward (FlashAttention-2's, probabilities recomputed from lse). A pre-pass,
+//! `flash_attention_backward_dot`, computes δ_i = Σ_d dO_id·O_id (a warp per 8 rows of a head:
+//! their δ one 32-byte store). Both paths then share one (key tile, query tile) step, in the
+//! transposed orientation so that warp w's rows are keys 16w … 16w + 15 of the key tile:
+//! Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, Pᵀ = exp(scale·Sᵀ − lse) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale,
+//! dV += Pᵀ·dO and dK += dSᵀ·Q (P and dS as bf16 A fragments straight from the accumulators, Q
+//! and dO by `ldmatrix.trans`); dSᵀ goes to shared memory, and dQ =
+//! dS·K (dS by `ldmatrix.trans` of dSᵀ, warp w: queries 16w …, the head dims in two halves) is
+//! written as f32 to the warp's rows of a shared dQ tile. A key tile's dK and dV stay in
+//! registers over the query tiles it sees (causal: from the key tile on; none past the length)
+//! and are written once, by way of the K and V tiles.
 //!
-//! dQ by atomics rather than a separate pass over query tiles: the pass would read K and V once
-//! per query tile again and recompute S and dP (4 of the backward's 5 GEMMs' inputs, 2 of its 5
-//! products); the atomics add 4·D bytes per (query, key tile) in L2 read-modify-writes, and the
-//! accumulator costs 8·D bytes a row (zeroed, read back). Counted on the emulator for ViT-B/16
-//! S = 197, PGS lengths 197, 99, 1, H = 2, D = 64 (`tests/flash_attention_gpu.rs`; the pass as an
-//! experimental kernel, commit e9caaf9, reverted): the atomic design's analytic minimum is
-//! 2 394 408 bytes and its three launches move 2 471 744 (1.032×; the rest is the pre-pass's one
-//! sector per row and head for its δ store); the pass design's minimum is 1 946 040 and it moved
-//! 1 954 624 (dQ's padding rows not written), 0.79× the atomics' bytes, for 7 GEMMs instead of 5.
-//! Staging took the atomics from half of each sector they touch (a lane's accumulator holds
-//! alternate column pairs: 1.243× the minimum) to whole sectors; whether the pass's 21 % fewer
-//! bytes beat its 40 % more tensor-core work is a question for GPU timings (`clip-pgs bench
-//! attention`).
+//! Resident (`flash_attention_backward_resident_dNN`, D = 32 and 128, where its shared memory
+//! fits the device's per-block limit): one block per (head, sequence) walks the sequence's key
+//! tiles in turn. Query tile i has its own slot: its Q and dO tiles, its lse·log₂e and δ, and an
+//! f32 dQ tile [64, D] — loaded by cp.async when key tile 0 visits it (every query tile's first
+//! visit) and never again. Each step adds its dQ to the slot's: warp w computes the same query
+//! rows at every step, so it is a plain read-add-write by their owner (key tile 0's step
+//! stores). At the end dQ goes to dqkv's q columns as bf16 (16-byte stores). Q, dO, lse and δ
+//! are read once per (sequence, head) and dQ written once: no global accumulator, no atomics, no
+//! zeroing, no third launch. Shared memory: K, V, dSᵀ, then ⌈S/64⌉ slots of 264 rows of 2·D
+//! bytes; an H100's 227 KiB holds S ≤ 768 at D = 32, S ≤ 128 at D = 128 (S ≤ 384 at D = 64:
+//! 156 KiB for ViT-B/16's 197, 90 KiB for the text tower's 77). That is one block of 4 warps
+//! per SM and B·H blocks, fewer warps in flight than the fallback: whether that costs time is a
+//! question for GPU timings (`clip-pgs bench attention`).
+//!
+//! Not at D = 64 (yet): the resident kernel assembled there with 255 registers and 464 spill
+//! bytes on sm_80 (252, none, on sm_90) in every variant tried (slot addressed by a base pointer
+//! or a row offset, dQ zeroed per slot or stored by key tile 0, the scale applied after), while
+//! the fallback fits at 255 / 250; so ViT-B/16's D = 64 takes the fallback, and its step traffic
+//! is unchanged by this path. Measured before it was taken out (emulator, S = 197, PGS lengths
+//! 197, 99, 1, H = 2): 930 464 bytes against a minimum of 919 560 (1.012×), against the
+//! fallback's 2 409 632 (2.6×); the text tower's causal 77: 1.012×.
+//!
+//! Fallback (`flash_attention_backward_dNN`: D = 64, longer sequences, GPUs with less shared
+//! memory, or forced): one block per (64-key tile, head, sequence) with a single slot (41 KiB in
+//! all at D = 64) reloaded for every query tile it visits, so Q, dO, lse and δ are read once per
+//! key tile; the step's dQ is staged in the slot's Q and dO tiles and added to a global f32
+//! accumulator (zeroed by the pre-pass) by f32 atomics whose 32 lanes take 32 consecutive
+//! columns of a row (4 whole sectors an instruction); `flash_attention_backward_dq` rounds it
+//! into dqkv.
+//!
+//! Registers (ptxas, sm_80 / sm_90), no spills: resident 250 / 246 and 180 / 142 for D = 32 and
+//! 128; fallback 242 / 242, 255 / 250, 110 / 112 for D = 32, 64, 128; the pre-pass 40 / 39.
+//!
+//! Memory traffic on the emulator's counters (`tests/flash_attention_gpu.rs`, H = 2). Resident:
+//! analytic minimum Q, K, V, dO of the valid rows read once, lse and δ once, dQ, dK and dV
+//! written once as bf16 (padding rows included), the pre-pass's O and dO reads and δ writes;
+//! ViT-B/16's S = 197 with PGS lengths 197, 99, 1 at D = 32: minimum 464 520 bytes, the two
+//! launches move 475 424 (1.023×; the rest: the lengths' sector per warp, δ rows across
+//! sectors); the text tower's causal 77 (lengths 77, 13) at D = 128: 1.006×. Fallback, minimum
+//! with Q, dO, lse, δ once per key tile, the atomics' 4·D bytes per (query, key tile), the
+//! accumulator's zeroing and read-back: the ViT shape at D = 64, 2 394 408, moved 2 409 632
+//! (1.006×); at D = 32, forced, 1.013×. dQ by atomics rather than a separate pass over query
+//! tiles (commit e9caaf9, reverted: K and V read once per query tile again, S and dP
+//! recomputed, 7 GEMMs instead of 5) stays the fallback's choice.
 
 use crate::element::Bf16;
 use crate::hw::{
@@ -125,9 +151,28 @@ pub const fn shared_bytes(d: usize, key_tiles: usize) -> u32 {
     ((1 + 2 * key_tiles) * TILE * d * 2) as u32
 }
 
-/// The backward's: K, V, Q and dO tiles, dSᵀ (64 × 64 bf16), lse and δ of the query tile (f32).
+/// A backward query tile's slot, in rows of D bf16: its Q tile, its dO tile, its (lse·log₂e, δ)
+/// pairs (64 × 8 bytes in 8 rows: D ≥ 32), and on the resident path its f32 dQ [64, D]. Every
+/// part starts at a multiple of 8 rows, so that the tiles' swizzle is the same in every slot.
+const SLOT_O: usize = TILE;
+const SLOT_STATS: usize = 2 * TILE;
+const SLOT_DQ: usize = 2 * TILE + 8;
+const SLOT_ROWS: usize = SLOT_DQ + 2 * TILE;
+
+/// The backward's with `slots` query slots: K and V tiles, dSᵀ (64 × 64 bf16), then the slots
+/// (`dq`: with their dQ).
+const fn backward_layout_bytes(d: usize, slots: usize, dq: bool) -> usize {
+    2 * TILE * d * 2 + TILE * TILE * 2 + slots * (if dq { SLOT_ROWS } else { SLOT_DQ }) * d * 2
+}
+
+/// The fallback backward's (one slot, reloaded per query tile).
 pub const fn backward_shared_bytes(d: usize) -> u32 {
-    (4 * TILE * d * 2 + TILE * TILE * 2 + 2 * TILE * 4) as u32
+    backward_layout_bytes(d, 1, false) as u32
+}
+
+/// The resident backward's for sequences of at most `seq` rows: ⌈S/64⌉ slots and their dQ.
+pub const fn resident_backward_shared_bytes(d: usize, seq: usize) -> usize {
+    backward_layout_bytes(d, seq.div_ceil(TILE), true)
 }
 
 /// 8 bf16: one 16-byte chunk of a tile row (a cp.async, a vector store).
@@ -536,10 +581,14 @@ unsafe fn write_padding<const DK: usize>(out: GlobalMut<Bf16>, lse: GlobalMut<f3
     block_stride(rows, |i| unsafe { lse.store(head.lse0 + q0 + i, 0.0) });
 }
 
-/// dq and the backward's row statistics, one warp per (token, head): δ = Σ dO∘O over the head's
-/// D columns into `delta` (lse's layout), and the head's columns of the dQ accumulator dq (out's
-/// layout, f32) zeroed for the atomics of [`backward`]. Padding rows get δ = 0. Sequence
-/// `block_y`.
+/// Rows of one head a warp of the δ pre-pass takes: their δ are one 32-byte store, and the
+/// sequence's length is loaded once for them.
+pub const DOT_ROWS: usize = 8;
+
+/// δ and the fallback's dQ accumulator, one warp per DOT_ROWS rows of a head: δ = Σ dO∘O over
+/// the head's D columns into `delta` (lse's layout), and, unless dq is null (the resident
+/// backward), the head's columns of the dQ accumulator dq (out's layout, f32) zeroed for the
+/// fallback's atomics in [`backward`]. Padding rows get δ = 0. Sequence `block_y`.
 #[inline(always)]
 unsafe fn backward_dot(
     delta: GlobalMut<f32>,
@@ -553,34 +602,51 @@ unsafe fn backward_dot(
     let width = heads * d;
     // SAFETY: the caller's contract.
     let sq = unsafe { Sequence::of(lengths, offsets, block_y(), seq) };
-    warp_rows(sq.rows * heads, |row| {
-        let (i, h) = (row / heads, row % heads);
-        let at = (sq.row0 + i) * width + h * d;
-        // SAFETY: row i of the sequence; the buffers' sizes are the caller's contract.
-        unsafe {
-            let mut sum = 0.0;
-            if i < sq.len {
-                let (o, g) = (out.offset(at).cast::<u32>(), dout.offset(at).cast::<u32>());
-                lane_stride(d / 2, |c| {
-                    let (o, g) = (o.load(c), g.load(c));
-                    sum += Bf16(o as u16).to_f32() * Bf16(g as u16).to_f32()
-                        + Bf16((o >> 16) as u16).to_f32() * Bf16((g >> 16) as u16).to_f32();
-                });
+    let groups = sq.rows.div_ceil(DOT_ROWS);
+    warp_rows(groups * heads, |group| {
+        let (h, i0) = (group / groups, DOT_ROWS * (group % groups));
+        let mut mine = 0.0; // lane r: δ of row i0 + r
+        unrolled::<DOT_ROWS>(|r| {
+            let i = i0 + r;
+            if i < sq.rows {
+                let at = (sq.row0 + i) * width + h * d;
+                // SAFETY: row i of the sequence; the buffers' sizes are the caller's contract.
+                unsafe {
+                    let mut sum = 0.0;
+                    if i < sq.len {
+                        let (o, g) = (out.offset(at).cast::<u32>(), dout.offset(at).cast::<u32>());
+                        lane_stride(d / 2, |c| {
+                            let (o, g) = (o.load(c), g.load(c));
+                            sum += Bf16(o as u16).to_f32() * Bf16(g as u16).to_f32()
+                                + Bf16((o >> 16) as u16).to_f32() * Bf16((g >> 16) as u16).to_f32();
+                        });
+                    }
+                    let sum = warp_reduce(sum, |a, b| a + b);
+                    if lane() == r {
+                        mine = sum;
+                    }
+                    if !dq.is_null() {
+                        lane_stride(d, |c| dq.store(at + c, 0.0));
+                    }
+                }
             }
-            let sum = warp_reduce(sum, |a, b| a + b);
-            lane_stride(d, |c| dq.store(at + c, 0.0));
-            if lane() == 0 {
-                delta.store(sq.lse0(h, heads) + i, sum);
-            }
+        });
+        if lane() < DOT_ROWS && i0 + lane() < sq.rows {
+            // SAFETY: as above.
+            unsafe { delta.store(sq.lse0(h, heads) + i0 + lane(), mine) };
         }
     });
 }
 
-/// The backward pass of one block, head dim 16·DK (HALF = DK/2): the block owns key tile
-/// `block_x`, so dK and dV are its own (no atomics); dQ is added to the f32 accumulator by atomics.
+/// The backward of one block, head dim 16·DK (HALF = DK/2). Fallback (`RESIDENT` false): the
+/// block owns key tile `block_x`, loads each query tile it visits into slot 0 and adds dQ to the
+/// f32 accumulator `dq` by atomics. Resident: the block owns the whole (sequence, head), walks
+/// its key tiles in turn, keeps query tile i's Q, dO, lse and δ in slot i from their first load
+/// (key tile 0 visits every query tile) and dQ in shared memory (`dq` unused), written to dqkv's
+/// q columns at the end. dK and dV are the block's own either way (no atomics).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn backward<const DK: usize, const HALF: usize>(
+unsafe fn backward<const DK: usize, const HALF: usize, const RESIDENT: bool>(
     dqkv: GlobalMut<Bf16>,
     dq: GlobalMut<f32>,
     qkv: Global<Bf16>,
@@ -595,7 +661,7 @@ unsafe fn backward<const DK: usize, const HALF: usize>(
 ) {
     const { assert!(2 * HALF == DK) };
     let (seq, heads, causal) = (seq as usize, heads as usize, causal != 0);
-    let (k0, h, b) = (TILE * block_x(), block_y(), block_z());
+    let (h, b) = (block_y(), block_z());
     // SAFETY: the caller's contract (buffer sizes, grid, shared memory).
     unsafe {
         let d = 16 * DK;
@@ -603,151 +669,233 @@ unsafe fn backward<const DK: usize, const HALF: usize>(
         let len = head.len;
         let tiles = dynamic_shared::<Bf16>();
         let (k_s, v_s) = (Tile::<DK>::nth(tiles, 0), Tile::<DK>::nth(tiles, 1));
-        let (q_s, o_s) = (Tile::<DK>::nth(tiles, 2), Tile::<DK>::nth(tiles, 3));
-        let ds_s = Tile::<KT> { s: tiles.offset(4 * TILE * 16 * DK) };
-        let stats = tiles.cast::<f32>().offset((4 * TILE * 16 * DK + TILE * TILE) / 2);
-        let dq_s = q_s.s.cast::<f32>();
+        let ds_s = Tile::<KT> { s: tiles.offset(2 * TILE * 16 * DK) };
+        // Query tile i in slot i (slot 0 when not resident): rows qr = SLOT_ROWS·i … of the slots,
+        // addressed from these bases.
+        let slots = ds_s.s.offset(TILE * TILE);
+        let (q_s, o_s) = (Tile::<DK> { s: slots }, Tile::<DK> { s: slots.offset(SLOT_O * 16 * DK) });
+        let stats = slots.offset(SLOT_STATS * 16 * DK).cast::<Pair>();
+        let dq_s = slots.offset(if RESIDENT { SLOT_DQ * 16 * DK } else { 0 }).cast::<f32>();
         let keys0 = 16 * warp();
-        let (g, t) = (lane() / 4, lane() % 4);
-        let key = |i: usize| k0 + keys0 + g + 8 * (i / 2);
-        let (mut dk, mut dv) = ([[[0.0f32; 4]; 2]; DK], [[[0.0f32; 4]; 2]; DK]);
-        if k0 < len {
-            k_s.load(head.qkv(qkv, 1, k0), 3 * head.width, head.valid(k0));
-            v_s.load(head.qkv(qkv, 2, k0), 3 * head.width, head.valid(k0));
-            cp_async_commit();
-        }
         let scale2 = scale * core::f32::consts::LOG2_E;
-        // Causal: queries before the tile see none of its keys. A tile past the length has no
-        // work: its dK and dV rows are written 0.
-        let mut q0 = if k0 >= len {
-            len
-        } else if causal {
-            k0
-        } else {
-            0
-        };
-        while q0 < len {
-            sync_threads(); // every warp is done with the previous Q, dO, dS and statistics
-            let valid = head.valid(q0);
-            q_s.load(head.qkv(qkv, 0, q0), 3 * head.width, valid);
-            o_s.load(dout.offset((head.row0 + q0) * head.width + head.col), head.width, valid);
-            cp_async_commit();
-            block_stride(TILE, |i| {
-                let (lse_i, delta_i) =
-                    if i < valid { (lse.load(head.lse0 + q0 + i), delta.load(head.lse0 + q0 + i)) } else { (0.0, 0.0) };
-                stats.store(i, lse_i * core::f32::consts::LOG2_E);
-                stats.store(TILE + i, delta_i);
-            });
-            cp_async_wait::<0>();
-            sync_threads();
+        // Resident: every key tile of the sequence's rows (those past the length write dK = dV
+        // = 0); fallback: tile `block_x` only (a loop the compiler removes).
+        let key_tiles = if RESIDENT { head.rows.div_ceil(TILE) } else { 1 };
+        for kt in 0..key_tiles {
+            let k0 = TILE * if RESIDENT { kt } else { block_x() };
+            if RESIDENT {
+                sync_threads(); // every warp is done with the previous key tile's K and V rows
+            }
+            let (mut dk, mut dv) = ([[[0.0f32; 4]; 2]; DK], [[[0.0f32; 4]; 2]; DK]);
+            if k0 < len {
+                k_s.load(head.qkv(qkv, 1, k0), 3 * head.width, head.valid(k0));
+                v_s.load(head.qkv(qkv, 2, k0), 3 * head.width, head.valid(k0));
+                cp_async_commit();
+            }
+            // Causal: queries before the tile see none of its keys. A tile past the length has
+            // no work: its dK and dV rows are written 0.
+            let mut q0 = if k0 >= len {
+                len
+            } else if causal {
+                k0
+            } else {
+                0
+            };
+            while q0 < len {
+                let qr = if RESIDENT { q0 / TILE * SLOT_ROWS } else { 0 };
+                sync_threads(); // every warp is done with the previous dSᵀ (fallback: Q, dO, statistics)
+                if !RESIDENT || k0 == 0 {
+                    let valid = head.valid(q0);
+                    let q_tile = Tile::<DK> { s: q_s.s.offset(qr * 16 * DK) };
+                    let o_tile = Tile::<DK> { s: o_s.s.offset(qr * 16 * DK) };
+                    q_tile.load(head.qkv(qkv, 0, q0), 3 * head.width, valid);
+                    o_tile.load(dout.offset((head.row0 + q0) * head.width + head.col), head.width, valid);
+                    cp_async_commit();
+                    block_stride(TILE, |i| {
+                        let at = head.lse0 + q0 + i;
+                        let (l, dl) = if i < valid { (lse.load(at), delta.load(at)) } else { (0.0, 0.0) };
+                        stats.store(qr * 4 * DK + i, Pair([l * core::f32::consts::LOG2_E, dl]));
+                    });
+                }
+                cp_async_wait::<0>();
+                sync_threads();
+                // dQ: the fallback stages this step's in the Q and dO tiles (free after the
+                // step's barrier) for the atomics; resident, added to the slot's (stored by key
+                // tile 0, the first to visit each query tile).
+                let at = Step { k0, q0, qr, len, causal, scale, scale2 };
+                let dq_slot = (dq_s, RESIDENT && k0 > 0);
+                backward_step::<DK, HALF>(at, (k_s, v_s), (q_s, o_s), ds_s, stats, &mut dk, &mut dv, dq_slot);
+                if !RESIDENT {
+                    // Each atomic instruction adds 32 consecutive columns of a row: whole sectors.
+                    sync_warp(u32::MAX);
+                    let rows0 = 16 * warp();
+                    let rows = len.saturating_sub(q0 + rows0).min(16);
+                    let mut e = lane_here();
+                    while e < rows * d {
+                        let (r, col) = (rows0 + e / d, e % d);
+                        let at = (head.row0 + q0 + r) * head.width + head.col + col;
+                        dq.atomic_add(at, dq_s.load(dq_at::<DK>(r, col)));
+                        e += 32;
+                    }
+                }
+                q0 += TILE;
+            }
 
-            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: the warp's 16 keys × the tile's 64 queries.
-            let (mut s, mut dp) = ([[[0.0f32; 4]; 2]; KT], [[[0.0f32; 4]; 2]; KT]);
-            unrolled::<DK>(|kd| {
-                let (kf, vf) = (k_s.a(keys0, kd), v_s.a(keys0, kd));
-                unrolled::<KT>(|qq| {
-                    let qf = q_s.b_rows(16 * qq, kd);
-                    s[qq][0] = mma_bf16_m16n8k16(kf, [qf[0], qf[1]], s[qq][0]);
-                    s[qq][1] = mma_bf16_m16n8k16(kf, [qf[2], qf[3]], s[qq][1]);
-                    let of = o_s.b_rows(16 * qq, kd);
-                    dp[qq][0] = mma_bf16_m16n8k16(vf, [of[0], of[1]], dp[qq][0]);
-                    dp[qq][1] = mma_bf16_m16n8k16(vf, [of[2], of[3]], dp[qq][1]);
+            // dK and dV of the warp's 16 keys (0 for keys past the length) by way of its K and V
+            // rows; every warp is done reading K and V after the barrier.
+            sync_threads();
+            let rows = head.rows.saturating_sub(k0 + keys0);
+            let first = (head.row0 + k0 + keys0) * 3 * head.width + head.col;
+            store_rows(k_s, keys0, &dk, [1.0; 2], dqkv, first + head.width, 3 * head.width, rows);
+            store_rows(v_s, keys0, &dv, [1.0; 2], dqkv, first + 2 * head.width, 3 * head.width, rows);
+        }
+        if RESIDENT {
+            // dQ as bf16 into dqkv's q columns, 16-byte stores; 0 in padding rows.
+            sync_threads();
+            let chunks = Tile::<DK>::CHUNKS;
+            block_stride(head.rows * chunks, |i| {
+                let (r, c) = (i / chunks, i % chunks);
+                let mut v = [0u32; 4];
+                if r < len {
+                    unrolled::<4>(|j| {
+                        let col = 8 * c + 2 * j;
+                        let at = r / TILE * SLOT_ROWS * 8 * DK + dq_at::<DK>(r % TILE, col);
+                        v[j] = bf16x2(dq_s.load(at), dq_s.load(at + 1));
+                    });
+                }
+                dqkv.cast::<Chunk>().store(((head.row0 + r) * 3 * head.width + head.col) / 8 + c, Chunk(v));
+            });
+        }
+    }
+}
+
+/// Where a backward step lies: key tile k0, query tile q0 (its slot: rows qr … of the slots),
+/// the sequence's length, the mask and the scale (scale2 = scale·log₂e).
+#[derive(Clone, Copy)]
+struct Step {
+    k0: usize,
+    q0: usize,
+    qr: usize,
+    len: usize,
+    causal: bool,
+    scale: f32,
+    scale2: f32,
+}
+
+/// One (key tile, query tile) step of the backward, shared by both paths: dK and dV of the
+/// warp's 16 keys updated, and dQ of the warp's 16 queries of the tile as f32 pairs into
+/// `dq_s` at the slot's rows 16·warp … (`dq_at`'s layout), added to what is there when `add`
+/// (resident: the warp owns those rows at every step, so no other warp touches them before
+/// the final write), stored otherwise. K, V, Q, dO and the tile's (lse·log₂e, δ) pairs are in shared memory (the
+/// caller's barrier); ends after a barrier that finishes every warp's reads of Q and dO.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_step<const DK: usize, const HALF: usize>(
+    at: Step,
+    (k_s, v_s): (Tile<DK>, Tile<DK>),
+    (q_s, o_s): (Tile<DK>, Tile<DK>),
+    ds_s: Tile<KT>,
+    stats: Shared<Pair>,
+    dk: &mut [[[f32; 4]; 2]; DK],
+    dv: &mut [[[f32; 4]; 2]; DK],
+    (dq_s, add): (Shared<f32>, bool),
+) {
+    let Step { k0, q0, qr, len, causal, scale, scale2 } = at;
+    let keys0 = 16 * warp();
+    let (g, t) = (lane() / 4, lane() % 4);
+    let key = |i: usize| k0 + keys0 + g + 8 * (i / 2);
+    // SAFETY: tiles and statistics of the block's shared memory (the caller's contract).
+    unsafe {
+        // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: the warp's 16 keys × the tile's 64 queries.
+        let (mut s, mut dp) = ([[[0.0f32; 4]; 2]; KT], [[[0.0f32; 4]; 2]; KT]);
+        unrolled::<DK>(|kd| {
+            let (kf, vf) = (k_s.a(keys0, kd), v_s.a(keys0, kd));
+            unrolled::<KT>(|qq| {
+                let qf = q_s.b_rows(qr + 16 * qq, kd);
+                s[qq][0] = mma_bf16_m16n8k16(kf, [qf[0], qf[1]], s[qq][0]);
+                s[qq][1] = mma_bf16_m16n8k16(kf, [qf[2], qf[3]], s[qq][1]);
+                let of = o_s.b_rows(qr + 16 * qq, kd);
+                dp[qq][0] = mma_bf16_m16n8k16(vf, [of[0], of[1]], dp[qq][0]);
+                dp[qq][1] = mma_bf16_m16n8k16(vf, [of[2], of[3]], dp[qq][1]);
+            })
+        });
+        // Pᵀ = 2^(S·scale·log₂e − lse·log₂e) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale.
+        each_score::<KT>(|qq, n, i| {
+            let c = 16 * qq + 8 * n + 2 * t + i % 2;
+            let (query, key) = (q0 + c, key(i));
+            let visible = query < len && key < len && (!causal || key <= query);
+            let Pair([lse, delta]) = stats.load(qr * 4 * DK + c);
+            let p = if visible { ex2_approx(s[qq][n][i] * scale2 - lse) } else { 0.0 };
+            s[qq][n][i] = p;
+            dp[qq][n][i] = p * (dp[qq][n][i] - delta) * scale;
+        });
+
+        // dV += Pᵀ·dO and dK += dSᵀ·Q over the tile's queries; dSᵀ to shared for dQ.
+        unrolled::<KT>(|qq| {
+            let pack = |x: [[f32; 4]; 2]| {
+                [bf16x2(x[0][0], x[0][1]), bf16x2(x[0][2], x[0][3]), bf16x2(x[1][0], x[1][1]), bf16x2(x[1][2], x[1][3])]
+            };
+            let (p, ds) = (pack(s[qq]), pack(dp[qq]));
+            unrolled::<DK>(|dd| {
+                let of = o_s.b_cols(qr + 16 * qq, dd);
+                dv[dd][0] = mma_bf16_m16n8k16(p, [of[0], of[1]], dv[dd][0]);
+                dv[dd][1] = mma_bf16_m16n8k16(p, [of[2], of[3]], dv[dd][1]);
+                let qf = q_s.b_cols(qr + 16 * qq, dd);
+                dk[dd][0] = mma_bf16_m16n8k16(ds, [qf[0], qf[1]], dk[dd][0]);
+                dk[dd][1] = mma_bf16_m16n8k16(ds, [qf[2], qf[3]], dk[dd][1]);
+            });
+            let staged = ds_s.s.cast::<u32>();
+            unrolled::<2>(|n| {
+                unrolled::<2>(|r| {
+                    let at = Tile::<KT>::at(keys0 + g + 8 * r, 2 * qq + n) + 2 * t;
+                    staged.store(at / 2, ds[2 * n + r]);
                 })
             });
-            // Pᵀ = 2^(S·scale·log₂e − lse·log₂e) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale.
-            each_score::<KT>(|qq, n, i| {
-                let c = 16 * qq + 8 * n + 2 * t + i % 2;
-                let (query, key) = (q0 + c, key(i));
-                let visible = query < len && key < len && (!causal || key <= query);
-                let p = if visible { ex2_approx(s[qq][n][i] * scale2 - stats.load(c)) } else { 0.0 };
-                s[qq][n][i] = p;
-                dp[qq][n][i] = p * (dp[qq][n][i] - stats.load(TILE + c)) * scale;
-            });
-
-            // dV += Pᵀ·dO and dK += dSᵀ·Q over the tile's queries; dSᵀ to shared for dQ.
-            unrolled::<KT>(|qq| {
-                let pack = |x: [[f32; 4]; 2]| {
-                    [
-                        bf16x2(x[0][0], x[0][1]),
-                        bf16x2(x[0][2], x[0][3]),
-                        bf16x2(x[1][0], x[1][1]),
-                        bf16x2(x[1][2], x[1][3]),
-                    ]
-                };
-                let (p, ds) = (pack(s[qq]), pack(dp[qq]));
-                unrolled::<DK>(|dd| {
-                    let of = o_s.b_cols(16 * qq, dd);
-                    dv[dd][0] = mma_bf16_m16n8k16(p, [of[0], of[1]], dv[dd][0]);
-                    dv[dd][1] = mma_bf16_m16n8k16(p, [of[2], of[3]], dv[dd][1]);
-                    let qf = q_s.b_cols(16 * qq, dd);
-                    dk[dd][0] = mma_bf16_m16n8k16(ds, [qf[0], qf[1]], dk[dd][0]);
-                    dk[dd][1] = mma_bf16_m16n8k16(ds, [qf[2], qf[3]], dk[dd][1]);
-                });
-                let staged = ds_s.s.cast::<u32>();
-                unrolled::<2>(|n| {
-                    unrolled::<2>(|r| {
-                        let at = Tile::<KT>::at(keys0 + g + 8 * r, 2 * qq + n) + 2 * t;
-                        staged.store(at / 2, ds[2 * n + r]);
-                    })
-                });
-            });
-            sync_threads();
-
-            // dQ += dS·K: warp w takes queries 16w …, the head dims in two halves (registers),
-            // staged as f32 in its rows of the Q and dO tiles (free since the barrier) so that
-            // each atomic instruction adds 32 consecutive columns of a row: whole sectors. The
-            // staging addresses take the lane from `lane_here`, as the tiles' loads do.
-            let rows0 = 16 * warp();
-            let mut half = 0;
-            while half < 2 {
-                let mut acc = [[[0.0f32; 4]; 2]; HALF];
-                unrolled::<KT>(|kk| {
-                    let a = ds_s.a_trans(rows0, 16 * kk);
-                    unrolled::<HALF>(|dd| {
-                        let kf = k_s.b_cols(16 * kk, half * HALF + dd);
-                        acc[dd][0] = mma_bf16_m16n8k16(a, [kf[0], kf[1]], acc[dd][0]);
-                        acc[dd][1] = mma_bf16_m16n8k16(a, [kf[2], kf[3]], acc[dd][1]);
-                    })
-                });
-                each_score::<HALF>(|dd, n, i| {
-                    if i % 2 == 0 {
-                        let (g, t) = (lane_here() / 4, lane_here() % 4);
-                        let col = 16 * (half * HALF + dd) + 8 * n + 2 * t;
-                        let pair = Pair([acc[dd][n][i], acc[dd][n][i + 1]]);
-                        dq_s.cast::<Pair>().store(dq_at::<DK>(rows0 + g + 8 * (i / 2), col) / 2, pair);
-                    }
-                });
-                half += 1;
-            }
-            sync_warp(u32::MAX);
-            let rows = len.saturating_sub(q0 + rows0).min(16);
-            let mut e = lane_here();
-            while e < rows * d {
-                let (r, col) = (rows0 + e / d, e % d);
-                let at = (head.row0 + q0 + r) * head.width + head.col + col;
-                dq.atomic_add(at, dq_s.load(dq_at::<DK>(r, col)));
-                e += 32;
-            }
-            q0 += TILE;
-        }
-
-        // dK and dV of the warp's 16 keys (0 for keys past the length) by way of its K and V
-        // rows; every warp is done reading K and V after the barrier.
+        });
         sync_threads();
-        let rows = head.rows.saturating_sub(k0 + keys0);
-        let first = (head.row0 + k0 + keys0) * 3 * head.width + head.col;
-        store_rows(k_s, keys0, &dk, [1.0; 2], dqkv, first + head.width, 3 * head.width, rows);
-        store_rows(v_s, keys0, &dv, [1.0; 2], dqkv, first + 2 * head.width, 3 * head.width, rows);
+
+        // dQ = dS·K: warp w takes queries 16w …, the head dims in two halves (registers). The
+        // addresses take the lane from `lane_here`, as the tiles' loads do.
+        let rows0 = 16 * warp();
+        let mut half = 0;
+        while half < 2 {
+            let mut acc = [[[0.0f32; 4]; 2]; HALF];
+            unrolled::<KT>(|kk| {
+                let a = ds_s.a_trans(rows0, 16 * kk);
+                unrolled::<HALF>(|dd| {
+                    let kf = k_s.b_cols(16 * kk, half * HALF + dd);
+                    acc[dd][0] = mma_bf16_m16n8k16(a, [kf[0], kf[1]], acc[dd][0]);
+                    acc[dd][1] = mma_bf16_m16n8k16(a, [kf[2], kf[3]], acc[dd][1]);
+                })
+            });
+            each_score::<HALF>(|dd, n, i| {
+                if i % 2 == 0 {
+                    let (g, t) = (lane_here() / 4, lane_here() % 4);
+                    let col = 16 * (half * HALF + dd) + 8 * n + 2 * t;
+                    let at = (qr * 8 * DK + dq_at::<DK>(rows0 + g + 8 * (i / 2), col)) / 2;
+                    let (x, y) = (acc[dd][n][i], acc[dd][n][i + 1]);
+                    let pair = if add {
+                        let Pair([x0, y0]) = dq_s.cast::<Pair>().load(at);
+                        Pair([x0 + x, y0 + y])
+                    } else {
+                        Pair([x, y])
+                    };
+                    dq_s.cast::<Pair>().store(at, pair);
+                }
+            });
+            half += 1;
+        }
     }
 }
 
 kernel! {
     /// The backward's pre-pass: δ (lse's layout) = Σ_d dO∘O per row and head (0 in padding
-    /// rows), and the dQ accumulator dq (out's layout, f32) zeroed. Sequences as the forward's.
+    /// rows), and the dQ accumulator dq (out's layout, f32) zeroed unless null. Sequences as the
+    /// forward's.
     ///
     /// # Safety
-    /// delta holds lse's values, dq, out and dout out's, lengths and offsets (unless null) B and
-    /// B + 1; D even; grid (any, B).
+    /// delta holds lse's values, dq (unless null), out and dout out's, lengths and offsets
+    /// (unless null) B and B + 1; D even; grid (any, B) of whole warps.
     pub fn flash_attention_backward_dot(
         delta: GlobalMut<f32>,
         dq: GlobalMut<f32>,
@@ -826,10 +974,11 @@ forward_entries!(
 macro_rules! backward_entries {
     ($($name:ident: $dk:literal, $half:literal),*) => {$(
         kernel! {
-            /// dK and dV into dqkv [rows, 3·H·D] (bf16; its q part is left to
-            /// `flash_attention_backward_dq`) and dQ added to dq [rows, H·D] (f32, zeroed by
-            /// `flash_attention_backward_dot`, which also made delta), from qkv, dout [rows, H·D]
-            /// and the forward's lse; D = 16·DK. Sequences and masks as the forward's.
+            /// The fallback backward, a block per (key tile, head, sequence): dK and dV into
+            /// dqkv [rows, 3·H·D] (bf16; its q part is left to `flash_attention_backward_dq`) and
+            /// dQ added to dq [rows, H·D] (f32, zeroed by `flash_attention_backward_dot`, which
+            /// also made delta), from qkv, dout [rows, H·D] and the forward's lse; D = 16·DK.
+            /// Sequences and masks as the forward's.
             ///
             /// # Safety
             /// The buffers hold those sizes; qkv, dqkv and dout 16-byte aligned; grid (⌈S/64⌉,
@@ -851,7 +1000,9 @@ macro_rules! backward_entries {
             ) {
                 let sequences = (lengths, offsets);
                 // SAFETY: the caller's contract.
-                unsafe { backward::<$dk, $half>(dqkv, dq, qkv, dout, lse, delta, sequences, seq, heads, causal, scale) }
+                unsafe {
+                    backward::<$dk, $half, false>(dqkv, dq, qkv, dout, lse, delta, sequences, seq, heads, causal, scale)
+                }
             }
         }
     )*};
@@ -861,4 +1012,46 @@ backward_entries!(
     flash_attention_backward_d32: 2, 1,
     flash_attention_backward_d64: 4, 2,
     flash_attention_backward_d128: 8, 4
+);
+
+macro_rules! resident_entries {
+    ($($resident:ident: $dk:literal, $half:literal),*) => {$(
+        kernel! {
+            /// The resident backward, a block per (head, sequence): all of dqkv [rows, 3·H·D]
+            /// (bf16) from qkv, dout [rows, H·D], the forward's lse and delta (from
+            /// `flash_attention_backward_dot`, dq null); `dq` is unused (the fallback's
+            /// parameters). D = 16·DK; sequences and masks as the forward's.
+            ///
+            /// # Safety
+            /// As the fallback's, but grid (1, H, B) with `resident_backward_shared_bytes(D, S)`
+            /// bytes of dynamic shared memory.
+            pub fn $resident(
+                dqkv: GlobalMut<Bf16>,
+                dq: GlobalMut<f32>,
+                qkv: Global<Bf16>,
+                dout: Global<Bf16>,
+                lse: Global<f32>,
+                delta: Global<f32>,
+                lengths: Global<u32>,
+                offsets: Global<u32>,
+                seq: u32,
+                heads: u32,
+                causal: u32,
+                scale: f32,
+            ) {
+                let sequences = (lengths, offsets);
+                // SAFETY: the caller's contract.
+                unsafe {
+                    backward::<$dk, $half, true>(dqkv, dq, qkv, dout, lse, delta, sequences, seq, heads, causal, scale)
+                }
+            }
+        }
+    )*};
+}
+
+// Not at D = 64: with the resident path's state its registers spill on sm_80 (472 bytes; 0 on
+// sm_90), so D = 64 takes the fallback.
+resident_entries!(
+    flash_attention_backward_resident_d32: 2, 1,
+    flash_attention_backward_resident_d128: 8, 4
 );

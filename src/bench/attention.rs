@@ -18,7 +18,7 @@ use clap::Args;
 use super::median;
 use clip_pgs_host::emu::EmuRuntime;
 use clip_pgs_host::ops::attention::{
-    AttentionShape, Sequences, attention_backward, attention_forward, flash_attention_backward,
+    AttentionShape, FlashBackwardPath, Sequences, attention_backward, attention_forward, flash_attention_backward,
     flash_attention_forward, flash_backward_scratch_len,
 };
 use clip_pgs_host::{Buffer, Device, DevicePreference, bf16};
@@ -129,6 +129,7 @@ impl Inputs {
                 self.lse.view(),
                 Sequences::Padded(lengths),
                 s,
+                FlashBackwardPath::Auto,
             ),
             (false, false) => {
                 attention_forward(device, self.out.view_mut(), self.probs.view_mut(), self.qkv.view(), lengths, s)

@@ -344,19 +344,45 @@ type FlashBackward = Kernel<(
     f32,
 )>;
 
-fn flash_backward_kernel(head_dim: usize) -> Option<FlashBackward> {
+/// The flash backward's entry points of a head dim: the fallback, and the resident kernel where
+/// there is one (not at D = 64, whose registers would spill on sm_80:
+/// `kernels/src/flash_attention.rs`).
+fn flash_backward_kernels(head_dim: usize) -> Option<(FlashBackward, Option<FlashBackward>)> {
     match head_dim {
-        32 => Some(flash::flash_attention_backward_d32),
-        64 => Some(flash::flash_attention_backward_d64),
-        128 => Some(flash::flash_attention_backward_d128),
+        32 => Some((flash::flash_attention_backward_d32, Some(flash::flash_attention_backward_resident_d32))),
+        64 => Some((flash::flash_attention_backward_d64, None)),
+        128 => Some((flash::flash_attention_backward_d128, Some(flash::flash_attention_backward_resident_d128))),
         _ => None,
     }
 }
 
-/// f32 scratch of [`flash_attention_backward`]: the dQ accumulator [B, S, D] and δ [B, H, S]
-/// (packed sequences, at most B·S rows, use their first rows of each).
+/// f32 scratch of [`flash_attention_backward`]: the fallback's dQ accumulator [B, S, D] and δ
+/// [B, H, S] (packed sequences, at most B·S rows, use their first rows of each); the resident
+/// path uses δ only.
 pub fn flash_backward_scratch_len(s: AttentionShape) -> usize {
     s.batch * s.seq * (s.width() + s.heads)
+}
+
+/// Which flash backward [`flash_attention_backward`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashBackwardPath {
+    /// Resident (a block per sequence and head, Q and dO read once, dQ in shared memory) where
+    /// the head dim has it and its shared memory fits the device's per-block limit, else the
+    /// key-tile fallback.
+    Auto,
+    /// The fallback: a block per key tile, dQ added to an f32 accumulator by atomics.
+    KeyTiles,
+}
+
+impl FlashBackwardPath {
+    /// Whether the resident kernel runs for shape `s` on `device`: there is one for the head dim
+    /// (32 and 128), and its ⌈S/64⌉ query tiles' Q, dO, lse, δ and f32 dQ fit the device's shared
+    /// memory (on an H100: S ≤ 768 at D = 32, S ≤ 128 at D = 128).
+    pub fn resident(self, device: &Device, s: AttentionShape) -> bool {
+        let bytes = flash::resident_backward_shared_bytes(s.head_dim, s.seq);
+        let exists = flash_backward_kernels(s.head_dim).is_some_and(|(_, resident)| resident.is_some());
+        self == FlashBackwardPath::Auto && exists && device.max_shared_bytes().is_some_and(|max| bytes <= max)
+    }
 }
 
 /// How the sequences of a flash launch lie in qkv, out and lse.
@@ -493,10 +519,12 @@ pub fn flash_attention_forward_on(
 
 /// The backward of [`flash_attention_forward`] on a GPU device: dqkv [B, S, 3D] (bf16,
 /// overwritten) from dout [B, S, D], qkv, the forward's out and lse, recomputing the
-/// probabilities tile by tile; `scratch` holds [`flash_backward_scratch_len`] f32. Three launches:
-/// δ = rowsum(dO∘O) with the dQ accumulator zeroed, the tile kernel (dK, dV per key tile, dQ by
-/// f32 atomics), dQ rounded into dqkv. Rows of dout past a sequence's length must be 0 (as the
-/// model's are: nothing reads those rows of out), for the unfused path's gradient to be the same.
+/// probabilities tile by tile; `scratch` holds [`flash_backward_scratch_len`] f32. A pre-pass
+/// computes δ = rowsum(dO∘O); then, where shared memory allows ([`FlashBackwardPath`]), the
+/// resident kernel writes all of dqkv; else the pre-pass also zeroes the dQ accumulator, the
+/// key-tile kernel writes dK and dV and adds dQ by f32 atomics, and a last launch rounds dQ into
+/// dqkv. Rows of dout past a sequence's length must be 0 (as the model's are: nothing reads
+/// those rows of out), for the unfused path's gradient to be the same.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention_backward(
     device: &Device,
@@ -508,6 +536,7 @@ pub fn flash_attention_backward(
     lse: View<f32>,
     sequences: Sequences,
     s: AttentionShape,
+    path: FlashBackwardPath,
 ) -> Result<()> {
     let op = OpCheck::new("flash_attention_backward", device);
     let rows = sequences.rows(s, qkv.len());
@@ -516,7 +545,7 @@ pub fn flash_attention_backward(
     op.size("dqkv", dqkv.len(), qkv.len(), || "qkv's size".into())?;
     op.size("lse", lse.len(), rows * s.heads, || format!("[rows {rows}, H {}]", s.heads))?;
     op.size("scratch", scratch.len(), flash_backward_scratch_len(s), || "flash_backward_scratch_len".into())?;
-    let kernel = flash_backward_kernel(s.head_dim).ok_or_else(|| {
+    let (tiles, resident_kernel) = flash_backward_kernels(s.head_dim).ok_or_else(|| {
         op.invalid(format!("head dim {}: the flash kernels cover 32, 64 and 128 (attention_backward any)", s.head_dim))
     })?;
     let (dqkv_view, dout, qkv, out) =
@@ -526,26 +555,52 @@ pub fn flash_attention_backward(
     }
     let (lse, [lengths, offsets]) = (op.gpu("lse", lse)?, sequences.kernel_args(&op, s)?);
     let (mut dq, mut delta) = op.gpu_mut("scratch", scratch)?.split_at(s.batch * s.seq * s.width());
+    let resident = resident_kernel.filter(|_| path.resident(device, s));
     let warps = (flash::THREADS / 32) as usize;
     let (b, seq, h, d) = (s.batch as u32, s.seq as u32, s.heads as u32, s.head_dim as u32);
-    // One row of blocks per sequence, a warp per (row, head).
+    // One row of blocks per sequence, a warp per (head, DOT_ROWS rows).
     let dot = LaunchConfig {
-        grid_dim: ((s.seq * s.heads).div_ceil(warps).clamp(1, 1 << 16) as u32, b, 1),
+        grid_dim: ((s.seq.div_ceil(flash::DOT_ROWS) * s.heads).div_ceil(warps).clamp(1, 1 << 16) as u32, b, 1),
         block_dim: (flash::THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let args = (delta.reborrow(), dq.reborrow(), out, dout, lengths, offsets, seq, h, d);
+    let accumulator = resident.is_none().then(|| dq.reborrow());
+    let args = (delta.reborrow(), accumulator, out, dout, lengths, offsets, seq, h, d);
     // SAFETY: sizes checked above.
     unsafe { device.launch(&flash::flash_attention_backward_dot, dot, args)? };
+    let delta = delta.as_view();
+    if let Some(resident) = resident {
+        let cfg = LaunchConfig {
+            grid_dim: (1, h, b),
+            block_dim: (flash::THREADS, 1, 1),
+            shared_mem_bytes: flash::resident_backward_shared_bytes(s.head_dim, s.seq) as u32,
+        };
+        let args = (
+            dqkv_view,
+            None::<ViewMut<f32>>,
+            qkv,
+            dout,
+            lse,
+            delta,
+            lengths,
+            offsets,
+            seq,
+            h,
+            s.causal as u32,
+            scale(s),
+        );
+        // SAFETY: sizes and alignment checked above; grid, block and shared memory as the kernel
+        // requires (the shared memory within the device's limit: `resident`).
+        return unsafe { device.launch(&resident, cfg, args) };
+    }
     let cfg = LaunchConfig {
         grid_dim: (s.seq.div_ceil(flash::TILE) as u32, h, b),
         block_dim: (flash::THREADS, 1, 1),
         shared_mem_bytes: flash::backward_shared_bytes(s.head_dim),
     };
-    let (dq_all, delta) = (dq.reborrow(), delta.as_view());
-    let args = (dqkv_view, dq_all, qkv, dout, lse, delta, lengths, offsets, seq, h, s.causal as u32, scale(s));
+    let args = (dqkv_view, dq.reborrow(), qkv, dout, lse, delta, lengths, offsets, seq, h, s.causal as u32, scale(s));
     // SAFETY: sizes and alignment checked above; grid, block and shared memory as the kernel requires.
-    unsafe { device.launch(&kernel, cfg, args)? };
+    unsafe { device.launch(&tiles, cfg, args)? };
     let n = rows * s.width();
     let args = (dqkv.reborrow(), dq.as_view(), rows as u32, s.width() as u32);
     // SAFETY: dqkv holds B·S·3D values and dq B·S·D.
@@ -633,7 +688,8 @@ pub fn model_attention_backward<T: Activation>(
             let (dout, qkv, out) =
                 (T::bf16_view(dout).expect("bf16"), T::bf16_view(qkv).expect("bf16"), T::bf16_view(out).expect("bf16"));
             device.with_scratch(flash_backward_scratch_len(s), |scratch| {
-                flash_attention_backward(device, dqkv, scratch, dout, qkv, out, lse, Sequences::Padded(lengths), s)
+                let (seqs, path) = (Sequences::Padded(lengths), FlashBackwardPath::Auto);
+                flash_attention_backward(device, dqkv, scratch, dout, qkv, out, lse, seqs, s, path)
             })
         }
     }
