@@ -76,13 +76,14 @@
 //! transposed orientation so that warp w's rows are keys 16w … 16w + 15 of the key tile:
 //! Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, Pᵀ = exp(scale·Sᵀ − lse) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale,
 //! dV += Pᵀ·dO and dK += dSᵀ·Q (P and dS as bf16 A fragments straight from the accumulators, Q
-//! and dO by `ldmatrix.trans`); dSᵀ goes to shared memory, and dQ =
-//! dS·K (dS by `ldmatrix.trans` of dSᵀ, warp w: queries 16w …, the head dims in two halves) is
+//! and dO by `ldmatrix.trans`), 32 queries at a time: Sᵀ and dPᵀ of all 64 beside dK and dV
+//! spilled at D = 64, and K's and V's fragments are read from shared memory twice instead. dSᵀ
+//! goes to shared memory, and dQ = dS·K (dS by `ldmatrix.trans` of dSᵀ, warp w: queries 16w …, the head dims in two halves) is
 //! written as f32 to the warp's rows of a shared dQ tile. A key tile's dK and dV stay in
 //! registers over the query tiles it sees (causal: from the key tile on; none past the length)
 //! and are written once, by way of the K and V tiles.
 //!
-//! Resident (`flash_attention_backward_resident_dNN`, D = 32 and 128, where its shared memory
+//! Resident (`flash_attention_backward_resident_dNN`, D = 32, 64 and 128, where its shared memory
 //! fits the device's per-block limit): one block per (head, sequence) walks the sequence's key
 //! tiles in turn. Query tile i has its own slot: its Q and dO tiles, its lse·log₂e and δ, and an
 //! f32 dQ tile [64, D] — loaded by cp.async when key tile 0 visits it (every query tile's first
@@ -91,20 +92,12 @@
 //! stores). At the end dQ goes to dqkv's q columns as bf16 (16-byte stores). Q, dO, lse and δ
 //! are read once per (sequence, head) and dQ written once: no global accumulator, no atomics, no
 //! zeroing, no third launch. Shared memory: K, V, dSᵀ, then ⌈S/64⌉ slots of 264 rows of 2·D
-//! bytes; an H100's 227 KiB holds S ≤ 768 at D = 32, S ≤ 128 at D = 128 (S ≤ 384 at D = 64:
-//! 156 KiB for ViT-B/16's 197, 90 KiB for the text tower's 77). That is one block of 4 warps
+//! bytes; an H100's 227 KiB holds S ≤ 768 at D = 32, S ≤ 384 at D = 64 (156 KiB for ViT-B/16's
+//! 197, 90 KiB for the text tower's 77), S ≤ 128 at D = 128. That is one block of 4 warps
 //! per SM and B·H blocks, fewer warps in flight than the fallback: whether that costs time is a
 //! question for GPU timings (`clip-pgs bench attention`).
 //!
-//! Not at D = 64 (yet): the resident kernel assembled there with 255 registers and 464 spill
-//! bytes on sm_80 (252, none, on sm_90) in every variant tried (slot addressed by a base pointer
-//! or a row offset, dQ zeroed per slot or stored by key tile 0, the scale applied after), while
-//! the fallback fits at 255 / 250; so ViT-B/16's D = 64 takes the fallback, and its step traffic
-//! is unchanged by this path. Measured before it was taken out (emulator, S = 197, PGS lengths
-//! 197, 99, 1, H = 2): 930 464 bytes against a minimum of 919 560 (1.012×), against the
-//! fallback's 2 409 632 (2.6×); the text tower's causal 77: 1.012×.
-//!
-//! Fallback (`flash_attention_backward_dNN`: D = 64, longer sequences, GPUs with less shared
+//! Fallback (`flash_attention_backward_dNN`: longer sequences, GPUs with less shared
 //! memory, or forced): one block per (64-key tile, head, sequence) with a single slot (41 KiB in
 //! all at D = 64) reloaded for every query tile it visits, so Q, dO, lse and δ are read once per
 //! key tile; the step's dQ is staged in the slot's Q and dO tiles and added to a global f32
@@ -112,15 +105,18 @@
 //! columns of a row (4 whole sectors an instruction); `flash_attention_backward_dq` rounds it
 //! into dqkv.
 //!
-//! Registers (ptxas, sm_80 / sm_90), no spills: resident 250 / 246 and 180 / 142 for D = 32 and
-//! 128; fallback 242 / 242, 255 / 250, 110 / 112 for D = 32, 64, 128; the pre-pass 40 / 39.
+//! Registers (ptxas, sm_80 / sm_90), no spills: resident 172 / 168, 242 / 239, 177 / 130 for
+//! D = 32, 64, 128; fallback 158 / 126, 232 / 226, 106 / 110; the pre-pass 40 / 39. (With the
+//! whole 64-query Sᵀ and dPᵀ live at once: resident 250 / 246 at D = 32 and 464 spill bytes at
+//! D = 64 on sm_80; fallback 242 / 242, 255 / 250.)
 //!
 //! Memory traffic on the emulator's counters (`tests/flash_attention_gpu.rs`, H = 2). Resident:
 //! analytic minimum Q, K, V, dO of the valid rows read once, lse and δ once, dQ, dK and dV
 //! written once as bf16 (padding rows included), the pre-pass's O and dO reads and δ writes;
-//! ViT-B/16's S = 197 with PGS lengths 197, 99, 1 at D = 32: minimum 464 520 bytes, the two
-//! launches move 475 424 (1.023×; the rest: the lengths' sector per warp, δ rows across
-//! sectors); the text tower's causal 77 (lengths 77, 13) at D = 128: 1.006×. Fallback, minimum
+//! ViT-B/16's S = 197 with PGS lengths 197, 99, 1 at D = 64: minimum 919 560 bytes, the two
+//! launches move 930 464 (1.012×; the rest: the lengths' sector per warp, δ rows across
+//! sectors), 2.6× fewer than the fallback's 2 409 632; at D = 32 1.023×; the text tower's causal
+//! 77 (lengths 77, 13) at D = 128: 1.006×. Fallback, minimum
 //! with Q, dO, lse, δ once per key tile, the atomics' 4·D bytes per (query, key tile), the
 //! accumulator's zeroing and read-back: the ViT shape at D = 64, 2 394 408, moved 2 409 632
 //! (1.006×); at D = 32, forced, 1.013×. dQ by atomics rather than a separate pass over query
@@ -144,6 +140,9 @@ pub const TILE: usize = 64;
 
 /// 16-key steps of a key tile (mma k-steps of P·V).
 const KT: usize = TILE / 16;
+
+/// 16-query steps of half a query tile (the backward computes Sᵀ and dPᵀ a half at a time).
+const QP: usize = KT / 2;
 
 /// Dynamic shared memory of a forward launch for head dim `d` holding `key_tiles` K and V tiles
 /// at once (resident: ⌈S/64⌉; else 1): the Q tile and those.
@@ -806,52 +805,65 @@ unsafe fn backward_step<const DK: usize, const HALF: usize>(
     let key = |i: usize| k0 + keys0 + g + 8 * (i / 2);
     // SAFETY: tiles and statistics of the block's shared memory (the caller's contract).
     unsafe {
-        // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: the warp's 16 keys × the tile's 64 queries.
-        let (mut s, mut dp) = ([[[0.0f32; 4]; 2]; KT], [[[0.0f32; 4]; 2]; KT]);
-        unrolled::<DK>(|kd| {
-            let (kf, vf) = (k_s.a(keys0, kd), v_s.a(keys0, kd));
-            unrolled::<KT>(|qq| {
-                let qf = q_s.b_rows(qr + 16 * qq, kd);
-                s[qq][0] = mma_bf16_m16n8k16(kf, [qf[0], qf[1]], s[qq][0]);
-                s[qq][1] = mma_bf16_m16n8k16(kf, [qf[2], qf[3]], s[qq][1]);
-                let of = o_s.b_rows(qr + 16 * qq, kd);
-                dp[qq][0] = mma_bf16_m16n8k16(vf, [of[0], of[1]], dp[qq][0]);
-                dp[qq][1] = mma_bf16_m16n8k16(vf, [of[2], of[3]], dp[qq][1]);
-            })
-        });
-        // Pᵀ = 2^(S·scale·log₂e − lse·log₂e) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale.
-        each_score::<KT>(|qq, n, i| {
-            let c = 16 * qq + 8 * n + 2 * t + i % 2;
-            let (query, key) = (q0 + c, key(i));
-            let visible = query < len && key < len && (!causal || key <= query);
-            let Pair([lse, delta]) = stats.load(qr * 4 * DK + c);
-            let p = if visible { ex2_approx(s[qq][n][i] * scale2 - lse) } else { 0.0 };
-            s[qq][n][i] = p;
-            dp[qq][n][i] = p * (dp[qq][n][i] - delta) * scale;
-        });
-
-        // dV += Pᵀ·dO and dK += dSᵀ·Q over the tile's queries; dSᵀ to shared for dQ.
-        unrolled::<KT>(|qq| {
-            let pack = |x: [[f32; 4]; 2]| {
-                [bf16x2(x[0][0], x[0][1]), bf16x2(x[0][2], x[0][3]), bf16x2(x[1][0], x[1][1]), bf16x2(x[1][2], x[1][3])]
-            };
-            let (p, ds) = (pack(s[qq]), pack(dp[qq]));
-            unrolled::<DK>(|dd| {
-                let of = o_s.b_cols(qr + 16 * qq, dd);
-                dv[dd][0] = mma_bf16_m16n8k16(p, [of[0], of[1]], dv[dd][0]);
-                dv[dd][1] = mma_bf16_m16n8k16(p, [of[2], of[3]], dv[dd][1]);
-                let qf = q_s.b_cols(qr + 16 * qq, dd);
-                dk[dd][0] = mma_bf16_m16n8k16(ds, [qf[0], qf[1]], dk[dd][0]);
-                dk[dd][1] = mma_bf16_m16n8k16(ds, [qf[2], qf[3]], dk[dd][1]);
-            });
-            let staged = ds_s.s.cast::<u32>();
-            unrolled::<2>(|n| {
-                unrolled::<2>(|r| {
-                    let at = Tile::<KT>::at(keys0 + g + 8 * r, 2 * qq + n) + 2 * t;
-                    staged.store(at / 2, ds[2 * n + r]);
+        // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: the warp's 16 keys × the tile's queries, 32 at a time, so
+        // that Sᵀ and dPᵀ hold 16 registers a thread each beside dK and dV (all 64 queries at
+        // once spilled at D = 64); K's and V's fragments are read from shared memory twice.
+        let mut part = 0;
+        while part < 2 {
+            let (mut s, mut dp) = ([[[0.0f32; 4]; 2]; QP], [[[0.0f32; 4]; 2]; QP]);
+            unrolled::<DK>(|kd| {
+                let (kf, vf) = (k_s.a(keys0, kd), v_s.a(keys0, kd));
+                unrolled::<QP>(|qq| {
+                    let rows = qr + 16 * (QP * part + qq);
+                    let qf = q_s.b_rows(rows, kd);
+                    s[qq][0] = mma_bf16_m16n8k16(kf, [qf[0], qf[1]], s[qq][0]);
+                    s[qq][1] = mma_bf16_m16n8k16(kf, [qf[2], qf[3]], s[qq][1]);
+                    let of = o_s.b_rows(rows, kd);
+                    dp[qq][0] = mma_bf16_m16n8k16(vf, [of[0], of[1]], dp[qq][0]);
+                    dp[qq][1] = mma_bf16_m16n8k16(vf, [of[2], of[3]], dp[qq][1]);
                 })
             });
-        });
+            // Pᵀ = 2^(S·scale·log₂e − lse·log₂e) where visible, dSᵀ = Pᵀ∘(dPᵀ − δ)·scale.
+            each_score::<QP>(|qq, n, i| {
+                let c = 16 * (QP * part + qq) + 8 * n + 2 * t + i % 2;
+                let (query, key) = (q0 + c, key(i));
+                let visible = query < len && key < len && (!causal || key <= query);
+                let Pair([lse, delta]) = stats.load(qr * 4 * DK + c);
+                let p = if visible { ex2_approx(s[qq][n][i] * scale2 - lse) } else { 0.0 };
+                s[qq][n][i] = p;
+                dp[qq][n][i] = p * (dp[qq][n][i] - delta) * scale;
+            });
+
+            // dV += Pᵀ·dO and dK += dSᵀ·Q over these queries; dSᵀ to shared for dQ.
+            unrolled::<QP>(|qq| {
+                let q16 = QP * part + qq;
+                let pack = |x: [[f32; 4]; 2]| {
+                    [
+                        bf16x2(x[0][0], x[0][1]),
+                        bf16x2(x[0][2], x[0][3]),
+                        bf16x2(x[1][0], x[1][1]),
+                        bf16x2(x[1][2], x[1][3]),
+                    ]
+                };
+                let (p, ds) = (pack(s[qq]), pack(dp[qq]));
+                unrolled::<DK>(|dd| {
+                    let of = o_s.b_cols(qr + 16 * q16, dd);
+                    dv[dd][0] = mma_bf16_m16n8k16(p, [of[0], of[1]], dv[dd][0]);
+                    dv[dd][1] = mma_bf16_m16n8k16(p, [of[2], of[3]], dv[dd][1]);
+                    let qf = q_s.b_cols(qr + 16 * q16, dd);
+                    dk[dd][0] = mma_bf16_m16n8k16(ds, [qf[0], qf[1]], dk[dd][0]);
+                    dk[dd][1] = mma_bf16_m16n8k16(ds, [qf[2], qf[3]], dk[dd][1]);
+                });
+                let staged = ds_s.s.cast::<u32>();
+                unrolled::<2>(|n| {
+                    unrolled::<2>(|r| {
+                        let at = Tile::<KT>::at(keys0 + g + 8 * r, 2 * q16 + n) + 2 * t;
+                        staged.store(at / 2, ds[2 * n + r]);
+                    })
+                });
+            });
+            part += 1;
+        }
         sync_threads();
 
         // dQ = dS·K: warp w takes queries 16w …, the head dims in two halves (registers). The
@@ -1049,9 +1061,8 @@ macro_rules! resident_entries {
     )*};
 }
 
-// Not at D = 64: with the resident path's state its registers spill on sm_80 (472 bytes; 0 on
-// sm_90), so D = 64 takes the fallback.
 resident_entries!(
     flash_attention_backward_resident_d32: 2, 1,
+    flash_attention_backward_resident_d64: 4, 2,
     flash_attention_backward_resident_d128: 8, 4
 );

@@ -350,7 +350,7 @@ type FlashBackward = Kernel<(
 fn flash_backward_kernels(head_dim: usize) -> Option<(FlashBackward, Option<FlashBackward>)> {
     match head_dim {
         32 => Some((flash::flash_attention_backward_d32, Some(flash::flash_attention_backward_resident_d32))),
-        64 => Some((flash::flash_attention_backward_d64, None)),
+        64 => Some((flash::flash_attention_backward_d64, Some(flash::flash_attention_backward_resident_d64))),
         128 => Some((flash::flash_attention_backward_d128, Some(flash::flash_attention_backward_resident_d128))),
         _ => None,
     }
@@ -376,8 +376,8 @@ pub enum FlashBackwardPath {
 
 impl FlashBackwardPath {
     /// Whether the resident kernel runs for shape `s` on `device`: there is one for the head dim
-    /// (32 and 128), and its ⌈S/64⌉ query tiles' Q, dO, lse, δ and f32 dQ fit the device's shared
-    /// memory (on an H100: S ≤ 768 at D = 32, S ≤ 128 at D = 128).
+    /// (32, 64 and 128), and its ⌈S/64⌉ query tiles' Q, dO, lse, δ and f32 dQ fit the device's
+    /// shared memory (on an H100: S ≤ 768 at D = 32, 384 at D = 64, 128 at D = 128).
     pub fn resident(self, device: &Device, s: AttentionShape) -> bool {
         let bytes = flash::resident_backward_shared_bytes(s.head_dim, s.seq);
         let exists = flash_backward_kernels(s.head_dim).is_some_and(|(_, resident)| resident.is_some());
