@@ -984,18 +984,20 @@ forward_entries!(
 );
 
 macro_rules! backward_entries {
-    ($($name:ident: $dk:literal, $half:literal),*) => {$(
+    ($($name:ident: $dk:literal, $half:literal, $resident:literal),*) => {$(
         kernel! {
-            /// The fallback backward, a block per (key tile, head, sequence): dK and dV into
-            /// dqkv [rows, 3·H·D] (bf16; its q part is left to `flash_attention_backward_dq`) and
-            /// dQ added to dq [rows, H·D] (f32, zeroed by `flash_attention_backward_dot`, which
-            /// also made delta), from qkv, dout [rows, H·D] and the forward's lse; D = 16·DK.
-            /// Sequences and masks as the forward's.
+            /// dqkv [rows, 3·H·D] (bf16) from qkv, dout [rows, H·D], the forward's lse and the
+            /// pre-pass's delta; D = 16·DK, sequences and masks as the forward's. Resident
+            /// (`flash_attention_backward_resident_dNN`, a block per (head, sequence)): all of
+            /// dqkv, `dq` unused (null). Key tiles (`flash_attention_backward_dNN`, a block per
+            /// (key tile, head, sequence)): dK and dV, and dQ added to dq [rows, H·D] (f32,
+            /// zeroed by `flash_attention_backward_dot`), which `flash_attention_backward_dq`
+            /// rounds into dqkv's q part.
             ///
             /// # Safety
-            /// The buffers hold those sizes; qkv, dqkv and dout 16-byte aligned; grid (⌈S/64⌉,
-            /// H, B) of `THREADS` threads with `backward_shared_bytes(D)` bytes of dynamic shared
-            /// memory.
+            /// The buffers hold those sizes; qkv, dqkv and dout 16-byte aligned; resident: grid
+            /// (1, H, B) of `THREADS` threads with `resident_backward_shared_bytes(D, S)` bytes of
+            /// dynamic shared memory; key tiles: grid (⌈S/64⌉, H, B), `backward_shared_bytes(D)`.
             pub fn $name(
                 dqkv: GlobalMut<Bf16>,
                 dq: GlobalMut<f32>,
@@ -1013,7 +1015,7 @@ macro_rules! backward_entries {
                 let sequences = (lengths, offsets);
                 // SAFETY: the caller's contract.
                 unsafe {
-                    backward::<$dk, $half, false>(dqkv, dq, qkv, dout, lse, delta, sequences, seq, heads, causal, scale)
+                    backward::<$dk, $half, $resident>(dqkv, dq, qkv, dout, lse, delta, sequences, seq, heads, causal, scale)
                 }
             }
         }
@@ -1021,48 +1023,10 @@ macro_rules! backward_entries {
 }
 
 backward_entries!(
-    flash_attention_backward_d32: 2, 1,
-    flash_attention_backward_d64: 4, 2,
-    flash_attention_backward_d128: 8, 4
-);
-
-macro_rules! resident_entries {
-    ($($resident:ident: $dk:literal, $half:literal),*) => {$(
-        kernel! {
-            /// The resident backward, a block per (head, sequence): all of dqkv [rows, 3·H·D]
-            /// (bf16) from qkv, dout [rows, H·D], the forward's lse and delta (from
-            /// `flash_attention_backward_dot`, dq null); `dq` is unused (the fallback's
-            /// parameters). D = 16·DK; sequences and masks as the forward's.
-            ///
-            /// # Safety
-            /// As the fallback's, but grid (1, H, B) with `resident_backward_shared_bytes(D, S)`
-            /// bytes of dynamic shared memory.
-            pub fn $resident(
-                dqkv: GlobalMut<Bf16>,
-                dq: GlobalMut<f32>,
-                qkv: Global<Bf16>,
-                dout: Global<Bf16>,
-                lse: Global<f32>,
-                delta: Global<f32>,
-                lengths: Global<u32>,
-                offsets: Global<u32>,
-                seq: u32,
-                heads: u32,
-                causal: u32,
-                scale: f32,
-            ) {
-                let sequences = (lengths, offsets);
-                // SAFETY: the caller's contract.
-                unsafe {
-                    backward::<$dk, $half, true>(dqkv, dq, qkv, dout, lse, delta, sequences, seq, heads, causal, scale)
-                }
-            }
-        }
-    )*};
-}
-
-resident_entries!(
-    flash_attention_backward_resident_d32: 2, 1,
-    flash_attention_backward_resident_d64: 4, 2,
-    flash_attention_backward_resident_d128: 8, 4
+    flash_attention_backward_d32: 2, 1, false,
+    flash_attention_backward_d64: 4, 2, false,
+    flash_attention_backward_d128: 8, 4, false,
+    flash_attention_backward_resident_d32: 2, 1, true,
+    flash_attention_backward_resident_d64: 4, 2, true,
+    flash_attention_backward_resident_d128: 8, 4, true
 );
