@@ -304,7 +304,7 @@ fn flash_dqkv(
     flash_attention_forward(device, out.view_mut(), lse.view_mut(), qkv_b.view(), lengths, s).unwrap();
     // Garbage where the kernels must write.
     let mut dqkv = device.upload(&vec![bf16::NAN; qkv.len()]).unwrap();
-    let mut scratch = device.upload(&vec![f32::NAN; flash_backward_scratch_len(s)]).unwrap();
+    let mut scratch = device.upload(&vec![f32::NAN; flash_backward_scratch_len(device, s, path)]).unwrap();
     let (d, q, o, l) = (dout_b.view(), qkv_b.view(), out.view(), lse.view());
     flash_attention_backward(device, dqkv.view_mut(), scratch.view_mut(), d, q, o, l, lengths, s, path).unwrap();
     dqkv.to_vec().unwrap().iter().map(|x| x.to_f32()).collect()
@@ -488,6 +488,9 @@ fn flash_backward_moves_at_most_1_1_times_its_minimum() {
     ] {
         let resident = path.resident(&device, s);
         assert_eq!(resident, want_resident, "{s:?}: {path:?} resident {resident}");
+        // δ, and the fallback's dQ accumulator.
+        let accumulator = if resident { 0 } else { s.heads * s.head_dim };
+        assert_eq!(flash_backward_scratch_len(&device, s, path), s.batch * s.seq * (s.heads + accumulator));
         let n = s.batch * s.seq * s.heads * s.head_dim;
         let (qkv, mut dout) = (qkv_values(3 * n, 9), qkv_values(n, 10));
         let w = s.heads * s.head_dim;

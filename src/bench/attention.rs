@@ -105,7 +105,7 @@ impl Inputs {
             out: device.alloc_zeros(n, "out")?,
             lse: device.alloc_zeros(s.batch * s.heads * s.seq, "lse")?,
             dqkv: device.alloc_zeros(3 * n, "dqkv")?,
-            scratch: device.alloc_zeros(flash_backward_scratch_len(s), "scratch")?,
+            scratch: device.alloc_zeros(flash_backward_scratch_len(device, s, FlashBackwardPath::Auto), "scratch")?,
             probs: device.alloc_zeros(s.probs_len(), "probs")?,
             d_scores: device.alloc_zeros(s.probs_len(), "scores' gradients")?,
             lengths: c.lengths.as_ref().map(|l| device.upload(l)).transpose()?,
