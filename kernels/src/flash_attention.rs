@@ -138,7 +138,7 @@ use crate::hw::{
 };
 use crate::kernel;
 use crate::map::starts_pack;
-use crate::reduce::warp_reduce;
+use crate::reduce::{warp_reduce, warp_reduce_strided};
 
 /// Threads per block (4 warps of 16 queries).
 pub const THREADS: u32 = 128;
@@ -706,11 +706,7 @@ unsafe fn dot_rows_in_vectors(
             };
             unrolled::<8>(|j| sum += o.0[j].to_f32() * g.0[j].to_f32());
         }
-        let mut m = per_load;
-        while m < WARP {
-            sum += shfl_xor(u32::MAX, sum, m as u32);
-            m *= 2;
-        }
+        let sum = warp_reduce_strided(sum, per_load, |a, b| a + b);
         if lane() / per_load == pass {
             mine = sum;
         }

@@ -73,13 +73,13 @@
 
 use crate::element::{Bf16, Element, MAX_LANES, Pack};
 use crate::hw::{
-    Global, GlobalMut, Shared, WARP, block_stride, block_x, lane, lane_here, lane_stride, shfl_xor, sync_threads,
-    thread_x, unrolled, warp, warp_rows,
+    Global, GlobalMut, Shared, WARP, block_stride, block_x, lane, lane_here, lane_stride, sync_threads, thread_x,
+    unrolled, warp, warp_rows,
 };
 use crate::kernel;
 use crate::map::starts_pack;
 use crate::math::sqrt;
-use crate::reduce::warp_reduce;
+use crate::reduce::{warp_reduce, warp_reduce_strided};
 
 /// LayerNorm's epsilon (PyTorch's default), the one definition for the CPU reference and the
 /// kernels.
@@ -687,12 +687,8 @@ unsafe fn param_grads_packs<T: Element, P: Pack<Element = T>>(
     // 32/L then hold the warp's sums of their columns.
     unrolled::<MAX_LANES>(|j| {
         if j < P::LANES {
-            let mut m = per_row;
-            while m < WARP {
-                g[j] += shfl_xor(u32::MAX, g[j], m as u32);
-                b[j] += shfl_xor(u32::MAX, b[j], m as u32);
-                m *= 2;
-            }
+            g[j] = warp_reduce_strided(g[j], per_row, add);
+            b[j] = warp_reduce_strided(b[j], per_row, add);
         }
     });
     let partials = layernorm_param_partials();
