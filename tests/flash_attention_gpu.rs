@@ -14,6 +14,7 @@ use clip_pgs_host::ops::attention::{
     flash_attention_backward, flash_attention_forward, flash_attention_forward_on, flash_backward_scratch_len,
 };
 use clip_pgs_host::{Buffer, Device, bf16};
+use clip_pgs_kernels::flash_attention as flash;
 use clip_pgs_kernels::philox::Philox;
 
 /// Values in [-1, 1) rounded to bf16 (so that the CPU reference sees what the kernel sees), as q,
@@ -463,6 +464,29 @@ fn resident_min_bytes(lengths: &[u32], s: AttentionShape) -> u64 {
     heads * rows * (6 * d + 4) + heads * valid * (8 * d + 8 + 4 * d)
 }
 
+/// Warp requests of `flash_attention_backward_dot` (padded sequences): in 16-byte vectors, and
+/// as two bf16 (one f32) a lane. Each warp loads its sequence's length; a group of 8 rows of a
+/// head loads O and dO once per 32/V of its valid rows (V = D/8 vectors a row; per valid row and
+/// 64 columns as words), stores its δ once and, with the accumulator, zeroes its rows' 4·D bytes
+/// in 512-byte stores (per row and 32 columns as f32).
+fn dot_requests(lengths: &[u32], s: AttentionShape, accumulator: bool) -> (u64, u64) {
+    let (rows, d) = (flash::DOT_ROWS, s.head_dim);
+    let warps = (flash::THREADS / 32) as usize;
+    let groups = s.seq.div_ceil(rows);
+    let lengths_loads = (groups * s.heads).div_ceil(warps) * warps * s.batch;
+    let per_load = 32 / (d / 8);
+    let (mut vector, mut scalar) = (lengths_loads, lengths_loads);
+    for &len in lengths {
+        for g in 0..groups {
+            let (valid, all) = ((len as usize).saturating_sub(g * rows).min(rows), (s.seq - g * rows).min(rows));
+            let zero = usize::from(accumulator);
+            vector += s.heads * (2 * valid.div_ceil(per_load) + 1 + zero * (all * d / 4).div_ceil(32));
+            scalar += s.heads * (2 * valid * d.div_ceil(64) + 1 + zero * all * d.div_ceil(32));
+        }
+    }
+    (vector as u64, scalar as u64)
+}
+
 /// The resident path (ViT-B/16's S = 197 with PGS lengths at D = 64 and 32, the text tower's
 /// causal 77 at D = 128) and the fallback (the ViT shape forced at D = 64 and 32; and D = 128 at
 /// S = 257, whose slots exceed an H100's shared memory), each against its own minimum; the rest is the δ pre-pass's lengths load
@@ -511,6 +535,14 @@ fn flash_backward_moves_at_most_1_1_times_its_minimum() {
                 100.0 * r.traffic.sector_efficiency()
             );
         }
+        let dot = backward.iter().find(|r| r.kernel == "flash_attention_backward_dot").expect("the δ pre-pass");
+        let (vector, scalar) = dot_requests(&lengths, s, !resident);
+        println!(
+            "flash_attention_backward_dot: {} requests (two bf16 a lane: {scalar}), {} sector bytes",
+            dot.traffic.global_requests(),
+            dot.traffic.sector_bytes()
+        );
+        assert_eq!(dot.traffic.global_requests(), vector, "{s:?} {path:?}: the δ pre-pass's requests");
         let moved: u64 = backward.iter().map(|r| r.traffic.sector_bytes()).sum();
         let min = if resident { resident_min_bytes(&lengths, s) } else { key_tiles_min_bytes(&lengths, s) };
         let ratio = moved as f64 / min as f64;

@@ -5,8 +5,8 @@
 //! up to the longest row the kernels keep in registers (1024) and past it (1100: their
 //! multi-pass path).
 //!
-//! The kernels sum a row as 32 lane partials joined by a butterfly, and a column of dγ/dβ as 8
-//! strided partials, where the CPU sums sequentially: the results agree to rounding, not to the
+//! The kernels sum a row as 32 lane partials joined by a butterfly, and a column of dγ/dβ as 8·L
+//! strided partials (L = 4 f32 or 8 bf16 lanes of a 16-byte vector, 1 off it), where the CPU sums sequentially: the results agree to rounding, not to the
 //! bit. Tolerances are on the max |GPU − CPU| relative to a scale of the tensor, and argued where
 //! they are set. The residual sum a + b has no reduction: it must agree to the bit.
 //!
@@ -338,4 +338,68 @@ fn backward_in_bf16_matches_the_cpu_overwriting_and_accumulating() {
         }
     }
     eprintln!("bf16 backward, worst relative differences: {worst:?}");
+}
+
+/// dγ, dβ of one backward at ViT-B's width on the emulator with counters: the column reduction
+/// reads dy and x in 16-byte vectors (a warp request: L rows' 32 columns, L = 4 f32 or 8 bf16),
+/// the same sectors as one element a thread in 1/L of its requests, and still matches the CPU.
+fn param_grads_in_vectors<T: Activation>() {
+    use clip_pgs_host::emu::EmuRuntime;
+    use clip_pgs_kernels::hw::emu::Options;
+    let emu = EmuRuntime::new(Options { counters: true, ..Options::default() });
+    let device = Device::Emu(emu.clone());
+    let (rows, dim) = (197 * 2, 768);
+    let n = rows * dim;
+    let held = |v: Vec<f32>| common::held::<T>(&v);
+    let (x, gamma, beta) = (held(values(n, 5, 3.0)), held(values(dim, 6, 1.0)), held(values(dim, 7, 0.0)));
+    let [_, mean, rstd, _] = forward(&Device::Cpu, &x, None, &gamma, &beta, dim);
+    let dy = held(values(n, 8, 0.0));
+    let (dx0, dg0, db0) = (held(values(n, 9, 0.5)), values(dim, 10, 1.0), values(dim, 11, -1.0));
+    let xhat = |r: usize, i: usize| (x[r * dim + i] - mean[r]) * rstd[r];
+    let g_scale = column_scale(&dg0, rows, |r, i| dy[r * dim + i] * xhat(r, i));
+    let b_scale = column_scale(&db0, rows, |r, i| dy[r * dim + i]);
+    let start = [&dx0[..], &dg0[..], &db0[..]];
+    let saved = [&x[..], &mean[..], &rstd[..]];
+    let want = backward(&Device::Cpu, start, &dy, saved, &gamma, dim, false);
+    emu.keep_reports();
+    let got = backward_as::<T>(&device, start, &dy, saved, &gamma, dim, false);
+    let reports = emu.take_reports();
+    let dg = common::max_abs_diff(&want[1], &got[1]) / g_scale;
+    check(&format!("dgamma ({})", T::NAME), &mut 0.0, dg, PARAM_TOL);
+    let db = common::max_abs_diff(&want[2], &got[2]) / b_scale;
+    check(&format!("dbeta ({})", T::NAME), &mut 0.0, db, PARAM_TOL);
+    let report = reports.iter().find(|r| r.kernel.starts_with("layernorm_param_grads")).expect("a dγ/dβ launch");
+    let t = &report.traffic;
+    // Per block of 32 columns: per chunk of 256 rows, mean and rstd (one request per warp of
+    // rows) and, for each of dy and x, warp w's row-lanes wL … wL + L − 1 step by 8L rows; then
+    // dγ and dβ read and written.
+    let blocks = dim.div_ceil(32) as u64;
+    let chunks: Vec<usize> = (0..rows).step_by(256).map(|c| (rows - c).min(256)).collect();
+    let requests = |lanes: usize| {
+        let stats: usize = chunks.iter().map(|c| 2 * c.div_ceil(32)).sum();
+        let rows: usize = chunks
+            .iter()
+            .map(|&c| (0..8).map(|w| c.saturating_sub(w * lanes).div_ceil(8 * lanes)).sum::<usize>())
+            .sum();
+        blocks * (stats + 2 * rows + 4) as u64
+    };
+    let (vector, scalar) = (requests(T::LANES), requests(1));
+    // dy and x once, mean and rstd once per block, dγ and dβ read and written once.
+    let size = std::mem::size_of::<T>();
+    let sectors = (2 * n * size / 32 + blocks as usize * 2 * rows.div_ceil(8) + 4 * dim / 8) as u64;
+    println!(
+        "layernorm_param_grads {}: {} requests (one element a thread: {scalar}), {} sector bytes, at most {}",
+        T::NAME,
+        t.global_requests(),
+        t.sector_bytes(),
+        32 * sectors
+    );
+    assert_eq!(t.global_requests(), vector, "{}: {} requests", T::NAME, t.global_requests());
+    assert!(t.sectors() <= sectors, "{}: {} sectors, at most {sectors}", T::NAME, t.sectors());
+}
+
+#[test]
+fn param_grads_read_rows_in_16_byte_vectors() {
+    param_grads_in_vectors::<f32>();
+    param_grads_in_vectors::<bf16>();
 }

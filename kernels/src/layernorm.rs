@@ -30,10 +30,14 @@
 //!   multi-pass path: the same arithmetic, the row re-read per pass (from L1/L2 on a GPU), γ and
 //!   β read from global memory.
 //! - dγ, dβ (`layernorm_param_grads_*`, f32 outputs): dγ_i += Σ_rows dy·x̂, dβ_i += Σ_rows dy,
-//!   without atomics, so the result is deterministic: each block owns 32 columns; its 256
-//!   threads are 32 columns × 8 row-lanes, row-lane r takes rows r, r + 8, … (a warp reads 32
-//!   consecutive elements of one row); the 8 partials per column meet in shared memory and are
-//!   added in a fixed order. Rows go in chunks of 256: the block reads the chunk's mean and rstd
+//!   without atomics, so the result is deterministic: each block owns 32 columns. dy and x go
+//!   in 16-byte vectors of L = 4 f32 or 8 bf16 where dim and the views allow ([`in_vectors`]):
+//!   the block's 256 threads are 32/L packs of L columns × 8·L row-lanes, row-lane r takes rows
+//!   r, r + 8·L, …, so a warp's load reads the 32 columns of L rows (one element a thread
+//!   otherwise, L = 1: 32 columns × 8 row-lanes, a warp reads one row's 32 columns). A thread
+//!   keeps L partials of each sum; a butterfly adds the warp's L row-lanes, and the 8 warps'
+//!   partials per column meet in shared memory and are added in a fixed order. Rows go in
+//!   chunks of 256: the block reads the chunk's mean and rstd
 //!   into shared memory (one coalesced load each), so every column thread reads them there, not
 //!   from global memory once per row. Parallelism is modest: ⌈dim / 32⌉ blocks (24 for ViT-B's
 //!   768), each looping over all rows; a row-split with a deterministic second pass would fill
@@ -58,21 +62,24 @@
 //!   dγ/dβ kernel reads dy and x once more, 2sn, plus mean and rstd once per block of columns
 //!   (⌈dim / 32⌉·8·rows bytes: 1/32 of its f32 traffic, 1/16 in bf16): 1.03× (bf16 1.06×), 100%
 //!   of each sector used (1.25×, 83%: mean and rstd loaded by every column thread, a 32-byte
-//!   sector for 4 bytes per row and warp). Backward in all: 5sn (6sn) against a minimum of 3sn
+//!   sector for 4 bytes per row and warp). In vectors, a warp request of dy or x covers L rows'
+//!   32 columns (512 bytes, 16 sectors) where one element a thread covers one row's (128 bytes
+//!   f32, 64 bf16): the same sectors in 1/L of the requests (`tests/layernorm_gpu.rs`, 394 rows
+//!   of 768: 5 472 requests in f32, 3 120 in bf16, against 19 632 one element a thread). Backward in all: 5sn (6sn) against a minimum of 3sn
 //!   (4sn), the price of the separate deterministic column reduction.
 //!
 //! Registers (sm_90, ptxas, f32/bf16): forward 72/64, fused add 114/139, backward 158/128, dγ/dβ
-//! 32; no spills, no local memory (the row arrays are indexed by constants only).
+//! 38/40 (sm_80 47/55; 32 one element a thread); no spills, no local memory (the row arrays are indexed by constants only).
 
 use crate::element::{Bf16, Element, MAX_LANES, Pack};
 use crate::hw::{
     Global, GlobalMut, Shared, WARP, block_stride, block_x, lane, lane_here, lane_stride, sync_threads, thread_x,
-    unrolled, warp_rows,
+    unrolled, warp, warp_rows,
 };
 use crate::kernel;
 use crate::map::starts_pack;
 use crate::math::sqrt;
-use crate::reduce::warp_reduce;
+use crate::reduce::{warp_reduce, warp_reduce_strided};
 
 /// LayerNorm's epsilon (PyTorch's default), the one definition for the CPU reference and the
 /// kernels.
@@ -90,9 +97,6 @@ pub const ROW_VALUES: usize = 32;
 /// The longest row the kernels keep in registers (one read of the row); longer rows take the
 /// multi-pass path.
 pub const MAX_REGISTER_DIM: usize = WARP * ROW_VALUES;
-
-/// Row-lanes of `layernorm_param_grads_*`'s block: THREADS / PARAM_COLUMNS.
-const ROW_LANES: usize = (THREADS / PARAM_COLUMNS) as usize;
 
 crate::shared_array!(fn layernorm_param_partials() -> [f32; 2 * THREADS as usize]);
 crate::shared_array!(fn layernorm_row_stats() -> [f32; 2 * THREADS as usize]);
@@ -585,7 +589,8 @@ unsafe fn backward<T: Element>(
 }
 
 /// dγ_i += Σ_rows dy·x̂, dβ_i += Σ_rows dy, x̂ = (x − mean)·rstd; deterministic (no atomics).
-/// Block b owns columns 32·b … 32·b + 31.
+/// Block b owns columns 32·b … 32·b + 31; dy and x in T's 16-byte vectors where [`in_vectors`]
+/// allows them, else one element a thread.
 ///
 /// # Safety
 /// `dy` and `x` hold rows·dim elements, `mean` and `rstd` rows, `dgamma` and `dbeta` dim;
@@ -602,16 +607,49 @@ unsafe fn param_grads<T: Element>(
     rows: u32,
     dim: u32,
 ) {
-    const CHUNK: usize = THREADS as usize;
     let (rows, dim) = (rows as usize, dim as usize);
-    let (c, r) = (thread_x() % WARP, thread_x() / WARP);
-    let col = block_x() * WARP + c;
-    let (mut g, mut b) = (0.0f32, 0.0f32);
+    // SAFETY: the caller's contract; vectors where in_vectors allows them.
+    unsafe {
+        if in_vectors::<T, 2>(dim, [dy.sector_offset(), x.sector_offset()]) {
+            param_grads_packs::<T, T::Vector>(dgamma, dbeta, dy, x, mean, rstd, rows, dim)
+        } else {
+            param_grads_packs::<T, T>(dgamma, dbeta, dy, x, mean, rstd, rows, dim)
+        }
+    }
+}
+
+/// `param_grads` with dy and x read in packs P of L lanes: thread t takes the pack of columns
+/// 32·b + L·(t mod 32/L) … and row-lane t / (32/L) of 8·L, rows r, r + 8·L, …; its L partials of
+/// each sum are added over the warp's L row-lanes by a butterfly, then over the 8 warps in shared
+/// memory in a fixed order. L = 1 is the element path (a warp: one row's 32 columns).
+///
+/// # Safety
+/// `param_grads`' contract; P's lanes divide dim, dy and x start on a P boundary.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn param_grads_packs<T: Element, P: Pack<Element = T>>(
+    dgamma: GlobalMut<f32>,
+    dbeta: GlobalMut<f32>,
+    dy: Global<T>,
+    x: Global<T>,
+    mean: Global<f32>,
+    rstd: Global<f32>,
+    rows: usize,
+    dim: usize,
+) {
+    const CHUNK: usize = THREADS as usize;
+    const WARPS: usize = THREADS as usize / WARP;
+    let per_row = WARP / P::LANES; // threads across a row's 32 columns
+    let row_lanes = THREADS as usize / per_row;
+    let (c, r) = (thread_x() % per_row, thread_x() / per_row);
+    let col = block_x() * WARP + c * P::LANES; // the pack's first column
+    let (dy_packs, x_packs) = (dy.cast::<P>(), x.cast::<P>());
+    let (mut g, mut b) = ([0.0f32; MAX_LANES], [0.0f32; MAX_LANES]);
     let stats = layernorm_row_stats();
     let mut first = 0;
     while first < rows {
         // The chunk's mean and rstd, one coalesced load each; row-lane r then takes the chunk's
-        // rows r, r + 8, …: with CHUNK a multiple of 8, rows r, r + 8, … of the whole matrix.
+        // rows r, r + 8·L, …: with CHUNK a multiple of 8·L, the same rows of the whole matrix.
         let chunk = CHUNK.min(rows - first);
         if thread_x() < chunk {
             // SAFETY: first + thread < rows; thread < CHUNK, the halves of the shared array.
@@ -624,35 +662,57 @@ unsafe fn param_grads<T: Element>(
         if col < dim {
             let mut k = r;
             while k < chunk {
-                let i = (first + k) * dim + col;
-                // SAFETY: first + k < rows, col < dim: i < rows·dim, the caller's sizes; k <
-                // chunk, written before the barrier.
+                let at = ((first + k) * dim + col) / P::LANES;
+                // SAFETY: first + k < rows and col < dim, col + L ≤ dim (L divides col and dim):
+                // a whole pack inside the views, the caller's sizes; k < chunk, written before
+                // the barrier.
                 unsafe {
-                    let d = dy.load(i).to_f32();
-                    let xhat = (x.load(i).to_f32() - stats.load(k)) * stats.load(CHUNK + k);
-                    g += d * xhat;
-                    b += d;
+                    let (d, v) = (dy_packs.load(at), x_packs.load(at));
+                    let (m, s) = (stats.load(k), stats.load(CHUNK + k));
+                    unrolled::<MAX_LANES>(|j| {
+                        if j < P::LANES {
+                            let d = d.lane(j).to_f32();
+                            g[j] += d * ((v.lane(j).to_f32() - m) * s);
+                            b[j] += d;
+                        }
+                    });
                 }
-                k += ROW_LANES;
+                k += row_lanes;
             }
         }
         sync_threads(); // the next chunk overwrites the statistics
         first += CHUNK;
     }
+    // The warp's L row-lanes of each column (lanes c, c + 32/L, …) by a butterfly; lanes below
+    // 32/L then hold the warp's sums of their columns.
+    unrolled::<MAX_LANES>(|j| {
+        if j < P::LANES {
+            g[j] = warp_reduce_strided(g[j], per_row, add);
+            b[j] = warp_reduce_strided(b[j], per_row, add);
+        }
+    });
     let partials = layernorm_param_partials();
-    // SAFETY: thread_x() < THREADS, the array holds 2·THREADS floats.
-    unsafe {
-        partials.store(thread_x(), g);
-        partials.store(THREADS as usize + thread_x(), b);
+    if lane() < per_row {
+        unrolled::<MAX_LANES>(|j| {
+            if j < P::LANES {
+                let at = warp() * WARP + c * P::LANES + j;
+                // SAFETY: at < WARPS·32 = THREADS, the array holds 2·THREADS floats.
+                unsafe {
+                    partials.store(at, g[j]);
+                    partials.store(THREADS as usize + at, b[j]);
+                }
+            }
+        });
     }
     sync_threads();
-    if r == 0 && col < dim {
+    let col = block_x() * WARP + thread_x();
+    if thread_x() < WARP && col < dim {
         let (mut g, mut b) = (0.0f32, 0.0f32);
-        for k in 0..ROW_LANES {
-            // SAFETY: k·32 + c < THREADS; every thread stored its partials before the barrier.
+        for w in 0..WARPS {
+            // SAFETY: w·32 + thread < THREADS; every warp stored its partials before the barrier.
             unsafe {
-                g += partials.load(k * WARP + c);
-                b += partials.load(THREADS as usize + k * WARP + c);
+                g += partials.load(w * WARP + thread_x());
+                b += partials.load(THREADS as usize + w * WARP + thread_x());
             }
         }
         // SAFETY: col < dim, their length.

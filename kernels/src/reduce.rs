@@ -17,6 +17,20 @@ pub fn warp_reduce(mut v: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
     v
 }
 
+/// Reduces `v` over the lanes l, l ± `stride`, … of the warp (those alike modulo `stride`, a
+/// power of two ≤ 32: a butterfly over the lane bits from `stride` up); every such lane gets the
+/// result, and `warp_reduce`'s caveat on `op` holds. Stride 32: `v` itself.
+#[inline(always)]
+#[cfg_attr(not(target_arch = "nvptx64"), track_caller)]
+pub fn warp_reduce_strided(mut v: f32, stride: usize, op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut mask = stride;
+    while mask < WARP {
+        v = op(v, shfl_xor(u32::MAX, v, mask as u32));
+        mask *= 2;
+    }
+    v
+}
+
 /// Reduces `v` over the block with `op` (`identity` fills unused lanes); every thread gets the
 /// result. Every thread of the block must call it (it contains barriers).
 #[inline(always)]
