@@ -129,7 +129,7 @@ pub fn run<T: Precision>(args: &StepBench) -> Result<(), Box<dyn Error>> {
          again, an L1/L2 hit on a GPU when the re-read follows soon, as in the row kernels' second pass). \
          Efficiency: bytes used / sector bytes, over all launches and for the worst launch. Lower bound: \
          distinct bytes at {bw:.1} TB/s (an H100's copy rate).\n\n\
-         | kernel | launches | memory-bound | global requests | sector bytes | distinct bytes | moved / minimum \
+         | kernel | memory-bound | launches | global requests | sector bytes | distinct bytes | moved / minimum \
          | efficiency | worst launch | H100 lower bound µs |\n|---|---|---|---|---|---|---|---|---|---|\n{rows}\n\
          | **all kernels** | | | | {kernel_sectors} | {kernel_distinct} | | | | {kernel_us:.1} |\n\n\
          Memory-bound: at least {mb} MiB per launch. Memory-bound kernels above 1.2× or below 80%: {misses}.\n\n\
